@@ -1,0 +1,1 @@
+"""edgeslim: compress CNNs for embedded devices."""

@@ -1,0 +1,161 @@
+"""Post-training quantization as separate steps: ``prepare`` -> ``calibrate`` -> ``freeze``.
+
+``prepare`` captures the model, runs the graph passes in ``PREPARE_PASSES`` order, swaps weighted
+modules for fake-quant ones and puts an ``ActQuant`` on every activation edge the integer graph needs.
+The caller owns the calibration loop if they want (``calibrate`` is a plain no-grad loop).
+
+Where quantizers go (the rule the lowering and the exporter rely on):
+* the model input, and any float tensor entering conv / linear / add / cat / pooling, is quantized;
+* the output of every conv, linear, add, cat and average pool gets its own quantizer (residual adds and
+  concatenations *requantize* their inputs to a fresh output scale, as QLinearAdd / QLinearConcat do);
+* with fusion on, a ReLU right after a conv or an add is absorbed: the quantizer goes after the ReLU
+  and its scale replaces the producer's (seed 001). With fusion off, both get a quantizer;
+* max pooling, slicing, zero padding and flatten keep their input's scale and need none.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from ..config import PTQConfig
+from ..errors import EdgeslimError
+from ..graph import ops
+from ..graph.capture import annotate_shapes, capture
+from ..graph.passes import fold_bn, fuse_conv_act
+from ..quant.modules import ActQuant, ConvAct, QuantConv2d, QuantLinear, QuantSpec
+
+WEIGHTED: dict[type, Callable] = {
+    nn.Conv2d: QuantConv2d.from_float,
+    ConvAct: QuantConv2d.from_float,
+    nn.Linear: QuantLinear.from_float,
+}
+REQUANTIZING = ("conv", "linear", "add", "cat", "avgpool")
+
+
+def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig) -> fx.GraphModule:
+    """FP32 model -> fake-quant GraphModule with observers in ``observe`` mode."""
+    gm = capture(copy.deepcopy(model).eval(), input_shape)
+    passes = [fold_bn, fuse_conv_act] if config.fuse else [fold_bn]
+    for graph_pass in passes:
+        gm = graph_pass(gm)
+    annotate_shapes(gm, input_shape)
+    _swap_weighted(gm, config)
+    _insert_act_quants(gm, config)
+    annotate_shapes(gm, input_shape)
+    return gm
+
+
+def _swap_weighted(gm: fx.GraphModule, config: PTQConfig) -> None:
+    spec = QuantSpec(config.w_bits, config.symmetric, config.granularity == "channel", config.pow2)
+    for node in gm.graph.nodes:
+        mod = ops.module(gm, node)
+        make = WEIGHTED.get(type(mod))
+        if make is not None:
+            parent, _, name = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, name,
+                    make(mod, spec, use_mse=config.calibrator == "mse"))
+
+
+def _insert_act_quants(gm: fx.GraphModule, config: PTQConfig) -> None:
+    spec = QuantSpec(config.a_bits, config.symmetric, False, config.pow2)
+    graph, quantized, counter = gm.graph, set(), [0]
+
+    def add_quant_after(node: fx.Node, users: Iterable[fx.Node] | None = None) -> fx.Node:
+        name = f"aq_{counter[0]}_{node.name}"
+        counter[0] += 1
+        gm.add_submodule(name, ActQuant(spec, config.calibrator))
+        with graph.inserting_after(node):
+            q = graph.call_module(name, (node,))
+        targets = list(node.users) if users is None else list(users)
+        for user in targets:
+            if user is not q:
+                user.replace_input_with(node, q)
+        quantized.add(q)
+        return q
+
+    for node in list(graph.nodes):
+        k = ops.kind(gm, node)
+        if k == "placeholder":
+            quantized.add(add_quant_after(node))
+        elif k in REQUANTIZING:
+            for arg in ops.tensor_args(node):
+                if arg not in quantized:
+                    add_quant_after(arg, [node])
+            user = next(iter(node.users)) if len(node.users) == 1 else None
+            fusable = config.fuse and k == "add" and user is not None and ops.kind(gm, user) == "act"
+            if not fusable:
+                add_quant_after(node)
+        elif k == "act":
+            src = node.args[0]
+            if src in quantized or ops.kind(gm, src) == "add":
+                add_quant_after(node)
+        elif k == "pass" and ops.tensor_args(node) and ops.tensor_args(node)[0] in quantized:
+            quantized.add(node)
+    graph.lint()
+    gm.recompile()
+
+
+def act_quants(gm: fx.GraphModule) -> list[ActQuant]:
+    return [m for m in gm.modules() if isinstance(m, ActQuant)]
+
+
+def calibrate(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor]]) -> fx.GraphModule:
+    """Run the calibration images through ``gm``: a min/max pass, then a histogram pass if needed.
+
+    ``batches`` is called once per pass and yields float NCHW tensors.
+    """
+    quants = act_quants(gm)
+    passes = ["observe"] + (["histogram"] if any(q.observer.needs_histogram for q in quants) else [])
+    for mode in passes:
+        for q in quants:
+            q.mode = mode
+        seen = 0
+        with torch.no_grad():
+            for x in batches():
+                if not torch.isfinite(x).all():
+                    raise EdgeslimError("NaN/inf in the calibration images: check the data and its normalization")
+                gm(x)
+                seen += len(x)
+        if seen == 0:
+            raise EdgeslimError("calibration data is empty: pass a --calib-data folder with images")
+    return gm
+
+
+def freeze(gm: fx.GraphModule, config: PTQConfig) -> fx.GraphModule:
+    """Turn observed ranges into scales / zero points; set each weighted layer's input scale (int32 bias)."""
+    quants = act_quants(gm)
+    ranges = [q.real_range() for q in quants]
+    if config.scale == "global":
+        amax = max(max(abs(float(lo)), abs(float(hi))) for lo, hi in ranges)
+        ranges = [(torch.tensor(-amax), torch.tensor(amax))] * len(quants)
+    for q, (lo, hi) in zip(quants, ranges):
+        q.freeze(lo, hi, force_signed=config.scale == "global")
+    for node in gm.graph.nodes:
+        mod = ops.module(gm, node)
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            mod.input_scale.copy_(input_quant(gm, node).scale)
+    return gm
+
+
+def input_quant(gm: fx.GraphModule, node: fx.Node) -> ActQuant:
+    """The ActQuant that fixes the scale of ``node``'s first tensor input (walking back through pass-throughs)."""
+    src = ops.tensor_args(node)[0]
+    while ops.kind(gm, src) == "pass":
+        src = ops.tensor_args(src)[0]
+    mod = ops.module(gm, src)
+    if not isinstance(mod, ActQuant):
+        raise EdgeslimError(f"internal: no quantizer found before {node.name}")
+    return mod
+
+
+def set_mode(gm: fx.GraphModule, mode: str) -> None:
+    """``quant`` to simulate the integer model, ``off`` to run the (BN-folded) float model."""
+    for q in act_quants(gm):
+        q.mode = mode
+    for m in gm.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            m.quant_enabled = mode != "off"

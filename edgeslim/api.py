@@ -1,0 +1,90 @@
+"""Thin public verbs over the pipeline stages.
+
+>>> import edgeslim, torch
+>>> model, info = edgeslim.build_model("resnet20")
+>>> calib = torch.randn(32, *info.input_shape)
+>>> q = edgeslim.quantize(model, calib, edgeslim.PTQConfig(w_bits=8, a_bits=8))
+>>> _ = edgeslim.export_onnx(q, "/tmp/r20_int8.onnx")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .algorithms import ptq
+from .config import PTQConfig
+from .errors import EdgeslimError
+from .export.onnx_qdq import save_onnx, to_onnx
+from .intgraph import IntGraph
+from .lower import lower
+
+
+@dataclass
+class Quantized:
+    """The result of ``quantize``: the fake-quant model, its integer graph, and how it was made."""
+
+    model: fx.GraphModule  # fake-quant simulation (``ptq.set_mode(model, "off")`` runs it in float)
+    intgraph: IntGraph
+    config: PTQConfig
+    input_shape: tuple[int, ...]
+    seconds: float  # prepare + calibrate + freeze + lower
+
+
+Calibration = torch.Tensor | np.ndarray | Callable[[], Iterable[torch.Tensor]]
+
+
+def _as_batches(calib: Calibration, batch_size: int) -> Callable[[], Iterable[torch.Tensor]]:
+    if callable(calib):
+        return lambda: (torch.as_tensor(x, dtype=torch.float32) for x in calib())
+    x = torch.as_tensor(np.asarray(calib) if not isinstance(calib, torch.Tensor) else calib, dtype=torch.float32)
+    if x.dim() != 4 or len(x) == 0:
+        raise EdgeslimError(f"calibration data has shape {tuple(x.shape)}: pass a non-empty N,C,H,W batch")
+    return lambda: (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+
+
+def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = None, *,
+             input_shape: tuple[int, ...] | None = None, batch_size: int = 128) -> Quantized:
+    """Post-training quantization: capture, fold BN, fuse, calibrate on ``calib``, freeze, lower.
+
+    ``calib`` is an N,C,H,W array / tensor of preprocessed images or a callable returning an
+    iterable of batches (called once per calibration pass).
+    """
+    config = config or PTQConfig()
+    if input_shape is None:
+        if callable(calib):
+            raise EdgeslimError("pass input_shape=(C, H, W) when calibration data is a callable")
+        input_shape = tuple(np.asarray(calib).shape[1:]) if not isinstance(calib, torch.Tensor) else tuple(calib.shape[1:])
+    t0 = time.perf_counter()
+    gm = ptq.prepare(model, tuple(input_shape), config)
+    ptq.calibrate(gm, _as_batches(calib, batch_size))
+    ptq.freeze(gm, config)
+    graph = lower(gm, tuple(input_shape))
+    return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0)
+
+
+def export_onnx(q: Quantized, path: str | Path) -> Path:
+    """Write the INT8 (QDQ) ONNX model of ``q`` atomically."""
+    return save_onnx(to_onnx(q.intgraph), Path(path))
+
+
+def export_fp32_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:
+    """Write the float model as ONNX (opset 17, dynamic batch) atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.onnx.export(model.eval(), (torch.zeros(1, *input_shape),), str(tmp), dynamo=False,
+                          input_names=["input"], output_names=["output"], opset_version=17,
+                          dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise EdgeslimError(f"FP32 ONNX export failed ({str(exc).splitlines()[0][:160]}): the model uses an op "
+                            "torch.onnx cannot export") from None
+    tmp.replace(path)
+    return path

@@ -1,0 +1,134 @@
+"""Command line: ``edgeslim {demo, inspect, quantize}``. Parses options into configs and calls the API.
+
+Every user-facing problem ends in one line ``edgeslim: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import EdgeslimError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="zoo name (resnet20, resnet18, mobilenet_v2, ...) or package.module:factory")
+    p.add_argument("--weights", help="checkpoint: a state_dict or {'state_dict': ...} file (torch.save)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a checkpoint that needs full unpickling (only for files you trust)")
+    p.add_argument("--input-shape", help="C,H,W for user models or to override the zoo's size")
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-data", required=True, help="ImageFolder dir / zip, CIFAR batches, .npz or sklearn-digits")
+    p.add_argument("--calib-split", help="split / top-level folder of --calib-data (e.g. train)")
+    p.add_argument("--calib-size", type=int, default=512, help="calibration images, seeded subset (default 512)")
+    p.add_argument("--data", required=True, help="evaluation data, same formats as --calib-data")
+    p.add_argument("--data-split", help="split / top-level folder of --data (e.g. test)")
+    p.add_argument("--w-bits", type=int, default=8)
+    p.add_argument("--a-bits", type=int, default=8)
+    p.add_argument("--granularity", default="channel", help="weights: channel | tensor")
+    p.add_argument("--scheme", default="symmetric", help="symmetric | asymmetric")
+    p.add_argument("--scale", default="float", help="float | pow2 (bit-shift requant) | global (one scale, baseline)")
+    p.add_argument("--calibrator", default="minmax", help="minmax | percentile | entropy | mse")
+    p.add_argument("--no-fuse", action="store_true", help="do not fuse Conv/Add + ReLU (separate requantization)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeslim", description="Make CNNs small and fast for embedded devices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and quantize it (offline)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--threads", type=int, default=1)
+    inspect = sub.add_parser("inspect", help="layers, parameters, MACs and size per layer")
+    _model_args(inspect)
+    quant = sub.add_parser("quantize", help="post-training quantization -> INT8 ONNX + report")
+    _model_args(quant)
+    _quant_args(quant)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"demo": _demo, "inspect": _inspect, "quantize": _quantize}[args.command](args)
+    except EdgeslimError as exc:
+        print(f"edgeslim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeslim: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load_model(args):
+    from .models import build_model, parse_shape
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    return build_model(args.model, args.weights, allow_pickle=args.allow_pickle, input_shape=shape)
+
+
+def _inspect(args) -> int:
+    from .graph.capture import capture
+    from .eval.profile import profile
+
+    model, info = _load_model(args)
+    rows = profile(capture(model, info.input_shape))
+    print(f"{info.name}: input {info.input_shape}, {info.num_classes} classes")
+    print(f"{'layer':<28}{'op':<14}{'output':<18}{'params':>10}{'MACs':>14}{'KiB fp32':>10}")
+    for r in rows:
+        print(f"{r.name:<28}{r.op:<14}{str(r.out_shape[1:]):<18}{r.params:>10,}{r.macs:>14,}{r.fp32_bytes / 1024:>10.1f}")
+    params, macs = sum(r.params for r in rows), sum(r.macs for r in rows)
+    print(f"{'total':<60}{params:>10,}{macs:>14,}{4 * params / 1024:>10.1f}")
+    return 0
+
+
+def _quantize(args) -> int:
+    from .config import PTQConfig
+    from .data import Preprocess, open_dataset
+    from .jobs import MeasureOptions, run_quantize
+
+    config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity, scheme=args.scheme,
+                       scale=args.scale, calibrator=args.calibrator, fuse=not args.no_fuse,
+                       calib_size=args.calib_size, seed=args.seed)
+    if args.threads < 1:
+        raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
+    model, info = _load_model(args)
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    calib = open_dataset(args.calib_data, pre, split=args.calib_split)
+    test = open_dataset(args.data, pre, split=args.data_split)
+    summary = run_quantize(model, info, calib, test, config, Path(args.out),
+                           MeasureOptions(threads=args.threads, batch_size=args.batch_size))
+    print_summary(summary, Path(args.out))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(Path(args.out), epochs=args.epochs, threads=args.threads)
+    print_summary(summary, Path(args.out))
+    return 0
+
+
+def print_summary(s: dict, out: Path) -> None:
+    lat = s["latency_ms"]
+    b = next(iter(lat["fp32"]))
+    print(f"\n{'':<26}{'top-1':>8}{'flips':>8}{'ONNX KiB':>10}{f'ms ({b})':>12}")
+    print(f"{'FP32':<26}{s['fp32']['top1']:>8.4f}{'':>8}{s['size_bytes']['fp32'] / 1024:>10.1f}{lat['fp32'][b]:>12.3f}")
+    print(f"{'fake-quant (PyTorch)':<26}{s['quantized']['top1']:>8.4f}{s['quantized']['flips_vs_fp32']:>8}")
+    print(f"{'INT8 ONNX (onnxruntime)':<26}{s['onnx_int8']['top1']:>8.4f}{s['onnx_int8']['flips_vs_fp32']:>8}"
+          f"{s['size_bytes']['int8'] / 1024:>10.1f}{lat['int8'][b]:>12.3f}")
+    print(f"integer convs in onnxruntime: {s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}; "
+          f"quantized in {s['time_to_quantize_s']:.2f} s; INT8/FP32 latency "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in lat["int8_over_fp32"].items()))
+    print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Encoded image files (JPEG/PNG/...) from an ImageFolder directory or a zip of one.
+
+Layout follows torchvision's ImageFolder (``root/<class>/**/<img>``, classes sorted by name
+give the label order) so labels match models trained with it. Zips are read member by member,
+never extracted: data sets stay read-only and nothing is left behind on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from edgeslim.errors import EdgeslimError
+from edgeslim.data.transforms import Preprocess, normalize_uint8, pil_to_uint8
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_EXT_TEXT = "/".join(IMAGE_EXTENSIONS)
+# Top-level folder names that mean "several splits in one archive", not classes.
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation", "eval"})
+
+
+def _hidden(parts: list[str]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def image_folder_layout(
+    files: list[str], dirs: set[str], where: str, *, allow_strip: bool = True
+) -> tuple[list[str], list[str], np.ndarray, str]:
+    """Class names, image paths and labels from relative posix paths under a root.
+
+    A single top-level folder holding class folders (``test/<class>/<img>``) is taken as the
+    root when ``allow_strip``; several split-like top-level folders (train/test) are refused
+    so they are never mistaken for two classes. Returns ``(classes, images, labels, prefix)``
+    where ``prefix`` is the stripped folder ('' if none).
+    """
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f.split("/"))]
+    if not images:
+        raise EdgeslimError(
+            f"data {where} has no images ({_EXT_TEXT}): pass an ImageFolder root with one "
+            "sub-folder per class"
+        )
+    split_parts = [f.split("/") for f in images]
+    tops = sorted({p[0] for p in split_parts if len(p) >= 2})
+    prefix = ""
+    if allow_strip and len(tops) == 1 and all(len(p) >= 3 for p in split_parts):
+        prefix = tops[0]
+        split_parts = [p[1:] for p in split_parts]
+        dirs = {d[len(prefix) + 1 :] for d in dirs if d.startswith(prefix + "/")}
+    elif (
+        allow_strip
+        and len(tops) > 1
+        and set(tops) <= SPLIT_NAMES
+        and all(len(p) >= 3 for p in split_parts)
+    ):
+        raise EdgeslimError(
+            f"data {where} holds the splits {', '.join(tops)}: pass split= one of them "
+            f"(e.g. split='{tops[-1]}')"
+        )
+    split_parts = [p for p in split_parts if len(p) >= 2]
+    if not split_parts:
+        raise EdgeslimError(
+            f"data {where} has images but no class sub-folders: put each class's images "
+            "in root/<class>/ (ImageFolder layout)"
+        )
+    classes = sorted({p[0] for p in split_parts})
+    class_dirs = {d.split("/")[0] for d in dirs if d and not _hidden(d.split("/"))}
+    empty = sorted(class_dirs - set(classes))
+    if empty:
+        raise EdgeslimError(
+            f"class folder '{empty[0]}' in data {where} has no images ({_EXT_TEXT}): add images "
+            "or remove the folder (labels follow the sorted class folders)"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    rel = sorted("/".join(p) for p in split_parts)
+    labels = np.asarray([index[r.split("/", 1)[0]] for r in rel], dtype=np.int64)
+    full = [f"{prefix}/{r}" if prefix else r for r in rel]
+    return classes, full, labels, prefix
+
+
+def walk_folder(root: Path) -> tuple[list[str], set[str]]:
+    """All files and folders under ``root`` as sorted relative posix paths (follows links)."""
+    files: list[str] = []
+    dirs: set[str] = set()
+    for cur, dnames, fnames in os.walk(root, followlinks=True):
+        rel = Path(cur).relative_to(root).as_posix()
+        rel = "" if rel == "." else rel + "/"
+        dnames[:] = sorted(d for d in dnames if not d.startswith("."))
+        dirs.update(rel + d for d in dnames)
+        files.extend(rel + f for f in fnames)
+    return sorted(files), dirs
+
+
+class ZipReader:
+    """Thread-safe member reads from one zip; reopens after fork so workers never share a handle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._zf: zipfile.ZipFile | None = None
+        self._pid = -1
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._zf is None or self._pid != os.getpid():
+            self._zf = open_zip(self.path)
+            self._pid = os.getpid()
+        return self._zf
+
+    def names(self) -> tuple[list[str], set[str]]:
+        """Member files and folders (including implied parent folders)."""
+        with self._lock:
+            infos = self._zip().infolist()
+        files = sorted(i.filename for i in infos if not i.is_dir())
+        dirs = {i.filename.rstrip("/") for i in infos if i.is_dir()}
+        for f in files:
+            parts = f.split("/")[:-1]
+            dirs.update("/".join(parts[: k + 1]) for k in range(len(parts)))
+        return files, dirs
+
+    def read(self, name: str) -> bytes:
+        try:
+            with self._lock:
+                return self._zip().read(name)
+        except (zipfile.BadZipFile, OSError, KeyError, EOFError) as exc:
+            raise EdgeslimError(
+                f"cannot read '{name}' from zip '{self.path}' ({exc}): re-create the zip"
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._zf is not None:
+                self._zf.close()
+                self._zf = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise EdgeslimError(f"'{path}' is not a readable zip file ({exc}): re-create the zip") from None
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise EdgeslimError(f"cannot read image '{path}' ({exc.strerror or exc}): check the file and its permissions") from None
+
+
+def decode_image(data: bytes, pp: Preprocess, shown: str) -> np.ndarray:
+    """Encoded bytes -> ``H,W,C`` uint8 at the model's size; a bad file raises naming it."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return pil_to_uint8(img, pp)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise EdgeslimError(
+            f"image '{shown}' is unreadable or corrupt ({exc}): re-encode it or remove it from the data set"
+        ) from None
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class FileSource:
+    """Decodes images by index; ``load`` spreads work over threads (PIL releases the GIL)."""
+
+    def __init__(
+        self,
+        names: list[str],
+        read: Callable[[str], bytes],
+        shown: Callable[[str], str],
+        pp: Preprocess,
+        workers: int | None = None,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        self.names = names
+        self._read = read
+        self._shown = shown
+        self.pp = pp
+        self.workers = workers or default_workers()
+        self._close = close
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, idx: np.ndarray) -> np.ndarray:
+        c, h, w = self.pp.input_shape
+        raw = np.empty((len(idx), h, w, c), np.uint8)
+        # Reads stay on this thread (zip access is serialized anyway); only decoding,
+        # which releases the GIL inside PIL, is spread over threads in large chunks.
+        names = [self.names[int(i)] for i in idx]
+        blobs = [self._read(n) for n in names]
+
+        def work(a: int, b: int) -> None:
+            for j in range(a, b):
+                raw[j] = decode_image(blobs[j], self.pp, self._shown(names[j]))
+
+        n_chunks = min(len(idx) // 256, self.workers)
+        if n_chunks <= 1:
+            work(0, len(idx))
+        else:
+            bounds = np.linspace(0, len(idx), n_chunks + 1).astype(int)
+            with ThreadPoolExecutor(n_chunks) as ex:
+                futures = [ex.submit(work, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+                for f in futures:
+                    f.result()
+        return normalize_uint8(raw, self.pp)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+
+def folder_source(root: Path, pp: Preprocess, split: str | None, workers: int | None):
+    """ImageFolder directory -> (source, labels, classes, description)."""
+    if split is not None:
+        sub = root / split
+        if not sub.is_dir():
+            found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            raise EdgeslimError(
+                f"unknown split '{split}': folder '{root}' has sub-folders "
+                f"{', '.join(found) or '(none)'}; pass one of them or no split"
+            )
+        root = sub
+    files, dirs = walk_folder(root)
+    classes, names, labels, prefix = image_folder_layout(
+        files, dirs, f"folder '{root}'", allow_strip=split is None
+    )
+    base = root / prefix if prefix else root
+    src = FileSource(names, lambda n: read_file(root / n), lambda n: str(root / n), pp, workers)
+    return src, labels, classes, f"folder:{base}"
+
+
+def zip_source(path: Path, pp: Preprocess, split: str | None, workers: int | None):
+    """Zip of an ImageFolder (class folders at the top, or one top folder that is the root)."""
+    reader = ZipReader(path)
+    files, dirs = reader.names()
+    if split is not None:
+        tops = sorted({f.split("/")[0] for f in files if "/" in f and not _hidden(f.split("/"))})
+        if split not in tops:
+            reader.close()
+            raise EdgeslimError(
+                f"unknown split '{split}': zip '{path}' has top-level folders "
+                f"{', '.join(tops) or '(none)'}; pass one of them or no split"
+            )
+        files = [f[len(split) + 1 :] for f in files if f.startswith(split + "/")]
+        dirs = {d[len(split) + 1 :] for d in dirs if d.startswith(split + "/")}
+    try:
+        classes, names, labels, prefix = image_folder_layout(
+            files, dirs, f"zip '{path}'" + (f" split '{split}'" if split else ""),
+            allow_strip=split is None,
+        )
+    except EdgeslimError:
+        reader.close()
+        raise
+    if split is not None:
+        names = [f"{split}/{n}" for n in names]
+        prefix = split
+    src = FileSource(names, reader.read, lambda n: f"{path}:{n}", pp, workers, reader.close)
+    return src, labels, classes, f"zip:{path}" + (f"[{prefix}]" if prefix else "")

@@ -1,0 +1,76 @@
+"""onnxruntime side of evaluation: sessions, accuracy, what the runtime fused, and latency.
+
+Latency is only meaningful as a ratio measured in one process: ``latency_ms`` creates one session per
+model with the same options and times them **interleaved** (one run of each in turn, many rounds), so
+machine noise hits every model alike, and reports the median.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+INTEGER_CONV_OPS = ("QLinearConv", "NhwcQLinearConv")
+FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv", "ConvInteger")
+
+
+def session(path: str | Path, *, threads: int = 1, optimized_path: str | Path | None = None,
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = level
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def predict(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)
+
+
+def optimized_op_counts(path: str | Path) -> Counter:
+    """Op types in the graph onnxruntime actually runs (after its QDQ fusions), at the EXTENDED level.
+
+    EXTENDED is where the QDQ -> QLinear* fusions happen; the ALL level only adds layout changes
+    (NCHWc) that would hide float convs under other names.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "optimized.onnx")
+        session(path, optimized_path=out, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        return Counter(n.op_type for n in onnx.load(out).graph.node)
+
+
+def integer_convs(path: str | Path) -> tuple[int, int]:
+    """(convolutions running as integer kernels, all convolutions) in onnxruntime's optimized graph."""
+    counts = optimized_op_counts(path)
+    integer = sum(counts[o] for o in INTEGER_CONV_OPS)
+    return integer, integer + sum(counts[o] for o in FLOAT_CONV_OPS)
+
+
+def latency_ms(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int, *, threads: int = 1,
+               rounds: int = 100, warmup: int = 10, seed: int = 0) -> dict[str, float]:
+    """Median wall time per inference (ms) of each model, measured interleaved in this process."""
+    sessions = {k: session(p, threads=threads) for k, p in paths.items()}
+    x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(warmup + rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[k])
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,205 @@
+"""IntGraph -> ONNX in QDQ form that onnxruntime turns into integer kernels.
+
+What onnxruntime (1.18+, CPU) fuses, and therefore what we write (see ``bench/probe_ort_fusion.py``):
+* ``DQ(x) , DQ(w int8, per-channel, zp 0) , DQ(bias int32) -> Conv -> Q`` becomes ``QLinearConv``;
+  onnxruntime only takes this path for **uint8 activations**, so every activation code is stored as
+  uint8: a signed int8 code q with zero point z is written as q + 128 with zero point z + 128, which
+  is the same real value (exact, not an approximation);
+* ``DQ, DQ -> Add -> Q`` becomes ``QLinearAdd``; ``DQ -> Gemm -> Q`` becomes ``QGemm``;
+* data movement (MaxPool, Slice, Pad, Flatten) is written directly on the uint8 codes; zero padding
+  pads with the zero point;
+* activation ranges narrower than the uint8 container (bits < 8, or a fused ReLU whose zero point is
+  not the range minimum) are enforced with an integer ``Clip`` between ``Q`` and the next ``DQ``.
+Activations wider than 8 bits use uint16 / int16 Q/DQ (opset 21); onnxruntime runs those in float.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..intgraph import IntGraph, IntNode, QParams
+
+OPSET_8BIT, OPSET_WIDE = 17, 21
+
+
+def _container(q: QParams) -> tuple[int, int, np.dtype]:
+    """(offset added to codes, ONNX elem type, numpy dtype) for an activation's stored codes."""
+    if q.bits <= 8:
+        return (128 if q.signed else 0), TensorProto.UINT8, np.uint8
+    return 0, (TensorProto.INT16 if q.signed else TensorProto.UINT16), (np.int16 if q.signed else np.uint16)
+
+
+class _Writer:
+    def __init__(self, g: IntGraph) -> None:
+        self.g = g
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.counter = 0
+
+    def fresh(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}__{self.counter}"
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def qparams_inputs(self, base: str, q: QParams) -> list[str]:
+        offset, _, dtype = _container(q)
+        return [self.const(f"{base}_scale", np.array(q.scale, dtype=np.float32)),
+                self.const(f"{base}_zp", np.array(q.zero_point + offset, dtype=dtype))]
+
+    def dq(self, name: str) -> str:
+        """A fresh DequantizeLinear of integer tensor ``name`` (one per consumer, as onnxruntime's fusion expects)."""
+        out = self.fresh(f"{name}_dq")
+        self.nodes.append(helper.make_node("DequantizeLinear", [name, *self.qparams_inputs(name, self.g.qparams[name])],
+                                           [out]))
+        return out
+
+    def q(self, float_name: str, out: str, clamp: tuple[int, int] | None = None) -> None:
+        """QuantizeLinear into ``out``, plus an integer Clip when the range is narrower than the container."""
+        q = self.g.qparams[out]
+        offset, _, dtype = _container(q)
+        info = np.iinfo(dtype)
+        lo, hi = clamp if clamp is not None else (q.qmin, q.qmax)
+        lo, hi = lo + offset, hi + offset
+        needs_clip = lo > info.min or hi < info.max
+        if needs_clip and q.bits > 8:  # onnxruntime has no 16-bit integer Clip: clamp the real value instead
+            f_lo = np.array((lo - offset - q.zero_point) * q.scale, dtype=np.float32)
+            f_hi = np.array((hi - offset - q.zero_point) * q.scale, dtype=np.float32)
+            clipped = self.fresh(f"{out}_clip")
+            self.nodes.append(helper.make_node("Clip", [float_name, self.const(f"{out}_flo", f_lo),
+                                                        self.const(f"{out}_fhi", f_hi)], [clipped]))
+            float_name, needs_clip = clipped, False
+        raw = self.fresh(f"{out}_raw") if needs_clip else out
+        self.nodes.append(helper.make_node("QuantizeLinear", [float_name, *self.qparams_inputs(out, q)], [raw]))
+        if needs_clip:
+            self.nodes.append(helper.make_node(
+                "Clip", [raw, self.const(f"{out}_lo", np.array(lo, dtype=dtype)),
+                         self.const(f"{out}_hi", np.array(hi, dtype=dtype))], [out]))
+
+    def weight_dq(self, node: IntNode, key: str = "w") -> str:
+        a = node.arrays
+        wide = node.attrs["w_bits"] > 8
+        w_dtype = np.int16 if wide else np.int8
+        per_channel = len(a["w_scale"]) > 1
+        scale = a["w_scale"] if per_channel else a["w_scale"].reshape(())
+        zp = a["w_zero_point"].astype(w_dtype) if per_channel else a["w_zero_point"].astype(w_dtype).reshape(())
+        ins = [self.const(f"{node.name}_w", a["w"].astype(w_dtype)), self.const(f"{node.name}_w_scale", scale),
+               self.const(f"{node.name}_w_zp", zp)]
+        out = self.fresh(f"{node.name}_w_dq")
+        attrs = {"axis": 0} if per_channel else {}
+        self.nodes.append(helper.make_node("DequantizeLinear", ins, [out], **attrs))
+        return out
+
+    def bias_dq(self, node: IntNode, in_name: str) -> str | None:
+        if "bias" not in node.arrays:
+            return None
+        a = node.arrays
+        scale = (np.float32(self.g.qparams[in_name].scale) * a["w_scale"].astype(np.float32)).astype(np.float32)
+        per_channel = len(scale) > 1
+        bias = np.broadcast_to(a["bias"], (len(a["bias"]),)).astype(np.int32)
+        if not per_channel:
+            scale = scale.reshape(())
+        ins = [self.const(f"{node.name}_b", bias), self.const(f"{node.name}_b_scale", scale),
+               self.const(f"{node.name}_b_zp", np.zeros(scale.shape, dtype=np.int32))]
+        out = self.fresh(f"{node.name}_b_dq")
+        self.nodes.append(helper.make_node("DequantizeLinear", ins, [out], **({"axis": 0} if per_channel else {})))
+        return out
+
+    def float_op(self, op: str, ins: list[str], node: IntNode, **attrs) -> None:
+        y = self.fresh(f"{node.name}_{op.lower()}")
+        self.nodes.append(helper.make_node(op, ins, [y], **attrs))
+        self.q(y, node.outputs[0], node.attrs.get("clamp"))
+
+
+def _emit(w: _Writer, node: IntNode) -> None:
+    op, a = node.op, node.attrs
+    out = node.outputs[0]
+    if op == "QuantizeLinear":
+        w.q(node.inputs[0], out, a.get("clamp"))
+    elif op == "QLinearConv":
+        ins = [w.dq(node.inputs[0]), w.weight_dq(node)]
+        b = w.bias_dq(node, node.inputs[0])
+        w.float_op("Conv", ins + ([b] if b else []), node, strides=a["strides"], pads=a["pads"],
+                   dilations=a["dilations"], group=a["group"], kernel_shape=list(node.arrays["w"].shape[2:]))
+    elif op == "QGemm":
+        ins = [w.dq(node.inputs[0]), w.weight_dq(node)]
+        b = w.bias_dq(node, node.inputs[0])
+        w.float_op("Gemm", ins + ([b] if b else []), node, transB=1)
+    elif op == "QLinearAdd":
+        w.float_op("Add", [w.dq(i) for i in node.inputs], node)
+    elif op == "QLinearConcat":
+        w.float_op("Concat", [w.dq(i) for i in node.inputs], node, axis=a["axis"])
+    elif op == "QLinearRelu":
+        w.float_op("Relu", [w.dq(node.inputs[0])], node)
+    elif op == "QLinearGlobalAveragePool":
+        if a["keepdims"]:
+            w.float_op("GlobalAveragePool", [w.dq(node.inputs[0])], node)
+        else:
+            w.float_op("ReduceMean", [w.dq(node.inputs[0])], node, axes=[2, 3], keepdims=0)
+    elif op == "QLinearAveragePool":
+        w.float_op("AveragePool", [w.dq(node.inputs[0])], node, kernel_shape=a["kernel_shape"], strides=a["strides"])
+    elif op in ("MaxPool", "Slice", "Pad", "Flatten", "Identity"):
+        _emit_data_movement(w, node)
+    elif op == "DequantizeLinear":
+        w.nodes.append(helper.make_node("DequantizeLinear", [node.inputs[0], *w.qparams_inputs(
+            node.inputs[0], w.g.qparams[node.inputs[0]])], [out]))
+    else:
+        raise ValueError(f"IntGraph op {op} has no ONNX writer")
+
+
+def _emit_data_movement(w: _Writer, node: IntNode) -> None:
+    """Scale-preserving ops run on the integer codes (uint8); 16-bit containers go through float
+    because onnxruntime's MaxPool / Pad have no 16-bit integer kernels."""
+    op, a, out = node.op, node.attrs, node.outputs[0]
+    q = w.g.qparams[out]
+    offset, _, dtype = _container(q)
+    on_codes = q.bits <= 8
+    src = node.inputs[0] if on_codes else w.dq(node.inputs[0])
+    dst = out if on_codes else w.fresh(f"{out}_{op.lower()}")
+    ins, attrs = [src], {}
+    if op == "MaxPool":
+        attrs = {"kernel_shape": a["kernel_shape"], "strides": a["strides"], "pads": a["pads"]}
+    elif op == "Slice":
+        ins += [w.const(f"{out}_{k}", np.array(a[k], dtype=np.int64)) for k in ("starts", "ends", "axes", "steps")]
+    elif op == "Pad":
+        value = np.array(q.zero_point + offset, dtype=dtype) if on_codes else np.array(0.0, dtype=np.float32)
+        ins += [w.const(f"{out}_pads", np.array(a["pads"], dtype=np.int64)), w.const(f"{out}_value", value)]
+        attrs = {"mode": "constant"}
+    elif op == "Flatten":
+        attrs = {"axis": a["axis"]}
+    w.nodes.append(helper.make_node(op, ins, [dst], **attrs))
+    if not on_codes:
+        w.q(dst, out)
+
+
+def to_onnx(g: IntGraph) -> onnx.ModelProto:
+    """Write ``g`` as a QDQ ONNX model with a dynamic batch dimension."""
+    w = _Writer(g)
+    for node in g.nodes:
+        _emit(w, node)
+    wide = any(q.bits > 8 for q in g.qparams.values()) or any(n.attrs.get("w_bits", 8) > 8 for n in g.nodes)
+    x = helper.make_tensor_value_info(g.input_name, TensorProto.FLOAT, ["N", *g.input_shape])
+    ys = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
+          for name, shape in zip(g.output_names, g.output_shapes)]
+    graph = helper.make_graph(w.nodes, "edgeslim_int", [x], ys, initializer=w.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET_WIDE if wide else OPSET_8BIT)],
+                              producer_name="edgeslim")
+    model.ir_version = 8 if not wide else 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+    """Write atomically: a temporary file next to ``path``, then rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,48 @@
+"""Capture a model as a ``torch.fx.GraphModule`` (the one model IR) and record tensor shapes."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import EdgeslimError
+
+
+def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """Symbolically trace ``model`` and annotate every node with its output shape.
+
+    Raises a one-line ``EdgeslimError`` when the model cannot be traced (data-dependent control flow,
+    unsupported Python constructs) instead of fx's multi-page traceback.
+    """
+    if isinstance(model, fx.GraphModule):
+        gm = model
+    else:
+        try:
+            gm = fx.symbolic_trace(model.eval())
+        except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgeslimError(
+                f"model {type(model).__name__} cannot be traced by torch.fx ({reason[:160]}): remove "
+                "data-dependent Python control flow from forward(), or export it to ONNX and pass the .onnx file"
+            ) from None
+    annotate_shapes(gm, input_shape)
+    return gm
+
+
+def annotate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """Run one example batch (batch size 1) through ``gm`` and store ``meta['shape']`` per node."""
+    x = torch.zeros((1, *input_shape))
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(x)
+    except Exception as exc:
+        raise EdgeslimError(
+            f"model does not run on an input of shape {tuple(x.shape)} ({str(exc).splitlines()[0][:160]}): "
+            "check --input-shape / the model's expected input size"
+        ) from None
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        node.meta["is_tensor"] = tm is not None and hasattr(tm, "shape")
+        node.meta["shape"] = tuple(tm.shape) if node.meta["is_tensor"] else None
+    return gm

@@ -1,0 +1,73 @@
+"""The integer graph: the contract between lowering, the ONNX exporter and (later) the integer engine.
+
+Plain dataclasses holding numpy arrays; no torch. Node ``op`` names follow ONNX / onnxruntime
+(QuantizeLinear, QLinearConv, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool,
+QGemm, QLinearRelu, MaxPool, Slice, Pad, Flatten, DequantizeLinear) and their semantics:
+
+* tensors between nodes are integer codes with a ``QParams`` (scale, zero point, bits, signedness);
+* a requantizing node (``QLinear*``, ``QGemm``) maps its int32 accumulator to the output codes with
+  ``multiplier = in_scale * w_scale / out_scale`` (per output channel for per-channel weights). Both the
+  real multiplier and its fixed-point form ``m0 * 2**-shift`` (``primitives.quantize_multiplier``)
+  are stored; with power-of-two scales ``m0`` is exactly 2**30 and the requantization is a shift.
+  Rounding: half to even for the real multiplier (onnxruntime), round-half-up on the shifted
+  fixed-point product (gemmlowp's rounding right shift);
+* a fused activation is a clamp of the output codes: ``attrs['clamp'] = (lo, hi)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QParams:
+    scale: float
+    zero_point: int
+    bits: int
+    signed: bool
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "zero_point": self.zero_point, "bits": self.bits, "signed": self.signed}
+
+
+@dataclass
+class IntNode:
+    op: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class IntGraph:
+    input_name: str
+    input_shape: tuple[int, ...]  # C, H, W (the batch dimension is dynamic)
+    output_names: list[str]
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)  # without the batch dimension
+    nodes: list[IntNode] = field(default_factory=list)
+    qparams: dict[str, QParams] = field(default_factory=dict)  # integer tensor name -> its quantization
+
+    def weight_bytes(self) -> int:
+        """Bytes of stored parameters at their real bit widths (weights packed, int32 biases)."""
+        total = 0
+        for node in self.nodes:
+            if "w" in node.arrays:
+                total += (node.arrays["w"].size * node.attrs["w_bits"] + 7) // 8
+            if "bias" in node.arrays:
+                total += node.arrays["bias"].size * 4
+        return total
+
+    def layers(self) -> list[IntNode]:
+        return [n for n in self.nodes if "w" in n.arrays]

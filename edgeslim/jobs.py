@@ -1,0 +1,116 @@
+"""The ``quantize`` job end to end: quantize, measure, export, deploy, report into one output folder.
+
+Everything is written to a staging folder first and moved into ``out`` at the end, ``summary.json``
+last, so a failed run never leaves a partial summary behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import api
+from .algorithms import ptq
+from .config import PTQConfig
+from .data import ImageDataset, batches, calibration_indices
+from .errors import EdgeslimError
+from .eval import metrics, ort as ort_eval
+from .eval.layer_error import layer_errors
+from .models import ModelInfo
+from .report.encodings import encodings
+from .report.html import write_report
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    threads: int = 1
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_rounds: int = 100
+    batch_size: int = 256
+
+
+def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,
+                 config: PTQConfig, out: Path, measure: MeasureOptions = MeasureOptions()) -> dict:
+    """Quantize ``model`` on ``calib_ds``, evaluate on ``test_ds``, write artifacts into ``out``; return the summary."""
+    if info.num_classes and len(test_ds.classes) > info.num_classes:
+        raise EdgeslimError(f"test data has {len(test_ds.classes)} classes but the model predicts {info.num_classes}: "
+                            "pass data for this model")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        summary = _run(model, info, calib_ds, test_ds, config, stage, measure)
+        for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOptions) -> dict:
+    idx = calibration_indices(len(calib_ds), config.calib_size, config.seed, calib_ds.labels)
+    calib = np.concatenate([x for x, _ in batches(calib_ds, 256, idx, desc="loading calibration images")])
+    q = api.quantize(model, calib, config, input_shape=info.input_shape)
+    fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
+    int8_path = api.export_onnx(q, stage / "model_int8.onnx")
+
+    logits = _evaluate(model, q, fp32_path, int8_path, test_ds, measure)
+    y = test_ds.labels
+    integer, total = ort_eval.integer_convs(int8_path)
+    paths = {"fp32": fp32_path, "int8": int8_path}
+    latency = {f"batch{b}": ort_eval.latency_ms(paths, info.input_shape, b, threads=measure.threads,
+                                                 rounds=measure.latency_rounds) for b in measure.latency_batches}
+    layers = layer_errors(q.model, torch.as_tensor(calib[: min(len(calib), 64)]))
+    summary = {
+        "model": info.name,
+        "images": {"calibration": int(len(idx)), "test": int(len(y))},
+        "fp32": {"top1": metrics.top1(logits["fp32"], y)},
+        "quantized": {"top1": metrics.top1(logits["fq"], y), "flips_vs_fp32": metrics.flips(logits["fq"], logits["fp32"])},
+        "onnx_fp32": {"top1": metrics.top1(logits["onnx_fp32"], y)},
+        "onnx_int8": {
+            "top1": metrics.top1(logits["onnx_int8"], y),
+            "flips_vs_fp32": metrics.flips(logits["onnx_int8"], logits["fp32"]),
+            "flips_vs_quantized": metrics.flips(logits["onnx_int8"], logits["fq"]),
+            "integer_convs": integer,
+            "total_convs": total,
+            "optimized_ops": dict(sorted(ort_eval.optimized_op_counts(int8_path).items())),
+        },
+        "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size,
+                       "weights_fp32": 4 * sum(p.numel() for p in model.parameters()),
+                       "weights_quantized": q.intgraph.weight_bytes()},
+        "latency_ms": {
+            "fp32": {k: v["fp32"] for k, v in latency.items()},
+            "int8": {k: v["int8"] for k, v in latency.items()},
+            "int8_over_fp32": {k: v["int8"] / v["fp32"] for k, v in latency.items()},
+            "threads": measure.threads,
+        },
+        "time_to_quantize_s": q.seconds,
+        "layers": layers,
+        "config": config.to_dict(),
+    }
+    (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
+    write_report(summary, stage / "report.html")
+    (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _evaluate(model, q, fp32_path, int8_path, test_ds, measure: MeasureOptions) -> dict[str, np.ndarray]:
+    """Logits of the four models (PyTorch FP32, fake-quant, ONNX FP32, ONNX INT8), decoding each batch once."""
+    sessions = {"onnx_fp32": ort_eval.session(fp32_path, threads=0), "onnx_int8": ort_eval.session(int8_path, threads=0)}
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in ("fp32", "fq", *sessions)}
+    ptq.set_mode(q.model, "quant")
+    with torch.no_grad():
+        for x, _ in batches(test_ds, measure.batch_size, desc="evaluating"):
+            t = torch.from_numpy(x)
+            outs["fp32"].append(model(t).numpy())
+            outs["fq"].append(q.model(t).numpy())
+            for k, s in sessions.items():
+                outs[k].append(ort_eval.predict(s, x, measure.batch_size))
+    return {k: np.concatenate(v) for k, v in outs.items()}

@@ -1,0 +1,223 @@
+"""Fake-quant GraphModule (after ``ptq.freeze``) -> ``IntGraph``.
+
+Walks the fx graph once. Every ``ActQuant`` closes one integer node: a QuantizeLinear when its input
+is float, or the requantizing op that produced its input (conv, linear, add, cat, pooling, ReLU with
+fusion off). Pass-through ops become integer data movement that shares its input's ``QParams``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import EdgeslimError
+from .graph import ops
+from .intgraph import IntGraph, IntNode, QParams
+from .quant import primitives as P
+from .quant.modules import ActQuant, QuantConv2d, QuantLinear
+
+
+def qparams_of(q: ActQuant) -> QParams:
+    return QParams(float(q.scale), int(q.zero_point), q.spec.bits, q.signed)
+
+
+def lower(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> IntGraph:
+    """Build the IntGraph of a frozen fake-quant model (see ``algorithms.ptq``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    g = IntGraph(input_name=placeholders[0].name, input_shape=tuple(input_shape), output_names=[])
+    float_names = {placeholders[0].name}
+    for node in gm.graph.nodes:
+        k = ops.kind(gm, node)
+        if k == "quant":
+            _lower_quant(gm, g, node, float_names)
+        elif k == "pass":
+            _lower_pass(gm, g, node)
+        elif k == "output":
+            for out in _flat(node.args[0]):
+                if out.name not in g.qparams:
+                    raise EdgeslimError(f"model output {out.name} is not quantized: INT8 export needs a quantized output")
+                name = f"{out.name}_float"
+                g.nodes.append(IntNode("DequantizeLinear", name, [out.name], [name]))
+                g.output_names.append(name)
+                g.output_shapes.append(tuple(out.meta["shape"][1:]))
+        elif k in ("placeholder", "meta", "get_attr") or _consumed_by_quant(gm, node):
+            continue
+        else:
+            raise EdgeslimError(
+                f"operation {_describe(node)} ({node.name}) is not supported by the INT8 exporter yet: "
+                "keep it out of the quantized part of the model or open an issue with the model"
+            )
+    return g
+
+
+def _flat(arg) -> list[fx.Node]:
+    if isinstance(arg, fx.Node):
+        return [arg]
+    return [a for sub in arg for a in _flat(sub)]
+
+
+def _describe(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _consumed_by_quant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Compute nodes are emitted when their output quantizer is reached."""
+    return len(node.users) >= 1 and all(ops.kind(gm, u) in ("quant", "act") for u in node.users) and \
+        ops.kind(gm, node) in ("conv", "linear", "add", "cat", "avgpool", "act")
+
+
+def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set[str]) -> None:
+    out_q = qparams_of(ops.module(gm, node))
+    src = node.args[0]
+    clamp = (out_q.qmin, out_q.qmax)
+    k = ops.kind(gm, src)
+    if k == "act" and ops.kind(gm, src.args[0]) == "add" and src.args[0].name not in g.qparams:
+        clamp = _act_clamp(gm, src, out_q)  # fused Add + ReLU: one QLinearAdd with a clamp
+        src, k = src.args[0], "add"
+    g.qparams[node.name] = out_q
+    ins = [a.name for a in ops.tensor_args(src)] if src.op != "placeholder" else [src.name]
+    if src.op == "placeholder" or src.name in float_names:
+        g.nodes.append(IntNode("QuantizeLinear", node.name, [src.name], [node.name]))
+    elif k == "conv":
+        _lower_weighted(gm, g, src, node, out_q, "QLinearConv")
+    elif k == "linear":
+        _lower_weighted(gm, g, src, node, out_q, "QGemm")
+    elif k == "add":
+        g.nodes.append(IntNode("QLinearAdd", node.name, ins, [node.name], {"clamp": clamp}))
+    elif k == "cat":
+        dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
+        g.nodes.append(IntNode("QLinearConcat", node.name, ins, [node.name], {"axis": dim, "clamp": clamp}))
+    elif k == "act":
+        g.nodes.append(IntNode("QLinearRelu", node.name, ins[:1], [node.name],
+                               {"clamp": _act_clamp(gm, src, out_q)}))
+    elif k == "avgpool":
+        g.nodes.append(_lower_avgpool(gm, src, node, ins[0]))
+    else:
+        raise EdgeslimError(
+            f"operation {_describe(src)} ({src.name}) runs in float before a quantizer; the INT8 exporter does "
+            "not support float islands yet: open an issue with the model"
+        )
+
+
+def _act_clamp(gm: fx.GraphModule, act: fx.Node, q: QParams) -> tuple[int, int]:
+    hi = q.qmax
+    if ops.act_name(gm, act) == "relu6":
+        hi = min(hi, q.zero_point + int(round(6.0 / q.scale)))
+    return max(q.qmin, q.zero_point), hi
+
+
+def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParams, op: str) -> None:
+    mod = ops.module(gm, src)
+    in_name = ops.tensor_args(src)[0].name
+    in_q = g.qparams[in_name]
+    w_scale = mod.w_scale.detach().double().numpy().reshape(-1)
+    multiplier = in_q.scale * w_scale / out_q.scale
+    arrays = {
+        "w": mod.weight_int().numpy().astype(np.int32),
+        "w_scale": mod.w_scale.detach().float().numpy().reshape(-1),
+        "w_zero_point": mod.w_zero_point.numpy().astype(np.int32).reshape(-1),
+        "multiplier": multiplier,
+        "m0": np.array([P.quantize_multiplier(float(m))[0] for m in multiplier], dtype=np.int64),
+        "shift": np.array([P.quantize_multiplier(float(m))[1] for m in multiplier], dtype=np.int64),
+    }
+    bias = mod.bias_int()
+    if bias is not None:
+        arrays["bias"] = bias.numpy().astype(np.int64)
+    attrs = {"w_bits": mod.spec.bits, "per_channel": mod.w_axis == 0, "module": src.target}
+    if op == "QLinearConv":
+        attrs.update(strides=list(mod.stride), pads=[mod.padding[0], mod.padding[1]] * 2,
+                     dilations=list(mod.dilation), group=mod.groups, clamp=(out_q.qmin, out_q.qmax))
+        if mod.act:
+            attrs["clamp"] = _act_clamp_named(mod.act, out_q)
+        if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+            raise EdgeslimError(f"conv {src.target}: padding {mod.padding!r}/{mod.padding_mode} is not exportable yet")
+    else:
+        attrs["clamp"] = (out_q.qmin, out_q.qmax)
+    g.nodes.append(IntNode(op, qnode.name, [in_name], [qnode.name], attrs, arrays))
+
+
+def _act_clamp_named(act: str, q: QParams) -> tuple[int, int]:
+    hi = q.qmax if act == "relu" else min(q.qmax, q.zero_point + int(round(6.0 / q.scale)))
+    return max(q.qmin, q.zero_point), hi
+
+
+def _lower_avgpool(gm, src: fx.Node, qnode: fx.Node, in_name: str) -> IntNode:
+    in_shape = ops.tensor_args(src)[0].meta["shape"]
+    out_shape = src.meta["shape"]
+    if len(out_shape) == 4 and out_shape[2:] == (1, 1) or (src.target == "mean" and len(out_shape) == 2):
+        return IntNode("QLinearGlobalAveragePool", qnode.name, [in_name], [qnode.name],
+                       {"keepdims": len(out_shape) == 4})
+    mod = ops.module(gm, src)
+    if isinstance(mod, nn.AvgPool2d) or src.target is F.avg_pool2d:
+        k = mod.kernel_size if mod is not None else src.args[1]
+        s = (mod.stride if mod is not None else (src.args[2] if len(src.args) > 2 else None)) or k
+        k, s = _pair(k), _pair(s)
+        if in_shape[2] // s[0] == out_shape[2] and not (mod is not None and mod.padding):
+            return IntNode("QLinearAveragePool", qnode.name, [in_name], [qnode.name],
+                           {"kernel_shape": k, "strides": s})
+    raise EdgeslimError(f"average pooling {src.name} with output {out_shape} is not exportable yet")
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node) -> None:
+    args = ops.tensor_args(node)
+    if not args or args[0].name not in g.qparams:
+        raise EdgeslimError(f"operation {_describe(node)} ({node.name}) on a float tensor is not exportable yet")
+    src = args[0].name
+    g.qparams[node.name] = g.qparams[src]
+    mod = ops.module(gm, node)
+    in_shape, out_shape = args[0].meta["shape"], node.meta["shape"]
+    if isinstance(mod, (nn.Identity, nn.Dropout)) or node.target is F.dropout:
+        g.nodes.append(IntNode("Identity", node.name, [src], [node.name]))
+    elif isinstance(mod, nn.MaxPool2d) or node.target is F.max_pool2d:
+        p = mod if mod is not None else None
+        k = _pair(p.kernel_size if p else node.args[1])
+        s = _pair((p.stride if p else node.kwargs.get("stride", node.args[2] if len(node.args) > 2 else None)) or k)
+        pad = _pair(p.padding if p else node.kwargs.get("padding", 0))
+        if (p.dilation if p else 1) not in (1, (1, 1)) or (p and p.ceil_mode):
+            raise EdgeslimError(f"max pool {node.name}: dilation / ceil_mode is not exportable yet")
+        g.nodes.append(IntNode("MaxPool", node.name, [src], [node.name],
+                               {"kernel_shape": k, "strides": s, "pads": pad * 2}))
+    elif node.target is operator.getitem:
+        g.nodes.append(IntNode("Slice", node.name, [src], [node.name], _slice_attrs(node.args[1], in_shape)))
+    elif node.target is F.pad:
+        pad = list(node.args[1])
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+        if mode != "constant" or value not in (0, 0.0, None):
+            raise EdgeslimError(f"pad {node.name}: only zero padding is exportable")
+        nd = len(in_shape)
+        begins, ends = [0] * nd, [0] * nd
+        for i in range(len(pad) // 2):
+            begins[nd - 1 - i], ends[nd - 1 - i] = pad[2 * i], pad[2 * i + 1]
+        g.nodes.append(IntNode("Pad", node.name, [src], [node.name], {"pads": begins + ends}))
+    elif len(out_shape) == 2 and len(in_shape) == 4 or node.target in ("view", "reshape", "flatten") \
+            or isinstance(mod, nn.Flatten) or node.target is torch.flatten:
+        if len(out_shape) != 2 or out_shape[1] != int(np.prod(in_shape[1:])):
+            raise EdgeslimError(f"reshape {node.name} to {out_shape} is not exportable yet (only flatten to N x C)")
+        g.nodes.append(IntNode("Flatten", node.name, [src], [node.name], {"axis": 1}))
+    else:
+        raise EdgeslimError(f"operation {_describe(node)} ({node.name}) is not exportable yet")
+
+
+def _slice_attrs(index, in_shape) -> dict:
+    index = index if isinstance(index, tuple) else (index,)
+    starts, ends, axes, steps = [], [], [], []
+    for axis, sl in enumerate(index):
+        if sl is Ellipsis or not isinstance(sl, slice):
+            raise EdgeslimError("only basic slicing (x[:, :, a:b:s]) is exportable")
+        if sl == slice(None):
+            continue
+        step = sl.step or 1
+        starts.append(sl.start or 0)
+        ends.append(sl.stop if sl.stop is not None else in_shape[axis])
+        axes.append(axis)
+        steps.append(step)
+    return {"starts": starts, "ends": ends, "axes": axes, "steps": steps}

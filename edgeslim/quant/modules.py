@@ -1,0 +1,168 @@
+"""Fake-quant modules: what an integer device computes, expressed with float tensors.
+
+``QuantConv2d`` / ``QuantLinear`` are built with ``from_float`` and undone with ``to_float``;
+``ActQuant`` sits on a graph edge and either observes (calibration) or fake-quantizes.
+The bias is simulated as the int32 value the device stores (scale = input scale x weight scale),
+so the PyTorch simulation matches the exported QDQ model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import primitives as P
+from .observers import OBSERVERS, mse_weight_range
+
+ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized."""
+
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = False
+    pow2: bool = False
+
+
+class ConvAct(nn.Module):
+    """A convolution (BN already folded) followed by a fused activation: one output quantizer."""
+
+    def __init__(self, conv: nn.Conv2d, act: str | None) -> None:
+        super().__init__()
+        self.conv, self.act = conv, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ACTIVATIONS[self.act](self.conv(x))
+
+
+class _QuantWeightMixin:
+    """Shared weight fake-quant for conv and linear (weights are known, so qparams come at once)."""
+
+    def _init_weight_quant(self, weight: torch.Tensor, spec: QuantSpec, use_mse: bool) -> None:
+        self.spec = spec
+        axis = 0 if spec.per_channel else None
+        if use_mse:
+            lo, hi = mse_weight_range(weight, spec.bits, axis, spec.symmetric)
+        elif axis is None:
+            lo, hi = weight.min(), weight.max()
+        else:
+            flat = weight.detach().reshape(weight.shape[0], -1)
+            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        scale, zp = P.choose_qparams(lo, hi, spec.bits, symmetric=spec.symmetric, signed=True, pow2=spec.pow2)
+        self.register_buffer("w_scale", scale.detach())
+        self.register_buffer("w_zero_point", zp)
+        self.w_qmin, self.w_qmax = P.qrange(spec.bits, True)
+        self.w_axis = axis
+        self.register_buffer("input_scale", torch.tensor(0.0))  # set after calibration, for the int32 bias
+        self.quant_enabled = True  # False: run the float weights (reference runs, ``ptq.set_mode(gm, "off")``)
+
+    def weight_int(self) -> torch.Tensor:
+        return P.quantize(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax, self.w_axis)
+
+    def fq_weight(self) -> torch.Tensor:
+        if not self.quant_enabled:
+            return self.weight
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return P.fake_quantize(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax, self.w_axis)
+        # inference: weights rarely change, so reuse the fake-quant copy until they (or their scale) do
+        key = (self.weight.data_ptr(), self.weight._version, self.w_scale._version, self.w_scale.data_ptr())
+        if getattr(self, "_fq_key", None) != key:
+            self._fq_cache = P.fake_quantize(self.weight.detach(), self.w_scale, self.w_zero_point,
+                                             self.w_qmin, self.w_qmax, self.w_axis)
+            self._fq_key = key
+        return self._fq_cache
+
+    def bias_int(self) -> torch.Tensor | None:
+        if self.bias is None or float(self.input_scale) == 0.0:
+            return None
+        return P.quantize_bias(self.bias, self.input_scale, self.w_scale)
+
+    def fq_bias(self) -> torch.Tensor | None:
+        q = self.bias_int() if self.quant_enabled else None
+        if q is None:
+            return self.bias
+        return q.to(torch.float32) * (self.input_scale * self.w_scale)
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
+    act: str | None
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d | ConvAct, spec: QuantSpec, *, use_mse: bool = False) -> "QuantConv2d":
+        conv, act = (mod.conv, mod.act) if isinstance(mod, ConvAct) else (mod, None)
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        q.weight, q.bias, q.act = conv.weight, conv.bias, act
+        q._init_weight_quant(conv.weight, spec, use_mse)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(x, self.fq_weight(), self.fq_bias())
+        return ACTIVATIONS[self.act](y)
+
+    def to_float(self) -> nn.Module:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode)
+        conv.weight, conv.bias = self.weight, self.bias
+        return ConvAct(conv, self.act) if self.act else conv
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    @classmethod
+    def from_float(cls, mod: nn.Linear, spec: QuantSpec, *, use_mse: bool = False) -> "QuantLinear":
+        q = cls(mod.in_features, mod.out_features, mod.bias is not None)
+        q.weight, q.bias = mod.weight, mod.bias
+        q._init_weight_quant(mod.weight, spec, use_mse)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fq_weight(), self.fq_bias())
+
+    def to_float(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+
+class ActQuant(nn.Module):
+    """Quantizer on one activation edge. Modes: ``observe``, ``histogram``, ``quant``, ``off``."""
+
+    def __init__(self, spec: QuantSpec, calibrator: str = "minmax") -> None:
+        super().__init__()
+        self.spec, self.calibrator = spec, calibrator
+        self.observer = OBSERVERS[calibrator]()
+        self.mode = "observe"
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int64))
+        self.qmin, self.qmax, self.signed = 0, 255, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant":
+            return P.fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.mode == "observe":
+            return self.observer.observe(x)
+        if self.mode == "histogram":
+            self.observer.observe_histogram(x)
+        return x
+
+    def real_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.observer.real_range(self.spec.bits, self.spec.symmetric)
+
+    def freeze(self, lo: torch.Tensor, hi: torch.Tensor, *, force_signed: bool = False) -> None:
+        """Fix scale and zero point from a real range and switch to ``quant`` mode."""
+        self.signed = force_signed or P.activation_signed(lo, self.spec.symmetric)
+        self.qmin, self.qmax = P.qrange(self.spec.bits, self.signed)
+        scale, zp = P.choose_qparams(lo, hi, self.spec.bits, symmetric=self.spec.symmetric,
+                                     signed=self.signed, pow2=self.spec.pow2)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.mode = "quant"
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, mode={self.mode}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"

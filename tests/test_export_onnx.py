@@ -1,0 +1,76 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeslim import api
+from edgeslim.config import PTQConfig
+from edgeslim.eval import ort as ort_eval
+
+CONFIGS = [
+    dict(),
+    dict(scheme="asymmetric"),
+    dict(granularity="tensor"),
+    dict(scale="pow2"),
+    dict(scale="global"),
+    dict(fuse=False),
+    dict(calibrator="entropy"),
+    dict(calibrator="mse", scheme="asymmetric"),
+    dict(calibrator="percentile"),
+    dict(w_bits=4, a_bits=4),
+    dict(w_bits=2, a_bits=3, scale="pow2"),
+    dict(w_bits=12, a_bits=12),
+    dict(w_bits=16, a_bits=16, scheme="asymmetric"),
+]
+
+
+def _quantize(model, calib, **cfg):
+    return api.quantize(model, calib, PTQConfig(**cfg), batch_size=16)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_onnxruntime_matches_fake_quant_within_one_lsb(tiny_model, tiny_calib, tmp_path, cfg):
+    q = _quantize(tiny_model, tiny_calib, **cfg)
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    onnx.checker.check_model(onnx.load(path))
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = q.model(x).numpy()
+    got = ort_eval.predict(ort_eval.session(path), x.numpy())
+    out_scale = q.intgraph.qparams[q.intgraph.nodes[-1].inputs[0]].scale
+    assert np.abs(got - expected).max() <= out_scale * 1.01  # 1 LSB (float32 rounding of the dequantized value)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.get("a_bits", 8) <= 8 and c.get("fuse", True)],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_every_conv_and_add_runs_as_integer_kernel(tiny_model, tiny_calib, tmp_path, cfg):
+    q = _quantize(tiny_model, tiny_calib, **cfg)
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    counts = ort_eval.optimized_op_counts(path)
+    assert counts["QLinearConv"] == 3 and counts["Conv"] == 0
+    assert counts["QLinearAdd"] == 2 and counts["Add"] == 0
+    assert ort_eval.integer_convs(path) == (3, 3)
+
+
+def test_qdq_graph_stores_int8_weights_and_int32_bias(tiny_model, tiny_calib, tmp_path):
+    path = api.export_onnx(_quantize(tiny_model, tiny_calib), tmp_path / "m.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    weights = [v for k, v in inits.items() if k.endswith("_w__") or "_w__" in k and v.ndim == 4]
+    biases = [v for k, v in inits.items() if "_b__" in k and v.ndim == 1 and v.dtype == np.int32]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert len(biases) >= 3
+
+
+def test_fp32_export_matches_torch(tiny_model, tmp_path):
+    path = api.export_fp32_onnx(tiny_model, (3, 16, 16), tmp_path / "f.onnx")
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        ref = tiny_model(x).numpy()
+    np.testing.assert_allclose(ort_eval.predict(ort_eval.session(path), x.numpy()), ref, atol=1e-4)
+
+
+def test_fused_relu_uses_unsigned_range(tiny_model, tiny_calib):
+    q = _quantize(tiny_model, tiny_calib)
+    conv1 = next(n for n in q.intgraph.nodes if n.op == "QLinearConv")
+    out = q.intgraph.qparams[conv1.outputs[0]]
+    assert not out.signed and out.zero_point == 0  # ReLU output scale replaced the conv's (seed 001)
