@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +80,11 @@ def export_fp32_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str |
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.onnx.export(model.eval(), (torch.zeros(1, *input_shape),), str(tmp), dynamo=False,
-                          input_names=["input"], output_names=["output"], opset_version=17,
-                          dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / constant-folding notes
+            torch.onnx.export(model.eval(), (torch.zeros(1, *input_shape),), str(tmp), dynamo=False,
+                              input_names=["input"], output_names=["output"], opset_version=17,
+                              dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise EdgeslimError(f"FP32 ONNX export failed ({str(exc).splitlines()[0][:160]}): the model uses an op "

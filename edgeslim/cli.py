@@ -29,7 +29,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--granularity", default="channel", help="weights: channel | tensor")
-    p.add_argument("--scheme", default="symmetric", help="symmetric | asymmetric")
+    p.add_argument("--scheme", default="asymmetric", help="asymmetric (default) | symmetric, weights and activations")
     p.add_argument("--scale", default="float", help="float | pow2 (bit-shift requant) | global (one scale, baseline)")
     p.add_argument("--calibrator", default="minmax", help="minmax | percentile | entropy | mse")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse Conv/Add + ReLU (separate requantization)")

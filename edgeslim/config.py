@@ -34,7 +34,7 @@ class PTQConfig:
     w_bits: int = 8
     a_bits: int = 8
     granularity: str = "channel"
-    scheme: str = "symmetric"
+    scheme: str = "asymmetric"
     scale: str = "float"
     calibrator: str = "minmax"
     fuse: bool = True

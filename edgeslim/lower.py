@@ -38,6 +38,11 @@ def lower(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> IntGraph:
             _lower_pass(gm, g, node)
         elif k == "output":
             for out in _flat(node.args[0]):
+                if ops.kind(gm, out) == "linear" and out.name not in g.qparams:
+                    _lower_weighted(gm, g, out, out, None, "QGemm")  # float logits: dequantized accumulator
+                    g.output_names.append(out.name)
+                    g.output_shapes.append(tuple(out.meta["shape"][1:]))
+                    continue
                 if out.name not in g.qparams:
                     raise EdgeslimError(f"model output {out.name} is not quantized: INT8 export needs a quantized output")
                 name = f"{out.name}_float"
@@ -66,8 +71,11 @@ def _describe(node: fx.Node) -> str:
 
 def _consumed_by_quant(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Compute nodes are emitted when their output quantizer is reached."""
+    k = ops.kind(gm, node)
+    if k == "linear" and all(u.op == "output" for u in node.users):
+        return True  # float-output layer, emitted at the output node
     return len(node.users) >= 1 and all(ops.kind(gm, u) in ("quant", "act") for u in node.users) and \
-        ops.kind(gm, node) in ("conv", "linear", "add", "cat", "avgpool", "act")
+        k in ("conv", "linear", "add", "cat", "avgpool", "act")
 
 
 def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set[str]) -> None:
@@ -115,15 +123,16 @@ def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParam
     in_name = ops.tensor_args(src)[0].name
     in_q = g.qparams[in_name]
     w_scale = mod.w_scale.detach().double().numpy().reshape(-1)
-    multiplier = in_q.scale * w_scale / out_q.scale
     arrays = {
         "w": mod.weight_int().numpy().astype(np.int32),
         "w_scale": mod.w_scale.detach().float().numpy().reshape(-1),
         "w_zero_point": mod.w_zero_point.numpy().astype(np.int32).reshape(-1),
-        "multiplier": multiplier,
-        "m0": np.array([P.quantize_multiplier(float(m))[0] for m in multiplier], dtype=np.int64),
-        "shift": np.array([P.quantize_multiplier(float(m))[1] for m in multiplier], dtype=np.int64),
     }
+    if out_q is not None:  # requantize to the output codes; None = float output (dequantized accumulator)
+        multiplier = in_q.scale * w_scale / out_q.scale
+        arrays["multiplier"] = multiplier
+        arrays["m0"] = np.array([P.quantize_multiplier(float(m))[0] for m in multiplier], dtype=np.int64)
+        arrays["shift"] = np.array([P.quantize_multiplier(float(m))[1] for m in multiplier], dtype=np.int64)
     bias = mod.bias_int()
     if bias is not None:
         arrays["bias"] = bias.numpy().astype(np.int64)
@@ -135,8 +144,10 @@ def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParam
             attrs["clamp"] = _act_clamp_named(mod.act, out_q)
         if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
             raise EdgeslimError(f"conv {src.target}: padding {mod.padding!r}/{mod.padding_mode} is not exportable yet")
-    else:
+    elif out_q is not None:
         attrs["clamp"] = (out_q.qmin, out_q.qmax)
+    else:
+        attrs["float_output"] = True
     g.nodes.append(IntNode(op, qnode.name, [in_name], [qnode.name], attrs, arrays))
 
 

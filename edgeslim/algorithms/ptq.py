@@ -10,7 +10,9 @@ Where quantizers go (the rule the lowering and the exporter rely on):
   concatenations *requantize* their inputs to a fresh output scale, as QLinearAdd / QLinearConcat do);
 * with fusion on, a ReLU right after a conv or an add is absorbed: the quantizer goes after the ReLU
   and its scale replaces the producer's (seed 001). With fusion off, both get a quantizer;
-* max pooling, slicing, zero padding and flatten keep their input's scale and need none.
+* max pooling, slicing, zero padding and flatten keep their input's scale and need none;
+* a final fully connected layer whose output is the model output keeps a float output: its int32
+  accumulator is dequantized (QGemm with float output), so logits are not rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig) -
         gm = graph_pass(gm)
     annotate_shapes(gm, input_shape)
     _swap_weighted(gm, config)
-    _insert_act_quants(gm, config)
-    annotate_shapes(gm, input_shape)
+    _insert_act_quants(gm, config)  # copies shapes onto the new nodes: no run that would feed the observers
     return gm
 
 
@@ -70,6 +71,7 @@ def _insert_act_quants(gm: fx.GraphModule, config: PTQConfig) -> None:
         gm.add_submodule(name, ActQuant(spec, config.calibrator))
         with graph.inserting_after(node):
             q = graph.call_module(name, (node,))
+        q.meta.update(shape=node.meta.get("shape"), is_tensor=True)
         targets = list(node.users) if users is None else list(users)
         for user in targets:
             if user is not q:
@@ -87,7 +89,8 @@ def _insert_act_quants(gm: fx.GraphModule, config: PTQConfig) -> None:
                     add_quant_after(arg, [node])
             user = next(iter(node.users)) if len(node.users) == 1 else None
             fusable = config.fuse and k == "add" and user is not None and ops.kind(gm, user) == "act"
-            if not fusable:
+            float_logits = k == "linear" and user is not None and user.op == "output"
+            if not (fusable or float_logits):
                 add_quant_after(node)
         elif k == "act":
             src = node.args[0]

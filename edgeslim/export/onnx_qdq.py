@@ -113,6 +113,9 @@ class _Writer:
         return out
 
     def float_op(self, op: str, ins: list[str], node: IntNode, **attrs) -> None:
+        if node.attrs.get("float_output"):  # the model output itself: no Q (onnxruntime: QGemm, float out)
+            self.nodes.append(helper.make_node(op, ins, node.outputs, **attrs))
+            return
         y = self.fresh(f"{node.name}_{op.lower()}")
         self.nodes.append(helper.make_node(op, ins, [y], **attrs))
         self.q(y, node.outputs[0], node.attrs.get("clamp"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -33,8 +36,8 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
 def annotate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """Run one example batch (batch size 1) through ``gm`` and store ``meta['shape']`` per node."""
     x = torch.zeros((1, *input_shape))
-    try:
-        with torch.no_grad():
+    try:  # ShapeProp prints a traceback to stderr before re-raising: keep it for the one-line error only
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(x)
     except Exception as exc:
         raise EdgeslimError(

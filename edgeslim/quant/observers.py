@@ -187,23 +187,28 @@ def mse_weight_range(w: torch.Tensor, bits: int, axis: int | None, symmetric: bo
 
 
 def _kl_threshold(counts: np.ndarray, levels: int) -> int:
-    """Number of |x| histogram bins to keep so that quantizing them to ``levels`` bins loses least (KL)."""
+    """Number of |x| histogram bins to keep so that quantizing them to ``levels`` bins loses least (KL).
+
+    The first bin is left out of the divergence: it holds the exact zeros (half of a ReLU output),
+    which every candidate represents exactly; counting that spike would push the search towards
+    tiny thresholds that clip most of the range.
+    """
+    counts = counts.astype(np.float64).copy()
+    counts[0] = 0.0
     n = len(counts)
-    if n <= levels:
+    if n <= levels or counts.sum() == 0:
         return n
     best_i, best_kl = n, float("inf")
-    total = counts.sum()
     for i in range(levels, n + 1, max(1, (n - levels) // 256)):
         p = counts[:i].copy()
         p[-1] += counts[i:].sum()
-        # merge the first i bins into `levels` groups, then expand back, keeping zero bins empty
-        groups = np.array_split(np.arange(i), levels)
-        q = np.zeros(i)
-        for g in groups:
-            nonzero = counts[g] > 0
-            if nonzero.any():
-                q[g[nonzero]] = counts[g].sum() / nonzero.sum()
-        pn, qn = p / total, q / max(q.sum(), 1e-12)
+        starts = np.linspace(0, i, levels + 1).astype(np.int64)
+        nonzero = counts[:i] > 0
+        sums = np.add.reduceat(counts[:i], starts[:-1])
+        nz_per_group = np.add.reduceat(nonzero.astype(np.float64), starts[:-1])
+        avg = np.where(nz_per_group > 0, sums / np.maximum(nz_per_group, 1.0), 0.0)
+        q = np.repeat(avg, np.diff(starts)) * nonzero
+        pn, qn = p / p.sum(), q / max(q.sum(), 1e-12)
         mask = pn > 0
         kl = float(np.sum(pn[mask] * np.log(pn[mask] / np.maximum(qn[mask], 1e-12))))
         if kl < best_kl:

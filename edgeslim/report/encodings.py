@@ -18,6 +18,7 @@ def encodings(g: IntGraph) -> dict:
             in_scale = g.qparams[node.inputs[0]].scale
             params[f"{layer}.bias"] = {"bits": 32, "signed": True, "zero_point": 0,
                                        "scale": (in_scale * a["w_scale"].astype(float)).tolist()}
-        params[f"{layer}.requant"] = {"multiplier": a["multiplier"].tolist(), "m0": a["m0"].tolist(),
-                                      "shift": a["shift"].tolist()}
+        if "multiplier" in a:
+            params[f"{layer}.requant"] = {"multiplier": a["multiplier"].tolist(), "m0": a["m0"].tolist(),
+                                          "shift": a["shift"].tolist()}
     return {"activations": acts, "parameters": params}

@@ -1,0 +1,153 @@
+"""The CLI end to end on tiny data, and every bad input ending in one clear line (exit 2, no traceback)."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgeslim.cli import main
+
+USER_MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def tiny():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 2))
+
+    class NaNModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+        def forward(self, x):
+            x = torch.log(self.conv(x) - 1e6)  # NaN everywhere
+            return self.fc(x.mean(dim=(2, 3)))
+
+    def nan_model():
+        return NaNModel()
+''')
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def user_model(tmp_path):
+    path = tmp_path / "usermodels.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_end_to_end(capsys, tmp_path, image_folder, user_model):
+    out = tmp_path / "run"
+    code, stdout, _ = _run(capsys, "quantize", f"{user_model}:tiny", "--input-shape", "3,8,8",
+                           "--calib-data", image_folder, "--data", image_folder, "--calib-size", "8", "--out", out)
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("fp32", "quantized", "onnx_int8", "size_bytes", "latency_ms", "config"):
+        assert key in s
+    assert s["onnx_int8"]["integer_convs"] == s["onnx_int8"]["total_convs"] == 2
+    assert s["images"] == {"calibration": 8, "test": 12}
+    assert s["size_bytes"]["int8"] < s["size_bytes"]["fp32"]
+    assert {"model_fp32.onnx", "model_int8.onnx", "encodings.json", "report.html", "summary.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+    enc = json.loads((out / "encodings.json").read_text())
+    assert all({"scale", "zero_point", "bits"} <= set(v) for v in enc["activations"].values())
+    assert "integer convs in onnxruntime: 2/2" in stdout
+
+
+def test_inspect(capsys):
+    code, out, _ = _run(capsys, "inspect", "resnet20")
+    assert code == 0 and "layer1.0.conv1" in out and "269,722" in out
+
+
+def _expect_error(capsys, tmp_path, argv, match):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("edgeslim")]
+    assert len(lines) == 1 and lines[0].startswith("edgeslim: error:"), err
+    assert err.rstrip().endswith(lines[0])
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _quant_argv(tmp_path, image_folder, model="resnet20", *extra):
+    return ["quantize", model, "--calib-data", image_folder, "--data", image_folder, "--out", tmp_path / "run", *extra]
+
+
+def test_missing_checkpoint(capsys, tmp_path, image_folder):
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, "resnet20", "--weights", tmp_path / "nope.pt"),
+                  "nope.pt")
+
+
+def test_corrupt_checkpoint(capsys, tmp_path, image_folder):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, "resnet20", "--weights", bad), "bad.pt")
+
+
+def test_checkpoint_for_another_model(capsys, tmp_path, image_folder):
+    from edgeslim.models import build_model
+
+    other = tmp_path / "r32.pt"
+    torch.save(build_model("resnet32")[0].state_dict(), other)
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, "resnet20", "--weights", other),
+                  "does not match")
+
+
+def test_unknown_model(capsys, tmp_path, image_folder):
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, "resnet21"), "unknown model")
+
+
+def test_empty_data_folder(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, empty), "empty")
+
+
+def test_non_image_data_folder(capsys, tmp_path):
+    root = tmp_path / "texts"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "notes.txt").write_text("hello")
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, root), "no images")
+
+
+@pytest.mark.parametrize("flag,value", [("--w-bits", "1"), ("--a-bits", "17"), ("--calib-size", "0"),
+                                        ("--calibrator", "magic"), ("--scale", "log")])
+def test_invalid_options(capsys, tmp_path, image_folder, flag, value):
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, "resnet20", flag, value), flag)
+
+
+def test_nan_activations_in_calibration(capsys, tmp_path, image_folder, user_model):
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, f"{user_model}:nan_model",
+                                                "--input-shape", "3,8,8"), "NaN")
+
+
+def test_untraceable_user_model(capsys, tmp_path, image_folder):
+    path = tmp_path / "dyn.py"
+    path.write_text("import torch\nclass M(torch.nn.Module):\n    def forward(self, x):\n"
+                    "        return x if x.sum() > 0 else -x\ndef make():\n    return M()\n")
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, f"{path}:make", "--input-shape", "3,8,8"),
+                  "traced")
