@@ -5,65 +5,21 @@ dim) and the same calibration images (float32 ``N,C,H,W``, already normalised) a
 writes a QDQ INT8 ONNX model.  A peer never raises: failure (or a missing package) is
 reported in :attr:`PeerResult.error`.
 
-Measurement helpers run onnxruntime's CPU provider:
-
-* :func:`op_type_counts` / :func:`count_integer_convs` look at the graph onnxruntime
-  actually executes (``optimized_model_filepath``), because a QDQ model only runs integer
-  kernels where onnxruntime fuses ``DQ -> Conv -> Q`` into ``QLinearConv``.  That fusion
-  happens at ORT_ENABLE_EXTENDED; ORT_ENABLE_ALL then rewrites ``QLinearConv`` into
-  ``com.microsoft.QLinearConv`` (NHWC, wrapped in Transposes) and float convs into
-  ``com.microsoft.nchwc.Conv``.  The ALL-level file loads with ``onnx.load`` (and passes
-  ``onnx.checker``) but is tied to the machine that produced it; we only count it.
-  On x86, ORT fuses Conv only with uint8 activations: int8 Q->DQ pairs are rewritten to
-  uint8 first, and only where a Q feeds exactly one adjacent DQ.  So int8-activation
-  models keep every conv that reads a fanned-out tensor (residual inputs) or a kept
-  Relu in float (see ``bench/probe_ort_fusion.py``).
-* :func:`latency_ms` times models interleaved (round-robin), so drift in machine load
-  hits every model alike.
-* :func:`evaluate_top1` is plain batched top-1 accuracy.
-
-    python -m bench.peers model.onnx calib.npy --out /tmp/peers
+Measurement (op counts in the optimized graph, interleaved latency, accuracy) uses
+``edgeslim.eval.ort``, the same code that measures edgeslim's own models.
 """
-
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
-import statistics
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = [
-    "PeerResult",
-    "ort_quantize_static",
-    "nncf_quantize",
-    "op_type_counts",
-    "count_integer_convs",
-    "latency_ms",
-    "evaluate_top1",
-    "INTEGER_CONV_OPS",
-    "FLOAT_CONV_OPS",
-]
-
-# op_type (any domain) of convolutions that run integer arithmetic / float arithmetic.
-INTEGER_CONV_OPS = frozenset({"QLinearConv", "NhwcQLinearConv", "ConvInteger"})
-FLOAT_CONV_OPS = frozenset({"Conv", "FusedConv", "NhwcConv", "NhwcFusedConv"})
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
-
+__all__ = ["PeerResult", "ort_quantize_static", "nncf_quantize"]
 
 @dataclass(frozen=True)
 class PeerResult:
@@ -281,171 +237,3 @@ def nncf_quantize(
     except Exception as e:  # noqa: BLE001
         return PeerResult(name, None, time.perf_counter() - t0, _one_line(e))
     return PeerResult(name, out, time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------- ORT inspection
-
-
-def _session_options(threads: int, level: str = "all"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-    so.log_severity_level = 3  # the ALL-level "hardware specific" serialisation warning
-    return so
-
-
-def op_type_counts(onnx_path: Path, *, level: str = "all", threads: int = 1) -> dict[str, int]:
-    """Op types of the graph onnxruntime (CPU) runs after optimisation at ``level``.
-
-    Keys are ``op_type`` for the default domain and ``"<domain>.<op_type>"`` otherwise
-    (``com.microsoft.QLinearConv``, ``com.microsoft.nchwc.Conv``).
-    """
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opt = os.path.join(tmp, "optimized.onnx")
-        so = _session_options(threads, level)
-        so.optimized_model_filepath = opt
-        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        model = onnx.load(opt)
-    c = Counter(
-        n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}"
-        for n in model.graph.node
-    )
-    return dict(sorted(c.items()))
-
-
-def count_integer_convs(onnx_path: Path, threads: int = 1, *, level: str = "all") -> tuple[int, int]:
-    """(integer convs, all convs) in onnxruntime's optimised graph.
-
-    Integer: ``QLinearConv`` (ONNX or com.microsoft NHWC), ``NhwcQLinearConv``,
-    ``ConvInteger``.  Float: ``Conv`` (any domain, incl. com.microsoft.nchwc),
-    ``FusedConv``, ``NhwcConv``, ``NhwcFusedConv``.
-    """
-    counts = op_type_counts(onnx_path, level=level, threads=threads)
-    integer = total = 0
-    for key, n in counts.items():
-        op = key.rsplit(".", 1)[-1]
-        if op in INTEGER_CONV_OPS:
-            integer += n
-            total += n
-        elif op in FLOAT_CONV_OPS:
-            total += n
-    return integer, total
-
-
-# ----------------------------------------------------------------------- timing
-
-
-def _session(path: Path, threads: int, allow_spinning: bool):
-    import onnxruntime as ort
-
-    so = _session_options(threads)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _input_array(sess, batch: int, rng: np.random.Generator) -> tuple[str, np.ndarray]:
-    inp = sess.get_inputs()[0]
-    shape = list(inp.shape)
-    if shape and not isinstance(shape[0], int):
-        shape[0] = batch
-    elif shape and shape[0] != batch:
-        raise ValueError(f"{inp.name} has fixed batch {shape[0]}, asked for {batch}")
-    if any(not isinstance(d, int) for d in shape):
-        raise ValueError(f"{inp.name}: non-batch dynamic dims in {inp.shape}")
-    return inp.name, rng.standard_normal(shape).astype(np.float32)
-
-
-def latency_ms(
-    paths: dict[str, Path],
-    batch: int,
-    *,
-    threads: int = 1,
-    runs: int = 200,
-    warmup: int = 20,
-    allow_spinning: bool = False,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Median wall-clock ms per ``session.run`` for each model, measured interleaved.
-
-    One session per model (``threads`` intra-op, 1 inter-op, sequential, ORT_ENABLE_ALL).
-    Each round runs every model once, in an order rotated every round.  Intra-op spinning
-    is off by default so an idle pool of one session cannot steal cores from the next one.
-    """
-    rng = np.random.default_rng(seed)
-    names = list(paths)
-    sessions, feeds = {}, {}
-    for n in names:
-        s = _session(Path(paths[n]), threads, allow_spinning)
-        iname, x = _input_array(s, batch, rng)
-        sessions[n], feeds[n] = s, {iname: x}
-    for _ in range(warmup):
-        for n in names:
-            sessions[n].run(None, feeds[n])
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(runs):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            t0 = time.perf_counter_ns()
-            sessions[n].run(None, feeds[n])
-            times[n].append((time.perf_counter_ns() - t0) / 1e6)
-    return {n: statistics.median(times[n]) for n in names}
-
-
-def evaluate_top1(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch: int = 256, *, threads: int = 0) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of the model's first output on ``x``/``y``."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    y = np.asarray(y).reshape(-1)
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} images but {len(y)} labels")
-    correct = 0
-    for i, xb in enumerate(_batches(x, batch)):
-        logits = sess.run(None, {name: xb})[0]
-        correct += int((logits.argmax(axis=1) == y[i * batch:i * batch + len(xb)]).sum())
-    return correct / max(len(y), 1)
-
-
-# -------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Quantize an FP32 ONNX model with peer tools and compare.")
-    p.add_argument("model", type=Path)
-    p.add_argument("calib", type=Path, help=".npy float32 N,C,H,W")
-    p.add_argument("--out", type=Path, default=Path("peers_out"))
-    p.add_argument("--batches", type=int, nargs="*", default=[1, 64])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=int, default=100)
-    a = p.parse_args(argv)
-    calib = np.load(a.calib)
-    results = [
-        ort_quantize_static(a.model, calib, a.out / "ort_u8.onnx", activation_type="uint8"),
-        ort_quantize_static(a.model, calib, a.out / "ort_s8.onnx", activation_type="int8"),
-        nncf_quantize(a.model, calib, a.out / "nncf.onnx"),
-    ]
-    paths = {"fp32": a.model}
-    for r in results:
-        print(f"{r.name:24s} {r.seconds:7.2f}s  {r.error or r.path}")
-        if r.ok:
-            paths[r.name] = r.path
-    for n, pth in paths.items():
-        print(f"{n:24s} integer/total convs = {count_integer_convs(pth, a.threads)}")
-    for b in a.batches:
-        lat = latency_ms(paths, b, threads=a.threads, runs=a.runs)
-        print(f"batch {b}: " + ", ".join(f"{n} {v:.3f} ms ({v / lat['fp32']:.2f}x)" for n, v in lat.items()))
-
-
-if __name__ == "__main__":
-    main()

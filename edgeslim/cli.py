@@ -29,7 +29,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--granularity", default="channel", help="weights: channel | tensor")
-    p.add_argument("--scheme", default="asymmetric", help="asymmetric (default) | symmetric, weights and activations")
+    p.add_argument("--scheme", default="asymmetric", help="activations: asymmetric (default) | symmetric")
+    p.add_argument("--w-scheme", default="symmetric", help="weights: symmetric (default) | asymmetric")
     p.add_argument("--scale", default="float", help="float | pow2 (bit-shift requant) | global (one scale, baseline)")
     p.add_argument("--calibrator", default="minmax", help="minmax | percentile | entropy | mse")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse Conv/Add + ReLU (separate requantization)")
@@ -94,6 +95,7 @@ def _quantize(args) -> int:
     from .jobs import MeasureOptions, run_quantize
 
     config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity, scheme=args.scheme,
+                       w_scheme=args.w_scheme,
                        scale=args.scale, calibrator=args.calibrator, fuse=not args.no_fuse,
                        calib_size=args.calib_size, seed=args.seed)
     if args.threads < 1:

@@ -23,8 +23,12 @@ class PTQConfig:
     """Post-training quantization settings (the ``quantize`` verb).
 
     * ``granularity`` applies to weights (activations are always per tensor).
-    * ``scheme`` applies to weights and activations. Symmetric activations that are never negative
-      (ReLU outputs) use the unsigned range; see ``primitives.activation_signed``.
+    * ``scheme`` is the activations' scheme (default asymmetric: uint8 codes with a zero point, what
+      onnxruntime's integer kernels expect). Symmetric activations that are never negative (ReLU
+      outputs) use the unsigned range; see ``primitives.activation_signed``.
+    * ``w_scheme`` is the weights' scheme (default symmetric: zero point 0). Asymmetric weights are
+      supported and exported, but onnxruntime's QLinearConv runs them about 1.4x slower (measured
+      in BENCHMARKS.md), and most NPUs take symmetric weights only.
     * ``scale``: ``float`` (any real scale, fixed-point requantization), ``pow2`` (every scale a power
       of two: shift-only requantization as on VTA), ``global`` (one power-of-two activation scale for
       the whole model, signed, as TVM-VTA's single global scale that seed 001 improves on).
@@ -35,6 +39,7 @@ class PTQConfig:
     a_bits: int = 8
     granularity: str = "channel"
     scheme: str = "asymmetric"
+    w_scheme: str = "symmetric"
     scale: str = "float"
     calibrator: str = "minmax"
     fuse: bool = True
@@ -46,6 +51,7 @@ class PTQConfig:
         check_bits(self.a_bits, "--a-bits")
         _one_of("--granularity", self.granularity, GRANULARITIES)
         _one_of("--scheme", self.scheme, SCHEMES)
+        _one_of("--w-scheme", self.w_scheme, SCHEMES)
         _one_of("--scale", self.scale, SCALES)
         _one_of("--calibrator", self.calibrator, CALIBRATORS)
         if not isinstance(self.calib_size, int) or self.calib_size <= 0:
@@ -54,6 +60,10 @@ class PTQConfig:
     @property
     def symmetric(self) -> bool:
         return self.scheme == "symmetric" or self.scale == "global"
+
+    @property
+    def w_symmetric(self) -> bool:
+        return self.w_scheme == "symmetric" or self.scale == "global"
 
     @property
     def pow2(self) -> bool:

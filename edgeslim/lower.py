@@ -18,7 +18,7 @@ from .errors import EdgeslimError
 from .graph import ops
 from .intgraph import IntGraph, IntNode, QParams
 from .quant import primitives as P
-from .quant.modules import ActQuant, QuantConv2d, QuantLinear
+from .quant.modules import ActQuant
 
 
 def qparams_of(q: ActQuant) -> QParams:

@@ -16,6 +16,8 @@ CONFIGS = [
     dict(fuse=False),
     dict(calibrator="entropy"),
     dict(calibrator="mse", scheme="asymmetric"),
+    dict(w_scheme="asymmetric", granularity="tensor"),
+    dict(w_scheme="asymmetric", scheme="symmetric"),
     dict(calibrator="percentile"),
     dict(w_bits=4, a_bits=4),
     dict(w_bits=2, a_bits=3, scale="pow2"),

@@ -51,7 +51,7 @@ def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig) -
 
 
 def _swap_weighted(gm: fx.GraphModule, config: PTQConfig) -> None:
-    spec = QuantSpec(config.w_bits, config.symmetric, config.granularity == "channel", config.pow2)
+    spec = QuantSpec(config.w_bits, config.w_symmetric, config.granularity == "channel", config.pow2)
     for node in gm.graph.nodes:
         mod = ops.module(gm, node)
         make = WEIGHTED.get(type(mod))

@@ -30,6 +30,7 @@ def session(path: str | Path, *, threads: int = 1, optimized_path: str | Path | 
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = level
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions must not steal cores
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -67,8 +68,10 @@ def latency_ms(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int,
     x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    keys = list(sessions)
     for i in range(warmup + rounds):
-        for k, s in sessions.items():
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotate who goes first each round
+            s = sessions[k]
             t0 = time.perf_counter()
             s.run(None, feeds[k])
             if i >= warmup:
