@@ -51,7 +51,8 @@ def _as_batches(calib: Calibration, batch_size: int) -> Callable[[], Iterable[to
 
 
 def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = None, *,
-             input_shape: tuple[int, ...] | None = None, batch_size: int = 128) -> Quantized:
+             input_shape: tuple[int, ...] | None = None, batch_size: int = 128,
+             progress: bool = False) -> Quantized:
     """Post-training quantization: capture, fold BN, fuse, calibrate on ``calib``, freeze, lower.
 
     ``calib`` is an N,C,H,W array / tensor of preprocessed images or a callable returning an
@@ -64,7 +65,7 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
         input_shape = tuple(np.asarray(calib).shape[1:]) if not isinstance(calib, torch.Tensor) else tuple(calib.shape[1:])
     t0 = time.perf_counter()
     gm = ptq.prepare(model, tuple(input_shape), config)
-    ptq.calibrate(gm, _as_batches(calib, batch_size))
+    ptq.calibrate(gm, _as_batches(calib, batch_size), progress=progress)
     ptq.freeze(gm, config)
     graph = lower(gm, tuple(input_shape))
     return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0)

@@ -57,7 +57,7 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
 def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOptions) -> dict:
     idx = calibration_indices(len(calib_ds), config.calib_size, config.seed, calib_ds.labels)
     calib = np.concatenate([x for x, _ in batches(calib_ds, 256, idx, desc="loading calibration images")])
-    q = api.quantize(model, calib, config, input_shape=info.input_shape)
+    q = api.quantize(model, calib, config, input_shape=info.input_shape, progress=True)
     fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
     int8_path = api.export_onnx(q, stage / "model_int8.onnx")
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import fx, nn
+from tqdm import tqdm
 
 from ..config import PTQConfig
 from ..errors import EdgeslimError
@@ -106,10 +107,11 @@ def act_quants(gm: fx.GraphModule) -> list[ActQuant]:
     return [m for m in gm.modules() if isinstance(m, ActQuant)]
 
 
-def calibrate(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor]]) -> fx.GraphModule:
+def calibrate(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor]], *,
+              progress: bool = False) -> fx.GraphModule:
     """Run the calibration images through ``gm``: a min/max pass, then a histogram pass if needed.
 
-    ``batches`` is called once per pass and yields float NCHW tensors.
+    ``batches`` is called once per pass and yields float NCHW tensors; ``progress`` shows a bar per pass.
     """
     quants = act_quants(gm)
     passes = ["observe"] + (["histogram"] if any(q.observer.needs_histogram for q in quants) else [])
@@ -118,7 +120,8 @@ def calibrate(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor]])
             q.mode = mode
         seen = 0
         with torch.no_grad():
-            for x in batches():
+            for x in tqdm(batches(), desc=f"calibrating ({mode})", unit="batch", disable=not progress,
+                          mininterval=0.5, leave=False):
                 if not torch.isfinite(x).all():
                     raise EdgeslimError("NaN/inf in the calibration images: check the data and its normalization")
                 gm(x)

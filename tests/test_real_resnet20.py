@@ -1,0 +1,38 @@
+"""Real-data check on the shared ResNet-20 (opt-in: pytest -m slow; skipped without ../shared)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeslim import api
+from edgeslim.config import PTQConfig
+from edgeslim.data import Preprocess, calibration_indices, open_dataset
+from edgeslim.eval import metrics
+from edgeslim.eval import ort as ort_eval
+from edgeslim.models import build_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (SHARED / "models/resnet20_cifar10jpeg.pt").exists(), reason="../shared absent")]
+
+
+def test_resnet20_w8a8_keeps_accuracy_and_runs_integer(tmp_path):
+    model, info = build_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    train = open_dataset(SHARED / "data/cifar10-jpeg-train.zip", pre)
+    test = open_dataset(SHARED / "data/cifar10-jpeg-test.zip", pre)
+    calib = train.batch(calibration_indices(len(train), 512, 0, train.labels))
+    x, y = test.batch(np.arange(len(test))), test.labels
+    with torch.no_grad():
+        fp32 = torch.cat([model(torch.from_numpy(x[i:i + 1000])) for i in range(0, len(x), 1000)]).numpy()
+    assert abs(metrics.top1(fp32, y) - 0.8824) <= 0.003
+    q = api.quantize(model, calib, PTQConfig())
+    with torch.no_grad():
+        fq = torch.cat([q.model(torch.from_numpy(x[i:i + 1000])) for i in range(0, len(x), 1000)]).numpy()
+    assert metrics.top1(fq, y) >= metrics.top1(fp32, y) - 0.002
+    path = api.export_onnx(q, tmp_path / "r20.onnx")
+    onnx_logits = ort_eval.predict(ort_eval.session(path, threads=0), x)
+    assert abs(metrics.top1(onnx_logits, y) - metrics.top1(fq, y)) <= 0.001
+    assert ort_eval.integer_convs(path) == (19, 19)
