@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--test-size", type=int, default=10000)
-    ap.add_argument("--latency-rounds", type=int, default=200)
+    ap.add_argument("--latency-rounds", type=int, default=500)
     ap.add_argument("--only", default="peers,seed001,calibrators,resnet32",
                     help="comma-separated sections to run (default: all)")
     args = ap.parse_args()
@@ -109,22 +109,24 @@ def _peers(model, info, x_cal, x_test, y, l_fp32, fp32_path, work, latency_round
         else:
             add_row(label, r.path, r.seconds)
     # each model timed interleaved with FP32 only (as deployed: one model, warm caches); ratios per pair
-    lat = {name: {b: ort_eval.latency_ms({"FP32": fp32_path, name: path}, info.input_shape, b,
-                                         rounds=latency_rounds if b == 1 else 40) for b in (1, 64)}
+    lat = {name: {b: ort_eval.latency_samples({"FP32": fp32_path, name: path}, info.input_shape, b,
+                                              rounds=latency_rounds if b == 1 else 40) for b in (1, 64)}
            for name, path in paths.items() if name != "FP32"}
+    med = {name: {b: {k: float(np.median(v)) for k, v in t[b].items()} for b in t} for name, t in lat.items()}
     for r in rows:
         if r[0] in lat:
             t = lat[r[0]]
-            r += [t[1][r[0]], t[1][r[0]] / t[1]["FP32"], t[64][r[0]], t[64][r[0]] / t[64]["FP32"]]
-    fp32_ms = {b: float(np.median([t[b]["FP32"] for t in lat.values()])) for b in (1, 64)}
+            r += [med[r[0]][1][r[0]], ort_eval.paired_ratio(t[1], r[0], "FP32"),
+                  med[r[0]][64][r[0]], ort_eval.paired_ratio(t[64], r[0], "FP32")]
+    fp32_ms = {b: float(np.median([m[b]["FP32"] for m in med.values()])) for b in (1, 64)}
     body = ["## PTQ W8A8 on ResNet-20 (CIFAR-10 JPEG): edgeslim vs peers\n",
             f"Model `resnet20_cifar10jpeg.pt`; {len(x_cal)} calibration images (seeded, class-balanced) from "
             f"`cifar10-jpeg-train`; {len(y)} test images. FP32 top-1 (PyTorch) **{fp32_top1:.4f}**. "
             "Per-channel int8 weights everywhere. Top-1 of the ONNX model in onnxruntime; flips = test images "
             "whose predicted class differs from FP32's. Latency: onnxruntime CPU, 1 thread, all models interleaved "
             f"in one process, each model interleaved with the FP32 model (pairwise, so caches stay as warm as in "
-            f"deployment), median of {latency_rounds} (batch 1) / 40 (batch 64) runs; ratio = model / FP32 "
-            "of the same pair; the FP32 row shows the median FP32 time over the pairs. "
+            f"deployment), {latency_rounds} (batch 1) / 40 (batch 64) rounds; ms = median; ratio = median over rounds of "
+            "model time / FP32 time in the same round; the FP32 row shows the median FP32 time over the pairs. "
             "Time to quantize: warm (imports and first-call initialisation excluded for every method), "
             "calibration included, data loading excluded.\n",
             table(["method", "fake-quant top-1", "ONNX top-1", "flips vs FP32", "integer convs (ORT)",

@@ -7,6 +7,7 @@ last, so a failed run never leaves a partial summary behind.
 from __future__ import annotations
 
 import json
+import statistics
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .report.html import write_report
 class MeasureOptions:
     threads: int = 1
     latency_batches: tuple[int, ...] = (1, 64)
-    latency_rounds: int = 100
+    latency_rounds: int = 200
     batch_size: int = 256
 
 
@@ -65,8 +66,8 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
     y = test_ds.labels
     integer, total = ort_eval.integer_convs(int8_path)
     paths = {"fp32": fp32_path, "int8": int8_path}
-    latency = {f"batch{b}": ort_eval.latency_ms(paths, info.input_shape, b, threads=measure.threads,
-                                                 rounds=measure.latency_rounds) for b in measure.latency_batches}
+    latency = {f"batch{b}": ort_eval.latency_samples(paths, info.input_shape, b, threads=measure.threads,
+                                                      rounds=measure.latency_rounds) for b in measure.latency_batches}
     layers = layer_errors(q.model, torch.as_tensor(calib[: min(len(calib), 64)]))
     summary = {
         "model": info.name,
@@ -86,9 +87,9 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
                        "weights_fp32": 4 * sum(p.numel() for p in model.parameters()),
                        "weights_quantized": q.intgraph.weight_bytes()},
         "latency_ms": {
-            "fp32": {k: v["fp32"] for k, v in latency.items()},
-            "int8": {k: v["int8"] for k, v in latency.items()},
-            "int8_over_fp32": {k: v["int8"] / v["fp32"] for k, v in latency.items()},
+            "fp32": {k: statistics.median(v["fp32"]) for k, v in latency.items()},
+            "int8": {k: statistics.median(v["int8"]) for k, v in latency.items()},
+            "int8_over_fp32": {k: ort_eval.paired_ratio(v, "int8", "fp32") for k, v in latency.items()},
             "threads": measure.threads,
         },
         "time_to_quantize_s": q.seconds,

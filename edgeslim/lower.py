@@ -112,10 +112,7 @@ def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: se
 
 
 def _act_clamp(gm: fx.GraphModule, act: fx.Node, q: QParams) -> tuple[int, int]:
-    hi = q.qmax
-    if ops.act_name(gm, act) == "relu6":
-        hi = min(hi, q.zero_point + int(round(6.0 / q.scale)))
-    return max(q.qmin, q.zero_point), hi
+    return _clamp_for(ops.act_name(gm, act), q)
 
 
 def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParams, op: str) -> None:
@@ -141,7 +138,7 @@ def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParam
         attrs.update(strides=list(mod.stride), pads=[mod.padding[0], mod.padding[1]] * 2,
                      dilations=list(mod.dilation), group=mod.groups, clamp=(out_q.qmin, out_q.qmax))
         if mod.act:
-            attrs["clamp"] = _act_clamp_named(mod.act, out_q)
+            attrs["clamp"] = _clamp_for(mod.act, out_q)
         if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
             raise EdgeslimError(f"conv {src.target}: padding {mod.padding!r}/{mod.padding_mode} is not exportable yet")
     elif out_q is not None:
@@ -151,7 +148,8 @@ def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParam
     g.nodes.append(IntNode(op, qnode.name, [in_name], [qnode.name], attrs, arrays))
 
 
-def _act_clamp_named(act: str, q: QParams) -> tuple[int, int]:
+def _clamp_for(act: str, q: QParams) -> tuple[int, int]:
+    """Integer clamp of the output codes that implements a fused ReLU / ReLU6 (real 0 is the zero point)."""
     hi = q.qmax if act == "relu" else min(q.qmax, q.zero_point + int(round(6.0 / q.scale)))
     return max(q.qmin, q.zero_point), hi
 

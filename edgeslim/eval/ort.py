@@ -64,6 +64,21 @@ def integer_convs(path: str | Path) -> tuple[int, int]:
 def latency_ms(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int, *, threads: int = 1,
                rounds: int = 100, warmup: int = 10, seed: int = 0) -> dict[str, float]:
     """Median wall time per inference (ms) of each model, measured interleaved in this process."""
+    samples = latency_samples(paths, input_shape, batch, threads=threads, rounds=rounds, warmup=warmup, seed=seed)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], model: str, reference: str) -> float:
+    """Median over rounds of ``model`` time / ``reference`` time *in the same round*.
+
+    Pairing cancels the slow drifts of a shared machine that make two medians disagree.
+    """
+    return statistics.median(a / b for a, b in zip(samples[model], samples[reference]))
+
+
+def latency_samples(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int, *, threads: int = 1,
+                    rounds: int = 100, warmup: int = 10, seed: int = 0) -> dict[str, list[float]]:
+    """Per-round wall times (ms) of each model, interleaved: one run of each model per round."""
     sessions = {k: session(p, threads=threads) for k, p in paths.items()}
     x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
@@ -76,4 +91,4 @@ def latency_ms(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int,
             s.run(None, feeds[k])
             if i >= warmup:
                 times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
