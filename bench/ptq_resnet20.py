@@ -123,7 +123,7 @@ def _peers(model, info, x_cal, x_test, y, l_fp32, fp32_path, work, latency_round
             f"Model `resnet20_cifar10jpeg.pt`; {len(x_cal)} calibration images (seeded, class-balanced) from "
             f"`cifar10-jpeg-train`; {len(y)} test images. FP32 top-1 (PyTorch) **{fp32_top1:.4f}**. "
             "Per-channel int8 weights everywhere. Top-1 of the ONNX model in onnxruntime; flips = test images "
-            "whose predicted class differs from FP32's. Latency: onnxruntime CPU, 1 thread, all models interleaved "
+            "whose predicted class differs from FP32's. Latency: onnxruntime CPU, 1 thread, "
             f"in one process, each model interleaved with the FP32 model (pairwise, so caches stay as warm as in "
             f"deployment), {latency_rounds} (batch 1) / 40 (batch 64) rounds; ms = median; ratio = median over rounds of "
             "model time / FP32 time in the same round; the FP32 row shows the median FP32 time over the pairs. "
