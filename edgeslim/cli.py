@@ -52,13 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="post-training quantization -> INT8 ONNX + report")
     _model_args(quant)
     _quant_args(quant)
+    analyze = sub.add_parser("analyze", help="quantize, then run the integer engine: accuracy, parity, overflow")
+    _model_args(analyze)
+    _quant_args(analyze)
+    analyze.add_argument("--engine", action="store_true", help="integer engine accuracy and parity with onnxruntime")
+    analyze.add_argument("--overflow", action="store_true", help="per-layer / per-filter overflow statistics")
+    analyze.add_argument("--accumulator", type=int, default=32, help="accumulator bits: 32 (default) or 16")
+    analyze.add_argument("--overflow-mode", default="saturate", help="16-bit accumulator: saturate | wrap")
+    analyze.add_argument("--requant", default="float", help="float (onnxruntime) | fixed (m0*2^-n) | shift (pow2)")
+    analyze.add_argument("--overflow-images", type=int, default=256, help="test images for overflow statistics")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": _demo, "inspect": _inspect, "quantize": _quantize}[args.command](args)
+        return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize}[args.command](args)
     except EdgeslimError as exc:
         print(f"edgeslim: error: {exc}", file=sys.stderr)
         return 2
@@ -92,6 +101,7 @@ def _inspect(args) -> int:
 def _quantize(args) -> int:
     from .config import PTQConfig
     from .data import Preprocess, open_dataset
+    from .analysis import AnalyzeOptions
     from .jobs import MeasureOptions, run_quantize
 
     config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity, scheme=args.scheme,
@@ -104,8 +114,14 @@ def _quantize(args) -> int:
     pre = Preprocess(info.input_shape, info.mean, info.std)
     calib = open_dataset(args.calib_data, pre, split=args.calib_split)
     test = open_dataset(args.data, pre, split=args.data_split)
+    analyze = None
+    if args.command == "analyze":
+        both = not (args.engine or args.overflow)
+        analyze = AnalyzeOptions(engine=args.engine or both, overflow=args.overflow or both,
+                                 accumulator_bits=args.accumulator, overflow_mode=args.overflow_mode,
+                                 requant=args.requant, overflow_images=args.overflow_images)
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
-                           MeasureOptions(threads=args.threads, batch_size=args.batch_size))
+                           MeasureOptions(threads=args.threads, batch_size=args.batch_size), analyze)
     print_summary(summary, Path(args.out))
     return 0
 
@@ -129,6 +145,14 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"integer convs in onnxruntime: {s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}; "
           f"quantized in {s['time_to_quantize_s']:.2f} s; INT8/FP32 latency "
           + ", ".join(f"{k} {v:.2f}x" for k, v in lat["int8_over_fp32"].items()))
+    if "engine" in s:
+        e = s["engine_vs_onnx"]
+        print(f"integer engine top-1 {s['engine']['top1']:.4f}; vs onnxruntime: {e['mismatch_fraction']:.2%} of output "
+              f"elements differ, at most {e['max_abs_diff']:.0f} LSB")
+    if "overflow" in s:
+        worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
+        print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
+              f"of pixels in a filter of {worst['name']}; see report.html")
     print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
 
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import api
+from . import analysis, api
 from .algorithms import ptq
+from .analysis import AnalyzeOptions
 from .config import PTQConfig
 from .data import ImageDataset, batches, calibration_indices
 from .errors import EdgeslimError
@@ -38,8 +39,13 @@ class MeasureOptions:
 
 
 def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,
-                 config: PTQConfig, out: Path, measure: MeasureOptions = MeasureOptions()) -> dict:
-    """Quantize ``model`` on ``calib_ds``, evaluate on ``test_ds``, write artifacts into ``out``; return the summary."""
+                 config: PTQConfig, out: Path, measure: MeasureOptions = MeasureOptions(),
+                 analyze: AnalyzeOptions | None = None) -> dict:
+    """Quantize ``model`` on ``calib_ds``, evaluate on ``test_ds``, write artifacts into ``out``; return the summary.
+
+    With ``analyze`` the integer engine also runs (``edgeslim analyze``): engine accuracy, agreement
+    with onnxruntime, overflow statistics.
+    """
     if info.num_classes and len(test_ds.classes) > info.num_classes:
         raise EdgeslimError(f"test data has {len(test_ds.classes)} classes but the model predicts {info.num_classes}: "
                             "pass data for this model")
@@ -47,7 +53,7 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        summary = _run(model, info, calib_ds, test_ds, config, stage, measure)
+        summary = _run(model, info, calib_ds, test_ds, config, stage, measure, analyze)
         for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
             f.replace(out / f.name)
     finally:
@@ -55,7 +61,8 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
     return summary
 
 
-def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOptions) -> dict:
+def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOptions,
+         analyze: AnalyzeOptions | None) -> dict:
     idx = calibration_indices(len(calib_ds), config.calib_size, config.seed, calib_ds.labels)
     calib = np.concatenate([x for x, _ in batches(calib_ds, 256, idx, desc="loading calibration images")])
     q = api.quantize(model, calib, config, input_shape=info.input_shape, progress=True)
@@ -96,6 +103,8 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
         "layers": layers,
         "config": config.to_dict(),
     }
+    if analyze is not None:
+        summary.update(analysis.analyze(q.intgraph, test_ds, logits["onnx_int8"], analyze, measure.batch_size))
     (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
     write_report(summary, stage / "report.html")
     (stage / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -151,3 +151,24 @@ def test_untraceable_user_model(capsys, tmp_path, image_folder):
                     "        return x if x.sum() > 0 else -x\ndef make():\n    return M()\n")
     _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, f"{path}:make", "--input-shape", "3,8,8"),
                   "traced")
+
+
+def test_analyze_engine_and_overflow(capsys, tmp_path, image_folder, user_model):
+    out = tmp_path / "run"
+    code, stdout, _ = _run(capsys, "analyze", f"{user_model}:tiny", "--input-shape", "3,8,8",
+                           "--calib-data", image_folder, "--data", image_folder, "--calib-size", "8", "--out", out)
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["engine"]["top1"] == s["onnx_int8"]["top1"]
+    assert s["engine_vs_onnx"]["max_abs_diff"] <= 1
+    names = [r["name"] for r in s["overflow"]["layers"]]
+    assert names == ["0", "3", "7"]  # the two convs and the linear layer, by module name
+    for r in s["overflow"]["layers"]:
+        assert 0.0 <= r["sum_int16"]["min"] <= r["sum_int16"]["avg"] <= r["sum_int16"]["max"] <= 1.0
+    assert "Overflow statistics" in (out / "report.html").read_text()
+
+
+def test_analyze_shift_requant_needs_pow2(capsys, tmp_path, image_folder, user_model):
+    argv = ["analyze", f"{user_model}:tiny", "--input-shape", "3,8,8", "--calib-data", image_folder,
+            "--data", image_folder, "--out", tmp_path / "run", "--requant", "shift"]
+    _expect_error(capsys, tmp_path, argv, "pow2")

@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,6 +42,46 @@ def layer_error_plot(layers: list[dict]) -> str:
     return _png(fig)
 
 
+def overflow_heatmap(per_filter: dict, key: str, title: str) -> str:
+    names = list(per_filter)
+    width = max(len(v[key]) for v in per_filter.values())
+    grid = np.full((len(names), width), np.nan)
+    for i, name in enumerate(names):
+        grid[i, : len(per_filter[name][key])] = per_filter[name][key]
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(names) + 1.5))
+    im = ax.imshow(grid * 100, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("output filter")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="% overflowing")
+    return _png(fig)
+
+
+def engine_section(s: dict) -> list[str]:
+    """Integer engine and overflow tables (``edgeslim analyze``)."""
+    parts = []
+    if "engine" in s:
+        e = s["engine_vs_onnx"]
+        parts += ["<h2>Integer engine (numpy)</h2>",
+                  _table([[s["engine"]["top1"], s["onnx_int8"]["top1"], s["quantized"]["top1"], e["mismatch_fraction"],
+                           e["max_abs_diff"], s["engine_options"]["requant"], s["engine_options"]["accumulator_bits"]]],
+                         ["engine top-1", "onnxruntime top-1", "fake-quant top-1", "output elements differing",
+                          "max diff (LSB)", "requantization", "accumulator bits"])]
+    if "overflow" in s:
+        o = s["overflow"]
+        rows = [[r["name"], *(100 * r["product_int8"][k] for k in ("avg", "max", "min")),
+                 *(100 * r["sum_int16"][k] for k in ("avg", "max", "min")), r["accumulator_overflows"]] for r in o["layers"]]
+        parts += [f"<h2>Overflow statistics ({o['images']} images, {o['accumulator_bits']}-bit accumulator, "
+                  f"{o['mode']})</h2>",
+                  "<p>Per layer, over its output filters: % of int8 x int8 products outside INT8 (seed 000, Table 1) "
+                  "and % of per-pixel sums outside INT16 (Table 2); accumulator overflow events actually hit.</p>",
+                  _table(rows, ["layer", "INT8 product avg %", "max %", "min %", "INT16 sum avg %", "max %", "min %",
+                                "accumulator overflows"]),
+                  overflow_heatmap(o["per_filter"], "sum_int16", "per-filter INT16 sum overflow"),
+                  overflow_heatmap(o["per_filter"], "product_int8", "per-filter INT8 product overflow")]
+    return parts
+
+
 def summary_rows(s: dict) -> list[list]:
     lat, size = s["latency_ms"], s["size_bytes"]
     rows = [["FP32 (PyTorch)", s["fp32"]["top1"], "", size["fp32"], *lat["fp32"].values()],
@@ -70,6 +111,7 @@ def write_report(s: dict, path: Path) -> Path:
         layer_error_plot(s["layers"]),
         _table([[r["tensor"], r["bits"], r["scale"], r["zero_point"], "int" if r["signed"] else "uint", r["sqnr_db"]]
                 for r in s["layers"]], ["tensor", "bits", "scale", "zero point", "type", "SQNR dB"]),
+        *engine_section(s),
     ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")

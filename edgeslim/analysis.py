@@ -1,0 +1,85 @@
+"""What the integer device computes: the numpy engine's accuracy, its agreement with onnxruntime, and
+per-layer / per-filter overflow statistics (seed 000's Tables 1 and 2). Used by ``edgeslim analyze``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .data import ImageDataset, batches
+from .engine.overflow import OverflowStats
+from .engine.run import run
+from .errors import EdgeslimError
+from .eval import metrics
+from .intgraph import IntGraph
+
+REQUANT_MODES = ("float", "fixed", "shift")
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """``requant``: ``float`` (onnxruntime's float multiplier), ``fixed`` (gemmlowp m0 * 2^-shift) or
+    ``shift`` (pure bit shift; needs power-of-two scales, ``--scale pow2``)."""
+
+    engine: bool = True
+    overflow: bool = True
+    accumulator_bits: int = 32
+    overflow_mode: str = "saturate"
+    requant: str = "float"
+    overflow_images: int = 256
+
+    def __post_init__(self) -> None:
+        if self.accumulator_bits not in (16, 32):
+            raise EdgeslimError(f"invalid --accumulator {self.accumulator_bits}: use 16 or 32")
+        if self.overflow_mode not in ("saturate", "wrap"):
+            raise EdgeslimError(f"invalid --overflow-mode {self.overflow_mode!r}: use saturate or wrap")
+        if self.requant not in REQUANT_MODES:
+            raise EdgeslimError(f"invalid --requant {self.requant!r}: use one of {', '.join(REQUANT_MODES)}")
+        if self.overflow_images <= 0:
+            raise EdgeslimError(f"invalid --overflow-images {self.overflow_images}: use a positive number")
+
+
+def check_requant(g: IntGraph, requant: str) -> None:
+    if requant == "shift" and any("m0" in n.arrays and np.any(n.arrays["m0"] != 2**30) for n in g.nodes):
+        raise EdgeslimError("--requant shift needs power-of-two scales: add --scale pow2 (or use --requant fixed)")
+
+
+def output_lsb(g: IntGraph) -> np.ndarray:
+    """Size of one integer step of the model output, per output element (for LSB distances)."""
+    last = next(n for n in reversed(g.nodes) if g.output_names[0] in n.outputs)
+    if last.op == "QGemm" and last.attrs.get("float_output"):
+        return (g.qparams[last.inputs[0]].scale * last.arrays["w_scale"].astype(np.float64)).reshape(1, -1)
+    return np.array([[g.qparams[last.inputs[0]].scale]])
+
+
+def analyze(g: IntGraph, test_ds: ImageDataset, onnx_logits: np.ndarray, options: AnalyzeOptions,
+            batch_size: int = 256) -> dict:
+    """Engine accuracy and agreement with onnxruntime on ``test_ds``; overflow on its first images."""
+    check_requant(g, options.requant)
+    result: dict = {"engine_options": asdict(options)}
+    y = test_ds.labels
+    if options.engine:
+        logits = np.concatenate([
+            run(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
+                overflow=options.overflow_mode)[g.output_names[0]]
+            for x, _ in batches(test_ds, batch_size, desc="integer engine")])
+        lsb_diff = np.abs(logits.astype(np.float64) - onnx_logits.astype(np.float64)) / output_lsb(g)
+        steps = np.rint(lsb_diff)
+        result["engine"] = {"top1": metrics.top1(logits, y), "flips_vs_onnx": metrics.flips(logits, onnx_logits)}
+        result["engine_vs_onnx"] = {"mismatch_fraction": float((steps >= 1).mean()),
+                                    "max_abs_diff": float(steps.max()), "elements": int(steps.size)}
+    if options.overflow:
+        stats = OverflowStats()
+        idx = np.arange(min(options.overflow_images, len(test_ds)))
+        for x, _ in batches(test_ds, batch_size, idx, desc="overflow statistics"):
+            run(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
+                overflow=options.overflow_mode, stats=stats)
+        layer_name = {n.name: n.attrs.get("module", n.name) for n in g.layers()}
+        rows = [{**r, "name": layer_name.get(r["name"], r["name"])} for r in stats.layers()]
+        per_filter = {layer_name.get(r["name"], r["name"]): {k: v.tolist() for k, v in stats.per_filter(r["name"]).items()}
+                      for r in stats.layers()}
+        result["overflow"] = {"images": int(len(idx)), "accumulator_bits": options.accumulator_bits,
+                              "mode": options.overflow_mode, "layers": rows, "per_filter": per_filter}
+    return result

@@ -1,0 +1,385 @@
+"""Integer operators of the engine, one function per ONNX / onnxruntime op name (numpy only).
+
+Tensors are integer *codes* in the IntGraph's natural form (signed codes for signed ``QParams``), held
+as int64 arrays; everything stays integer until an explicit requantization. Ops that onnxruntime
+computes in float (QuantizeLinear, QLinearAdd, QLinearAveragePool, QLinearConcat, DequantizeLinear) mirror
+its float32 arithmetic (measured bit-exact, see tests/test_engine.py). onnxruntime stores a signed
+8-bit code ``q`` as uint8 ``q + 128`` with zero point ``z + 128``; the integer ops only use ``q - z`` so
+they are container independent (QLinearAdd / QLinearAveragePool take the offsets).
+
+Requantization (``requantize``), ``mode``:
+
+* ``"float"`` -- onnxruntime / MLAS (``MlasRequantizeOutput``): ``y = rint(float32(acc) * float32(m)) + zp``
+  in float32 arithmetic, round half to even, then clamp. onnxruntime computes the multiplier itself in
+  float32 as ``x_scale * w_scale / y_scale`` (see ``ort_multiplier``);
+* ``"fixed"`` -- integer-only: ``y = (acc * m0 + 2**(shift-1)) >> shift`` in int64 (a single rounding,
+  round half up, i.e. toward +inf), with ``multiplier ~= m0 * 2**-shift``, ``m0`` in [2**30, 2**31).
+  This is gemmlowp's result without its double rounding (SaturatingRoundingDoublingHighMul followed by
+  RoundingDivideByPOT rounds twice, half away from zero; the single rounding is what the fake-quant
+  simulation models);
+* ``"shift"`` -- power-of-two multipliers only (``m0 == 2**30``): ``y = (acc + 2**(s-1)) >> s`` with
+  ``s = shift - 30`` (left shift when ``s <= 0``); bit-identical to ``"fixed"`` for such multipliers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ACC_MODES = ("float", "fixed", "shift")
+
+
+# ----------------------------------------------------------------------------- requantization
+
+def ort_multiplier(in_scale: float, w_scale, out_scale: float) -> np.ndarray:
+    """The float32 multiplier onnxruntime's QLinearConv / QGemm compute: ``x_scale * w_scale / y_scale``."""
+    ws = np.asarray(w_scale, dtype=np.float32).reshape(-1)
+    return (np.float32(in_scale) * ws / np.float32(out_scale)).astype(np.float32)
+
+
+def requantize(acc: np.ndarray, multiplier, m0, shift, zp: int, lo: int, hi: int, mode: str = "float",
+               axis: int = 1) -> np.ndarray:
+    """int accumulator -> output codes in [lo, hi]. Per-channel parameters broadcast along ``axis``."""
+    acc = np.asarray(acc, dtype=np.int64)
+
+    def chan(v, dtype):
+        v = np.asarray(v, dtype=dtype).reshape(-1)
+        if v.size == 1:
+            return v.reshape(())
+        shape = [1] * acc.ndim
+        shape[axis] = v.size
+        return v.reshape(shape)
+
+    if mode == "float":
+        y = np.rint(acc.astype(np.float32) * chan(multiplier, np.float32))
+        y += np.float32(zp)  # inexact only far outside [lo, hi], where the clip below decides anyway
+        return np.clip(y, np.float32(lo), np.float32(hi)).astype(np.int64)
+    elif mode == "fixed":
+        m, s = chan(m0, np.int64), chan(shift, np.int64)
+        if np.any(np.asarray(shift) < 1) or np.any(np.asarray(shift) > 62):
+            raise ValueError("fixed-point requantization needs 1 <= shift <= 62")
+        y = (acc * m + (np.int64(1) << (s - 1))) >> s
+    elif mode == "shift":
+        if np.any(np.asarray(m0) != 1 << 30):
+            raise ValueError("shift requantization needs power-of-two multipliers (m0 == 2**30)")
+        s = chan(shift, np.int64) - 30
+        pos = np.maximum(s, 1)
+        right = (acc + (np.int64(1) << (pos - 1))) >> pos
+        y = np.where(s > 0, right, acc << np.maximum(-s, 0))
+    else:
+        raise ValueError(f"unknown requantization mode {mode!r}: use one of {ACC_MODES}")
+    return np.clip(y + int(zp), lo, hi)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+def _register(acc: np.ndarray, bits: int, overflow: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fit a (wide) partial sum into a ``bits`` register: (value, overflowed mask)."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    over = (acc < lo) | (acc > hi)
+    if overflow == "saturate":
+        return np.clip(acc, lo, hi), over
+    if overflow == "wrap":
+        return ((acc - lo) & ((1 << bits) - 1)) + lo, over
+    raise ValueError(f"unknown overflow mode {overflow!r}: use 'saturate' or 'wrap'")
+
+
+def gemm_acc(cols: np.ndarray, wk: np.ndarray, bias: np.ndarray | None = None, *, accumulator_bits: int = 32,
+             overflow: str = "saturate") -> tuple[np.ndarray, np.ndarray]:
+    """Integer GEMM of zero-point-corrected operands: ``cols`` (G, M, K), ``wk`` (G, O, K) -> (G, M, O).
+
+    Returns (accumulator with bias, per-(G, O) count of register overflow events). 32 bits: exact int64
+    sum (float64 GEMM, exact below 2**53) then fitted once into the register. Fewer bits: the
+    receptive-field sum is accumulated tap by tap in that register (saturating or wrapping at each
+    step), then the bias is added (one more step).
+    """
+    G, M, K = cols.shape
+    O = wk.shape[1]
+    b = None if bias is None else np.asarray(bias, dtype=np.int64).reshape(G, 1, O)
+    if accumulator_bits >= 32:
+        ftype = cols.dtype if cols.dtype in (np.float32, np.float64) else np.float64  # caller checked exactness
+        acc = np.matmul(cols.astype(ftype, copy=False), wk.astype(ftype).transpose(0, 2, 1)).astype(np.int64)
+        if b is not None:
+            acc = acc + b
+        acc, over = _register(acc, accumulator_bits, overflow)
+        return acc, over.sum(axis=1)
+    lo, hi = -(1 << (accumulator_bits - 1)), (1 << (accumulator_bits - 1)) - 1
+    events = np.zeros((G, O), dtype=np.int64)
+    reg = np.zeros((G, M, O), dtype=np.int64)
+    c, w = cols.astype(np.int64), wk.astype(np.int64)
+    for k in range(K):
+        reg = reg + c[:, :, k:k + 1] * w[:, None, :, k]
+        events += ((reg < lo) | (reg > hi)).sum(axis=1)
+        reg, _ = _register(reg, accumulator_bits, overflow)
+    if b is not None:
+        reg = reg + b
+        events += ((reg < lo) | (reg > hi)).sum(axis=1)
+        reg, _ = _register(reg, accumulator_bits, overflow)
+    return reg, events
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], strides, pads, dilations, group: int) -> tuple[np.ndarray, tuple]:
+    """(N, C, H, W) zero-point-corrected input -> (G, N*Ho*Wo, kh*kw*Cg) float columns.
+
+    Padding is 0 (= the zero point). Columns are ordered (kh, kw, channel), channel fastest, as an NHWC
+    accelerator walks the receptive field (the order of the 16-bit partial sums).
+    """
+    xp = np.pad(np.asarray(x, dtype=np.float64).transpose(0, 2, 3, 1),
+                ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    return _cols(xp, kernel, strides, dilations, group)
+
+
+def _cols(xp: np.ndarray, kernel, strides, dilations, group: int):
+    N, Hp, Wp, C = xp.shape
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    Ho, Wo = (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
+    Cg = C // group
+    cols = np.empty((N, Ho, Wo, group, kh * kw, Cg), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            view = xp[:, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw, :]
+            cols[:, :, :, :, i * kw + j, :] = view.reshape(N, Ho, Wo, group, Cg)
+    cols = cols.reshape(N * Ho * Wo, group, kh * kw * Cg).transpose(1, 0, 2)
+    return cols, (N, Ho, Wo)
+
+
+def _conv_by_taps(xp: np.ndarray, wk: np.ndarray, kernel, strides, dilations, group: int):
+    """Exact conv as a sum over kernel taps of (M, Cg) x (Cg, Og) GEMMs (no im2col matrix): (G, M, Og) int64."""
+    N, Hp, Wp, C = xp.shape
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    Ho, Wo = (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
+    G, Og, _ = wk.shape
+    Cg = C // group
+    wt = wk.reshape(G, Og, kh * kw, Cg).transpose(2, 0, 3, 1).astype(xp.dtype)  # (taps, G, Cg, Og)
+    M = N * Ho * Wo
+    acc = np.zeros((G, M, Og), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            view = xp[:, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw, :]
+            tap = np.ascontiguousarray(view).reshape(M, G, Cg)
+            if G == 1:
+                acc[0] += tap[:, 0, :] @ wt[i * kw + j, 0]
+            else:
+                acc += np.matmul(tap.transpose(1, 0, 2), wt[i * kw + j])
+    return acc.astype(np.int64), (N, Ho, Wo)
+
+
+def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias=None, *, strides=(1, 1),
+             pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, accumulator_bits: int = 32,
+             overflow: str = "saturate", observer=None, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+    """Exact integer convolution: sum((x - zx) * (w - zw)) + bias, (N, O, Ho, Wo) int64, plus overflow events (O,).
+
+    ``observer(cols, wk, acc_without_bias, events)`` (G-batched) is called per chunk of images (overflow stats).
+    """
+    x = np.asarray(x)
+    w = np.asarray(w, dtype=np.int64)
+    O, Cg, kh, kw = w.shape
+    zw = np.asarray(w_zero_point, dtype=np.int64).reshape(-1)
+    wc = w - (zw.reshape(-1, 1, 1, 1) if zw.size > 1 else zw.reshape(()))
+    wk = wc.reshape(group, O // group, Cg, kh * kw).transpose(0, 1, 3, 2).reshape(group, O // group, kh * kw * Cg)
+    b = None if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (O,)).reshape(group, O // group)
+    # float32 is exact when no partial sum can reach 2**24 (integers below it are exact, whatever the
+    # summation order); float64 otherwise (exact below 2**53)
+    dmax = int(np.abs(x.astype(np.int64) - int(x_zero_point)).max()) if x.size else 0
+    bound = dmax * int(np.abs(wk).sum(axis=2).max()) + (0 if b is None else int(np.abs(b).max()))
+    ftype = np.float32 if bound < 1 << 24 else np.float64
+    xp = np.pad((x.astype(ftype) - ftype(x_zero_point)).transpose(0, 2, 3, 1),
+                ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    N = x.shape[0]
+    outs, events = [], np.zeros(O, dtype=np.int64)
+    per_image = max(1, xp[0].size * kh * kw * xp.itemsize)  # im2col bytes of one image (upper bound)
+    step = max(1, min(N, chunk_bytes // per_image)) if N else 1
+    fast = observer is None and accumulator_bits >= 32
+    for i in range(0, N, step):
+        if fast:
+            acc, (n, Ho, Wo) = _conv_by_taps(xp[i:i + step], wk, (kh, kw), strides, dilations, group)
+            if b is not None:
+                acc = acc + b[:, None, :]
+            if bound >= 1 << (accumulator_bits - 1):  # else no accumulator value can overflow
+                acc, over = _register(acc, accumulator_bits, overflow)
+                ev = over.sum(axis=1)
+            else:
+                ev = np.zeros((group, O // group), dtype=np.int64)
+        else:
+            cols, (n, Ho, Wo) = _cols(xp[i:i + step], (kh, kw), strides, dilations, group)
+            acc, ev = gemm_acc(cols, wk, b, accumulator_bits=accumulator_bits, overflow=overflow)
+        events += ev.reshape(O)
+        if observer is not None:
+            observer(cols, wk, acc - (0 if b is None else b[:, None, :]), ev.reshape(O))
+        outs.append(acc.transpose(1, 0, 2).reshape(n, Ho, Wo, O).transpose(0, 3, 1, 2))
+    if not outs:
+        return np.zeros((0, O, 0, 0), np.int64), events
+    return np.ascontiguousarray(np.concatenate(outs)), events
+
+
+# ----------------------------------------------------------------------------- requantizing ops
+
+def QLinearConv(x, x_zero_point, w, w_zero_point, bias=None, *, multiplier=None, m0=None, shift=None,
+                y_zero_point: int, clamp: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                group: int = 1, requant: str = "float", accumulator_bits: int = 32, overflow: str = "saturate",
+                observer=None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer convolution + requantization -> (output codes, accumulator overflow events per filter)."""
+    acc, events = conv_acc(x, x_zero_point, w, w_zero_point, bias, strides=strides, pads=pads, dilations=dilations,
+                           group=group, accumulator_bits=accumulator_bits, overflow=overflow, observer=observer)
+    return requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1), events
+
+
+def gemm_int(x, x_zero_point, w, w_zero_point, bias=None, *, accumulator_bits: int = 32, overflow: str = "saturate",
+             observer=None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) codes x (O, K) int weights -> exact accumulator (N, O) with bias, overflow events (O,)."""
+    x = np.asarray(x, dtype=np.int64) - int(x_zero_point)
+    w = np.asarray(w, dtype=np.int64)
+    zw = np.asarray(w_zero_point, dtype=np.int64).reshape(-1)
+    wk = (w - (zw.reshape(-1, 1) if zw.size > 1 else zw.reshape(())))[None]
+    b = None if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (w.shape[0],))[None]
+    acc, ev = gemm_acc(x[None], wk, b, accumulator_bits=accumulator_bits, overflow=overflow)
+    if observer is not None:
+        observer(x[None], wk, acc - (0 if b is None else b[:, None, :]), ev.reshape(-1))
+    return acc[0], ev.reshape(-1)
+
+
+def QGemm(x, x_zero_point, w, w_zero_point, bias=None, *, x_scale=None, w_scale=None, multiplier=None, m0=None,
+          shift=None, y_zero_point: int = 0, clamp=(-128, 127), float_output: bool = False, requant: str = "float",
+          accumulator_bits: int = 32, overflow: str = "saturate", observer=None) -> tuple[np.ndarray, np.ndarray]:
+    """x (N, K) @ w (O, K)^T; float output (onnxruntime: ``float32(acc) * float32(x_scale * w_scale)``)
+    or requantized codes."""
+    acc, ev = gemm_int(x, x_zero_point, w, w_zero_point, bias, accumulator_bits=accumulator_bits,
+                       overflow=overflow, observer=observer)
+    if float_output:
+        scale = (np.float32(x_scale) * np.asarray(w_scale, dtype=np.float32).reshape(-1)).astype(np.float32)
+        return acc.astype(np.float32) * scale, ev
+    return requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1), ev
+
+
+def _fma32(x, y, z) -> np.ndarray:
+    """float32 fused multiply-add, emulated in float64 (x * y is exact there: float32 times a code)."""
+    return (np.float64(x) * np.asarray(y, dtype=np.float64) + np.asarray(z, dtype=np.float64)).astype(np.float32)
+
+
+def QLinearAdd(a, a_scale: float, a_zero_point: int, b, b_scale: float, b_zero_point: int, y_scale: float,
+               y_zero_point: int, clamp: tuple[int, int], *, requant: str = "float", offsets=(0, 0, 0)) -> np.ndarray:
+    """Quantized add.
+
+    ``requant="float"`` mirrors onnxruntime's x86 (AVX2) MLAS kernel, measured bit-exact on all 256 x 256
+    input pairs for random scales: ``ra = sa / sy``, ``rb = sb / sy``, ``k = zy - (ra za + rb zb)`` in float32,
+    then ``y = rint(fma(ra, a, fma(rb, b, k)))`` on the *stored* (uint8 container) values; ``offsets``
+    are the container offsets (128 for signed 8-bit codes) of a, b, y.
+    ``"fixed"`` / ``"shift"``: integer-only, both inputs rescaled at a common fixed point
+    ``round(da * ra + db * rb)`` (single rounding, half up)."""
+    oa, ob, oy = (int(o) for o in offsets)
+    if requant == "float":
+        f32 = np.float32
+        ra, rb = f32(f32(a_scale) / f32(y_scale)), f32(f32(b_scale) / f32(y_scale))
+        za, zb, zy = int(a_zero_point) + oa, int(b_zero_point) + ob, int(y_zero_point) + oy
+        k = f32(zy) - (ra * f32(za) + rb * f32(zb))
+        ac = np.asarray(a, dtype=np.int64) + oa
+        bc = np.asarray(b, dtype=np.int64) + ob
+        y = np.rint(_fma32(ra, ac, _fma32(rb, bc, k))).astype(np.int64) - oy
+        return np.clip(y, clamp[0], clamp[1])
+    da = np.asarray(a, dtype=np.int64) - int(a_zero_point)
+    db = np.asarray(b, dtype=np.int64) - int(b_zero_point)
+    ra, rb = float(a_scale) / float(y_scale), float(b_scale) / float(y_scale)
+    s = min(46, 31 + max(0, -min(np.frexp(ra)[1], np.frexp(rb)[1])))  # enough fractional bits
+    ma, mb = round(ra * 2 ** s), round(rb * 2 ** s)
+    y = (da * ma + db * mb + (1 << (s - 1))) >> s
+    return np.clip(y + int(y_zero_point), clamp[0], clamp[1])
+
+
+def _lut_requant(x, in_scale, in_zp, out_scale, out_zp, lo, hi):
+    """float32 Q(DQ(x)) as onnxruntime computes it (dequantize, then divide and round half to even)."""
+    f = (np.asarray(x, dtype=np.int64) - int(in_zp)).astype(np.float32) * np.float32(in_scale)
+    return np.clip(np.rint(f / np.float32(out_scale)).astype(np.int64) + int(out_zp), lo, hi)
+
+
+def QLinearConcat(xs, qps, y_scale: float, y_zero_point: int, clamp: tuple[int, int], axis: int = 1) -> np.ndarray:
+    """Concatenate; inputs whose (scale, zero point) differ from the output are requantized in float32
+    (onnxruntime's lookup table = Q(DQ(v)))."""
+    parts = []
+    for x, (s, z) in zip(xs, qps):
+        x = np.asarray(x, dtype=np.int64)
+        if np.float32(s) == np.float32(y_scale) and z == y_zero_point:
+            parts.append(np.clip(x, clamp[0], clamp[1]))
+        else:
+            parts.append(_lut_requant(x, s, z, y_scale, y_zero_point, clamp[0], clamp[1]))
+    return np.concatenate(parts, axis=axis)
+
+
+def QLinearRelu(x, x_scale: float, x_zero_point: int, y_scale: float, y_zero_point: int,
+                clamp: tuple[int, int]) -> np.ndarray:
+    """Q(relu(DQ(x))) in float32 (what onnxruntime runs for DQ -> Relu -> Q); ``clamp`` on the output codes."""
+    x = np.asarray(x, dtype=np.int64)
+    x = np.maximum(x, int(x_zero_point))
+    return _lut_requant(x, x_scale, x_zero_point, y_scale, y_zero_point, clamp[0], clamp[1])
+
+
+def QLinearGlobalAveragePool(x, x_scale: float, x_zero_point: int, y_scale: float, y_zero_point: int,
+                             clamp: tuple[int, int], keepdims: bool = True) -> np.ndarray:
+    """onnxruntime / MLAS: integer sum over H*W minus zx*HW, then ``MlasRequantizeOutput`` with the float32
+    scale ``x_scale / (y_scale * HW)``."""
+    x = np.asarray(x, dtype=np.int64)
+    hw = x.shape[2] * x.shape[3]
+    acc = x.sum(axis=(2, 3), keepdims=keepdims) - int(x_zero_point) * hw
+    scale = np.float32(x_scale) / (np.float32(y_scale) * np.float32(hw))
+    return requantize(acc, scale, None, None, y_zero_point, clamp[0], clamp[1], "float")
+
+
+def QLinearAveragePool(x, x_scale: float, x_zero_point: int, y_scale: float, y_zero_point: int,
+                       clamp: tuple[int, int], kernel_shape, strides, offset: int = 0) -> np.ndarray:
+    """Average pool without padding, onnxruntime's float32 arithmetic (contrib ``qlinear_pool.cc``):
+    dequantize ``x_scale * (x - zx)``, sum the window row by row in float32, divide by the count, then
+    ``rint(avg / y_scale + zy)`` with the stored (container) output zero point ``zy + offset``."""
+    d = (np.asarray(x, dtype=np.int64) - int(x_zero_point)).astype(np.float32) * np.float32(x_scale)
+    kh, kw = kernel_shape
+    win = np.lib.stride_tricks.sliding_window_view(d, (kh, kw), axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
+    acc = np.zeros(win.shape[:4], dtype=np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            acc += win[..., i, j]
+    avg = acc / np.float32(kh * kw)
+    y = np.rint(avg / np.float32(y_scale) + np.float32(int(y_zero_point) + offset)).astype(np.int64) - offset
+    return np.clip(y, clamp[0], clamp[1])
+
+
+# ----------------------------------------------------------------------------- data movement
+
+def MaxPool(x, kernel_shape, strides, pads=(0, 0, 0, 0)) -> np.ndarray:
+    x = np.asarray(x, dtype=np.int64)
+    kh, kw = kernel_shape
+    if any(pads):
+        lowest = np.iinfo(np.int64).min
+        x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=lowest)
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
+    return win.max(axis=(-1, -2))
+
+
+def Slice(x, starts, ends, axes, steps=None) -> np.ndarray:
+    idx = [slice(None)] * x.ndim
+    for i, (s, e, a) in enumerate(zip(starts, ends, axes)):
+        idx[a] = slice(s, e, steps[i] if steps else 1)
+    return np.asarray(x)[tuple(idx)]
+
+
+def Pad(x, pads, value: int) -> np.ndarray:
+    nd = x.ndim
+    return np.pad(np.asarray(x), [(pads[i], pads[i + nd]) for i in range(nd)], constant_values=value)
+
+
+def Flatten(x, axis: int = 1) -> np.ndarray:
+    return np.asarray(x).reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def Identity(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def QuantizeLinear(x, scale: float, zero_point: int, lo: int, hi: int) -> np.ndarray:
+    """MLAS: ``rint(float32(x) / float32(scale)) + zp`` (round half to even), saturated to [lo, hi]."""
+    f = np.asarray(x, dtype=np.float32) / np.float32(scale)
+    return np.clip(np.rint(f).astype(np.int64) + int(zero_point), lo, hi)
+
+
+def DequantizeLinear(x, scale: float, zero_point: int) -> np.ndarray:
+    return (np.asarray(x, dtype=np.int64) - int(zero_point)).astype(np.float32) * np.float32(scale)
