@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--acc-images", type=int, default=300, help="test images for the 16-bit accumulator runs")
     ap.add_argument("--overflow-images", type=int, default=256)
+    ap.add_argument("--only", default="engine,overflow,imported", help="comma-separated sections to run")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     shared = Path(args.shared)
     torch.set_num_threads(2)
     model, info = build_model("resnet20", shared / "models/resnet20_cifar10jpeg.pt")
@@ -41,7 +43,36 @@ def main() -> None:
     x_cal = train.batch(calibration_indices(len(train), 512, 0, train.labels))
     x, y = test.batch(np.arange(len(test))), test.labels
     work = Path(tempfile.mkdtemp(prefix="edgeslim-engine-"))
+    if "engine" in only:
+        _engine(model, x_cal, x, y, work)
+    if "overflow" in only:
+        _overflow(model, x_cal, x, y, args.overflow_images, args.acc_images)
+    if "imported" in only:
+        _imported(model, info, x_cal, x, y, work)
 
+
+def _imported(model, info, x_cal, x, y, work: Path) -> None:
+    """An INT8 model made elsewhere (onnxruntime's quantize_static) imported and run by the engine."""
+    from bench.peers import ort_quantize_static
+    from edgeslim.io.onnx_qdq_import import import_qdq
+
+    fp32 = api.export_fp32_onnx(model, info.input_shape, work / "fp32.onnx")
+    r = ort_quantize_static(fp32, x_cal, work / "ort_int8.onnx", method="minmax")
+    if r.error:
+        write_section("engine-imported", f"## Engine on onnxruntime's own INT8 model\n\nquantize_static failed: {r.error}")
+        return
+    g = import_qdq(r.path)
+    ort_logits = ort_eval.predict(ort_eval.session(r.path, threads=0), x, 500)
+    eng = run(g, x)[g.output_names[0]]
+    steps = np.rint(np.abs(eng.astype(np.float64) - ort_logits) / output_lsb(g))
+    write_section("engine-imported", "\n".join([
+        "## The engine on an INT8 ONNX model made elsewhere (onnxruntime quantize_static, QDQ, u8/s8 per-channel)\n",
+        "`edgeslim.io.onnx_qdq_import.import_qdq` turns the QDQ file into an IntGraph; the engine runs it.\n",
+        table(["onnxruntime top-1", "engine top-1", "output elements differing", "max diff (LSB)"],
+              [[metrics.top1(ort_logits, y), metrics.top1(eng, y), f"{(steps >= 1).mean():.5f}", int(steps.max())]])]))
+
+
+def _engine(model, x_cal, x, y, work: Path) -> None:
     rows = []
     for label, cfg, requant in [("W8A8 default (float scales)", PTQConfig(), "float"),
                                 ("W8A8 default (float scales)", PTQConfig(), "fixed"),
@@ -71,14 +102,17 @@ def main() -> None:
         table(["config", "requantization", "fake-quant top-1", "onnxruntime top-1", "engine top-1",
                "logits differing from ORT", "max diff (steps)", "engine images/s"], rows)]))
 
-    # seed 000 Tables 1 and 2, and narrow accumulators
+
+
+def _overflow(model, x_cal, x, y, overflow_images: int, acc_images: int) -> None:
+    """Seed 000 Tables 1 and 2, and narrow accumulators."""
     q = api.quantize(model, x_cal, PTQConfig())
     stats = OverflowStats()
-    run(q.intgraph, x[: args.overflow_images], stats=stats)
+    run(q.intgraph, x[:overflow_images], stats=stats)
     names = {n.name: n.attrs.get("module", n.name) for n in q.intgraph.layers()}
     ov = [[names.get(r["name"], r["name"]), *(f"{100 * r['product_int8'][k]:.2f}" for k in ("avg", "max", "min")),
            *(f"{100 * r['sum_int16'][k]:.2f}" for k in ("avg", "max", "min"))] for r in stats.layers()]
-    n = args.acc_images
+    n = acc_images
     acc_rows = []
     for bits, mode in ((32, "saturate"), (16, "saturate"), (16, "wrap")):
         st = OverflowStats()
@@ -89,7 +123,7 @@ def main() -> None:
                          f"{time.perf_counter() - t0:.1f}"])
     write_section("engine-overflow", "\n".join([
         "## Seed 000's overflow tables on ResNet-20 (W8A8 default), and what narrow accumulators cost\n",
-        f"Over the first {args.overflow_images} test images, per layer and over its output filters (avg / max / min): "
+        f"Over the first {overflow_images} test images, per layer and over its output filters (avg / max / min): "
         "% of int8 x int8 products (x - zx)(w - zw) outside [-128, 127] (Table 1) and % of per-pixel receptive-field "
         "sums outside INT16 (Table 2).\n",
         table(["layer", "INT8 product avg %", "max %", "min %", "INT16 sum avg %", "max %", "min %"], ov),

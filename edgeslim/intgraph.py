@@ -9,8 +9,9 @@ QGemm, QLinearRelu, MaxPool, Slice, Pad, Flatten, DequantizeLinear) and their se
   ``multiplier = in_scale * w_scale / out_scale`` (per output channel for per-channel weights). Both the
   real multiplier and its fixed-point form ``m0 * 2**-shift`` (``primitives.quantize_multiplier``)
   are stored; with power-of-two scales ``m0`` is exactly 2**30 and the requantization is a shift.
-  Rounding: half to even for the real multiplier (onnxruntime), round-half-up on the shifted
-  fixed-point product (gemmlowp's rounding right shift);
+  Rounding (``engine.ops.requantize``): ``float`` mode = onnxruntime's float32 multiply then round half
+  to even; ``fixed`` = ``(acc * m0 + 2**(shift-1)) >> shift`` (one rounding, half up; gemmlowp rounds
+  twice); ``shift`` = ``(acc + 2**(s-1)) >> s`` for power-of-two multipliers;
 * a fused activation is a clamp of the output codes: ``attrs['clamp'] = (lo, hi)``.
 """
 

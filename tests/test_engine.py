@@ -425,3 +425,13 @@ def test_engine_never_imports_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_fixed_point_add_with_far_apart_scales():
+    """Regression: a large a_scale / y_scale ratio overflowed int64 in the fixed-point rescale."""
+    a = np.arange(256)
+    b = np.arange(256)[::-1]
+    for sa, sb, sy in [(2.0, 1e-4, 0.004), (1e-5, 0.9, 0.002), (0.05, 0.05, 0.1)]:
+        y = ops.QLinearAdd(a, sa, 3, b, sb, 7, sy, 2, (0, 255), requant="fixed")
+        ref = np.clip(np.floor((a - 3) * (sa / sy) + (b - 7) * (sb / sy) + 0.5) + 2, 0, 255)
+        np.testing.assert_array_equal(y, ref)

@@ -282,7 +282,8 @@ def QLinearAdd(a, a_scale: float, a_zero_point: int, b, b_scale: float, b_zero_p
     da = np.asarray(a, dtype=np.int64) - int(a_zero_point)
     db = np.asarray(b, dtype=np.int64) - int(b_zero_point)
     ra, rb = float(a_scale) / float(y_scale), float(b_scale) / float(y_scale)
-    s = min(46, 31 + max(0, -min(np.frexp(ra)[1], np.frexp(rb)[1])))  # enough fractional bits
+    # 31 significant bits for the larger ratio (as quantize_multiplier), so da * ma stays far below 2^63
+    s = max(1, 31 - max(int(np.frexp(ra)[1]), int(np.frexp(rb)[1])))
     ma, mb = round(ra * 2 ** s), round(rb * 2 ** s)
     y = (da * ma + db * mb + (1 << (s - 1))) >> s
     return np.clip(y + int(y_zero_point), clamp[0], clamp[1])

@@ -1,0 +1,118 @@
+"""QDQ ONNX -> IntGraph importer (edgeslim.io.onnx_qdq_import)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeslim import api
+from edgeslim.api import PTQConfig
+from edgeslim.engine.run import run
+from edgeslim.errors import EdgeslimError
+from edgeslim.io.onnx_qdq_import import import_qdq
+
+
+def _x(n: int = 16) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((n, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("config", [PTQConfig(), PTQConfig(scale="pow2", scheme="symmetric"), PTQConfig(fuse=False)],
+                         ids=["default", "pow2-sym", "nofuse"])
+def test_round_trip_edgeslim_export_is_bit_exact(tiny_model, tiny_calib, tmp_path, config):
+    q = api.quantize(tiny_model, tiny_calib, config)
+    path = api.export_onnx(q, tmp_path / "int8.onnx")
+    g = import_qdq(path)
+    assert g.input_shape == q.intgraph.input_shape
+    assert g.output_names == q.intgraph.output_names
+    assert g.output_shapes == q.intgraph.output_shapes
+    assert [n.op for n in g.nodes if "w" in n.arrays] == [n.op for n in q.intgraph.layers()]
+    x = _x()
+    ref, got = run(q.intgraph, x), run(g, x)
+    for name in q.intgraph.output_names:
+        assert np.array_equal(ref[name], got[name]), name
+    fixed_ref, fixed_got = run(q.intgraph, x, requant="fixed"), run(g, x, requant="fixed")
+    for name in q.intgraph.output_names:
+        assert np.array_equal(fixed_ref[name], fixed_got[name]), name
+
+
+def test_onnxruntime_quantize_static_model_matches_onnxruntime(tiny_model, tiny_calib, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime.quantization")
+    from bench.peers import ort_quantize_static
+
+    fp32 = api.export_fp32_onnx(tiny_model, (3, 16, 16), tmp_path / "fp32.onnx")
+    res = ort_quantize_static(fp32, tiny_calib.numpy(), tmp_path / "ort_int8.onnx", activation_type="uint8",
+                              per_channel=True)
+    assert res.error is None, res.error
+    g = import_qdq(res.path)
+    assert g.nodes[0].op == "QuantizeLinear" and g.nodes[-1].op == "DequantizeLinear"
+    assert {"QLinearConv", "QLinearAdd", "QGemm", "QLinearGlobalAveragePool", "MaxPool", "Slice", "Pad"} <= \
+        {n.op for n in g.nodes}
+    x = _x(32)
+    (out_name,) = g.output_names
+    got = run(g, x)[out_name]
+    sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    lsb = g.qparams[g.nodes[-1].inputs[0]].scale
+    equal = float(np.mean(got == ref))
+    print(f"onnxruntime quantize_static (u8, per-channel): {equal:.4f} of logits equal, "
+          f"max diff {np.abs(got - ref).max() / lsb:.2f} LSB")
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= lsb * 1.0001
+
+
+def _qdq_model(body: list[onnx.NodeProto], inits: list[onnx.TensorProto], out_shape) -> onnx.ModelProto:
+    inits = inits + [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                     numpy_helper.from_array(np.array(128, np.uint8), "z"),
+                     numpy_helper.from_array(np.array(0.04, np.float32), "so"),
+                     numpy_helper.from_array(np.array(0, np.uint8), "zo")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"), *body,
+             helper.make_node("QuantizeLinear", ["f", "so", "zo"], ["yq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["y"], name="dq_out")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *out_shape])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_matmul_float_bias_relu_matches_onnxruntime():
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (8, 6)).astype(np.int8)  # MatMul: (K, O), per output channel along axis 1
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(rng.uniform(0.002, 0.01, 6).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(6, np.int8), "wz"),
+             numpy_helper.from_array(rng.normal(0, 0.3, 6).astype(np.float32), "b")]
+    body = [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+            helper.make_node("MatMul", ["xd", "wd"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["ab"]),
+            helper.make_node("Relu", ["ab"], ["f"])]
+    model = _qdq_model(body, inits, [6])
+    g = import_qdq(model)
+    assert [n.op for n in g.nodes] == ["QuantizeLinear", "QGemm", "DequantizeLinear"]
+    assert g.nodes[1].attrs["clamp"] == (0, 255) and g.output_shapes == [(6,)]
+    x = rng.normal(0, 2, (64, 8)).astype(np.float32)
+    got = run(g, x)["y"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x})[0]
+    assert (got >= 0).all()
+    assert np.abs(got - ref).max() <= 0.04 * 1.0001  # onnxruntime may run this in float: at most 1 LSB
+
+
+def test_unsupported_op_is_one_line_error():
+    model = _qdq_model([helper.make_node("Sigmoid", ["xd"], ["f"], name="sig")], [], [8])
+    with pytest.raises(EdgeslimError) as err:
+        import_qdq(model)
+    msg = str(err.value)
+    assert msg.startswith("ONNX op 'Sigmoid' (node 'sig') is not supported by the integer importer: ")
+    assert "\n" not in msg
+
+
+def test_unreadable_file_is_edgeslim_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(EdgeslimError, match="cannot read ONNX model"):
+        import_qdq(bad)
