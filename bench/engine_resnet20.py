@@ -98,7 +98,8 @@ def _engine(model, x_cal, x, y, work: Path) -> None:
         "## Integer engine (numpy) on ResNet-20: accuracy, parity with onnxruntime, throughput\n",
         f"512 calibration images, all {len(y)} test images. Differences are counted on the logits in units of the "
         "last layer's accumulator step (s_in x s_w): 0 means the same int32 accumulator as onnxruntime. "
-        f"Float PyTorch (FP32, 2 threads) runs {torch_ips:.0f} images/s in the same run.\n",
+        f"Float PyTorch (FP32, 2 threads) runs {torch_ips:.0f} images/s in the same run. "
+        "`float` mirrors onnxruntime's arithmetic and matches it exactly; `fixed` (integer m0 x 2^-shift) and `shift` (pure shifts, power-of-two scales) round ties half up where onnxruntime rounds half to even, so a code occasionally differs by 1 LSB and the difference propagates to later layers (one input code step moves a logit by many accumulator steps); the top-1 columns show what it costs. \n",
         table(["config", "requantization", "fake-quant top-1", "onnxruntime top-1", "engine top-1",
                "logits differing from ORT", "max diff (steps)", "engine images/s"], rows)]))
 
