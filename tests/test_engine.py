@@ -435,3 +435,71 @@ def test_fixed_point_add_with_far_apart_scales():
         y = ops.QLinearAdd(a, sa, 3, b, sb, 7, sy, 2, (0, 255), requant="fixed")
         ref = np.clip(np.floor((a - 3) * (sa / sy) + (b - 7) * (sb / sy) + 0.5) + 2, 0, 255)
         np.testing.assert_array_equal(y, ref)
+
+
+# ----------------------------------------------------------------------------- QLinearConvTranspose / Resize
+
+CONVT_CASES = [  # (C, O, k, stride, pad, output_padding, dilation, group)
+    (4, 6, 3, 2, 1, 1, 1, 1),
+    (6, 6, 3, 2, 1, 1, 1, 6),       # depthwise
+    (4, 6, 3, 1, 0, 0, 1, 2),       # grouped, no padding
+    (3, 5, (3, 2), 2, 1, 0, 2, 1),  # non-square kernel, dilated
+    (5, 4, 2, 2, 0, 0, 1, 1),       # the usual 2x upsampling
+]
+
+
+@pytest.mark.parametrize("case", CONVT_CASES, ids=[str(c) for c in CONVT_CASES])
+def test_qlinear_conv_transpose_accumulator_matches_onnxruntime(case):
+    C, O, k, s, p, op, d, g = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x = rng.integers(0, 256, (2, C, 5, 6))
+    zx = 131
+    w = rng.integers(-127, 128, (C, O // g, kh, kw))
+    zw = rng.integers(-3, 4, O)  # per output channel
+    bias = rng.integers(-5000, 5000, O)
+    # float oracle on the zero-point-corrected operands (every partial sum < 2**24: float32 is exact)
+    wf = (w - zw.reshape(g, 1, O // g, 1, 1).repeat(C // g, axis=1).reshape(C, O // g, 1, 1)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[s, s], pads=[p, p, p, p],
+                            output_padding=[op, op], dilations=[d, d], group=g)
+    (ref,) = _ort_run([node], {"x": (x - zx).astype(np.float32)}, ["y"],
+                      inits={"w": wf, "b": bias.astype(np.float32)}, types={"y": F32})
+    acc, events = ops.conv_transpose_acc(x, zx, w, zw, bias, strides=(s, s), pads=(p, p, p, p), dilations=(d, d),
+                                         group=g, output_padding=(op, op))
+    assert acc.shape == ref.shape
+    assert np.array_equal(acc, ref.astype(np.int64))
+    assert not events.any()
+    mult = rng.uniform(1e-4, 4e-4, O).astype(np.float32)
+    y, _ = ops.QLinearConvTranspose(x, zx, w, zw, bias, multiplier=mult, y_zero_point=7, clamp=(0, 255),
+                                    strides=(s, s), pads=(p, p, p, p), dilations=(d, d), group=g,
+                                    output_padding=(op, op))
+    expect = np.clip(np.rint(ref * mult.reshape(1, -1, 1, 1)) + 7, 0, 255).astype(np.int64)
+    assert np.array_equal(y, expect)
+    assert 0 < np.mean((y > 0) & (y < 255))  # not all saturated
+
+
+RESIZE_SHAPES = [  # (scales, sizes)
+    ([1.0, 1.0, 2.0, 3.0], None),
+    ([1.0, 1.0, 4.0, 1.0], None),
+    (None, [2, 3, 8, 4]),   # up along H, down along W
+    (None, [2, 3, 10, 21]),
+    (None, [2, 3, 3, 7]),
+]
+
+
+@pytest.mark.parametrize("coord", ["asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners"])
+@pytest.mark.parametrize("nearest", ["floor", "round_prefer_floor", "ceil"])
+def test_resize_nearest_matches_onnxruntime(coord, nearest):
+    x = np.random.default_rng(3).integers(0, 256, (2, 3, 5, 7)).astype(np.uint8)
+    for scales, sizes in RESIZE_SHAPES:
+        if scales is not None:
+            ins, inits = ["x", "", "scales"], {"scales": np.array(scales, np.float32)}
+        else:
+            ins, inits = ["x", "", "", "sizes"], {"sizes": np.array(sizes, np.int64)}
+        node = helper.make_node("Resize", ins, ["y"], mode="nearest", coordinate_transformation_mode=coord,
+                                nearest_mode=nearest)
+        (ref,) = _ort_run([node], {"x": x}, ["y"], inits=inits)
+        got = ops.Resize(x.astype(np.int64), scales=scales, sizes=sizes, coordinate_transformation_mode=coord,
+                         nearest_mode=nearest)
+        assert got.shape == ref.shape, (scales, sizes)
+        assert np.array_equal(got, ref.astype(np.int64)), (scales, sizes)

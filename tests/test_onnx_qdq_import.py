@@ -116,3 +116,57 @@ def test_unreadable_file_is_edgeslim_error(tmp_path):
     bad.write_bytes(b"not an onnx file")
     with pytest.raises(EdgeslimError, match="cannot read ONNX model"):
         import_qdq(bad)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["group1", "depthwise"])
+def test_conv_transpose_and_resize_match_onnxruntime(tmp_path, depthwise):
+    """Q -> DQ -> ConvTranspose(DQ w per-channel, DQ int32 bias) -> Q -> DQ -> Resize -> Q -> Resize(codes) -> DQ."""
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(7)
+    C, O, g = (4, 4, 4) if depthwise else (4, 6, 1)
+    w = rng.integers(-127, 128, (C, O // g, 3, 3)).astype(np.int8)
+    ws = rng.uniform(0.004, 0.02, 1 if depthwise else O).astype(np.float32)  # ONNX: per-axis only along axis 1
+    s, so = np.float32(0.05), np.float32(0.04)
+    bias = rng.integers(-2000, 2000, O).astype(np.int32)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "s": np.array(s), "z": np.array(128, np.uint8), "so": np.array(so), "zo": np.array(100, np.uint8),
+        "w": w, "ws": ws, "wz": np.zeros(ws.size, np.int8), "b": bias,
+        "bs": np.broadcast_to(s * ws, (O,)).astype(np.float32),
+        "bz": np.zeros(O, np.int32), "scales": np.array([1, 1, 2, 2], np.float32),
+        "sizes": np.array([2, O, 15, 13], np.int64)}.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], axis=0),
+             helper.make_node("ConvTranspose", ["xd", "wd", "bd"], ["ct"], strides=[2, 2], pads=[1, 1, 1, 1],
+                              output_padding=[1, 1], group=g),
+             helper.make_node("QuantizeLinear", ["ct", "so", "zo"], ["ctq"]),
+             helper.make_node("DequantizeLinear", ["ctq", "so", "zo"], ["ctd"]),
+             helper.make_node("Resize", ["ctd", "", "scales"], ["r"], mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("QuantizeLinear", ["r", "so", "zo"], ["rq"]),
+             helper.make_node("Resize", ["rq", "", "", "sizes"], ["r2"], mode="nearest",
+                              coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_floor"),
+             helper.make_node("DequantizeLinear", ["r2", "so", "zo"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, C, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, O, 15, 13])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "ct.onnx"
+    onnx.save(model, str(path))
+    g_int = import_qdq(path)
+    assert [n.op for n in g_int.nodes] == ["QuantizeLinear", "QLinearConvTranspose", "Resize", "Resize",
+                                           "DequantizeLinear"]
+    x = (rng.standard_normal((2, C, 5, 5)) * 2).astype(np.float32)
+    got = run(g_int, x)["y"]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x})[0]
+    assert got.shape == ref.shape == (2, O, 15, 13)
+    equal = float(np.mean(got == ref))
+    print(f"ConvTranspose + Resize ({'depthwise' if depthwise else 'group 1'}): {equal:.4f} equal to onnxruntime")
+    assert np.abs(got - ref).max() <= so * 1.0001
+    assert equal > 0.95
+    # the integer accumulator itself is exact: compare the codes before the Resize with onnxruntime's Q output
+    codes = run(g_int, x, return_codes=True)
+    (ct_name,) = [n.outputs[0] for n in g_int.nodes if n.op == "QLinearConvTranspose"]
+    assert codes[ct_name].shape == (2, O, 10, 10)

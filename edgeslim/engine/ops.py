@@ -384,3 +384,118 @@ def QuantizeLinear(x, scale: float, zero_point: int, lo: int, hi: int) -> np.nda
 
 def DequantizeLinear(x, scale: float, zero_point: int) -> np.ndarray:
     return (np.asarray(x, dtype=np.int64) - int(zero_point)).astype(np.float32) * np.float32(scale)
+
+
+# ----------------------------------------------------------------------------- transposed convolution
+
+def conv_transpose_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias=None, *, strides=(1, 1),
+                       pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, output_padding=(0, 0),
+                       accumulator_bits: int = 32, overflow: str = "saturate") -> tuple[np.ndarray, np.ndarray]:
+    """Exact integer transposed convolution (ONNX ConvTranspose): ``sum((x - zx) * (w - zw)) + bias``.
+
+    ``w`` is in ONNX ConvTranspose layout (C_in, C_out / group, kH, kW); ``w_zero_point`` per output channel
+    or a single value. Scatter formulation: each kernel tap is one (M, C_in/g) x (C_in/g, C_out/g) float64
+    GEMM (exact below 2**53) added in int64 into the full output at ``stride * h + dilation * i``, then the
+    pads are cropped (``output_padding`` extends the bottom / right). The exact sum is fitted once into the
+    ``accumulator_bits`` register (>= 32 only). Returns ((N, C_out, Ho, Wo) int64, overflow events (C_out,)).
+    """
+    if accumulator_bits < 32:
+        raise ValueError("QLinearConvTranspose supports accumulator_bits >= 32 only")
+    x = np.asarray(x, dtype=np.int64)
+    w = np.asarray(w, dtype=np.int64)
+    C, Og, kh, kw = w.shape
+    O = Og * group
+    Cg = C // group
+    zw = np.asarray(w_zero_point, dtype=np.int64).reshape(-1)
+    if zw.size > 1:  # per output channel: channel o = g * Og + j
+        wc = w - zw.reshape(group, 1, Og, 1, 1).repeat(Cg, axis=1).reshape(C, Og, 1, 1)
+    else:
+        wc = w - zw.reshape(())
+    N, _, H, W = x.shape
+    sh, sw = strides
+    dh, dw = dilations
+    Hf = sh * (H - 1) + dh * (kh - 1) + 1 + int(output_padding[0])
+    Wf = sw * (W - 1) + dw * (kw - 1) + 1 + int(output_padding[1])
+    xd = (x - int(x_zero_point)).astype(np.float64).transpose(0, 2, 3, 1).reshape(N * H * W, group, Cg)
+    wg = wc.astype(np.float64).reshape(group, Cg, Og, kh, kw)
+    full = np.zeros((N, Hf, Wf, group, Og), dtype=np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            tap = np.matmul(xd.transpose(1, 0, 2), wg[:, :, :, i, j])  # (G, M, Og)
+            tap = np.rint(tap).astype(np.int64).transpose(1, 0, 2).reshape(N, H, W, group, Og)
+            full[:, i * dh:i * dh + sh * (H - 1) + 1:sh, j * dw:j * dw + sw * (W - 1) + 1:sw] += tap
+    Ho, Wo = Hf - pads[0] - pads[2], Wf - pads[1] - pads[3]
+    acc = full[:, pads[0]:pads[0] + Ho, pads[1]:pads[1] + Wo].reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)
+    if bias is not None:
+        acc = acc + np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (O,)).reshape(1, O, 1, 1)
+    acc, over = _register(acc, accumulator_bits, overflow)
+    return np.ascontiguousarray(acc), over.sum(axis=(0, 2, 3))
+
+
+def QLinearConvTranspose(x, x_zero_point, w, w_zero_point, bias=None, *, multiplier=None, m0=None, shift=None,
+                         y_zero_point: int, clamp: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0),
+                         dilations=(1, 1), group: int = 1, output_padding=(0, 0), requant: str = "float",
+                         accumulator_bits: int = 32, overflow: str = "saturate") -> tuple[np.ndarray, np.ndarray]:
+    """Integer transposed convolution + requantization -> (output codes, accumulator overflow events)."""
+    acc, events = conv_transpose_acc(x, x_zero_point, w, w_zero_point, bias, strides=strides, pads=pads,
+                                     dilations=dilations, group=group, output_padding=output_padding,
+                                     accumulator_bits=accumulator_bits, overflow=overflow)
+    return requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1), events
+
+
+# ----------------------------------------------------------------------------- resize (nearest, on codes)
+
+RESIZE_COORD_MODES = ("half_pixel", "asymmetric", "pytorch_half_pixel", "align_corners")
+RESIZE_NEAREST_MODES = ("round_prefer_floor", "floor", "ceil")  # round_prefer_ceil: onnxruntime differs at ties
+
+
+def _resize_index(n_in: int, n_out: int, scale: np.float32, coord: str, nearest: str) -> np.ndarray:
+    """Source index of each output position along one axis, onnxruntime's float32 arithmetic."""
+    f32 = np.float32
+    xr = np.arange(n_out, dtype=np.float32)
+    if coord == "half_pixel":
+        xo = (xr + f32(0.5)) / scale - f32(0.5)
+    elif coord == "asymmetric":
+        xo = xr / scale
+    elif coord == "pytorch_half_pixel":
+        xo = (xr + f32(0.5)) / scale - f32(0.5) if n_out > 1 else np.zeros_like(xr)
+    elif coord == "align_corners":
+        xo = xr * (f32(n_in - 1) / f32(n_out - 1)) if n_out > 1 else np.zeros_like(xr)
+    else:
+        raise ValueError(f"unsupported coordinate_transformation_mode {coord!r}: use one of {RESIZE_COORD_MODES}")
+    xo = xo.astype(np.float32)
+    if nearest == "floor":
+        idx = np.floor(xo)
+    elif nearest == "ceil":
+        idx = np.ceil(xo)
+    elif nearest == "round_prefer_floor":
+        half = xo == np.floor(xo) + f32(0.5)
+        x64 = xo.astype(np.float64)
+        away = np.sign(x64) * np.floor(np.abs(x64) + 0.5)  # std::round: half away from zero (exact in float64)
+        idx = np.where(half, np.floor(xo), away)
+    else:
+        raise ValueError(f"unsupported nearest_mode {nearest!r}: use one of {RESIZE_NEAREST_MODES}")
+    return np.clip(idx.astype(np.int64), 0, n_in - 1)
+
+
+def Resize(x, scales=None, sizes=None, coordinate_transformation_mode: str = "half_pixel",
+           nearest_mode: str = "round_prefer_floor") -> np.ndarray:
+    """Nearest-neighbour ONNX Resize of integer codes (data movement: the qparams are kept).
+
+    ``scales`` (one float per axis; output size ``floor(n * scale)``) or ``sizes`` (one int per axis; the
+    scale is ``float32(size) / float32(n)``, as onnxruntime computes it)."""
+    x = np.asarray(x)
+    out = x
+    for ax in range(x.ndim):
+        n = x.shape[ax]
+        if sizes is not None:
+            m = int(sizes[ax])
+            scale = np.float32(m) / np.float32(n)
+        else:
+            scale = np.float32(scales[ax])
+            m = int(np.float32(n) * scale)
+        if m == n and scale == 1:
+            continue
+        idx = _resize_index(n, m, scale, coordinate_transformation_mode, nearest_mode)
+        out = np.take(out, idx, axis=ax)
+    return out

@@ -157,3 +157,33 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
     if keep is None:
         return {}
     return {name: np.concatenate(chunks[name]) for name in keep if name != g.input_name or return_codes}
+
+
+def _conv_transpose(g, node, env, cfg):
+    """QLinearConvTranspose (exact 32-bit accumulator; the overflow stats observer does not see it)."""
+    a, at = node.arrays, node.attrs
+    in_q = g.qparams[node.inputs[0]]
+    y, _ = ops.QLinearConvTranspose(env[node.inputs[0]], in_q.zero_point, a["w"], a["w_zero_point"], a.get("bias"),
+                                    strides=at["strides"], pads=at["pads"], dilations=at["dilations"],
+                                    group=at["group"], output_padding=at.get("output_padding", (0, 0)),
+                                    requant=cfg["requant"], accumulator_bits=cfg["accumulator_bits"],
+                                    overflow=cfg["overflow"], **_weighted_kwargs(g, node, cfg["requant"]))
+    return y
+
+
+def _resize(g, node, env, cfg):
+    """Nearest Resize of codes; the batch axis is kept (``sizes[0]`` is the batch of the exported model)."""
+    x, at = env[node.inputs[0]], node.attrs
+    sizes = at.get("sizes")
+    if sizes is not None:
+        sizes = [x.shape[0], *list(sizes)[1:]]
+    y = ops.Resize(x, scales=at.get("scales"), sizes=sizes,
+                   coordinate_transformation_mode=at.get("coordinate_transformation_mode", "half_pixel"),
+                   nearest_mode=at.get("nearest_mode", "round_prefer_floor"))
+    if at.get("clamp") is not None:  # an integer Clip folded onto it
+        y = np.clip(y, *_clamp(node, g.qparams[node.outputs[0]]))
+    return y
+
+
+OPS["QLinearConvTranspose"] = _conv_transpose
+OPS["Resize"] = _resize

@@ -400,6 +400,8 @@ class _Importer:
             if not ok:
                 raise _unsupported(node, f"only a reshape to (N, -1) is supported, not {shape}")
             return "Flatten", {"axis": 1}
+        if op == "Resize":
+            return op, self._resize_attrs(node)
         return "Identity", {}
 
     def _pass_node(self, node, src: str, on_codes: bool) -> None:
@@ -430,6 +432,49 @@ class _Importer:
             raise _unsupported(node, f"its input {src} is a float tensor outside a quantized op")
 
     _op_MaxPool = _op_Slice = _op_Pad = _op_Flatten = _op_Reshape = _op_Identity = _passthrough
+    _op_Resize = _passthrough  # nearest only (checked in _resize_attrs): op(DQ(x)) == DQ(op(x))
+
+    def _resize_attrs(self, node) -> dict:
+        a = _attrs(node)
+        if a.get("mode", "nearest") != "nearest":
+            raise _unsupported(node, f"mode={a['mode']}: only nearest resizing keeps the codes")
+        coord = a.get("coordinate_transformation_mode", "half_pixel")
+        nearest = a.get("nearest_mode", "round_prefer_floor")
+        if coord not in ("half_pixel", "asymmetric", "pytorch_half_pixel", "align_corners"):
+            raise _unsupported(node, f"coordinate_transformation_mode={coord}")
+        if nearest not in ("round_prefer_floor", "floor", "ceil"):
+            raise _unsupported(node, f"nearest_mode={nearest}")
+        if a.get("axes") is not None or a.get("keep_aspect_ratio_policy", "stretch") != "stretch" \
+                or a.get("antialias", 0) or a.get("exclude_outside", 0):
+            raise _unsupported(node, "axes / keep_aspect_ratio_policy / antialias / exclude_outside")
+        ins = list(node.input) + [""] * 4
+        attrs = {"coordinate_transformation_mode": coord, "nearest_mode": nearest}
+        scales = self.const(ins[2], node, "scales") if ins[2] else None
+        if ins[3]:
+            attrs["sizes"] = self.const(ins[3], node, "sizes").astype(np.int64).tolist()
+        elif scales is not None and scales.size:
+            sc = scales.astype(np.float32).tolist()
+            if sc[0] != 1.0:
+                raise _unsupported(node, "resizing the batch axis")
+            attrs["scales"] = sc
+        else:
+            raise _unsupported(node, "needs constant scales or sizes")
+        return attrs
+
+    def _op_ConvTranspose(self, node):
+        a = _attrs(node)
+        if a.get("auto_pad", "NOTSET") != "NOTSET" or a.get("output_shape") is not None:
+            raise _unsupported(node, "auto_pad / output_shape: export with explicit pads and output_padding")
+        w = self._weight(node, node.input[1], axis=1)
+        if w.q.ndim != 4:
+            raise _unsupported(node, "only 2-D transposed convolutions are supported")
+        attrs = {"strides": list(a.get("strides", [1, 1])), "pads": list(a.get("pads", [0, 0, 0, 0])),
+                 "dilations": list(a.get("dilations", [1, 1])), "group": int(a.get("group", 1)),
+                 "output_padding": list(a.get("output_padding", [0, 0]))}
+        p = _Pending("QLinearConvTranspose", self._view_inputs(node, node.input[:1]), node, attrs, weight=w)
+        if len(node.input) > 2 and node.input[2]:
+            self._bias(p, node.input[2])
+        self.pending[node.output[0]] = p
 
     # ------------------------------------------------------------------ emission
     def _emit(self, p: _Pending, out: str, q: QParams) -> None:
@@ -441,6 +486,8 @@ class _Importer:
             clamp = (max(q.qmin, qlo), min(q.qmax, qhi))
         if p.op in ("QLinearConv", "QGemm"):
             self._emit_weighted(p, out, q, clamp)
+        elif p.op == "QLinearConvTranspose":
+            self._emit_conv_transpose(p, out, q, clamp)
         else:
             attrs = dict(p.attrs)
             attrs["clamp"] = clamp
@@ -472,6 +519,34 @@ class _Importer:
             attrs["float_output"] = True
         attrs.update(p.attrs)
         self.add(IntNode(p.op, out, [p.inputs[0]], [out], attrs, arrays))
+
+
+def _emit_conv_transpose(self, p: _Pending, out: str, q: QParams, clamp) -> None:
+    """QLinearConvTranspose: weight (C_in, C_out / group, kH, kW), per-channel along the output channels."""
+    w = p.weight
+    in_q = self.g.qparams[p.inputs[0]]
+    n_out = w.q.shape[1] * int(p.attrs["group"])
+    if w.scale.size not in (1, n_out):
+        raise _unsupported(p.node, "weight scale length does not match the output channels")
+    arrays = {"w": w.q, "w_scale": w.scale.astype(np.float32), "w_zero_point": w.zp.astype(np.int32)}
+    if p.float_bias is not None:
+        bscale = (np.float32(in_q.scale) * w.scale.astype(np.float32)).astype(np.float64)
+        arrays["bias"] = np.rint(p.float_bias.astype(np.float64) / bscale).astype(np.int64)
+    elif p.bias is not None:
+        arrays["bias"] = p.bias
+    if "bias" in arrays and arrays["bias"].size not in (1, n_out):
+        raise _unsupported(p.node, "bias length does not match the output channels")
+    multiplier = np.broadcast_to(in_q.scale * w.scale.astype(np.float64) / q.scale, (n_out,)).copy()
+    qm = [_quantize_multiplier(float(m)) for m in multiplier]
+    arrays["multiplier"] = multiplier
+    arrays["m0"] = np.array([m for m, _ in qm], dtype=np.int64)
+    arrays["shift"] = np.array([s for _, s in qm], dtype=np.int64)
+    attrs = {"w_bits": w.bits, "per_channel": w.scale.size > 1, "module": p.node.name or out, "clamp": clamp}
+    attrs.update(p.attrs)
+    self.add(IntNode(p.op, out, [p.inputs[0]], [out], attrs, arrays))
+
+
+_Importer._emit_conv_transpose = _emit_conv_transpose
 
 
 def import_qdq(path_or_model: str | Path | onnx.ModelProto) -> IntGraph:
