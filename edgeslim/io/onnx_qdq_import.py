@@ -484,10 +484,8 @@ class _Importer:
             qlo = q.qmin if lo == -np.inf else int(np.rint(np.float32(lo) / np.float32(q.scale))) + q.zero_point
             qhi = q.qmax if hi == np.inf else int(np.rint(np.float32(hi) / np.float32(q.scale))) + q.zero_point
             clamp = (max(q.qmin, qlo), min(q.qmax, qhi))
-        if p.op in ("QLinearConv", "QGemm"):
+        if p.op in ("QLinearConv", "QGemm", "QLinearConvTranspose"):
             self._emit_weighted(p, out, q, clamp)
-        elif p.op == "QLinearConvTranspose":
-            self._emit_conv_transpose(p, out, q, clamp)
         else:
             attrs = dict(p.attrs)
             attrs["clamp"] = clamp
@@ -496,7 +494,8 @@ class _Importer:
     def _emit_weighted(self, p: _Pending, out: str, q: QParams | None, clamp=None) -> None:
         w = p.weight
         in_q = self.g.qparams[p.inputs[0]]
-        n_out = w.q.shape[0]
+        # ConvTranspose weights are (C_in, C_out / group, kH, kW): output channels on axis 1
+        n_out = w.q.shape[1] * int(p.attrs["group"]) if p.op == "QLinearConvTranspose" else w.q.shape[0]
         if w.scale.size not in (1, n_out):
             raise _unsupported(p.node, "weight scale length does not match the output channels")
         arrays = {"w": w.q, "w_scale": w.scale.astype(np.float32), "w_zero_point": w.zp.astype(np.int32)}
@@ -510,6 +509,8 @@ class _Importer:
         attrs = {"w_bits": w.bits, "per_channel": w.scale.size > 1, "module": p.node.name or out}
         if q is not None:
             multiplier = in_q.scale * w.scale.astype(np.float64) / q.scale
+            if p.op == "QLinearConvTranspose":
+                multiplier = np.broadcast_to(multiplier, (n_out,)).copy()
             arrays["multiplier"] = multiplier
             qm = [_quantize_multiplier(float(m)) for m in multiplier]
             arrays["m0"] = np.array([m for m, _ in qm], dtype=np.int64)
@@ -519,34 +520,6 @@ class _Importer:
             attrs["float_output"] = True
         attrs.update(p.attrs)
         self.add(IntNode(p.op, out, [p.inputs[0]], [out], attrs, arrays))
-
-
-def _emit_conv_transpose(self, p: _Pending, out: str, q: QParams, clamp) -> None:
-    """QLinearConvTranspose: weight (C_in, C_out / group, kH, kW), per-channel along the output channels."""
-    w = p.weight
-    in_q = self.g.qparams[p.inputs[0]]
-    n_out = w.q.shape[1] * int(p.attrs["group"])
-    if w.scale.size not in (1, n_out):
-        raise _unsupported(p.node, "weight scale length does not match the output channels")
-    arrays = {"w": w.q, "w_scale": w.scale.astype(np.float32), "w_zero_point": w.zp.astype(np.int32)}
-    if p.float_bias is not None:
-        bscale = (np.float32(in_q.scale) * w.scale.astype(np.float32)).astype(np.float64)
-        arrays["bias"] = np.rint(p.float_bias.astype(np.float64) / bscale).astype(np.int64)
-    elif p.bias is not None:
-        arrays["bias"] = p.bias
-    if "bias" in arrays and arrays["bias"].size not in (1, n_out):
-        raise _unsupported(p.node, "bias length does not match the output channels")
-    multiplier = np.broadcast_to(in_q.scale * w.scale.astype(np.float64) / q.scale, (n_out,)).copy()
-    qm = [_quantize_multiplier(float(m)) for m in multiplier]
-    arrays["multiplier"] = multiplier
-    arrays["m0"] = np.array([m for m, _ in qm], dtype=np.int64)
-    arrays["shift"] = np.array([s for _, s in qm], dtype=np.int64)
-    attrs = {"w_bits": w.bits, "per_channel": w.scale.size > 1, "module": p.node.name or out, "clamp": clamp}
-    attrs.update(p.attrs)
-    self.add(IntNode(p.op, out, [p.inputs[0]], [out], attrs, arrays))
-
-
-_Importer._emit_conv_transpose = _emit_conv_transpose
 
 
 def import_qdq(path_or_model: str | Path | onnx.ModelProto) -> IntGraph:
