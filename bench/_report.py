@@ -42,15 +42,21 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=False).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+COMMIT = _commit()  # read when the benchmark starts: the code that produced the numbers
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of BENCHMARKS.md, atomically."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = "?"
     stamp = (f"_Command: `{' '.join(['python', '-m', 'bench.' + Path(sys.argv[0]).stem, *sys.argv[1:]])}`; "
-             f"machine: {machine()}; date: {datetime.date.today().isoformat()}; commit {commit}._\n")
+             f"machine: {machine()}; date: {datetime.date.today().isoformat()}; commit {COMMIT}._\n")
     block = f"<!-- bench:{name} -->\n{body.strip()}\n\n{stamp}<!-- /bench:{name} -->"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
