@@ -17,7 +17,7 @@ from torch import fx, nn
 from .errors import EdgeslimError
 from .graph import ops
 from .intgraph import IntGraph, IntNode, QParams
-from .quant import primitives as P
+from .quant.fixed_point import multiplier_arrays
 from .quant.modules import ActQuant
 
 
@@ -126,10 +126,7 @@ def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParam
         "w_zero_point": mod.w_zero_point.numpy().astype(np.int32).reshape(-1),
     }
     if out_q is not None:  # requantize to the output codes; None = float output (dequantized accumulator)
-        multiplier = in_q.scale * w_scale / out_q.scale
-        arrays["multiplier"] = multiplier
-        arrays["m0"] = np.array([P.quantize_multiplier(float(m))[0] for m in multiplier], dtype=np.int64)
-        arrays["shift"] = np.array([P.quantize_multiplier(float(m))[1] for m in multiplier], dtype=np.int64)
+        arrays.update(multiplier_arrays(in_q.scale * w_scale / out_q.scale))
     bias = mod.bias_int()
     if bias is not None:
         arrays["bias"] = bias.numpy().astype(np.int64)

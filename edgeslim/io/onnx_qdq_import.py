@@ -22,7 +22,6 @@ int8 is signed. Anything else raises ``EdgeslimError`` naming the op and the nod
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +31,11 @@ from onnx import numpy_helper
 
 from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
+from ..quant.fixed_point import multiplier_arrays
 
 _INT_TYPES = {np.dtype(np.uint8): (8, False), np.dtype(np.int8): (8, True),
               np.dtype(np.uint16): (16, False), np.dtype(np.int16): (16, True)}
 _PASS_OPS = ("MaxPool", "Slice", "Pad", "Flatten", "Reshape", "Identity")
-
-
-def _quantize_multiplier(real: float) -> tuple[int, int]:
-    """``primitives.quantize_multiplier`` (kept here so this module does not import torch)."""
-    mantissa, exponent = math.frexp(real)
-    m0 = round(mantissa * (1 << 31))
-    if m0 == 1 << 31:
-        m0 //= 2
-        exponent += 1
-    return m0, 31 - exponent
 
 
 @dataclass
@@ -511,10 +501,7 @@ class _Importer:
             multiplier = in_q.scale * w.scale.astype(np.float64) / q.scale
             if p.op == "QLinearConvTranspose":
                 multiplier = np.broadcast_to(multiplier, (n_out,)).copy()
-            arrays["multiplier"] = multiplier
-            qm = [_quantize_multiplier(float(m)) for m in multiplier]
-            arrays["m0"] = np.array([m for m, _ in qm], dtype=np.int64)
-            arrays["shift"] = np.array([s for _, s in qm], dtype=np.int64)
+            arrays.update(multiplier_arrays(multiplier))
             attrs["clamp"] = clamp
         else:
             attrs["float_output"] = True

@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..errors import EdgeslimError
+from .fixed_point import quantize_multiplier  # noqa: F401  (re-exported: all quantization math is reachable here)
 
 MIN_BITS, MAX_BITS = 2, 16
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -142,26 +143,6 @@ def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: t
     """Bias -> int32 codes with scale ``input_scale * weight_scale`` and zero point 0 (ONNX QLinearConv)."""
     s = (input_scale * weight_scale).to(torch.float32)
     return torch.round(bias.to(torch.float64) / s.double()).clamp(INT32_MIN, INT32_MAX).to(torch.int64)
-
-
-def quantize_multiplier(real: float) -> tuple[int, int]:
-    """Represent a positive real multiplier as ``m0 * 2**-shift`` with a 31-bit ``m0`` (gemmlowp / TFLite).
-
-    ``m0`` is in [2**30, 2**31) so it keeps 31 significant bits; ``shift`` may be negative
-    (a left shift) for multipliers >= 1.
-
-    Example:
-        >>> quantize_multiplier(0.5)
-        (1073741824, 31)
-    """
-    if not real > 0 or not math.isfinite(real):
-        raise ValueError(f"requantization multiplier must be positive and finite, got {real}")
-    mantissa, exponent = math.frexp(real)  # real = mantissa * 2**exponent, mantissa in [0.5, 1)
-    m0 = round(mantissa * (1 << 31))
-    if m0 == 1 << 31:
-        m0 //= 2
-        exponent += 1
-    return m0, 31 - exponent
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
