@@ -58,12 +58,17 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-def test_quantize_end_to_end(capsys, tmp_path, image_folder, user_model):
-    out = tmp_path / "run"
-    code, stdout, _ = _run(capsys, "quantize", f"{user_model}:tiny", "--input-shape", "3,8,8",
+def _tiny_job(capsys, verb, out, image_folder, user_model):
+    """Run ``verb`` (quantize / analyze) on the tiny user model; return (summary, stdout)."""
+    code, stdout, _ = _run(capsys, verb, f"{user_model}:tiny", "--input-shape", "3,8,8",
                            "--calib-data", image_folder, "--data", image_folder, "--calib-size", "8", "--out", out)
     assert code == 0
-    s = json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text()), stdout
+
+
+def test_quantize_end_to_end(capsys, tmp_path, image_folder, user_model):
+    out = tmp_path / "run"
+    s, stdout = _tiny_job(capsys, "quantize", out, image_folder, user_model)
     for key in ("fp32", "quantized", "onnx_int8", "size_bytes", "latency_ms", "config"):
         assert key in s
     assert s["onnx_int8"]["integer_convs"] == s["onnx_int8"]["total_convs"] == 2
@@ -155,10 +160,7 @@ def test_untraceable_user_model(capsys, tmp_path, image_folder):
 
 def test_analyze_engine_and_overflow(capsys, tmp_path, image_folder, user_model):
     out = tmp_path / "run"
-    code, stdout, _ = _run(capsys, "analyze", f"{user_model}:tiny", "--input-shape", "3,8,8",
-                           "--calib-data", image_folder, "--data", image_folder, "--calib-size", "8", "--out", out)
-    assert code == 0
-    s = json.loads((out / "summary.json").read_text())
+    s, _ = _tiny_job(capsys, "analyze", out, image_folder, user_model)
     assert s["engine"]["top1"] == s["onnx_int8"]["top1"]
     assert s["engine_vs_onnx"]["max_abs_diff"] <= 1
     names = [r["name"] for r in s["overflow"]["layers"]]
