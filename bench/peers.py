@@ -74,8 +74,9 @@ def ort_quantize_static(
     preprocess: bool = True,
     num_bins: int | None = None,
     num_quantized_bins: int | None = None,
+    weight_type: str = "int8",
 ) -> PeerResult:
-    """``onnxruntime.quantization.quantize_static`` in QDQ format (int8 weights).
+    """``onnxruntime.quantization.quantize_static`` in QDQ format (int8 weights, or ``weight_type="uint8"``).
 
     ``activation_symmetric=None`` keeps ORT's default (asymmetric activations, also for
     int8).  ``calib_batch`` images go through each calibration run: every ORT calibrator
@@ -95,7 +96,7 @@ def ort_quantize_static(
     sym = "" if activation_symmetric is None else ("-sym" if activation_symmetric else "-asym")
     bins = "" if num_bins is None else f"-{num_bins}b" + ("" if num_quantized_bins is None else f"{num_quantized_bins}q")
     name = (f"ort-{method}{bins}-{'pc' if per_channel else 'pt'}-"
-            f"{'u8' if activation_type == 'uint8' else 's8'}{sym}")
+            f"{'u8' if activation_type == 'uint8' else 's8'}{sym}" + ("-u8w" if weight_type == "uint8" else ""))
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     try:
         from onnxruntime.quantization import (
@@ -166,7 +167,7 @@ def ort_quantize_static(
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 activation_type=getattr(QuantType, _ORT_TYPES[activation_type]),
-                weight_type=QuantType.QInt8,
+                weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
                 calibrate_method=cal_method,
                 extra_options=extra,
                 # only when needed: the argument is new in recent onnxruntime releases

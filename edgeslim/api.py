@@ -71,9 +71,13 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0)
 
 
-def export_onnx(q: Quantized, path: str | Path) -> Path:
-    """Write the INT8 (QDQ) ONNX model of ``q`` atomically."""
-    return save_onnx(to_onnx(q.intgraph), Path(path))
+def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto") -> Path:
+    """Write the INT8 (QDQ) ONNX model of ``q`` atomically.
+
+    ``weight_type``: ``int8``, ``uint8`` or ``auto`` (uint8 on x86 CPUs without VNNI, where onnxruntime's
+    int8-weight kernels saturate; see ``export.onnx_qdq``).
+    """
+    return save_onnx(to_onnx(q.intgraph, weight_type=weight_type), Path(path))
 
 
 def export_fp32_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:

@@ -47,3 +47,4 @@ def tiny_model() -> nn.Module:
 @pytest.fixture
 def tiny_calib() -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32))
+

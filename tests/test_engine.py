@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeslim.engine import ops
 from edgeslim.engine.overflow import OverflowStats, count_products_out_of_int8
 from edgeslim.engine.run import run
+from edgeslim.export.onnx_qdq import host_weight_type, weight_container as host_safe_weights
 
 ENGINE = Path(__file__).resolve().parents[1] / "edgeslim" / "engine"
 
@@ -71,8 +72,9 @@ def test_qlinearconv_matches_onnxruntime(case):
     pads = [p, p, p, p]
     node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"],
                             strides=[s, s], pads=pads, dilations=[d, d], group=grp, kernel_shape=[kh, kw])
-    (ref,) = _ort_run([node], {"x": x}, ["y"], {"xs": _f32(xs), "xz": np.uint8(xz), "w": w, "ws": ws,
-                                                 "wz": np.zeros(O, np.int8), "ys": _f32(ys), "yz": np.uint8(yz),
+    w_ort, wz_ort = host_safe_weights(w, np.zeros(O, np.int8))
+    (ref,) = _ort_run([node], {"x": x}, ["y"], {"xs": _f32(xs), "xz": np.uint8(xz), "w": w_ort, "ws": ws,
+                                                 "wz": wz_ort, "ys": _f32(ys), "yz": np.uint8(yz),
                                                  "b": bias})
     y, _ = ops.QLinearConv(x, xz, w, np.zeros(O), bias, multiplier=ops.ort_multiplier(xs, ws, ys),
                            y_zero_point=yz, clamp=(0, 255), strides=(s, s), pads=pads, dilations=(d, d), group=grp)
@@ -148,7 +150,8 @@ def test_qgemm_matches_onnxruntime(float_output):
     bias = rng.integers(-3000, 3000, 5).astype(np.int32)
     ins = ["x", "xs", "xz", "w", "ws", "wz", "b"] + ([] if float_output else ["ys", "yz"])
     node = helper.make_node("QGemm", ins, ["y"], domain="com.microsoft", transB=1)
-    inits = {"xs": _f32(0.02), "xz": np.uint8(77), "w": w, "ws": ws, "wz": np.zeros(5, np.int8), "b": bias,
+    w_ort, wz_ort = host_safe_weights(w, np.zeros(5, np.int8))
+    inits = {"xs": _f32(0.02), "xz": np.uint8(77), "w": w_ort, "ws": ws, "wz": wz_ort, "b": bias,
              "ys": _f32(0.3), "yz": np.uint8(100)}
     (ref,) = _ort_run([node], {"x": x}, ["y"], inits, types={"y": F32 if float_output else U8})
     y, _ = ops.QGemm(x, 77, w, np.zeros(5), bias, x_scale=0.02, w_scale=ws, float_output=float_output,
@@ -503,3 +506,19 @@ def test_resize_nearest_matches_onnxruntime(coord, nearest):
                          nearest_mode=nearest)
         assert got.shape == ref.shape, (scales, sizes)
         assert np.array_equal(got, ref.astype(np.int64)), (scales, sizes)
+
+
+@pytest.mark.skipif(host_weight_type() != "uint8", reason="only x86 CPUs with AVX2 and no VNNI saturate")
+def test_int8_weights_saturate_in_onnxruntime_on_avx2_without_vnni():
+    """Why ``export`` stores uint8 weights here: u8 x s8 pairs summed in int16 (vpmaddubsw) saturate."""
+    x = np.full((1, 64), 255, np.uint8)
+    w = np.full((3, 64), 127, np.int8)
+    node = helper.make_node("QGemm", ["x", "xs", "xz", "w", "ws", "wz"], ["y"], domain="com.microsoft", transB=1)
+    common = {"xs": _f32(1.0), "xz": np.uint8(0), "ws": np.ones(3, np.float32)}
+    (s8,) = _ort_run([node], {"x": x}, ["y"], {**common, "w": w, "wz": np.zeros(3, np.int8)}, types={"y": F32})
+    w_u8, wz_u8 = host_safe_weights(w, np.zeros(3, np.int8))
+    (u8,) = _ort_run([node], {"x": x}, ["y"], {**common, "w": w_u8, "wz": wz_u8}, types={"y": F32})
+    exact, _ = ops.QGemm(x, 0, w, np.zeros(3), None, x_scale=1.0, w_scale=np.ones(3, np.float32), float_output=True)
+    assert exact[0, 0] == 64 * 255 * 127
+    np.testing.assert_array_equal(u8, exact)
+    assert (s8 < exact).all()  # each pair clipped at 32767 instead of 64770

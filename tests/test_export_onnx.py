@@ -58,13 +58,19 @@ def test_every_conv_and_add_runs_as_integer_kernel(tiny_model, tiny_calib, tmp_p
     assert ort_eval.integer_convs(path) == (3, 3)
 
 
-def test_qdq_graph_stores_int8_weights_and_int32_bias(tiny_model, tiny_calib, tmp_path):
-    path = api.export_onnx(_quantize(tiny_model, tiny_calib), tmp_path / "m.onnx")
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_qdq_graph_stores_8bit_weights_and_int32_bias(tiny_model, tiny_calib, tmp_path, weight_type):
+    q = _quantize(tiny_model, tiny_calib)
+    path = api.export_onnx(q, tmp_path / "m.onnx", weight_type=weight_type)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
-    weights = [v for k, v in inits.items() if k.endswith("_w__") or "_w__" in k and v.ndim == 4]
+    weights = [v for k, v in inits.items() if "_w__" in k and v.ndim == 4]
     biases = [v for k, v in inits.items() if "_b__" in k and v.ndim == 1 and v.dtype == np.int32]
-    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert len(weights) == 3 and all(w.dtype == np.dtype(weight_type) for w in weights)
     assert len(biases) >= 3
+    offset = 128 if weight_type == "uint8" else 0
+    convs = [n for n in q.intgraph.nodes if n.op == "QLinearConv"]
+    for w, node in zip(weights, convs):
+        np.testing.assert_array_equal(w.astype(np.int32) - offset, node.arrays["w"])
 
 
 def test_fp32_export_matches_torch(tiny_model, tmp_path):

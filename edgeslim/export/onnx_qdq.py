@@ -11,10 +11,19 @@ What onnxruntime (1.18+, CPU) fuses, and therefore what we write (see ``bench/pr
 * activation ranges narrower than the uint8 container (bits < 8, or a fused ReLU whose zero point is
   not the range minimum) are enforced with an integer ``Clip`` between ``Q`` and the next ``DQ``.
 Activations wider than 8 bits use uint16 / int16 Q/DQ (opset 21); onnxruntime runs those in float.
+
+Weight container (``weight_type``): 8-bit weights are stored as int8 (``u8s8``: the fast path on ARM and on x86
+with VNNI) or as uint8 codes q + 128 with zero point z + 128 (``u8u8``, the same real values). On x86 CPUs with
+AVX2 but no VNNI, onnxruntime's u8s8 kernels use ``vpmaddubsw``, which saturates the sum of two adjacent
+u8 x s8 products at int16 and silently changes results (measured here: tiny models off by hundreds of LSB;
+onnxruntime's quantization docs describe the same saturation). ``auto`` picks uint8 on such CPUs and int8
+elsewhere, so the model onnxruntime runs on this machine computes what the simulation computes.
 """
 
 from __future__ import annotations
 
+import platform
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,34 @@ from onnx import TensorProto, helper, numpy_helper
 from ..intgraph import IntGraph, IntNode, QParams
 
 OPSET_8BIT, OPSET_WIDE = 17, 21
+WEIGHT_TYPES = ("auto", "int8", "uint8")
+
+
+@lru_cache(maxsize=1)
+def host_weight_type() -> str:
+    """``uint8`` on x86 CPUs with AVX2 and no VNNI (where onnxruntime's u8s8 GEMM saturates), else ``int8``."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return "int8"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "int8"
+    vnni = any(f in flags for f in ("avx512_vnni", "avx_vnni", "avx512vnni"))
+    return "uint8" if ("avx2" in flags and not vnni) else "int8"
+
+
+def weight_container(w: np.ndarray, zp: np.ndarray, weight_type: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """8-bit weight codes and zero points as stored for ``weight_type`` (uint8: q + 128, the same real values)."""
+    if resolve_weight_type(weight_type) == "uint8":
+        return (np.asarray(w, np.int32) + 128).astype(np.uint8), (np.asarray(zp, np.int32) + 128).astype(np.uint8)
+    return np.asarray(w).astype(np.int8), np.asarray(zp).astype(np.int8)
+
+
+def resolve_weight_type(weight_type: str) -> str:
+    if weight_type not in WEIGHT_TYPES:
+        from ..errors import EdgeslimError
+        raise EdgeslimError(f"invalid weight type {weight_type!r}: use one of {', '.join(WEIGHT_TYPES)}")
+    return host_weight_type() if weight_type == "auto" else weight_type
 
 
 def _container(q: QParams) -> tuple[int, int, np.dtype]:
@@ -34,8 +71,9 @@ def _container(q: QParams) -> tuple[int, int, np.dtype]:
 
 
 class _Writer:
-    def __init__(self, g: IntGraph) -> None:
+    def __init__(self, g: IntGraph, weight_type: str = "int8") -> None:
         self.g = g
+        self.weight_type = weight_type
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.counter = 0
@@ -85,12 +123,14 @@ class _Writer:
 
     def weight_dq(self, node: IntNode, key: str = "w") -> str:
         a = node.arrays
-        wide = node.attrs["w_bits"] > 8
-        w_dtype = np.int16 if wide else np.int8
+        if node.attrs["w_bits"] > 8:
+            w, zp = a["w"].astype(np.int16), a["w_zero_point"].astype(np.int16)
+        else:
+            w, zp = weight_container(a["w"], a["w_zero_point"], self.weight_type)
         per_channel = len(a["w_scale"]) > 1
         scale = a["w_scale"] if per_channel else a["w_scale"].reshape(())
-        zp = a["w_zero_point"].astype(w_dtype) if per_channel else a["w_zero_point"].astype(w_dtype).reshape(())
-        ins = [self.const(f"{node.name}_w", a["w"].astype(w_dtype)), self.const(f"{node.name}_w_scale", scale),
+        zp = zp if per_channel else zp.reshape(())
+        ins = [self.const(f"{node.name}_w", w), self.const(f"{node.name}_w_scale", scale),
                self.const(f"{node.name}_w_zp", zp)]
         out = self.fresh(f"{node.name}_w_dq")
         attrs = {"axis": 0} if per_channel else {}
@@ -182,9 +222,9 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
         w.q(dst, out)
 
 
-def to_onnx(g: IntGraph) -> onnx.ModelProto:
-    """Write ``g`` as a QDQ ONNX model with a dynamic batch dimension."""
-    w = _Writer(g)
+def to_onnx(g: IntGraph, *, weight_type: str = "auto") -> onnx.ModelProto:
+    """Write ``g`` as a QDQ ONNX model with a dynamic batch dimension (``weight_type``: see the module docstring)."""
+    w = _Writer(g, resolve_weight_type(weight_type))
     for node in g.nodes:
         _emit(w, node)
     wide = any(q.bits > 8 for q in g.qparams.values()) or any(n.attrs.get("w_bits", 8) > 8 for n in g.nodes)
