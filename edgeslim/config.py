@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
+import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .errors import EdgeslimError
+from .quant.precision import LayerPrecision, Precision
 from .quant.primitives import check_bits
 
 GRANULARITIES = ("channel", "tensor")
@@ -69,6 +73,10 @@ class PTQConfig:
     def pow2(self) -> bool:
         return self.scale in ("pow2", "global")
 
+    @property
+    def default_precision(self) -> LayerPrecision:
+        return LayerPrecision(Precision("int", self.w_bits), Precision("int", self.a_bits))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -79,3 +87,67 @@ class PTQConfig:
         if unknown:
             raise EdgeslimError(f"unknown PTQ config keys {unknown}: allowed keys are {sorted(known)}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class MixedPlan:
+    """Per-layer precisions for mixed-precision quantization, as ordered ``(pattern, LayerPrecision)`` rules.
+
+    Patterns are shell-style (``fnmatch``) over layer names: weighted layers by module name
+    (``layer1.0.conv1``, ``linear``), other requantizing ops by their scope and node name
+    (``layer1.0.add``). A later rule overrides an earlier one; layers no rule matches use the
+    ``PTQConfig``'s ``w_bits`` / ``a_bits``. ``a`` is the precision of the activation a layer *reads*;
+    a tensor read by several layers takes the highest precision any of them asks for.
+
+    JSON form (``quantize --plan FILE``), e.g.::
+
+        {"edgeslim_plan": 1,
+         "layers": {"conv1": "fp32", "layer3.*": {"w": "int4", "a": "int8"}, "linear": "fp16"}}
+    """
+
+    rules: tuple[tuple[str, LayerPrecision], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple((str(p), LayerPrecision.parse(v)) for p, v in self.rules))
+
+    def precision_of(self, name: str, default: LayerPrecision) -> LayerPrecision:
+        found = default
+        for pattern, prec in self.rules:
+            if fnmatch.fnmatchcase(name, pattern):
+                found = prec
+        return found
+
+    def check_patterns(self, names: list[str]) -> None:
+        """Every rule must match at least one layer: a typo would silently quantize that layer."""
+        for pattern, _ in self.rules:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise EdgeslimError(f"plan pattern {pattern!r} matches no layer: layers are {shown} "
+                                    "(see `edgeslim inspect`)")
+
+    def to_dict(self) -> dict:
+        return {"edgeslim_plan": 1, "layers": {p: v.to_json() for p, v in self.rules}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixedPlan":
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
+            raise EdgeslimError('a plan is a JSON object {"layers": {"pattern": "int8" | "fp32" | {"w": .., "a": ..}}}')
+        return cls(tuple(d["layers"].items()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MixedPlan":
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeslimError(f"plan file {path} does not exist: pass the plan.json written by `edgeslim mixed`")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EdgeslimError(f"plan file {path} is not valid JSON ({exc}): fix or regenerate it") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path

@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+FLOAT_OPS = ("Conv", "Gemm", "Add", "Concat", "Relu", "Clip", "GlobalAveragePool", "ReduceMean", "AveragePool",
+             "Cast")
+
+
 @dataclass(frozen=True)
 class QParams:
     scale: float
@@ -59,16 +63,28 @@ class IntGraph:
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)  # without the batch dimension
     nodes: list[IntNode] = field(default_factory=list)
     qparams: dict[str, QParams] = field(default_factory=dict)  # integer tensor name -> its quantization
+    float16: set[str] = field(default_factory=set)  # float tensors stored as FP16 (mixed precision)
 
     def weight_bytes(self) -> int:
-        """Bytes of stored parameters at their real bit widths (weights packed, int32 biases)."""
-        total = 0
-        for node in self.nodes:
-            if "w" in node.arrays:
-                total += (node.arrays["w"].size * node.attrs["w_bits"] + 7) // 8
-            if "bias" in node.arrays:
-                total += node.arrays["bias"].size * 4
+        """Bytes of stored parameters at their real bit widths (weights packed, int32 biases, FP16/FP32 values)."""
+        return sum(self.layer_bytes(n) for n in self.nodes)
+
+    @staticmethod
+    def layer_bytes(node: IntNode) -> int:
+        a, total = node.arrays, 0
+        if "w" in a:
+            total += (a["w"].size * node.attrs["w_bits"] + 7) // 8
+        if "bias" in a:
+            total += a["bias"].size * 4
+        for key in ("w_float", "b_float"):
+            if key in a:
+                total += a[key].nbytes
         return total
 
     def layers(self) -> list[IntNode]:
+        """Nodes with integer weights (the ones with scales and requantization)."""
         return [n for n in self.nodes if "w" in n.arrays]
+
+    def is_mixed(self) -> bool:
+        """True when part of the graph runs in float (FP16 / FP32 islands)."""
+        return any(n.op in FLOAT_OPS for n in self.nodes)

@@ -1,8 +1,14 @@
 """Fake-quant GraphModule (after ``ptq.freeze``) -> ``IntGraph``.
 
-Walks the fx graph once. Every ``ActQuant`` closes one integer node: a QuantizeLinear when its input
-is float, or the requantizing op that produced its input (conv, linear, add, cat, pooling, ReLU with
-fusion off). Pass-through ops become integer data movement that shares its input's ``QParams``.
+Walks the fx graph once. Every ``ActQuant`` closes one node: a QuantizeLinear when its input is float,
+or the requantizing op that produced its input (conv, linear, add, cat, pooling, ReLU with fusion off).
+Pass-through ops become data movement that shares its input's ``QParams``.
+
+Mixed precision: an op runs as an integer kernel only when its inputs, its weights and its output
+quantizer are all integer. Otherwise it becomes a float node (ONNX op name: ``Conv``, ``Gemm``, ``Add``,
+``Concat``, ``Relu``, ``Clip``, pooling) that reads integer inputs through DequantizeLinear, and its
+output quantizer becomes a QuantizeLinear (integer), a ``Cast`` to FP16 (``float16``) or nothing (FP32).
+Float tensors are the names absent from ``IntGraph.qparams``; ``IntGraph.float16`` lists the FP16 ones.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from .errors import EdgeslimError
 from .graph import ops
 from .intgraph import IntGraph, IntNode, QParams
 from .quant.fixed_point import multiplier_arrays
-from .quant.modules import ActQuant
+from .quant.modules import ActQuant, QuantConv2d, QuantLinear
 
 
 def qparams_of(q: ActQuant) -> QParams:
@@ -35,12 +41,21 @@ def lower(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> IntGraph:
         if k == "quant":
             _lower_quant(gm, g, node, float_names)
         elif k == "pass":
-            _lower_pass(gm, g, node)
+            _lower_pass(gm, g, node, float_names)
         elif k == "output":
             for out in _flat(node.args[0]):
                 if ops.kind(gm, out) == "linear" and out.name not in g.qparams:
-                    _lower_weighted(gm, g, out, out, None, "QGemm")  # float logits: dequantized accumulator
+                    if _is_integer_op(gm, g, out, None):
+                        _lower_weighted(gm, g, out, out, None, "QGemm")  # float logits: dequantized accumulator
+                    else:
+                        _lower_float_op(gm, g, out, float_names)
                     g.output_names.append(out.name)
+                    g.output_shapes.append(tuple(out.meta["shape"][1:]))
+                    continue
+                if out.name in float_names or out.name in g.float16:
+                    name = f"{out.name}_float"
+                    g.nodes.append(IntNode("Cast", name, [out.name], [name], {"to": "float32"}))
+                    g.output_names.append(name)
                     g.output_shapes.append(tuple(out.meta["shape"][1:]))
                     continue
                 if out.name not in g.qparams:
@@ -78,19 +93,51 @@ def _consumed_by_quant(gm: fx.GraphModule, node: fx.Node) -> bool:
         k in ("conv", "linear", "add", "cat", "avgpool", "act")
 
 
+def _close_float(g: IntGraph, qmod: ActQuant, src_name: str, name: str, float_names: set[str]) -> None:
+    """The output quantizer of a float tensor: QuantizeLinear (integer), Cast to FP16, or an alias (FP32)."""
+    if qmod.spec.is_float:
+        op = "Cast" if qmod.spec.fmt == "fp16" else "Identity"
+        g.nodes.append(IntNode(op, name, [src_name], [name], {"to": "float16"} if op == "Cast" else {}))
+        float_names.add(name)
+        if op == "Cast":
+            g.float16.add(name)
+        return
+    g.qparams[name] = qparams_of(qmod)
+    g.nodes.append(IntNode("QuantizeLinear", name, [src_name], [name]))
+
+
+def _is_integer_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, qmod: ActQuant | None) -> bool:
+    if qmod is not None and qmod.spec.is_float:
+        return False
+    mod = ops.module(gm, src)
+    if isinstance(mod, (QuantConv2d, QuantLinear)) and mod.spec.is_float:
+        return False
+    return all(a.name in g.qparams for a in ops.tensor_args(src))
+
+
 def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set[str]) -> None:
-    out_q = qparams_of(ops.module(gm, node))
+    qmod = ops.module(gm, node)
     src = node.args[0]
-    clamp = (out_q.qmin, out_q.qmax)
     k = ops.kind(gm, src)
-    if k == "act" and ops.kind(gm, src.args[0]) == "add" and src.args[0].name not in g.qparams:
+    fused_add = k == "act" and ops.kind(gm, src.args[0]) == "add" and src.args[0].name not in g.qparams \
+        and src.args[0].name not in float_names
+    if src.op == "placeholder" or src.name in float_names:
+        _close_float(g, qmod, src.name, node.name, float_names)
+        return
+    if not _is_integer_op(gm, g, src.args[0] if fused_add else src, qmod):
+        if fused_add:
+            _lower_float_op(gm, g, src.args[0], float_names)
+        _lower_float_op(gm, g, src, float_names)
+        _close_float(g, qmod, src.name, node.name, float_names)
+        return
+    out_q = qparams_of(qmod)
+    clamp = (out_q.qmin, out_q.qmax)
+    if fused_add:
         clamp = _act_clamp(gm, src, out_q)  # fused Add + ReLU: one QLinearAdd with a clamp
         src, k = src.args[0], "add"
     g.qparams[node.name] = out_q
     ins = [a.name for a in ops.tensor_args(src)] if src.op != "placeholder" else [src.name]
-    if src.op == "placeholder" or src.name in float_names:
-        g.nodes.append(IntNode("QuantizeLinear", node.name, [src.name], [node.name]))
-    elif k == "conv":
+    if k == "conv":
         _lower_weighted(gm, g, src, node, out_q, "QLinearConv")
     elif k == "linear":
         _lower_weighted(gm, g, src, node, out_q, "QGemm")
@@ -109,6 +156,61 @@ def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: se
             f"operation {_describe(src)} ({src.name}) runs in float before a quantizer; the INT8 exporter does "
             "not support float islands yet: open an issue with the model"
         )
+
+
+def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: set[str]) -> None:
+    """Emit ``src`` as a float node producing float tensor ``src.name`` (inputs: integer, FP16 or FP32)."""
+    k = ops.kind(gm, src)
+    ins = [a.name for a in ops.tensor_args(src)]
+    mod = ops.module(gm, src)
+    if k in ("conv", "linear"):
+        arrays, attrs = _float_weights(mod)
+        attrs["module"] = src.target
+        if k == "conv":
+            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+                raise EdgeslimError(f"conv {src.target}: padding {mod.padding!r}/{mod.padding_mode} is not exportable yet")
+            attrs.update(strides=list(mod.stride), pads=[mod.padding[0], mod.padding[1]] * 2,
+                         dilations=list(mod.dilation), group=mod.groups, act=mod.act)
+        node = IntNode("Conv" if k == "conv" else "Gemm", src.name, ins[:1], [src.name], attrs, arrays)
+    elif k == "add":
+        node = IntNode("Add", src.name, ins, [src.name])
+    elif k == "cat":
+        dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
+        node = IntNode("Concat", src.name, ins, [src.name], {"axis": dim})
+    elif k == "act":
+        name = ops.act_name(gm, src)
+        node = IntNode("Relu" if name == "relu" else "Clip", src.name, ins[:1], [src.name],
+                       {} if name == "relu" else {"min": 0.0, "max": 6.0})
+    elif k == "avgpool":
+        node = _lower_avgpool(gm, src, src, ins[0])
+        node.op = {"QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearAveragePool": "AveragePool"}[node.op]
+        if node.op == "GlobalAveragePool":
+            node.op, node.attrs = ("GlobalAveragePool", {}) if node.attrs["keepdims"] else \
+                ("ReduceMean", {"axes": [2, 3], "keepdims": 0})
+    else:
+        raise EdgeslimError(f"operation {_describe(src)} ({src.name}) is not supported in a float island yet")
+    g.nodes.append(node)
+    float_names.add(src.name)
+
+
+def _float_weights(mod) -> tuple[dict, dict]:
+    """A float node's weights: integer codes + scales (weight-only quantization) or FP16 / FP32 values."""
+    if not mod.spec.is_float:
+        arrays = {"w": mod.weight_int().numpy().astype(np.int32),
+                  "w_scale": mod.w_scale.detach().float().numpy().reshape(-1),
+                  "w_zero_point": mod.w_zero_point.numpy().astype(np.int32).reshape(-1)}
+        attrs = {"w_bits": mod.spec.bits, "per_channel": mod.w_axis == 0}
+    else:
+        dtype = np.float16 if mod.spec.fmt == "fp16" else np.float32
+        arrays = {"w_float": mod.weight.detach().numpy().astype(dtype)}
+        attrs = {"w_format": mod.spec.fmt}
+    bias = mod.bias_int()
+    if bias is not None:  # integer input and weights: the int32 bias the simulation uses
+        arrays["bias"] = bias.numpy().astype(np.int64)
+    elif mod.bias is not None:
+        dtype = np.float16 if mod.spec.fmt == "fp16" else np.float32
+        arrays["b_float"] = mod.bias.detach().numpy().astype(dtype)
+    return arrays, attrs
 
 
 def _act_clamp(gm: fx.GraphModule, act: fx.Node, q: QParams) -> tuple[int, int]:
@@ -172,12 +274,15 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
 
-def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node) -> None:
+def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set[str]) -> None:
     args = ops.tensor_args(node)
-    if not args or args[0].name not in g.qparams:
+    if not args or (args[0].name not in g.qparams and args[0].name not in float_names):
         raise EdgeslimError(f"operation {_describe(node)} ({node.name}) on a float tensor is not exportable yet")
     src = args[0].name
-    g.qparams[node.name] = g.qparams[src]
+    if src in g.qparams:
+        g.qparams[node.name] = g.qparams[src]
+    else:  # data movement on a float tensor (mixed precision): same op, float values
+        float_names.add(node.name)  # FP16 values stay exact through data movement, which runs in FP32
     mod = ops.module(gm, node)
     in_shape, out_shape = args[0].meta["shape"], node.meta["shape"]
     if isinstance(mod, (nn.Identity, nn.Dropout)) or node.target is F.dropout:

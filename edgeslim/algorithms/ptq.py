@@ -24,12 +24,13 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from ..config import PTQConfig
+from ..config import MixedPlan, PTQConfig
 from ..errors import EdgeslimError
 from ..graph import ops
 from ..graph.capture import annotate_shapes, capture
 from ..graph.passes import fold_bn, fuse_conv_act
 from ..quant.modules import ActQuant, ConvAct, QuantConv2d, QuantLinear, QuantSpec
+from ..quant.precision import Precision, highest
 
 WEIGHTED: dict[type, Callable] = {
     nn.Conv2d: QuantConv2d.from_float,
@@ -39,8 +40,12 @@ WEIGHTED: dict[type, Callable] = {
 REQUANTIZING = ("conv", "linear", "add", "cat", "avgpool")
 
 
-def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig) -> fx.GraphModule:
-    """FP32 model -> fake-quant GraphModule with observers in ``observe`` mode."""
+def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig,
+            plan: MixedPlan | None = None) -> fx.GraphModule:
+    """FP32 model -> fake-quant GraphModule with observers in ``observe`` mode.
+
+    ``plan`` gives per-layer precisions (mixed precision); without it every layer uses ``config``'s bits.
+    """
     gm = capture(copy.deepcopy(model).eval(), input_shape)
     passes = [fold_bn, fuse_conv_act] if config.fuse else [fold_bn]
     for graph_pass in passes:
@@ -48,7 +53,95 @@ def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig) -
     annotate_shapes(gm, input_shape)
     _swap_weighted(gm, config)
     _insert_act_quants(gm, config)  # copies shapes onto the new nodes: no run that would feed the observers
+    if plan is not None:
+        plan.check_patterns(plan_names(gm))
+        assign_precisions(gm, config, plan)
     return gm
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The name plans use for ``node``: the module path for modules (``layer1.0.conv1``), else the
+    enclosing module's path and the node name (``layer1.0.add``)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = next(reversed(stack.values()), None) if stack else None
+    if isinstance(scope, tuple):  # (qualified name, type) in torch's fx tracer
+        scope = scope[0]
+    return f"{scope}.{node.name}" if scope else node.name
+
+
+def weighted_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if isinstance(ops.module(gm, n), (QuantConv2d, QuantLinear))]
+
+
+def layer_names(gm: fx.GraphModule) -> list[str]:
+    """Weighted layers (conv / linear) in graph order: what sensitivity sweeps and searches choose among."""
+    return [op_name(gm, n) for n in weighted_nodes(gm)]
+
+
+def _consumers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The compute nodes that read ``node``'s tensor (looking through scale-preserving data movement)."""
+    found = []
+    for user in node.users:
+        k = ops.kind(gm, user)
+        if k == "pass":
+            found += _consumers(gm, user)
+        elif k not in ("output", "quant", "meta"):
+            found.append(user)
+    return found
+
+
+def plan_names(gm: fx.GraphModule) -> list[str]:
+    """Every name a plan rule can match: weighted layers and the other ops that read a quantized tensor."""
+    names = layer_names(gm)
+    for node in gm.graph.nodes:
+        if ops.kind(gm, node) == "quant":
+            names += [op_name(gm, c) for c in _consumers(gm, node)]
+    return list(dict.fromkeys(names))
+
+
+def weight_spec(config: PTQConfig, p: Precision) -> QuantSpec:
+    if p.is_float:
+        return QuantSpec(p.bits, True, False, False, p.kind)
+    return QuantSpec(p.bits, config.w_symmetric, config.granularity == "channel", config.pow2)
+
+
+def act_spec(config: PTQConfig, p: Precision) -> QuantSpec:
+    if p.is_float:
+        return QuantSpec(p.bits, True, False, False, p.kind)
+    return QuantSpec(p.bits, config.symmetric, False, config.pow2)
+
+
+def assign_precisions(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None) -> None:
+    """Set every weighted layer's weight spec and every activation quantizer's spec from ``plan``.
+
+    A quantizer takes the highest precision asked for by the layers that read it (seed 000 keeps a
+    layer in FP32 by running it on FP32 inputs; its output is quantized again for the next layer).
+    """
+    plan, default = plan or MixedPlan(), config.default_precision
+    for node in weighted_nodes(gm):
+        mod = ops.module(gm, node)
+        spec = weight_spec(config, plan.precision_of(op_name(gm, node), default).w)
+        if mod.spec != spec:
+            mod.set_weight_spec(spec, use_mse=config.calibrator == "mse")
+    for node in gm.graph.nodes:
+        if ops.kind(gm, node) != "quant":
+            continue
+        asked = [plan.precision_of(op_name(gm, c), default).a for c in _consumers(gm, node)]
+        ops.module(gm, node).spec = act_spec(config, highest(asked) or default.a)
+
+
+def apply_plan(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None) -> fx.GraphModule:
+    """Re-freeze a calibrated model under another plan, reusing the calibration statistics (no data pass).
+
+    Observers keep the FP32 activation statistics they collected, so a sensitivity sweep or a search
+    calibrates once and evaluates many plans.
+    """
+    assign_precisions(gm, config, plan)
+    return freeze(gm, config)
 
 
 def _swap_weighted(gm: fx.GraphModule, config: PTQConfig) -> None:
@@ -134,16 +227,17 @@ def calibrate(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor]],
 def freeze(gm: fx.GraphModule, config: PTQConfig) -> fx.GraphModule:
     """Turn observed ranges into scales / zero points; set each weighted layer's input scale (int32 bias)."""
     quants = act_quants(gm)
-    ranges = [q.real_range() for q in quants]
+    ranges = [q.real_range() if not q.spec.is_float else (torch.tensor(0.0), torch.tensor(0.0)) for q in quants]
     if config.scale == "global":
-        amax = max(max(abs(float(lo)), abs(float(hi))) for lo, hi in ranges)
+        amax = max(max(abs(float(lo)), abs(float(hi))) for (lo, hi), q in zip(ranges, quants) if not q.spec.is_float)
         ranges = [(torch.tensor(-amax), torch.tensor(amax))] * len(quants)
     for q, (lo, hi) in zip(quants, ranges):
         q.freeze(lo, hi, force_signed=config.scale == "global")
     for node in gm.graph.nodes:
         mod = ops.module(gm, node)
         if isinstance(mod, (QuantConv2d, QuantLinear)):
-            mod.input_scale.copy_(input_quant(gm, node).scale)
+            src = input_quant(gm, node)  # float input (mixed precision): float bias, no int32 codes
+            mod.input_scale.fill_(0.0) if src.spec.is_float else mod.input_scale.copy_(src.scale)
     return gm
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..intgraph import IntGraph, IntNode, QParams
+from ..intgraph import FLOAT_OPS, IntGraph, IntNode, QParams
 
 OPSET_8BIT, OPSET_WIDE = 17, 21
 WEIGHT_TYPES = ("auto", "int8", "uint8")
@@ -99,6 +99,25 @@ class _Writer:
                                            [out]))
         return out
 
+    def as_float(self, name: str) -> str:
+        """An FP32 view of tensor ``name``: DequantizeLinear for codes, Cast for FP16, itself for FP32."""
+        if name in self.g.qparams:
+            return self.dq(name)
+        if name in self.g.float16:
+            out = self.fresh(f"{name}_f32")
+            self.nodes.append(helper.make_node("Cast", [name], [out], to=TensorProto.FLOAT))
+            return out
+        return name
+
+    def float_const(self, base: str, value: np.ndarray) -> str:
+        """A float initializer, stored as given (FP16 or FP32) and cast to FP32 for the computation."""
+        name = self.const(base, value)
+        if value.dtype == np.float16:
+            out = self.fresh(f"{base}_f32")
+            self.nodes.append(helper.make_node("Cast", [name], [out], to=TensorProto.FLOAT))
+            return out
+        return name
+
     def q(self, float_name: str, out: str, clamp: tuple[int, int] | None = None) -> None:
         """QuantizeLinear into ``out``, plus an integer Clip when the range is narrower than the container."""
         q = self.g.qparams[out]
@@ -161,11 +180,51 @@ class _Writer:
         self.q(y, node.outputs[0], node.attrs.get("clamp"))
 
 
+def _emit_float(w: _Writer, node: IntNode) -> None:
+    """A float node of a mixed-precision graph: integer / FP16 inputs are brought to FP32 first."""
+    op, a, out = node.op, node.attrs, node.outputs[0]
+    ins = [w.as_float(i) for i in node.inputs]
+    if op in ("Conv", "Gemm"):
+        arr = node.arrays
+        weight = w.float_const(f"{node.name}_w", arr["w_float"]) if "w_float" in arr else w.weight_dq(node)
+        bias = w.bias_dq(node, node.inputs[0]) if "bias" in arr else (
+            w.float_const(f"{node.name}_b", arr["b_float"]) if "b_float" in arr else None)
+        args = [ins[0], weight] + ([bias] if bias else [])
+        act = a.get("act")
+        y = w.fresh(f"{node.name}_pre") if act else out
+        if op == "Conv":
+            w.nodes.append(helper.make_node("Conv", args, [y], strides=a["strides"], pads=a["pads"],
+                                            dilations=a["dilations"], group=a["group"],
+                                            kernel_shape=list((arr.get("w_float", arr.get("w"))).shape[2:])))
+        else:
+            w.nodes.append(helper.make_node("Gemm", args, [y], transB=1))
+        if act == "relu":
+            w.nodes.append(helper.make_node("Relu", [y], [out]))
+        elif act == "relu6":
+            w.nodes.append(helper.make_node("Clip", [y, w.const("six_lo", np.array(0.0, np.float32)),
+                                                     w.const("six_hi", np.array(6.0, np.float32))], [out]))
+    elif op == "Clip":
+        w.nodes.append(helper.make_node("Clip", [ins[0], w.const(f"{out}_lo", np.array(a["min"], np.float32)),
+                                                 w.const(f"{out}_hi", np.array(a["max"], np.float32))], [out]))
+    elif op == "Cast" and a["to"] == "float16":
+        w.nodes.append(helper.make_node("Cast", ins, [out], to=TensorProto.FLOAT16))
+    elif op in ("Cast", "Identity"):
+        w.nodes.append(helper.make_node("Identity", ins, [out]))
+    else:  # Add, Concat, Relu, GlobalAveragePool, ReduceMean, AveragePool: attributes as stored
+        w.nodes.append(helper.make_node(op, ins, [out], **a))
+
+
 def _emit(w: _Writer, node: IntNode) -> None:
     op, a = node.op, node.attrs
     out = node.outputs[0]
+    if op in FLOAT_OPS or (op in ("MaxPool", "Slice", "Pad", "Flatten", "Identity") and out not in w.g.qparams):
+        if op in FLOAT_OPS or op == "Identity":
+            _emit_float(w, node)
+        else:
+            _emit_data_movement(w, node)
+        return
     if op == "QuantizeLinear":
-        w.q(node.inputs[0], out, a.get("clamp"))
+        w.q(w.as_float(node.inputs[0]), out, a.get("clamp"))
     elif op == "QLinearConv":
         ins = [w.dq(node.inputs[0]), w.weight_dq(node)]
         b = w.bias_dq(node, node.inputs[0])
@@ -201,11 +260,12 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
     """Scale-preserving ops run on the integer codes (uint8); 16-bit containers go through float
     because onnxruntime's MaxPool / Pad have no 16-bit integer kernels."""
     op, a, out = node.op, node.attrs, node.outputs[0]
-    q = w.g.qparams[out]
+    is_float = out not in w.g.qparams  # a float tensor of a mixed-precision graph: the same op in FP32
+    q = w.g.qparams[out] if not is_float else QParams(1.0, 0, 16, True)
     offset, _, dtype = _container(q)
     on_codes = q.bits <= 8
-    src = node.inputs[0] if on_codes else w.dq(node.inputs[0])
-    dst = out if on_codes else w.fresh(f"{out}_{op.lower()}")
+    src = node.inputs[0] if on_codes else w.as_float(node.inputs[0])
+    dst = out if (on_codes or is_float) else w.fresh(f"{out}_{op.lower()}")
     ins, attrs = [src], {}
     if op == "MaxPool":
         attrs = {"kernel_shape": a["kernel_shape"], "strides": a["strides"], "pads": a["pads"]}
@@ -218,7 +278,7 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
     elif op == "Flatten":
         attrs = {"axis": a["axis"]}
     w.nodes.append(helper.make_node(op, ins, [dst], **attrs))
-    if not on_codes:
+    if not (on_codes or is_float):
         w.q(dst, out)
 
 

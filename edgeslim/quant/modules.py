@@ -22,12 +22,29 @@ ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized."""
+    """How one tensor is quantized. ``fmt`` ``fp16`` / ``fp32`` keeps it floating point (mixed precision):
+    FP16 rounds the values to half precision (storage precision; the arithmetic stays FP32, as
+    onnxruntime's CPU kernels do), FP32 leaves them untouched."""
 
     bits: int = 8
     symmetric: bool = True
     per_channel: bool = False
     pow2: bool = False
+    fmt: str = "int"
+
+    @property
+    def is_float(self) -> bool:
+        return self.fmt != "int"
+
+
+def round_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Values as stored in FP16 (round to nearest even), straight-through for gradients."""
+    rounded = x.to(torch.float16).to(torch.float32)
+    return x + (rounded - x).detach() if x.requires_grad else rounded
+
+
+def float_fake_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return round_fp16(x) if spec.fmt == "fp16" else x
 
 
 class ConvAct(nn.Module):
@@ -47,6 +64,14 @@ class _QuantWeightMixin:
     def _init_weight_quant(self, weight: torch.Tensor, spec: QuantSpec, use_mse: bool) -> None:
         self.spec = spec
         axis = 0 if spec.per_channel else None
+        if spec.is_float:  # FP16 / FP32 weights: no integer grid (placeholders keep the buffers uniform)
+            self.register_buffer("w_scale", torch.ones(()))
+            self.register_buffer("w_zero_point", torch.zeros((), dtype=torch.int64))
+            self.w_qmin, self.w_qmax, self.w_axis = 0, 0, None
+            self.register_buffer("input_scale", torch.tensor(0.0))
+            self.quant_enabled = True
+            self._fq_key = None
+            return
         if use_mse:
             lo, hi = mse_weight_range(weight, spec.bits, axis, spec.symmetric)
         elif axis is None:
@@ -61,13 +86,22 @@ class _QuantWeightMixin:
         self.w_axis = axis
         self.register_buffer("input_scale", torch.tensor(0.0))  # set after calibration, for the int32 bias
         self.quant_enabled = True  # False: run the float weights (reference runs, ``ptq.set_mode(gm, "off")``)
+        self._fq_key = None
+
+    def set_weight_spec(self, spec: QuantSpec, *, use_mse: bool = False) -> None:
+        """Re-quantize the weights with another spec (mixed precision); the bias follows at ``freeze``."""
+        self._init_weight_quant(self.weight, spec, use_mse)
 
     def weight_int(self) -> torch.Tensor:
+        if self.spec.is_float:
+            raise ValueError(f"weights are {self.spec.fmt}: no integer codes")
         return P.quantize(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax, self.w_axis)
 
     def fq_weight(self) -> torch.Tensor:
-        if not self.quant_enabled:
+        if not self.quant_enabled or self.spec.fmt == "fp32":
             return self.weight
+        if self.spec.fmt == "fp16":
+            return round_fp16(self.weight)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return P.fake_quantize(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax, self.w_axis)
         # inference: weights rarely change, so reuse the fake-quant copy until they (or their scale) do
@@ -79,13 +113,16 @@ class _QuantWeightMixin:
         return self._fq_cache
 
     def bias_int(self) -> torch.Tensor | None:
-        if self.bias is None or float(self.input_scale) == 0.0:
+        """int32 bias codes (scale = input scale x weight scale); None when the input or weights are float."""
+        if self.bias is None or float(self.input_scale) == 0.0 or self.spec.is_float:
             return None
         return P.quantize_bias(self.bias, self.input_scale, self.w_scale)
 
     def fq_bias(self) -> torch.Tensor | None:
         q = self.bias_int() if self.quant_enabled else None
         if q is None:
+            if self.bias is not None and self.quant_enabled and self.spec.fmt == "fp16":
+                return round_fp16(self.bias)
             return self.bias
         return q.to(torch.float32) * (self.input_scale * self.w_scale)
 
@@ -144,6 +181,8 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
+            if self.spec.is_float:
+                return float_fake_quant(x, self.spec)
             return P.fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
         if self.mode == "observe":
             return self.observer.observe(x)
@@ -156,6 +195,11 @@ class ActQuant(nn.Module):
 
     def freeze(self, lo: torch.Tensor, hi: torch.Tensor, *, force_signed: bool = False) -> None:
         """Fix scale and zero point from a real range and switch to ``quant`` mode."""
+        if self.spec.is_float:
+            self.scale.fill_(1.0)
+            self.zero_point.fill_(0)
+            self.mode = "quant"
+            return
         self.signed = force_signed or P.activation_signed(lo, self.spec.symmetric)
         self.qmin, self.qmax = P.qrange(self.spec.bits, self.signed)
         scale, zp = P.choose_qparams(lo, hi, self.spec.bits, symmetric=self.spec.symmetric,
@@ -165,4 +209,6 @@ class ActQuant(nn.Module):
         self.mode = "quant"
 
     def extra_repr(self) -> str:
+        if self.spec.is_float:
+            return f"{self.spec.fmt}, mode={self.mode}"
         return f"bits={self.spec.bits}, mode={self.mode}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
