@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from .algorithms import ptq
-from .config import PTQConfig
+from .config import MixedPlan, PTQConfig
 from .errors import EdgeslimError
 from .export.onnx_qdq import save_onnx, to_onnx
 from .intgraph import IntGraph
@@ -36,6 +36,7 @@ class Quantized:
     config: PTQConfig
     input_shape: tuple[int, ...]
     seconds: float  # prepare + calibrate + freeze + lower
+    plan: MixedPlan | None = None
 
 
 Calibration = torch.Tensor | np.ndarray | Callable[[], Iterable[torch.Tensor]]
@@ -51,12 +52,13 @@ def _as_batches(calib: Calibration, batch_size: int) -> Callable[[], Iterable[to
 
 
 def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = None, *,
-             input_shape: tuple[int, ...] | None = None, batch_size: int = 128,
+             plan: MixedPlan | None = None, input_shape: tuple[int, ...] | None = None, batch_size: int = 128,
              progress: bool = False) -> Quantized:
     """Post-training quantization: capture, fold BN, fuse, calibrate on ``calib``, freeze, lower.
 
     ``calib`` is an N,C,H,W array / tensor of preprocessed images or a callable returning an
-    iterable of batches (called once per calibration pass).
+    iterable of batches (called once per calibration pass). ``plan`` sets per-layer precisions
+    (mixed precision, FP16 / FP32 islands); see ``MixedPlan``.
     """
     config = config or PTQConfig()
     if input_shape is None:
@@ -64,11 +66,11 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
             raise EdgeslimError("pass input_shape=(C, H, W) when calibration data is a callable")
         input_shape = tuple(np.asarray(calib).shape[1:]) if not isinstance(calib, torch.Tensor) else tuple(calib.shape[1:])
     t0 = time.perf_counter()
-    gm = ptq.prepare(model, tuple(input_shape), config)
+    gm = ptq.prepare(model, tuple(input_shape), config, plan)
     ptq.calibrate(gm, _as_batches(calib, batch_size), progress=progress)
     ptq.freeze(gm, config)
     graph = lower(gm, tuple(input_shape))
-    return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0)
+    return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan)
 
 
 def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto") -> Path:
@@ -78,6 +80,23 @@ def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto") ->
     int8-weight kernels saturate; see ``export.onnx_qdq``).
     """
     return save_onnx(to_onnx(q.intgraph, weight_type=weight_type), Path(path))
+
+
+def export_fp16_onnx(fp32_onnx: str | Path, path: str | Path) -> Path:
+    """The whole model in FP16 (weights and arithmetic; float32 inputs / outputs), for FP16 devices.
+
+    Converted with onnxconverter-common (Microsoft's ONNX float16 converter). onnxruntime's CPU provider
+    has few FP16 kernels on x86 and inserts casts around the others, so on such a CPU this halves the
+    file but does not speed anything up (BENCHMARKS.md measures it).
+    """
+    import onnx
+    from onnxconverter_common import float16
+
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the float32 number ... will be truncated": values below FP16's range
+        model = float16.convert_float_to_float16(onnx.load(str(fp32_onnx)), keep_io_types=True)
+    return save_onnx(model, path)
 
 
 def export_fp32_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:

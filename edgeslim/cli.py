@@ -1,4 +1,4 @@
-"""Command line: ``edgeslim {demo, inspect, quantize}``. Parses options into configs and calls the API.
+"""Command line: ``edgeslim {demo, inspect, quantize, analyze, sensitivity, mixed}``. Parses options into configs and calls the API.
 
 Every user-facing problem ends in one line ``edgeslim: error: ...`` and exit status 2.
 """
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="post-training quantization -> INT8 ONNX + report")
     _model_args(quant)
     _quant_args(quant)
+    quant.add_argument("--plan", help="mixed-precision plan JSON (per-layer precisions; written by `edgeslim mixed`)")
     analyze = sub.add_parser("analyze", help="quantize, then run the integer engine: accuracy, parity, overflow")
     _model_args(analyze)
     _quant_args(analyze)
@@ -61,13 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--overflow-mode", default="saturate", help="16-bit accumulator: saturate | wrap")
     analyze.add_argument("--requant", default="float", help="float (onnxruntime) | fixed (m0*2^-n) | shift (pow2)")
     analyze.add_argument("--overflow-images", type=int, default=256, help="test images for overflow statistics")
+    analyze.add_argument("--plan", help="mixed-precision plan JSON (integer plans only: the engine has no float kernels)")
+    sens = sub.add_parser("sensitivity", help="per-layer sensitivity sweeps (seed 000) and the group table (seed 002)")
+    _model_args(sens)
+    _quant_args(sens)
+    _mixed_args(sens, high_default="fp32")
+    sens.add_argument("--group", action="append", default=[], metavar="NAME=PATTERN[|PATTERN]",
+                      help="a named group of layers by module-name pattern (repeat); default: top-level modules")
+    sens.add_argument("--no-groups", action="store_true", help="skip the group table")
+    mixed = sub.add_parser("mixed", help="search per-layer precisions under an accuracy / size / latency budget")
+    _model_args(mixed)
+    _quant_args(mixed)
+    _mixed_args(mixed, high_default=None)
+    mixed.add_argument("--max-drop", type=float, help="accuracy budget as a fraction (0.005 = 0.5 points)")
+    mixed.add_argument("--max-size-kb", type=float, help="stored parameter budget in KiB")
+    mixed.add_argument("--max-latency-ms", type=float, help="onnxruntime latency budget per image (batch 1)")
     return parser
+
+
+def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
+    p.add_argument("--high", default=high_default,
+                   help="precision of layers kept high: int8, int16, fp16, fp32 or w8a16 style (default: "
+                        + (high_default or "int8 when --w-bits/--a-bits are below 8, else fp32") + ")")
+    p.add_argument("--holdout-size", type=int, default=1000,
+                   help="held-out images from --calib-data (disjoint from calibration) that score every plan")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize}[args.command](args)
+        return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
+                "sensitivity": _sensitivity, "mixed": _mixed}[args.command](args)
     except EdgeslimError as exc:
         print(f"edgeslim: error: {exc}", file=sys.stderr)
         return 2
@@ -98,11 +123,8 @@ def _inspect(args) -> int:
     return 0
 
 
-def _quantize(args) -> int:
+def _config(args):
     from .config import PTQConfig
-    from .data import Preprocess, open_dataset
-    from .analysis import AnalyzeOptions
-    from .jobs import MeasureOptions, run_quantize
 
     config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity, scheme=args.scheme,
                        w_scheme=args.w_scheme,
@@ -110,10 +132,25 @@ def _quantize(args) -> int:
                        calib_size=args.calib_size, seed=args.seed)
     if args.threads < 1:
         raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
-    model, info = _load_model(args)
+    return config
+
+
+def _data(args, info):
+    from .data import Preprocess, open_dataset
+
     pre = Preprocess(info.input_shape, info.mean, info.std)
-    calib = open_dataset(args.calib_data, pre, split=args.calib_split)
-    test = open_dataset(args.data, pre, split=args.data_split)
+    return open_dataset(args.calib_data, pre, split=args.calib_split), open_dataset(args.data, pre, split=args.data_split)
+
+
+def _quantize(args) -> int:
+    from .analysis import AnalyzeOptions
+    from .config import MixedPlan
+    from .jobs import MeasureOptions, run_quantize
+
+    config = _config(args)
+    plan = MixedPlan.load(args.plan) if args.plan else None
+    model, info = _load_model(args)
+    calib, test = _data(args, info)
     analyze = None
     if args.command == "analyze":
         both = not (args.engine or args.overflow)
@@ -121,8 +158,81 @@ def _quantize(args) -> int:
                                  accumulator_bits=args.accumulator, overflow_mode=args.overflow_mode,
                                  requant=args.requant, overflow_images=args.overflow_images)
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
-                           MeasureOptions(threads=args.threads, batch_size=args.batch_size), analyze)
+                           MeasureOptions(threads=args.threads, batch_size=args.batch_size), analyze, plan)
     print_summary(summary, Path(args.out))
+    return 0
+
+
+def _high(args, config):
+    from .quant.precision import LayerPrecision
+
+    if args.high:
+        return LayerPrecision.parse(args.high)
+    return LayerPrecision.parse("int8" if min(config.w_bits, config.a_bits) < 8 else "fp32")
+
+
+def _sensitivity(args) -> int:
+    from .algorithms.mixed_precision import parse_group
+    from .jobs import MeasureOptions
+    from .jobs_mixed import run_sensitivity
+
+    config = _config(args)
+    high = _high(args, config)
+    groups = dict(parse_group(g) for g in args.group) or None
+    model, info = _load_model(args)
+    calib, test = _data(args, info)
+    s = run_sensitivity(model, info, calib, test, config, Path(args.out), high=high, holdout_size=args.holdout_size,
+                        groups=groups, group_table=not args.no_groups,
+                        measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
+    sens = s["sensitivity"]
+    print(f"\nFP32 {sens['fp32_top1']:.4f}, uniform {sens['low']} {sens['uniform']['top1']:.4f} on "
+          f"{sens['images']} held-out images; sweeps took "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in sens["seconds"].items()))
+    print(f"{'op':<24}{'keep ' + str(sens['high']):>16}{'gain':>8}{'only ' + str(sens['low']):>16}{'change':>8}")
+    for r in sens["rows"]:
+        kh, oq = r.get("keep_high"), r.get("only_quantized")
+        print(f"{r['name']:<24}{kh['top1']:>16.4f}{kh['delta']:>+8.4f}{oq['top1']:>16.4f}{oq['delta']:>+8.4f}")
+    if "groups" in s:
+        g = s["groups"]
+        print(f"\ngroups ({', '.join(g['groups'])}) at {g['high']} / {g['low']}: {len(g['rows'])} combinations")
+        for r in g["rows"]:
+            prec = ",".join(r["precision"][n] for n in g["groups"])
+            print(f"  {prec:<40} top-1 {r['top1']:.4f}  {r['weight_bytes'] / 1024:8.1f} KiB  "
+                  f"{r['latency_ms']:.3f} ms ({r['latency_over_fp32']:.2f}x FP32)")
+    print(f"wrote {args.out}/summary.json, report.html")
+    return 0
+
+
+def _mixed(args) -> int:
+    from .algorithms.mixed_precision import Budget
+    from .jobs import MeasureOptions
+    from .jobs_mixed import run_mixed
+
+    config = _config(args)
+    high = _high(args, config)
+    budget = Budget(args.max_drop, None if args.max_size_kb is None else int(args.max_size_kb * 1024),
+                    args.max_latency_ms)
+    model, info = _load_model(args)
+    calib, test = _data(args, info)
+    s = run_mixed(model, info, calib, test, config, Path(args.out), budget=budget, high=high,
+                  holdout_size=args.holdout_size, measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
+    m = s["mixed"]
+    print(f"\n{'':<22}{'test top-1':>11}{'ONNX top-1':>11}{'KiB':>9}{'ms b1':>9}")
+    print(f"{'FP32':<22}{s['fp32']['top1']:>11.4f}{s['fp32']['onnx_top1']:>11.4f}"
+          f"{s['fp32']['size_bytes'] / 1024:>9.1f}{s['fp32']['latency_ms']:>9.3f}")
+    print(f"{'uniform ' + s['low']:<22}{s['uniform']['top1']:>11.4f}{s['uniform']['onnx_top1']:>11.4f}"
+          f"{s['uniform']['size_bytes'] / 1024:>9.1f}{s['uniform']['latency_ms']['batch1']:>9.3f}")
+    print(f"{'mixed':<22}{m['top1']:>11.4f}{s['onnx_mixed']['top1']:>11.4f}{m['size_bytes'] / 1024:>9.1f}"
+          f"{m['latency_ms']['batch1']:>9.3f}")
+    print(f"{'met' if s['met'] else 'NOT met'} on the {s['images']['holdout']} held-out images: {s['reason']}")
+    if s["budget"]["max_drop"] is not None:
+        drop = s["fp32"]["top1"] - m["top1"]
+        print(f"on the test set: drop {drop * 100:.2f} points (budget {s['budget']['max_drop'] * 100:.2f}): "
+              + ("within budget" if s["met_on_test"] else "OVER budget (the held-out subset is small or unlike the "
+                                                           "test data: raise --holdout-size)"))
+    print(f"high precision ({s['high']}): {', '.join(m['high_precision_layers']) or 'none'} = "
+          f"{m['high_precision_mac_fraction']:.1%} of MACs")
+    print(f"wrote {args.out}/summary.json, plan.json, model_mixed.onnx, report.html")
     return 0
 
 

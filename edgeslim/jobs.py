@@ -20,7 +20,7 @@ from torch import nn
 from . import analysis, api
 from .algorithms import ptq
 from .analysis import AnalyzeOptions
-from .config import PTQConfig
+from .config import MixedPlan, PTQConfig
 from .data import ImageDataset, batches, calibration_indices
 from .errors import EdgeslimError
 from .eval import metrics, ort as ort_eval
@@ -40,7 +40,7 @@ class MeasureOptions:
 
 def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,
                  config: PTQConfig, out: Path, measure: MeasureOptions = MeasureOptions(),
-                 analyze: AnalyzeOptions | None = None) -> dict:
+                 analyze: AnalyzeOptions | None = None, plan: MixedPlan | None = None) -> dict:
     """Quantize ``model`` on ``calib_ds``, evaluate on ``test_ds``, write artifacts into ``out``; return the summary.
 
     With ``analyze`` the integer engine also runs (``edgeslim analyze``): engine accuracy, agreement
@@ -53,7 +53,7 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        summary = _run(model, info, calib_ds, test_ds, config, stage, measure, analyze)
+        summary = _run(model, info, calib_ds, test_ds, config, stage, measure, analyze, plan)
         for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
             f.replace(out / f.name)
     finally:
@@ -62,10 +62,13 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
 
 
 def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOptions,
-         analyze: AnalyzeOptions | None) -> dict:
+         analyze: AnalyzeOptions | None, plan: MixedPlan | None) -> dict:
     idx = calibration_indices(len(calib_ds), config.calib_size, config.seed, calib_ds.labels)
     calib = np.concatenate([x for x, _ in batches(calib_ds, 256, idx, desc="loading calibration images")])
-    q = api.quantize(model, calib, config, input_shape=info.input_shape, progress=True)
+    q = api.quantize(model, calib, config, plan=plan, input_shape=info.input_shape, progress=True)
+    if analyze is not None and q.intgraph.is_mixed():
+        raise EdgeslimError("the integer engine runs integer graphs only and this plan has FP16/FP32 islands: "
+                            "use `edgeslim quantize --plan` (onnxruntime runs mixed models)")
     fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
     int8_path = api.export_onnx(q, stage / "model_int8.onnx")
 
@@ -103,6 +106,8 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
         "layers": layers,
         "config": config.to_dict(),
     }
+    if plan is not None:
+        summary["plan"] = plan.to_dict()
     if analyze is not None:
         summary.update(analysis.analyze(q.intgraph, test_ds, logits["onnx_int8"], analyze, measure.batch_size))
     (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))

@@ -1,0 +1,473 @@
+"""Mixed precision: per-layer sensitivity, named groups of layers, and a budgeted search.
+
+All of it works on one prepared and calibrated fake-quant model (``ptq.prepare`` + ``ptq.calibrate``):
+the observers keep the statistics of the FP32 activations, so every plan is evaluated by re-freezing
+(``ptq.apply_plan``, no calibration pass) and running the evaluation images once. The FP32 logits are
+computed once and reused for every SQNR / MSE.
+
+* ``sensitivity``: seed 000's sweep (one layer kept at high precision, the rest quantized) and its
+  mirror (one layer quantized, the rest high precision), with top-1, output SQNR and MSE per layer.
+* ``default_groups`` / ``group_table``: named groups of layers by module-name patterns and every
+  FP32 / INT8 combination of them (seed 002's Table 2 over backbone / neck / head).
+* ``search``: greedy by sensitivity with verification: layers are promoted to the high precision in
+  sensitivity order and every step is evaluated, until the budget holds; a trimming pass then tries to
+  drop each promotion again (least sensitive first) and keeps the drop when the budget still holds.
+  Every evaluated plan is a candidate of the accuracy / size / latency Pareto frontier.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import fx
+from tqdm import tqdm
+
+from ..config import MixedPlan, PTQConfig
+from ..errors import EdgeslimError
+from ..graph import ops
+from ..lower import lower
+from ..quant.precision import FP32, LayerPrecision, Precision
+from ..quant.primitives import sqnr_db
+from . import ptq
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclass(frozen=True)
+class Score:
+    top1: float
+    sqnr_db: float  # logits vs the FP32 model's logits on the same images
+    mse: float
+
+
+def logits_of(gm: fx.GraphModule, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([gm(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def score(gm: fx.GraphModule, x: torch.Tensor, y: np.ndarray, ref: torch.Tensor) -> Score:
+    out = logits_of(gm, x)
+    top1 = float((out.argmax(1).numpy() == y).mean())
+    return Score(top1, sqnr_db(ref, out), float((out - ref).pow(2).mean()))
+
+
+def fp32_logits(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
+    """The (BN-folded) float model's logits: every quantizer off."""
+    ptq.set_mode(gm, "off")
+    try:
+        return logits_of(gm, x)
+    finally:
+        ptq.set_mode(gm, "quant")
+
+
+def evaluate_plan(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None, x: torch.Tensor,
+                  y: np.ndarray, ref: torch.Tensor) -> Score:
+    ptq.apply_plan(gm, config, plan)
+    ptq.set_mode(gm, "quant")
+    return score(gm, x, y, ref)
+
+
+def _specs(gm: fx.GraphModule) -> dict[str, object]:
+    return {n.name: ops.module(gm, n).spec for n in gm.graph.nodes
+            if n.op == "call_module" and hasattr(ops.module(gm, n), "spec")}
+
+
+def _downstream(gm: fx.GraphModule, changed: set[str]) -> set[str]:
+    out: set[str] = set()
+    for node in gm.graph.nodes:  # topological order: a node is downstream if any input is
+        if node.name in changed or any(a.name in out for a in node.all_input_nodes):
+            out.add(node.name)
+    return out
+
+
+class _CachedRun(fx.Interpreter):
+    """Runs only the nodes downstream of what changed; every other value comes from a reference run."""
+
+    def __init__(self, gm: fx.GraphModule, cache: dict[str, object], rerun: set[str] | None) -> None:
+        super().__init__(gm)
+        self.cache, self.rerun = cache, rerun
+
+    def run_node(self, n: fx.Node):
+        if self.rerun is not None and n.name not in self.rerun and n.name in self.cache:
+            return self.cache[n.name]
+        value = super().run_node(n)
+        if self.rerun is None:
+            self.cache[n.name] = value
+        return value
+
+
+def _cache_batch_size(gm: fx.GraphModule, budget_bytes: float = 1.5e9) -> int:
+    per_image = sum(4 * int(np.prod(n.meta["shape"][1:])) for n in gm.graph.nodes if n.meta.get("shape"))
+    return int(max(16, min(500, budget_bytes // max(1, per_image))))
+
+
+def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan | None,
+                   plans: list[MixedPlan], x: torch.Tensor, y: np.ndarray, ref: torch.Tensor, *,
+                   desc: str | None = None) -> list[Score]:
+    """Score many plans that each differ a little from ``reference``, reusing the reference's activations.
+
+    Per batch, the reference plan runs once with every node's output kept; each plan then recomputes
+    only the nodes downstream of the quantizers and layers it changes (seed 000's sweep changes one
+    layer, so most of the network is reused). Exactly the same logits as ``evaluate_plan``.
+    """
+    ptq.apply_plan(gm, config, reference)
+    ptq.set_mode(gm, "quant")
+    base = _specs(gm)
+    reruns = []
+    for plan in plans:
+        ptq.apply_plan(gm, config, plan)
+        specs = _specs(gm)
+        reruns.append(_downstream(gm, {k for k, v in specs.items() if base[k] != v}))
+    outs: list[list[torch.Tensor]] = [[] for _ in plans]
+    bs = _cache_batch_size(gm)
+    starts = range(0, len(x), bs)
+    with torch.no_grad():
+        for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
+            xb, cache = x[i:i + bs], {}
+            ptq.apply_plan(gm, config, reference)
+            _CachedRun(gm, cache, None).run(xb)
+            for j, plan in enumerate(plans):
+                ptq.apply_plan(gm, config, plan)
+                outs[j].append(_CachedRun(gm, cache, reruns[j]).run(xb))
+            del cache
+    ptq.apply_plan(gm, config, reference)
+    scores = []
+    for chunks in outs:
+        out = torch.cat(chunks)
+        scores.append(Score(float((out.argmax(1).numpy() == y).mean()), sqnr_db(ref, out),
+                            float((out - ref).pow(2).mean())))
+    return scores
+
+
+# ----------------------------------------------------------------------------- layer costs
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    macs: int
+    params: int
+
+
+def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
+    """MACs (batch of one) and weight count of every weighted layer, in graph order."""
+    rows = []
+    for node in ptq.weighted_nodes(gm):
+        mod = ops.module(gm, node)
+        shape = node.meta.get("shape") or ()
+        if isinstance(mod, torch.nn.Conv2d):
+            macs = int(np.prod(shape[1:])) * mod.weight[0].numel()
+        else:
+            macs = int(np.prod(shape[1:-1] or (1,))) * mod.weight.numel()
+        rows.append(LayerCost(ptq.op_name(gm, node), macs, int(mod.weight.numel())))
+    return rows
+
+
+def unit_rows(gm: fx.GraphModule) -> list[dict]:
+    """What sweeps and searches choose among: every weighted layer, then every other op that reads a
+    quantized tensor (residual adds, concatenations, pooling), whose input precision matters too."""
+    costs = {c.name: c for c in layer_costs(gm)}
+    rows = []
+    for name in ptq.plan_names(gm):
+        c = costs.get(name)
+        rows.append({"name": name, "kind": "layer" if c else "op", "macs": c.macs if c else 0,
+                     "params": c.params if c else 0})
+    return rows
+
+
+def high_fractions(costs: list[LayerCost], plan: MixedPlan, default: LayerPrecision) -> dict:
+    """Share of MACs and of weights in layers whose weights or input run above the default precision."""
+    high = [c for c in costs if _above(plan.precision_of(c.name, default), default)]
+    return {"layers": [c.name for c in high],
+            "mac_fraction": sum(c.macs for c in high) / max(1, sum(c.macs for c in costs)),
+            "param_fraction": sum(c.params for c in high) / max(1, sum(c.params for c in costs))}
+
+
+def _above(p: LayerPrecision, default: LayerPrecision) -> bool:
+    return p.w.rank > default.w.rank or p.a.rank > default.a.rank
+
+
+def plan_size_bytes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
+    """Stored parameter bytes of the currently frozen plan (integer weights packed at their bit width)."""
+    return lower(gm, input_shape).weight_bytes()
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+def _default(config: PTQConfig) -> LayerPrecision:
+    return config.default_precision
+
+
+def keep_high_plan(layer: str, high: LayerPrecision) -> MixedPlan:
+    """Seed 000: ``layer`` at high precision, everything else at the config's bits."""
+    return MixedPlan(((layer, high),))
+
+
+def only_quantized_plan(layer: str, high: LayerPrecision, default: LayerPrecision) -> MixedPlan:
+    """The mirror sweep: only ``layer`` quantized, everything else at high precision."""
+    return MixedPlan((("*", high), (layer, default)))
+
+
+def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray, *,
+                high: LayerPrecision = LayerPrecision(FP32, FP32), sweeps: tuple[str, ...] = ("keep_high", "only_quantized"),
+                progress: bool = False) -> dict:
+    """Both per-layer sweeps on a calibrated model; returns rows, reference scores and wall times.
+
+    Each row: ``name``, ``macs``, ``params`` and per sweep ``top1``, ``delta`` (keep_high: gain over the
+    uniformly quantized model; only_quantized: change from FP32), ``sqnr_db``, ``mse``.
+    """
+    t0 = time.perf_counter()
+    ref = fp32_logits(gm, x)
+    fp32_top1 = float((ref.argmax(1).numpy() == y).mean())
+    default = _default(config)
+    uniform = evaluate_plan(gm, config, None, x, y, ref)
+    rows = unit_rows(gm)
+    seconds = {}
+    for sweep in sweeps:
+        ts = time.perf_counter()
+        if sweep == "keep_high":
+            reference, plans = None, [keep_high_plan(r["name"], high) for r in rows]
+            base = uniform.top1
+        elif sweep == "only_quantized":
+            reference = MixedPlan((("*", high),))
+            plans = [only_quantized_plan(r["name"], high, default) for r in rows]
+            base = fp32_top1
+        else:
+            raise EdgeslimError(f"unknown sensitivity sweep {sweep!r}: use keep_high or only_quantized")
+        scores = evaluate_plans(gm, config, reference, plans, x, y, ref,
+                                desc=f"sensitivity ({sweep}, {len(plans)} ops)" if progress else None)
+        for row, sc in zip(rows, scores):
+            row[sweep] = {"top1": sc.top1, "delta": sc.top1 - base, "sqnr_db": sc.sqnr_db, "mse": sc.mse}
+        seconds[sweep] = time.perf_counter() - ts
+    ptq.apply_plan(gm, config, None)
+    return {"images": int(len(y)), "fp32_top1": fp32_top1, "uniform": uniform.__dict__, "rows": rows,
+            "high": high.to_json(), "low": default.to_json(), "seconds": seconds,
+            "total_seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- groups
+
+def default_groups(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """One group per top-level child module that holds weighted layers (``conv1``, ``layer1``, ..., ``linear``)."""
+    groups: dict[str, tuple[str, ...]] = {}
+    for name in ptq.layer_names(gm):
+        top = name.split(".", 1)[0]
+        groups.setdefault(top, (top, f"{top}.*"))
+    return groups
+
+
+def parse_group(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"backbone=conv1|layer1.*|layer2.*"`` -> (``backbone``, patterns)."""
+    name, sep, patterns = spec.partition("=")
+    pats = tuple(p.strip() for p in patterns.replace(",", "|").split("|") if p.strip())
+    if not sep or not name.strip() or not pats:
+        raise EdgeslimError(f"invalid group {spec!r}: write NAME=PATTERN[|PATTERN...], e.g. head='head.*'")
+    return name.strip(), pats
+
+
+def check_groups(gm: fx.GraphModule, groups: dict[str, tuple[str, ...]]) -> None:
+    names = ptq.layer_names(gm)
+    for g, pats in groups.items():
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in pats):
+            raise EdgeslimError(f"group {g!r} ({'|'.join(pats)}) matches no weighted layer: layers are "
+                                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}")
+
+
+def group_plan(groups: dict[str, tuple[str, ...]], precisions: dict[str, LayerPrecision]) -> MixedPlan:
+    """A plan giving each named group its precision (groups not listed keep the default)."""
+    rules = []
+    for g, prec in precisions.items():
+        rules += [(p, prec) for p in groups[g]]
+        rules += [(f"{p}.*", prec) for p in groups[g] if not p.endswith("*")]  # ops inside a module
+    return MixedPlan(tuple(rules))
+
+
+def group_combinations(names: list[str], max_groups: int = 6) -> list[tuple[str, ...]]:
+    """Which groups are quantized, for every row of seed 002's Table 2: all subsets (up to 2^6), else
+    none / each one alone / all but one / all."""
+    k = len(names)
+    if k <= max_groups:
+        return [tuple(n for i, n in enumerate(names) if mask >> i & 1) for mask in range(2 ** k)]
+    rows = [(), tuple(names)] + [(n,) for n in names] + [tuple(m for m in names if m != n) for n in names]
+    return list(dict.fromkeys(rows))
+
+
+# ----------------------------------------------------------------------------- search
+
+@dataclass(frozen=True)
+class Budget:
+    """What the search must meet. ``max_drop`` is a fraction of accuracy (0.005 = 0.5 points)."""
+
+    max_drop: float | None = None
+    max_size_bytes: int | None = None
+    max_latency_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop is None and self.max_size_bytes is None and self.max_latency_ms is None:
+            raise EdgeslimError("give a budget: --max-drop (accuracy), --max-size-kb or --max-latency-ms")
+        for name, v in (("--max-drop", self.max_drop), ("--max-size-kb", self.max_size_bytes),
+                        ("--max-latency-ms", self.max_latency_ms)):
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise EdgeslimError(f"invalid {name} {v!r}: use a non-negative number")
+
+
+@dataclass
+class Candidate:
+    """One evaluated plan: the layers above the default precision and what that costs."""
+
+    label: str
+    plan: MixedPlan
+    high_layers: tuple[str, ...]
+    top1: float
+    sqnr_db: float
+    size_bytes: int
+    mac_fraction: float
+    latency_ms: float | None = None
+    latency_ratio: float | None = None  # vs the FP32 ONNX model, paired in one run
+    accepted: bool = True
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "high_layers": list(self.high_layers), "top1": self.top1,
+                "sqnr_db": self.sqnr_db, "size_bytes": self.size_bytes, "high_precision_mac_fraction": self.mac_fraction,
+                "latency_ms": self.latency_ms, "latency_over_fp32": self.latency_ratio, "accepted": self.accepted,
+                "plan": self.plan.to_dict()}
+
+
+@dataclass
+class SearchResult:
+    chosen: Candidate
+    met: bool
+    reason: str
+    fp32_top1: float
+    uniform: Candidate
+    steps: list[Candidate] = field(default_factory=list)
+    frontier: list[Candidate] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+LatencyFn = Callable[[fx.GraphModule], tuple[float, float]]  # frozen model -> (ms, ratio vs FP32)
+
+
+def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray, budget: Budget, *,
+           input_shape: tuple[int, ...], high: LayerPrecision, order: list[str] | None = None,
+           latency_of: LatencyFn | None = None, progress: bool = False) -> SearchResult:
+    """Choose per-layer precisions under ``budget`` (greedy by sensitivity, verified at every step).
+
+    ``order`` is the promotion order (most sensitive first); without it seed 000's keep-high sweep
+    is run here. Accuracies are measured on ``x, y`` (a held-out subset); the caller verifies the
+    chosen plan on the test set.
+    """
+    t0 = time.perf_counter()
+    ref = fp32_logits(gm, x)
+    fp32_top1 = float((ref.argmax(1).numpy() == y).mean())
+    default, costs = _default(config), layer_costs(gm)
+    names = [r["name"] for r in unit_rows(gm)]
+    if order is None:
+        sens = sensitivity(gm, config, x, y, high=high, sweeps=("keep_high",), progress=progress)
+        order = [r["name"] for r in sorted(sens["rows"], key=lambda r: (-r["keep_high"]["delta"],
+                                                                          -r["keep_high"]["sqnr_db"]))]
+    unknown = sorted(set(order) - set(names))
+    if unknown:
+        raise EdgeslimError(f"search order names unknown layers {unknown}")
+    evaluated: dict[tuple[str, ...], Candidate] = {}
+
+    def candidate(high_layers: tuple[str, ...], label: str) -> Candidate:
+        key = tuple(sorted(high_layers))
+        if key not in evaluated:
+            plan = MixedPlan(tuple((n, high) for n in sorted(high_layers, key=names.index)))
+            s = evaluate_plan(gm, config, plan, x, y, ref)
+            frac = high_fractions(costs, plan, default)["mac_fraction"]
+            c = Candidate(label, plan, tuple(sorted(high_layers, key=names.index)), s.top1, s.sqnr_db,
+                          plan_size_bytes(gm, input_shape), frac)
+            if latency_of is not None and budget.max_latency_ms is not None:
+                c.latency_ms, c.latency_ratio = latency_of(gm)
+            evaluated[key] = c
+        return evaluated[key]
+
+    def acc_ok(c: Candidate) -> bool:
+        return budget.max_drop is None or fp32_top1 - c.top1 <= budget.max_drop + 1e-12
+
+    def cost_ok(c: Candidate) -> bool:
+        size_ok = budget.max_size_bytes is None or c.size_bytes <= budget.max_size_bytes
+        lat_ok = budget.max_latency_ms is None or c.latency_ms is None or c.latency_ms <= budget.max_latency_ms
+        return size_ok and lat_ok
+
+    uniform = candidate((), "uniform")
+    current, steps = uniform, [uniform]
+    bar = tqdm(order, desc="mixed-precision search", unit="layer", disable=not progress, leave=False)
+    for layer in bar:
+        # Accuracy budget: promote in sensitivity order until it is met (a promotion that measures worse on
+        # the subset is kept: higher precision does not hurt in expectation, and the trimming pass below
+        # removes what the budget does not need). Size / latency budgets alone: keep a promotion only if
+        # it verifies as an improvement and still fits.
+        if budget.max_drop is not None and acc_ok(current):
+            break
+        trial = candidate(current.high_layers + (layer,), f"+{layer}")
+        better = trial.top1 > current.top1 or (trial.top1 == current.top1 and trial.sqnr_db > current.sqnr_db)
+        if cost_ok(trial) and (budget.max_drop is not None or better):
+            current = trial
+        else:
+            trial = replace(trial, accepted=False)
+        steps.append(trial)
+        bar.set_postfix(top1=f"{current.top1:.4f}", high=len(current.high_layers))
+    if acc_ok(current) and budget.max_drop is not None:  # trim promotions the budget does not need
+        for layer in reversed(current.high_layers):
+            trial = candidate(tuple(n for n in current.high_layers if n != layer), f"-{layer}")
+            keep = acc_ok(trial) and cost_ok(trial)
+            steps.append(trial if keep else replace(trial, accepted=False))
+            if keep:
+                current = trial
+    met = acc_ok(current) and cost_ok(current)
+    reason = _reason(met, current, fp32_top1, budget, uniform)
+    candidate(tuple(names), "all high")  # the other end of the frontier
+    ptq.apply_plan(gm, config, current.plan)
+    cands = list(evaluated.values())
+    return SearchResult(current, met, reason, fp32_top1, uniform, steps, pareto(cands), cands,
+                        time.perf_counter() - t0)
+
+
+def measure_latency(gm: fx.GraphModule, config: PTQConfig, cands: list[Candidate], latency_of: LatencyFn,
+                    *, progress: bool = False) -> list[Candidate]:
+    """Fill in the onnxruntime latency of every candidate (each plan exported and timed), then return
+    the Pareto frontier over accuracy, size and latency. The model is left frozen as it was."""
+    for c in tqdm(cands, desc="latency of candidates", unit="plan", disable=not progress, leave=False):
+        if c.latency_ms is None:
+            ptq.apply_plan(gm, config, c.plan)
+            c.latency_ms, c.latency_ratio = latency_of(gm)
+    return pareto(cands)
+
+
+def _reason(met: bool, c: Candidate, fp32_top1: float, budget: Budget, uniform: Candidate) -> str:
+    drop = fp32_top1 - c.top1
+    have = f"drop {drop * 100:.2f} points with {len(c.high_layers)} layer(s) at high precision " \
+           f"({c.mac_fraction:.1%} of MACs), {c.size_bytes / 1024:.1f} KiB"
+    if met:
+        if not c.high_layers:
+            return f"uniform quantization already meets the budget: {have}"
+        return f"met: {have}"
+    parts = []
+    if budget.max_drop is not None and drop > budget.max_drop:
+        parts.append(f"accuracy: best reachable {have}, budget {budget.max_drop * 100:.2f} points")
+    if budget.max_size_bytes is not None and c.size_bytes > budget.max_size_bytes:
+        parts.append(f"size {c.size_bytes / 1024:.1f} KiB > {budget.max_size_bytes / 1024:.1f} KiB even uniformly quantized")
+    if budget.max_latency_ms is not None and c.latency_ms is not None and c.latency_ms > budget.max_latency_ms:
+        parts.append(f"latency {c.latency_ms:.3f} ms > {budget.max_latency_ms:.3f} ms")
+    return "not met: " + "; ".join(parts or ["budget not reachable with these precisions"])
+
+
+def pareto(cands: list[Candidate]) -> list[Candidate]:
+    """Non-dominated candidates: higher top-1, smaller size, lower latency (when measured)."""
+    def dominates(a: Candidate, b: Candidate) -> bool:
+        la = a.latency_ms if a.latency_ms is not None else 0.0
+        lb = b.latency_ms if b.latency_ms is not None else 0.0
+        no_worse = a.top1 >= b.top1 and a.size_bytes <= b.size_bytes and la <= lb
+        better = a.top1 > b.top1 or a.size_bytes < b.size_bytes or la < lb
+        return no_worse and better
+    front = [c for c in cands if not any(dominates(o, c) for o in cands if o is not c)]
+    return sorted(front, key=lambda c: c.size_bytes)

@@ -1,0 +1,233 @@
+"""Mixed precision: plans, precision assignment, float islands in onnxruntime, cached sweeps, the search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeslim import api
+from edgeslim.algorithms import mixed_precision as mp
+from edgeslim.algorithms import ptq
+from edgeslim.config import MixedPlan, PTQConfig
+from edgeslim.errors import EdgeslimError
+from edgeslim.eval import ort as ort_eval
+from edgeslim.graph import ops
+from edgeslim.quant.modules import ActQuant
+from edgeslim.quant.precision import LayerPrecision, Precision, highest
+
+SHAPE = (3, 16, 16)
+
+
+def _x(n=32, seed=1):
+    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _calibrated(model, calib, config, plan=None):
+    gm = ptq.prepare(model, SHAPE, config, plan)
+    ptq.calibrate(gm, lambda: [calib])
+    return ptq.freeze(gm, config)
+
+
+def test_precision_tokens_and_order():
+    assert Precision.parse("int4") == Precision("int", 4) == Precision.parse(4)
+    assert Precision.parse("FP16").is_float and str(Precision.parse("32")) == "fp32"
+    assert highest([Precision.parse(t) for t in ("int4", "fp16", "int16", "int8")]) == Precision.parse("fp16")
+    assert highest([Precision.parse("int16"), Precision.parse("fp32")]) == Precision.parse("fp32")
+    lp = LayerPrecision.parse("w4a8")
+    assert (lp.w, lp.a) == (Precision.parse(4), Precision.parse(8))
+    assert LayerPrecision.parse({"w": "fp16"}) == LayerPrecision.parse("fp16")
+    for bad in ("int1", "int17", "fp8", "bf16", "w4"):
+        with pytest.raises(EdgeslimError):
+            LayerPrecision.parse(bad)
+
+
+def test_plan_json_round_trip_and_rule_order(tmp_path):
+    plan = MixedPlan((("layer1.*", "fp32"), ("layer1.0.conv1", {"w": "int4", "a": "int8"}), ("linear", "fp16")))
+    again = MixedPlan.load(plan.save(tmp_path / "plan.json"))
+    assert again == plan
+    default = LayerPrecision.parse("int8")
+    assert plan.precision_of("layer1.0.conv1", default) == LayerPrecision.parse("w4a8")  # the later rule wins
+    assert plan.precision_of("layer1.1.conv2", default) == LayerPrecision.parse("fp32")
+    assert plan.precision_of("layer2.0.conv1", default) == default
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(EdgeslimError, match="not valid JSON"):
+        MixedPlan.load(tmp_path / "bad.json")
+    with pytest.raises(EdgeslimError, match="does not exist"):
+        MixedPlan.load(tmp_path / "missing.json")
+
+
+def test_plan_pattern_matching_nothing_is_an_error(tiny_model):
+    with pytest.raises(EdgeslimError, match="matches no layer"):
+        ptq.prepare(tiny_model, SHAPE, PTQConfig(), MixedPlan((("layer9.*", "fp32"),)))
+
+
+def test_a_tensor_read_by_two_ops_takes_the_higher_precision(tiny_model):
+    # c1's output (after ReLU) feeds c2 and the first residual add: asking FP32 for c2 makes it FP32
+    gm = ptq.prepare(tiny_model, SHAPE, PTQConfig(w_bits=4, a_bits=4), MixedPlan((("c2", "fp32"),)))
+    specs = {n.args[0].name: ops.module(gm, n).spec for n in gm.graph.nodes
+             if isinstance(ops.module(gm, n), ActQuant)}
+    assert specs["c1"].fmt == "fp32"
+    assert specs["c2"].fmt == "int" and specs["c2"].bits == 4  # read by the add only: default precision
+    assert gm.get_submodule("c2").spec.fmt == "fp32" and gm.get_submodule("c1").spec.bits == 4
+
+
+PLANS = {
+    "uniform": (),
+    "conv fp32": (("c2", "fp32"),),
+    "first conv fp16": (("c1", "fp16"),),
+    "classifier fp32": (("fc", "fp32"),),
+    "weight-only int8": (("c3", "w8a32"),),
+    "adds fp32": (("add*", "fp32"),),
+    "one layer int8": (("c1", "int8"),),
+    "fp16 islands": (("c2", "fp16"), ("add", "fp16")),
+}
+
+
+@pytest.mark.parametrize("rules", PLANS.values(), ids=PLANS.keys())
+def test_mixed_model_in_onnxruntime_matches_the_simulation(tiny_model, tiny_calib, tmp_path, rules):
+    q = api.quantize(tiny_model, tiny_calib, PTQConfig(w_bits=4, a_bits=4), plan=MixedPlan(rules))
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    x = _x()
+    with torch.no_grad():
+        expected = q.model(x).numpy()
+    got = ort_eval.predict(ort_eval.session(path), x.numpy())
+    # float islands compute what the simulation computes (FP16 = FP16-rounded tensors, FP32 arithmetic)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+def test_float_islands_are_float_kernels_and_the_rest_stays_integer(tiny_model, tiny_calib, tmp_path):
+    q = api.quantize(tiny_model, tiny_calib, PTQConfig(), plan=MixedPlan((("c3", "fp32"),)))
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    counts = ort_eval.optimized_op_counts(path)
+    assert q.intgraph.is_mixed()
+    assert ort_eval.integer_convs(path) == (2, 3)  # c1, c2 integer; c3 float
+    # c3 reads the first block's output in FP32, so that add runs in float; so does the second add, whose
+    # shortcut input is that same FP32 tensor (sliced and padded). The classifier stays integer.
+    assert counts["QLinearAdd"] == 0 and counts["Add"] == 2 and counts["QGemm"] == 1
+    assert [n.op for n in q.intgraph.nodes if n.attrs.get("module") == "c3"] == ["Conv"]
+    fp32_w = next(n for n in q.intgraph.nodes if n.op == "Conv").arrays["w_float"]
+    assert fp32_w.dtype == np.float32
+
+
+def test_all_fp32_plan_is_the_float_model(tiny_model, tiny_calib, tmp_path):
+    q = api.quantize(tiny_model, tiny_calib, PTQConfig(), plan=MixedPlan((("*", "fp32"),)))
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    x = _x()
+    with torch.no_grad():
+        ref = tiny_model(x).numpy()
+    np.testing.assert_allclose(ort_eval.predict(ort_eval.session(path), x.numpy()), ref, atol=1e-5)
+    assert ort_eval.integer_convs(path) == (0, 3)
+
+
+def test_fp16_weights_are_stored_in_half_precision(tiny_model, tiny_calib):
+    q8 = api.quantize(tiny_model, tiny_calib, PTQConfig(), plan=MixedPlan((("*", "fp32"),)))
+    q16 = api.quantize(tiny_model, tiny_calib, PTQConfig(), plan=MixedPlan((("*", "fp16"),)))
+    w32 = [n.arrays["w_float"] for n in q8.intgraph.nodes if "w_float" in n.arrays]
+    w16 = [n.arrays["w_float"] for n in q16.intgraph.nodes if "w_float" in n.arrays]
+    assert all(w.dtype == np.float16 for w in w16) and len(w16) == len(w32) == 4
+    assert q16.intgraph.weight_bytes() * 2 == q8.intgraph.weight_bytes()
+
+
+def test_integer_engine_refuses_float_islands(tiny_model, tiny_calib):
+    from edgeslim.engine.run import run
+
+    q = api.quantize(tiny_model, tiny_calib, PTQConfig(), plan=MixedPlan((("fc", "fp32"),)))
+    with pytest.raises(EdgeslimError, match="integer graphs only"):
+        run(q.intgraph, _x(2).numpy())
+
+
+def test_cached_sweep_scores_equal_full_runs(tiny_model, tiny_calib):
+    config = PTQConfig(w_bits=3, a_bits=3)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(64)
+    ref = mp.fp32_logits(gm, x)
+    y = ref.argmax(1).numpy()
+    high = LayerPrecision.parse("fp32")
+    plans = [mp.keep_high_plan(r["name"], high) for r in mp.unit_rows(gm)]
+    cached = mp.evaluate_plans(gm, config, None, plans, x, y, ref)
+    full = [mp.evaluate_plan(gm, config, p, x, y, ref) for p in plans]
+    assert cached == full  # the same logits: same top-1, SQNR and MSE bit for bit
+
+
+def test_sensitivity_rows_cover_layers_and_ops(tiny_model, tiny_calib):
+    config = PTQConfig(w_bits=2, a_bits=2)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(64)
+    y = mp.fp32_logits(gm, x).argmax(1).numpy()
+    s = mp.sensitivity(gm, config, x, y)
+    names = [r["name"] for r in s["rows"]]
+    assert names[:4] == ["c1", "c2", "c3", "fc"] and {"add", "add_1"} <= set(names)
+    assert s["fp32_top1"] == 1.0 and s["uniform"]["top1"] < 1.0
+    for r in s["rows"]:
+        assert r["keep_high"]["delta"] == pytest.approx(r["keep_high"]["top1"] - s["uniform"]["top1"])
+        assert r["only_quantized"]["delta"] == pytest.approx(r["only_quantized"]["top1"] - 1.0)
+    c1 = next(r for r in s["rows"] if r["name"] == "c1")
+    assert c1["macs"] == 8 * 16 * 16 * 3 * 9 and c1["params"] == 8 * 3 * 9
+    assert set(s["seconds"]) == {"keep_high", "only_quantized"}
+
+
+def test_search_meets_an_accuracy_budget_and_verifies_it(tiny_model, tiny_calib):
+    config = PTQConfig(w_bits=2, a_bits=2)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(128)
+    y = mp.fp32_logits(gm, x).argmax(1).numpy()
+    res = mp.search(gm, config, x, y, mp.Budget(max_drop=0.02), input_shape=SHAPE, high=LayerPrecision.parse("fp32"))
+    assert res.met and res.uniform.top1 < 0.98
+    again = mp.evaluate_plan(gm, config, res.chosen.plan, x, y, mp.fp32_logits(gm, x))
+    assert again.top1 == res.chosen.top1 >= 0.98
+    assert res.chosen.high_layers and res.chosen.size_bytes >= res.uniform.size_bytes
+    assert res.chosen in res.frontier or any(f.top1 >= res.chosen.top1 and f.size_bytes <= res.chosen.size_bytes
+                                             for f in res.frontier)
+
+
+def test_search_under_a_size_budget_never_exceeds_it(tiny_model, tiny_calib):
+    config = PTQConfig(w_bits=2, a_bits=2)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(64)
+    y = mp.fp32_logits(gm, x).argmax(1).numpy()
+    uniform_bytes = mp.plan_size_bytes(gm, SHAPE)
+    budget = mp.Budget(max_size_bytes=uniform_bytes + 300)
+    res = mp.search(gm, config, x, y, budget, input_shape=SHAPE, high=LayerPrecision.parse("int8"))
+    assert res.met and res.chosen.size_bytes <= uniform_bytes + 300
+    assert all(c.size_bytes <= uniform_bytes + 300 for c in res.steps if c.accepted)
+    impossible = mp.search(gm, config, x, y, mp.Budget(max_size_bytes=10), input_shape=SHAPE,
+                           high=LayerPrecision.parse("int8"))
+    assert not impossible.met and "size" in impossible.reason
+
+
+def test_budget_needs_a_target():
+    with pytest.raises(EdgeslimError, match="give a budget"):
+        mp.Budget()
+    with pytest.raises(EdgeslimError, match="non-negative"):
+        mp.Budget(max_drop=-1.0)
+
+
+def test_groups_default_to_top_level_modules_and_build_plans(tiny_model, tiny_calib):
+    gm = _calibrated(tiny_model, tiny_calib, PTQConfig())
+    groups = mp.default_groups(gm)
+    assert list(groups) == ["c1", "c2", "c3", "fc"]
+    combos = mp.group_combinations(list(groups))
+    assert len(combos) == 16 and () in combos and tuple(groups) in combos
+    name, pats = mp.parse_group("head=fc|c3")
+    assert (name, pats) == ("head", ("fc", "c3"))
+    plan = mp.group_plan({"head": pats}, {"head": LayerPrecision.parse("fp32")})
+    default = LayerPrecision.parse("int8")
+    assert plan.precision_of("c3", default).w.is_float and not plan.precision_of("c1", default).w.is_float
+    with pytest.raises(EdgeslimError, match="matches no weighted layer"):
+        mp.check_groups(gm, {"neck": ("neck.*",)})
+    with pytest.raises(EdgeslimError, match="invalid group"):
+        mp.parse_group("head")
+
+
+def test_fp16_whole_model_export_is_close_to_fp32(tiny_model, tmp_path):
+    import onnx
+
+    fp32 = api.export_fp32_onnx(tiny_model, SHAPE, tmp_path / "f32.onnx")
+    fp16 = api.export_fp16_onnx(fp32, tmp_path / "f16.onnx")
+    inits = onnx.load(fp16).graph.initializer
+    assert inits and all(t.data_type != onnx.TensorProto.FLOAT for t in inits if len(t.dims) == 4)
+    x = _x(8).numpy()
+    a = ort_eval.predict(ort_eval.session(fp32), x)
+    b = ort_eval.predict(ort_eval.session(fp16), x)
+    np.testing.assert_allclose(b, a, atol=2e-2 * np.abs(a).max())
