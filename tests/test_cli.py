@@ -174,3 +174,69 @@ def test_analyze_shift_requant_needs_pow2(capsys, tmp_path, image_folder, user_m
     argv = ["analyze", f"{user_model}:tiny", "--input-shape", "3,8,8", "--calib-data", image_folder,
             "--data", image_folder, "--out", tmp_path / "run", "--requant", "shift"]
     _expect_error(capsys, tmp_path, argv, "pow2")
+
+
+@pytest.fixture
+def npz_data(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (240, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=(x[..., 0].mean(axis=(1, 2)) > x[..., 2].mean(axis=(1, 2))).astype(np.int64))
+    return path
+
+
+def _mixed_argv(verb, user_model, npz_data, out, *extra):
+    return [verb, f"{user_model}:tiny", "--input-shape", "3,8,8", "--calib-data", npz_data, "--data", npz_data,
+            "--calib-size", "64", "--holdout-size", "100", "--w-bits", "2", "--a-bits", "2", "--out", out, *extra]
+
+
+def test_mixed_then_quantize_with_its_plan(capsys, tmp_path, npz_data, user_model):
+    out = tmp_path / "mixed"
+    code, stdout, _ = _run(capsys, *_mixed_argv("mixed", user_model, npz_data, out, "--max-drop", "0.0"))
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("top1", "plan", "high_precision_mac_fraction", "size_bytes", "latency_ms"):
+        assert key in s["mixed"]
+    assert {"top1"} <= set(s["fp32"]) and {"top1"} <= set(s["uniform"]) and "top1" in s["onnx_mixed"]
+    assert s["frontier"] and s["search"]["steps"][0]["label"] == "uniform"
+    assert s["high"] == "int8" and s["low"] == "int2"
+    assert abs(s["onnx_mixed"]["top1"] - s["mixed"]["top1"]) <= 1 / 240  # onnxruntime runs what PyTorch simulated
+    assert {"plan.json", "model_mixed.onnx", "model_fp32.onnx", "report.html"} <= {p.name for p in out.iterdir()}
+    assert "<img" in (out / "report.html").read_text()
+    # the plan file reproduces the mixed model through `quantize --plan` (same calibration images and seed)
+    q = tmp_path / "q"
+    code, _, _ = _run(capsys, "quantize", f"{user_model}:tiny", "--input-shape", "3,8,8", "--calib-data", npz_data,
+                      "--data", npz_data, "--calib-size", "64", "--w-bits", "2", "--a-bits", "2",
+                      "--plan", out / "plan.json", "--out", q)
+    assert code == 0
+    sq = json.loads((q / "summary.json").read_text())
+    assert sq["onnx_int8"]["top1"] == s["onnx_mixed"]["top1"] and sq["plan"] == s["mixed"]["plan"]
+
+
+def test_sensitivity_sweeps_and_group_table(capsys, tmp_path, npz_data, user_model):
+    out = tmp_path / "sens"
+    code, stdout, _ = _run(capsys, *_mixed_argv("sensitivity", user_model, npz_data, out,
+                                                "--group", "features=0|3", "--group", "classifier=7"))
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    rows = s["sensitivity"]["rows"]
+    assert [r["name"] for r in rows if r["kind"] == "layer"] == ["0", "3", "7"]
+    assert all({"keep_high", "only_quantized"} <= set(r) for r in rows)
+    assert set(s["sensitivity"]["seconds"]) == {"keep_high", "only_quantized"}
+    g = s["groups"]
+    assert list(g["groups"]) == ["features", "classifier"] and len(g["rows"]) == 4
+    all_high = next(r for r in g["rows"] if not r["quantized"])
+    all_low = next(r for r in g["rows"] if len(r["quantized"]) == 2)
+    assert all_high["weight_bytes"] > all_low["weight_bytes"] and all_high["precision"]["features"] == "fp32"
+
+
+def test_mixed_bad_input_is_one_line(capsys, tmp_path, npz_data, user_model):
+    _expect_error(capsys, tmp_path, _mixed_argv("mixed", user_model, npz_data, tmp_path / "run"), "give a budget")
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, npz_data, f"{user_model}:tiny", "--input-shape", "3,8,8",
+                                                "--plan", tmp_path / "nope.json"), "nope.json")
+    bad = tmp_path / "bad_plan.json"
+    bad.write_text(json.dumps({"layers": {"backbone.*": "fp32"}}))
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, npz_data, f"{user_model}:tiny", "--input-shape", "3,8,8",
+                                                "--plan", bad), "matches no layer")
+    _expect_error(capsys, tmp_path, _mixed_argv("mixed", user_model, npz_data, tmp_path / "run", "--max-drop", "0.01",
+                                                "--high", "int99"), "int99")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
 from . import ops
 from .overflow import OverflowStats
@@ -139,8 +140,6 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
     if requant not in ops.ACC_MODES:
         raise ValueError(f"unknown requantization mode {requant!r}: use one of {ops.ACC_MODES}")
     if g.is_mixed():
-        from ..errors import EdgeslimError  # numpy-only package: the error type has no torch dependency
-
         raise EdgeslimError("the integer engine runs integer graphs only and this one has FP16/FP32 islands "
                             "(mixed precision): run it in onnxruntime, or use an all-integer plan")
     if stats is not None:
