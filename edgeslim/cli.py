@@ -255,6 +255,10 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"integer convs in onnxruntime: {s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}; "
           f"quantized in {s['time_to_quantize_s']:.2f} s; INT8/FP32 latency "
           + ", ".join(f"{k} {v:.2f}x" for k, v in lat["int8_over_fp32"].items()))
+    if s["onnx_int8"].get("weight_containers", {}).get("uint8"):
+        print(f"note: {s['onnx_int8']['weight_containers']['uint8']} layers store uint8 weights: onnxruntime's int8-weight "
+              "kernels saturate on this CPU (AVX2 without VNNI); uint8 is exact but not faster. --w-bits 7 keeps int8 "
+              "weights exactly (the fast kernel); an export for an ARM / VNNI target keeps int8 (docs/design.md)")
     if "engine" in s:
         e = s["engine_vs_onnx"]
         print(f"integer engine top-1 {s['engine']['top1']:.4f}; vs onnxruntime: {e['mismatch_fraction']:.2%} of output "

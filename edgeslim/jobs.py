@@ -25,6 +25,7 @@ from .data import ImageDataset, batches, calibration_indices
 from .errors import EdgeslimError
 from .eval import metrics, ort as ort_eval
 from .eval.layer_error import layer_errors
+from .export.onnx_qdq import weight_containers
 from .models import ModelInfo
 from .report.encodings import encodings
 from .report.html import write_report
@@ -92,6 +93,7 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
             "integer_convs": integer,
             "total_convs": total,
             "optimized_ops": dict(sorted(ort_eval.optimized_op_counts(int8_path).items())),
+            "weight_containers": weight_containers(q.intgraph),
         },
         "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size,
                        "weights_fp32": 4 * sum(p.numel() for p in model.parameters()),

@@ -96,3 +96,16 @@ def test_default_w8a8_is_bit_exact_in_onnxruntime(tiny_model, tiny_calib, tmp_pa
         expected = q.model(x).numpy()
     got = ort_eval.predict(ort_eval.session(path), x.numpy())
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # same integer codes, same float epilogue
+
+
+def test_auto_weight_container_keeps_int8_where_it_cannot_saturate():
+    from edgeslim.export.onnx_qdq import host_weight_type, weight_container
+
+    small = np.array([[-64, 3, 64]], np.int32)
+    large = np.array([[-100, 3, 127]], np.int32)
+    zp = np.zeros(1, np.int32)
+    assert weight_container(small, zp, "auto")[0].dtype == np.int8  # 7-bit weights are exact everywhere
+    assert weight_container(large, zp, "auto")[0].dtype == np.dtype(host_weight_type())
+    w, z = weight_container(large, zp, "uint8")
+    assert w.dtype == np.uint8 and (w.astype(int) - z.astype(int) == large).all()
+    assert weight_container(large, zp, "int8")[0].dtype == np.int8

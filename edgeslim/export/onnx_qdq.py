@@ -17,7 +17,9 @@ with VNNI) or as uint8 codes q + 128 with zero point z + 128 (``u8u8``, the same
 AVX2 but no VNNI, onnxruntime's u8s8 kernels use ``vpmaddubsw``, which saturates the sum of two adjacent
 u8 x s8 products at int16 and silently changes results (measured here: tiny models off by hundreds of LSB;
 onnxruntime's quantization docs describe the same saturation). ``auto`` picks uint8 on such CPUs and int8
-elsewhere, so the model onnxruntime runs on this machine computes what the simulation computes.
+elsewhere, so the model onnxruntime runs on this machine computes what the simulation computes. Weights that fit
+in [-64, 64] (``--w-bits 7`` or fewer) cannot saturate and keep int8 under ``auto``: on such CPUs they are the
+way to get the fast kernel exactly (BENCHMARKS.md measures both).
 """
 
 from __future__ import annotations
@@ -49,11 +51,31 @@ def host_weight_type() -> str:
     return "uint8" if ("avx2" in flags and not vnni) else "int8"
 
 
+SATURATION_SAFE = 64  # |w| <= 64: two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 2**15
+
+
 def weight_container(w: np.ndarray, zp: np.ndarray, weight_type: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """8-bit weight codes and zero points as stored for ``weight_type`` (uint8: q + 128, the same real values)."""
-    if resolve_weight_type(weight_type) == "uint8":
+    """8-bit weight codes and zero points as stored for ``weight_type`` (uint8: q + 128, the same real values).
+
+    ``auto`` keeps int8 where it is exact on this CPU: always on VNNI / ARM, and on AVX2-only CPUs for weights
+    within [-64, 64] (7-bit weights: onnxruntime's "reduce range" advice), whose pair sums cannot saturate.
+    """
+    unsafe = np.abs(np.asarray(w, np.int64)).max(initial=0) > SATURATION_SAFE
+    if resolve_weight_type(weight_type) == "uint8" and (weight_type == "uint8" or unsafe):
         return (np.asarray(w, np.int32) + 128).astype(np.uint8), (np.asarray(zp, np.int32) + 128).astype(np.uint8)
     return np.asarray(w).astype(np.int8), np.asarray(zp).astype(np.int8)
+
+
+def weight_containers(g: IntGraph, weight_type: str = "auto") -> dict[str, int]:
+    """How many layers store their weights as int8 / uint8 / int16 (``summary.json``: ``weight_containers``)."""
+    counts: dict[str, int] = {}
+    for node in g.nodes:
+        if "w" not in node.arrays:
+            continue
+        kind = "int16" if node.attrs["w_bits"] > 8 else \
+            str(weight_container(node.arrays["w"], node.arrays["w_zero_point"], weight_type)[0].dtype)
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def resolve_weight_type(weight_type: str) -> str:
@@ -71,7 +93,7 @@ def _container(q: QParams) -> tuple[int, int, np.dtype]:
 
 
 class _Writer:
-    def __init__(self, g: IntGraph, weight_type: str = "int8") -> None:
+    def __init__(self, g: IntGraph, weight_type: str = "auto") -> None:
         self.g = g
         self.weight_type = weight_type
         self.nodes: list[onnx.NodeProto] = []
@@ -284,7 +306,8 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
 
 def to_onnx(g: IntGraph, *, weight_type: str = "auto") -> onnx.ModelProto:
     """Write ``g`` as a QDQ ONNX model with a dynamic batch dimension (``weight_type``: see the module docstring)."""
-    w = _Writer(g, resolve_weight_type(weight_type))
+    resolve_weight_type(weight_type)  # validates the option
+    w = _Writer(g, weight_type)
     for node in g.nodes:
         _emit(w, node)
     wide = any(q.bits > 8 for q in g.qparams.values()) or any(n.attrs.get("w_bits", 8) > 8 for n in g.nodes)

@@ -13,6 +13,10 @@ STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1200px} table{
 
 
 def sensitivity_plot(sens: dict) -> str:
+    return _png(sensitivity_figure(sens))
+
+
+def sensitivity_figure(sens: dict):
     """One bar per layer / op: top-1 with only it kept high (seed 000's figure) and with only it quantized."""
     rows = sens["rows"]
     fig, axes = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(rows)), 6.4), sharex=True)
@@ -33,7 +37,7 @@ def sensitivity_plot(sens: dict) -> str:
     axes[0].set_title(f"one op kept at {sens['high']}, the rest {sens['low']} (grey: adds / pooling)")
     axes[1].set_title(f"one op at {sens['low']}, the rest {sens['high']}")
     axes[1].set_xticks(list(x), [r["name"] for r in rows], rotation=90, fontsize=7)
-    return _png(fig)
+    return fig
 
 
 def sensitivity_table(sens: dict) -> str:
@@ -78,6 +82,11 @@ def write_sensitivity_report(s: dict, path: Path) -> Path:
 
 
 def frontier_plot(s: dict) -> str:
+    return _png(frontier_figure(s))
+
+
+def frontier_figure(s: dict):
+    """Every evaluated plan: held-out top-1 against stored size and against onnxruntime latency."""
     cands, front = s["candidates"], s["frontier"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lat = [c["latency_ms"] for c in cands]
@@ -104,7 +113,7 @@ def frontier_plot(s: dict) -> str:
         ax.legend(fontsize=7, loc="lower right")
     fig.colorbar(sc, ax=axes[1], label="latency ms")
     axes[0].set_title(f"mixed {s['low']} / {s['high']}: every evaluated plan")
-    return _png(fig)
+    return fig
 
 
 def write_mixed_report(s: dict, path: Path) -> Path:

@@ -1,0 +1,203 @@
+"""Mixed precision on the shared CIFAR ResNet-20: both sensitivity sweeps (W8A8, W4A4), the W4A4 search under
+a 0.5-point budget with its frontier, seed 002's group table, and FP16 (whole model and islands) next to INT8
+and FP32. Writes its sections of BENCHMARKS.md and the figures under docs/img/.
+
+    python -m bench.mixed_resnet20 [--shared ../shared] [--only sweeps,search,groups,fp16] [--holdout 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench._report import ROOT, table, write_section
+from edgeslim import api
+from edgeslim.algorithms import mixed_precision as mp
+from edgeslim.config import MixedPlan, PTQConfig
+from edgeslim.data import Preprocess, calibration_indices, open_dataset
+from edgeslim.eval import metrics
+from edgeslim.eval import ort as ort_eval
+from edgeslim.jobs import MeasureOptions
+from edgeslim.jobs_mixed import run_mixed, run_sensitivity
+from edgeslim.models import build_model
+from edgeslim.quant.precision import LayerPrecision
+from edgeslim.report.mixed_html import frontier_figure, sensitivity_figure
+
+IMG = ROOT / "docs" / "img"
+
+
+def _save(fig, name: str) -> str:
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / name, dpi=100, bbox_inches="tight")
+    return f"docs/img/{name}"
+
+
+def sweeps(model, info, train, test, args, work: Path) -> None:
+    parts = [f"Sensitivity on {args.holdout} held-out training images (disjoint from the {args.calib_size} "
+             f"calibration images), calibrator `{args.calibrator}`, per-channel weights. **keep FP32**: only that op "
+             "in FP32, the rest quantized (seed 000); **only quantized**: only that op quantized, the rest FP32. "
+             "Ops are the weighted layers and the residual adds / pooling (their input precision). Each sweep "
+             "calibrates once and reuses the FP32 logits and every activation upstream of the changed op.", ""]
+    results = {}
+    for bits in (8, 4):
+        config = PTQConfig(w_bits=bits, a_bits=bits, calibrator=args.calibrator, calib_size=args.calib_size)
+        s = run_sensitivity(model, info, train, test, config, work / f"sens{bits}", high=LayerPrecision.parse("fp32"),
+                            holdout_size=args.holdout, group_table=False, measure=MeasureOptions())
+        results[bits] = s["sensitivity"]
+        if bits == 4:
+            parts.append(f"![W4A4 sensitivity]({_save(sensitivity_figure(s['sensitivity']), 'sensitivity_resnet20_w4a4.png')})")
+    r8, r4 = results[8], results[4]
+    rows = []
+    for a, b in zip(r8["rows"], r4["rows"]):
+        rows.append([a["name"], a["macs"], a["keep_high"]["top1"], a["only_quantized"]["top1"], b["keep_high"]["top1"],
+                     b["keep_high"]["delta"], b["keep_high"]["sqnr_db"], b["only_quantized"]["top1"],
+                     b["only_quantized"]["delta"]])
+    head = (f"FP32 held-out top-1 {r8['fp32_top1']:.4f}; uniform W8A8 {r8['uniform']['top1']:.4f}, "
+            f"uniform W4A4 {r4['uniform']['top1']:.4f}. Wall time (2 cores): W8A8 keep-FP32 "
+            f"{r8['seconds']['keep_high']:.0f} s, only-quantized {r8['seconds']['only_quantized']:.0f} s; "
+            f"W4A4 {r4['seconds']['keep_high']:.0f} s and {r4['seconds']['only_quantized']:.0f} s "
+            f"({len(r4['rows'])} ops each, {r4['images']} images).")
+    body = "\n".join(["## Mixed precision: per-op sensitivity on ResNet-20 (W8A8 and W4A4)", "", *parts, "", head, "",
+                      table(["op", "MACs", "W8A8 keep FP32", "W8A8 only quantized", "W4A4 keep FP32", "gain",
+                             "SQNR dB", "W4A4 only quantized", "change"], rows)])
+    write_section("mixed-sweeps", body)
+
+
+def search(model, info, train, test, args, work: Path) -> None:
+    config = PTQConfig(w_bits=4, a_bits=4, calibrator=args.calibrator, calib_size=args.calib_size)
+    rows, notes = [], []
+    for high in args.high.split(","):
+        s = run_mixed(model, info, train, test, config, work / f"mixed_{high}", budget=mp.Budget(max_drop=0.005),
+                      high=LayerPrecision.parse(high), holdout_size=args.holdout, measure=MeasureOptions())
+        m, u, f = s["mixed"], s["uniform"], s["fp32"]
+        if not rows:
+            rows.append(["FP32", "", f["top1"], f["onnx_top1"], f["holdout_top1"], "", "", f["size_bytes"], "",
+                         f["latency_ms"], 1.0, ""])
+            rows.append(["uniform W4A4", "", u["top1"], u["onnx_top1"], u["holdout_top1"], 0.0, 0.0, u["onnx_bytes"],
+                         u["size_bytes"], u["latency_ms"]["batch1"], u["latency_over_fp32"]["batch1"],
+                         u["latency_over_fp32"]["batch64"]])
+        rows.append([f"mixed W4A4 / {high}", "yes" if s["met"] else "no", m["top1"], s["onnx_mixed"]["top1"],
+                     m["holdout_top1"], m["high_precision_mac_fraction"], m["high_precision_param_fraction"],
+                     m["onnx_bytes"], m["size_bytes"], m["latency_ms"]["batch1"], m["latency_over_fp32"]["batch1"],
+                     m["latency_over_fp32"]["batch64"]])
+        fig = _save(frontier_figure(s), f"mixed_frontier_resnet20_w4a4_{high}.png")
+        evaluated = len(s["candidates"])
+        notes.append(f"- **high = {high}**: {s['reason']}. On the test set: drop "
+                     f"{(f['top1'] - m['top1']) * 100:.2f} points ({'within' if s['met_on_test'] else 'over'} the "
+                     f"budget). High-precision ops: {', '.join(m['high_precision_layers']) or 'none'}. Search "
+                     f"{s['search']['seconds']:.0f} s + sensitivity {s['search']['sensitivity_seconds']:.0f} s, "
+                     f"{evaluated} plans evaluated; whole job {s['total_seconds']:.0f} s. Frontier: ![frontier]({fig})")
+    body = "\n".join([
+        "## Mixed precision: W4A4 ResNet-20 under a 0.5-point budget (`edgeslim mixed --max-drop 0.005`)", "",
+        f"`edgeslim mixed resnet20 --weights resnet20_cifar10jpeg.pt --calib-data cifar10-jpeg-train.zip "
+        f"--data cifar10-jpeg-test.zip --w-bits 4 --a-bits 4 --calibrator {args.calibrator} --max-drop 0.005 "
+        f"--holdout-size {args.holdout} --high H`. The search scores plans on {args.holdout} held-out *training* "
+        "images (the budget is checked there: FP32 is more accurate on training images than on the test set); the "
+        "test columns are the verification. Sizes: ONNX file bytes and stored parameter bytes (weights packed at "
+        "their bit width, int32 biases). onnxruntime stores and runs 4-bit weights in int8 containers, so W4 and "
+        "W8 layers cost the same time there; float layers are slower.", "",
+        table(["model", "met", "test top-1 (PyTorch)", "test top-1 (onnxruntime)", "held-out top-1",
+               "high MAC fraction", "high weight fraction", "ONNX bytes", "parameter bytes", "ms b1", "x FP32 b1",
+               "x FP32 b64"], rows), "", *notes])
+    write_section("mixed-search", body)
+
+
+def groups(model, info, train, test, args, work: Path) -> None:
+    config = PTQConfig(calibrator=args.calibrator, calib_size=args.calib_size)
+    gspec = {"stem": ("conv1",), "layer1": ("layer1.*",), "layer2": ("layer2.*",), "layer3": ("layer3.*",),
+             "classifier": ("linear",)}
+    s = run_sensitivity(model, info, train, test, config, work / "groups", high=LayerPrecision.parse("fp32"),
+                        holdout_size=200, groups=gspec, measure=MeasureOptions())
+    g = s["groups"]
+    names = list(g["groups"])
+    rows = [["Baseline FP32", *["32"] * len(names), g["fp32_bytes"], "", g["fp32_top1"], "", "", ""]]
+    for r in sorted(g["rows"], key=lambda r: len(r["quantized"])):
+        label = "FP32 islands (all ops)" if not r["quantized"] else (
+            "PTQ INT8 (all)" if len(r["quantized"]) == len(names) else "partial quantization")
+        rows.append([label, *["8" if n in r["quantized"] else "32" for n in names], r["weight_bytes"], r["onnx_bytes"],
+                     r["top1"], r["latency_ms"], r["latency_over_fp32"], r["fps"]])
+    body = "\n".join([
+        "## Partial quantization of ResNet-20 groups (seed 002's Table 2 form)", "",
+        "Every combination of five groups (stem `conv1`, `layer1`, `layer2`, `layer3`, classifier `linear`) in FP32 "
+        "(32) or W8A8 (8); a group in FP32 also reads FP32 inputs. Top-1 of the exported ONNX model in onnxruntime "
+        f"on the {s['images']['test']} test images; latency batch 1, one thread, paired with the FP32 model; "
+        "weight bytes at real bit widths. The first row is the plain FP32 export, the second the same model "
+        "through the mixed exporter with every op in FP32.", "",
+        table(["method", *names, "weight bytes", "ONNX bytes", "top-1", "ms", "x FP32", "FPS"], rows)])
+    write_section("mixed-groups", body)
+
+
+def fp16(model, info, train, test, args, work: Path) -> None:
+    idx = calibration_indices(len(train), args.calib_size, 0, train.labels)
+    calib = train.batch(idx)
+    x, y = test.batch(np.arange(len(test))), test.labels
+    config = PTQConfig(calibrator=args.calibrator, calib_size=args.calib_size)
+    fp32 = api.export_fp32_onnx(model, info.input_shape, work / "fp32.onnx")
+    paths = {"FP32": fp32, "FP16 whole model (onnxconverter-common, FP16 arithmetic)":
+             api.export_fp16_onnx(fp32, work / "fp16.onnx")}
+    plans = {"FP16 storage, every op (edgeslim plan `*`=fp16)": MixedPlan((("*", "fp16"),)),
+             "INT8 with FP16 islands (conv1, layer3, linear)": MixedPlan((("conv1", "fp16"), ("layer3.*", "fp16"),
+                                                                          ("linear", "fp16"))),
+             "INT8 with FP16 islands (conv1, linear)": MixedPlan((("conv1", "fp16"), ("linear", "fp16"))),
+             "INT8 (W8A8)": None}
+    sims = {}
+    for i, (name, plan) in enumerate(plans.items()):
+        q = api.quantize(model, calib, config, plan=plan, input_shape=info.input_shape)
+        paths[name] = api.export_onnx(q, work / f"plan{i}.onnx")
+        with torch.no_grad():
+            sims[name] = metrics.top1(torch.cat([q.model(torch.from_numpy(x[j:j + 500]))
+                                                 for j in range(0, len(x), 500)]).numpy(), y)
+    rows = []
+    for name, path in paths.items():
+        top1 = metrics.top1(ort_eval.predict(ort_eval.session(path, threads=0), x, 500), y)
+        lat = {}
+        for b, rounds in ((1, 300), (64, 30)):
+            s = ort_eval.latency_samples({"fp32": fp32, "m": path}, info.input_shape, b, rounds=rounds)
+            lat[b] = (statistics.median(s["m"]), ort_eval.paired_ratio(s, "m", "fp32"))
+        counts = ort_eval.optimized_op_counts(path)
+        rows.append([name, sims.get(name, ""), top1, path.stat().st_size, lat[1][0], lat[1][1], lat[64][0], lat[64][1],
+                     f"{ort_eval.integer_convs(path)[0]}/{ort_eval.integer_convs(path)[1]}", counts.get("Cast", 0)])
+    body = "\n".join([
+        "## FP16 (whole model and islands) next to INT8 and FP32 on ResNet-20", "",
+        f"Top-1 on the {len(y)} test images; latency onnxruntime CPU, 1 thread, paired with FP32 in one process. "
+        "Two FP16 forms: the whole graph converted to FP16 arithmetic (what an FP16 GPU/NPU runs), and edgeslim's "
+        "plan form, where FP16 tensors and weights are stored in half precision between FP32 computations (what "
+        "the PyTorch simulation computes, so its accuracy matches onnxruntime exactly). This CPU has no FP16 "
+        "arithmetic: onnxruntime inserts Cast nodes around every FP16 op (counted in its optimized graph), so FP16 "
+        "only halves the file here; it does not make anything faster.", "",
+        table(["model", "top-1 (PyTorch sim)", "top-1 (onnxruntime)", "ONNX bytes", "ms b1", "x FP32 b1", "ms b64",
+               "x FP32 b64", "integer convs", "Casts in ORT graph"], rows)])
+    write_section("mixed-fp16", body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--holdout", type=int, default=2000)
+    ap.add_argument("--calibrator", default="entropy")
+    ap.add_argument("--high", default="int8,fp32", help="high precisions to search with (comma-separated)")
+    ap.add_argument("--only", default="sweeps,search,groups,fp16")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    shared = Path(args.shared)
+    model, info = build_model("resnet20", shared / "models/resnet20_cifar10jpeg.pt")
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    train = open_dataset(shared / "data/cifar10-jpeg-train.zip", pre)
+    test = open_dataset(shared / "data/cifar10-jpeg-test.zip", pre)
+    work = Path(tempfile.mkdtemp(prefix="edgeslim-mixed-bench-"))
+    for name, fn in (("fp16", fp16), ("groups", groups), ("sweeps", sweeps), ("search", search)):
+        if name in args.only.split(","):
+            t0 = time.perf_counter()
+            fn(model, info, train, test, args, work)
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
