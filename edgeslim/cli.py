@@ -120,6 +120,12 @@ def _inspect(args) -> int:
         print(f"{r.name:<28}{r.op:<14}{str(r.out_shape[1:]):<18}{r.params:>10,}{r.macs:>14,}{r.fp32_bytes / 1024:>10.1f}")
     params, macs = sum(r.params for r in rows), sum(r.macs for r in rows)
     print(f"{'total':<60}{params:>10,}{macs:>14,}{4 * params / 1024:>10.1f}")
+    from .algorithms import ptq
+    from .config import PTQConfig
+
+    names = ptq.plan_names(ptq.prepare(model, info.input_shape, PTQConfig()))
+    print("names a mixed-precision plan can match (weighted layers, then adds / concatenations / pooling):")
+    print("  " + " ".join(names))
     return 0
 
 

@@ -81,6 +81,8 @@ PLANS = {
     "adds fp32": (("add*", "fp32"),),
     "one layer int8": (("c1", "int8"),),
     "fp16 islands": (("c2", "fp16"), ("add", "fp16")),
+    "int16 layer, int8 weights elsewhere": (("c2", "int16"), ("c1", "w8a8")),
+    "int2 weights, fp16 input": (("c3", {"w": "int2", "a": "fp16"}),),
 }
 
 
