@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--overflow-mode", default="saturate", help="16-bit accumulator: saturate | wrap")
     analyze.add_argument("--requant", default="float", help="float (onnxruntime) | fixed (m0*2^-n) | shift (pow2)")
     analyze.add_argument("--overflow-images", type=int, default=256, help="test images for overflow statistics")
-    analyze.add_argument("--plan", help="mixed-precision plan JSON (integer plans only: the engine has no float kernels)")
+    analyze.add_argument("--plan", help="mixed-precision plan JSON (float islands run in float32 in the engine)")
     sens = sub.add_parser("sensitivity", help="per-layer sensitivity sweeps (seed 000) and the group table (seed 002)")
     _model_args(sens)
     _quant_args(sens)

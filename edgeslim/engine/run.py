@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
-from . import ops
+from . import float_ops, ops
 from .overflow import OverflowStats
 
 
@@ -128,6 +127,18 @@ OPS = {
 }
 
 
+DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity")
+
+
+def _kernel(g: IntGraph, node: IntNode):
+    """The integer kernel, or the float one for a float island of a mixed-precision graph."""
+    if node.op in float_ops.OPS:
+        return float_ops.OPS[node.op]
+    if node.op in DATA_MOVEMENT and node.outputs[0] not in g.qparams:
+        return float_ops.data_movement
+    return OPS.get(node.op)
+
+
 def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits: int = 32,
         overflow: str = "saturate", stats: OverflowStats | None = None, batch_size: int = 256,
         return_codes: bool = False) -> dict[str, np.ndarray]:
@@ -139,9 +150,6 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
     """
     if requant not in ops.ACC_MODES:
         raise ValueError(f"unknown requantization mode {requant!r}: use one of {ops.ACC_MODES}")
-    if g.is_mixed():
-        raise EdgeslimError("the integer engine runs integer graphs only and this one has FP16/FP32 islands "
-                            "(mixed precision): run it in onnxruntime, or use an all-integer plan")
     if stats is not None:
         stats.accumulator_bits = accumulator_bits
     cfg = {"requant": requant, "accumulator_bits": accumulator_bits, "overflow": overflow, "stats": stats}
@@ -151,7 +159,7 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
     for i in range(0, len(x), batch_size):
         env = {g.input_name: x[i:i + batch_size]}
         for node in g.nodes:
-            fn = OPS.get(node.op)
+            fn = _kernel(g, node)
             if fn is None:
                 raise ValueError(f"engine has no kernel for IntGraph op {node.op} ({node.name})")
             env[node.outputs[0]] = fn(g, node, env, cfg)
