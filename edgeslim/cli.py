@@ -85,7 +85,10 @@ def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
                    help="precision of layers kept high: int8, int16, fp16, fp32 or w8a16 style (default: "
                         + (high_default or "int8 when --w-bits/--a-bits are below 8, else fp32") + ")")
     p.add_argument("--holdout-size", type=int, default=1000,
-                   help="held-out images from --calib-data (disjoint from calibration) that score every plan")
+                   help="held-out images that score every plan (default 1000)")
+    p.add_argument("--holdout-from", default="calib",
+                   help="calib (default: from --calib-data, disjoint from calibration; all --data reports) or data "
+                        "(from --data; the final numbers use the other --data images)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +191,7 @@ def _sensitivity(args) -> int:
     model, info = _load_model(args)
     calib, test = _data(args, info)
     s = run_sensitivity(model, info, calib, test, config, Path(args.out), high=high, holdout_size=args.holdout_size,
-                        groups=groups, group_table=not args.no_groups,
+                        groups=groups, group_table=not args.no_groups, holdout_from=args.holdout_from,
                         measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
     sens = s["sensitivity"]
     print(f"\nFP32 {sens['fp32_top1']:.4f}, uniform {sens['low']} {sens['uniform']['top1']:.4f} on "
@@ -221,7 +224,8 @@ def _mixed(args) -> int:
     model, info = _load_model(args)
     calib, test = _data(args, info)
     s = run_mixed(model, info, calib, test, config, Path(args.out), budget=budget, high=high,
-                  holdout_size=args.holdout_size, measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
+                  holdout_size=args.holdout_size, holdout_from=args.holdout_from,
+                  measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
     m = s["mixed"]
     print(f"\n{'':<22}{'test top-1':>11}{'ONNX top-1':>11}{'KiB':>9}{'ms b1':>9}")
     print(f"{'FP32':<22}{s['fp32']['top1']:>11.4f}{s['fp32']['onnx_top1']:>11.4f}"
@@ -230,12 +234,14 @@ def _mixed(args) -> int:
           f"{s['uniform']['size_bytes'] / 1024:>9.1f}{s['uniform']['latency_ms']['batch1']:>9.3f}")
     print(f"{'mixed':<22}{m['top1']:>11.4f}{s['onnx_mixed']['top1']:>11.4f}{m['size_bytes'] / 1024:>9.1f}"
           f"{m['latency_ms']['batch1']:>9.3f}")
-    print(f"{'met' if s['met'] else 'NOT met'} on the {s['images']['holdout']} held-out images: {s['reason']}")
+    print(f"{'met' if s['met'] else 'NOT met'} on the {s['images']['holdout']} held-out images "
+          f"(from --{'calib-data' if s['images']['holdout_from'] == 'calib' else 'data'}): {s['reason']}")
     if s["budget"]["max_drop"] is not None:
         drop = s["fp32"]["top1"] - m["top1"]
-        print(f"on the test set: drop {drop * 100:.2f} points (budget {s['budget']['max_drop'] * 100:.2f}): "
-              + ("within budget" if s["met_on_test"] else "OVER budget (the held-out subset is small or unlike the "
-                                                           "test data: raise --holdout-size)"))
+        print(f"on the {s['images']['test']} test images: drop {drop * 100:.2f} points (budget "
+              f"{s['budget']['max_drop'] * 100:.2f}): " + ("within budget" if s["met_on_test"] else
+              "OVER budget (the held-out images are few or unlike the test data: raise --holdout-size, or "
+              "--holdout-from data when --calib-data is the training set)"))
     print(f"high precision ({s['high']}): {', '.join(m['high_precision_layers']) or 'none'} = "
           f"{m['high_precision_mac_fraction']:.1%} of MACs")
     print(f"wrote {args.out}/summary.json, plan.json, model_mixed.onnx, report.html")

@@ -1,8 +1,12 @@
 """The ``sensitivity`` and ``mixed`` jobs: per-layer sweeps, group tables and the budgeted search, into one folder.
 
-Data roles (so the search never tunes on the test set): calibration images come from ``--calib-data``
-(seeded, class-balanced); a *held-out* subset of the same source, disjoint from the calibration images,
-scores the sweeps and the search; ``--data`` is only used for the final numbers. Outputs are staged and
+Data roles (so the search never tunes on the images it reports): calibration images come from
+``--calib-data`` (seeded, class-balanced); a *held-out* subset scores the sweeps and the search. By default
+(``holdout_from="calib"``) it is taken from ``--calib-data``, disjoint from the calibration images, and every
+``--data`` image is used for the final numbers. With ``holdout_from="data"`` it is a seeded, class-balanced
+subset of ``--data`` and the final numbers use the *other* ``--data`` images: use it when the calibration
+source is training data the model has memorized (quantization then costs less accuracy there than on new
+images, so a budget met on it can be missed on the test set). Outputs are staged and
 moved in at the end (``summary.json`` last), as ``quantize`` does.
 """
 
@@ -35,26 +39,38 @@ from .quant.precision import LayerPrecision
 from .report.mixed_html import write_mixed_report, write_sensitivity_report
 
 
+HOLDOUT_SOURCES = ("calib", "data")
+
+
 @dataclass(frozen=True)
 class MixedData:
     calib: np.ndarray
     holdout_x: torch.Tensor
     holdout_y: np.ndarray
+    eval_idx: np.ndarray  # the --data images the final numbers use (all of them unless the holdout came from there)
+    holdout_from: str = "calib"
 
 
-def load_mixed_data(calib_ds: ImageDataset, config: PTQConfig, holdout_size: int) -> MixedData:
-    """Calibration images plus a disjoint, class-balanced held-out subset of the same data."""
+def load_mixed_data(calib_ds: ImageDataset, config: PTQConfig, holdout_size: int, test_ds: ImageDataset,
+                    holdout_from: str = "calib") -> MixedData:
+    """Calibration images plus a class-balanced held-out subset (see the module docstring for its source)."""
     if holdout_size <= 0:
         raise EdgeslimError(f"invalid --holdout-size {holdout_size}: use a positive number of images")
+    if holdout_from not in HOLDOUT_SOURCES:
+        raise EdgeslimError(f"invalid --holdout-from {holdout_from!r}: use calib or data")
     idx = calibration_indices(len(calib_ds), config.calib_size, config.seed, calib_ds.labels)
-    rest = np.setdiff1d(np.arange(len(calib_ds)), idx)
-    if len(rest) < 50:
-        raise EdgeslimError(f"--calib-data has {len(calib_ds)} images and {len(idx)} go to calibration: the held-out "
-                            "subset that scores the sweeps needs at least 50 more (lower --calib-size or add images)")
-    hold = rest[calibration_indices(len(rest), holdout_size, config.seed + 1, calib_ds.labels[rest])]
+    src = calib_ds if holdout_from == "calib" else test_ds
+    rest = np.setdiff1d(np.arange(len(calib_ds)), idx) if holdout_from == "calib" else np.arange(len(test_ds))
+    if len(rest) < 50 + (50 if holdout_from == "data" else 0):
+        what = "--calib-data" if holdout_from == "calib" else "--data"
+        raise EdgeslimError(f"{what} has too few images for a held-out subset of at least 50 (and, from --data, 50 "
+                            "more to report on): add images or lower --calib-size")
+    size = min(holdout_size, len(rest) - 50) if holdout_from == "data" else holdout_size
+    hold = rest[calibration_indices(len(rest), size, config.seed + 1, src.labels[rest])]
+    eval_idx = np.arange(len(test_ds)) if holdout_from == "calib" else np.setdiff1d(np.arange(len(test_ds)), hold)
     calib = np.concatenate([x for x, _ in batches(calib_ds, 256, idx, desc="loading calibration images")])
-    xh = np.concatenate([x for x, _ in batches(calib_ds, 256, hold, desc="loading held-out images")])
-    return MixedData(calib, torch.from_numpy(xh), calib_ds.labels[hold])
+    xh = np.concatenate([x for x, _ in batches(src, 256, hold, desc="loading held-out images")])
+    return MixedData(calib, torch.from_numpy(xh), src.labels[hold], eval_idx, holdout_from)
 
 
 def calibrated(model: nn.Module, info: ModelInfo, data: MixedData, config: PTQConfig) -> fx.GraphModule:
@@ -109,29 +125,32 @@ class OnnxBench:
         return self.latency(path)
 
 
-def onnx_top1(paths: dict[str, Path], test_ds: ImageDataset, batch_size: int, desc: str) -> dict[str, float]:
-    """Top-1 of several ONNX models on the test set, decoding each batch once."""
+def onnx_top1(paths: dict[str, Path], test_ds: ImageDataset, batch_size: int, desc: str,
+              indices: np.ndarray | None = None) -> dict[str, float]:
+    """Top-1 of several ONNX models on the test set (or its ``indices``), decoding each batch once."""
     sessions = {k: ort_eval.session(p, threads=0) for k, p in paths.items()}
     outs: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
-    for x, _ in batches(test_ds, batch_size, desc=desc):
+    for x, _ in batches(test_ds, batch_size, indices, desc=desc):
         for k, s in sessions.items():
             outs[k].append(ort_eval.predict(s, x, batch_size))
-    return {k: metrics.top1(np.concatenate(v), test_ds.labels) for k, v in outs.items()}
+    labels = test_ds.labels if indices is None else test_ds.labels[indices]
+    return {k: metrics.top1(np.concatenate(v), labels) for k, v in outs.items()}
 
 
 def torch_top1(gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
-               test_ds: ImageDataset, batch_size: int) -> dict[str, float]:
+               test_ds: ImageDataset, batch_size: int, indices: np.ndarray | None = None) -> dict[str, float]:
     """Top-1 on the test set of the FP32 model and of the fake-quant model under each plan (one decode pass)."""
     outs: dict[str, list[np.ndarray]] = {k: [] for k in ("fp32", *plans)}
     with torch.no_grad():
-        for x, _ in batches(test_ds, batch_size, desc="evaluating on the test set"):
+        for x, _ in batches(test_ds, batch_size, indices, desc="evaluating on the test set"):
             t = torch.from_numpy(x)
             outs["fp32"].append(model(t).numpy())
             for k, plan in plans.items():
                 ptq.apply_plan(gm, config, plan)
                 ptq.set_mode(gm, "quant")
                 outs[k].append(gm(t).numpy())
-    return {k: metrics.top1(np.concatenate(v), test_ds.labels) for k, v in outs.items()}
+    labels = test_ds.labels if indices is None else test_ds.labels[indices]
+    return {k: metrics.top1(np.concatenate(v), labels) for k, v in outs.items()}
 
 
 # ----------------------------------------------------------------------------- sensitivity job
@@ -139,20 +158,21 @@ def torch_top1(gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan
 def run_sensitivity(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,
                     config: PTQConfig, out: Path, *, high: LayerPrecision, holdout_size: int = 1000,
                     groups: dict[str, tuple[str, ...]] | None = None, group_table: bool = True,
-                    measure: MeasureOptions = MeasureOptions()) -> dict:
+                    holdout_from: str = "calib", measure: MeasureOptions = MeasureOptions()) -> dict:
     """Both per-layer sweeps on the held-out subset, and the group table on the test set."""
     _check_classes(info, test_ds)
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
-        data = load_mixed_data(calib_ds, config, holdout_size)
+        data = load_mixed_data(calib_ds, config, holdout_size, test_ds, holdout_from)
         gm = calibrated(model, info, data, config)
         sens = mp.sensitivity(gm, config, data.holdout_x, data.holdout_y, high=high, progress=True)
         summary = {"model": info.name, "config": config.to_dict(), "sensitivity": sens,
                    "images": {"calibration": int(len(data.calib)), "holdout": int(len(data.holdout_y)),
-                              "test": int(len(test_ds))}}
+                              "holdout_from": holdout_from, "test": int(len(data.eval_idx))}}
         if group_table:
-            summary["groups"] = run_group_table(gm, model, info, config, test_ds, stage, groups, high, measure)
+            summary["groups"] = run_group_table(gm, model, info, config, test_ds, stage, groups, high, measure,
+                                                data.eval_idx)
         summary["total_seconds"] = time.perf_counter() - t0
         write_sensitivity_report(summary, stage / "report.html")
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -163,7 +183,7 @@ def run_sensitivity(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, t
 
 def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, config: PTQConfig,
                     test_ds: ImageDataset, stage: Path, groups: dict[str, tuple[str, ...]] | None,
-                    high: LayerPrecision, measure: MeasureOptions) -> dict:
+                    high: LayerPrecision, measure: MeasureOptions, indices: np.ndarray | None = None) -> dict:
     """Seed 002's Table 2: each combination of groups at high precision (the rest quantized) exported to
     ONNX, with test top-1 (onnxruntime), stored size and paired latency vs FP32."""
     groups = groups or mp.default_groups(gm)
@@ -182,7 +202,7 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
                          "precision": {g: str(precisions[g]) for g in names},
                          "weight_bytes": lower(gm, info.input_shape).weight_bytes(),
                          "onnx_bytes": paths[key].stat().st_size, "key": key})
-        top1 = onnx_top1(paths, test_ds, measure.batch_size, f"evaluating {len(paths)} group combinations")
+        top1 = onnx_top1(paths, test_ds, measure.batch_size, f"evaluating {len(paths)} group combinations", indices)
         for row in rows:
             row["top1"] = top1[row["key"]]
             ms, ratio = bench.latency(paths[row["key"]])
@@ -197,13 +217,13 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
 
 def run_mixed(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,
               config: PTQConfig, out: Path, *, budget: mp.Budget, high: LayerPrecision, holdout_size: int = 1000,
-              measure: MeasureOptions = MeasureOptions()) -> dict:
+              holdout_from: str = "calib", measure: MeasureOptions = MeasureOptions()) -> dict:
     """Search a mixed-precision plan under ``budget`` and verify it on the test set, in PyTorch and onnxruntime."""
     _check_classes(info, test_ds)
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
-        data = load_mixed_data(calib_ds, config, holdout_size)
+        data = load_mixed_data(calib_ds, config, holdout_size, test_ds, holdout_from)
         gm = calibrated(model, info, data, config)
         sens = mp.sensitivity(gm, config, data.holdout_x, data.holdout_y, high=high, sweeps=("keep_high",),
                               progress=True)
@@ -222,9 +242,10 @@ def run_mixed(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds
             lat = {"fp32": None}
             for key, path in (("uniform", uniform_path), ("mixed", mixed_path)):
                 lat[key] = bench.latency(path, 1) + bench.latency(path, 64)
-            top1 = torch_top1(gm, config, {"uniform": None, "mixed": chosen.plan}, model, test_ds, measure.batch_size)
+            top1 = torch_top1(gm, config, {"uniform": None, "mixed": chosen.plan}, model, test_ds, measure.batch_size,
+                              data.eval_idx)
             onnx = onnx_top1({"fp32": bench.fp32, "uniform": uniform_path, "mixed": mixed_path}, test_ds,
-                             measure.batch_size, "evaluating the ONNX models")
+                             measure.batch_size, "evaluating the ONNX models", data.eval_idx)
             sizes = {"fp32": bench.fp32.stat().st_size, "uniform": uniform_path.stat().st_size,
                      "mixed": mixed_path.stat().st_size}
             fp32_ms = bench.latency(bench.fp32, 1)[0]
@@ -236,7 +257,7 @@ def run_mixed(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds
         summary = {
             "model": info.name,
             "images": {"calibration": int(len(data.calib)), "holdout": int(len(data.holdout_y)),
-                       "test": int(len(test_ds))},
+                       "holdout_from": holdout_from, "test": int(len(data.eval_idx))},
             "budget": {"max_drop": budget.max_drop, "max_size_bytes": budget.max_size_bytes,
                        "max_latency_ms": budget.max_latency_ms},
             "fp32": {"top1": top1["fp32"], "holdout_top1": res.fp32_top1, "onnx_top1": onnx["fp32"],

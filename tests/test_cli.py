@@ -240,3 +240,15 @@ def test_mixed_bad_input_is_one_line(capsys, tmp_path, npz_data, user_model):
                                                 "--plan", bad), "matches no layer")
     _expect_error(capsys, tmp_path, _mixed_argv("mixed", user_model, npz_data, tmp_path / "run", "--max-drop", "0.01",
                                                 "--high", "int99"), "int99")
+
+
+def test_mixed_holdout_from_data_reports_on_the_other_images(capsys, tmp_path, npz_data, user_model):
+    out = tmp_path / "mixed"
+    code, stdout, _ = _run(capsys, *_mixed_argv("mixed", user_model, npz_data, out, "--max-size-kb", "2",
+                                                "--holdout-from", "data"))
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["images"]["holdout_from"] == "data" and s["images"]["holdout"] == 100 and s["images"]["test"] == 140
+    assert s["mixed"]["size_bytes"] <= 2048 or not s["met"]
+    _expect_error(capsys, tmp_path, _mixed_argv("mixed", user_model, npz_data, tmp_path / "run", "--max-drop", "0.1",
+                                                "--holdout-from", "test"), "--holdout-from")
