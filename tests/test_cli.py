@@ -252,3 +252,13 @@ def test_mixed_holdout_from_data_reports_on_the_other_images(capsys, tmp_path, n
     assert s["mixed"]["size_bytes"] <= 2048 or not s["met"]
     _expect_error(capsys, tmp_path, _mixed_argv("mixed", user_model, npz_data, tmp_path / "run", "--max-drop", "0.1",
                                                 "--holdout-from", "test"), "--holdout-from")
+
+
+def test_mixed_under_a_latency_budget_measures_every_step(capsys, tmp_path, npz_data, user_model):
+    out = tmp_path / "mixed"
+    code, _, _ = _run(capsys, *_mixed_argv("mixed", user_model, npz_data, out, "--max-latency-ms", "1000"))
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["met"] and all(c["latency_ms"] is not None and c["latency_ms"] > 0 for c in s["candidates"])
+    accepted = [c for c in s["search"]["steps"] if c["accepted"]]
+    assert all(b["top1"] >= a["top1"] for a, b in zip(accepted, accepted[1:]))  # promotions verified as gains

@@ -245,3 +245,13 @@ def test_fp16_whole_model_export_is_close_to_fp32(tiny_model, tmp_path):
     a = ort_eval.predict(ort_eval.session(fp32), x)
     b = ort_eval.predict(ort_eval.session(fp16), x)
     np.testing.assert_allclose(b, a, atol=2e-2 * np.abs(a).max())
+
+
+def test_paired_drop_standard_error_matches_numpy():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    ref = torch.from_numpy(rng.standard_normal((400, 3)).astype(np.float32))
+    other = ref + torch.from_numpy(rng.standard_normal((400, 3)).astype(np.float32))
+    d = (ref.argmax(1).numpy() == y).astype(float) - (other.argmax(1).numpy() == y)
+    assert mp.paired_drop_se(ref, other, y) == pytest.approx(np.std(d, ddof=1) / np.sqrt(400))
+    assert mp.paired_drop_se(ref, ref, y) == 0.0

@@ -57,6 +57,13 @@ def score(gm: fx.GraphModule, x: torch.Tensor, y: np.ndarray, ref: torch.Tensor)
     return Score(top1, sqnr_db(ref, out), float((out - ref).pow(2).mean()))
 
 
+def paired_drop_se(ref_logits: torch.Tensor, logits: torch.Tensor, y: np.ndarray) -> float:
+    """Standard error of the accuracy drop of ``logits`` vs the reference on the same images (paired):
+    std(hit_ref - hit) / sqrt(n). A budget much smaller than this cannot be checked on these images."""
+    d = (ref_logits.argmax(1).numpy() == y).astype(np.float64) - (logits.argmax(1).numpy() == y)
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("inf")
+
+
 def fp32_logits(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
     """The (BN-folded) float model's logits: every quantizer off."""
     ptq.set_mode(gm, "off")
@@ -349,6 +356,7 @@ class SearchResult:
     frontier: list[Candidate] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     seconds: float = 0.0
+    drop_se: float = 0.0  # standard error of the chosen plan's held-out drop (paired with FP32)
 
 
 LatencyFn = Callable[[fx.GraphModule], tuple[float, float]]  # frozen model -> (ms, ratio vs FP32)
@@ -427,9 +435,14 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray
     reason = _reason(met, current, fp32_top1, budget, uniform)
     candidate(tuple(names), "all high")  # the other end of the frontier
     ptq.apply_plan(gm, config, current.plan)
+    ptq.set_mode(gm, "quant")
+    se = paired_drop_se(ref, logits_of(gm, x), y)
+    if budget.max_drop is not None and budget.max_drop < 2 * se:
+        reason += (f"; caution: on {len(y)} held-out images the drop is known to +-{se * 100:.2f} points (one standard "
+                   f"error), too coarse for a {budget.max_drop * 100:.2f}-point budget: raise --holdout-size")
     cands = list(evaluated.values())
     return SearchResult(current, met, reason, fp32_top1, uniform, steps, pareto(cands), cands,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, se)
 
 
 def measure_latency(gm: fx.GraphModule, config: PTQConfig, cands: list[Candidate], latency_of: LatencyFn,
