@@ -90,7 +90,8 @@ def search(model, info, train, test, args, work: Path) -> None:
         suffix = "" if args.holdout_from == "calib" else "_dataholdout"
         fig = _save(frontier_figure(s), f"mixed_frontier_resnet20_w4a4_{high}{suffix}.png")
         evaluated = len(s["candidates"])
-        notes.append(f"- **high = {high}**: {s['reason']}. On the test set: drop "
+        notes.append(f"- **high = {high}**: {s['reason']}. Standard error of the held-out drop (paired with FP32): "
+                     f"{m.get('holdout_drop_se', float('nan')) * 100:.2f} points. On the test set: drop "
                      f"{(f['top1'] - m['top1']) * 100:.2f} points ({'within' if s['met_on_test'] else 'over'} the "
                      f"budget). High-precision ops: {', '.join(m['high_precision_layers']) or 'none'}. Search "
                      f"{s['search']['seconds']:.0f} s + sensitivity {s['search']['sensitivity_seconds']:.0f} s, "
