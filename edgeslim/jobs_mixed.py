@@ -80,6 +80,12 @@ def calibrated(model: nn.Module, info: ModelInfo, data: MixedData, config: PTQCo
     return ptq.freeze(gm, config)
 
 
+def _start(model, info, calib_ds, test_ds, config, holdout_size, holdout_from) -> tuple[MixedData, fx.GraphModule]:
+    """Load calibration + held-out images and calibrate once (the common start of both jobs)."""
+    data = load_mixed_data(calib_ds, config, holdout_size, test_ds, holdout_from)
+    return data, calibrated(model, info, data, config)
+
+
 def _staged(out: Path, work) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,8 +170,7 @@ def run_sensitivity(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, t
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
-        data = load_mixed_data(calib_ds, config, holdout_size, test_ds, holdout_from)
-        gm = calibrated(model, info, data, config)
+        data, gm = _start(model, info, calib_ds, test_ds, config, holdout_size, holdout_from)
         sens = mp.sensitivity(gm, config, data.holdout_x, data.holdout_y, high=high, progress=True)
         summary = {"model": info.name, "config": config.to_dict(), "sensitivity": sens,
                    "images": {"calibration": int(len(data.calib)), "holdout": int(len(data.holdout_y)),
@@ -223,8 +228,7 @@ def run_mixed(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
-        data = load_mixed_data(calib_ds, config, holdout_size, test_ds, holdout_from)
-        gm = calibrated(model, info, data, config)
+        data, gm = _start(model, info, calib_ds, test_ds, config, holdout_size, holdout_from)
         sens = mp.sensitivity(gm, config, data.holdout_x, data.holdout_y, high=high, sweeps=("keep_high",),
                               progress=True)
         order = [r["name"] for r in sorted(sens["rows"], key=lambda r: (-r["keep_high"]["delta"],
