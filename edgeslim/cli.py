@@ -34,6 +34,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="float", help="float | pow2 (bit-shift requant) | global (one scale, baseline)")
     p.add_argument("--calibrator", default="minmax", help="minmax | percentile | entropy | mse")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse Conv/Add + ReLU (separate requantization)")
+    p.add_argument("--algorithm", default="", help="extra PTQ steps, comma-separated: cle (cross-layer equalization)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
@@ -138,7 +139,8 @@ def _config(args):
     config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity, scheme=args.scheme,
                        w_scheme=args.w_scheme,
                        scale=args.scale, calibrator=args.calibrator, fuse=not args.no_fuse,
-                       calib_size=args.calib_size, seed=args.seed)
+                       calib_size=args.calib_size, seed=args.seed,
+                       algorithms=tuple(a.strip() for a in args.algorithm.split(",") if a.strip()))
     if args.threads < 1:
         raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
     return config

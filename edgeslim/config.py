@@ -15,6 +15,7 @@ GRANULARITIES = ("channel", "tensor")
 SCHEMES = ("symmetric", "asymmetric")
 SCALES = ("float", "pow2", "global")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+ALGORITHMS = ("cle",)  # PTQ steps beyond calibration, applied in this order
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -37,6 +38,8 @@ class PTQConfig:
       of two: shift-only requantization as on VTA), ``global`` (one power-of-two activation scale for
       the whole model, signed, as TVM-VTA's single global scale that seed 001 improves on).
     * ``fuse``: Conv(+BN)+ReLU and Add+ReLU share one output quantizer (seed 001's scale substitution).
+    * ``algorithms``: extra PTQ steps; ``cle`` = cross-layer equalization of Conv-ReLU-Conv pairs
+      (``algorithms/cle.py``), run on the folded float graph before quantizers are placed.
     """
 
     w_bits: int = 8
@@ -49,8 +52,14 @@ class PTQConfig:
     fuse: bool = True
     calib_size: int = 512
     seed: int = 0
+    algorithms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "algorithms", tuple(self.algorithms))
+        for a in self.algorithms:
+            _one_of("--algorithm", a, ALGORITHMS)
+        if "cle" in self.algorithms and not self.fuse:
+            raise EdgeslimError("--algorithm cle equalizes fused Conv+ReLU pairs: drop --no-fuse")
         check_bits(self.w_bits, "--w-bits")
         check_bits(self.a_bits, "--a-bits")
         _one_of("--granularity", self.granularity, GRANULARITIES)

@@ -31,6 +31,7 @@ from ..graph.capture import annotate_shapes, capture
 from ..graph.passes import fold_bn, fuse_conv_act
 from ..quant.modules import ActQuant, ConvAct, QuantConv2d, QuantLinear, QuantSpec
 from ..quant.precision import Precision, highest
+from .cle import equalize
 
 WEIGHTED: dict[type, Callable] = {
     nn.Conv2d: QuantConv2d.from_float,
@@ -48,6 +49,8 @@ def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig,
     """
     gm = capture(copy.deepcopy(model).eval(), input_shape)
     passes = [fold_bn, fuse_conv_act] if config.fuse else [fold_bn]
+    if "cle" in config.algorithms:
+        passes.append(equalize)
     for graph_pass in passes:
         gm = graph_pass(gm)
     annotate_shapes(gm, input_shape)
