@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from .algorithms import ptq
+from .algorithms.bias_correction import correct_bias
 from .config import MixedPlan, PTQConfig
 from .errors import EdgeslimError
 from .export.onnx_qdq import save_onnx, to_onnx
@@ -67,8 +68,11 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
         input_shape = tuple(np.asarray(calib).shape[1:]) if not isinstance(calib, torch.Tensor) else tuple(calib.shape[1:])
     t0 = time.perf_counter()
     gm = ptq.prepare(model, tuple(input_shape), config, plan)
-    ptq.calibrate(gm, _as_batches(calib, batch_size), progress=progress)
+    batches = _as_batches(calib, batch_size)
+    ptq.calibrate(gm, batches, progress=progress)
     ptq.freeze(gm, config)
+    if "bias-correction" in config.algorithms:
+        correct_bias(gm, batches, progress=progress)
     graph = lower(gm, tuple(input_shape))
     return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan)
 

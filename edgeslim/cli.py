@@ -34,7 +34,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="float", help="float | pow2 (bit-shift requant) | global (one scale, baseline)")
     p.add_argument("--calibrator", default="minmax", help="minmax | percentile | entropy | mse")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse Conv/Add + ReLU (separate requantization)")
-    p.add_argument("--algorithm", default="", help="extra PTQ steps, comma-separated: cle (cross-layer equalization)")
+    p.add_argument("--algorithm", default="", help="extra PTQ steps, comma-separated: cle (cross-layer equalization), "
+                        "bias-correction (empirical, on the calibration images)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")

@@ -15,7 +15,7 @@ GRANULARITIES = ("channel", "tensor")
 SCHEMES = ("symmetric", "asymmetric")
 SCALES = ("float", "pow2", "global")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
-ALGORITHMS = ("cle",)  # PTQ steps beyond calibration, applied in this order
+ALGORITHMS = ("cle", "bias-correction")  # PTQ steps beyond calibration, applied in this order
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -39,7 +39,9 @@ class PTQConfig:
       the whole model, signed, as TVM-VTA's single global scale that seed 001 improves on).
     * ``fuse``: Conv(+BN)+ReLU and Add+ReLU share one output quantizer (seed 001's scale substitution).
     * ``algorithms``: extra PTQ steps; ``cle`` = cross-layer equalization of Conv-ReLU-Conv pairs
-      (``algorithms/cle.py``), run on the folded float graph before quantizers are placed.
+      (``algorithms/cle.py``), run on the folded float graph before quantizers are placed;
+      ``bias-correction`` = empirical bias correction on the calibration images after freezing
+      (``algorithms/bias_correction.py``).
     """
 
     w_bits: int = 8

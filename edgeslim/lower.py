@@ -207,9 +207,9 @@ def _float_weights(mod) -> tuple[dict, dict]:
     bias = mod.bias_int()
     if bias is not None:  # integer input and weights: the int32 bias the simulation uses
         arrays["bias"] = bias.numpy().astype(np.int64)
-    elif mod.bias is not None:
+    elif mod.quant_bias() is not None:
         dtype = np.float16 if mod.spec.fmt == "fp16" else np.float32
-        arrays["b_float"] = mod.bias.detach().numpy().astype(dtype)
+        arrays["b_float"] = mod.quant_bias().detach().numpy().astype(dtype)
     return arrays, attrs
 
 

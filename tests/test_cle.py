@@ -83,3 +83,33 @@ def test_cle_config_validation():
         PTQConfig(algorithms=("adaround",))
     with pytest.raises(EdgeslimError, match="no-fuse"):
         PTQConfig(algorithms=("cle",), fuse=False)
+
+
+def test_bias_correction_removes_the_mean_shift_of_each_layer(tiny_model, tiny_calib):
+    from edgeslim.algorithms import ptq
+    from edgeslim.algorithms.bias_correction import _channel_means, correct_bias
+
+    config = PTQConfig(w_bits=2, a_bits=8, granularity="tensor")
+    gm = ptq.prepare(tiny_model, (3, 16, 16), config)
+    calib = tiny_calib.abs() + 0.5  # inputs with a non-zero mean: weight errors then shift the output means
+    batches = lambda: [calib]  # noqa: E731
+    ptq.calibrate(gm, batches)
+    ptq.freeze(gm, config)
+    mods = [ptq.ops.module(gm, n) for n in ptq.weighted_nodes(gm)]
+
+    def shifts():
+        ptq.set_mode(gm, "off")
+        f = _channel_means(gm, mods, batches)
+        ptq.set_mode(gm, "quant")
+        return [float((a - b).abs().max()) for a, b in zip(f, _channel_means(gm, mods, batches))]
+
+    before = shifts()
+    removed = correct_bias(gm, batches)
+    after = shifts()
+    assert list(removed.values())[0] == pytest.approx(before[0])
+    first = mods[0]
+    bias_lsb = float((first.input_scale * first.w_scale).max())  # the int32 bias grid limits the correction
+    assert before[0] > 10 * bias_lsb and after[0] <= bias_lsb + 1e-6  # input unchanged: exact up to bias rounding
+    assert sum(after) < 0.5 * sum(before)
+    q = api.quantize(tiny_model, tiny_calib, PTQConfig(w_bits=3, algorithms=("bias-correction",)))
+    assert q.config.algorithms == ("bias-correction",)

@@ -23,6 +23,7 @@ CONFIGS = [
     dict(w_bits=2, a_bits=3, scale="pow2"),
     dict(w_bits=12, a_bits=12),
     dict(w_bits=16, a_bits=16, scheme="asymmetric"),
+    dict(w_bits=4, a_bits=8, granularity="tensor", algorithms=("cle", "bias-correction")),
 ]
 
 

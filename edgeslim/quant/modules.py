@@ -112,18 +112,30 @@ class _QuantWeightMixin:
             self._fq_key = key
         return self._fq_cache
 
+    def quant_bias(self) -> torch.Tensor | None:
+        """The float bias of the quantized layer: the model's bias plus any bias correction
+        (``algorithms.bias_correction``), which the float reference (``quant_enabled=False``) never sees."""
+        delta = getattr(self, "bias_delta", None)
+        if delta is None:
+            return self.bias
+        return delta if self.bias is None else self.bias + delta
+
     def bias_int(self) -> torch.Tensor | None:
         """int32 bias codes (scale = input scale x weight scale); None when the input or weights are float."""
-        if self.bias is None or float(self.input_scale) == 0.0 or self.spec.is_float:
+        bias = self.quant_bias()
+        if bias is None or float(self.input_scale) == 0.0 or self.spec.is_float:
             return None
-        return P.quantize_bias(self.bias, self.input_scale, self.w_scale)
+        return P.quantize_bias(bias, self.input_scale, self.w_scale)
 
     def fq_bias(self) -> torch.Tensor | None:
-        q = self.bias_int() if self.quant_enabled else None
-        if q is None:
-            if self.bias is not None and self.quant_enabled and self.spec.fmt == "fp16":
-                return round_fp16(self.bias)
+        if not self.quant_enabled:
             return self.bias
+        q = self.bias_int()
+        if q is None:
+            bias = self.quant_bias()
+            if bias is not None and self.spec.fmt == "fp16":
+                return round_fp16(bias)
+            return bias
         return q.to(torch.float32) * (self.input_scale * self.w_scale)
 
 
