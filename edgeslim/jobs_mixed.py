@@ -243,7 +243,7 @@ def run_mixed(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds
             mixed_path = bench.export(gm, "model_mixed.onnx")
             ptq.apply_plan(gm, config, None)
             uniform_path = bench.export(gm, "model_uniform.onnx")
-            lat = {"fp32": None}
+            lat = {}  # model -> (ms b1, ratio b1, ms b64, ratio b64)
             for key, path in (("uniform", uniform_path), ("mixed", mixed_path)):
                 lat[key] = bench.latency(path, 1) + bench.latency(path, 64)
             top1 = torch_top1(gm, config, {"uniform": None, "mixed": chosen.plan}, model, test_ds, measure.batch_size,

@@ -167,10 +167,7 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
         arrays, attrs = _float_weights(mod)
         attrs["module"] = src.target
         if k == "conv":
-            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
-                raise EdgeslimError(f"conv {src.target}: padding {mod.padding!r}/{mod.padding_mode} is not exportable yet")
-            attrs.update(strides=list(mod.stride), pads=[mod.padding[0], mod.padding[1]] * 2,
-                         dilations=list(mod.dilation), group=mod.groups, act=mod.act)
+            attrs.update(_conv_attrs(src, mod), act=mod.act)
         node = IntNode("Conv" if k == "conv" else "Gemm", src.name, ins[:1], [src.name], attrs, arrays)
     elif k == "add":
         node = IntNode("Add", src.name, ins, [src.name])
@@ -193,12 +190,24 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
     float_names.add(src.name)
 
 
+def _int_weight_arrays(mod) -> dict[str, np.ndarray]:
+    """Integer weight codes with their per-channel (or single) scales and zero points."""
+    return {"w": mod.weight_int().numpy().astype(np.int32),
+            "w_scale": mod.w_scale.detach().float().numpy().reshape(-1),
+            "w_zero_point": mod.w_zero_point.numpy().astype(np.int32).reshape(-1)}
+
+
+def _conv_attrs(src: fx.Node, mod) -> dict:
+    if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+        raise EdgeslimError(f"conv {src.target}: padding {mod.padding!r}/{mod.padding_mode} is not exportable yet")
+    return {"strides": list(mod.stride), "pads": [mod.padding[0], mod.padding[1]] * 2,
+            "dilations": list(mod.dilation), "group": mod.groups}
+
+
 def _float_weights(mod) -> tuple[dict, dict]:
     """A float node's weights: integer codes + scales (weight-only quantization) or FP16 / FP32 values."""
     if not mod.spec.is_float:
-        arrays = {"w": mod.weight_int().numpy().astype(np.int32),
-                  "w_scale": mod.w_scale.detach().float().numpy().reshape(-1),
-                  "w_zero_point": mod.w_zero_point.numpy().astype(np.int32).reshape(-1)}
+        arrays = _int_weight_arrays(mod)
         attrs = {"w_bits": mod.spec.bits, "per_channel": mod.w_axis == 0}
     else:
         dtype = np.float16 if mod.spec.fmt == "fp16" else np.float32
@@ -222,11 +231,7 @@ def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParam
     in_name = ops.tensor_args(src)[0].name
     in_q = g.qparams[in_name]
     w_scale = mod.w_scale.detach().double().numpy().reshape(-1)
-    arrays = {
-        "w": mod.weight_int().numpy().astype(np.int32),
-        "w_scale": mod.w_scale.detach().float().numpy().reshape(-1),
-        "w_zero_point": mod.w_zero_point.numpy().astype(np.int32).reshape(-1),
-    }
+    arrays = _int_weight_arrays(mod)
     if out_q is not None:  # requantize to the output codes; None = float output (dequantized accumulator)
         arrays.update(multiplier_arrays(in_q.scale * w_scale / out_q.scale))
     bias = mod.bias_int()
@@ -234,12 +239,9 @@ def _lower_weighted(gm, g: IntGraph, src: fx.Node, qnode: fx.Node, out_q: QParam
         arrays["bias"] = bias.numpy().astype(np.int64)
     attrs = {"w_bits": mod.spec.bits, "per_channel": mod.w_axis == 0, "module": src.target}
     if op == "QLinearConv":
-        attrs.update(strides=list(mod.stride), pads=[mod.padding[0], mod.padding[1]] * 2,
-                     dilations=list(mod.dilation), group=mod.groups, clamp=(out_q.qmin, out_q.qmax))
+        attrs.update(_conv_attrs(src, mod), clamp=(out_q.qmin, out_q.qmax))
         if mod.act:
             attrs["clamp"] = _clamp_for(mod.act, out_q)
-        if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
-            raise EdgeslimError(f"conv {src.target}: padding {mod.padding!r}/{mod.padding_mode} is not exportable yet")
     elif out_q is not None:
         attrs["clamp"] = (out_q.qmin, out_q.qmax)
     else:

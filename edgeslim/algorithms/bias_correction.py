@@ -19,7 +19,7 @@ from torch import fx, nn
 from tqdm import tqdm
 
 from ..graph import ops
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d
 from . import ptq
 
 

@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from ..config import MixedPlan, PTQConfig
 from ..errors import EdgeslimError
+from ..eval.profile import profile
 from ..graph import ops
 from ..lower import lower
-from ..quant.precision import FP32, LayerPrecision, Precision
+from ..quant.precision import FP32, LayerPrecision
 from ..quant.primitives import sqnr_db
 from . import ptq
 
@@ -162,17 +163,10 @@ class LayerCost:
 
 
 def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
-    """MACs (batch of one) and weight count of every weighted layer, in graph order."""
-    rows = []
-    for node in ptq.weighted_nodes(gm):
-        mod = ops.module(gm, node)
-        shape = node.meta.get("shape") or ()
-        if isinstance(mod, torch.nn.Conv2d):
-            macs = int(np.prod(shape[1:])) * mod.weight[0].numel()
-        else:
-            macs = int(np.prod(shape[1:-1] or (1,))) * mod.weight.numel()
-        rows.append(LayerCost(ptq.op_name(gm, node), macs, int(mod.weight.numel())))
-    return rows
+    """MACs (batch of one, from ``eval.profile``) and weight count of every weighted layer, in graph order."""
+    macs = {r.name: r.macs for r in profile(gm)}
+    return [LayerCost(ptq.op_name(gm, n), macs[str(n.target)], int(ops.module(gm, n).weight.numel()))
+            for n in ptq.weighted_nodes(gm)]
 
 
 def unit_rows(gm: fx.GraphModule) -> list[dict]:

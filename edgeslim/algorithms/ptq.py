@@ -148,7 +148,7 @@ def apply_plan(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None) ->
 
 
 def _swap_weighted(gm: fx.GraphModule, config: PTQConfig) -> None:
-    spec = QuantSpec(config.w_bits, config.w_symmetric, config.granularity == "channel", config.pow2)
+    spec = weight_spec(config, config.default_precision.w)
     for node in gm.graph.nodes:
         mod = ops.module(gm, node)
         make = WEIGHTED.get(type(mod))
@@ -159,7 +159,7 @@ def _swap_weighted(gm: fx.GraphModule, config: PTQConfig) -> None:
 
 
 def _insert_act_quants(gm: fx.GraphModule, config: PTQConfig) -> None:
-    spec = QuantSpec(config.a_bits, config.symmetric, False, config.pow2)
+    spec = act_spec(config, config.default_precision.a)
     graph, quantized, counter = gm.graph, set(), [0]
 
     def add_quant_after(node: fx.Node, users: Iterable[fx.Node] | None = None) -> fx.Node:

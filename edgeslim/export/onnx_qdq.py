@@ -228,10 +228,9 @@ def _emit_float(w: _Writer, node: IntNode) -> None:
     elif op == "Clip":
         w.nodes.append(helper.make_node("Clip", [ins[0], w.const(f"{out}_lo", np.array(a["min"], np.float32)),
                                                  w.const(f"{out}_hi", np.array(a["max"], np.float32))], [out]))
-    elif op == "Cast" and a["to"] == "float16":
-        w.nodes.append(helper.make_node("Cast", ins, [out], to=TensorProto.FLOAT16))
-    elif op in ("Cast", "Identity"):
-        w.nodes.append(helper.make_node("Identity", ins, [out]))
+    elif op == "Cast":  # to FP16, or back to FP32 for a model output (as_float already widened it)
+        w.nodes.append(helper.make_node("Cast", ins, [out], to=TensorProto.FLOAT16) if a["to"] == "float16"
+                       else helper.make_node("Identity", ins, [out]))
     else:  # Add, Concat, Relu, GlobalAveragePool, ReduceMean, AveragePool: attributes as stored
         w.nodes.append(helper.make_node(op, ins, [out], **a))
 
@@ -239,11 +238,8 @@ def _emit_float(w: _Writer, node: IntNode) -> None:
 def _emit(w: _Writer, node: IntNode) -> None:
     op, a = node.op, node.attrs
     out = node.outputs[0]
-    if op in FLOAT_OPS or (op in ("MaxPool", "Slice", "Pad", "Flatten", "Identity") and out not in w.g.qparams):
-        if op in FLOAT_OPS or op == "Identity":
-            _emit_float(w, node)
-        else:
-            _emit_data_movement(w, node)
+    if op in FLOAT_OPS:  # float data movement (and FP32 aliases, Identity) goes through _emit_data_movement
+        _emit_float(w, node)
         return
     if op == "QuantizeLinear":
         w.q(w.as_float(node.inputs[0]), out, a.get("clamp"))
