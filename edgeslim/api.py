@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from .algorithms import ptq
 from .algorithms.bias_correction import correct_bias
+from .algorithms.reconstruction import Reconstruction, reconstruct
 from .config import MixedPlan, PTQConfig
 from .errors import EdgeslimError
 from .export.onnx_qdq import save_onnx, to_onnx
@@ -36,8 +37,9 @@ class Quantized:
     intgraph: IntGraph
     config: PTQConfig
     input_shape: tuple[int, ...]
-    seconds: float  # prepare + calibrate + freeze + lower
+    seconds: float  # prepare + calibrate + freeze + (reconstruction, bias correction) + lower
     plan: MixedPlan | None = None
+    reports: dict[str, list[dict]] = field(default_factory=dict)  # per-unit AdaRound / BRECQ results
 
 
 Calibration = torch.Tensor | np.ndarray | Callable[[], Iterable[torch.Tensor]]
@@ -71,10 +73,17 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     batches = _as_batches(calib, batch_size)
     ptq.calibrate(gm, batches, progress=progress)
     ptq.freeze(gm, config)
+    reports = {}
+    for method in ("adaround", "brecq"):
+        if method in config.algorithms:
+            calib_x = torch.cat([b for b in batches()])
+            settings = Reconstruction(iters=config.iters, fisher=config.fisher, seed=config.seed)
+            reports[method] = [r.to_dict() for r in reconstruct(gm, calib_x, method=method, settings=settings,
+                                                                progress=progress)]
     if "bias-correction" in config.algorithms:
         correct_bias(gm, batches, progress=progress)
     graph = lower(gm, tuple(input_shape))
-    return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan)
+    return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan, reports)
 
 
 def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto") -> Path:

@@ -34,8 +34,13 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="float", help="float | pow2 (bit-shift requant) | global (one scale, baseline)")
     p.add_argument("--calibrator", default="minmax", help="minmax | percentile | entropy | mse")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse Conv/Add + ReLU (separate requantization)")
-    p.add_argument("--algorithm", default="", help="extra PTQ steps, comma-separated: cle (cross-layer equalization), "
-                        "bias-correction (empirical, on the calibration images)")
+    p.add_argument("--algorithm", default="", help="extra PTQ steps, comma-separated, run in this order: cle "
+                        "(cross-layer equalization), adaround (learned rounding per layer) or brecq (per block, "
+                        "also learns activation step sizes), bias-correction (empirical, on the calibration images)")
+    p.add_argument("--iters", type=int, default=1000, help="adaround / brecq: iterations per layer or block "
+                        "(default 1000)")
+    p.add_argument("--fisher", action="store_true", help="brecq: weight the block loss by the diagonal Fisher "
+                        "(squared output gradients of the KL to the FP32 predictions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
@@ -141,7 +146,8 @@ def _config(args):
                        w_scheme=args.w_scheme,
                        scale=args.scale, calibrator=args.calibrator, fuse=not args.no_fuse,
                        calib_size=args.calib_size, seed=args.seed,
-                       algorithms=tuple(a.strip() for a in args.algorithm.split(",") if a.strip()))
+                       algorithms=tuple(a.strip() for a in args.algorithm.split(",") if a.strip()),
+                       iters=args.iters, fisher=args.fisher)
     if args.threads < 1:
         raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
     return config

@@ -15,7 +15,7 @@ GRANULARITIES = ("channel", "tensor")
 SCHEMES = ("symmetric", "asymmetric")
 SCALES = ("float", "pow2", "global")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
-ALGORITHMS = ("cle", "bias-correction")  # PTQ steps beyond calibration, applied in this order
+ALGORITHMS = ("cle", "adaround", "brecq", "bias-correction")  # PTQ steps beyond calibration, applied in this order
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -40,8 +40,11 @@ class PTQConfig:
     * ``fuse``: Conv(+BN)+ReLU and Add+ReLU share one output quantizer (seed 001's scale substitution).
     * ``algorithms``: extra PTQ steps; ``cle`` = cross-layer equalization of Conv-ReLU-Conv pairs
       (``algorithms/cle.py``), run on the folded float graph before quantizers are placed;
+      ``adaround`` (layer by layer) or ``brecq`` (block by block) = learned weight rounding after freezing
+      (``algorithms/reconstruction.py``; BRECQ also learns activation step sizes), ``iters`` iterations per
+      unit, BRECQ's Fisher-weighted loss with ``fisher``;
       ``bias-correction`` = empirical bias correction on the calibration images after freezing
-      (``algorithms/bias_correction.py``).
+      (``algorithms/bias_correction.py``). Whatever order they are given in, they run in ``ALGORITHMS`` order.
     """
 
     w_bits: int = 8
@@ -55,11 +58,19 @@ class PTQConfig:
     calib_size: int = 512
     seed: int = 0
     algorithms: tuple[str, ...] = ()
+    iters: int = 1000
+    fisher: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "algorithms", tuple(self.algorithms))
         for a in self.algorithms:
             _one_of("--algorithm", a, ALGORITHMS)
+        object.__setattr__(self, "algorithms", tuple(a for a in ALGORITHMS if a in self.algorithms))
+        if {"adaround", "brecq"} <= set(self.algorithms):
+            raise EdgeslimError("--algorithm adaround and brecq both learn the rounding: choose one")
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise EdgeslimError(f"invalid --iters {self.iters!r}: use a positive number of iterations per unit")
+        if self.fisher and "brecq" not in self.algorithms:
+            raise EdgeslimError("--fisher weights BRECQ's loss: add --algorithm brecq or drop --fisher")
         if "cle" in self.algorithms and not self.fuse:
             raise EdgeslimError("--algorithm cle equalizes fused Conv+ReLU pairs: drop --no-fuse")
         check_bits(self.w_bits, "--w-bits")

@@ -107,6 +107,8 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
     }
     if plan is not None:
         summary["plan"] = plan.to_dict()
+    if q.reports:  # AdaRound / BRECQ: per unit, error before / after on the calibration images, time
+        summary["reconstruction"] = q.reports
     if analyze is not None:
         summary.update(analysis.analyze(q.intgraph, test_ds, logits["onnx_int8"], analyze, measure.batch_size))
     (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))

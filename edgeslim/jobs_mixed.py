@@ -74,6 +74,10 @@ def load_mixed_data(calib_ds: ImageDataset, config: PTQConfig, holdout_size: int
 
 
 def calibrated(model: nn.Module, info: ModelInfo, data: MixedData, config: PTQConfig) -> fx.GraphModule:
+    per_plan = [a for a in config.algorithms if a != "cle"]
+    if per_plan:  # they depend on the plan: the search re-freezes hundreds of plans from one calibration
+        raise EdgeslimError(f"--algorithm {','.join(per_plan)} runs on one plan, not inside the search: search "
+                            "without it, then `edgeslim quantize --plan plan.json --algorithm ...`")
     gm = ptq.prepare(model, info.input_shape, config)
     x = torch.from_numpy(data.calib)
     ptq.calibrate(gm, lambda: (x[i:i + 128] for i in range(0, len(x), 128)), progress=True)

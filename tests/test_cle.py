@@ -80,7 +80,7 @@ def test_cle_lowers_per_tensor_low_bit_error():
 def test_cle_config_validation():
     assert PTQConfig.from_dict(PTQConfig(algorithms=("cle",)).to_dict()).algorithms == ("cle",)
     with pytest.raises(EdgeslimError, match="--algorithm"):
-        PTQConfig(algorithms=("adaround",))
+        PTQConfig(algorithms=("gptq",))
     with pytest.raises(EdgeslimError, match="no-fuse"):
         PTQConfig(algorithms=("cle",), fuse=False)
 

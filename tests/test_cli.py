@@ -262,3 +262,30 @@ def test_mixed_under_a_latency_budget_measures_every_step(capsys, tmp_path, npz_
     assert s["met"] and all(c["latency_ms"] is not None and c["latency_ms"] > 0 for c in s["candidates"])
     accepted = [c for c in s["search"]["steps"] if c["accepted"]]
     assert all(b["top1"] >= a["top1"] for a, b in zip(accepted, accepted[1:]))  # promotions verified as gains
+
+
+def test_quantize_with_brecq_writes_the_same_outputs_plus_units(capsys, tmp_path, image_folder, user_model):
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "quantize", f"{user_model}:tiny", "--input-shape", "3,8,8", "--calib-data", image_folder,
+                        "--data", image_folder, "--calib-size", "8", "--w-bits", "4", "--algorithm", "brecq",
+                        "--iters", "20", "--out", out)
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("fp32", "quantized", "onnx_int8", "size_bytes", "latency_ms", "config", "time_to_quantize_s"):
+        assert key in s
+    assert s["config"]["algorithms"] == ["brecq"] and s["config"]["iters"] == 20
+    units = s["reconstruction"]["brecq"]
+    assert sum(len(u["layers"]) for u in units) == 3
+    assert all(u["mse"] <= u["mse_rtn"] for u in units)
+
+
+@pytest.mark.parametrize("extra,needle", [(("--algorithm", "adaround,brecq"), "choose one"),
+                                          (("--algorithm", "brecq", "--iters", "0"), "--iters"),
+                                          (("--fisher",), "--fisher")])
+def test_reconstruction_options_are_checked(capsys, tmp_path, image_folder, extra, needle):
+    _expect_error(capsys, tmp_path, _quant_argv(tmp_path, image_folder, "resnet20", *extra), needle)
+
+
+def test_mixed_refuses_per_plan_algorithms(capsys, tmp_path, npz_data, user_model):
+    _expect_error(capsys, tmp_path, _mixed_argv("mixed", user_model, npz_data, tmp_path / "run", "--max-drop", "0.01",
+                                                "--algorithm", "brecq"), "edgeslim quantize --plan")

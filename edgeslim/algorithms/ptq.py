@@ -236,12 +236,18 @@ def freeze(gm: fx.GraphModule, config: PTQConfig) -> fx.GraphModule:
         ranges = [(torch.tensor(-amax), torch.tensor(amax))] * len(quants)
     for q, (lo, hi) in zip(quants, ranges):
         q.freeze(lo, hi, force_signed=config.scale == "global")
+    refresh_input_scales(gm)
+    return gm
+
+
+def refresh_input_scales(gm: fx.GraphModule) -> None:
+    """Copy each weighted layer's input scale from its input quantizer (the int32 bias scale is
+    input scale x weight scale); called by ``freeze`` and after activation scales are learned (BRECQ)."""
     for node in gm.graph.nodes:
         mod = ops.module(gm, node)
         if isinstance(mod, (QuantConv2d, QuantLinear)):
             src = input_quant(gm, node)  # float input (mixed precision): float bias, no int32 codes
             mod.input_scale.fill_(0.0) if src.spec.is_float else mod.input_scale.copy_(src.scale)
-    return gm
 
 
 def input_quant(gm: fx.GraphModule, node: fx.Node) -> ActQuant:

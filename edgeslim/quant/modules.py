@@ -89,12 +89,27 @@ class _QuantWeightMixin:
         self._fq_key = None
 
     def set_weight_spec(self, spec: QuantSpec, *, use_mse: bool = False) -> None:
-        """Re-quantize the weights with another spec (mixed precision); the bias follows at ``freeze``."""
+        """Re-quantize the weights with another spec (mixed precision); the bias follows at ``freeze``.
+        A learned rounding (``set_rounding``) belongs to the old grid and is dropped."""
+        self._buffers.pop("round_up", None)
         self._init_weight_quant(self.weight, spec, use_mse)
+
+    def set_rounding(self, round_up: torch.Tensor | None) -> None:
+        """Fix each weight's rounding direction (AdaRound / BRECQ): code = ``floor(w / s) + round_up``,
+        clamped to the range; ``None`` restores round-to-nearest. Codes stay on the same grid (same scale)."""
+        if round_up is None:
+            self._buffers.pop("round_up", None)
+        else:
+            self.register_buffer("round_up", round_up.detach().to(torch.bool).clone())
+        self._fq_key = None
 
     def weight_int(self) -> torch.Tensor:
         if self.spec.is_float:
             raise ValueError(f"weights are {self.spec.fmt}: no integer codes")
+        round_up = getattr(self, "round_up", None)
+        if round_up is not None:
+            return P.quantize_directed(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax,
+                                       self.w_axis, round_up)
         return P.quantize(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax, self.w_axis)
 
     def fq_weight(self) -> torch.Tensor:
@@ -102,15 +117,25 @@ class _QuantWeightMixin:
             return self.weight
         if self.spec.fmt == "fp16":
             return round_fp16(self.weight)
+        round_up = getattr(self, "round_up", None)
         if torch.is_grad_enabled() and self.weight.requires_grad:
+            if round_up is not None:  # learned rounding, straight-through to the weights
+                return self.weight + (self._dequantized_codes() - self.weight).detach()
             return P.fake_quantize(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax, self.w_axis)
         # inference: weights rarely change, so reuse the fake-quant copy until they (or their scale) do
-        key = (self.weight.data_ptr(), self.weight._version, self.w_scale._version, self.w_scale.data_ptr())
+        key = (self.weight.data_ptr(), self.weight._version, self.w_scale._version, self.w_scale.data_ptr(),
+               None if round_up is None else (round_up.data_ptr(), round_up._version))
         if getattr(self, "_fq_key", None) != key:
-            self._fq_cache = P.fake_quantize(self.weight.detach(), self.w_scale, self.w_zero_point,
-                                             self.w_qmin, self.w_qmax, self.w_axis)
+            if round_up is not None:
+                self._fq_cache = self._dequantized_codes()
+            else:
+                self._fq_cache = P.fake_quantize(self.weight.detach(), self.w_scale, self.w_zero_point,
+                                                 self.w_qmin, self.w_qmax, self.w_axis)
             self._fq_key = key
         return self._fq_cache
+
+    def _dequantized_codes(self) -> torch.Tensor:
+        return P.dequantize(self.weight_int(), self.w_scale, self.w_zero_point, self.w_axis)
 
     def quant_bias(self) -> torch.Tensor | None:
         """The float bias of the quantized layer: the model's bias plus any bias correction

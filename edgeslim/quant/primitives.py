@@ -139,6 +139,43 @@ def fake_quantize(
                                                   axis, qmin, qmax)
 
 
+def grid_floor(x: torch.Tensor, scale: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """``floor(x / scale)`` (as ``x * (1 / scale)`` in float32, like ``quantize``) and the remainder in [0, 1)."""
+    t = x.to(torch.float32) * _broadcast(1.0 / scale.to(torch.float32), x, axis)
+    low = torch.floor(t)
+    return low, t - low
+
+
+def quantize_directed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      axis: int | None, round_up: torch.Tensor) -> torch.Tensor:
+    """Integer codes with a chosen rounding direction per element (AdaRound): ``floor(x / s) + up + zp``, clamped."""
+    low, _ = grid_floor(x.detach(), scale, axis)
+    zp = _broadcast(zero_point.to(torch.int64), x, axis)
+    return (low.to(torch.int64) + round_up.to(torch.int64) + zp).clamp(qmin, qmax)
+
+
+def fake_quantize_soft(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                       axis: int | None, h: torch.Tensor) -> torch.Tensor:
+    """AdaRound's relaxed weights: ``(clamp(floor(x / s) + h + zp) - zp) * s`` with ``h`` in [0, 1]
+    (differentiable in ``h``; ``h`` in {0, 1} gives exactly ``dequantize(quantize_directed(...))``)."""
+    low, _ = grid_floor(x.detach(), scale, axis)
+    zp = _broadcast(zero_point.to(torch.float32), x, axis)
+    q = torch.clamp(low + h + zp, qmin, qmax)
+    return (q - zp) * _broadcast(scale.to(torch.float32), x, axis)
+
+
+def fake_quantize_lsq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      grad_scale: float = 1.0) -> torch.Tensor:
+    """Per-tensor fake quantization differentiable in ``scale`` (LSQ, Esser et al. 2020): rounding is
+    straight-through, the clamp passes no gradient to ``x``; ``grad_scale`` scales the step size's gradient.
+    Forward values equal ``fake_quantize`` (round half to even)."""
+    s = scale * grad_scale + (scale - scale * grad_scale).detach()
+    t = x / s
+    t = t + (torch.round(t) - t).detach()
+    q = torch.clamp(t + zero_point.to(torch.float32), qmin, qmax)
+    return (q - zero_point.to(torch.float32)) * s
+
+
 def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """Bias -> int32 codes with scale ``input_scale * weight_scale`` and zero point 0 (ONNX QLinearConv)."""
     s = (input_scale * weight_scale).to(torch.float32)
