@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import peers
+from bench._data import resnet20_cifar
 from bench._report import ROOT, table, write_section
 from edgeslim import api
 from edgeslim.config import MixedPlan, PTQConfig
-from edgeslim.data import Preprocess, calibration_indices, open_dataset
+from edgeslim.data import calibration_indices
 from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
-from edgeslim.models import build_model
 
 BITS = [(8, 8), (4, 8), (4, 4), (3, 8), (2, 8)]
 METHODS = {  # label -> (algorithms, calibrator)
@@ -61,10 +62,13 @@ class Runner:
             r["units_kept"] = f"{sum(u['kept'] for u in units)}/{len(units)}"
         print(f"  top-1 {r['top1']:.4f}  {r['seconds']:.0f} s", file=sys.stderr, flush=True)
         self.results[key] = r
+        self.save()
+        return r
+
+    def save(self) -> None:
         tmp = self.cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.results, indent=1))
         tmp.replace(self.cache)
-        return r
 
 
 def main() -> None:
@@ -75,14 +79,11 @@ def main() -> None:
     ap.add_argument("--long-iters", type=int, default=1000, help="iterations for the headline runs")
     ap.add_argument("--test-size", type=int, default=10000)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "edgeslim-lowbit.json"))
-    ap.add_argument("--only", default="grid,headline")
+    ap.add_argument("--only", default="grid,headline,peers")
     args = ap.parse_args()
     torch.set_num_threads(2)
     shared = Path(args.shared)
-    model, info = build_model("resnet20", shared / "models/resnet20_cifar10jpeg.pt")
-    pre = Preprocess(info.input_shape, info.mean, info.std)
-    train = open_dataset(shared / "data/cifar10-jpeg-train.zip", pre)
-    test = open_dataset(shared / "data/cifar10-jpeg-test.zip", pre)
+    model, info, train, test = resnet20_cifar(shared)
     test_idx = np.arange(len(test)) if args.test_size >= len(test) else \
         calibration_indices(len(test), args.test_size, 0, test.labels)
     x_test, y = test.batch(test_idx), test.labels[test_idx]
@@ -95,6 +96,8 @@ def main() -> None:
         _grid(runner, cal, fp32, args.iters)
     if "headline" in only:
         _headline(runner, cal[max(sizes)] if 1024 not in cal else cal[1024], fp32, args.long_iters)
+    if "peers" in only:
+        _peers(runner, cal, fp32, args.long_iters)
 
 
 def _grid(runner: Runner, cal: dict, fp32: float, iters: int) -> None:
@@ -158,6 +161,48 @@ def _headline(runner: Runner, x_cal: np.ndarray, fp32: float, iters: int) -> Non
             table(["run", "fake-quant top-1", "vs FP32 (pts)", "ONNX top-1", "ONNX vs FP32", "units kept",
                    "time to quantize s", "ONNX KiB"], rows)]
     write_section("lowbit-headline", "\n".join(body))
+
+
+def _peers(runner: Runner, cal: dict, fp32: float, iters: int) -> None:
+    """Brevitas at W4A8 / W4A4 on the same model, calibration images and test images (optional dependency)."""
+    rows = []
+    for n, x in cal.items():
+        for w, a in ((4, 8), (4, 4)):
+            for label, kw in (("Brevitas (percentile, bias correction)", {}),
+                              ("Brevitas + GPTQ", {"gptq": True}),
+                              ("Brevitas, first conv 8-bit (layerwise)", {"first_conv_8bit": True})):
+                key = f"peers/{n}/W{w}A{a}/{label}"
+                r = runner.results.get(key)
+                if r is None:
+                    print(f"[{key}]", file=sys.stderr, flush=True)
+                    res = peers.brevitas_ptq(runner.model, x, w_bits=w, a_bits=a, **kw)
+                    r = ({"error": res.error} if res.error else
+                         {"top1": metrics.top1(_logits(res.model, runner.x_test), runner.y), "seconds": res.seconds})
+                    runner.results[key] = r
+                    runner.save()
+                rows.append([f"W{w}A{a}", n, label] + (
+                    [f"failed: {r['error']}", "", ""] if "error" in r else
+                    [f"{r['top1']:.4f}", f"{100 * (r['top1'] - fp32):+.2f}", f"{r['seconds']:.0f}"]))
+    if not rows:
+        return
+    body = ["## Low-bit PTQ peers: Brevitas on the same ResNet-20\n",
+            f"Same model, calibration and {len(runner.y)} test images as above (FP32 **{fp32:.4f}**). Brevitas "
+            f"{_version('brevitas')} through its ImageNet example's `quantize_model` (graph mode; per-channel "
+            "symmetric float-scale weights; static per-tensor symmetric activations, 99.999th-percentile "
+            "calibration), then bias correction (and GPTQ where named). Top-1 of Brevitas' fake-quant PyTorch "
+            "model. Compare with the edgeslim rows of the tables above (same images). MCT and NNCF are not run "
+            "here: see the issue 5 note.\n",
+            table(["bits", "calibration images", "method", "top-1", "vs FP32 (pts)", "time s"], rows)]
+    write_section("lowbit-peers", "\n".join(body))
+
+
+def _version(pkg: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 if __name__ == "__main__":

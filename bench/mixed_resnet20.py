@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench._data import resnet20_cifar
 from bench._report import ROOT, table, write_section
 from edgeslim import api
 from edgeslim.algorithms import mixed_precision as mp
 from edgeslim.config import MixedPlan, PTQConfig
-from edgeslim.data import Preprocess, calibration_indices, open_dataset
+from edgeslim.data import calibration_indices
 from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
 from edgeslim.jobs import MeasureOptions
 from edgeslim.jobs_mixed import run_mixed, run_sensitivity
-from edgeslim.models import build_model
 from edgeslim.quant.precision import LayerPrecision
 from edgeslim.report.mixed_html import frontier_figure, sensitivity_figure
 
@@ -239,10 +239,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     shared = Path(args.shared)
-    model, info = build_model("resnet20", shared / "models/resnet20_cifar10jpeg.pt")
-    pre = Preprocess(info.input_shape, info.mean, info.std)
-    train = open_dataset(shared / "data/cifar10-jpeg-train.zip", pre)
-    test = open_dataset(shared / "data/cifar10-jpeg-test.zip", pre)
+    model, info, train, test = resnet20_cifar(shared)
     work = Path(tempfile.mkdtemp(prefix="edgeslim-mixed-bench-"))
     for name, fn in (("fp16", fp16), ("containers", containers), ("groups", groups), ("sweeps", sweeps),
                      ("search", search)):

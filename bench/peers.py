@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PeerResult", "ort_quantize_static", "nncf_quantize"]
+__all__ = ["PeerResult", "TorchPeerResult", "ort_quantize_static", "nncf_quantize", "brevitas_ptq"]
 
 @dataclass(frozen=True)
 class PeerResult:
@@ -238,3 +238,52 @@ def nncf_quantize(
     except Exception as e:  # noqa: BLE001
         return PeerResult(name, None, time.perf_counter() - t0, _one_line(e))
     return PeerResult(name, out, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- Brevitas (PyTorch fake-quant)
+
+@dataclass(frozen=True)
+class TorchPeerResult:
+    """A peer that returns a fake-quant PyTorch model (evaluated in PyTorch, like edgeslim's simulation)."""
+
+    name: str
+    model: object | None
+    seconds: float
+    error: str | None = None
+
+
+def brevitas_ptq(model, calib: np.ndarray, *, w_bits: int, a_bits: int, first_conv_8bit: bool = False,
+                 gptq: bool = False, bias_correction: bool = True) -> TorchPeerResult:
+    """Brevitas PTQ through its ImageNet example's ``quantize_model`` (graph mode, per-channel symmetric float-scale
+    weights, static per-tensor activations with percentile calibration), then GPTQ and / or bias correction.
+
+    ``first_conv_8bit`` uses Brevitas' ``layerwise`` backend, which keeps the first conv (3 input channels)
+    at 8 bits and quantizes each layer's weights and input.
+    """
+    name = "brevitas" + ("-gptq" if gptq else "") + ("-first8" if first_conv_8bit else "")
+    try:
+        import copy
+
+        import torch
+        from brevitas.graph.quantize import preprocess_for_quantize
+        from brevitas_examples.imagenet_classification.ptq import ptq_common
+    except ImportError:
+        return TorchPeerResult(name, None, 0.0, "brevitas not installed")
+    except Exception as e:  # noqa: BLE001
+        return TorchPeerResult(name, None, 0.0, f"brevitas import failed: {_one_line(e)}")
+    loader = [(torch.from_numpy(np.ascontiguousarray(b)), None) for b in _batches(calib, 64)]
+    t0 = time.perf_counter()
+    try:
+        m = preprocess_for_quantize(copy.deepcopy(model).eval(), equalize_iters=0)
+        q = ptq_common.quantize_model(
+            m, backend="layerwise" if first_conv_8bit else "fx", weight_bit_width=w_bits, act_bit_width=a_bits,
+            bias_bit_width=32, weight_quant_granularity="per_channel", act_quant_percentile=99.999,
+            act_quant_type="sym", scale_factor_type="float_scale", quant_format="int")
+        ptq_common.calibrate(loader, q)
+        if gptq:
+            ptq_common.apply_gptq(loader, q)
+        if bias_correction:
+            ptq_common.apply_bias_correction(loader, q)
+    except Exception as e:  # noqa: BLE001
+        return TorchPeerResult(name, None, time.perf_counter() - t0, _one_line(e))
+    return TorchPeerResult(name, q.eval(), time.perf_counter() - t0)

@@ -61,7 +61,8 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
 
     ``calib`` is an N,C,H,W array / tensor of preprocessed images or a callable returning an
     iterable of batches (called once per calibration pass). ``plan`` sets per-layer precisions
-    (mixed precision, FP16 / FP32 islands); see ``MixedPlan``.
+    (mixed precision, FP16 / FP32 islands); see ``MixedPlan``. ``config.algorithms`` adds CLE, AdaRound or
+    BRECQ (``config.iters`` per unit; per-unit results in ``Quantized.reports``) and bias correction.
     """
     config = config or PTQConfig()
     if input_shape is None:

@@ -36,3 +36,27 @@ def test_resnet20_w8a8_keeps_accuracy_and_runs_integer(tmp_path):
     onnx_logits = ort_eval.predict(ort_eval.session(path, threads=0), x)
     assert abs(metrics.top1(onnx_logits, y) - metrics.top1(fq, y)) <= 0.001
     assert ort_eval.integer_convs(path) == (19, 19)
+
+
+def test_resnet20_w4a8_brecq_recovers_round_to_nearest_loss(tmp_path):
+    """W4A8 on real data: BRECQ (200 iterations per unit) closes most of round-to-nearest's gap, and onnxruntime
+    runs the learned codes with the simulation's accuracy."""
+    model, info = build_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    train = open_dataset(SHARED / "data/cifar10-jpeg-train.zip", pre)
+    test = open_dataset(SHARED / "data/cifar10-jpeg-test.zip", pre)
+    calib = train.batch(calibration_indices(len(train), 256, 0, train.labels))
+    idx = calibration_indices(len(test), 2000, 0, test.labels)
+    x, y = test.batch(idx), test.labels[idx]
+
+    def top1(m):
+        with torch.no_grad():
+            return metrics.top1(torch.cat([m(torch.from_numpy(x[i:i + 500])) for i in range(0, len(x), 500)]).numpy(), y)
+
+    fp32 = top1(model)
+    rtn = top1(api.quantize(model, calib, PTQConfig(w_bits=4)).model)
+    q = api.quantize(model, calib, PTQConfig(w_bits=4, algorithms=("brecq",), iters=200))
+    brecq = top1(q.model)
+    assert fp32 - brecq < 0.5 * (fp32 - rtn)
+    path = api.export_onnx(q, tmp_path / "r20_w4.onnx")
+    assert abs(metrics.top1(ort_eval.predict(ort_eval.session(path, threads=0), x), y) - brecq) <= 0.002
