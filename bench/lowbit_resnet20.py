@@ -144,6 +144,12 @@ def _headline(runner: Runner, x_cal: np.ndarray, fp32: float, iters: int) -> Non
         ("W4A4 BRECQ, mse init, 8-bit image input", PTQConfig(w_bits=4, a_bits=4, calibrator="mse",
                                                               algorithms=("brecq",), iters=iters, calib_size=n),
          FIRST_INPUT_8BIT),
+        ("W2A8 mse (RTN)", PTQConfig(w_bits=2, a_bits=8, calibrator="mse", calib_size=n), None),
+        ("W2A8 BRECQ, mse init", PTQConfig(w_bits=2, a_bits=8, calibrator="mse", algorithms=("brecq",), iters=iters,
+                                          calib_size=n), None),
+        ("W4A4 BRECQ + Fisher, mse init, 8-bit image input",
+         PTQConfig(w_bits=4, a_bits=4, calibrator="mse", algorithms=("brecq",), iters=iters, fisher=True,
+                   calib_size=n), FIRST_INPUT_8BIT),
     ]
     rows = []
     for label, cfg, plan in runs:
@@ -151,10 +157,12 @@ def _headline(runner: Runner, x_cal: np.ndarray, fp32: float, iters: int) -> Non
         rows.append([label, r["top1"], f"{100 * (r['top1'] - fp32):+.2f}", r["onnx_top1"],
                      f"{100 * (r['onnx_top1'] - fp32):+.2f}", r.get("units_kept", ""), f"{r['seconds']:.0f}",
                      f"{r['onnx_bytes'] / 1024:.0f}"])
-    body = ["## Low-bit headline runs: W4A8 and W4A4 with the best method\n",
+    body = ["## Low-bit headline runs: W4A8, W4A4 and W2A8 with the best method\n",
             f"{n} calibration images, {iters} iterations per unit, {len(runner.y)} test images, FP32 top-1 "
-            f"**{fp32:.4f}**. Every layer's weights 4-bit (int8 containers with 4-bit ranges in the ONNX file). "
-            "`mse init`: activation ranges from the MSE calibrator before BRECQ learns the step sizes. "
+            f"**{fp32:.4f}**. Every layer's weights at the bits shown (int8 containers with 4- or 2-bit ranges in "
+            "the ONNX file). "
+            "`mse init`: activation ranges (and weight clipping) from the MSE calibrator before BRECQ learns. `Fisher`: "
+            "BRECQ's loss weighted by the squared gradient of the KL to the FP32 predictions (`--fisher`). "
             "`8-bit image input`: the plan `{\"conv1\": {\"w\": \"int4\", \"a\": \"int8\"}}` keeps only the model "
             "input at 8 bits (conv1's weights stay 4-bit). ONNX top-1: the exported QDQ model in onnxruntime. "
             "Units kept: units whose reconstruction beat round-to-nearest on the calibration images.\n",
@@ -166,7 +174,8 @@ def _headline(runner: Runner, x_cal: np.ndarray, fp32: float, iters: int) -> Non
 def _peers(runner: Runner, cal: dict, fp32: float, iters: int) -> None:
     """Brevitas at W4A8 / W4A4 on the same model, calibration images and test images (optional dependency)."""
     rows = []
-    for n, x in cal.items():
+    n = max(cal)  # the headline runs' calibration set
+    for x in (cal[n],):
         for w, a in ((4, 8), (4, 4)):
             for label, kw in (("Brevitas (percentile, bias correction)", {}),
                               ("Brevitas + GPTQ", {"gptq": True}),
@@ -183,6 +192,10 @@ def _peers(runner: Runner, cal: dict, fp32: float, iters: int) -> None:
                 rows.append([f"W{w}A{a}", n, label] + (
                     [f"failed: {r['error']}", "", ""] if "error" in r else
                     [f"{r['top1']:.4f}", f"{100 * (r['top1'] - fp32):+.2f}", f"{r['seconds']:.0f}"]))
+            for key, r in runner.results.items():  # edgeslim's runs on the same images, from the headline table
+                if key.startswith(f"headline/{n}/W{w}A{a} BRECQ"):
+                    rows.append([f"W{w}A{a}", n, "edgeslim " + key.split("/")[2][len(f"W{w}A{a} "):],
+                                 f"{r['top1']:.4f}", f"{100 * (r['top1'] - fp32):+.2f}", f"{r['seconds']:.0f}"])
     if not rows:
         return
     body = ["## Low-bit PTQ peers: Brevitas on the same ResNet-20\n",
@@ -190,7 +203,7 @@ def _peers(runner: Runner, cal: dict, fp32: float, iters: int) -> None:
             f"{_version('brevitas')} through its ImageNet example's `quantize_model` (graph mode; per-channel "
             "symmetric float-scale weights; static per-tensor symmetric activations, 99.999th-percentile "
             "calibration), then bias correction (and GPTQ where named). Top-1 of Brevitas' fake-quant PyTorch "
-            "model. Compare with the edgeslim rows of the tables above (same images). MCT and NNCF are not run "
+            "model. Compare with the headline table above (same calibration and test images). MCT and NNCF are not run "
             "here: see the issue 5 note.\n",
             table(["bits", "calibration images", "method", "top-1", "vs FP32 (pts)", "time s"], rows)]
     write_section("lowbit-peers", "\n".join(body))

@@ -221,9 +221,10 @@ def _collect(runner: _Runner, x: torch.Tensor, targets: list[fx.Node], size: int
     out: list[list[torch.Tensor]] = [[] for _ in targets]
     with torch.no_grad():
         for xb in _batches(x, size):
-            for acc, v in zip(out, runner.prefix(xb, targets)):
+            for acc, v, t in zip(out, runner.prefix(xb, targets), targets):
                 if not isinstance(v, torch.Tensor):
-                    raise EdgeslimError(f"internal: unit input {targets[0].name} is not a tensor")
+                    raise EdgeslimError(f"{t.name} feeds a reconstruction unit but is not a tensor: run without "
+                                        "--algorithm adaround / brecq for this model")
                 acc.append(v.detach())
     return [torch.cat(v) for v in out]
 
