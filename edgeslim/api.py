@@ -75,12 +75,11 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     ptq.calibrate(gm, batches, progress=progress)
     ptq.freeze(gm, config)
     reports = {}
-    for method in ("adaround", "brecq"):
-        if method in config.algorithms:
-            calib_x = torch.cat([b for b in batches()])
-            settings = Reconstruction(iters=config.iters, fisher=config.fisher, seed=config.seed)
-            reports[method] = [r.to_dict() for r in reconstruct(gm, calib_x, method=method, settings=settings,
-                                                                progress=progress)]
+    method = next((m for m in ("adaround", "brecq") if m in config.algorithms), None)  # at most one (PTQConfig)
+    if method is not None:
+        settings = Reconstruction(iters=config.iters, fisher=config.fisher, seed=config.seed)
+        units = reconstruct(gm, torch.cat(list(batches())), method=method, settings=settings, progress=progress)
+        reports[method] = [r.to_dict() for r in units]
     if "bias-correction" in config.algorithms:
         correct_bias(gm, batches, progress=progress)
     graph = lower(gm, tuple(input_shape))

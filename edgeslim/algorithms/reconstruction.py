@@ -134,14 +134,18 @@ def _make_unit(gm: fx.GraphModule, name: str, nodes: list[fx.Node]) -> Unit | No
     return Unit(name, nodes, inputs, nodes[-1], layers)
 
 
+def _layer_unit(gm: fx.GraphModule, node: fx.Node, output_quant: bool) -> Unit:
+    """One layer as a unit, with its output quantizer when asked for and possible."""
+    if output_quant:
+        unit = _make_unit(gm, str(node.target), _with_output_quant(gm, [node]))
+        if unit is not None:
+            return unit
+    return _make_unit(gm, str(node.target), [node])
+
+
 def layer_units(gm: fx.GraphModule, *, output_quant: bool = False) -> list[Unit]:
     """One unit per integer-weight conv / linear (AdaRound); ``output_quant`` adds the layer's output quantizer."""
-    found = []
-    for node in ptq.weighted_nodes(gm):
-        if _integer_weighted(gm, node):
-            nodes = _with_output_quant(gm, [node]) if output_quant else [node]
-            found.append(_make_unit(gm, str(node.target), nodes) or _make_unit(gm, str(node.target), [node]))
-    return found
+    return [_layer_unit(gm, n, output_quant) for n in ptq.weighted_nodes(gm) if _integer_weighted(gm, n)]
 
 
 def block_units(gm: fx.GraphModule) -> list[Unit]:
@@ -178,7 +182,7 @@ def block_units(gm: fx.GraphModule) -> list[Unit]:
             if unit is not None:
                 done |= mine
         if unit is None:
-            unit = _make_unit(gm, str(w.target), _with_output_quant(gm, [w])) or _make_unit(gm, str(w.target), [w])
+            unit = _layer_unit(gm, w, output_quant=True)
             done.add(w)
         units.append(unit)
     return units
