@@ -1,4 +1,4 @@
-"""Command line: ``edgeslim {demo, inspect, quantize, analyze, sensitivity, mixed}``. Parses options into configs and calls the API.
+"""Command line: ``edgeslim {demo, inspect, quantize, analyze, sensitivity, mixed, qat}``. Parses options into configs and calls the API.
 
 Every user-facing problem ends in one line ``edgeslim: error: ...`` and exit status 2.
 """
@@ -84,7 +84,42 @@ def build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--max-drop", type=float, help="accuracy budget as a fraction (0.005 = 0.5 points)")
     mixed.add_argument("--max-size-kb", type=float, help="stored parameter budget in KiB")
     mixed.add_argument("--max-latency-ms", type=float, help="onnxruntime latency budget per image (batch 1)")
+    _qat_args(sub.add_parser("qat", help="quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"))
     return parser
+
+
+def _qat_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--train-data", required=True, help="training images: ImageFolder dir / zip, CIFAR batches, .npz")
+    p.add_argument("--train-split", help="split / top-level folder of --train-data (e.g. train)")
+    p.add_argument("--train-size", type=int, help="train on a seeded class-balanced subset of this many images")
+    p.add_argument("--data", required=True, help="test data, scored after every epoch")
+    p.add_argument("--data-split", help="split / top-level folder of --data (e.g. test)")
+    p.add_argument("--val-size", type=int, help="score each epoch on a seeded subset of --data of this size "
+                   "(the final numbers use all of --data)")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--quantizer", default="uniform", help="levels: uniform (default) | pot | apot (powers of two)")
+    p.add_argument("--a-quantizer", help="activation levels if not --quantizer's (uniform activations export to ONNX)")
+    p.add_argument("--method", default="lsq", help="gradient estimator: lsq (default) | ste | ewgs | dsq | daq")
+    p.add_argument("--epochs", type=int, help="epochs (default 1 unless --max-steps is given)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=0.001, help="peak learning rate of the cosine schedule (default 0.001; BN is folded, "
+                   "so rates that suit the float model with BN can diverge)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size, split over processes (default 128)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--kd", action="store_true", help="distil from the FP32 model (KL to its predictions)")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="with --kd: weight of the KL term (rest: labels)")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-size", type=int, default=512, help="training images that calibrate the PTQ start")
+    p.add_argument("--calibrator", default="mse", help="PTQ start: mse (default) | minmax | percentile | entropy")
+    p.add_argument("--granularity", default="channel", help="weights: channel (default) | tensor")
+    p.add_argument("--plan", help="per-layer precisions JSON (e.g. first / last layer at int8); see `edgeslim mixed`")
+    p.add_argument("--threads", type=int, help="PyTorch threads per process (default: PyTorch's choice)")
+    p.add_argument("--out", required=True, help="output folder")
 
 
 def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
@@ -102,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
-                "sensitivity": _sensitivity, "mixed": _mixed}[args.command](args)
+                "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat}[args.command](args)
     except EdgeslimError as exc:
         print(f"edgeslim: error: {exc}", file=sys.stderr)
         return 2
@@ -254,6 +289,52 @@ def _mixed(args) -> int:
     print(f"high precision ({s['high']}): {', '.join(m['high_precision_layers']) or 'none'} = "
           f"{m['high_precision_mac_fraction']:.1%} of MACs")
     print(f"wrote {args.out}/summary.json, plan.json, model_mixed.onnx, report.html")
+    return 0
+
+
+def _qat(args) -> int:
+    import torch
+
+    from .algorithms.qat import Dist, QATConfig
+    from .config import PTQConfig
+    from .data import Preprocess, open_dataset
+    from .jobs_qat import run_qat
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
+        torch.set_num_threads(args.threads)
+    epochs = args.epochs if args.epochs is not None else (None if args.max_steps else 1)
+    cfg = QATConfig(w_bits=args.w_bits, a_bits=args.a_bits, quantizer=args.quantizer, a_quantizer=args.a_quantizer,
+                    method=args.method, epochs=epochs, max_steps=args.max_steps, lr=args.lr,
+                    batch_size=args.batch_size, weight_decay=args.weight_decay, kd=args.kd,
+                    kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, augment=not args.no_augment,
+                    seed=args.seed)
+    ptq_config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity,
+                           calibrator=args.calibrator, calib_size=args.calib_size, seed=args.seed)
+    for name in ("train_size", "val_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v}: use a positive number of images")
+    from .config import MixedPlan
+
+    plan = MixedPlan.load(args.plan) if args.plan else None
+    model, info = _load_model(args)
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    train = open_dataset(args.train_data, pre, split=args.train_split)
+    test = open_dataset(args.data, pre, split=args.data_split)
+    dist = Dist.from_env()
+    try:
+        s = run_qat(model, info, train, test, cfg, ptq_config, Path(args.out), resume=args.resume,
+                    train_size=args.train_size, val_size=args.val_size, plan=plan, dist=dist)
+    finally:
+        if dist.world > 1:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+    if dist.main:
+        print(f"wrote {args.out}/summary.json, checkpoint.pt, qat_model.pt, encodings.json"
+              + (", model_int8.onnx, model_fp32.onnx" if "top1" in s.get("onnx", {}) else ""))
     return 0
 
 

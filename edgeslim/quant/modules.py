@@ -115,6 +115,9 @@ class _QuantWeightMixin:
     def fq_weight(self) -> torch.Tensor:
         if not self.quant_enabled or self.spec.fmt == "fp32":
             return self.weight
+        wq = self._modules.get("wq")
+        if wq is not None:  # quantization-aware training (``algorithms.qat``): a trainable quantizer
+            return wq(self.weight)
         if self.spec.fmt == "fp16":
             return round_fp16(self.weight)
         round_up = getattr(self, "round_up", None)
@@ -155,6 +158,8 @@ class _QuantWeightMixin:
     def fq_bias(self) -> torch.Tensor | None:
         if not self.quant_enabled:
             return self.bias
+        if self._modules.get("wq") is not None:  # training: scales move, the int32 bias follows at ``qat.finish``
+            return self.quant_bias()
         q = self.bias_int()
         if q is None:
             bias = self.quant_bias()
@@ -218,6 +223,9 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
+            aq = self._modules.get("aq")
+            if aq is not None:  # quantization-aware training, or non-uniform (PoT / APoT) activation levels
+                return aq(x)
             if self.spec.is_float:
                 return float_fake_quant(x, self.spec)
             return P.fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)

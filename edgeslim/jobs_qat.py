@@ -1,0 +1,139 @@
+"""The ``qat`` job: FP32 and PTQ baselines, quantization-aware training, export, ``summary.json``.
+
+The checkpoint (``checkpoint.pt``) is written into ``out`` after every epoch, atomically, so a killed run
+continues with ``--resume`` and loses at most the epoch in progress. The final artefacts are staged and
+moved into ``out`` at the end, ``summary.json`` last.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import api
+from .algorithms import ptq, qat
+from .config import MixedPlan, PTQConfig
+from .data import ImageDataset, batches, calibration_indices
+from .errors import EdgeslimError
+from .eval import metrics, ort as ort_eval
+from .models import ModelInfo
+from .report.encodings import encodings
+
+
+def top1(model: nn.Module, ds: ImageDataset, batch_size: int = 256, desc: str | None = None,
+         indices: np.ndarray | None = None) -> float:
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for x, _ in batches(ds, batch_size, indices, desc=desc):
+            outs.append(model(torch.from_numpy(x)).numpy())
+    labels = ds.labels if indices is None else ds.labels[indices]
+    return metrics.top1(np.concatenate(outs), labels)
+
+
+def load_train(ds: ImageDataset, size: int | None, seed: int, info: ModelInfo, progress: bool) -> qat.TrainData:
+    """The training images as one tensor (a seeded class-balanced subset of ``size`` images if given)."""
+    idx = calibration_indices(len(ds), size, seed, ds.labels) if size else np.arange(len(ds))
+    xs = [x for x, _ in batches(ds, 512, idx, desc="loading training images" if progress else None)]
+    black = (0.0 - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
+    if len(black) != info.input_shape[0]:
+        black = np.zeros(info.input_shape[0], np.float32)
+    return qat.TrainData(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(ds.labels[idx].copy()),
+                         torch.from_numpy(black))
+
+
+def run_qat(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: ImageDataset, cfg: qat.QATConfig,
+            ptq_config: PTQConfig, out: Path, *, resume: bool = False, train_size: int | None = None,
+            val_size: int | None = None, batch_size: int = 256, plan: MixedPlan | None = None, dist: qat.Dist = qat.Dist()) -> dict:
+    """Train ``model`` quantization-aware on ``train_ds``, score on ``test_ds``, write artefacts into ``out``."""
+    if info.num_classes and len(test_ds.classes) > info.num_classes:
+        raise EdgeslimError(f"test data has {len(test_ds.classes)} classes but the model predicts {info.num_classes}: "
+                            "pass data for this model")
+    if train_ds.classes != test_ds.classes:
+        raise EdgeslimError(f"--train-data has classes {train_ds.classes[:4]}... but --data has {test_ds.classes[:4]}...: "
+                            "pass the training and test splits of the same data set")
+    out = Path(out)
+    ckpt = out / "checkpoint.pt"
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt.exists() and not resume:
+            raise EdgeslimError(f"{ckpt} exists from an earlier run: add --resume to continue it, or pass a new --out")
+    dist.barrier()
+    main = dist.main
+    data = load_train(train_ds, train_size, cfg.seed, info, main)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    summary: dict = {"model": info.name, "images": {"train": len(data.y), "test": len(test_ds),
+                                                    "calibration": min(ptq_config.calib_size, len(data.y))}}
+    if main:
+        summary["fp32"] = {"top1": top1(teacher, test_ds, batch_size, "evaluating FP32")}
+
+    calib_idx = calibration_indices(len(data.y), ptq_config.calib_size, ptq_config.seed, data.y.numpy())
+    q = api.quantize(copy.deepcopy(model).eval(), data.x[calib_idx], ptq_config, plan=plan,
+                     input_shape=info.input_shape, progress=main)
+    gm = q.model
+    if main:
+        summary["ptq"] = {"top1": top1(gm, test_ds, batch_size, "evaluating PTQ"), "seconds": q.seconds,
+                          "config": ptq_config.to_dict()}
+    notes = qat.attach(gm, cfg)
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    for qz in qat.quantizers(gm):
+        qz.scale.requires_grad_(cfg.method != "ste")
+    if main and (cfg.quantizer != "uniform" or cfg.act_quantizer != "uniform"):
+        summary["init"] = {"top1": top1(gm, test_ds, batch_size, f"evaluating {cfg.quantizer} init")}
+    val_idx = calibration_indices(len(test_ds), val_size, cfg.seed, test_ds.labels) if val_size else None
+    summary["images"]["validation"] = len(test_ds) if val_idx is None else len(val_idx)
+    result = qat.train(gm, teacher, data, cfg, evaluate=lambda m: top1(m, test_ds, batch_size, None, val_idx),
+                       checkpoint=ckpt, resume=resume, dist=dist, progress=main)
+    summary["history"] = result["history"]
+    summary["training"] = {k: v for k, v in result.items() if k != "history"}
+    if not main:
+        return summary
+    levels = qat.finish(gm)
+    ptq.set_mode(gm, "quant")
+    summary["qat"] = {"top1": top1(gm, test_ds, batch_size, "evaluating QAT")}
+    summary["notes"] = notes
+    summary["levels"] = levels["levels"]
+    summary["config"] = cfg.to_dict()
+    if plan is not None:
+        summary["plan"] = plan.to_dict()
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        if levels["exportable"]:
+            from .lower import lower
+
+            graph = lower(gm, tuple(info.input_shape))
+            path = api.export_onnx(api.Quantized(gm, graph, ptq_config, tuple(info.input_shape), 0.0), stage / "model_int8.onnx")
+            fp32 = api.export_fp32_onnx(teacher, info.input_shape, stage / "model_fp32.onnx")
+            sess = ort_eval.session(path, threads=0)
+            logits = np.concatenate([ort_eval.predict(sess, x, batch_size) for x, _ in batches(test_ds, batch_size,
+                                                                                             desc="evaluating ONNX")])
+            summary["onnx"] = {"top1": metrics.top1(logits, test_ds.labels)}
+            summary["size_bytes"] = {"fp32_onnx": fp32.stat().st_size, "int8_onnx": path.stat().st_size,
+                                     "weights_quantized": graph.weight_bytes()}
+            enc = encodings(graph)
+            enc["qat_levels"] = levels["levels"]
+            (stage / "encodings.json").write_text(json.dumps(enc, indent=1))
+        else:
+            summary["onnx"] = {"exported": False, "reason": levels["reason"]}
+            (stage / "encodings.json").write_text(json.dumps({"qat_levels": levels["levels"]}, indent=1))
+        torch.save(gm.state_dict(), stage / "qat_model.pt")
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+        for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    tqdm.write(f"FP32 {summary['fp32']['top1']:.4f}  PTQ {summary['ptq']['top1']:.4f}  QAT {summary['qat']['top1']:.4f}"
+               + (f"  ONNX {summary['onnx']['top1']:.4f}" if "top1" in summary["onnx"] else
+                  f"  (not exported: {summary['onnx']['reason']})"))
+    return summary
