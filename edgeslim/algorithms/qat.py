@@ -315,11 +315,30 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | 
     return cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
 
 
+def hutchinson_trace(loss: torch.Tensor, outputs: list[torch.Tensor], gen: torch.Generator
+                     ) -> list[tuple[float, float] | None]:
+    """Per tensor in ``outputs``: (Hutchinson estimate ``v^T H v`` of the trace of the loss Hessian with
+    respect to that tensor, one Rademacher probe ``v``; mean absolute gradient). None where the loss does not
+    depend on it. Exact for a diagonal Hessian (``v_i^2 = 1``)."""
+    grads = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
+    used = [i for i, g in enumerate(grads) if g is not None]
+    probes = {i: torch.randint(0, 2, outputs[i].shape, generator=gen).to(outputs[i].dtype) * 2 - 1 for i in used}
+    if not used:
+        return [None] * len(outputs)
+    hv = torch.autograd.grad(sum((grads[i] * probes[i]).sum() for i in used), [outputs[i] for i in used],
+                             allow_unused=True)
+    out: list[tuple[float, float] | None] = [None] * len(outputs)
+    for i, h in zip(used, hv):
+        trace = 0.0 if h is None else float((probes[i] * h).sum())
+        out[i] = (trace, float(grads[i].detach().abs().mean()))
+    return out
+
+
 def hutchinson_deltas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits, cfg: QATConfig,
                       gen: torch.Generator, dist: Dist) -> list[float]:
-    """EWGS's delta per quantizer: ``unit * (Tr(H) / N) / G`` with the Hessian of the loss with respect to
-    the quantizer's output estimated by Hutchinson's method (one Rademacher probe), ``N`` its size, ``G``
-    the mean absolute gradient, ``unit`` the quantizer's mean scale (delta multiplies a distance in codes).
+    """EWGS's delta per quantizer: ``unit * (Tr(H) / N) / G`` (seed 004 eq. 2) with ``H`` the Hessian of the
+    loss with respect to the quantizer's output (``hutchinson_trace``), ``N`` its size, ``G`` the mean absolute
+    gradient and ``unit`` the quantizer's mean scale (delta multiplies a distance measured in codes).
     Negative curvature estimates give 0. Averaged over processes, so replicas stay identical."""
     qs = quantizers(model)
     for q in qs:
@@ -327,23 +346,14 @@ def hutchinson_deltas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teache
     try:
         loss = _loss(model(x), y, teacher_logits, cfg)
         outs = [q.last_output for q in qs]
-        grads = torch.autograd.grad(loss, outs, create_graph=True, allow_unused=True)
-        probes = [torch.randint(0, 2, o.shape, generator=gen).float() * 2 - 1 for o in outs]
-        used = [(g, v, o) for g, v, o in zip(grads, probes, outs) if g is not None]
-        hv = torch.autograd.grad(sum((g * v).sum() for g, v, _ in used), [o for _, _, o in used], allow_unused=True)
         deltas = []
-        k = 0
-        for q, g, v in zip(qs, grads, probes):
-            if g is None:
+        for q, o, est in zip(qs, outs, hutchinson_trace(loss, outs, gen)):
+            if est is None or est[1] == 0.0:
                 deltas.append(0.0)
                 continue
-            h = hv[k]
-            k += 1
-            trace = float((v * h).sum()) if h is not None else 0.0
-            n = g.numel()
-            gmean = float(g.detach().abs().mean())
+            trace, gmean = est
             unit = float(q.scale.detach().abs().mean())
-            deltas.append(max(0.0, unit * (trace / n) / gmean) if gmean > 0 else 0.0)
+            deltas.append(max(0.0, unit * (trace / o.numel()) / gmean))
     finally:
         for q in qs:
             q.hutchinson = False
@@ -457,7 +467,7 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
             curve.append(loss.item())
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}", refresh=False)
         bar.close()
         row = {"epoch": epoch + 1, "steps": step, "loss": loss_sum / max(1, seen), "train_top1": correct / max(1, seen),
                "loss_curve": [float(np.mean(curve[i:i + 25])) for i in range(0, len(curve), 25)]}  # per 25 steps

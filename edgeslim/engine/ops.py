@@ -215,13 +215,48 @@ def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias
     return np.ascontiguousarray(np.concatenate(outs)), events
 
 
+def shift_terms(w: np.ndarray) -> int:
+    """The most powers of two any weight code needs (set bits of ``|w|``): 1 for PoT codes, ``n`` for APoT."""
+    a = np.abs(np.asarray(w, dtype=np.int64))
+    return int(max((np.bitwise_count(a) if hasattr(np, "bitwise_count") else
+                    np.vectorize(lambda v: bin(int(v)).count("1"))(a)).max(initial=0), 0))
+
+
+def conv_acc_shift(x: np.ndarray, x_zero_point: int, w: np.ndarray, bias=None, *, strides=(1, 1), pads=(0, 0, 0, 0),
+                   dilations=(1, 1), group: int = 1) -> np.ndarray:
+    """The integer convolution without multiplications, for symmetric (zero point 0) PoT / APoT weight codes:
+    each code is split into signed powers of two, ``w = sum_e sign * bit_e * 2^e``; every power ``e`` is a
+    convolution with weights in {-1, 0, +1} (additions and subtractions only), shifted left by ``e``.
+    Equals ``conv_acc`` exactly (a test checks it); numpy is not faster this way, a shift-add datapath is."""
+    w = np.asarray(w, dtype=np.int64)
+    sign, mag = np.sign(w), np.abs(w)
+    acc = None
+    for e in range(int(mag.max(initial=0)).bit_length()):
+        term = sign * ((mag >> e) & 1)
+        if not term.any():
+            continue
+        part, _ = conv_acc(x, x_zero_point, term, 0, None, strides=strides, pads=pads, dilations=dilations, group=group)
+        part = np.left_shift(part, e)
+        acc = part if acc is None else acc + part
+    if acc is None:
+        acc, _ = conv_acc(x, x_zero_point, w, 0, None, strides=strides, pads=pads, dilations=dilations, group=group)
+    if bias is not None:
+        acc = acc + np.asarray(bias, dtype=np.int64).reshape(1, -1, 1, 1)
+    return acc
+
+
 # ----------------------------------------------------------------------------- requantizing ops
 
 def QLinearConv(x, x_zero_point, w, w_zero_point, bias=None, *, multiplier=None, m0=None, shift=None,
                 y_zero_point: int, clamp: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
                 group: int = 1, requant: str = "float", accumulator_bits: int = 32, overflow: str = "saturate",
-                observer=None) -> tuple[np.ndarray, np.ndarray]:
-    """Integer convolution + requantization -> (output codes, accumulator overflow events per filter)."""
+                observer=None, shift_add: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Integer convolution + requantization -> (output codes, accumulator overflow events per filter).
+    ``shift_add`` computes the accumulator with ``conv_acc_shift`` (symmetric weights, 32-bit accumulator)."""
+    if shift_add and observer is None and accumulator_bits >= 32 and not np.any(np.asarray(w_zero_point)):
+        acc = conv_acc_shift(x, x_zero_point, w, bias, strides=strides, pads=pads, dilations=dilations, group=group)
+        return (requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1),
+                np.zeros(np.asarray(w).shape[0], np.int64))
     acc, events = conv_acc(x, x_zero_point, w, w_zero_point, bias, strides=strides, pads=pads, dilations=dilations,
                            group=group, accumulator_bits=accumulator_bits, overflow=overflow, observer=observer)
     return requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1), events

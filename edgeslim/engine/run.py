@@ -41,7 +41,7 @@ def _conv(g, node, env, cfg):
                            strides=at["strides"], pads=at["pads"], dilations=at["dilations"], group=at["group"],
                            requant=cfg["requant"], accumulator_bits=cfg["accumulator_bits"],
                            overflow=cfg["overflow"], observer=_observer(cfg, node),
-                           **_weighted_kwargs(g, node, cfg["requant"]))
+                           shift_add=cfg.get("shift_add", False), **_weighted_kwargs(g, node, cfg["requant"]))
     return y
 
 
@@ -141,18 +141,20 @@ def _kernel(g: IntGraph, node: IntNode):
 
 def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits: int = 32,
         overflow: str = "saturate", stats: OverflowStats | None = None, batch_size: int = 256,
-        return_codes: bool = False) -> dict[str, np.ndarray]:
+        return_codes: bool = False, shift_add: bool = False) -> dict[str, np.ndarray]:
     """Execute ``g`` on float input ``x`` (N, C, H, W) batch by batch.
 
     Returns ``{output name: array}`` (float32 for DequantizeLinear / float-output QGemm outputs, int64
     codes otherwise); with ``return_codes`` the dict also holds every intermediate tensor by name
-    (integer codes in the natural, signed-or-unsigned form of its ``QParams``).
+    (integer codes in the natural, signed-or-unsigned form of its ``QParams``). ``shift_add`` runs the
+    convolutions without multiplications (``ops.conv_acc_shift``: PoT / APoT weights as shifts and adds).
     """
     if requant not in ops.ACC_MODES:
         raise ValueError(f"unknown requantization mode {requant!r}: use one of {ops.ACC_MODES}")
     if stats is not None:
         stats.accumulator_bits = accumulator_bits
-    cfg = {"requant": requant, "accumulator_bits": accumulator_bits, "overflow": overflow, "stats": stats}
+    cfg = {"requant": requant, "accumulator_bits": accumulator_bits, "overflow": overflow, "stats": stats,
+           "shift_add": shift_add}
     x = np.asarray(x, dtype=np.float32)
     keep = None
     chunks: dict[str, list[np.ndarray]] = {}

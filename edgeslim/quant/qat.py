@@ -178,7 +178,7 @@ class TrainableQuantizer(nn.Module):
         if self.grad_scale is None:
             self.grad_scale = 1.0 / math.sqrt(max(1, x[0].numel()) * self.qp)
         if self.method != "ste" and self.training and torch.is_grad_enabled():
-            s = s * self.grad_scale + (s - s * self.grad_scale).detach()  # LSQ gradient scaling
+            s = s.detach() + (s - s.detach()) * self.grad_scale  # LSQ gradient scaling (the value is unchanged)
         s, zp = self._shape(s, x), self._shape(self.zero_point, x)
         t = x / s + zp
         q = self.code(t)
@@ -188,20 +188,25 @@ class TrainableQuantizer(nn.Module):
         return y
 
     def code(self, t: torch.Tensor) -> torch.Tensor:
-        """Hard codes in the forward pass; the estimator's surrogate gradient in the backward pass."""
+        """Hard codes in the forward pass; the estimator's surrogate gradient in the backward pass.
+
+        The input gradient passes where the code is not clipped: for uniform grids where the *rounded* value
+        lies in ``[qmin, qmax]`` (PyTorch's fake-quant convention), for level sets where ``t`` does."""
         lv = self.levels
-        hard = lv.round(t.detach())
+        td = t.detach()
+        hard = lv.round(td)
         if not (self.training and torch.is_grad_enabled() and t.requires_grad):
             return hard
-        clamped = t.clamp(lv.qmin, lv.qmax)
+        r = torch.round(td) if lv.uniform else td
+        inside = (r >= lv.qmin) & (r <= lv.qmax)
         if self.method == "ewgs" and not self.hutchinson and float(self.delta) != 0.0:
-            inside = (t.detach() >= lv.qmin) & (t.detach() <= lv.qmax)
             return _EWGSRound.apply(t, hard, inside, self.delta)
         if self.method in ("dsq", "daq") and not self.hutchinson:
+            clamped = t.clamp(lv.qmin, lv.qmax)
             lo, hi = lv.neighbours(clamped.detach())
             soft = soft_gradient(self.method, clamped, lo, hi, alpha=self.alpha, gamma=self.gamma)
-            return hard + (soft - soft.detach())
-        return hard + (clamped - clamped.detach())  # straight-through (ste, lsq, ewgs before delta is set)
+            return hard + (soft - soft.detach()) * inside
+        return hard + (t - td) * inside  # straight-through (ste, lsq, ewgs before delta is set)
 
     def extra_repr(self) -> str:
         return f"{self.levels!r}, method={self.method}"
