@@ -39,10 +39,14 @@ ENDS_8BIT = {"layers": {"conv1": "int8", "linear": "int8"}}  # first conv and la
 W2A2_STEPS = 250
 
 
+BRECQ_START = ("brecq",)  # the W4A4 PTQ start of the low-bit benchmark: MSE calibration + BRECQ, 1000 iterations
+
+
 def runs() -> dict[str, tuple[QATConfig, dict]]:
     r = {
         "w4a4-lsq": (QATConfig(4, 4, method="lsq", epochs=1), IMAGE_INPUT_8BIT),
         "w4a4-lsq-kd": (QATConfig(4, 4, method="lsq", epochs=1, kd=True), IMAGE_INPUT_8BIT),
+        "w4a4-brecq-lsq-kd": (QATConfig(4, 4, method="lsq", epochs=1, kd=True), IMAGE_INPUT_8BIT),
     }
     w2 = dict(epochs=None, max_steps=W2A2_STEPS)
     r["w2a2-uniform-lsq"] = (QATConfig(2, 2, method="lsq", **w2), ENDS_8BIT)
@@ -62,7 +66,9 @@ def run_group(group: str, shared: Path, work: Path) -> None:
             continue
         print(f"[{key}]", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        s = run_qat(model, info, train, test, cfg, PTQConfig(cfg.w_bits, cfg.a_bits, calibrator="mse", seed=cfg.seed),
+        algorithms = BRECQ_START if "-brecq-" in key else ()
+        s = run_qat(model, info, train, test, cfg, PTQConfig(cfg.w_bits, cfg.a_bits, calibrator="mse", seed=cfg.seed,
+                                                             algorithms=algorithms, iters=1000),
                     work / key, plan=MixedPlan.from_dict(plan), resume=(work / key / "checkpoint.pt").exists(),
                     val_size=2000 if key.startswith("w2a2") else None)
         s["wall_s"] = time.perf_counter() - t0
@@ -116,14 +122,18 @@ def report(work: Path) -> None:
         p = work / key / "summary.json"
         return json.loads(p.read_text()) if p.exists() else None
 
-    w4 = [(k, load(k)) for k in ("w4a4-lsq", "w4a4-lsq-kd")]
+    w4 = [(k, load(k)) for k in ("w4a4-lsq", "w4a4-lsq-kd", "w4a4-brecq-lsq-kd")]
     w4 = [(k, s) for k, s in w4 if s]
     if w4:
         fp32 = w4[0][1]["fp32"]["top1"]
         rows = [["FP32", "-", fp32, "-", 0.0, "-", "-"], ["PTQ W4A4 (MSE, round to nearest)", "-", w4[0][1]["ptq"]["top1"], "-",
                 (w4[0][1]["ptq"]["top1"] - fp32) * 100, "-", round(w4[0][1]["ptq"]["seconds"])]]
         for k, s in w4:
-            rows.append([f"QAT LSQ{' + KD' if s['config']['kd'] else ''}", f"{s['training']['steps']} steps "
+            if s["ptq"]["config"]["algorithms"]:
+                rows.append([f"PTQ W4A4 + {'+'.join(s['ptq']['config']['algorithms']).upper()} (the next row's start)",
+                             "-", s["ptq"]["top1"], "-", (s["ptq"]["top1"] - fp32) * 100, "-", round(s["ptq"]["seconds"])])
+            start = "+".join(s["ptq"]["config"]["algorithms"]).upper() or "RTN"
+            rows.append([f"QAT LSQ{' + KD' if s['config']['kd'] else ''} from {start}", f"{s['training']['steps']} steps "
                          f"({s['training']['steps'] / s['training']['steps_per_epoch']:.2f} epochs)", s["qat"]["top1"],
                          s["onnx"].get("top1", "-"), (s["qat"]["top1"] - fp32) * 100, s["history"][-1]["loss"],
                          round(s["training"]["seconds"])])

@@ -116,6 +116,9 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-size", type=int, default=512, help="training images that calibrate the PTQ start")
     p.add_argument("--calibrator", default="mse", help="PTQ start: mse (default) | minmax | percentile | entropy")
+    p.add_argument("--algorithm", default="", help="PTQ start: extra steps as for `quantize` (cle, adaround | brecq, "
+                   "bias-correction); QAT then starts from the reconstructed model")
+    p.add_argument("--iters", type=int, default=1000, help="--algorithm adaround / brecq: iterations per unit")
     p.add_argument("--granularity", default="channel", help="weights: channel (default) | tensor")
     p.add_argument("--plan", help="per-layer precisions JSON (e.g. first / last layer at int8); see `edgeslim mixed`")
     p.add_argument("--threads", type=int, help="PyTorch threads per process (default: PyTorch's choice)")
@@ -311,7 +314,9 @@ def _qat(args) -> int:
                     kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, augment=not args.no_augment,
                     seed=args.seed)
     ptq_config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity,
-                           calibrator=args.calibrator, calib_size=args.calib_size, seed=args.seed)
+                           calibrator=args.calibrator, calib_size=args.calib_size, seed=args.seed,
+                           algorithms=tuple(a.strip() for a in args.algorithm.split(",") if a.strip()),
+                           iters=args.iters)
     for name in ("train_size", "val_size"):
         v = getattr(args, name)
         if v is not None and v < 1:

@@ -205,6 +205,24 @@ def test_finish_uniform_keeps_the_function_and_exports_within_one_lsb(tiny_model
     assert np.abs(onnx_out - after.numpy()).max() <= out_scale * 1.01
 
 
+def test_qat_starts_from_the_adaround_model(tiny_model, tiny_calib):
+    q = api.quantize(tiny_model, tiny_calib, PTQConfig(w_bits=3, a_bits=8, algorithms=("adaround",), iters=30))
+    gm = q.model
+    assert any(getattr(m, "round_up", None) is not None for m in gm.modules())
+    with torch.no_grad():
+        ref = gm(tiny_calib)
+    codes = {n: m.weight_int() for n, m in gm.named_modules() if isinstance(m, QuantConv2d)}
+    qat.attach(gm, qat.QATConfig(3, 8, method="lsq"))
+    gm.eval()
+    assert all(getattr(m, "round_up", None) is None for m in gm.modules())
+    for n, m in gm.named_modules():
+        if isinstance(m, QuantConv2d):
+            assert torch.equal(m.weight_int(), codes[n])  # the learned codes, now as round-to-nearest of the weights
+    with torch.no_grad():
+        out = gm(tiny_calib)
+    assert float((out - ref).abs().max()) <= float(ptq.act_quants(gm)[-1].scale) + 1e-6  # float vs int32 bias
+
+
 def test_pot_weights_export_as_level_codes_and_run_as_shifts(tiny_model, tiny_calib, tmp_path):
     cfg = qat.QATConfig(4, 8, quantizer="pot", a_quantizer="uniform", method="lsq", epochs=None, max_steps=3,
                         batch_size=16, lr=0.01)

@@ -136,6 +136,8 @@ def _mse_scale(x: torch.Tensor, levels: LevelSet, axis: int | None, zp: torch.Te
 def attach(gm: fx.GraphModule, config: QATConfig) -> dict:
     """Put a trainable quantizer on every integer weight and activation of the frozen PTQ graph ``gm``.
 
+    A learned rounding from AdaRound / BRECQ (``--algorithm``) is baked into the weights first (each weight
+    moved onto its learned grid point), so training starts from exactly the reconstructed model.
     Returns notes (quantizers kept uniform and why). Asymmetric activations (a zero point, e.g. the
     normalized image input) keep the uniform grid: a non-uniform level set is symmetric around zero. Tensors
     wider than ``NON_UNIFORM_MAX_BITS`` (8-bit first / last layers of a plan) keep it too: a 5-bit PoT set
@@ -143,6 +145,10 @@ def attach(gm: fx.GraphModule, config: QATConfig) -> dict:
     """
     notes: dict[str, list[str]] = {"uniform_kept": []}
     for name, m in _layers(gm):
+        if getattr(m, "round_up", None) is not None:  # AdaRound / BRECQ start: the learned codes become the weights
+            with torch.no_grad():
+                m.weight.copy_(m._dequantized_codes())
+            m.set_rounding(None)
         kind = config.quantizer
         if kind != "uniform" and not m.spec.symmetric:
             kind = "uniform"
