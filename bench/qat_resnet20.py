@@ -46,7 +46,7 @@ def runs() -> dict[str, tuple[QATConfig, dict]]:
     r = {
         "w4a4-lsq": (QATConfig(4, 4, method="lsq", epochs=1), IMAGE_INPUT_8BIT),
         "w4a4-lsq-kd": (QATConfig(4, 4, method="lsq", epochs=1, kd=True), IMAGE_INPUT_8BIT),
-        "w4a4-brecq-lsq-kd": (QATConfig(4, 4, method="lsq", epochs=1, kd=True), IMAGE_INPUT_8BIT),
+        "w4a4-brecq-lsq-kd-3ep": (QATConfig(4, 4, method="lsq", epochs=3, kd=True), IMAGE_INPUT_8BIT),
     }
     w2 = dict(epochs=None, max_steps=W2A2_STEPS)
     r["w2a2-uniform-lsq"] = (QATConfig(2, 2, method="lsq", **w2), ENDS_8BIT)
@@ -122,7 +122,7 @@ def report(work: Path) -> None:
         p = work / key / "summary.json"
         return json.loads(p.read_text()) if p.exists() else None
 
-    w4 = [(k, load(k)) for k in ("w4a4-lsq", "w4a4-lsq-kd", "w4a4-brecq-lsq-kd")]
+    w4 = [(k, load(k)) for k in ("w4a4-lsq", "w4a4-lsq-kd", "w4a4-brecq-lsq-kd-3ep")]
     w4 = [(k, s) for k, s in w4 if s]
     if w4:
         fp32 = w4[0][1]["fp32"]["top1"]
