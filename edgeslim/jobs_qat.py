@@ -85,10 +85,6 @@ def run_qat(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: 
         summary["ptq"] = {"top1": top1(gm, test_ds, batch_size, "evaluating PTQ"), "seconds": q.seconds,
                           "config": ptq_config.to_dict()}
     notes = qat.attach(gm, cfg)
-    for p in gm.parameters():
-        p.requires_grad_(True)
-    for qz in qat.quantizers(gm):
-        qz.scale.requires_grad_(cfg.method != "ste")
     if main and (cfg.quantizer != "uniform" or cfg.act_quantizer != "uniform"):
         summary["init"] = {"top1": top1(gm, test_ds, batch_size, f"evaluating {cfg.quantizer} init")}
     val_idx = calibration_indices(len(test_ds), val_size, cfg.seed, test_ds.labels) if val_size else None

@@ -176,8 +176,6 @@ def _trained(tiny_model, tiny_calib, cfg, plan=None, steps=4):
                      plan=plan)
     gm = q.model
     qat.attach(gm, cfg)
-    for p in gm.parameters():
-        p.requires_grad_(True)
     data = qat.TrainData(tiny_calib, torch.arange(len(tiny_calib)) % 5, torch.zeros(3))
     qat.train(gm, None, data, cfg, evaluate=lambda m: 0.0, progress=False)
     return gm
@@ -279,8 +277,6 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_model, tiny_calib, tmp
     def fresh():
         gm = api.quantize(tiny_model, tiny_calib, PTQConfig(w_bits=4, a_bits=4)).model
         qat.attach(gm, cfg)
-        for p in gm.parameters():
-            p.requires_grad_(True)
         return gm
 
     whole = fresh()

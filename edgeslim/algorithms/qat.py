@@ -182,6 +182,8 @@ def attach(gm: fx.GraphModule, config: QATConfig) -> dict:
             scale = torch.tensor(hi / max(abs(levels.qmax), abs(levels.qmin)))
         q.aq = TrainableQuantizer(levels, config.method, scale, q.zero_point.detach().float(), None,
                                   gamma=config.daq_gamma)
+    for name, p in gm.named_parameters():  # weights and biases train; scales unless the method is ste
+        p.requires_grad_(not name.endswith(".scale") or config.method != "ste")
     return notes
 
 
