@@ -53,6 +53,7 @@ def runs() -> dict[str, tuple[QATConfig, dict]]:
     r["w2a2-apot-ste"] = (QATConfig(2, 2, quantizer="apot", method="ste", **w2), ENDS_8BIT)
     for seed in (0, 1, 2):
         r[f"w2a2-apot-ewgs-s{seed}"] = (QATConfig(2, 2, quantizer="apot", method="ewgs", seed=seed, **w2), ENDS_8BIT)
+    r["w2a2-apot-ewgs-s0-2ep"] = (QATConfig(2, 2, quantizer="apot", method="ewgs", epochs=2), ENDS_8BIT)  # longer
     r["w2a2-uniform-dsq"] = (QATConfig(2, 2, method="dsq", **w2), ENDS_8BIT)
     r["w2a2-uniform-daq"] = (QATConfig(2, 2, method="daq", **w2), ENDS_8BIT)
     return r
@@ -113,7 +114,9 @@ def _row_w2(key: str, s: dict) -> list:
     start = s.get("init", s["ptq"])["top1"]
     return [key, cfg["quantizer"] + ("" if cfg["a_quantizer"] in (None, cfg["quantizer"]) else "/" + cfg["a_quantizer"]),
             cfg["method"], cfg["seed"], start, s["qat"]["top1"], onnx,
-            " ".join(f"{v:.2f}" for v in curve), "yes, step %d" % div["step"] if div else "no",
+            " / ".join(f"{h['ewgs_delta_mean']:.3f}" + (f" (max {h['ewgs_delta_max']:.2f})" if "ewgs_delta_max" in h else "")
+                       for h in hist) if "ewgs_delta_mean" in hist[-1] else "-",
+            " ".join(f"{v:.2f}" for v in curve[::max(1, len(curve) // 12)]), "yes, step %d" % div["step"] if div else "no",
             s["training"]["steps"], round(s["training"]["seconds"])]
 
 
@@ -157,7 +160,7 @@ def report(work: Path) -> None:
                 "start, SGD lr 0.001 cosine, one thread. 'start' is the model before training (uniform PTQ, or the "
                 "APoT levels with MSE-fitted scales). The loss curve is the mean training loss per 25 steps.\n\n"
                 + table(["run", "levels", "estimator", "seed", "start top-1", "QAT top-1", "ONNX top-1",
-                         "loss per 25 steps", "diverged", "steps", "train s"], [_row_w2(k, s) for k, s in w2]))
+                         "EWGS delta (mean per epoch)", "loss per 25 steps", "diverged", "steps", "train s"], [_row_w2(k, s) for k, s in w2]))
         write_section("qat-w2a2", body)
     plain, killed = load("resume-plain"), load("resume-killed")
     if plain and killed:

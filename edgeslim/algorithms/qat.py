@@ -483,6 +483,7 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
         row["loss"], row["train_top1"] = stats
         if cfg.method == "ewgs":
             row["ewgs_delta_mean"] = float(np.mean([float(q.delta) for q in qs])) if qs else 0.0
+            row["ewgs_delta_max"] = float(max([float(q.delta) for q in qs], default=0.0))
         if dist.main:
             model.eval()
             row["val_top1"] = evaluate(model)
