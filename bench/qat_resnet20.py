@@ -116,7 +116,8 @@ def _row_w2(key: str, s: dict) -> list:
             cfg["method"], cfg["seed"], start, s["qat"]["top1"], onnx,
             " / ".join(f"{h['ewgs_delta_mean']:.3f}" + (f" (max {h['ewgs_delta_max']:.2f})" if "ewgs_delta_max" in h else "")
                        for h in hist) if "ewgs_delta_mean" in hist[-1] else "-",
-            " ".join(f"{v:.2f}" for v in curve[::max(1, len(curve) // 12)]), "yes, step %d" % div["step"] if div else "no",
+            " ".join(f"{v:.2f}" for v in curve[::max(1, len(curve) // 12)]),
+            f"yes (non-finite at step {div['step']})" if div else ("loss rose" if curve and curve[-1] > curve[0] else "no"),
             s["training"]["steps"], round(s["training"]["seconds"])]
 
 
