@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -105,6 +106,19 @@ def run_resume(shared: Path, work: Path, threads: int) -> None:
         subprocess.run(_cli(killed, shared, threads, resume=True), check=True)
 
 
+def _divergence(curve: list[float], div: dict | None, top1: float, classes: int = 10) -> str:
+    """How a run went wrong, if it did: a non-finite loss, a loss above 1.5 x chance level, a collapse to chance."""
+    chance = math.log(classes)
+    if div:
+        return f"yes: non-finite loss at step {div['step']}"
+    notes = []
+    if curve and max(curve) > 1.5 * chance:
+        notes.append(f"loss exploded to {max(curve):.1f} (chance {chance:.2f})")
+    if top1 <= 1.5 / classes:
+        notes.append("collapsed to chance")
+    return "yes: " + ", ".join(notes) if notes else "no"
+
+
 def _row_w2(key: str, s: dict) -> list:
     cfg = s["config"]
     hist = s["history"]
@@ -117,7 +131,7 @@ def _row_w2(key: str, s: dict) -> list:
             " / ".join(f"{h['ewgs_delta_mean']:.3f}" + (f" (max {h['ewgs_delta_max']:.2f})" if "ewgs_delta_max" in h else "")
                        for h in hist) if "ewgs_delta_mean" in hist[-1] else "-",
             " ".join(f"{v:.2f}" for v in curve[::max(1, len(curve) // 12)]),
-            f"yes (non-finite at step {div['step']})" if div else ("loss rose" if curve and curve[-1] > curve[0] else "no"),
+            _divergence(curve, div, s["qat"]["top1"]),
             s["training"]["steps"], round(s["training"]["seconds"])]
 
 
