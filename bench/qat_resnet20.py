@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bench._data import resnet20_cifar
-from bench._report import ROOT, table, write_section
+from bench._report import COMMIT, ROOT, table, write_section
 from edgeslim.algorithms.qat import QATConfig
 from edgeslim.config import MixedPlan, PTQConfig
 from edgeslim.jobs_qat import run_qat
@@ -74,6 +74,7 @@ def run_group(group: str, shared: Path, work: Path) -> None:
                     work / key, plan=MixedPlan.from_dict(plan), resume=(work / key / "checkpoint.pt").exists(),
                     val_size=2000 if key.startswith("w2a2") else None)
         s["wall_s"] = time.perf_counter() - t0
+        s["code_commit"] = COMMIT
         (work / key / "summary.json").write_text(json.dumps(s, indent=2))
 
 
@@ -135,6 +136,12 @@ def _row_w2(key: str, s: dict) -> list:
             s["training"]["steps"], round(s["training"]["seconds"])]
 
 
+def _commits(summaries) -> str:
+    """Which commits' code made the runs (``code_commit``, written when a run finishes)."""
+    found = sorted({s.get("code_commit", "unrecorded") for s in summaries if s})
+    return "Runs made from commit(s) " + ", ".join(found) + "."
+
+
 def report(work: Path) -> None:
     def load(key):
         p = work / key / "summary.json"
@@ -162,7 +169,7 @@ def report(work: Path) -> None:
                 "BN folded, SGD lr 0.001 cosine, batch 128, weight decay 5e-4, random crop + flip, one thread. "
                 "KD: KL divergence to the FP32 model's predictions (T = 1, no label term).\n\n"
                 + table(["model", "budget", "test top-1", "ONNX top-1", "vs FP32 (points)", "final train loss",
-                         "train s"], rows))
+                         "train s"], rows) + "\n\n" + _commits(s for _, s in w4))
         write_section("qat-w4a4", body)
     w2 = [(k, load(k)) for k in runs() if k.startswith("w2a2")]
     w2 = [(k, s) for k, s in w2 if s]
@@ -171,11 +178,12 @@ def report(work: Path) -> None:
         body = ("## QAT W2A2 on ResNet-20: uniform + LSQ, APoT + STE, APoT + EWGS (3 seeds), DSQ, DAQ\n\n"
                 f"FP32 {fp32:.4f}. 2-bit weights and activations everywhere except the first conv and the last layer "
                 f"(W8A8, as APoT and EWGS do); non-uniform levels go on weights and ReLU outputs, the signed "
-                "pre-addition outputs keep a uniform grid (asymmetric). Each run: {W2A2_STEPS} steps of batch 128 (0.64 epoch) from the PTQ "
+                f"pre-addition outputs keep a uniform grid (asymmetric). Each run: {W2A2_STEPS} steps of batch 128 (0.64 epoch) from the PTQ "
                 "start, SGD lr 0.001 cosine, one thread. 'start' is the model before training (uniform PTQ, or the "
                 "APoT levels with MSE-fitted scales). The loss curve is the mean training loss per 25 steps.\n\n"
                 + table(["run", "levels", "estimator", "seed", "start top-1", "QAT top-1", "ONNX top-1",
-                         "EWGS delta (mean per epoch)", "training loss, mean per 25 steps (long runs: every k-th)", "diverged", "steps", "train s"], [_row_w2(k, s) for k, s in w2]))
+                         "EWGS delta (mean per epoch)", "training loss, mean per 25 steps (long runs: every k-th)", "diverged", "steps", "train s"], [_row_w2(k, s) for k, s in w2])
+                + "\n\n" + _commits(s for _, s in w2))
         write_section("qat-w2a2", body)
     plain, killed = load("resume-plain"), load("resume-killed")
     if plain and killed:
@@ -194,7 +202,8 @@ def report(work: Path) -> None:
                 + table(["run", "test top-1", "ONNX top-1", "validation per epoch", "resumed from epoch"], rows)
                 + f"\n\nFinal trained weights, biases and scales identical tensor for tensor between the two runs: "
                 f"**{'yes' if same else 'no'}**; "
-                f"difference {abs(plain['qat']['top1'] - killed['qat']['top1']) * 100:.2f} points.")
+                f"difference {abs(plain['qat']['top1'] - killed['qat']['top1']) * 100:.2f} points. "
+                + _commits([plain, killed]))
         write_section("qat-resume", body)
 
 
