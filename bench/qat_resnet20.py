@@ -48,6 +48,7 @@ def runs() -> dict[str, tuple[QATConfig, dict]]:
         "w4a4-lsq": (QATConfig(4, 4, method="lsq", epochs=1), IMAGE_INPUT_8BIT),
         "w4a4-lsq-kd": (QATConfig(4, 4, method="lsq", epochs=1, kd=True), IMAGE_INPUT_8BIT),
         "w4a4-brecq-lsq-kd-3ep": (QATConfig(4, 4, method="lsq", epochs=3, kd=True), IMAGE_INPUT_8BIT),
+        "w4a4-lsq-kd-lr3": (QATConfig(4, 4, method="lsq", epochs=1, kd=True, lr=0.003), IMAGE_INPUT_8BIT),
     }
     w2 = dict(epochs=None, max_steps=W2A2_STEPS)
     r["w2a2-uniform-lsq"] = (QATConfig(2, 2, method="lsq", **w2), ENDS_8BIT)
@@ -147,7 +148,7 @@ def report(work: Path) -> None:
         p = work / key / "summary.json"
         return json.loads(p.read_text()) if p.exists() else None
 
-    w4 = [(k, load(k)) for k in ("w4a4-lsq", "w4a4-lsq-kd", "w4a4-brecq-lsq-kd-3ep")]
+    w4 = [(k, load(k)) for k in ("w4a4-lsq", "w4a4-lsq-kd", "w4a4-brecq-lsq-kd-3ep", "w4a4-lsq-kd-lr3")]
     w4 = [(k, s) for k, s in w4 if s]
     if w4:
         fp32 = w4[0][1]["fp32"]["top1"]
@@ -158,7 +159,7 @@ def report(work: Path) -> None:
                 rows.append([f"PTQ W4A4 + {'+'.join(s['ptq']['config']['algorithms']).upper()} (the next row's start)",
                              "-", s["ptq"]["top1"], "-", (s["ptq"]["top1"] - fp32) * 100, "-", round(s["ptq"]["seconds"])])
             start = "+".join(s["ptq"]["config"]["algorithms"]).upper() or "RTN"
-            rows.append([f"QAT LSQ{' + KD' if s['config']['kd'] else ''} from {start}", f"{s['training']['steps']} steps "
+            rows.append([f"QAT LSQ{' + KD' if s['config']['kd'] else ''} from {start}, lr {s['config']['lr']:g}", f"{s['training']['steps']} steps "
                          f"({s['training']['steps'] / s['training']['steps_per_epoch']:.2f} epochs)", s["qat"]["top1"],
                          s["onnx"].get("top1", "-"), (s["qat"]["top1"] - fp32) * 100, s["history"][-1]["loss"],
                          round(s["training"]["seconds"])])
