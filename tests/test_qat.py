@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -336,17 +335,10 @@ def test_qat_cli_errors(capsys, tmp_path, argv, match):
                                      "--max-steps", "1", "--out", tmp_path / "run", *argv], match)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_keep_identical_replicas(tmp_path, image_folder, user_model):  # noqa: F811
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(user_model.parent))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "edgeslim", "qat", "usermodels:tiny", "--input-shape", "3,8,8",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "edgeslim", "qat", "usermodels:tiny", "--input-shape", "3,8,8",
            "--train-data", str(image_folder), "--data", str(image_folder), "--max-steps", "4", "--batch-size", "4",
            "--calib-size", "8", "--method", "ewgs", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
