@@ -12,7 +12,6 @@ modules so lowering, the integer engine and the QDQ export run unchanged.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -115,7 +114,7 @@ def _acts(gm: fx.GraphModule) -> list[tuple[str, ActQuant]]:
     return [(n, m) for n, m in gm.named_modules() if isinstance(m, ActQuant) and not m.spec.is_float]
 
 
-def _mse_scale(x: torch.Tensor, levels: LevelSet, axis: int | None, zp: torch.Tensor) -> torch.Tensor:
+def _mse_scale(x: torch.Tensor, levels: LevelSet, axis: int | None) -> torch.Tensor:
     """The unit (scale) of a non-uniform level set minimizing the squared error on ``x``, per channel
     when ``axis`` is 0: a grid search over clipping ranges from 20 % to 100 % of the largest magnitude."""
     flat = x.detach().reshape(x.shape[0], -1) if axis == 0 else x.detach().reshape(1, -1)
@@ -161,8 +160,7 @@ def attach(gm: fx.GraphModule, config: QATConfig) -> dict:
         if kind == "uniform":
             scale = m.w_scale.detach().clone()
         else:
-            w = m.weight.detach()
-            scale = _mse_scale(w, levels, m.w_axis, torch.zeros(()))
+            scale = _mse_scale(m.weight.detach(), levels, m.w_axis)
         m.wq = TrainableQuantizer(levels, config.method, scale, m.w_zero_point.detach().float(), m.w_axis,
                                   numel=m.weight.numel(), gamma=config.daq_gamma)
     for name, q in _acts(gm):
@@ -512,6 +510,3 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
         result["replicas"] = {"world_size": dist.world, "identical": len(set(digests)) == 1, "digests": digests}
     return result
 
-
-def history_json(result: dict) -> str:
-    return json.dumps(result["history"], indent=1)
