@@ -2,7 +2,9 @@
 
 Plain dataclasses holding numpy arrays; no torch. Node ``op`` names follow ONNX / onnxruntime
 (QuantizeLinear, QLinearConv, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool,
-QGemm, QLinearRelu, MaxPool, Slice, Pad, Flatten, DequantizeLinear) and their semantics:
+QGemm, QLinearRelu, MaxPool, Slice, Pad, Flatten, Reshape, Transpose, Gather, Resize, DequantizeLinear) and
+their semantics, plus ``LUT``: an elementwise activation on codes (``arrays['table']``, one output code per input
+code from ``qmin``; ``attrs['fn']`` names the function), which the exporter writes as ONNX Gather on the codes:
 
 * tensors between nodes are integer codes with a ``QParams`` (scale, zero point, bits, signedness);
 * a requantizing node (``QLinear*``, ``QGemm``) maps its int32 accumulator to the output codes with
@@ -22,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+ACTIVATION_OPS = ("Silu", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh", "Gelu", "Mish", "Elu")
 FLOAT_OPS = ("Conv", "Gemm", "Add", "Concat", "Relu", "Clip", "GlobalAveragePool", "ReduceMean", "AveragePool",
-             "Cast")
+             "Cast", *ACTIVATION_OPS)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .errors import EdgeslimError
 from .graph import ops
 from .intgraph import IntGraph, IntNode, QParams
 from .quant.fixed_point import multiplier_arrays
+from .quant import primitives as P
 from .quant.modules import ActQuant, QuantConv2d, QuantLinear
 
 
@@ -90,7 +91,7 @@ def _consumed_by_quant(gm: fx.GraphModule, node: fx.Node) -> bool:
     if k == "linear" and all(u.op == "output" for u in node.users):
         return True  # float-output layer, emitted at the output node
     return len(node.users) >= 1 and all(ops.kind(gm, u) in ("quant", "act") for u in node.users) and \
-        k in ("conv", "linear", "add", "cat", "avgpool", "act")
+        k in ("conv", "linear", "add", "cat", "avgpool", "act", "lut")
 
 
 def _close_float(g: IntGraph, qmod: ActQuant, src_name: str, name: str, float_names: set[str]) -> None:
@@ -151,6 +152,11 @@ def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: se
                                {"clamp": _act_clamp(gm, src, out_q)}))
     elif k == "avgpool":
         g.nodes.append(_lower_avgpool(gm, src, node, ins[0]))
+    elif k == "lut":
+        fn, params = ops.lut_name(gm, src)
+        table = _lut_table(gm, src, g.qparams[ins[0]], qmod)
+        g.nodes.append(IntNode("LUT", node.name, ins[:1], [node.name], {"fn": fn, **params, "clamp": clamp},
+                               {"table": table}))
     else:
         raise EdgeslimError(
             f"operation {_describe(src)} ({src.name}) runs in float before a quantizer; the INT8 exporter does "
@@ -184,10 +190,32 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
         if node.op == "GlobalAveragePool":
             node.op, node.attrs = ("GlobalAveragePool", {}) if node.attrs["keepdims"] else \
                 ("ReduceMean", {"axes": [2, 3], "keepdims": 0})
+    elif k == "lut":
+        fn, params = ops.lut_name(gm, src)
+        node = IntNode(ACTIVATION_OPS[fn], src.name, ins[:1], [src.name], params)
     else:
         raise EdgeslimError(f"operation {_describe(src)} ({src.name}) is not supported in a float island yet")
     g.nodes.append(node)
     float_names.add(src.name)
+
+
+ACTIVATION_OPS = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid",
+                  "leaky_relu": "LeakyRelu", "tanh": "Tanh", "gelu": "Gelu", "mish": "Mish", "elu": "Elu"}
+
+
+def _lut_table(gm: fx.GraphModule, src: fx.Node, in_q: QParams, qmod: ActQuant) -> np.ndarray:
+    """Output code for every input code: ``quantize(f(dequantize(q)))``, computed with the model's own op.
+
+    This is exactly what the fake-quant simulation computes on the same codes, so the table is bit-exact
+    with it; an integer device stores these 2**bits entries instead of evaluating ``f``.
+    """
+    if qmod._modules.get("aq") is not None:
+        raise EdgeslimError(f"activation {src.name}: non-uniform output levels cannot be written as a table yet")
+    codes = torch.arange(in_q.qmin, in_q.qmax + 1, dtype=torch.int64)
+    x = P.dequantize(codes, torch.tensor(in_q.scale), torch.tensor(in_q.zero_point))
+    with torch.no_grad():
+        y = ops.call_node(gm, src, x.reshape(1, -1, 1, 1)).reshape(-1)
+    return P.quantize(y, qmod.scale, qmod.zero_point, qmod.qmin, qmod.qmax).numpy().astype(np.int64)
 
 
 def _int_weight_arrays(mod) -> dict[str, np.ndarray]:
@@ -298,8 +326,28 @@ def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set
             raise EdgeslimError(f"max pool {node.name}: dilation / ceil_mode is not exportable yet")
         g.nodes.append(IntNode("MaxPool", node.name, [src], [node.name],
                                {"kernel_shape": k, "strides": s, "pads": pad * 2}))
+    elif ops.is_split(node):
+        return  # emits nothing: each getitem of it becomes a Slice of the split's input
+    elif node.target is operator.getitem and ops.is_split(args[0]):
+        piece = args[0]
+        g.nodes.append(IntNode("Slice", node.name, [ops.tensor_args(piece)[0].name], [node.name],
+                               _split_piece(piece, node.args[1])))
+    elif node.target is operator.getitem and any(isinstance(i, int) for i in _as_tuple(node.args[1])):
+        g.nodes.append(IntNode("Gather", node.name, [src], [node.name], _gather_attrs(node.args[1], node)))
+    elif node.target is torch.select:
+        g.nodes.append(IntNode("Gather", node.name, [src], [node.name], {"axis": node.args[1], "index": node.args[2]}))
     elif node.target is operator.getitem:
         g.nodes.append(IntNode("Slice", node.name, [src], [node.name], _slice_attrs(node.args[1], in_shape)))
+    elif isinstance(mod, nn.Upsample) or node.target is F.interpolate:
+        g.nodes.append(IntNode("Resize", node.name, [src], [node.name], _nearest_attrs(node, mod, in_shape, out_shape)))
+    elif node.target in ("permute", "transpose", torch.permute, torch.transpose):
+        g.nodes.append(IntNode("Transpose", node.name, [src], [node.name], {"perm": _perm(node, len(in_shape))}))
+    elif node.target == "contiguous":
+        g.nodes.append(IntNode("Identity", node.name, [src], [node.name]))
+    elif node.target in ("view", "reshape", torch.reshape) and not (len(out_shape) == 2 and len(in_shape) == 4):
+        batch_kept = out_shape[0] == in_shape[0]  # the batch axis stays dynamic (ONNX Reshape: 0 copies it)
+        shape = [0, *out_shape[1:]] if batch_kept else list(out_shape)
+        g.nodes.append(IntNode("Reshape", node.name, [src], [node.name], {"shape": shape}))
     elif node.target is F.pad:
         pad = list(node.args[1])
         mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
@@ -318,6 +366,59 @@ def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set
         g.nodes.append(IntNode("Flatten", node.name, [src], [node.name], {"axis": 1}))
     else:
         raise EdgeslimError(f"operation {_describe(node)} ({node.name}) is not exportable yet")
+
+
+def _as_tuple(index) -> tuple:
+    return index if isinstance(index, tuple) else (index,)
+
+
+def _gather_attrs(index, node: fx.Node) -> dict:
+    """``x[:, i]``: one integer index on one axis, the other axes untouched (ONNX Gather, scalar index)."""
+    index = _as_tuple(index)
+    ints = [(axis, i) for axis, i in enumerate(index) if isinstance(i, int)]
+    if len(ints) != 1 or any(not isinstance(i, int) and i != slice(None) for i in index):
+        raise EdgeslimError(f"indexing {node.name} with {index}: only one integer index (x[:, i]) is exportable")
+    return {"axis": ints[0][0], "index": ints[0][1]}
+
+
+def _split_piece(split: fx.Node, i: int) -> dict:
+    """The Slice that takes piece ``i`` of ``torch.split(x, size_or_sizes, dim)`` / ``torch.chunk(x, n, dim)``."""
+    shape = ops.tensor_args(split)[0].meta["shape"]
+    args = list(split.args[1:])
+    dim = split.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    dim = dim % len(shape)
+    n = shape[dim]
+    arg = split.kwargs.get("split_size_or_sections", split.kwargs.get("chunks", args[0] if args else None))
+    if split.target in (torch.chunk, "chunk"):
+        step = -(-n // int(arg))
+        sizes = [min(step, n - j) for j in range(0, n, step)]
+    elif isinstance(arg, int):
+        sizes = [min(arg, n - j) for j in range(0, n, arg)]
+    else:
+        sizes = [int(v) for v in arg]
+    start = sum(sizes[:i])
+    return {"starts": [start], "ends": [start + sizes[i]], "axes": [dim], "steps": [1]}
+
+
+def _nearest_attrs(node: fx.Node, mod, in_shape, out_shape) -> dict:
+    """Nearest upsampling by an integer factor: ONNX Resize (asymmetric, floor), which equals torch's nearest."""
+    mode = mod.mode if mod is not None else node.kwargs.get("mode", "nearest")
+    factors = [o / i for i, o in zip(in_shape[2:], out_shape[2:])]
+    if mode != "nearest" or any(f != int(f) or f < 1 for f in factors):
+        raise EdgeslimError(f"upsampling {node.name} ({mode}, x{factors}): only nearest by integer factors is "
+                            "exportable on integer codes")
+    return {"scales": [1.0, 1.0, *factors], "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+
+
+def _perm(node: fx.Node, ndim: int) -> list[int]:
+    args = [a for a in node.args[1:]]
+    if node.target in ("transpose", torch.transpose):
+        a, b = (int(v) % ndim for v in args[:2])
+        perm = list(range(ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    return [int(d) % ndim for d in dims]
 
 
 def _slice_attrs(index, in_shape) -> dict:

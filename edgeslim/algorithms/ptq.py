@@ -10,7 +10,10 @@ Where quantizers go (the rule the lowering and the exporter rely on):
   concatenations *requantize* their inputs to a fresh output scale, as QLinearAdd / QLinearConcat do);
 * with fusion on, a ReLU right after a conv or an add is absorbed: the quantizer goes after the ReLU
   and its scale replaces the producer's (seed 001). With fusion off, both get a quantizer;
-* max pooling, slicing, zero padding and flatten keep their input's scale and need none;
+* any other elementwise activation (SiLU, sigmoid, leaky ReLU, ...) is a table on codes: its input and its
+  output each get a quantizer (the conv before a SiLU keeps its own output quantizer);
+* max pooling, slicing, zero padding, flatten, reshape / transpose, splits and nearest upsampling keep their
+  input's scale and need none;
 * a final fully connected layer whose output is the model output keeps a float output: its int32
   accumulator is dequantized (QGemm with float output), so logits are not rounded to 8 bits.
 """
@@ -38,7 +41,7 @@ WEIGHTED: dict[type, Callable] = {
     ConvAct: QuantConv2d.from_float,
     nn.Linear: QuantLinear.from_float,
 }
-REQUANTIZING = ("conv", "linear", "add", "cat", "avgpool")
+REQUANTIZING = ("conv", "linear", "add", "cat", "avgpool", "lut")
 
 
 def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig,

@@ -95,10 +95,44 @@ def data_movement(g, node, env, cfg):
         return ops.Pad(x, a["pads"], 0.0)
     if node.op == "Flatten":
         return ops.Flatten(x, a.get("axis", 1))
+    if node.op == "Reshape":
+        return ops.Reshape(x, a["shape"])
+    if node.op == "Transpose":
+        return ops.Transpose(x, a["perm"])
+    if node.op == "Gather":
+        return ops.Gather(x, a["axis"], a["index"])
+    if node.op == "Resize":
+        return ops.Resize(x, scales=a.get("scales"), coordinate_transformation_mode=a["coordinate_transformation_mode"],
+                          nearest_mode=a["nearest_mode"])
     return x
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from math import erf
+    return np.vectorize(erf, otypes=[np.float64])(x.astype(np.float64))
+
+
+ACTIVATIONS = {  # float islands: the ONNX definitions (Silu = x * Sigmoid(x), Gelu/Mish as in opsets 18 / 20)
+    "Silu": lambda x, a: x * _sigmoid(x),
+    "Sigmoid": lambda x, a: _sigmoid(x),
+    "HardSwish": lambda x, a: x * np.clip(x / 6.0 + 0.5, 0, 1),
+    "HardSigmoid": lambda x, a: np.clip(x / 6.0 + 0.5, 0, 1),
+    "LeakyRelu": lambda x, a: np.where(x >= 0, x, x * np.float32(a["alpha"])),
+    "Tanh": lambda x, a: np.tanh(x),
+    "Elu": lambda x, a: np.where(x > 0, x, np.float32(a["alpha"]) * (np.exp(x) - 1)),
+    "Gelu": lambda x, a: (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+                          if a.get("approximate") == "tanh" else 0.5 * x * (1 + _erf(x / np.sqrt(2)))),
+    "Mish": lambda x, a: x * np.tanh(np.log1p(np.exp(x))),
+}
+
+
 OPS = {
+    **{op: (lambda fn: lambda g, n, env, cfg: fn(as_float(g, n.inputs[0], env), n.attrs).astype(np.float32))(fn)
+       for op, fn in ACTIVATIONS.items()},
     "Conv": Conv,
     "Gemm": Gemm,
     "Add": lambda g, n, env, cfg: (as_float(g, n.inputs[0], env) + as_float(g, n.inputs[1], env)).astype(np.float32),

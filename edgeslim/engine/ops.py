@@ -411,6 +411,28 @@ def Identity(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def Reshape(x, shape) -> np.ndarray:
+    """ONNX Reshape (``allowzero=0``): a 0 copies the input's dimension, -1 is inferred."""
+    x = np.asarray(x)
+    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+
+def Transpose(x, perm) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(np.asarray(x), perm))
+
+
+def Gather(x, axis: int, index: int) -> np.ndarray:
+    """ONNX Gather with a scalar index: the axis is removed."""
+    return np.take(np.asarray(x), index, axis=axis)
+
+
+def LUT(x, table: np.ndarray, qmin: int) -> np.ndarray:
+    """Elementwise activation on codes by table lookup: ``y = table[x - qmin]`` (one entry per input code).
+
+    How integer NPUs run SiLU / sigmoid / hard-swish; the table is ``quantize(f(dequantize(q)))``."""
+    return np.asarray(table)[np.asarray(x, dtype=np.int64) - qmin]
+
+
 def QuantizeLinear(x, scale: float, zero_point: int, lo: int, hi: int) -> np.ndarray:
     """MLAS: ``rint(float32(x) / float32(scale)) + zp`` (round half to even), saturated to [lo, hi]."""
     f = np.asarray(x, dtype=np.float32) / np.float32(scale)

@@ -124,10 +124,15 @@ OPS = {
     "Pad": _pad,
     "Flatten": lambda g, n, env, cfg: ops.Flatten(env[n.inputs[0]], n.attrs.get("axis", 1)),
     "Identity": lambda g, n, env, cfg: ops.Identity(env[n.inputs[0]]),
+    "Reshape": lambda g, n, env, cfg: ops.Reshape(env[n.inputs[0]], n.attrs["shape"]),
+    "Transpose": lambda g, n, env, cfg: ops.Transpose(env[n.inputs[0]], n.attrs["perm"]),
+    "Gather": lambda g, n, env, cfg: ops.Gather(env[n.inputs[0]], n.attrs["axis"], n.attrs["index"]),
+    "LUT": lambda g, n, env, cfg: np.clip(ops.LUT(env[n.inputs[0]], n.arrays["table"], g.qparams[n.inputs[0]].qmin),
+                                          *_clamp(n, g.qparams[n.outputs[0]])),
 }
 
 
-DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity")
+DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity", "Reshape", "Transpose", "Gather", "Resize")
 
 
 def _kernel(g: IntGraph, node: IntNode):

@@ -6,8 +6,11 @@ What onnxruntime (1.18+, CPU) fuses, and therefore what we write (see ``bench/pr
   uint8: a signed int8 code q with zero point z is written as q + 128 with zero point z + 128, which
   is the same real value (exact, not an approximation);
 * ``DQ, DQ -> Add -> Q`` becomes ``QLinearAdd``; ``DQ -> Gemm -> Q`` becomes ``QGemm``;
-* data movement (MaxPool, Slice, Pad, Flatten) is written directly on the uint8 codes; zero padding
-  pads with the zero point;
+* data movement (MaxPool, Slice, Pad, Flatten, Reshape, Transpose, Gather, nearest Resize) is written
+  directly on the uint8 codes; zero padding pads with the zero point;
+* an elementwise activation on codes (``LUT``: SiLU, sigmoid, leaky ReLU, ...) is ``Cast`` to int32 then
+  ``Gather`` from its 256-entry uint8 table: integer in, integer out, bit-exact with the engine (wider
+  activations go through DequantizeLinear -> the float function -> QuantizeLinear);
 * activation ranges narrower than the uint8 container (bits < 8, or a fused ReLU whose zero point is
   not the range minimum) are enforced with an integer ``Clip`` between ``Q`` and the next ``DQ``.
 Activations wider than 8 bits use uint16 / int16 Q/DQ (opset 21); onnxruntime runs those in float.
@@ -32,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..intgraph import FLOAT_OPS, IntGraph, IntNode, QParams
+from ..intgraph import ACTIVATION_OPS, FLOAT_OPS, IntGraph, IntNode, QParams
 
 OPSET_8BIT, OPSET_WIDE = 17, 21
 WEIGHT_TYPES = ("auto", "int8", "uint8")
@@ -228,11 +231,68 @@ def _emit_float(w: _Writer, node: IntNode) -> None:
     elif op == "Clip":
         w.nodes.append(helper.make_node("Clip", [ins[0], w.const(f"{out}_lo", np.array(a["min"], np.float32)),
                                                  w.const(f"{out}_hi", np.array(a["max"], np.float32))], [out]))
+    elif op in ACTIVATION_OPS:
+        _emit_activation(w, op, ins[0], out, a)
     elif op == "Cast":  # to FP16, or back to FP32 for a model output (as_float already widened it)
         w.nodes.append(helper.make_node("Cast", ins, [out], to=TensorProto.FLOAT16) if a["to"] == "float16"
                        else helper.make_node("Identity", ins, [out]))
     else:  # Add, Concat, Relu, GlobalAveragePool, ReduceMean, AveragePool: attributes as stored
         w.nodes.append(helper.make_node(op, ins, [out], **a))
+
+
+def _emit_activation(w: _Writer, op: str, x: str, out: str, a: dict) -> None:
+    """A float activation in opset-17 ONNX ops (SiLU = x * Sigmoid(x); GELU and Mish spelled out)."""
+    def add(op_type, ins, **attrs):
+        y = w.fresh(f"{out}_{op_type.lower()}")
+        w.nodes.append(helper.make_node(op_type, ins, [y], **attrs))
+        return y
+
+    def c(v):
+        return w.const(f"{out}_c", np.array(v, np.float32))
+    if op == "Silu":
+        y = add("Mul", [x, add("Sigmoid", [x])])
+    elif op == "HardSigmoid":
+        y = add("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+    elif op == "LeakyRelu":
+        y = add("LeakyRelu", [x], alpha=float(a["alpha"]))
+    elif op == "Elu":
+        y = add("Elu", [x], alpha=float(a["alpha"]))
+    elif op == "Gelu":
+        if a.get("approximate") == "tanh":
+            inner = add("Mul", [add("Add", [x, add("Mul", [c(0.044715), add("Mul", [x, add("Mul", [x, x])])])]),
+                                c(float(np.sqrt(2 / np.pi)))])
+            y = add("Mul", [add("Mul", [x, c(0.5)]), add("Add", [add("Tanh", [inner]), c(1.0)])])
+        else:
+            y = add("Mul", [add("Mul", [x, c(0.5)]), add("Add", [add("Erf", [add("Div", [x, c(float(np.sqrt(2)))])]),
+                                                                 c(1.0)])])
+    elif op == "Mish":
+        y = add("Mul", [x, add("Tanh", [add("Softplus", [x])])])
+    else:  # Sigmoid, HardSwish, Tanh: the ONNX op of that name
+        y = add(op, [x])
+    w.nodes.append(helper.make_node("Identity", [y], [out]))
+
+
+def _emit_lut(w: _Writer, node: IntNode) -> None:
+    """Codes -> codes through the node's table: ``Gather(table, Cast(x, int32))`` on the stored (uint8) codes."""
+    x, out = node.inputs[0], node.outputs[0]
+    qx, qy = w.g.qparams[x], w.g.qparams[out]
+    if qx.bits > 8 or qy.bits > 8:  # no 65536-entry tables: DQ -> the float function -> Q
+        y = w.fresh(f"{out}_f")
+        _emit_activation(w, ACTIVATION_OF_LUT[node.attrs["fn"]], w.dq(x), y, node.attrs)
+        w.q(y, out, node.attrs.get("clamp"))
+        return
+    x_off, _, _ = _container(qx)
+    y_off, _, dtype = _container(qy)
+    lo, hi = node.attrs.get("clamp") or (qy.qmin, qy.qmax)
+    table = np.zeros(256, dtype=dtype)  # indexed by the stored code (code + offset); unused entries stay 0
+    table[qx.qmin + x_off: qx.qmax + x_off + 1] = np.clip(node.arrays["table"], lo, hi) + y_off
+    idx = w.fresh(f"{out}_idx")
+    w.nodes.append(helper.make_node("Cast", [x], [idx], to=TensorProto.INT32))
+    w.nodes.append(helper.make_node("Gather", [w.const(f"{out}_table", table), idx], [out], axis=0))
+
+
+ACTIVATION_OF_LUT = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid",
+                     "leaky_relu": "LeakyRelu", "tanh": "Tanh", "gelu": "Gelu", "mish": "Mish", "elu": "Elu"}
 
 
 def _emit(w: _Writer, node: IntNode) -> None:
@@ -265,13 +325,18 @@ def _emit(w: _Writer, node: IntNode) -> None:
             w.float_op("ReduceMean", [w.dq(node.inputs[0])], node, axes=[2, 3], keepdims=0)
     elif op == "QLinearAveragePool":
         w.float_op("AveragePool", [w.dq(node.inputs[0])], node, kernel_shape=a["kernel_shape"], strides=a["strides"])
-    elif op in ("MaxPool", "Slice", "Pad", "Flatten", "Identity"):
+    elif op == "LUT":
+        _emit_lut(w, node)
+    elif op in DATA_MOVEMENT:
         _emit_data_movement(w, node)
     elif op == "DequantizeLinear":
         w.nodes.append(helper.make_node("DequantizeLinear", [node.inputs[0], *w.qparams_inputs(
             node.inputs[0], w.g.qparams[node.inputs[0]])], [out]))
     else:
         raise ValueError(f"IntGraph op {op} has no ONNX writer")
+
+
+DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity", "Reshape", "Transpose", "Gather", "Resize")
 
 
 def _emit_data_movement(w: _Writer, node: IntNode) -> None:
@@ -295,6 +360,17 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
         attrs = {"mode": "constant"}
     elif op == "Flatten":
         attrs = {"axis": a["axis"]}
+    elif op == "Reshape":
+        ins.append(w.const(f"{out}_shape", np.array(a["shape"], dtype=np.int64)))
+    elif op == "Transpose":
+        attrs = {"perm": list(a["perm"])}
+    elif op == "Gather":
+        ins.append(w.const(f"{out}_index", np.array(a["index"], dtype=np.int64)))
+        attrs = {"axis": a["axis"]}
+    elif op == "Resize":
+        ins += ["", w.const(f"{out}_scales", np.array(a["scales"], dtype=np.float32))]
+        attrs = {"mode": "nearest", "coordinate_transformation_mode": a["coordinate_transformation_mode"],
+                 "nearest_mode": a["nearest_mode"]}
     w.nodes.append(helper.make_node(op, ins, [dst], **attrs))
     if not (on_codes or is_float):
         w.q(dst, out)

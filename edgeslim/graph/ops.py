@@ -4,7 +4,11 @@
 * ``conv`` / ``linear``: weighted compute, output gets its own quantizer;
 * ``add`` / ``cat`` / ``avgpool``: integer compute that requantizes (QLinearAdd / QLinearConcat / pooling);
 * ``act``: ReLU / ReLU6, fused into the producer's output quantizer or requantized when fusion is off;
-* ``pass``: data movement that keeps its input's scale (max pool, slicing, zero padding, flatten, dropout);
+* ``lut``: any other elementwise activation (SiLU, sigmoid, hard-swish, leaky ReLU, tanh, GELU, ...): integer
+  codes in, integer codes out through a table with one entry per input code (what integer NPUs do), so its
+  input and its output each get a quantizer;
+* ``pass``: data movement that keeps its input's scale (max pool, slicing, zero padding, flatten, reshape,
+  transpose, channel selection, split, nearest upsampling, dropout);
 * ``quant``: an ``ActQuant`` inserted by edgeslim;
 * ``float``: anything else, which stays FP32 (reported as a float island).
 """
@@ -27,6 +31,16 @@ MODULE_KINDS: dict[type, str] = {
     QuantLinear: "linear",
     nn.ReLU: "act",
     nn.ReLU6: "act",
+    nn.SiLU: "lut",
+    nn.Sigmoid: "lut",
+    nn.Hardswish: "lut",
+    nn.Hardsigmoid: "lut",
+    nn.LeakyReLU: "lut",
+    nn.Tanh: "lut",
+    nn.GELU: "lut",
+    nn.Mish: "lut",
+    nn.ELU: "lut",
+    nn.Upsample: "pass",
     nn.AdaptiveAvgPool2d: "avgpool",
     nn.AvgPool2d: "avgpool",
     nn.MaxPool2d: "pass",
@@ -45,6 +59,24 @@ FUNCTION_KINDS: dict[object, str] = {
     F.relu: "act",
     torch.relu: "act",
     F.relu6: "act",
+    F.silu: "lut",
+    torch.sigmoid: "lut",
+    F.sigmoid: "lut",
+    F.hardswish: "lut",
+    F.hardsigmoid: "lut",
+    F.leaky_relu: "lut",
+    torch.tanh: "lut",
+    F.tanh: "lut",
+    F.gelu: "lut",
+    F.mish: "lut",
+    F.elu: "lut",
+    F.interpolate: "pass",
+    torch.reshape: "pass",
+    torch.permute: "pass",
+    torch.transpose: "pass",
+    torch.split: "pass",
+    torch.chunk: "pass",
+    torch.select: "pass",
     F.adaptive_avg_pool2d: "avgpool",
     F.avg_pool2d: "avgpool",
     F.max_pool2d: "pass",
@@ -62,6 +94,13 @@ METHOD_KINDS: dict[str, str] = {
     "flatten": "pass",
     "view": "pass",
     "reshape": "pass",
+    "permute": "pass",
+    "transpose": "pass",
+    "contiguous": "pass",
+    "split": "pass",
+    "chunk": "pass",
+    "sigmoid": "lut",
+    "tanh": "lut",
     "size": "meta",
     "mean": "avgpool",
 }
@@ -73,13 +112,22 @@ def kind(gm: fx.GraphModule, node: fx.Node) -> str:
         return node.op
     if node.op == "call_module":
         return MODULE_KINDS.get(type(gm.get_submodule(node.target)), "float")
+    if node.meta.get("is_tensor") is False and not is_split(node):
+        return "meta"  # Python values derived from shapes (x.shape[1] // 2): folded by tracing
     if node.op == "call_function":
         if node.target is getattr:
             return "meta"
+        if node.target is operator.getitem and _indexes_non_tensor(node):
+            return "meta"  # x.shape[1], x.size()[0]: Python values, folded by tracing
         return FUNCTION_KINDS.get(node.target, "float")
     if node.op == "call_method":
         return METHOD_KINDS.get(node.target, "float")
     return "float"
+
+
+def _indexes_non_tensor(node: fx.Node) -> bool:
+    src = node.args[0]
+    return isinstance(src, fx.Node) and not src.meta.get("is_tensor", True) and not is_split(src)
 
 
 def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -89,7 +137,14 @@ def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 def tensor_args(node: fx.Node) -> list[fx.Node]:
     """The fx nodes among a node's inputs that carry tensors (skipping ``x.size()`` and friends)."""
     args = node.args[0] if node.target in (torch.cat, torch.concat) else node.args
+    if node.target is operator.getitem and isinstance(args[0], fx.Node) and is_split(args[0]):
+        return [args[0]]  # one piece of a split: its source is the split's (tuple-valued) output
     return [a for a in args if isinstance(a, fx.Node) and a.meta.get("is_tensor", True)]
+
+
+def is_split(node: fx.Node) -> bool:
+    """``torch.split`` / ``torch.chunk`` (or the methods): a tuple of pieces that ``getitem`` picks from."""
+    return node.op in ("call_function", "call_method") and node.target in (torch.split, torch.chunk, "split", "chunk")
 
 
 def act_name(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -98,3 +153,45 @@ def act_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if isinstance(mod, nn.ReLU6) or node.target is F.relu6:
         return "relu6"
     return "relu"
+
+
+LUT_FUNCTIONS = {  # fx target -> the activation's name in the IntGraph (``LUT`` attrs, float-island op)
+    nn.SiLU: "silu", F.silu: "silu",
+    nn.Sigmoid: "sigmoid", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
+    nn.Hardswish: "hardswish", F.hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid", F.hardsigmoid: "hardsigmoid",
+    nn.LeakyReLU: "leaky_relu", F.leaky_relu: "leaky_relu",
+    nn.Tanh: "tanh", torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh",
+    nn.GELU: "gelu", F.gelu: "gelu",
+    nn.Mish: "mish", F.mish: "mish",
+    nn.ELU: "elu", F.elu: "elu",
+}
+
+
+def lut_name(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict]:
+    """(activation name, its parameters) of a ``lut`` node, e.g. ``("leaky_relu", {"alpha": 0.1})``."""
+    mod = module(gm, node)
+    name = LUT_FUNCTIONS[type(mod) if mod is not None else node.target]
+    params: dict = {}
+    if name == "leaky_relu":
+        params["alpha"] = float(mod.negative_slope if mod is not None else
+                                node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01))
+    elif name == "elu":
+        params["alpha"] = float(mod.alpha if mod is not None else node.kwargs.get("alpha", 1.0))
+    elif name == "gelu":
+        approx = mod.approximate if mod is not None else node.kwargs.get("approximate", "none")
+        params["approximate"] = str(approx)
+    return name, params
+
+
+def call_node(gm: fx.GraphModule, node: fx.Node, *args: torch.Tensor) -> torch.Tensor:
+    """Evaluate one fx node's operation on given tensor inputs (same non-tensor arguments)."""
+    it = iter(args)
+    fill = lambda a: next(it) if isinstance(a, fx.Node) else a  # noqa: E731
+    call_args = tuple(fill(a) for a in node.args)
+    kwargs = {k: (next(it) if isinstance(v, fx.Node) else v) for k, v in node.kwargs.items()}
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*call_args, **kwargs)
+    if node.op == "call_method":
+        return getattr(call_args[0], node.target)(*call_args[1:], **kwargs)
+    return node.target(*call_args, **kwargs)
