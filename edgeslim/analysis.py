@@ -71,15 +71,22 @@ def analyze(g: IntGraph, test_ds: ImageDataset, onnx_logits: np.ndarray, options
         result["engine_vs_onnx"] = {"mismatch_fraction": float((steps >= 1).mean()),
                                     "max_abs_diff": float(steps.max()), "elements": int(steps.size)}
     if options.overflow:
-        stats = OverflowStats()
         idx = np.arange(min(options.overflow_images, len(test_ds)))
-        for x, _ in batches(test_ds, batch_size, idx, desc="overflow statistics"):
-            run(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
-                overflow=options.overflow_mode, stats=stats)
-        layer_name = {n.name: n.attrs.get("module", n.name) for n in g.layers()}
-        rows = [{**r, "name": layer_name.get(r["name"], r["name"])} for r in stats.layers()]
-        per_filter = {layer_name.get(r["name"], r["name"]): {k: v.tolist() for k, v in stats.per_filter(r["name"]).items()}
-                      for r in stats.layers()}
-        result["overflow"] = {"images": int(len(idx)), "accumulator_bits": options.accumulator_bits,
-                              "mode": options.overflow_mode, "layers": rows, "per_filter": per_filter}
+        result["overflow"] = overflow_summary(g, (x for x, _ in batches(test_ds, batch_size, idx,
+                                                                         desc="overflow statistics")), options)
     return result
+
+
+def overflow_summary(g: IntGraph, images, options: AnalyzeOptions) -> dict:
+    """Per-layer and per-filter overflow counts of the engine over the batches ``images`` yields."""
+    stats, seen = OverflowStats(), 0
+    for x in images:
+        run(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
+            overflow=options.overflow_mode, stats=stats)
+        seen += len(x)
+    layer_name = {n.name: n.attrs.get("module", n.name) for n in g.layers()}
+    rows = [{**r, "name": layer_name.get(r["name"], r["name"])} for r in stats.layers()]
+    per_filter = {layer_name.get(r["name"], r["name"]): {k: v.tolist() for k, v in stats.per_filter(r["name"]).items()}
+                  for r in stats.layers()}
+    return {"images": seen, "accumulator_bits": options.accumulator_bits,
+            "mode": options.overflow_mode, "layers": rows, "per_filter": per_filter}

@@ -70,6 +70,8 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
             raise EdgeslimError("pass input_shape=(C, H, W) when calibration data is a callable")
         input_shape = tuple(np.asarray(calib).shape[1:]) if not isinstance(calib, torch.Tensor) else tuple(calib.shape[1:])
     t0 = time.perf_counter()
+    if getattr(model, "meta", {}).get("onnx_dynamic_batch") is False:
+        batch_size = 1  # an imported ONNX model with batch-1 reshapes (e.g. channel shuffles folded at batch 1)
     gm = ptq.prepare(model, tuple(input_shape), config, plan)
     batches = _as_batches(calib, batch_size)
     ptq.calibrate(gm, batches, progress=progress)
@@ -86,13 +88,13 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan, reports)
 
 
-def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto") -> Path:
+def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto", activations: str = "float") -> Path:
     """Write the INT8 (QDQ) ONNX model of ``q`` atomically.
 
     ``weight_type``: ``int8``, ``uint8`` or ``auto`` (uint8 on x86 CPUs without VNNI, where onnxruntime's
     int8-weight kernels saturate; see ``export.onnx_qdq``).
     """
-    return save_onnx(to_onnx(q.intgraph, weight_type=weight_type), Path(path))
+    return save_onnx(to_onnx(q.intgraph, weight_type=weight_type, activations=activations), Path(path))
 
 
 def export_fp16_onnx(fp32_onnx: str | Path, path: str | Path) -> Path:
@@ -116,12 +118,21 @@ def export_fp32_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str |
     """Write the float model as ONNX (opset 17, dynamic batch) atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    x = torch.zeros(1, *input_shape)
+    try:
+        with torch.no_grad():
+            y = model.eval()(x)
+    except Exception as exc:
+        raise EdgeslimError(f"model does not run on an input of shape {tuple(x.shape)} "
+                            f"({str(exc).splitlines()[0][:160]}): check the input shape") from None
+    n_out = len(y) if isinstance(y, (tuple, list)) else 1  # detectors: one output per head
+    outputs = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / constant-folding notes
-            torch.onnx.export(model.eval(), (torch.zeros(1, *input_shape),), str(tmp), dynamo=False,
-                              input_names=["input"], output_names=["output"], opset_version=17,
-                              dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+            torch.onnx.export(model.eval(), (x,), str(tmp), dynamo=False,
+                              input_names=["input"], output_names=outputs, opset_version=17,
+                              dynamic_axes={"input": {0: "N"}, **{o: {0: "N"} for o in outputs}})
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise EdgeslimError(f"FP32 ONNX export failed ({str(exc).splitlines()[0][:160]}): the model uses an op "

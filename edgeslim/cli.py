@@ -45,6 +45,16 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--task", default="classify", choices=("classify", "detect"),
+                   help="classify (top-1) or detect (YOLO-format data: mAP, confusion matrix; see --groups)")
+    p.add_argument("--groups", help="precision per layer group, e.g. backbone=8,neck=32,head=32 (detectors define "
+                   "backbone / neck / head; values: int8, fp16, fp32 or bits, 32 = FP32)")
+    p.add_argument("--conf-thres", type=float, default=0.001, help="detect: score threshold of mAP candidates")
+    p.add_argument("--iou-thres", type=float, default=0.6, help="detect: NMS IoU threshold")
+    p.add_argument("--cm-conf", type=float, default=0.25, help="detect: score threshold of the confusion matrix")
+    p.add_argument("--decoder", help="detect, for models without one (ONNX files): yolov5 | yolov3-tiny | fastestdet "
+                   "(raw obj, reg, cls) | fastestdet-activated (the published FastestDet.onnx output)")
+    p.add_argument("--channel-order", help="detect: RGB or BGR, the order the model was trained on (fastestdet: BGR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,21 +208,54 @@ def _data(args, info):
     return open_dataset(args.calib_data, pre, split=args.calib_split), open_dataset(args.data, pre, split=args.data_split)
 
 
+def _detect_data(args, info):
+    """The calibration and test sets letterboxed to the model's size, and the model's detection ``ModelInfo``."""
+    from .data.detection import open_detection
+    from .models import as_detector
+
+    size = info.input_shape[1]
+    calib = open_detection(args.calib_data, args.calib_split, imgsz=size)
+    test = open_detection(args.data, args.data_split, imgsz=size)
+    return calib, test, as_detector(info, args.decoder, test.names, args.channel_order)
+
+
+def _plan(args, model, info):
+    from .config import MixedPlan
+
+    if args.plan and getattr(args, "groups", None):
+        raise EdgeslimError("pass either --plan or --groups, not both")
+    if getattr(args, "groups", None):
+        from .jobs_detect import group_plan
+        from .models import model_groups
+
+        return group_plan(model_groups(model, info), args.groups)
+    return MixedPlan.load(args.plan) if args.plan else None
+
+
 def _quantize(args) -> int:
     from .analysis import AnalyzeOptions
-    from .config import MixedPlan
     from .jobs import MeasureOptions, run_quantize
 
     config = _config(args)
-    plan = MixedPlan.load(args.plan) if args.plan else None
     model, info = _load_model(args)
-    calib, test = _data(args, info)
+    plan = _plan(args, model, info)
     analyze = None
     if args.command == "analyze":
         both = not (args.engine or args.overflow)
         analyze = AnalyzeOptions(engine=args.engine or both, overflow=args.overflow or both,
                                  accumulator_bits=args.accumulator, overflow_mode=args.overflow_mode,
                                  requant=args.requant, overflow_images=args.overflow_images)
+    if args.task == "detect":
+        from .jobs_detect import DetectOptions, run_detect_quantize
+
+        calib, test, info = _detect_data(args, info)
+        opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
+                             batch_size=min(args.batch_size, 16), threads=args.threads)
+        summary = run_detect_quantize(model, info, calib, test, config, Path(args.out), plan=plan, opts=opts,
+                                      analyze=analyze)
+        print_detect_summary(summary, Path(args.out))
+        return 0
+    calib, test = _data(args, info)
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
                            MeasureOptions(threads=args.threads, batch_size=args.batch_size), analyze, plan)
     print_summary(summary, Path(args.out))
@@ -236,6 +279,8 @@ def _sensitivity(args) -> int:
     high = _high(args, config)
     groups = dict(parse_group(g) for g in args.group) or None
     model, info = _load_model(args)
+    if args.task == "detect":
+        return _detect_sensitivity(args, model, info, config, high, groups)
     calib, test = _data(args, info)
     s = run_sensitivity(model, info, calib, test, config, Path(args.out), high=high, holdout_size=args.holdout_size,
                         groups=groups, group_table=not args.no_groups, holdout_from=args.holdout_from,
@@ -259,6 +304,29 @@ def _sensitivity(args) -> int:
     return 0
 
 
+def _detect_sensitivity(args, model, info, config, high, groups) -> int:
+    from .jobs_detect import DetectOptions, run_detect_sensitivity
+    from .models import model_groups
+
+    calib, test, info = _detect_data(args, info)
+    opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
+                         batch_size=min(args.batch_size, 16), threads=args.threads)
+    s = run_detect_sensitivity(model, info, calib, test, config, Path(args.out),
+                               groups=groups or model_groups(model, info), high=high,
+                               group_table=not args.no_groups, opts=opts)
+    print(f"\nFP32 mAP@.5 {s['fp32']['map50']:.4f} (@.5:.95 {s['fp32']['map50_95']:.4f}); all {s['low']} "
+          f"{s['uniform']['map50']:.4f} ({s['uniform']['map50_95']:.4f}) on {s['images']['test']} images")
+    print(f"{'layer kept ' + s['high']:<34}{'mAP@.5':>8}{'gain':>8}{'mAP@.5:.95':>12}{'gain':>8}")
+    for r in s.get("layers", []):
+        print(f"{r['name']:<34}{r['map50']:>8.4f}{r['delta_map50']:>+8.4f}{r['map50_95']:>12.4f}{r['delta_map50_95']:>+8.4f}")
+    for r in s.get("groups", {}).get("rows", []):
+        prec = ",".join(f"{g}={p}" for g, p in r["precisions"].items())
+        print(f"  {prec:<48} mAP@.5 {r['map50']:.4f}  {r['weight_bytes'] / 1024:8.1f} KiB  {r['latency_ms']:.1f} ms "
+              f"({r['latency_over_fp32']:.2f}x FP32)")
+    print(f"wrote {args.out}/summary.json")
+    return 0
+
+
 def _mixed(args) -> int:
     from .algorithms.mixed_precision import Budget
     from .jobs import MeasureOptions
@@ -268,6 +336,10 @@ def _mixed(args) -> int:
     high = _high(args, config)
     budget = Budget(args.max_drop, None if args.max_size_kb is None else int(args.max_size_kb * 1024),
                     args.max_latency_ms)
+    if args.task == "detect":
+        raise EdgeslimError("mixed --task detect (a budgeted search scored by mAP) is not available yet: run "
+                            "`edgeslim sensitivity --task detect` for the per-layer and group tables, then "
+                            "`edgeslim quantize --task detect --groups ...` or --plan with the layers it shows")
     model, info = _load_model(args)
     calib, test = _data(args, info)
     s = run_mixed(model, info, calib, test, config, Path(args.out), budget=budget, high=high,
@@ -375,6 +447,29 @@ def print_summary(s: dict, out: Path) -> None:
         print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
               f"of pixels in a filter of {worst['name']}; see report.html")
     print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
+
+
+def print_detect_summary(s: dict, out: Path) -> None:
+    lat = s["latency_ms"]
+    print(f"\n{s['model']} on {s['images']['test']} images ({s['images']['test_boxes']} boxes) at {s['images']['imgsz']}")
+    print(f"{'':<26}{'mAP@.5':>8}{'mAP@.5:.95':>12}{'P':>7}{'R':>7}{'F1':>7}{'ONNX KiB':>10}{'ms':>9}{'FPS':>7}")
+    rows = [("FP32 (PyTorch)", "fp32", None), ("fake-quant (PyTorch)", "quantized", None),
+            ("FP32 ONNX", "onnx_fp32", "fp32"), ("INT8 ONNX (onnxruntime)", "onnx_int8", "int8")]
+    if "engine" in s:
+        rows.append(("integer engine", "engine", None))
+    for label, key, size in rows:
+        r = s[key]
+        extra = (f"{s['size_bytes'][size] / 1024:>10.1f}{lat[size]:>9.2f}{lat['fps_' + size]:>7.1f}" if size else "")
+        print(f"{label:<26}{r['map50']:>8.4f}{r['map50_95']:>12.4f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
+              f"{r['f1']:>7.3f}{extra}")
+    g = s["onnx_int8_graph"]
+    print(f"integer convs in onnxruntime: {g['integer_convs']}/{g['total_convs']}; INT8/FP32 latency "
+          f"{lat['int8_over_fp32']:.2f}x (batch 1, {lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
+    if "overflow" in s:
+        worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
+        print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
+              f"of pixels in a filter of {worst['name']}")
+    print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
 
 
 if __name__ == "__main__":

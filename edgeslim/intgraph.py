@@ -26,7 +26,7 @@ import numpy as np
 
 ACTIVATION_OPS = ("Silu", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh", "Gelu", "Mish", "Elu")
 FLOAT_OPS = ("Conv", "Gemm", "Add", "Concat", "Relu", "Clip", "GlobalAveragePool", "ReduceMean", "AveragePool",
-             "Cast", *ACTIVATION_OPS)
+             "Cast", "Softmax", *ACTIVATION_OPS)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ def lower(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> IntGraph:
             _lower_quant(gm, g, node, float_names)
         elif k == "pass":
             _lower_pass(gm, g, node, float_names)
+        elif k == "softmax":
+            _lower_float_op(gm, g, node, float_names)
         elif k == "output":
             for out in _flat(node.args[0]):
                 if ops.kind(gm, out) == "linear" and out.name not in g.qparams:
@@ -151,7 +153,7 @@ def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: se
         g.nodes.append(IntNode("QLinearRelu", node.name, ins[:1], [node.name],
                                {"clamp": _act_clamp(gm, src, out_q)}))
     elif k == "avgpool":
-        g.nodes.append(_lower_avgpool(gm, src, node, ins[0]))
+        g.nodes.append(_lower_avgpool(gm, src, node, ins[0], g))
     elif k == "lut":
         fn, params = ops.lut_name(gm, src)
         table = _lut_table(gm, src, g.qparams[ins[0]], qmod)
@@ -193,6 +195,8 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
     elif k == "lut":
         fn, params = ops.lut_name(gm, src)
         node = IntNode(ACTIVATION_OPS[fn], src.name, ins[:1], [src.name], params)
+    elif k == "softmax":
+        node = IntNode("Softmax", src.name, ins[:1], [src.name], {"axis": ops.softmax_axis(gm, src)})
     else:
         raise EdgeslimError(f"operation {_describe(src)} ({src.name}) is not supported in a float island yet")
     g.nodes.append(node)
@@ -283,7 +287,7 @@ def _clamp_for(act: str, q: QParams) -> tuple[int, int]:
     return max(q.qmin, q.zero_point), hi
 
 
-def _lower_avgpool(gm, src: fx.Node, qnode: fx.Node, in_name: str) -> IntNode:
+def _lower_avgpool(gm, src: fx.Node, qnode: fx.Node, in_name: str, g: IntGraph | None = None) -> IntNode:
     in_shape = ops.tensor_args(src)[0].meta["shape"]
     out_shape = src.meta["shape"]
     if len(out_shape) == 4 and out_shape[2:] == (1, 1) or (src.target == "mean" and len(out_shape) == 2):
@@ -294,7 +298,18 @@ def _lower_avgpool(gm, src: fx.Node, qnode: fx.Node, in_name: str) -> IntNode:
         k = mod.kernel_size if mod is not None else src.args[1]
         s = (mod.stride if mod is not None else (src.args[2] if len(src.args) > 2 else None)) or k
         k, s = _pair(k), _pair(s)
-        if in_shape[2] // s[0] == out_shape[2] and not (mod is not None and mod.padding):
+        pad = mod.padding if mod is not None else (src.kwargs.get("padding", src.args[3] if len(src.args) > 3 else 0))
+        ceil = mod.ceil_mode if mod is not None else src.kwargs.get("ceil_mode", False)
+        include_pad = mod.count_include_pad if mod is not None else src.kwargs.get("count_include_pad", True)
+        if any(_pair(pad)) and include_pad and not ceil and g is not None:
+            # padding that counts in the average = zero padding (with the zero point) + an unpadded pool
+            ph, pw = _pair(pad)
+            padded = f"{qnode.name}_pad"
+            g.qparams[padded] = g.qparams[in_name]
+            g.nodes.append(IntNode("Pad", padded, [in_name], [padded], {"pads": [0, 0, ph, pw, 0, 0, ph, pw]}))
+            in_name, pad = padded, 0
+            in_shape = (*in_shape[:2], in_shape[2] + 2 * ph, in_shape[3] + 2 * pw)
+        if not any(_pair(pad)) and not ceil and all((i - kk) // ss + 1 == o for i, kk, ss, o in zip(in_shape[2:], k, s, out_shape[2:])):
             return IntNode("QLinearAveragePool", qnode.name, [in_name], [qnode.name],
                            {"kernel_shape": k, "strides": s})
     raise EdgeslimError(f"average pooling {src.name} with output {out_shape} is not exportable yet")

@@ -107,6 +107,11 @@ def data_movement(g, node, env, cfg):
     return x
 
 
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
 
@@ -142,6 +147,7 @@ OPS = {
     "GlobalAveragePool": lambda g, n, env, cfg: _pool(n, as_float(g, n.inputs[0], env)),
     "ReduceMean": lambda g, n, env, cfg: _pool(n, as_float(g, n.inputs[0], env)),
     "AveragePool": lambda g, n, env, cfg: _pool(n, as_float(g, n.inputs[0], env)),
+    "Softmax": lambda g, n, env, cfg: _softmax(as_float(g, n.inputs[0], env), n.attrs["axis"]),
     "Cast": lambda g, n, env, cfg: as_float(g, n.inputs[0], env).astype(
         np.float16 if n.attrs["to"] == "float16" else np.float32),
 }

@@ -8,9 +8,14 @@ What onnxruntime (1.18+, CPU) fuses, and therefore what we write (see ``bench/pr
 * ``DQ, DQ -> Add -> Q`` becomes ``QLinearAdd``; ``DQ -> Gemm -> Q`` becomes ``QGemm``;
 * data movement (MaxPool, Slice, Pad, Flatten, Reshape, Transpose, Gather, nearest Resize) is written
   directly on the uint8 codes; zero padding pads with the zero point;
-* an elementwise activation on codes (``LUT``: SiLU, sigmoid, leaky ReLU, ...) is ``Cast`` to int32 then
-  ``Gather`` from its 256-entry uint8 table: integer in, integer out, bit-exact with the engine (wider
-  activations go through DequantizeLinear -> the float function -> QuantizeLinear);
+* an elementwise activation on codes (``LUT``: SiLU, sigmoid, leaky ReLU, ...): ``activations="float"``
+  (default) writes DequantizeLinear -> the float function -> QuantizeLinear, which onnxruntime runs fast
+  (sigmoid / leaky ReLU fuse into its own lookup-table kernels) and which matches the table to one LSB at
+  float32 rounding ties; ``activations="table"`` writes ``Cast`` to int32 + ``Gather`` from the 256-entry uint8
+  table, integer in and out and bit-exact with the engine, but onnxruntime's Gather is slow (measured on
+  yolov5n: 61 ms of 91 ms per image);
+* max pooling of 8-bit codes goes through float (DQ -> MaxPool -> Q, exact: max commutes with the monotone
+  dequantization): onnxruntime's uint8 MaxPool kernel is ~50x slower than its float one;
 * activation ranges narrower than the uint8 container (bits < 8, or a fused ReLU whose zero point is
   not the range minimum) are enforced with an integer ``Clip`` between ``Q`` and the next ``DQ``.
 Activations wider than 8 bits use uint16 / int16 Q/DQ (opset 21); onnxruntime runs those in float.
@@ -96,9 +101,10 @@ def _container(q: QParams) -> tuple[int, int, np.dtype]:
 
 
 class _Writer:
-    def __init__(self, g: IntGraph, weight_type: str = "auto") -> None:
+    def __init__(self, g: IntGraph, weight_type: str = "auto", activations: str = "float") -> None:
         self.g = g
         self.weight_type = weight_type
+        self.activations = activations
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.counter = 0
@@ -276,7 +282,7 @@ def _emit_lut(w: _Writer, node: IntNode) -> None:
     """Codes -> codes through the node's table: ``Gather(table, Cast(x, int32))`` on the stored (uint8) codes."""
     x, out = node.inputs[0], node.outputs[0]
     qx, qy = w.g.qparams[x], w.g.qparams[out]
-    if qx.bits > 8 or qy.bits > 8:  # no 65536-entry tables: DQ -> the float function -> Q
+    if qx.bits > 8 or qy.bits > 8 or w.activations == "float":  # (no 65536-entry tables) DQ -> f -> Q
         y = w.fresh(f"{out}_f")
         _emit_activation(w, ACTIVATION_OF_LUT[node.attrs["fn"]], w.dq(x), y, node.attrs)
         w.q(y, out, node.attrs.get("clamp"))
@@ -346,7 +352,7 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
     is_float = out not in w.g.qparams  # a float tensor of a mixed-precision graph: the same op in FP32
     q = w.g.qparams[out] if not is_float else QParams(1.0, 0, 16, True)
     offset, _, dtype = _container(q)
-    on_codes = q.bits <= 8
+    on_codes = q.bits <= 8 and op != "MaxPool"  # onnxruntime's uint8 MaxPool is slow; through float it is exact
     src = node.inputs[0] if on_codes else w.as_float(node.inputs[0])
     dst = out if (on_codes or is_float) else w.fresh(f"{out}_{op.lower()}")
     ins, attrs = [src], {}
@@ -376,10 +382,17 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
         w.q(dst, out)
 
 
-def to_onnx(g: IntGraph, *, weight_type: str = "auto") -> onnx.ModelProto:
-    """Write ``g`` as a QDQ ONNX model with a dynamic batch dimension (``weight_type``: see the module docstring)."""
+ACTIVATION_EXPORTS = ("float", "table")
+
+
+def to_onnx(g: IntGraph, *, weight_type: str = "auto", activations: str = "float") -> onnx.ModelProto:
+    """Write ``g`` as a QDQ ONNX model with a dynamic batch dimension (``weight_type``, ``activations``: see the
+    module docstring)."""
     resolve_weight_type(weight_type)  # validates the option
-    w = _Writer(g, weight_type)
+    if activations not in ACTIVATION_EXPORTS:
+        from ..errors import EdgeslimError
+        raise EdgeslimError(f"invalid activation export {activations!r}: use float or table")
+    w = _Writer(g, weight_type, activations)
     for node in g.nodes:
         _emit(w, node)
     wide = any(q.bits > 8 for q in g.qparams.values()) or any(n.attrs.get("w_bits", 8) > 8 for n in g.nodes)

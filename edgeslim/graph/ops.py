@@ -9,6 +9,8 @@
   input and its output each get a quantizer;
 * ``pass``: data movement that keeps its input's scale (max pool, slicing, zero padding, flatten, reshape,
   transpose, channel selection, split, nearest upsampling, dropout);
+* ``softmax``: always computed in float (DequantizeLinear -> Softmax), re-quantized only where a quantized op
+  reads it (a detection head's class scores);
 * ``quant``: an ``ActQuant`` inserted by edgeslim;
 * ``float``: anything else, which stays FP32 (reported as a float island).
 """
@@ -41,6 +43,7 @@ MODULE_KINDS: dict[type, str] = {
     nn.Mish: "lut",
     nn.ELU: "lut",
     nn.Upsample: "pass",
+    nn.Softmax: "softmax",
     nn.AdaptiveAvgPool2d: "avgpool",
     nn.AvgPool2d: "avgpool",
     nn.MaxPool2d: "pass",
@@ -71,6 +74,8 @@ FUNCTION_KINDS: dict[object, str] = {
     F.mish: "lut",
     F.elu: "lut",
     F.interpolate: "pass",
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
     torch.reshape: "pass",
     torch.permute: "pass",
     torch.transpose: "pass",
@@ -100,6 +105,7 @@ METHOD_KINDS: dict[str, str] = {
     "split": "pass",
     "chunk": "pass",
     "sigmoid": "lut",
+    "softmax": "softmax",
     "tanh": "lut",
     "size": "meta",
     "mean": "avgpool",
@@ -195,3 +201,11 @@ def call_node(gm: fx.GraphModule, node: fx.Node, *args: torch.Tensor) -> torch.T
     if node.op == "call_method":
         return getattr(call_args[0], node.target)(*call_args[1:], **kwargs)
     return node.target(*call_args, **kwargs)
+
+
+def softmax_axis(gm: fx.GraphModule, node: fx.Node) -> int:
+    mod = module(gm, node)
+    dim = mod.dim if mod is not None else node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if dim is None:
+        raise ValueError(f"softmax {node.name} without dim")
+    return int(dim)

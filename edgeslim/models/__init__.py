@@ -6,9 +6,14 @@ the input shape and normalization, and those must travel with the model rather t
 re-typed by the user. Architectures are written in this package (no torchvision) with
 parameter names that match the public checkpoints.
 
+Detectors (``DETECTORS``: yolov5n/s, yolov3-tiny, fastestdet) return their raw head tensors; their
+``ModelInfo`` has ``task="detect"``, the class names and the numpy ``decoder`` that turns those tensors
+into boxes and scores. They live in their own dict because every ``ZOO`` entry is a classifier.
+
 A spec is either a zoo name (``resnet20``) or ``package.module:factory`` /
 ``path/to/file.py:factory`` for the user's own network; the factory is called with no
-arguments and must return an ``nn.Module``.
+arguments and must return an ``nn.Module``. A ``path/to/model.onnx`` spec imports a float ONNX
+model (``edgeslim.io.onnx_import``); its input shape comes from the file.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,9 +33,12 @@ from torch import nn
 from edgeslim.errors import EdgeslimError
 from edgeslim.io.checkpoints import load_weights
 from edgeslim.models.digits_cnn import digits_cnn
+from edgeslim.models.fastestdet import FastestDetDecoder, fastestdet
 from edgeslim.models.mobilenet_v2 import mobilenet_v2
 from edgeslim.models.resnet import resnet18, resnet50
 from edgeslim.models.resnet_cifar import resnet20, resnet32, resnet44, resnet56
+from edgeslim.models.yolo import (COCO_NAMES, YOLOV3_TINY_ANCHORS, YOLOV5_ANCHORS, YoloV3Decoder, YoloV5Decoder,
+                                  detection_groups, yolov3_tiny, yolov5, yolov5_cfg)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +50,8 @@ class ModelInfo:
 
     ``mean``/``std`` apply to pixels already scaled to [0, 1] (one value per channel).
     ``num_classes`` is 0 for a user model whose output is not a (batch, classes) tensor.
+    Detectors (``task="detect"``) carry ``class_names``, the ``channel_order`` their weights were trained
+    on (FastestDet: BGR) and a ``decoder``: raw outputs (numpy) -> ``(N, boxes, 4 + classes)``.
     """
 
     name: str
@@ -48,12 +59,19 @@ class ModelInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    task: str = "classify"
+    class_names: tuple[str, ...] = ()
+    channel_order: str = "RGB"
+    decoder: Callable[[Sequence], object] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     factory: Callable[[], nn.Module]
     info: ModelInfo
+    # For weight files that carry the architecture (YOLOv5 pickles: layer dict, anchors, class names):
+    # builds the model from the file and returns the info it implies. None: factory() + load_weights.
+    load: Callable[[Path, ModelInfo], tuple[nn.Module, ModelInfo]] | None = None
 
 
 def _cifar(name: str) -> ModelInfo:
@@ -77,6 +95,35 @@ ZOO: dict[str, ModelEntry] = {
 }
 
 
+def _detector(name: str, size: int, decoder: Callable, channel_order: str = "RGB") -> ModelInfo:
+    """Pixels / 255, no normalization (what YOLO and FastestDet train on)."""
+    return ModelInfo(name, (3, size, size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), len(COCO_NAMES), task="detect",
+                     class_names=COCO_NAMES, channel_order=channel_order, decoder=decoder)
+
+
+def _load_yolov5(size: str, path: Path, info: ModelInfo) -> tuple[nn.Module, ModelInfo]:
+    from edgeslim.io.yolov5_loader import load_yolov5  # imported here: the loader imports this package
+
+    model, meta = load_yolov5(path, cfg=yolov5_cfg(size))
+    return model, replace(info, num_classes=meta["nc"], class_names=tuple(meta["names"]),
+                          decoder=model.make_decoder())
+
+
+def _yolov5_entry(size: str) -> ModelEntry:
+    info = _detector(f"yolov5{size}", 640, YoloV5Decoder(YOLOV5_ANCHORS, (8, 16, 32), len(COCO_NAMES)))
+    return ModelEntry(partial(yolov5, size), info, load=partial(_load_yolov5, size))
+
+
+# COCO detectors; weights: a YOLOv5 .pt (read without its code), FastestDet's published state_dict.
+DETECTORS: dict[str, ModelEntry] = {
+    "yolov5n": _yolov5_entry("n"),
+    "yolov5s": _yolov5_entry("s"),
+    "yolov3-tiny": ModelEntry(yolov3_tiny, _detector("yolov3-tiny", 416, YoloV3Decoder(
+        YOLOV3_TINY_ANCHORS, (16, 32), len(COCO_NAMES)))),
+    "fastestdet": ModelEntry(fastestdet, _detector("fastestdet", 352, FastestDetDecoder(len(COCO_NAMES)), "BGR")),
+}
+
+
 def build_model(spec: str, weights: str | Path | None = None, *, allow_pickle: bool = False,
                 input_shape: Sequence[int] | None = None, mean: Sequence[float] | None = None,
                 std: Sequence[float] | None = None) -> tuple[nn.Module, ModelInfo]:
@@ -89,15 +136,25 @@ def build_model(spec: str, weights: str | Path | None = None, *, allow_pickle: b
     ``num_classes`` comes from one dry forward pass when not declared.
     """
     spec = spec.strip()
-    if spec in ZOO:
-        entry = ZOO[spec]
+    entry = ZOO.get(spec) or DETECTORS.get(spec)
+    if entry is not None and weights is not None and entry.load is not None:
+        model, info = entry.load(Path(weights), entry.info)
+        weights = None  # loaded with the architecture
+    elif entry is not None:
         model, info = entry.factory(), entry.info
+    elif spec.lower().endswith(".onnx"):  # checked before ':' (a Windows drive letter)
+        if weights is not None:
+            raise EdgeslimError(f"model '{spec}' is an ONNX file, which carries its own weights: drop --weights")
+        from edgeslim.io.onnx_import import import_onnx
+
+        model = import_onnx(spec)
+        info = _user_info(spec, model, input_shape if input_shape is not None else model.meta["onnx_input_shape"])
     elif ":" in spec:
         model = _call_factory(spec)
         info = _user_info(spec, model, input_shape)
     else:
         raise EdgeslimError(
-            f"unknown model '{spec}': use one of {', '.join(ZOO)} or 'package.module:factory'"
+            f"unknown model '{spec}': use one of {', '.join([*ZOO, *DETECTORS])} or 'package.module:factory'"
         )
     info = _apply_overrides(info, spec, input_shape, mean, std)
     if info.num_classes < 0:
@@ -105,6 +162,43 @@ def build_model(spec: str, weights: str | Path | None = None, *, allow_pickle: b
     if weights is not None:
         load_weights(model, weights, allow_pickle=allow_pickle, name=spec)
     return model.eval(), info
+
+
+def detector_decoders(nc: int) -> dict[str, Callable]:
+    """Decoders a detection model from elsewhere (an ONNX file) can name with ``--decoder``."""
+    return {"yolov5": YoloV5Decoder(YOLOV5_ANCHORS, (8, 16, 32), nc),
+            "yolov3-tiny": YoloV3Decoder(YOLOV3_TINY_ANCHORS, (16, 32), nc),
+            "fastestdet": FastestDetDecoder(nc),
+            "fastestdet-activated": FastestDetDecoder(nc, activated=True)}
+
+
+def as_detector(info: ModelInfo, decoder: str | None, class_names: Sequence[str], channel_order: str | None) -> ModelInfo:
+    """``info`` of a model used for detection: the decoder (by name, for models that carry none), class names and
+    channel order (``RGB`` / ``BGR``)."""
+    if channel_order is not None and channel_order not in ("RGB", "BGR"):
+        raise EdgeslimError(f"invalid --channel-order {channel_order!r}: use RGB or BGR")
+    changes: dict = {"task": "detect"}
+    if decoder is not None:
+        table = detector_decoders(len(class_names) or info.num_classes)
+        if decoder not in table:
+            raise EdgeslimError(f"unknown --decoder {decoder!r}: use one of {', '.join(table)}")
+        changes["decoder"] = table[decoder]
+    elif info.decoder is None:
+        raise EdgeslimError(f"model {info.name} has no detection decoder: pass --decoder "
+                            f"({', '.join(detector_decoders(1))})")
+    if class_names and not info.class_names:
+        changes["class_names"] = tuple(class_names)
+    if channel_order is not None:
+        changes["channel_order"] = channel_order
+    return replace(info, **changes)
+
+
+def model_groups(model: nn.Module, info: ModelInfo) -> dict[str, tuple[str, ...]]:
+    """The layer groups a detector declares (``backbone`` / ``neck`` / ``head``: fnmatch patterns over plan names)."""
+    if getattr(model, "groups", None) is None:
+        raise EdgeslimError(f"model {info.name} declares no layer groups (backbone / neck / head): "
+                            "name them yourself as NAME=PATTERN, e.g. head='head.*'")
+    return {g: tuple(p) for g, p in detection_groups(model).items()}
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -270,4 +364,5 @@ def _one_line(exc: BaseException) -> str:
     return text[:160] if text else type(exc).__name__
 
 
-__all__ = ["ZOO", "ModelEntry", "ModelInfo", "build_model", "parse_shape", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ZOO", "DETECTORS", "ModelEntry", "ModelInfo", "build_model", "model_groups", "parse_shape",
+           "IMAGENET_MEAN", "IMAGENET_STD"]

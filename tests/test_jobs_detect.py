@@ -1,0 +1,122 @@
+"""``--task detect`` through the command line on a tiny YOLO-format set written here.
+
+The detectors are randomly initialised (no weights in the fast suite), so the checks are about what the job
+computes and writes: the same detections from PyTorch FP32 and its ONNX export, every figure the issue names in
+``summary.json``, group plans that really leave float islands, and one-line errors. The metrics themselves are
+checked against pycocotools in ``test_detection_metrics.py``; the real-data numbers are the slow tests and
+``bench/detect_coco128.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeslim.cli import main
+from edgeslim.models.yolo import COCO_NAMES
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def yolo_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("yolo")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(6):
+            w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            img[y0:y0 + h // 3, x0:x0 + w // 3] = 230
+            Image.fromarray(img).save(root / "images" / split / f"{i:03d}.jpg")
+            (root / "labels" / split / f"{i:03d}.txt").write_text(
+                f"{i % 3} {(x0 + w / 6) / w:.4f} {(y0 + h / 6) / h:.4f} {1 / 3:.4f} {1 / 3:.4f}\n")
+    (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(COCO_NAMES)))
+    return root
+
+
+def _args(cmd, model, data, out, *extra):
+    return [cmd, model, "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect", "--data", str(data),
+            "--data-split", "val", "--calib-data", str(data), "--calib-split", "train", "--calib-size", "4",
+            "--out", str(out), *extra]
+
+
+def test_quantize_detect_writes_map_and_confusion_figures(capsys, tmp_path, yolo_set):
+    assert main(_args("quantize", "yolov3-tiny", yolo_set, tmp_path / "r")) == 0
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    for key in ("fp32", "quantized", "onnx_fp32", "onnx_int8"):
+        for metric in ("map50", "map50_95", "precision", "recall", "f1"):
+            assert 0.0 <= s[key][metric] <= 1.0
+        assert set(s[key]["confusion"]) >= {"tp", "fp", "fn"}
+    assert s["images"] == {"calibration": 4, "test": 6, "test_boxes": 6, "imgsz": SIZE}
+    assert s["fp32"]["map50"] == pytest.approx(s["onnx_fp32"]["map50"], abs=1e-6)  # the same network twice
+    assert s["onnx_fp32"]["confusion"] == s["fp32"]["confusion"]
+    g = s["onnx_int8_graph"]
+    assert g["integer_convs"] == g["total_convs"] == 13
+    assert s["size_bytes"]["int8"] < s["size_bytes"]["fp32"] / 3
+    assert (tmp_path / "r" / "model_int8.onnx").exists() and "mAP@.5" in capsys.readouterr().out
+
+
+def test_groups_leave_float_islands(capsys, tmp_path, yolo_set):
+    assert main(_args("quantize", "yolov3-tiny", yolo_set, tmp_path / "g", "--groups", "backbone=8,neck=32,head=32")) == 0
+    s = json.loads((tmp_path / "g" / "summary.json").read_text())
+    g = s["onnx_int8_graph"]
+    assert 0 < g["integer_convs"] < g["total_convs"]  # the backbone's convs are integer, neck / head float
+    assert g["optimized_ops"].get("Conv", 0) + g["optimized_ops"].get("FusedConv", 0) == \
+        g["total_convs"] - g["integer_convs"]
+
+
+def test_analyze_detect_runs_the_engine_and_counts_overflow(capsys, tmp_path, yolo_set):
+    assert main(_args("analyze", "yolov3-tiny", yolo_set, tmp_path / "a", "--overflow-images", "2")) == 0
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert abs(s["engine"]["map50"] - s["onnx_int8"]["map50"]) <= 0.05
+    assert s["overflow"]["images"] == 2 and len(s["overflow"]["layers"]) == 13
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--groups", "trunk=8"), "no group 'trunk'"),
+    (("--groups", "backbone"), "NAME=PRECISION"),
+    (("--decoder", "ssd"), "unknown --decoder"),
+    (("--channel-order", "GRB"), "RGB or BGR"),
+])
+def test_detect_option_errors_are_one_line(capsys, tmp_path, yolo_set, extra, needle):
+    assert main(_args("quantize", "yolov3-tiny", yolo_set, tmp_path / "e", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_classifier_with_task_detect_is_refused(capsys, tmp_path, yolo_set):
+    assert main(["quantize", "resnet20", "--task", "detect", "--data", str(yolo_set), "--data-split", "val",
+                 "--calib-data", str(yolo_set), "--calib-split", "train", "--out", str(tmp_path / "c")]) == 2
+    assert "--decoder" in capsys.readouterr().err
+
+
+def test_unlabelled_test_data_is_refused(capsys, tmp_path, yolo_set):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for p in sorted((yolo_set / "images" / "val").iterdir())[:2]:
+        (bare / p.name).write_bytes(p.read_bytes())
+    args = _args("quantize", "yolov3-tiny", yolo_set, tmp_path / "u")
+    args[args.index("--data") + 1], args[args.index("--data-split") + 1] = str(bare), "."
+    args.remove("--data-split")
+    args.remove(".")
+    assert main(args) == 2
+    assert "no labels" in capsys.readouterr().err
+
+
+def test_sensitivity_detect_one_layer_high_and_group_table(capsys, tmp_path, yolo_set):
+    assert main(_args("sensitivity", "yolov3-tiny", yolo_set, tmp_path / "s")) == 0
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert len(s["layers"]) == 13 and all(0.0 <= r["map50"] <= 1.0 for r in s["layers"])
+    rows = s["groups"]["rows"]
+    assert len(rows) == 8  # 2^3 backbone / neck / head combinations
+    all_fp32 = next(r for r in rows if not r["quantized"])
+    assert all_fp32["map50"] == pytest.approx(s["fp32"]["map50"], abs=1e-6)
+    sizes = {tuple(r["quantized"]): r["weight_bytes"] for r in rows}
+    assert sizes[("backbone", "neck", "head")] < sizes[()] / 3
