@@ -336,11 +336,20 @@ def _mixed(args) -> int:
     high = _high(args, config)
     budget = Budget(args.max_drop, None if args.max_size_kb is None else int(args.max_size_kb * 1024),
                     args.max_latency_ms)
-    if args.task == "detect":
-        raise EdgeslimError("mixed --task detect (a budgeted search scored by mAP) is not available yet: run "
-                            "`edgeslim sensitivity --task detect` for the per-layer and group tables, then "
-                            "`edgeslim quantize --task detect --groups ...` or --plan with the layers it shows")
     model, info = _load_model(args)
+    if args.task == "detect":
+        from .jobs_detect import DetectOptions, run_detect_mixed
+
+        calib, test, info = _detect_data(args, info)
+        opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
+                             batch_size=min(args.batch_size, 16), threads=args.threads)
+        s = run_detect_mixed(model, info, calib, test, config, Path(args.out), budget=budget, high=high, opts=opts)
+        print(f"\nmAP@0.5:0.95 FP32 {s['fp32']['map50_95']:.4f}, all {s['low']} {s['uniform']['map50_95']:.4f}, mixed "
+              f"{s['mixed']['map50_95']:.4f} ({len(s['high_precision_layers'])} layers at {s['high']}: "
+              f"{', '.join(s['high_precision_layers']) or 'none'})")
+        print(f"{'met' if s['met'] else 'NOT met'}: {s['reason']} (scored on --data)")
+        print(f"wrote {args.out}/summary.json, plan.json, model_mixed.onnx")
+        return 0
     calib, test = _data(args, info)
     s = run_mixed(model, info, calib, test, config, Path(args.out), budget=budget, high=high,
                   holdout_size=args.holdout_size, holdout_from=args.holdout_from,

@@ -120,3 +120,21 @@ def test_sensitivity_detect_one_layer_high_and_group_table(capsys, tmp_path, yol
     assert all_fp32["map50"] == pytest.approx(s["fp32"]["map50"], abs=1e-6)
     sizes = {tuple(r["quantized"]): r["weight_bytes"] for r in rows}
     assert sizes[("backbone", "neck", "head")] < sizes[()] / 3
+
+
+def test_mixed_detect_raises_layers_until_the_map_budget_holds(capsys, tmp_path, yolo_set):
+    assert main(_args("mixed", "yolov3-tiny", yolo_set, tmp_path / "m", "--max-drop", "0")) == 0
+    s = json.loads((tmp_path / "m" / "summary.json").read_text())
+    target = s["fp32"]["map50_95"]
+    assert s["met"] == (s["mixed"]["map50_95"] >= target)
+    assert s["steps"][0]["high"] == [] and s["steps"][0]["map50_95"] == s["uniform"]["map50_95"]
+    assert [st["high"] for st in s["steps"][1:]] == [s["high_precision_layers"][:i + 1]
+                                                    for i in range(len(s["high_precision_layers"]))]
+    plan = json.loads((tmp_path / "m" / "plan.json").read_text())
+    assert sorted(plan["layers"]) == sorted(s["high_precision_layers"])
+    assert (tmp_path / "m" / "model_mixed.onnx").exists()
+
+
+def test_mixed_detect_refuses_a_latency_budget(capsys, tmp_path, yolo_set):
+    assert main(_args("mixed", "yolov3-tiny", yolo_set, tmp_path / "m", "--max-latency-ms", "5")) == 2
+    assert "no latency budget" in capsys.readouterr().err

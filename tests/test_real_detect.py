@@ -1,0 +1,47 @@
+"""Real detectors on the shared COCO128 (opt-in: ``pytest -m slow``; skipped without ../shared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeslim.config import PTQConfig
+from edgeslim.data.detection import open_detection
+from edgeslim.jobs_detect import DetectOptions, run_detect_quantize
+from edgeslim.models import as_detector, build_model
+from edgeslim.models.yolo import COCO_NAMES
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+COCO128 = SHARED / "data" / "coco128.zip"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not COCO128.exists(), reason="needs ../shared/data/coco128.zip")]
+
+
+def _run(model, info, tmp_path, calib_size=32):
+    size = info.input_shape[1]
+    calib = open_detection(COCO128, "train2017", imgsz=size)
+    test = open_detection(COCO128, "val2017", imgsz=size)
+    return run_detect_quantize(model, info, calib, test, PTQConfig(calib_size=calib_size), tmp_path,
+                               opts=DetectOptions(latency_rounds=5))
+
+
+def test_yolov5n_int8_keeps_its_map(tmp_path):
+    s = _run(*build_model("yolov5n", SHARED / "models" / "yolov5n.pt"), tmp_path)
+    assert s["fp32"]["map50"] > 0.45  # the authors report 45.7 on all of COCO val2017
+    assert s["onnx_fp32"]["map50"] == pytest.approx(s["fp32"]["map50"], abs=1e-3)
+    assert s["onnx_int8"]["map50"] > s["fp32"]["map50"] - 0.04
+    assert abs(s["onnx_int8"]["map50"] - s["quantized"]["map50"]) < 0.01  # simulation predicts the deployed model
+    assert s["onnx_int8_graph"]["integer_convs"] == s["onnx_int8_graph"]["total_convs"] == 60
+
+
+def test_fastestdet_state_dict_and_onnx_file_agree(tmp_path):
+    fd = SHARED / "models" / "fastestdet"
+    a = _run(*build_model("fastestdet", fd / "fastestdet_coco_ap05-0.2532.pth"), tmp_path / "sd")
+    model, info = build_model(str(fd / "FastestDet.onnx"))
+    b = _run(model, as_detector(info, "fastestdet-activated", COCO_NAMES, "BGR"), tmp_path / "onnx")
+    assert a["fp32"]["map50"] > 0.25  # the authors report 25.3 on COCO val2017
+    assert b["fp32"]["map50"] == pytest.approx(a["fp32"]["map50"], abs=2e-3)  # the same network, two front ends
+    assert b["fp32"]["map50_95"] == pytest.approx(a["fp32"]["map50_95"], abs=2e-3)
+    for s in (a, b):
+        assert s["onnx_int8"]["map50"] > s["fp32"]["map50"] - 0.03
