@@ -1,0 +1,139 @@
+"""Deployment targets as data: which operations a device runs in integer / half precision, which bit widths,
+which scale rule, how wide its accumulator is.
+
+Every lightweighting step checks the target (seed 003: "check the requirement after each step"); operations the
+target cannot run in integer stay FP32 with quantize / dequantize around them (a float island of a
+``MixedPlan``), and the report lists them, as seed 003 notes for transposed convolutions on its NPU.
+
+Presets (``TARGETS``); a target file is JSON with the same fields::
+
+    {"name": "my-npu", "int_ops": ["conv", "linear", "add", "relu", "maxpool"], "bits": [8],
+     "scale": "pow2", "accumulator_bits": 32, "fp16": false, "int8": true}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from torch import fx
+
+from .config import MixedPlan, PTQConfig
+from .errors import EdgeslimError
+from .graph import ops
+
+# the operation kinds a target can list (``graph.ops.kind`` names, with activations and pooling split by name)
+OP_KINDS = ("conv", "depthwise", "conv_transpose", "linear", "add", "concat", "relu", "avgpool", "maxpool",
+            "resize", "silu", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu", "tanh", "gelu", "mish", "elu",
+            "softmax")
+COMMON_INT8 = ("conv", "depthwise", "linear", "add", "concat", "relu", "avgpool", "maxpool", "resize")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    int_ops: tuple[str, ...] = COMMON_INT8  # what runs as integer kernels
+    bits: tuple[int, ...] = (8,)  # integer weight / activation widths the target computes with
+    scale: str = "float"  # "float" (fixed-point multipliers) or "pow2" (shift-only requantization)
+    accumulator_bits: int = 32
+    fp16: bool = False  # has half-precision arithmetic (not just storage)
+    int8: bool = True  # has integer kernels at all
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "int_ops", tuple(self.int_ops))
+        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+        unknown = [o for o in self.int_ops if o not in OP_KINDS]
+        if unknown:
+            raise EdgeslimError(f"target {self.name}: unknown op kind(s) {', '.join(unknown)}; known: {', '.join(OP_KINDS)}")
+        if self.scale not in ("float", "pow2"):
+            raise EdgeslimError(f"target {self.name}: scale {self.scale!r} is not float or pow2")
+        if self.accumulator_bits not in (16, 32):
+            raise EdgeslimError(f"target {self.name}: accumulator_bits {self.accumulator_bits} is not 16 or 32")
+        if not self.int8 and not self.fp16:
+            raise EdgeslimError(f"target {self.name}: neither int8 nor fp16: nothing to deploy with")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def ptq_config(self, base: PTQConfig | None = None) -> PTQConfig:
+        """The PTQ settings this target imposes on ``base`` (its bits and scale rule)."""
+        base = base or PTQConfig()
+        bits = 8 if 8 in self.bits else max(self.bits)
+        kw = {f.name: getattr(base, f.name) for f in fields(base)}
+        kw.update(w_bits=bits, a_bits=bits, scale="pow2" if self.scale == "pow2" else base.scale)
+        return PTQConfig(**kw)
+
+    def unsupported(self, gm: fx.GraphModule) -> dict[str, str]:
+        """Plan names of the quantizable ops this target cannot run in integer, with their kind."""
+        from .algorithms import ptq
+
+        found = {}
+        for node in gm.graph.nodes:
+            kind = op_kind(gm, node)
+            if kind is not None and kind not in self.int_ops:
+                found[ptq.op_name(gm, node)] = kind
+        return found
+
+    def plan(self, gm: fx.GraphModule) -> MixedPlan | None:
+        """A plan keeping every op the target cannot run in integer at FP32 (None when it runs them all)."""
+        from .algorithms import ptq
+
+        names = set(ptq.plan_names(gm))
+        keep = [n for n in self.unsupported(gm) if n in names]
+        return MixedPlan(tuple((n, "fp32") for n in keep)) if keep else None
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The target-facing kind of an fx node (``None`` for placeholders, quantizers, data movement, ...)."""
+    k = ops.kind(gm, node)
+    mod = ops.module(gm, node)
+    if k == "conv":
+        conv = getattr(mod, "conv", mod)
+        groups = getattr(conv, "groups", 1)
+        return "depthwise" if groups > 1 and groups == getattr(conv, "in_channels", 0) else "conv"
+    if k == "linear":
+        return "linear"
+    if k == "add":
+        return "add"
+    if k == "cat":
+        return "concat"
+    if k == "act":
+        return "relu"
+    if k == "avgpool":
+        return "avgpool"
+    if k == "lut":
+        return ops.lut_name(gm, node)[0]
+    if k == "softmax":
+        return "softmax"
+    if type(mod).__name__ == "ConvTranspose2d":
+        return "conv_transpose"
+    return None
+
+
+TARGETS: dict[str, Target] = {
+    "cpu-int8": Target("cpu-int8", int_ops=(*COMMON_INT8, "silu", "sigmoid", "hardswish", "hardsigmoid",
+                                            "leaky_relu", "tanh", "gelu", "mish", "elu", "softmax")),
+    "vta": Target("vta", int_ops=("conv", "add", "relu", "maxpool", "linear"), scale="pow2"),  # TVM-VTA's GEMM core
+    "mcu-int8": Target("mcu-int8", int_ops=(*COMMON_INT8, "sigmoid", "tanh", "softmax")),  # CMSIS-NN-like kernels
+    "fp16-gpu": Target("fp16-gpu", int_ops=(), fp16=True, int8=False),
+}
+
+
+def load_target(spec: str) -> Target:
+    """A preset name (``cpu-int8``, ``vta``, ``mcu-int8``, ``fp16-gpu``) or a JSON target file."""
+    if spec in TARGETS:
+        return TARGETS[spec]
+    p = Path(spec)
+    if not p.exists():
+        raise EdgeslimError(f"unknown target {spec!r}: use one of {', '.join(TARGETS)} or a JSON target file")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeslimError(f"target file {p} is not valid JSON ({exc}): fix it") from None
+    known = {f.name for f in fields(Target)}
+    extra = sorted(set(data) - known)
+    if extra or "name" not in data:
+        raise EdgeslimError(f"target file {p}: unknown field(s) {', '.join(extra) or '-'} or no name; fields: "
+                            f"{', '.join(sorted(known))}")
+    return Target(**data)

@@ -1,0 +1,169 @@
+"""Targets, fine-tuning, and the ``prune`` / ``factorize`` / ``plan`` commands on tiny data.
+
+Oracles: hand-computed distillation loss; onnxruntime for every measured model (the jobs score the ONNX files);
+the requirement arithmetic re-checked from the written rows. Real-data numbers: ``bench/lighten_resnet20.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from edgeslim.algorithms.finetune import FinetuneConfig, distillation_loss, finetune
+from edgeslim.algorithms.qat import TrainData
+from edgeslim.cli import main
+from edgeslim.errors import EdgeslimError
+from edgeslim.graph.capture import capture
+from edgeslim.jobs_plan import Requirement, order_steps
+from edgeslim.targets import TARGETS, Target, load_target
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("cifar")
+    for cls in ("a", "b", "c"):
+        (root / cls).mkdir()
+        for i in range(8):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            img[:, :, "abc".index(cls)] = 250  # a learnable colour cue
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    return root
+
+
+def _common(cmd, data, out, *extra):
+    return [cmd, "resnet20", "--train-data", str(data), "--data", str(data), "--epochs", "1", "--batch-size", "8",
+            "--out", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------- targets
+
+def test_presets_and_target_files(tmp_path):
+    assert set(TARGETS) == {"cpu-int8", "vta", "mcu-int8", "fp16-gpu"}
+    assert TARGETS["vta"].ptq_config().scale == "pow2" and TARGETS["cpu-int8"].ptq_config().scale == "float"
+    f = tmp_path / "npu.json"
+    f.write_text(json.dumps({"name": "npu", "int_ops": ["conv", "relu"], "bits": [8], "scale": "pow2"}))
+    assert load_target(str(f)) == Target("npu", int_ops=("conv", "relu"), scale="pow2")
+    f.write_text(json.dumps({"name": "npu", "int_ops": ["warp"]}))
+    with pytest.raises(EdgeslimError, match="unknown op kind"):
+        load_target(str(f))
+    with pytest.raises(EdgeslimError, match="unknown target"):
+        load_target("tpu-v9")
+
+
+def test_target_keeps_what_it_cannot_run_in_fp32():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(torch.sigmoid(self.c(x))), 1))
+
+    from edgeslim.algorithms import ptq
+    from edgeslim.config import PTQConfig
+
+    gm = ptq.prepare(M().eval(), (3, 8, 8), PTQConfig())
+    vta = TARGETS["vta"]
+    assert set(vta.unsupported(gm).values()) == {"sigmoid", "avgpool"}
+    plan = vta.plan(gm)
+    assert plan is not None and all(p.w.is_float for _, p in plan.rules)
+    assert TARGETS["cpu-int8"].plan(gm) is None
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def test_distillation_loss_by_hand():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    cfg = FinetuneConfig(kd_weight=0.7, temperature=2.0)
+    p_t = F.softmax(t / 2, 1)
+    kl = (p_t * (torch.log(p_t) - F.log_softmax(s / 2, 1))).sum(1).mean() * 4
+    expected = 0.7 * kl + 0.3 * F.cross_entropy(s, y)
+    assert torch.allclose(distillation_loss(s, y, t, cfg), expected, atol=1e-6)
+    assert torch.allclose(distillation_loss(s, y, None, cfg), F.cross_entropy(s, y))
+
+
+def test_finetune_learns_and_calls_on_step():
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 4, 4)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 2))
+    seen = []
+    with torch.no_grad():
+        before = float(F.cross_entropy(model(x), y))
+    r = finetune(model, TrainData(x, y, torch.zeros(2)), FinetuneConfig(epochs=20, lr=0.1, batch_size=16, kd=False,
+                                                                        augment=False),
+                 on_step=lambda m, s: seen.append(s), progress=False)
+    assert r["steps"] == 80 and seen == list(range(1, 81))
+    with torch.no_grad():
+        assert float(F.cross_entropy(model(x), y)) < before / 2
+
+
+# ----------------------------------------------------------------------------- plan logic
+
+def test_requirement_failures_and_step_order():
+    req = Requirement(max_drop=1.0, max_latency_ms=2.0, max_size_kb=10)
+    row = {"top1": 0.80, "latency_ms": 3.0, "size_bytes": 20 * 1024}
+    assert len(req.failures(row, 0.82)) == 3
+    assert req.failures({"top1": 0.815, "latency_ms": 1.0, "size_bytes": 1024}, 0.82) == []
+    assert order_steps(("G1", "G2", "G3", "G4", "G5"), memory_binds=False) == ["G1", "G2", "G3", "G4", "G5"]
+    assert order_steps(("G5", "G3", "G2"), memory_binds=True) == ["G2", "G5", "G3"]
+    with pytest.raises(EdgeslimError, match="give a target"):
+        Requirement()
+
+
+def test_factorize_command(capsys, tmp_path, cifar_like):
+    assert main(_common("factorize", cifar_like, tmp_path / "f", "--share", "0.3")) == 0
+    s = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert s["factorized"]["macs"] < s["original"]["macs"]
+    assert s["record"]["model_macs_after"] == s["factorized"]["macs"]
+    assert 0.0 <= s["factorized"]["top1"] <= 1.0 and s["finetune"]["steps"] == 3
+    assert (tmp_path / "f" / "model_factorized.onnx").exists()
+
+
+def test_plan_stops_when_met_and_reports_every_step(capsys, tmp_path, cifar_like):
+    # an INT8 model is about a quarter of the FP32 one: a size budget of a third needs G3 (G1 / G2 may run first)
+    out = tmp_path / "p"
+    assert main(_common("plan", cifar_like, out, "--max-size-kb", str(4 * 269_722 / 3 / 1024), "--steps", "G1,G3,G4",
+                        "--calib-size", "16")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["met"] and [r["step"] for r in s["steps"]] == ["baseline", "G3"]
+    assert "G1" in s["skipped"] and s["steps"][1]["format"] == "int8"
+    assert s["steps"][1]["size_bytes"] < s["steps"][0]["size_bytes"] / 3
+    for key in ("top1", "latency_ms", "size_bytes", "init_s"):
+        assert key in s["steps"][1]
+    assert "target met after G3" in s["statement"] and (out / "model_final.onnx").exists()
+
+
+def test_plan_that_cannot_be_met_says_so(capsys, tmp_path, cifar_like):
+    out = tmp_path / "n"
+    assert main(_common("plan", cifar_like, out, "--max-size-kb", "1", "--steps", "G3,G4", "--calib-size", "16")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert not s["met"] and s["unmet"] and "NOT met" in s["statement"] and "Closest" in s["statement"]
+    assert "NOT met" in capsys.readouterr().out
+
+
+def test_plan_errors_are_one_line(capsys, tmp_path, cifar_like):
+    assert main(_common("plan", cifar_like, tmp_path / "e")) == 2
+    assert "give a target" in capsys.readouterr().err
+    assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--steps", "G9")) == 2
+    assert "invalid --steps" in capsys.readouterr().err
+    assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--target", "tpu")) == 2
+    assert "unknown target" in capsys.readouterr().err
+
+
+def test_factorized_model_still_traces():
+    from edgeslim.algorithms.factorize import factorize
+    from edgeslim.models.resnet_cifar import resnet20
+
+    m, _ = factorize(resnet20(), (3, 32, 32), layers=["layer3.2.conv2"], method="separable", macs_reduction=0.5)
+    capture(m, (3, 32, 32))
