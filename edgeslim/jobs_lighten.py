@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 import shutil
 import statistics
 import tempfile
@@ -22,6 +23,7 @@ from . import api
 from .algorithms.finetune import FinetuneConfig, finetune
 from .algorithms.qat import TrainData
 from .data import ImageDataset
+from .errors import EdgeslimError
 from .eval import ort as ort_eval
 from .eval.profile import profile
 from .graph.capture import capture
@@ -103,7 +105,9 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
         train = _load_train(train_ds, info, train_size, finetune_cfg.seed)
         teacher = copy.deepcopy(model).eval()
         if method == "channel":
-            crit = pruning.IMPORTANCE[importance]()
+            if importance not in IMPORTANCE:
+                raise EdgeslimError(f"invalid --importance {importance!r}: use one of {', '.join(IMPORTANCE)}")
+            crit = getattr(pruning, IMPORTANCE[importance])()
             if importance == "taylor":
                 pruning.accumulate_gradients(model, _batches(train, 4), torch.nn.functional.cross_entropy)
             new, record = pruning.prune_channels(model, info.input_shape, ratio=ratio, target_macs=target_macs,
@@ -114,26 +118,39 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
             extra = {"record": json.loads((stage / "prune_record.json").read_text())}
         else:
             new = copy.deepcopy(model)
-            hook = pruning.prune_gradually(new, sparsity, scope=scope, finetune_cfg=finetune_cfg,
-                                           steps=_total_steps(train, finetune_cfg)) if gradual else None
-            if hook is None:
+            hook = None
+            if gradual:  # Zhu & Gupta: ramp the sparsity over the first 3/4 of fine-tuning, then recover
+                total = _total_steps(train, finetune_cfg)
+                sched = pruning.GradualSchedule(sparsity, 0, max(1, int(0.75 * total)), max(1, total // 20), scope=scope)
+                sched.step(new, 0)
+                hook = sched.step
+            else:
                 pruning.magnitude_prune(new, sparsity, scope=scope)
             tuned = finetune(new, train, finetune_cfg, teacher=teacher, on_step=hook, desc="fine-tuning (KD, masked)")
             pruning.remove_masks(new)
             table = pruning.sparse_size_bytes(new, value_bits=32)
             pruning.write_sparse(new.state_dict(), stage / "model_sparse.npz")
-            sizes = {"dense": 4 * sum(p.numel() for p in model.parameters()), "pruned": table["total_bytes"]}
+            sizes = {"dense": 4 * sum(p.numel() for p in model.parameters()), "pruned": table.total_bytes}
             res = compare({"dense": model, "pruned": new}, info, test_ds, stage, threads=threads, sizes=sizes)
-            res["pruned"]["sparsity"] = pruning.sparsity_of(new)
+            res["pruned"]["sparsity"] = weight_sparsity(new)
             res["pruned"]["sparse_file_bytes"] = (stage / "model_sparse.npz").stat().st_size
-            res["pruned"]["int8_sparse_bytes"] = pruning.sparse_size_bytes(new, value_bits=8)["total_bytes"]
-            extra = {"storage": table}
+            res["pruned"]["int8_sparse_bytes"] = pruning.sparse_size_bytes(new, value_bits=8).total_bytes
+            extra = {"storage": [asdict(r) for r in table.rows]}
         torch.save(new.state_dict(), stage / "model_pruned.pt")
         (stage / "model_dense.onnx").unlink(missing_ok=True)
         return {"model": info.name, "step": f"G5 {method} pruning", "method": method, **res, **extra,
                 "finetune": tuned, "train_images": int(len(train.y))}
 
     return _staged(out, work)
+
+
+IMPORTANCE = {"l1": "L1Importance", "l2": "L2Importance", "bn": "BNScaleImportance", "taylor": "TaylorImportance"}
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros over all conv / linear weights (the excluded first and last layers included)."""
+    ws = [p for n, p in model.named_parameters() if p.dim() > 1]
+    return float(sum(int((w == 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws)))
 
 
 def _batches(train: TrainData, n: int, size: int = 128):

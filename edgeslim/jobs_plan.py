@@ -58,6 +58,17 @@ class Requirement:
             if v is not None and not v >= 0:
                 raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v}: use a non-negative number")
 
+    def excess(self, row: dict, fp32_top1: float) -> float:
+        """How far ``row`` is from the requirement: the sum of relative overshoots (0 when it holds)."""
+        total = 0.0
+        if self.max_drop is not None:
+            total += max(0.0, (fp32_top1 - row["top1"]) * 100 - self.max_drop) / max(self.max_drop, 0.1)
+        if self.max_latency_ms is not None:
+            total += max(0.0, row["latency_ms"] / max(self.max_latency_ms, 1e-9) - 1)
+        if self.max_size_kb is not None:
+            total += max(0.0, row["size_bytes"] / max(self.max_size_kb * 1024, 1e-9) - 1)
+        return total
+
     def failures(self, row: dict, fp32_top1: float) -> list[str]:
         out = []
         if self.max_drop is not None and (fp32_top1 - row["top1"]) * 100 > self.max_drop + 1e-9:
@@ -151,7 +162,7 @@ def _params(model: nn.Module) -> int:
 def _sparse_bytes(model: nn.Module, value_bits: int) -> int:
     from .algorithms.pruning import sparse_size_bytes
 
-    return int(sparse_size_bytes(model, value_bits=value_bits)["total_bytes"])
+    return int(sparse_size_bytes(model, value_bits=value_bits).total_bytes)
 
 
 def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
@@ -241,8 +252,8 @@ def step_g5(d: Deployable, ctx: Context, memory_binds: bool) -> str | None:
     from .algorithms import pruning
 
     if memory_binds:  # magnitude pruning: memory (seed 003 G5)
-        masks = pruning.magnitude_prune(d.model, ctx.options.sparsity)
-        _tune(d.model, ctx, "G5 fine-tuning (masked)", on_step=lambda m, s: pruning.reapply_masks(m, masks))
+        pruning.magnitude_prune(d.model, ctx.options.sparsity)  # masks held by a parametrization while tuning
+        _tune(d.model, ctx, "G5 fine-tuning (masked)")
         pruning.remove_masks(d.model)
         d.sparse = True
         d.notes.append(f"G5: {ctx.options.sparsity:.0%} of the weights pruned by magnitude (sparse storage)")
@@ -326,7 +337,7 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
         rows.append(measure(d, ctx, step, time.perf_counter() - t0))
         fails = requirement.failures(rows[-1], ctx.fp32_top1)
     met = not fails
-    best = min(rows, key=lambda r: (len(requirement.failures(r, ctx.fp32_top1)), -r["top1"]))
+    best = min(rows, key=lambda r: (len(requirement.failures(r, ctx.fp32_top1)), requirement.excess(r, ctx.fp32_top1)))
     final = max((p for p in stage.glob("*.onnx") if p.name[:2].isdigit()), key=lambda p: p.name)
     shutil.copy(final, stage / "model_final.onnx")
     return {"model": info.name, "target": target.to_dict(), "requirement": asdict(requirement),

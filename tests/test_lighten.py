@@ -167,3 +167,36 @@ def test_factorized_model_still_traces():
 
     m, _ = factorize(resnet20(), (3, 32, 32), layers=["layer3.2.conv2"], method="separable", macs_reduction=0.5)
     capture(m, (3, 32, 32))
+
+
+def test_prune_channels_command_makes_a_smaller_faster_dense_model(capsys, tmp_path, cifar_like):
+    assert main(_common("prune", cifar_like, tmp_path / "c", "--target-macs", "0.5")) == 0
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert s["pruned"]["macs"] <= 0.5 * s["dense"]["macs"] + 16 * 32 * 32 * 9  # within one channel's worth
+    assert s["pruned"]["params"] < s["dense"]["params"]
+    record = json.loads((tmp_path / "c" / "prune_record.json").read_text())
+    assert record["macs_after"] == s["pruned"]["macs"]
+
+
+def test_prune_magnitude_command_counts_real_sparse_bytes(capsys, tmp_path, cifar_like):
+    assert main(_common("prune", cifar_like, tmp_path / "m", "--method", "magnitude", "--sparsity", "0.8")) == 0
+    s = json.loads((tmp_path / "m" / "summary.json").read_text())
+    p = s["pruned"]
+    assert 0.7 < p["sparsity"] < 0.8  # 80% of the prunable weights; the first conv and classifier stay dense
+    assert p["size_bytes"] < 0.45 * s["dense"]["size_bytes"]
+    assert p["size_bytes"] <= p["sparse_file_bytes"] <= p["size_bytes"] + 64 * 1024  # the file really is that small
+    assert p["int8_sparse_bytes"] < p["size_bytes"]
+
+
+def test_plan_prunes_before_ptq_when_memory_binds(capsys, tmp_path, cifar_like):
+    out = tmp_path / "mem"
+    assert main(_common("plan", cifar_like, out, "--max-size-kb", "40", "--steps", "G3,G5", "--sparsity", "0.8",
+                        "--calib-size", "16", "--budget-epochs", "1")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["memory_binds"] and s["order"] == ["G5", "G3"]
+    assert [r["step"] for r in s["steps"]] == ["baseline", "G5", "G3"]
+    # 8-bit values instead of 32-bit; the sparsity bitmask stays: a bit less than a third
+    assert s["steps"][2]["format"] == "int8" and s["steps"][2]["size_bytes"] < s["steps"][1]["size_bytes"] / 2.5
+    assert s["met"] == (s["steps"][-1]["size_bytes"] <= 40 * 1024)
+    if not s["met"]:
+        assert s["best"]["step"] == "G3" and "Closest: after G3" in s["statement"]

@@ -1,0 +1,163 @@
+"""Seed 003's lightweighting steps on the shared ResNet-20 and CIFAR-10 JPEG: channel pruning, magnitude pruning,
+factorization, and the ``plan`` loop (one target that needs several steps, one that cannot be met).
+
+Sections of BENCHMARKS.md: ``lighten-channel``, ``lighten-magnitude``, ``lighten-factorize``, ``lighten-plan``.
+Each run writes its job folder under ``--work`` and is skipped when its ``summary.json`` exists; ``--report``
+writes the tables from the finished runs. One thread (the machine has 2 cores).
+
+    python -m bench.lighten_resnet20 --runs channel,magnitude,factorize,plan --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench._data import resnet20_cifar
+from bench._report import COMMIT, ROOT, table, write_section
+from edgeslim.algorithms.finetune import FinetuneConfig
+from edgeslim.jobs_lighten import run_factorize, run_prune
+from edgeslim.jobs_plan import PlanOptions, Requirement, run_plan
+from edgeslim.targets import TARGETS
+
+EPOCHS = 2.0  # fine-tuning budget per single-step run (epochs of the 50,000 training images)
+FT = FinetuneConfig(epochs=EPOCHS, lr=0.01)
+
+
+def runs() -> dict:
+    r = {}
+    for keep in (0.7, 0.5):
+        r[f"channel-{keep}"] = lambda m, i, tr, te, out, k=keep: run_prune(m, i, tr, te, out, method="channel",
+                                                                          target_macs=k, finetune_cfg=FT)
+    for sp in (0.5, 0.75, 0.9):
+        r[f"magnitude-{sp}"] = lambda m, i, tr, te, out, s=sp: run_prune(m, i, tr, te, out, method="magnitude",
+                                                                        sparsity=s, finetune_cfg=FT)
+    r["factorize-separable"] = lambda m, i, tr, te, out: run_factorize(m, i, tr, te, out, method="separable",
+                                                                       share=0.5, macs_reduction=0.5, finetune_cfg=FT)
+    plan_opts = PlanOptions(budget_epochs=2 * EPOCHS, finetune=FT)
+    r["plan-small"] = lambda m, i, tr, te, out: run_plan(m, i, tr, te, out, target=TARGETS["cpu-int8"],
+                                                         requirement=Requirement(max_drop=2.0, max_size_kb=64),
+                                                         options=plan_opts)
+    r["plan-impossible"] = lambda m, i, tr, te, out: run_plan(m, i, tr, te, out, target=TARGETS["cpu-int8"],
+                                                              requirement=Requirement(max_drop=0.5, max_size_kb=8),
+                                                              options=plan_opts)
+    return r
+
+
+def run(groups: list[str], shared: Path, work: Path) -> None:
+    model, info, train, test = resnet20_cifar(shared)
+    for key, job in runs().items():
+        if not any(key.startswith(g) for g in groups) or (work / key / "summary.json").exists():
+            continue
+        print(f"[{key}]", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        job(model, info, train, test, work / key)
+        p = work / key / "summary.json"
+        s = json.loads(p.read_text())
+        s.update(wall_s=time.perf_counter() - t0, code_commit=COMMIT)
+        p.write_text(json.dumps(s, indent=2))
+
+
+def _load(work: Path, key: str) -> dict | None:
+    p = work / key / "summary.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _commits(ss) -> str:
+    return "Runs made from commit(s) " + ", ".join(sorted({s.get("code_commit", "?") for s in ss})) + "."
+
+
+def report(work: Path) -> None:
+    ft = (f"Fine-tuning: {EPOCHS:g} epochs of the 50,000 CIFAR-10 JPEG training images, SGD lr {FT.lr} cosine, "
+          "batch 128, crop + flip, distillation from the unpruned model (KL, T = 1); test top-1 on the 10,000 test "
+          "images in onnxruntime; latency: onnxruntime, batch 1, one thread, median of 200 interleaved runs with "
+          "the dense model in the same process.")
+    ch = [(k, _load(work, f"channel-{k}")) for k in (0.7, 0.5)]
+    ch = [(k, s) for k, s in ch if s]
+    if ch:
+        d = ch[0][1]["dense"]
+        rows = [["dense (FP32)", d["top1"], d["macs"], d["params"], f"{d['latency_ms']:.3f}", "1.00"]]
+        for k, s in ch:
+            p = s["pruned"]
+            rows.append([f"channels pruned to {k:.0%} of MACs", p["top1"], p["macs"], p["params"],
+                         f"{p['latency_ms']:.3f}", f"{p['latency_vs_dense']:.2f}"])
+        body = ("## Channel pruning (G5, speed) on ResNet-20\n\nL1-norm importance, global ranking of the prunable "
+                "channel groups (the channels inside each residual block; the residual stream is coupled to the "
+                "option-A zero-padding shortcuts and stays), channels physically removed: a smaller dense model. "
+                + ft + "\n\n" + table(["model", "test top-1", "MACs", "params", "ms", "latency vs dense"], rows)
+                + "\n\n" + _commits(s for _, s in ch))
+        write_section("lighten-channel", body)
+    mg = [(k, _load(work, f"magnitude-{k}")) for k in (0.5, 0.75, 0.9)]
+    mg = [(k, s) for k, s in mg if s]
+    if mg:
+        d = mg[0][1]["dense"]
+        rows = [["dense (FP32)", d["top1"], "0%", d["size_bytes"], "-", "-"]]
+        for k, s in mg:
+            p = s["pruned"]
+            rows.append([f"{k:.0%} of weights zero", p["top1"], f"{p['sparsity']:.1%}", p["size_bytes"],
+                         p["sparse_file_bytes"], p["int8_sparse_bytes"]])
+        body = ("## Magnitude pruning (G5, memory) on ResNet-20\n\nGlobal magnitude ranking over conv / linear "
+                "weights, gradual (cubic schedule, Zhu & Gupta 2017) during fine-tuning, masks kept fixed after. "
+                "Stored size: each tensor in its smallest exact format (dense, bitmask + values, or index lists), "
+                "FP32 values; the written `.npz` file; and the same with 8-bit values (after PTQ). " + ft + "\n\n"
+                + table(["model", "test top-1", "sparsity", "stored bytes (FP32 values)", "written file bytes",
+                         "stored bytes (INT8 values)"], rows) + "\n\n" + _commits(s for _, s in mg))
+        write_section("lighten-magnitude", body)
+    f = _load(work, "factorize-separable")
+    if f:
+        o, n = f["original"], f["factorized"]
+        rows = [["original", o["top1"], "-", o["macs"], o["params"], f"{o['latency_ms']:.3f}", "1.00"],
+                ["depthwise-separable", n["top1"], n["top1_before_finetune"], n["macs"], n["params"],
+                 f"{n['latency_ms']:.3f}", f"{n['latency_vs_original']:.2f}"]]
+        layers = ", ".join(r["name"] for r in f["record"]["layers"])
+        body = ("## Factorization (G2) on ResNet-20\n\nThe heaviest 3x3 convs covering half of the conv MACs "
+                f"({layers}) replaced by depthwise + pointwise pairs initialized by a per-input-channel SVD, "
+                "each keeping at most half of its MACs. " + ft + "\n\n"
+                + table(["model", "test top-1", "before fine-tuning", "MACs", "params", "ms", "latency vs original"],
+                        rows) + "\n\n" + _commits([f]))
+        write_section("lighten-factorize", body)
+    plans = [(k, _load(work, k)) for k in ("plan-small", "plan-impossible")]
+    plans = [(k, s) for k, s in plans if s]
+    if plans:
+        parts = ["## The guideline as a plan (seed 003's Table 1) on ResNet-20\n\nTarget `cpu-int8`; each row is the "
+                 "cumulative result after one step, measured on the deployed ONNX file: test top-1 (10,000 images), "
+                 "latency per image (onnxruntime, batch 1, one thread), stored size, session initialization time. "
+                 f"Fine-tuning budget {2 * EPOCHS:g} epochs shared by the steps that change weights."]
+        for k, s in plans:
+            req = s["requirement"]
+            rows = [[r["step"], r["name"], r["format"], r["top1"], f"{(r['top1'] - s['fp32_top1']) * 100:+.2f}",
+                     f"{r['latency_ms']:.3f}", f"{r['size_bytes'] / 1024:.1f}", f"{r['init_s']:.3f}"]
+                    for r in s["steps"]]
+            parts.append(f"### {k}: max drop {req['max_drop']} points, max size {req['max_size_kb']} KiB\n\n"
+                         f"Order: {', '.join(s['order'])} (memory binds: {s['memory_binds']}). "
+                         + " ".join(f"{st}: {why}." for st, why in s["skipped"].items()) + "\n\n"
+                         + table(["step", "what", "format", "top-1", "vs FP32", "ms", "KiB", "init s"], rows)
+                         + f"\n\n**{s['statement']}**")
+        write_section("lighten-plan", "\n\n".join(parts) + "\n\n" + _commits(s for _, s in plans))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgeslim-lighten"))
+    ap.add_argument("--runs", default="", help="comma-separated prefixes: channel, magnitude, factorize, plan")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not (args.shared / "models/resnet20_cifar10jpeg.pt").exists():
+        raise SystemExit(f"shared data not found under {args.shared}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.runs:
+        run([g for g in args.runs.split(",") if g], args.shared, args.work)
+    if args.report:
+        report(args.work)
+
+
+if __name__ == "__main__":
+    main()
