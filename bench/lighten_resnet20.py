@@ -1,7 +1,8 @@
 """Seed 003's lightweighting steps on the shared ResNet-20 and CIFAR-10 JPEG: channel pruning, magnitude pruning,
 factorization, and the ``plan`` loop (one target that needs several steps, one that cannot be met).
 
-Sections of BENCHMARKS.md: ``lighten-channel``, ``lighten-magnitude``, ``lighten-factorize``, ``lighten-plan``.
+Sections of BENCHMARKS.md: ``lighten-channel``, ``lighten-magnitude``, ``lighten-factorize``, ``lighten-fp16``,
+``lighten-plan``.
 Each run writes its job folder under ``--work`` and is skipped when its ``summary.json`` exists; ``--report``
 writes the tables from the finished runs. One thread (the machine has 2 cores).
 
@@ -39,6 +40,7 @@ def runs() -> dict:
                                                                         sparsity=s, finetune_cfg=FT)
     r["factorize-separable"] = lambda m, i, tr, te, out: run_factorize(m, i, tr, te, out, method="separable",
                                                                        share=0.5, macs_reduction=0.5, finetune_cfg=FT)
+    r["fp16"] = run_fp16
     plan_opts = PlanOptions(budget_epochs=2 * EPOCHS, finetune=FT)
     r["plan-small"] = lambda m, i, tr, te, out: run_plan(m, i, tr, te, out, target=TARGETS["cpu-int8"],
                                                          requirement=Requirement(max_drop=2.0, max_size_kb=64),
@@ -47,6 +49,29 @@ def runs() -> dict:
                                                               requirement=Requirement(max_drop=0.5, max_size_kb=8),
                                                               options=plan_opts)
     return r
+
+
+def run_fp16(model, info, train, test, out: Path) -> dict:
+    """G4 on its own: the whole model in FP16 vs FP32 in onnxruntime (accuracy, file size, paired latency)."""
+    import statistics
+
+    from edgeslim import api
+    from edgeslim.eval import ort as ort_eval
+    from edgeslim.jobs_mixed import onnx_top1
+
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = api.export_fp32_onnx(model, info.input_shape, out / "model_fp32.onnx")
+    fp16 = api.export_fp16_onnx(fp32, out / "model_fp16.onnx")
+    top1 = onnx_top1({"fp32": fp32, "fp16": fp16}, test, 500, "scoring FP32 / FP16")
+    res = {}
+    for b in (1, 64):
+        lat = ort_eval.latency_samples({"fp32": fp32, "fp16": fp16}, info.input_shape, b, threads=1, rounds=100)
+        res[f"batch{b}"] = {"fp32_ms": statistics.median(lat["fp32"]), "fp16_ms": statistics.median(lat["fp16"]),
+                            "fp16_over_fp32": ort_eval.paired_ratio(lat, "fp16", "fp32")}
+    s = {"top1": top1, "bytes": {"fp32": fp32.stat().st_size, "fp16": fp16.stat().st_size}, "latency": res,
+         "optimized_ops_fp16": dict(ort_eval.optimized_op_counts(fp16))}
+    (out / "summary.json").write_text(json.dumps(s, indent=2))
+    return s
 
 
 def run(groups: list[str], shared: Path, work: Path) -> None:
@@ -121,6 +146,22 @@ def report(work: Path) -> None:
                 + table(["model", "test top-1", "before fine-tuning", "MACs", "params", "ms", "latency vs original"],
                         rows) + "\n\n" + _commits([f]))
         write_section("lighten-factorize", body)
+    h = _load(work, "fp16")
+    if h:
+        rows = [[k.upper(), h["top1"][k], h["bytes"][k], *(f"{h['latency'][b][k + '_ms']:.3f}" for b in ("batch1", "batch64"))]
+                for k in ("fp32", "fp16")]
+        r1, r64 = (h["latency"][b]["fp16_over_fp32"] for b in ("batch1", "batch64"))
+        slower = "slower" if min(r1, r64) > 1 else "faster" if max(r1, r64) < 1 else "mixed"
+        body = ("## FP16 (G4) on ResNet-20 in onnxruntime (CPU)\n\nThe whole model converted to FP16 "
+                "(onnxconverter-common, float32 inputs / outputs). Test top-1 on 10,000 images, onnxruntime, one thread, "
+                "median of 100 interleaved runs.\n\n"
+                + table(["model", "test top-1", "ONNX bytes", "ms (batch 1)", "ms (batch 64)"], rows)
+                + f"\n\nFP16 / FP32 latency: {r1:.2f}x at batch 1, {r64:.2f}x at batch 64: FP16 is **{slower}** on this "
+                "CPU. onnxruntime's CPU provider has few FP16 kernels on x86 and inserts casts around the rest; FP16 "
+                "halves the file here and pays off only on hardware with FP16 arithmetic (target `fp16-gpu`). "
+                "Optimized-graph ops: " + ", ".join(f"{k} {v}" for k, v in sorted(h["optimized_ops_fp16"].items()))
+                + ".\n\n" + _commits([h]))
+        write_section("lighten-fp16", body)
     plans = [(k, _load(work, k)) for k in ("plan-small", "plan-impossible")]
     plans = [(k, s) for k, s in plans if s]
     if plans:
@@ -145,7 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeslim-lighten"))
-    ap.add_argument("--runs", default="", help="comma-separated prefixes: channel, magnitude, factorize, plan")
+    ap.add_argument("--runs", default="", help="comma-separated prefixes: channel, magnitude, factorize, fp16, plan")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()

@@ -10,9 +10,7 @@ Artifacts are staged and moved into ``out`` at the end, ``summary.json`` last.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from .data.detection import DetectionDataset
 from .errors import EdgeslimError
 from .engine.run import run as run_engine
 from .eval import ort as ort_eval
+from .io.staging import staged
 from .eval.detection import confusion_matrix, evaluate_map, nms, precision_recall_f1
 from .export.onnx_qdq import save_onnx, to_onnx, weight_containers
 from .lower import lower
@@ -171,16 +170,23 @@ def fit_options(model: nn.Module, opts: DetectOptions) -> DetectOptions:
     return opts
 
 
+def calibrated(model: nn.Module, info: ModelInfo, calib: DetectionDataset, config: PTQConfig,
+               opts: DetectOptions) -> tuple[np.ndarray, "torch.fx.GraphModule"]:
+    """Calibration images and the model prepared and calibrated once (plans are frozen from it later)."""
+    x_cal = calibration_images(calib, config.calib_size, config.seed, info)
+    gm = ptq.prepare(model, info.input_shape, config)
+    step = opts.batch_size
+    ptq.calibrate(gm, lambda: (torch.from_numpy(x_cal[i:i + step]) for i in range(0, len(x_cal), step)), progress=True)
+    return x_cal, gm
+
+
 def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
                         config: PTQConfig, out: Path, *, plan: MixedPlan | None = None,
                         opts: DetectOptions = DetectOptions(), analyze: AnalyzeOptions | None = None) -> dict:
     """Quantize a detector on ``calib``, score FP32 / simulation / ONNX FP32 / ONNX INT8 on ``test``, write ``out``."""
     decoder = check_detector(info, test)
     opts = fit_options(model, opts)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
+    def work(stage: Path) -> dict:
         x_cal = calibration_images(calib, config.calib_size, config.seed, info)
         q = api.quantize(model, x_cal, config, plan=plan, input_shape=info.input_shape, batch_size=opts.batch_size,
                          progress=True)
@@ -225,12 +231,9 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
                                                                                    desc="overflow statistics")),
                     analyze)
         (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
-        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
-        for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return summary
+        return summary
+
+    return staged(out, work)
 
 
 def run_detect_sensitivity(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
@@ -244,16 +247,9 @@ def run_detect_sensitivity(model: nn.Module, info: ModelInfo, calib: DetectionDa
     """
     decoder = check_detector(info, test)
     opts = fit_options(model, opts)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        x_cal = calibration_images(calib, config.calib_size, config.seed, info)
-        gm = ptq.prepare(model, info.input_shape, config)
+    def work(stage: Path) -> dict:
+        x_cal, gm = calibrated(model, info, calib, config, opts)
         mp.check_groups(gm, groups)
-        step = opts.batch_size
-        ptq.calibrate(gm, lambda: (torch.from_numpy(x_cal[i:i + step]) for i in range(0, len(x_cal), step)),
-                      progress=True)
         fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
 
         def scored(plan: MixedPlan | None, name: str) -> tuple[dict, Path]:
@@ -291,11 +287,9 @@ def run_detect_sensitivity(model: nn.Module, info: ModelInfo, calib: DetectionDa
                                  "fp32_bytes": int(4 * sum(p.numel() for p in model.parameters()))}
         for f in stage.glob("*.onnx"):
             f.unlink()
-        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
-        (stage / "summary.json").replace(out / "summary.json")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return summary
+        return summary
+
+    return staged(out, work)
 
 
 def run_detect_mixed(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
@@ -312,15 +306,8 @@ def run_detect_mixed(model: nn.Module, info: ModelInfo, calib: DetectionDataset,
         raise EdgeslimError("mixed --task detect needs --max-drop (mAP@0.5:0.95 points as a fraction, e.g. 0.01)")
     decoder = check_detector(info, test)
     opts = fit_options(model, opts)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        x_cal = calibration_images(calib, config.calib_size, config.seed, info)
-        gm = ptq.prepare(model, info.input_shape, config)
-        step = opts.batch_size
-        ptq.calibrate(gm, lambda: (torch.from_numpy(x_cal[i:i + step]) for i in range(0, len(x_cal), step)),
-                      progress=True)
+    def work(stage: Path) -> dict:
+        x_cal, gm = calibrated(model, info, calib, config, opts)
         fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
 
         def scored(plan: MixedPlan | None, name: str = "candidate.onnx") -> tuple[dict, int]:
@@ -366,9 +353,6 @@ def run_detect_mixed(model: nn.Module, info: ModelInfo, calib: DetectionDataset,
         plan.save(stage / "plan.json")
         (stage / "candidate.onnx").unlink(missing_ok=True)
         (stage / "model_fp32.onnx").unlink(missing_ok=True)
-        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
-        for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return summary
+        return summary
+
+    return staged(out, work)

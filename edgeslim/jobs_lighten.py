@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from .algorithms.qat import TrainData
 from .data import ImageDataset
 from .errors import EdgeslimError
 from .eval import ort as ort_eval
+from .io.staging import staged
 from .eval.profile import profile
 from .graph.capture import capture
 from .jobs_mixed import onnx_top1
@@ -34,20 +33,6 @@ from .models import ModelInfo
 
 def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(sum(r.macs for r in profile(capture(copy.deepcopy(model).eval(), input_shape))))
-
-
-def _staged(out: Path, work) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        summary = work(stage)
-        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
-        for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return summary
 
 
 def compare(models: dict[str, nn.Module], info: ModelInfo, test: ImageDataset, stage: Path, *, threads: int = 1,
@@ -89,7 +74,7 @@ def run_factorize(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, tes
         return {"model": info.name, "step": "G2 factorize", **res, "record": record.to_dict(), "finetune": tuned,
                 "train_images": int(len(train.y))}
 
-    return _staged(out, work)
+    return staged(out, work)
 
 
 def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: ImageDataset, out: Path, *,
@@ -141,7 +126,7 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
         return {"model": info.name, "step": f"G5 {method} pruning", "method": method, **res, **extra,
                 "finetune": tuned, "train_images": int(len(train.y))}
 
-    return _staged(out, work)
+    return staged(out, work)
 
 
 IMPORTANCE = {"l1": "L1Importance", "l2": "L2Importance", "bn": "BNScaleImportance", "taylor": "TaylorImportance"}
