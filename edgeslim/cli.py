@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--calib-size", type=int, default=512)
     plan.add_argument("--prune-macs", type=float, default=0.5, help="G5 channel pruning: keep this MACs fraction")
     plan.add_argument("--sparsity", type=float, default=0.75, help="G5 magnitude pruning sparsity")
+    plan.add_argument("--backbone", help="G1: a light backbone as NAME[:WIDTH] (shufflenet_v2:0.5, mobilenet_v2:1.0); "
+                      "it starts from random weights and is distilled from the model")
     return parser
 
 
@@ -530,7 +532,7 @@ def _plan_cmd(args) -> int:
     req = Requirement(args.max_drop, args.max_latency_ms, args.max_size_kb)
     opts = PlanOptions(steps=tuple(s.strip().upper() for s in args.steps.split(",") if s.strip()),
                        budget_epochs=args.budget_epochs, finetune=cfg, calib_size=args.calib_size,
-                       prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads)
+                       prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone)
     s = run_plan(model, info, train, test, Path(args.out), target=load_target(args.target), requirement=req,
                  options=opts, train_size=args.train_size, seed=args.seed)
     print(f"\n{'step':<30}{'format':>8}{'top-1':>8}{'ms':>9}{'KiB':>9}{'init s':>8}")

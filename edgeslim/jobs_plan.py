@@ -91,6 +91,7 @@ class PlanOptions:
     sparsity: float = 0.75  # G5 magnitude pruning: fraction of weights set to zero
     factor_share: float = 0.5  # G2: factorize the heaviest convs covering this share of conv MACs
     factor_reduction: float = 0.5  # G2: each factorized conv keeps at most this fraction of its MACs
+    backbone: str | None = None  # G1: "shufflenet_v2:0.5" / "mobilenet_v2:1.0" (name:width); None skips G1
     threads: int = 1
     latency_rounds: int = 100
 
@@ -191,8 +192,22 @@ def _tune(model: nn.Module, ctx: Context, desc: str, on_step=None) -> dict | Non
 # ----------------------------------------------------------------------------- the steps
 
 def step_g1(d: Deployable, ctx: Context) -> str | None:
-    return (f"skipped: no lighter backbone is registered for {ctx.info.name} (a swap needs a backbone trained on "
-            "the same task; see docs/design.md)")
+    if ctx.options.backbone is None:
+        return ("skipped: no --backbone given (a swap starts the new backbone from random weights here, with no "
+                "pretrained light backbones offline, so it needs a long distillation budget; see docs/design.md)")
+    from .algorithms.backbone import swap_backbone
+
+    name, _, width = ctx.options.backbone.partition(":")
+    model, record = swap_backbone(d.model, ctx.info.input_shape, backbone=name, width=float(width or 1.0),
+                                  target=ctx.target)
+    if record.macs_after >= record.macs_before:
+        return (f"skipped: {ctx.options.backbone} ({record.macs_after:,} MACs) is not lighter than the current "
+                f"model ({record.macs_before:,} MACs)")
+    _tune(model, ctx, "G1 fine-tuning (KD)")
+    d.model = model
+    d.notes.append(f"G1: backbone {ctx.options.backbone} (random init, distilled), MACs {record.macs_before:,} -> "
+                   f"{record.macs_after:,}")
+    return None
 
 
 def step_g2(d: Deployable, ctx: Context) -> str | None:
@@ -310,7 +325,7 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
     cal_idx = rng.choice(len(train.y), min(options.calib_size, len(train.y)), replace=False)
     hold_idx = rng.choice(len(train.y), min(options.holdout_size, len(train.y)), replace=False)
     teacher = copy.deepcopy(model).eval()
-    changing = [s for s in options.steps if s in ("G2", "G5")]
+    changing = [s for s in options.steps if s in ("G2", "G5") or (s == "G1" and options.backbone)]
     ctx = Context(info, teacher, train, test_ds, train.x[cal_idx].numpy(), (train.x[hold_idx], train.y[hold_idx].numpy()),
                   target.ptq_config(PTQConfig(calib_size=options.calib_size, seed=seed)), target, requirement, options,
                   stage, api.export_fp32_onnx(model, info.input_shape, stage / "baseline_fp32.onnx"),

@@ -200,3 +200,12 @@ def test_plan_prunes_before_ptq_when_memory_binds(capsys, tmp_path, cifar_like):
     assert s["met"] == (s["steps"][-1]["size_bytes"] <= 40 * 1024)
     if not s["met"]:
         assert s["best"]["step"] == "G3" and "Closest: after G3" in s["statement"]
+
+
+def test_plan_g1_swaps_in_a_lighter_backbone(capsys, tmp_path, cifar_like):
+    out = tmp_path / "g1"
+    assert main(_common("plan", cifar_like, out, "--max-latency-ms", "0.001", "--steps", "G1",
+                        "--backbone", "shufflenet_v2:0.5", "--budget-epochs", "1")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["step"] for r in s["steps"]] == ["baseline", "G1"] and not s["met"]
+    assert s["steps"][1]["params"] < s["steps"][0]["params"] and "shufflenet_v2" in s["steps"][1]["notes"][0]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import EdgeslimError
+
 # (expansion t, output channels c, repeats n, first stride s), from table 2 of the paper.
 _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -83,3 +85,47 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:
     return MobileNetV2(num_classes)
+
+
+MAX_DOWNSAMPLE = 5  # stride-2 layers: the stem and the first block of the 24, 32, 64 and 160 channel stages
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    """Round a scaled channel count to a multiple of 8, never below 90% of it (the reference width rule)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def mobilenet_v2_backbone(*, in_channels: int = 3, width: float = 1.0, downsample: int = MAX_DOWNSAMPLE
+                          ) -> nn.Sequential:
+    """MobileNetV2's ``features`` without the last 1x1 conv (-> 1280), at a width multiplier, randomly initialized.
+
+    ``downsample=k`` keeps the **last** k of the five stride-2 layers and gives the earlier ones stride 1:
+    ``k=5`` is the ImageNet schedule (total stride 32), ``k=3`` at 32x32 the common CIFAR variant (stride-1
+    stem and 24-channel stage, 4x4 output). A backbone swap replaces the dropped 1x1 conv by its own adapter.
+
+    >>> mobilenet_v2_backbone(width=0.5, downsample=2)(torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 160, 8, 8])
+    """
+    if not width > 0:
+        raise EdgeslimError(f"invalid MobileNetV2 width {width!r}: use a positive multiplier such as 0.5 or 1.0")
+    if not 0 <= downsample <= MAX_DOWNSAMPLE:
+        raise EdgeslimError(f"MobileNetV2 has {MAX_DOWNSAMPLE} stride-2 layers; downsample={downsample} is out "
+                            f"of range: use 0..{MAX_DOWNSAMPLE}")
+    slot = iter(i >= MAX_DOWNSAMPLE - downsample for i in range(MAX_DOWNSAMPLE))  # keep the last k
+    in_ch = _make_divisible(32 * width)
+    features: list[nn.Module] = [ConvBNReLU6(in_channels, in_ch, stride=2 if next(slot) else 1)]
+    for t, c, n, s in _SETTINGS:
+        out = _make_divisible(c * width)
+        for i in range(n):
+            stride = (2 if next(slot) else 1) if (i == 0 and s == 2) else 1
+            features.append(InvertedResidual(in_ch, out, stride, t))
+            in_ch = out
+    net = nn.Sequential(*features)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
