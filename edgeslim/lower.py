@@ -186,6 +186,12 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
         name = ops.act_name(gm, src)
         node = IntNode("Relu" if name == "relu" else "Clip", src.name, ins[:1], [src.name],
                        {} if name == "relu" else {"min": 0.0, "max": 6.0})
+    elif k == "avgpool" and _padded_avgpool(gm, src):  # float: ONNX AveragePool with its pads counted
+        mod = ops.module(gm, src)
+        ph, pw = _pair(mod.padding)
+        node = IntNode("AveragePool", src.name, ins[:1], [src.name],
+                       {"kernel_shape": _pair(mod.kernel_size), "strides": _pair(mod.stride or mod.kernel_size),
+                        "pads": [ph, pw, ph, pw], "count_include_pad": 1})
     elif k == "avgpool":
         node = _lower_avgpool(gm, src, src, ins[0])
         node.op = {"QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearAveragePool": "AveragePool"}[node.op]
@@ -285,6 +291,11 @@ def _clamp_for(act: str, q: QParams) -> tuple[int, int]:
     """Integer clamp of the output codes that implements a fused ReLU / ReLU6 (real 0 is the zero point)."""
     hi = q.qmax if act == "relu" else min(q.qmax, q.zero_point + int(round(6.0 / q.scale)))
     return max(q.qmin, q.zero_point), hi
+
+
+def _padded_avgpool(gm, src: fx.Node) -> bool:
+    mod = ops.module(gm, src)
+    return isinstance(mod, nn.AvgPool2d) and any(_pair(mod.padding)) and mod.count_include_pad and not mod.ceil_mode
 
 
 def _lower_avgpool(gm, src: fx.Node, qnode: fx.Node, in_name: str, g: IntGraph | None = None) -> IntNode:

@@ -205,3 +205,29 @@ def test_softmax_runs_in_float_between_quantized_tensors(tmp_path):
     scale = q.intgraph.qparams[name.removesuffix("_float")].scale
     assert np.abs(got - sim).max() <= scale * 1.01
     assert np.abs(engine.run(q.intgraph, x.numpy())[name] - got).max() <= scale * 1.01
+
+
+class PaddedPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(3, 2, 1)  # FastestDet's neck pool: padding counted in the average
+        self.d = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.d(self.pool(self.c(x)))
+
+
+@pytest.mark.parametrize("plan", [None, {"layers": {"d": "fp32", "c": "fp32"}}], ids=["int8", "float-island"])
+def test_padded_average_pool_integer_and_in_a_float_island(tmp_path, plan):
+    x = _calib(8, size=12)
+    q = api.quantize(PaddedPool().eval(), x, PTQConfig(), plan=MixedPlan.from_dict(plan) if plan else None,
+                     batch_size=8)
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    got = _all_outputs(path, x.numpy())[0]
+    with torch.no_grad():
+        sim = q.model(x).numpy()
+    name = q.intgraph.output_names[0]
+    tol = 1e-4 if plan else q.intgraph.qparams[name.removesuffix("_float")].scale * 1.01
+    assert np.abs(got - sim).max() <= tol
+    assert np.abs(engine.run(q.intgraph, x.numpy())[name] - got).max() <= tol

@@ -74,6 +74,9 @@ def _pool(node, x):
         return x.mean(axis=tuple(node.attrs["axes"]), keepdims=bool(node.attrs.get("keepdims", 1)), dtype=np.float32)
     kh, kw = node.attrs["kernel_shape"]
     s = node.attrs["strides"]
+    pads = node.attrs.get("pads")
+    if pads and any(pads):  # count_include_pad: the zeros count in the average
+        x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::s[0], ::s[1]]
     return win.mean(axis=(-1, -2), dtype=np.float32)
 
