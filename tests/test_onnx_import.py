@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -335,6 +336,27 @@ def test_build_model_reads_onnx_files(tmp_path):
     assert resized.input_shape == (3, 16, 16)
     with pytest.raises(EdgeslimError, match="carries its own weights"):
         build_model(str(path), str(tmp_path / "w.pt"))
+
+
+def test_imported_onnx_classifier_runs_through_mixed_and_qat_commands(tmp_path, capsys):
+    from PIL import Image
+
+    from edgeslim.cli import main
+
+    path = tmp_path / "clf.onnx"
+    onnx.save(_classifier(), str(path))
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
+    data = str(tmp_path / "img")
+    assert main(["mixed", str(path), "--calib-data", data, "--data", data, "--calib-size", "8", "--holdout-size", "50",
+                 "--max-drop", "0.5", "--out", str(tmp_path / "mixed")]) == 0
+    assert main(["qat", str(path), "--train-data", data, "--data", data, "--max-steps", "2", "--batch-size", "8",
+                 "--calib-size", "8", "--out", str(tmp_path / "qat")]) == 0
+    s = json.loads((tmp_path / "qat" / "summary.json").read_text())
+    assert s["training"]["steps"] == 2 and "top1" in s["onnx"]
 
 
 # ---------------------------------------------------------------------------------------------- FastestDet
