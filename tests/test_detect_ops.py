@@ -231,3 +231,23 @@ def test_padded_average_pool_integer_and_in_a_float_island(tmp_path, plan):
     tol = 1e-4 if plan else q.intgraph.qparams[name.removesuffix("_float")].scale * 1.01
     assert np.abs(got - sim).max() <= tol
     assert np.abs(engine.run(q.intgraph, x.numpy())[name] - got).max() <= tol
+
+
+def test_a_plan_keeping_everything_fp32_gives_the_float_model_outputs(tmp_path):
+    """Model outputs take their producer's precision: an FP32 head does not end in an 8-bit quantizer."""
+    model = _randomize_bn(TinyDetector())
+    plan = MixedPlan.from_dict({"layers": {"*": "fp32"}})
+    q = api.quantize(model, _calib(), PTQConfig(), plan=plan, batch_size=16)
+    x = _calib(4, seed=9)
+    with torch.no_grad():
+        ref = [t.numpy() for t in model(x)]
+    got = _all_outputs(api.export_onnx(q, tmp_path / "m.onnx"), x.numpy())
+    for r, o in zip(ref, got):
+        assert np.abs(r - o).max() < 1e-4
+    head_only = api.quantize(model, _calib(), PTQConfig(), plan=MixedPlan.from_dict({"layers": {"head_*": "fp32"}}),
+                             batch_size=16)
+    g = head_only.intgraph
+    producers = {n.outputs[0]: n.op for n in g.nodes}
+    assert [producers[name] for name in g.output_names] == ["Cast", "Cast"]  # float outputs, no DequantizeLinear
+    uniform = api.quantize(model, _calib(), PTQConfig(), batch_size=16).intgraph
+    assert [{n.outputs[0]: n.op for n in uniform.nodes}[o] for o in uniform.output_names] == ["DequantizeLinear"] * 2

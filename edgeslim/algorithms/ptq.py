@@ -100,6 +100,14 @@ def _consumers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     return found
 
 
+def _producers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The compute node whose output ``node`` quantizes (looking back through data movement)."""
+    src = node.args[0] if node.args else None
+    while isinstance(src, fx.Node) and ops.kind(gm, src) == "pass" and ops.tensor_args(src):
+        src = ops.tensor_args(src)[0]
+    return [src] if isinstance(src, fx.Node) and ops.kind(gm, src) not in ("placeholder", "quant", "meta") else []
+
+
 def plan_names(gm: fx.GraphModule) -> list[str]:
     """Every name a plan rule can match: weighted layers and the other ops that read a quantized tensor."""
     names = layer_names(gm)
@@ -137,6 +145,8 @@ def assign_precisions(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | N
         if ops.kind(gm, node) != "quant":
             continue
         asked = [plan.precision_of(op_name(gm, c), default).a for c in _consumers(gm, node)]
+        if not asked:  # a model output: it keeps the precision of the op that produced it (an FP32 head stays FP32)
+            asked = [plan.precision_of(op_name(gm, p), default).a for p in _producers(gm, node)]
         ops.module(gm, node).spec = act_spec(config, highest(asked) or default.a)
 
 
