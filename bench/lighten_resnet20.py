@@ -41,7 +41,7 @@ def runs() -> dict:
     r["factorize-separable"] = lambda m, i, tr, te, out: run_factorize(m, i, tr, te, out, method="separable",
                                                                        share=0.5, macs_reduction=0.5, finetune_cfg=FT)
     r["fp16"] = run_fp16
-    plan_opts = PlanOptions(budget_epochs=2 * EPOCHS, finetune=FT)
+    plan_opts = PlanOptions(budget_epochs=EPOCHS, finetune=FT)
     r["plan-small"] = lambda m, i, tr, te, out: run_plan(m, i, tr, te, out, target=TARGETS["cpu-int8"],
                                                          requirement=Requirement(max_drop=2.0, max_size_kb=64),
                                                          options=plan_opts)
@@ -168,7 +168,7 @@ def report(work: Path) -> None:
         parts = ["## The guideline as a plan (seed 003's Table 1) on ResNet-20\n\nTarget `cpu-int8`; each row is the "
                  "cumulative result after one step, measured on the deployed ONNX file: test top-1 (10,000 images), "
                  "latency per image (onnxruntime, batch 1, one thread), stored size, session initialization time. "
-                 f"Fine-tuning budget {2 * EPOCHS:g} epochs shared by the steps that change weights."]
+                 f"Fine-tuning budget {EPOCHS:g} epochs shared by the steps that change weights."]
         for k, s in plans:
             req = s["requirement"]
             rows = [[r["step"], r["name"], r["format"], r["top1"], f"{(r['top1'] - s['fp32_top1']) * 100:+.2f}",

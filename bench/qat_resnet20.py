@@ -176,19 +176,23 @@ def report(work: Path) -> None:
                 + table(["model", "budget", "test top-1", "ONNX top-1", "vs FP32 (points)", "final train loss",
                          "train s"], rows) + "\n\n" + _commits(s for _, s in w4))
         write_section("qat-w4a4", body)
-    long = load("w4a4-lsq-kd-lr3-4ep")
-    if long:
-        fp32 = long["fp32"]["top1"]
-        rows = [[f"epoch {i + 1}", h["loss"], h.get("train_top1", "-"), h["val_top1"]] for i, h in enumerate(long["history"])]
-        body = ("## QAT W4A4 on ResNet-20, longer: LSQ + KD, lr 0.003, 4 epochs\n\n"
-                "The setup of the `qat-w4a4` section (8-bit image input, MSE PTQ start, BN folded, KD), 4 epochs of "
-                f"the 50,000 training images with a cosine schedule from lr 0.003, one thread. FP32 {fp32:.4f}, "
-                f"PTQ {long['ptq']['top1']:.4f}; **QAT {long['qat']['top1']:.4f}** "
-                f"({(long['qat']['top1'] - fp32) * 100:+.2f} points vs FP32), ONNX {long['onnx'].get('top1', '-')}; "
-                f"{long['training']['steps']} steps in {long['training']['seconds'] / 60:.0f} min. "
-                "Per-epoch validation is on the test images (it is what the history records).\n\n"
-                + table(["epoch", "train loss", "train top-1", "test top-1"], rows) + "\n\n" + _commits([long]))
-        write_section("qat-w4a4-long", body)
+    longs = [(k, load(k)) for k in ("w4a4-lsq-kd-lr3-4ep", "w4a4-lsq-kd-lr3-8ep")]
+    longs = [(k, s) for k, s in longs if s]
+    if longs:
+        fp32 = longs[0][1]["fp32"]["top1"]
+        parts = ["## QAT W4A4 on ResNet-20, longer: LSQ + KD, lr 0.003, 4 and 8 epochs\n\n"
+                 "The setup of the `qat-w4a4` section (8-bit image input, MSE PTQ start, BN folded, KD), all 50,000 "
+                 f"training images, cosine schedule from lr 0.003, one thread. FP32 {fp32:.4f}, PTQ "
+                 f"{longs[0][1]['ptq']['top1']:.4f}. Target of the issue: within 0.5 points of FP32. Per-epoch "
+                 "validation uses the training graph's quantizers; the final numbers are after the scales are written "
+                 "back into the PTQ modules (what is exported)."]
+        for k, s in longs:
+            rows = [[f"epoch {i + 1}", h["loss"], h.get("train_top1", "-"), h["val_top1"]] for i, h in enumerate(s["history"])]
+            parts.append(f"### {k}: **QAT {s['qat']['top1']:.4f}** ({(s['qat']['top1'] - fp32) * 100:+.2f} points vs FP32), "
+                         f"ONNX {s['onnx'].get('top1', '-')}, {s['training']['steps']} steps in "
+                         f"{s['training']['seconds'] / 60:.0f} min\n\n"
+                         + table(["epoch", "train loss", "train top-1", "test top-1"], rows))
+        write_section("qat-w4a4-long", "\n\n".join(parts) + "\n\n" + _commits([s for _, s in longs]))
     w2 = [(k, load(k)) for k in runs() if k.startswith("w2a2")]
     w2 = [(k, s) for k, s in w2 if s]
     if w2:
