@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import cli_lighten
 from .errors import EdgeslimError
 
 
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--max-latency-ms", type=float, help="onnxruntime latency budget per image (batch 1)")
     _qat_args(sub.add_parser("qat", help="quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"))
     prune = sub.add_parser("prune", help="G5: channel pruning (speed) or magnitude pruning (memory), fine-tuned with KD")
-    _lighten_args(prune)
+    cli_lighten.add_args(prune)
     prune.add_argument("--method", default="channel", help="channel (physically smaller model) | magnitude (sparse)")
     prune.add_argument("--target-macs", type=float, help="channel: keep this fraction of the MACs (0.7 = remove 30%%)")
     prune.add_argument("--ratio", type=float, help="channel: remove this fraction of every prunable group instead")
@@ -105,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--scope", default="global", help="magnitude: global | layer")
     prune.add_argument("--one-shot", action="store_true", help="magnitude: prune at once instead of gradually")
     fact = sub.add_parser("factorize", help="G2: depthwise-separable or bottleneck factorization, fine-tuned with KD")
-    _lighten_args(fact)
+    cli_lighten.add_args(fact)
     fact.add_argument("--method", default="separable", help="separable (depthwise + pointwise) | bottleneck (1x1 first)")
     fact.add_argument("--layers", help="comma-separated conv names (default: the heaviest, by MACs share)")
     fact.add_argument("--share", type=float, default=0.5, help="factorize the heaviest convs covering this MACs share")
     fact.add_argument("--macs-reduction", type=float, default=0.5, help="each conv keeps at most this MACs fraction")
     fact.add_argument("--rank", type=int, help="explicit rank / depth multiplier instead of --macs-reduction")
     plan = sub.add_parser("plan", help="the lightweighting guideline G1-G5, step by step until the target is met")
-    _lighten_args(plan)
+    cli_lighten.add_args(plan)
     plan.add_argument("--target", default="cpu-int8", help="cpu-int8 | vta | mcu-int8 | fp16-gpu | a target JSON")
     plan.add_argument("--max-drop", type=float, help="accuracy budget in points of top-1 (1.0 = one point)")
     plan.add_argument("--max-latency-ms", type=float, help="onnxruntime latency per image (batch 1)")
@@ -125,22 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--backbone", help="G1: a light backbone as NAME[:WIDTH] (shufflenet_v2:0.5, mobilenet_v2:1.0); "
                       "it starts from random weights and is distilled from the model")
     return parser
-
-
-def _lighten_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
-    p.add_argument("--train-data", required=True, help="training images (fine-tuning): ImageFolder dir / zip, ...")
-    p.add_argument("--train-split", help="split / top-level folder of --train-data")
-    p.add_argument("--train-size", type=int, help="fine-tune on a seeded class-balanced subset of this many images")
-    p.add_argument("--data", required=True, help="test data")
-    p.add_argument("--data-split", help="split / top-level folder of --data")
-    p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs (fractions allowed)")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate (cosine)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--no-kd", action="store_true", help="fine-tune on labels only (no distillation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
-    p.add_argument("--out", required=True, help="output folder")
 
 
 def _qat_args(p: argparse.ArgumentParser) -> None:
@@ -195,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
-                "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": _prune, "factorize": _factorize,
-                "plan": _plan_cmd}[args.command](args)
+                "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
+                "factorize": cli_lighten.factorize, "plan": cli_lighten.plan}[args.command](args)
     except EdgeslimError as exc:
         print(f"edgeslim: error: {exc}", file=sys.stderr)
         return 2
@@ -467,82 +452,6 @@ def _qat(args) -> int:
     if dist.main:
         print(f"wrote {args.out}/summary.json, checkpoint.pt, qat_model.pt, encodings.json"
               + (", model_int8.onnx, model_fp32.onnx" if "top1" in s.get("onnx", {}) else ""))
-    return 0
-
-
-def _lighten_setup(args):
-    from .algorithms.finetune import FinetuneConfig
-    from .data import Preprocess, open_dataset
-
-    cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, kd=not args.no_kd, seed=args.seed)
-    if args.threads < 1:
-        raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
-    if args.train_size is not None and args.train_size < 1:
-        raise EdgeslimError(f"invalid --train-size {args.train_size}: use a positive number of images")
-    model, info = _load_model(args)
-    pre = Preprocess(info.input_shape, info.mean, info.std)
-    return cfg, model, info, open_dataset(args.train_data, pre, split=args.train_split), \
-        open_dataset(args.data, pre, split=args.data_split)
-
-
-def _print_pair(s: dict, a: str, b: str) -> None:
-    print(f"\n{'':<14}{'top-1':>8}{'MACs':>14}{'params':>10}{'KiB':>9}{'ms':>9}")
-    for k in (a, b):
-        r = s[k]
-        print(f"{k:<14}{r['top1']:>8.4f}{r['macs']:>14,}{r['params']:>10,}{r['size_bytes'] / 1024:>9.1f}"
-              f"{r['latency_ms']:>9.3f}")
-    print(f"latency {b}/{a}: {s[b]['latency_vs_' + a]:.2f}x (batch 1, {s[b]['threads']} thread(s), same run)")
-
-
-def _prune(args) -> int:
-    from .jobs_lighten import run_prune
-
-    cfg, model, info, train, test = _lighten_setup(args)
-    if args.method not in ("channel", "magnitude"):
-        raise EdgeslimError(f"invalid --method {args.method!r}: use channel or magnitude")
-    target = args.target_macs if args.target_macs is not None or args.ratio is not None else 0.7
-    s = run_prune(model, info, train, test, Path(args.out), method=args.method, target_macs=target if args.ratio is None
-                  else None, ratio=args.ratio, sparsity=args.sparsity, scope=args.scope, importance=args.importance,
-                  gradual=not args.one_shot, finetune_cfg=cfg, train_size=args.train_size, threads=args.threads)
-    _print_pair(s, "dense", "pruned")
-    print(f"wrote {args.out}/summary.json, model_pruned.onnx, model_pruned.pt"
-          + (", prune_record.json" if args.method == "channel" else ", model_sparse.npz"))
-    return 0
-
-
-def _factorize(args) -> int:
-    from .jobs_lighten import run_factorize
-
-    cfg, model, info, train, test = _lighten_setup(args)
-    layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
-    s = run_factorize(model, info, train, test, Path(args.out), layers=layers, method=args.method,
-                      macs_reduction=args.macs_reduction, rank=args.rank, share=args.share, finetune_cfg=cfg,
-                      train_size=args.train_size, threads=args.threads)
-    _print_pair(s, "original", "factorized")
-    print(f"before fine-tuning: top-1 {s['factorized']['top1_before_finetune']:.4f}")
-    print(f"wrote {args.out}/summary.json, model_factorized.onnx, model_factorized.pt, factorize_record.json")
-    return 0
-
-
-def _plan_cmd(args) -> int:
-    from .jobs_plan import PlanOptions, Requirement, run_plan
-    from .targets import load_target
-
-    cfg, model, info, train, test = _lighten_setup(args)
-    req = Requirement(args.max_drop, args.max_latency_ms, args.max_size_kb)
-    opts = PlanOptions(steps=tuple(s.strip().upper() for s in args.steps.split(",") if s.strip()),
-                       budget_epochs=args.budget_epochs, finetune=cfg, calib_size=args.calib_size,
-                       prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone)
-    s = run_plan(model, info, train, test, Path(args.out), target=load_target(args.target), requirement=req,
-                 options=opts, train_size=args.train_size, seed=args.seed)
-    print(f"\n{'step':<30}{'format':>8}{'top-1':>8}{'ms':>9}{'KiB':>9}{'init s':>8}")
-    for r in s["steps"]:
-        print(f"{r['step'] + ' ' + r['name']:<30}{r['format']:>8}{r['top1']:>8.4f}{r['latency_ms']:>9.3f}"
-              f"{r['size_bytes'] / 1024:>9.1f}{r['init_s']:>8.3f}")
-    for step, why in s["skipped"].items():
-        print(f"{step}: {why}")
-    print(s["statement"])
-    print(f"wrote {args.out}/summary.json, model_final.onnx")
     return 0
 
 

@@ -1,0 +1,108 @@
+"""The lightweighting commands (seed 003's guideline): ``prune`` (G5), ``factorize`` (G2), ``plan`` (G1-G5)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import EdgeslimError
+
+
+def _load_model(args):
+    from .cli import _load_model as load
+
+    return load(args)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from .cli import _model_args
+
+    _model_args(p)
+    p.add_argument("--train-data", required=True, help="training images (fine-tuning): ImageFolder dir / zip, ...")
+    p.add_argument("--train-split", help="split / top-level folder of --train-data")
+    p.add_argument("--train-size", type=int, help="fine-tune on a seeded class-balanced subset of this many images")
+    p.add_argument("--data", required=True, help="test data")
+    p.add_argument("--data-split", help="split / top-level folder of --data")
+    p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs (fractions allowed)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate (cosine)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-kd", action="store_true", help="fine-tune on labels only (no distillation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _setup(args):
+    from .algorithms.finetune import FinetuneConfig
+    from .data import Preprocess, open_dataset
+
+    cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, kd=not args.no_kd, seed=args.seed)
+    if args.threads < 1:
+        raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
+    if args.train_size is not None and args.train_size < 1:
+        raise EdgeslimError(f"invalid --train-size {args.train_size}: use a positive number of images")
+    model, info = _load_model(args)
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    return cfg, model, info, open_dataset(args.train_data, pre, split=args.train_split), \
+        open_dataset(args.data, pre, split=args.data_split)
+
+
+def _print_pair(s: dict, a: str, b: str) -> None:
+    print(f"\n{'':<14}{'top-1':>8}{'MACs':>14}{'params':>10}{'KiB':>9}{'ms':>9}")
+    for k in (a, b):
+        r = s[k]
+        print(f"{k:<14}{r['top1']:>8.4f}{r['macs']:>14,}{r['params']:>10,}{r['size_bytes'] / 1024:>9.1f}"
+              f"{r['latency_ms']:>9.3f}")
+    print(f"latency {b}/{a}: {s[b]['latency_vs_' + a]:.2f}x (batch 1, {s[b]['threads']} thread(s), same run)")
+
+
+def prune(args) -> int:
+    from .jobs_lighten import run_prune
+
+    cfg, model, info, train, test = _setup(args)
+    if args.method not in ("channel", "magnitude"):
+        raise EdgeslimError(f"invalid --method {args.method!r}: use channel or magnitude")
+    target = args.target_macs if args.target_macs is not None or args.ratio is not None else 0.7
+    s = run_prune(model, info, train, test, Path(args.out), method=args.method, target_macs=target if args.ratio is None
+                  else None, ratio=args.ratio, sparsity=args.sparsity, scope=args.scope, importance=args.importance,
+                  gradual=not args.one_shot, finetune_cfg=cfg, train_size=args.train_size, threads=args.threads)
+    _print_pair(s, "dense", "pruned")
+    print(f"wrote {args.out}/summary.json, model_pruned.onnx, model_pruned.pt"
+          + (", prune_record.json" if args.method == "channel" else ", model_sparse.npz"))
+    return 0
+
+
+def factorize(args) -> int:
+    from .jobs_lighten import run_factorize
+
+    cfg, model, info, train, test = _setup(args)
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
+    s = run_factorize(model, info, train, test, Path(args.out), layers=layers, method=args.method,
+                      macs_reduction=args.macs_reduction, rank=args.rank, share=args.share, finetune_cfg=cfg,
+                      train_size=args.train_size, threads=args.threads)
+    _print_pair(s, "original", "factorized")
+    print(f"before fine-tuning: top-1 {s['factorized']['top1_before_finetune']:.4f}")
+    print(f"wrote {args.out}/summary.json, model_factorized.onnx, model_factorized.pt, factorize_record.json")
+    return 0
+
+
+def plan(args) -> int:
+    from .jobs_plan import PlanOptions, Requirement, run_plan
+    from .targets import load_target
+
+    cfg, model, info, train, test = _setup(args)
+    req = Requirement(args.max_drop, args.max_latency_ms, args.max_size_kb)
+    opts = PlanOptions(steps=tuple(s.strip().upper() for s in args.steps.split(",") if s.strip()),
+                       budget_epochs=args.budget_epochs, finetune=cfg, calib_size=args.calib_size,
+                       prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone)
+    s = run_plan(model, info, train, test, Path(args.out), target=load_target(args.target), requirement=req,
+                 options=opts, train_size=args.train_size, seed=args.seed)
+    print(f"\n{'step':<30}{'format':>8}{'top-1':>8}{'ms':>9}{'KiB':>9}{'init s':>8}")
+    for r in s["steps"]:
+        print(f"{r['step'] + ' ' + r['name']:<30}{r['format']:>8}{r['top1']:>8.4f}{r['latency_ms']:>9.3f}"
+              f"{r['size_bytes'] / 1024:>9.1f}{r['init_s']:>8.3f}")
+    for step, why in s["skipped"].items():
+        print(f"{step}: {why}")
+    print(s["statement"])
+    print(f"wrote {args.out}/summary.json, model_final.onnx")
+    return 0
