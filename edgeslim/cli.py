@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--budget-epochs", type=float, default=3.0, help="fine-tuning epochs shared by G2 / G5")
     plan.add_argument("--calib-size", type=int, default=512)
     plan.add_argument("--prune-macs", type=float, default=0.5, help="G5 channel pruning: keep this MACs fraction")
-    plan.add_argument("--sparsity", type=float, default=0.75, help="G5 magnitude pruning sparsity")
+    plan.add_argument("--sparsity", type=float, help="G5 magnitude pruning sparsity (default: the smallest that "
+                      "fits --max-size-kb, counted with the values' deployed width)")
     plan.add_argument("--backbone", help="G1: a light backbone as NAME[:WIDTH] (shufflenet_v2:0.5, mobilenet_v2:1.0); "
                       "it starts from random weights and is distilled from the model")
     return parser

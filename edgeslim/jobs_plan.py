@@ -88,7 +88,7 @@ class PlanOptions:
     calib_size: int = 512
     holdout_size: int = 1000  # training images that score mixed-precision candidates (G4)
     prune_macs: float = 0.5  # G5 channel pruning: keep this fraction of MACs
-    sparsity: float = 0.75  # G5 magnitude pruning: fraction of weights set to zero
+    sparsity: float | None = None  # G5 magnitude pruning: fraction of weights set to zero; None: what the size needs
     factor_share: float = 0.5  # G2: factorize the heaviest convs covering this share of conv MACs
     factor_reduction: float = 0.5  # G2: each factorized conv keeps at most this fraction of its MACs
     backbone: str | None = None  # G1: "shufflenet_v2:0.5" / "mobilenet_v2:1.0" (name:width); None skips G1
@@ -101,6 +101,8 @@ class PlanOptions:
             raise EdgeslimError(f"invalid --steps {','.join(self.steps)}: use a comma list of {', '.join(STEPS)}")
         if self.budget_epochs < 0:
             raise EdgeslimError(f"invalid --budget-epochs {self.budget_epochs}: use 0 or more")
+        if self.sparsity is not None and not 0 < self.sparsity < 1:
+            raise EdgeslimError(f"invalid --sparsity {self.sparsity}: use a fraction between 0 and 1")
 
 
 @dataclass
@@ -147,7 +149,7 @@ def export(d: Deployable, ctx: Context) -> tuple[Path, int]:
         path = api.export_onnx(q, ctx.path(d.fmt))
         size = q.intgraph.weight_bytes()
         if d.sparse:
-            size = _sparse_bytes(d.model, 8)
+            size = _sparse_bytes(d.model, 8, high=[n for n, _ in d.plan.rules] if d.plan else ())
         return path, size
     fp32 = api.export_fp32_onnx(d.model, shape, ctx.path("fp32"))
     if d.fmt == "fp16":
@@ -160,10 +162,30 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _sparse_bytes(model: nn.Module, value_bits: int) -> int:
+def _sparse_bytes(model: nn.Module, value_bits: int, high=()) -> int:
+    """Sparse storage bytes; the tensors of the layers named in ``high`` (a mixed plan's FP16 / FP32 layers)
+    are counted with 16-bit values instead of ``value_bits``."""
     from .algorithms.pruning import sparse_size_bytes
 
-    return int(sparse_size_bytes(model, value_bits=value_bits).total_bytes)
+    low = sparse_size_bytes(model, value_bits=value_bits).rows
+    if not high:
+        return int(sum(r.bytes for r in low))
+    wide = sparse_size_bytes(model, value_bits=16).rows
+    prefixes = tuple(n + "." for n in high)
+    return int(sum((w if r.name.startswith(prefixes) else r).bytes for r, w in zip(low, wide)))
+
+
+def auto_sparsity(model: nn.Module, budget_bytes: float, value_bits: int) -> float:
+    """The smallest sparsity (0.05 steps, at most 0.95) whose sparse storage fits ``budget_bytes``."""
+    from .algorithms import pruning
+
+    for sp in np.arange(0.05, 0.951, 0.05):
+        trial = copy.deepcopy(model)
+        pruning.magnitude_prune(trial, float(sp))
+        pruning.remove_masks(trial)
+        if _sparse_bytes(trial, value_bits) <= budget_bytes:
+            return round(float(sp), 2)
+    return 0.95
 
 
 def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
@@ -267,11 +289,16 @@ def step_g5(d: Deployable, ctx: Context, memory_binds: bool) -> str | None:
     from .algorithms import pruning
 
     if memory_binds:  # magnitude pruning: memory (seed 003 G5)
-        pruning.magnitude_prune(d.model, ctx.options.sparsity)  # masks held by a parametrization while tuning
+        sparsity, how = ctx.options.sparsity, "given"
+        if sparsity is None:  # just enough for the size budget, counted in the format the model will be deployed in
+            bits = 8 if ("G3" in ctx.options.steps and ctx.target.int8) or d.fmt in ("int8", "mixed") else 32
+            sparsity = auto_sparsity(d.model, 0.97 * ctx.requirement.max_size_kb * 1024, bits)
+            how = f"chosen to fit {ctx.requirement.max_size_kb:g} KiB with {bits}-bit values"
+        pruning.magnitude_prune(d.model, sparsity)  # masks held by a parametrization while tuning
         _tune(d.model, ctx, "G5 fine-tuning (masked)")
         pruning.remove_masks(d.model)
         d.sparse = True
-        d.notes.append(f"G5: {ctx.options.sparsity:.0%} of the weights pruned by magnitude (sparse storage)")
+        d.notes.append(f"G5: {sparsity:.0%} of the weights pruned by magnitude ({how}; sparse storage)")
         return None
     model, record = pruning.prune_channels(d.model, ctx.info.input_shape, target_macs=ctx.options.prune_macs)
     _tune(model, ctx, "G5 fine-tuning")
