@@ -164,6 +164,11 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="per-layer precisions JSON (e.g. first / last layer at int8); see `edgeslim mixed`")
     p.add_argument("--threads", type=int, help="PyTorch threads per process (default: PyTorch's choice)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--task", default="classify", choices=("classify", "detect"),
+                   help="detect: YOLO-format --train-data / --data; the loss is distillation of the FP32 model's "
+                   "head outputs (no labels), mAP scored every epoch")
+    p.add_argument("--decoder", help="detect, for models without one (ONNX files): see `quantize --help`")
+    p.add_argument("--channel-order", help="detect: RGB or BGR, the order the model was trained on")
 
 
 def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
@@ -438,6 +443,8 @@ def _qat(args) -> int:
 
     plan = MixedPlan.load(args.plan) if args.plan else None
     model, info = _load_model(args)
+    if args.task == "detect":
+        return _qat_detect(args, model, info, cfg, ptq_config, plan)
     pre = Preprocess(info.input_shape, info.mean, info.std)
     train = open_dataset(args.train_data, pre, split=args.train_split)
     test = open_dataset(args.data, pre, split=args.data_split)
@@ -453,6 +460,29 @@ def _qat(args) -> int:
     if dist.main:
         print(f"wrote {args.out}/summary.json, checkpoint.pt, qat_model.pt, encodings.json"
               + (", model_int8.onnx, model_fp32.onnx" if "top1" in s.get("onnx", {}) else ""))
+    return 0
+
+
+def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
+    from .algorithms.qat import Dist
+    from .data.detection import open_detection
+    from .jobs_detect import DetectOptions
+    from .jobs_detect_qat import run_detect_qat
+    from .models import as_detector
+
+    if args.resume or Dist.from_env().world > 1:
+        raise EdgeslimError("qat --task detect runs in one process and without --resume: drop them")
+    size = info.input_shape[1]
+    train = open_detection(args.train_data, args.train_split, imgsz=size)
+    test = open_detection(args.data, args.data_split, imgsz=size)
+    info = as_detector(info, args.decoder, test.names, args.channel_order)
+    s = run_detect_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
+                       train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16)))
+    for k in ("fp32", "ptq", "qat", "onnx_int8"):
+        if "map50" in s.get(k, {}):
+            print(f"{k:<10} mAP@.5 {s[k]['map50']:.4f}  mAP@.5:.95 {s[k]['map50_95']:.4f}")
+    print(f"wrote {args.out}/summary.json" + (", model_int8.onnx, model_fp32.onnx" if "map50" in s.get("onnx_int8", {})
+                                                else f" (not exported: {s['onnx_int8']['reason']})"))
     return 0
 
 

@@ -138,3 +138,42 @@ def test_mixed_detect_raises_layers_until_the_map_budget_holds(capsys, tmp_path,
 def test_mixed_detect_refuses_a_latency_budget(capsys, tmp_path, yolo_set):
     assert main(_args("mixed", "yolov3-tiny", yolo_set, tmp_path / "m", "--max-latency-ms", "5")) == 2
     assert "no latency budget" in capsys.readouterr().err
+
+
+def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
+    import onnxruntime as ort
+    import torch
+
+    out = tmp_path / "q"
+    assert main(["qat", "yolov3-tiny", "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect",
+                 "--train-data", str(yolo_set), "--train-split", "train", "--data", str(yolo_set), "--data-split",
+                 "val", "--w-bits", "8", "--a-bits", "8", "--epochs", "2", "--batch-size", "3", "--calib-size", "4",
+                 "--lr", "0.0005", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [h["epoch"] for h in s["history"]] == [1, 2] and s["training"]["steps"] == 4
+    assert all(np.isfinite(h["loss"]) and h["train_top1"] == 0 for h in s["history"])
+    for key in ("fp32", "ptq", "qat", "onnx_int8"):
+        assert 0.0 <= s[key]["map50"] <= 1.0 and "confusion" in s[key]
+    assert s["images"]["train"] == 6 and s["size_bytes"]["int8"] < s["size_bytes"]["fp32"] / 3
+    # the exported INT8 file is the trained model: onnxruntime reproduces both head outputs to 1 LSB
+    from edgeslim.algorithms import qat
+
+    sess = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    lsb = s["export_check"]["max_diff_lsb"]
+    assert len(sess.get_outputs()) == len(lsb) == 2 and all(v is not None and v <= 1.001 for v in lsb)
+    assert "mAP@.5" in capsys.readouterr().out
+    with pytest.raises(Exception):
+        qat.train(None, None, qat.TrainData(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.int64)),
+                  qat.QATConfig(method="ewgs"), evaluate=lambda m: 0.0, objective=qat.head_distillation)
+
+
+def test_head_distillation_by_hand():
+    import torch
+
+    from edgeslim.algorithms.qat import head_distillation
+
+    a, b = [torch.tensor([[0.0, 2.0]]), torch.tensor([[-1.0]])], [torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0]])]
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    want = (((sig(2.0) - 0.5) ** 2) / 2 + (sig(-1.0) - sig(1.0)) ** 2) / 2
+    assert float(head_distillation(a, b)) == pytest.approx(want, rel=1e-6)
+    assert float(head_distillation(b, b)) == 0.0

@@ -382,10 +382,24 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def head_distillation(student, teacher) -> torch.Tensor:
+    """Label-free loss for models with several raw outputs (detector heads): the mean squared error between the
+    student's and the teacher's outputs after a sigmoid, averaged over the outputs. The sigmoid is the squash the
+    YOLO / FastestDet decoders apply to objectness and class scores; it keeps the many confidently empty cells
+    (logits far below zero) from dominating the loss."""
+    s = [student] if isinstance(student, torch.Tensor) else list(student)
+    t = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher)
+    return sum(F.mse_loss(torch.sigmoid(a), torch.sigmoid(b)) for a, b in zip(s, t)) / len(s)
+
+
 def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg: QATConfig, *,
           evaluate: Callable[[nn.Module], float], checkpoint: Path | None = None, resume: bool = False,
-          dist: Dist = Dist(), progress: bool = True) -> dict:
+          dist: Dist = Dist(), progress: bool = True,
+          objective: Callable[[object, object], torch.Tensor] | None = None) -> dict:
     """Train the quantizers and weights of ``model`` (after ``attach``) in place.
+
+    ``objective(student_out, teacher_out)`` replaces the classification loss (labels unused, no train accuracy):
+    e.g. ``head_distillation`` for detectors, whose outputs are raw head tensors.
 
     After each epoch the model is scored with ``evaluate`` (main process) and, with ``checkpoint``, written
     there atomically (weights, scales, optimizer, step, history); ``resume`` continues from it. Returns
@@ -400,6 +414,9 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
     epochs = math.ceil(total / spe)
     ewgs_every = cfg.ewgs_every or max(1, min(spe, total // 5))
     qs = quantizers(model)
+    if objective is not None and (teacher is None or cfg.method == "ewgs"):
+        raise EdgeslimError("a distillation objective needs the FP32 teacher and a method other than ewgs "
+                            "(EWGS's Hessian estimate uses the classification loss): use lsq, ste, dsq or daq")
 
     decay = [p for name, p in model.named_parameters() if p.requires_grad and name.endswith("weight") and p.dim() > 1]
     ids = {id(p) for p in decay}
@@ -448,7 +465,7 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
             if cfg.augment:
                 x = augment(x, data.pad_value, gen)
             with torch.no_grad():
-                t_logits = teacher(x) if (cfg.kd and teacher is not None) else None
+                t_logits = teacher(x) if ((cfg.kd or objective is not None) and teacher is not None) else None
             frac = step / max(1, total - 1)
             for q in qs:
                 q.alpha = cfg.dsq_alpha[0] + (cfg.dsq_alpha[1] - cfg.dsq_alpha[0]) * frac
@@ -459,7 +476,7 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
             for g in opt.param_groups:
                 g["lr"] = lr
             logits = net(x)
-            loss = _loss(logits, y, t_logits, cfg)
+            loss = objective(logits, t_logits) if objective is not None else _loss(logits, y, t_logits, cfg)
             if not bool(dist.mean(torch.isfinite(loss.detach()).double().reshape(1)) == 1.0):
                 diverged = {"step": step, "loss": float(loss.detach())}
                 tqdm.write(f"the training loss became {diverged['loss']} at step {step}: training stopped (the "
@@ -471,7 +488,8 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
             step += 1
             loss_sum += loss.item() * len(y)
             curve.append(loss.item())
-            correct += int((logits.argmax(1) == y).sum())
+            if objective is None:
+                correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}", refresh=False)
         bar.close()
