@@ -28,7 +28,7 @@ from edgeslim.targets import TARGETS
 
 EPOCHS = 2.0  # fine-tuning budget per single-step run (epochs of the 50,000 training images)
 FT = FinetuneConfig(epochs=EPOCHS, lr=0.01)
-PLAN_DROP = 3.0  # points of top-1 the small plan may lose
+PLAN_DROP = 4.0  # points of top-1 the small plan may lose (1 epoch per weight-changing step)
 
 
 def runs() -> dict:
