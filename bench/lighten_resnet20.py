@@ -99,6 +99,10 @@ def _commits(ss) -> str:
     return "Runs made from commit(s) " + ", ".join(sorted({s.get("code_commit", "?") for s in ss})) + "."
 
 
+SHARED_CORES = ("Absolute milliseconds depend on what else ran on the 2 cores (these runs shared them with other "
+                "benchmark processes); the ratios are paired (interleaved runs in one process) and are the claim.")
+
+
 def report(work: Path) -> None:
     ft = (f"Fine-tuning: {EPOCHS:g} epochs of the 50,000 CIFAR-10 JPEG training images, SGD lr {FT.lr} cosine, "
           "batch 128, crop + flip, distillation from the unpruned model (KL, T = 1); test top-1 on the 10,000 test "
@@ -146,7 +150,7 @@ def report(work: Path) -> None:
                 f"({layers}) replaced by depthwise + pointwise pairs initialized by a per-input-channel SVD, "
                 "each keeping at most half of its MACs. " + ft + "\n\n"
                 + table(["model", "test top-1", "before fine-tuning", "MACs", "params", "ms", "latency vs original"],
-                        rows) + "\n\n" + _commits([f]))
+                        rows) + "\n\n" + SHARED_CORES + " " + _commits([f]))
         write_section("lighten-factorize", body)
     h = _load(work, "fp16")
     if h:
@@ -162,7 +166,7 @@ def report(work: Path) -> None:
                 "CPU. onnxruntime's CPU provider has few FP16 kernels on x86 and inserts casts around the rest; FP16 "
                 "halves the file here and pays off only on hardware with FP16 arithmetic (target `fp16-gpu`). "
                 "Optimized-graph ops: " + ", ".join(f"{k} {v}" for k, v in sorted(h["optimized_ops_fp16"].items()))
-                + ".\n\n" + _commits([h]))
+                + ".\n\n" + SHARED_CORES + " " + _commits([h]))
         write_section("lighten-fp16", body)
     plans = [(k, _load(work, k)) for k in ("plan-small", "plan-impossible")]
     plans = [(k, s) for k, s in plans if s]
@@ -185,7 +189,8 @@ def report(work: Path) -> None:
                          + table(["step", "what", "format", "top-1", "vs FP32", "ms", "KiB", "init s"], rows)
                          + "\n\n" + "\n".join(f"- {n}" for n in s["steps"][-1]["notes"])
                          + f"\n\n**{s['statement']}**")
-        write_section("lighten-plan", "\n\n".join(parts) + "\n\n" + _commits(s for _, s in plans))
+        write_section("lighten-plan", "\n\n".join(parts) + "\n\n" + SHARED_CORES + " "
+                      + _commits(s for _, s in plans))
 
 
 def main() -> None:
