@@ -157,7 +157,8 @@ def report(work: Path) -> None:
         rows = [[k.upper(), h["top1"][k], h["bytes"][k], *(f"{h['latency'][b][k + '_ms']:.3f}" for b in ("batch1", "batch64"))]
                 for k in ("fp32", "fp16")]
         r1, r64 = (h["latency"][b]["fp16_over_fp32"] for b in ("batch1", "batch64"))
-        slower = "slower" if min(r1, r64) > 1 else "faster" if max(r1, r64) < 1 else "mixed"
+        slower = ("no faster (within 3%)" if max(abs(r1 - 1), abs(r64 - 1)) <= 0.03 else "slower" if min(r1, r64) > 1
+                  else "faster" if max(r1, r64) < 1 else "faster at one batch size, slower at the other")
         body = ("## FP16 (G4) on ResNet-20 in onnxruntime (CPU)\n\nThe whole model converted to FP16 "
                 "(onnxconverter-common, float32 inputs / outputs). Test top-1 on 10,000 images, onnxruntime, one thread, "
                 "median of 100 interleaved runs.\n\n"
