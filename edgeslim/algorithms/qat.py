@@ -491,7 +491,10 @@ def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg
             if objective is None:
                 correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4g}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}", refresh=False)
+            shown = {"loss": f"{loss_sum / seen:.4g}", "lr": f"{lr:.4f}"}
+            if objective is None:
+                shown["acc"] = f"{correct / seen:.3f}"
+            bar.set_postfix(shown, refresh=False)
         bar.close()
         row = {"epoch": epoch + 1, "steps": step, "loss": loss_sum / max(1, seen), "train_top1": correct / max(1, seen),
                "loss_curve": [float(np.mean(curve[i:i + 25])) for i in range(0, len(curve), 25)]}  # per 25 steps
