@@ -180,14 +180,15 @@ def report(work: Path) -> None:
         for k, s in plans:
             req = s["requirement"]
             rows = [[r["step"], r["name"], r["format"], r["top1"], f"{(r['top1'] - s['fp32_top1']) * 100:+.2f}",
-                     f"{r['latency_ms']:.3f}", f"{r['size_bytes'] / 1024:.1f}", f"{r['init_s']:.3f}"]
+                     f"{r['latency_ms']:.3f}", f"{r['latency_vs_fp32']:.2f}", f"{r['size_bytes'] / 1024:.1f}",
+                     f"{r['init_s']:.3f}"]
                     for r in s["steps"]]
             parts.append(f"### {k}: max drop {req['max_drop']} points, max size {req['max_size_kb']} KiB\n\n"
                          f"Steps allowed: {', '.join(s['options']['steps'])}; fine-tuning budget "
                          f"{s['options']['budget_epochs']:g} epochs. "
                          f"Order: {', '.join(s['order'])} (memory binds: {s['memory_binds']}). "
                          + " ".join(f"{st}: {why}." for st, why in s["skipped"].items()) + "\n\n"
-                         + table(["step", "what", "format", "top-1", "vs FP32", "ms", "KiB", "init s"], rows)
+                         + table(["step", "what", "format", "top-1", "vs FP32", "ms", "latency vs FP32", "KiB", "init s"], rows)
                          + "\n\n" + "\n".join(f"- {n}" for n in s["steps"][-1]["notes"])
                          + f"\n\n**{s['statement']}**")
         write_section("lighten-plan", "\n\n".join(parts) + "\n\n" + SHARED_CORES + " "

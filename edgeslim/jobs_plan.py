@@ -258,16 +258,28 @@ def step_g3(d: Deployable, ctx: Context) -> str | None:
     return None
 
 
-def step_g4(d: Deployable, ctx: Context, last: dict) -> str | None:
+def step_g4(d: Deployable, ctx: Context, last: dict, float_top1: float | None = None) -> str | None:
+    """Mixed precision when quantization costs more than the budget allows, else whole-model FP16.
+
+    ``float_top1``: the accuracy of the float model with the current structure (the row before G3); the part of
+    the drop that earlier steps (pruning, factorization) caused is not something precision can recover, so the
+    search gets the budget that is left after it.
+    """
     drop = (ctx.fp32_top1 - last["top1"]) * 100
     req = ctx.requirement
     if d.fmt in ("int8", "mixed") and req.max_drop is not None and drop > req.max_drop:
+        structural = (ctx.fp32_top1 - (float_top1 if float_top1 is not None else ctx.fp32_top1)) * 100
+        if structural > 0 and structural >= req.max_drop:
+            return (f"skipped: {structural:.2f} of the {drop:.2f} points were lost before quantization (by the "
+                    f"structural steps), more than the {req.max_drop:g} allowed: higher precision cannot recover them")
         gm = mp_calibrated(d, ctx)
-        res = mp.search(gm, ctx.config, ctx.holdout[0], ctx.holdout[1], mp.Budget(max_drop=req.max_drop / 100),
+        budget = (req.max_drop - structural) / 100
+        res = mp.search(gm, ctx.config, ctx.holdout[0], ctx.holdout[1], mp.Budget(max_drop=budget),
                         input_shape=ctx.info.input_shape, high=LayerPrecision.parse("fp16"), progress=True)
         rules = tuple(r for r in (d.plan.rules if d.plan else ())) + tuple(res.chosen.plan.rules)
         d.fmt, d.plan = "mixed", MixedPlan(rules)
-        d.notes.append(f"G4: PTQ dropped {drop:.2f} points: {len(res.chosen.high_layers)} layer(s) raised to FP16 "
+        d.notes.append(f"G4: quantization dropped {drop - structural:.2f} points (budget left {budget * 100:.2f}): "
+                       f"{len(res.chosen.high_layers)} layer(s) raised to FP16 "
                        f"({', '.join(res.chosen.high_layers) or 'none'})")
         return None
     if d.fmt == "fp32":
@@ -370,7 +382,7 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
         t0 = time.perf_counter()
         before = copy.deepcopy(d)
         fn: Callable = {"G1": step_g1, "G2": step_g2, "G3": step_g3, "G5": step_g5}.get(step)
-        reason = step_g4(d, ctx, rows[-1]) if step == "G4" else (
+        reason = step_g4(d, ctx, rows[-1], _float_top1(rows)) if step == "G4" else (
             fn(d, ctx, memory_binds) if step == "G5" else fn(d, ctx))
         if reason is not None:
             skipped[step] = reason
@@ -388,6 +400,11 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
             "unmet": fails, "best": {"step": best["step"], "unmet": requirement.failures(best, ctx.fp32_top1)},
             "statement": _statement(met, rows, best, fails, ctx.fp32_top1, requirement),
             "fp32_top1": ctx.fp32_top1, "train_images": int(len(train.y)), "total_seconds": time.perf_counter() - t_start}
+
+
+def _float_top1(rows: list[dict]) -> float | None:
+    """Top-1 of the last float (FP32 / FP16) row: the model's structure before quantization."""
+    return next((r["top1"] for r in reversed(rows) if r["format"] in ("fp32", "fp16")), None)
 
 
 def _statement(met: bool, rows: list[dict], best: dict, fails: list[str], fp32: float, req: Requirement) -> str:

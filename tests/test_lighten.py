@@ -240,7 +240,7 @@ def test_g4_raises_layers_when_ptq_drops_too_much(tmp_path):
 
     assert step_g4(d, ctx, {"top1": before}) is None
     assert d.fmt == "mixed" and d.plan is not None and d.plan.rules
-    assert "raised to FP16" in d.notes[-1]
+    assert "raised to FP16" in d.notes[-1] and "budget left 0.00" in d.notes[-1]
     mixed = mp_calibrated(d, ctx)
     ptq.set_mode(mixed, "quant")
     with torch.no_grad():
@@ -252,6 +252,9 @@ def test_g4_raises_layers_when_ptq_drops_too_much(tmp_path):
     # within budget: G4 leaves the INT model alone
     d2 = Deployable(model, fmt="int8")
     assert step_g4(d2, ctx, {"top1": 1.0}).startswith("skipped") and d2.fmt == "int8"
+    # a drop caused before quantization (the float model of this structure already lost it): nothing to search
+    why = step_g4(d2, ctx, {"top1": before}, float_top1=0.9)
+    assert why.startswith("skipped") and "before quantization" in why and d2.fmt == "int8"
 
 
 def test_auto_sparsity_is_the_smallest_that_fits():
