@@ -355,7 +355,7 @@ def test_yolov3_tiny_structure_groups_and_onnx(tmp_path: Path) -> None:
                       input_names=["images"], output_names=["p4", "p5"])
     got = _session(path).run(None, {"images": x.numpy()})
     for g, w in zip(got, want):
-        assert np.abs(g - w).max() <= 1e-4
+        assert np.abs(g - w).max() <= 1e-4 + 1e-6 * np.abs(w).max()  # float32 sums; onnxruntime threads vary the order
     assert info.decoder(got).shape == (1, 3 * (26 * 26 + 13 * 13), 84)
 
 
