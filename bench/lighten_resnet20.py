@@ -90,6 +90,39 @@ def run(groups: list[str], shared: Path, work: Path) -> None:
         p.write_text(json.dumps(s, indent=2))
 
 
+def relatency(shared: Path, work: Path, rounds: int = 200) -> None:
+    """``--runs latency``: measure the finished runs' ONNX files again, alone, paired with the FP32 model."""
+    import os
+    import statistics
+    import tempfile
+
+    from edgeslim import api
+    from edgeslim.eval import ort as ort_eval
+
+    model, info, _, _ = resnet20_cifar(shared)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = api.export_fp32_onnx(model, info.input_shape, Path(tmp) / "fp32.onnx")
+        for key, file in (("factorize-separable", "model_factorized.onnx"), ("plan-small", "model_final.onnx"),
+                          ("plan-impossible", "model_final.onnx")):
+            s = _load(work, key)
+            if not s or not (work / key / file).exists():
+                continue
+            lat = ort_eval.latency_samples({"fp32": fp32, "m": work / key / file}, info.input_shape, 1, threads=1,
+                                           rounds=rounds)
+            s["latency_remeasured"] = {"fp32_ms": statistics.median(lat["fp32"]), "ms": statistics.median(lat["m"]),
+                                       "vs_fp32": ort_eval.paired_ratio(lat, "m", "fp32"),
+                                       "load_avg_1min": os.getloadavg()[0], "code_commit": COMMIT}
+            (work / key / "summary.json").write_text(json.dumps(s, indent=2))
+
+
+def _remeasured(s: dict, what: str) -> str:
+    r = s.get("latency_remeasured")
+    if not r:
+        return ""
+    return (f" Re-measured alone (`--runs latency`, 1-min load average {r['load_avg_1min']:.1f}): {what} "
+            f"{r['ms']:.3f} ms vs FP32 {r['fp32_ms']:.3f} ms, **{r['vs_fp32']:.2f}x**.")
+
+
 def _load(work: Path, key: str) -> dict | None:
     p = work / key / "summary.json"
     return json.loads(p.read_text()) if p.exists() else None
@@ -150,7 +183,7 @@ def report(work: Path) -> None:
                 f"({layers}) replaced by depthwise + pointwise pairs initialized by a per-input-channel SVD, "
                 "each keeping at most half of its MACs. " + ft + "\n\n"
                 + table(["model", "test top-1", "before fine-tuning", "MACs", "params", "ms", "latency vs original"],
-                        rows) + "\n\n" + SHARED_CORES + " " + _commits([f]))
+                        rows) + "\n\n" + SHARED_CORES + _remeasured(f, "the factorized model") + " " + _commits([f]))
         write_section("lighten-factorize", body)
     h = _load(work, "fp16")
     if h:
@@ -190,7 +223,7 @@ def report(work: Path) -> None:
                          + " ".join(f"{st}: {why}." for st, why in s["skipped"].items()) + "\n\n"
                          + table(["step", "what", "format", "top-1", "vs FP32", "ms", "latency vs FP32", "KiB", "init s"], rows)
                          + "\n\n" + "\n".join(f"- {n}" for n in s["steps"][-1]["notes"])
-                         + f"\n\n**{s['statement']}**")
+                         + f"\n\n**{s['statement']}**" + _remeasured(s, "the final model"))
         write_section("lighten-plan", "\n\n".join(parts) + "\n\n" + SHARED_CORES + " "
                       + _commits(s for _, s in plans))
 
@@ -199,7 +232,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeslim-lighten"))
-    ap.add_argument("--runs", default="", help="comma-separated prefixes: channel, magnitude, factorize, fp16, plan")
+    ap.add_argument("--runs", default="", help="comma-separated prefixes: channel, magnitude, factorize, fp16, plan; latency (re-measure alone)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
@@ -207,6 +240,8 @@ def main() -> None:
     if not (args.shared / "models/resnet20_cifar10jpeg.pt").exists():
         raise SystemExit(f"shared data not found under {args.shared}")
     args.work.mkdir(parents=True, exist_ok=True)
+    if "latency" in args.runs.split(","):
+        relatency(args.shared, args.work)
     if args.runs:
         run([g for g in args.runs.split(",") if g], args.shared, args.work)
     if args.report:
