@@ -180,6 +180,15 @@ def calibrated(model: nn.Module, info: ModelInfo, calib: DetectionDataset, confi
     return x_cal, gm
 
 
+def paired_latency(fp32_path: Path, int8_path: Path, info: ModelInfo, opts: DetectOptions) -> dict:
+    """onnxruntime latency of the two files at batch 1, interleaved: medians, FPS and the paired ratio."""
+    lat = ort_eval.latency_samples({"fp32": fp32_path, "int8": int8_path}, info.input_shape, 1,
+                                   threads=opts.threads, rounds=opts.latency_rounds, warmup=3)
+    fp32_ms, int8_ms = statistics.median(lat["fp32"]), statistics.median(lat["int8"])
+    return {"fp32": fp32_ms, "int8": int8_ms, "int8_over_fp32": ort_eval.paired_ratio(lat, "int8", "fp32"),
+            "fps_fp32": 1e3 / fp32_ms, "fps_int8": 1e3 / int8_ms, "batch": 1, "threads": opts.threads}
+
+
 def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
                         config: PTQConfig, out: Path, *, plan: MixedPlan | None = None,
                         opts: DetectOptions = DetectOptions(), analyze: AnalyzeOptions | None = None) -> dict:
@@ -196,10 +205,7 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
         runners = {"fp32": torch_runner(model), "quantized": torch_runner(q.model),
                    "onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}
         results = evaluate_models(runners, test, decoder, opts, info=info)
-        lat = ort_eval.latency_samples({"fp32": fp32_path, "int8": int8_path}, info.input_shape, 1,
-                                       threads=opts.threads, rounds=opts.latency_rounds, warmup=3)
         integer, total = ort_eval.integer_convs(int8_path)
-        fp32_ms, int8_ms = statistics.median(lat["fp32"]), statistics.median(lat["int8"])
         summary = {
             "model": info.name, "task": "detect",
             "images": {"calibration": int(len(x_cal)), "test": len(test), "test_boxes": test.num_boxes(),
@@ -208,8 +214,7 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
             "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size,
                            "weights_fp32": 4 * sum(p.numel() for p in model.parameters()),
                            "weights_quantized": q.intgraph.weight_bytes()},
-            "latency_ms": {"fp32": fp32_ms, "int8": int8_ms, "int8_over_fp32": ort_eval.paired_ratio(lat, "int8", "fp32"),
-                           "fps_fp32": 1e3 / fp32_ms, "fps_int8": 1e3 / int8_ms, "batch": 1, "threads": opts.threads},
+            "latency_ms": paired_latency(fp32_path, int8_path, info, opts),
             "onnx_int8_graph": {"integer_convs": integer, "total_convs": total,
                                 "optimized_ops": dict(sorted(ort_eval.optimized_op_counts(int8_path).items())),
                                 "weight_containers": weight_containers(q.intgraph)},

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,10 +21,9 @@ from . import api
 from .algorithms import ptq, qat
 from .config import MixedPlan, PTQConfig
 from .data.detection import DetectionDataset
-from .eval import ort as ort_eval
 from .io.staging import staged
 from .jobs_detect import (DetectOptions, calibration_images, check_detector, evaluate_models, fit_options,
-                          ort_runner, torch_runner)
+                          ort_runner, paired_latency, to_model_order, torch_runner)
 from .lower import lower
 from .models import ModelInfo
 from .report.encodings import encodings
@@ -82,13 +80,9 @@ def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, t
         summary.update(evaluate_models({"qat": torch_runner(gm), "onnx_int8": ort_runner(int8)}, test, decoder, opts,
                                        desc="evaluating QAT / ONNX", info=info))
         summary["export_check"] = export_check(gm, graph, int8, next(test.batches(opts.batch_size))[0], info)
-        lat = ort_eval.latency_samples({"fp32": fp32, "int8": int8}, info.input_shape, 1, threads=opts.threads,
-                                       rounds=opts.latency_rounds, warmup=3)
-        f_ms, i_ms = statistics.median(lat["fp32"]), statistics.median(lat["int8"])
         summary["size_bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size,
                                  "weights_quantized": graph.weight_bytes()}
-        summary["latency_ms"] = {"fp32": f_ms, "int8": i_ms, "int8_over_fp32": ort_eval.paired_ratio(lat, "int8", "fp32"),
-                                 "fps_fp32": 1e3 / f_ms, "fps_int8": 1e3 / i_ms, "batch": 1, "threads": opts.threads}
+        summary["latency_ms"] = paired_latency(fp32, int8, info, opts)
         (stage / "encodings.json").write_text(json.dumps(encodings(graph), indent=1))
         torch.save(gm.state_dict(), stage / "qat_model.pt")
         return summary
@@ -99,8 +93,6 @@ def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, t
 def export_check(gm: nn.Module, graph, path: Path, x: np.ndarray, info: ModelInfo) -> dict:
     """How far onnxruntime's INT8 file is from the trained PyTorch model on one batch: the largest difference of
     each head output, in steps (LSB) of that output's quantizer."""
-    from .jobs_detect import to_model_order
-
     x = to_model_order(x, info)
     ours, theirs = torch_runner(gm)(x), ort_runner(path)(x)
     producer = {o: n for n in graph.nodes for o in n.outputs}
