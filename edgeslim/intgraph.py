@@ -14,7 +14,9 @@ code from ``qmin``; ``attrs['fn']`` names the function), which the exporter writ
   Rounding (``engine.ops.requantize``): ``float`` mode = onnxruntime's float32 multiply then round half
   to even; ``fixed`` = ``(acc * m0 + 2**(shift-1)) >> shift`` (one rounding, half up; gemmlowp rounds
   twice); ``shift`` = ``(acc + 2**(s-1)) >> s`` for power-of-two multipliers;
-* a fused activation is a clamp of the output codes: ``attrs['clamp'] = (lo, hi)``.
+* a fused activation is a clamp of the output codes: ``attrs['clamp'] = (lo, hi)``;
+* ``FloatIsland``: an op with no integer form, kept in float; ``arrays['onnx']`` holds it as a serialized ONNX
+  model (inputs named as the node's inputs, one output named as its output; ``graph.island``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 ACTIVATION_OPS = ("Silu", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh", "Gelu", "Mish", "Elu")
 FLOAT_OPS = ("Conv", "Gemm", "Add", "Concat", "Relu", "Clip", "GlobalAveragePool", "ReduceMean", "AveragePool",
-             "Cast", "Softmax", *ACTIVATION_OPS)
+             "Cast", "Softmax", "FloatIsland", *ACTIVATION_OPS)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ class IntGraph:
     def layers(self) -> list[IntNode]:
         """Nodes with integer weights (the ones with scales and requantization)."""
         return [n for n in self.nodes if "w" in n.arrays]
+
+    def float_islands(self) -> list[dict]:
+        """Ops that run in float (FP32 / FP16) between integer tensors: name, ONNX op, and what it computes."""
+        return [{"name": n.name, "op": n.op, "fn": n.attrs.get("fn", n.op)} for n in self.nodes
+                if n.op in FLOAT_OPS and n.op not in ("Cast", "Identity")]
 
     def is_mixed(self) -> bool:
         """True when part of the graph runs in float (FP16 / FP32 islands)."""

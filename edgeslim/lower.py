@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from .errors import EdgeslimError
 from .graph import ops
+from .graph.island import node_to_onnx
 from .intgraph import IntGraph, IntNode, QParams
 from .quant.fixed_point import multiplier_arrays
 from .quant import primitives as P
@@ -43,7 +44,7 @@ def lower(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> IntGraph:
             _lower_quant(gm, g, node, float_names)
         elif k == "pass":
             _lower_pass(gm, g, node, float_names)
-        elif k == "softmax":
+        elif k in ("softmax", "float"):
             _lower_float_op(gm, g, node, float_names)
         elif k == "output":
             for out in _flat(node.args[0]):
@@ -67,13 +68,10 @@ def lower(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> IntGraph:
                 g.nodes.append(IntNode("DequantizeLinear", name, [out.name], [name]))
                 g.output_names.append(name)
                 g.output_shapes.append(tuple(out.meta["shape"][1:]))
-        elif k in ("placeholder", "meta", "get_attr") or _consumed_by_quant(gm, node):
+        elif k in ("placeholder", "meta", "get_attr", "const") or _consumed_by_quant(gm, node):
             continue
-        else:
-            raise EdgeslimError(
-                f"operation {_describe(node)} ({node.name}) is not supported by the INT8 exporter yet: "
-                "keep it out of the quantized part of the model or open an issue with the model"
-            )
+        else:  # an op whose output no quantizer closes (e.g. an activation on a float tensor): float
+            _lower_float_op(gm, g, node, float_names)
     return g
 
 
@@ -204,9 +202,22 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
     elif k == "softmax":
         node = IntNode("Softmax", src.name, ins[:1], [src.name], {"axis": ops.softmax_axis(gm, src)})
     else:
-        raise EdgeslimError(f"operation {_describe(src)} ({src.name}) is not supported in a float island yet")
+        node = _island(gm, g, src, float_names)
     g.nodes.append(node)
     float_names.add(src.name)
+
+
+def _island(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: set[str], out: str | None = None) -> IntNode:
+    """Any op as a float island (``graph.island``): its integer inputs are dequantized, it runs in FP32."""
+    inputs = [a for a in ops.tensor_args(src) if not a.meta.get("const")]
+    missing = [a.name for a in inputs if a.name not in g.qparams and a.name not in float_names]
+    if missing:
+        raise EdgeslimError(f"operation {_describe(src)} ({src.name}) reads {', '.join(missing)}, which the INT8 "
+                            "exporter did not produce: open an issue with the model")
+    dynamic = getattr(gm, "meta", {}).get("onnx_dynamic_batch", True) is not False
+    model = node_to_onnx(gm, src, inputs, dynamic_batch=dynamic)
+    out = out or src.name
+    return IntNode("FloatIsland", out, [a.name for a in inputs], [out], {"fn": _describe(src)}, {"onnx": np.frombuffer(model, np.uint8)})
 
 
 ACTIVATION_OPS = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid",
@@ -301,7 +312,7 @@ def _padded_avgpool(gm, src: fx.Node) -> bool:
 def _lower_avgpool(gm, src: fx.Node, qnode: fx.Node, in_name: str, g: IntGraph | None = None) -> IntNode:
     in_shape = ops.tensor_args(src)[0].meta["shape"]
     out_shape = src.meta["shape"]
-    if len(out_shape) == 4 and out_shape[2:] == (1, 1) or (src.target == "mean" and len(out_shape) == 2):
+    if len(out_shape) == 4 and out_shape[2:] == (1, 1) or (src.target in ("mean", torch.mean) and len(out_shape) == 2):
         return IntNode("QLinearGlobalAveragePool", qnode.name, [in_name], [qnode.name],
                        {"keepdims": len(out_shape) == 4})
     mod = ops.module(gm, src)
@@ -331,6 +342,27 @@ def _pair(v) -> list[int]:
 
 
 def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set[str]) -> None:
+    """Data movement on codes; one that has no integer form here runs as a float island between
+    DequantizeLinear and a QuantizeLinear with the input's own parameters (exact: it only moves values)."""
+    try:
+        _lower_pass_on_codes(gm, g, node, float_names)
+    except EdgeslimError:
+        src = ops.tensor_args(node)[0].name if ops.tensor_args(node) else None
+        if src is None or (src not in g.qparams and src not in float_names):
+            raise
+        g.qparams.pop(node.name, None)
+        float_names.discard(node.name)
+        if src in float_names:
+            g.nodes.append(_island(gm, g, node, float_names))
+            float_names.add(node.name)
+            return
+        island = _island(gm, g, node, float_names, out=f"{node.name}_float")
+        g.nodes.append(island)
+        g.qparams[node.name] = g.qparams[src]
+        g.nodes.append(IntNode("QuantizeLinear", node.name, island.outputs, [node.name]))
+
+
+def _lower_pass_on_codes(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set[str]) -> None:
     args = ops.tensor_args(node)
     if not args or (args[0].name not in g.qparams and args[0].name not in float_names):
         raise EdgeslimError(f"operation {_describe(node)} ({node.name}) on a float tensor is not exportable yet")
@@ -370,10 +402,12 @@ def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set
         g.nodes.append(IntNode("Transpose", node.name, [src], [node.name], {"perm": _perm(node, len(in_shape))}))
     elif node.target == "contiguous":
         g.nodes.append(IntNode("Identity", node.name, [src], [node.name]))
-    elif node.target in ("view", "reshape", torch.reshape) and not (len(out_shape) == 2 and len(in_shape) == 4):
-        batch_kept = out_shape[0] == in_shape[0]  # the batch axis stays dynamic (ONNX Reshape: 0 copies it)
-        shape = [0, *out_shape[1:]] if batch_kept else list(out_shape)
-        g.nodes.append(IntNode("Reshape", node.name, [src], [node.name], {"shape": shape}))
+    elif node.target in ("view", "reshape", torch.reshape, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze,
+                         "flatten", torch.flatten) or isinstance(mod, nn.Flatten):
+        if len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == int(np.prod(in_shape[1:])):
+            g.nodes.append(IntNode("Flatten", node.name, [src], [node.name], {"axis": 1}))
+            return
+        g.nodes.append(IntNode("Reshape", node.name, [src], [node.name], {"shape": _reshape_to(gm, node, in_shape, out_shape)}))
     elif node.target is F.pad:
         pad = list(node.args[1])
         mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
@@ -385,13 +419,19 @@ def _lower_pass(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: set
         for i in range(len(pad) // 2):
             begins[nd - 1 - i], ends[nd - 1 - i] = pad[2 * i], pad[2 * i + 1]
         g.nodes.append(IntNode("Pad", node.name, [src], [node.name], {"pads": begins + ends}))
-    elif len(out_shape) == 2 and len(in_shape) == 4 or node.target in ("view", "reshape", "flatten") \
-            or isinstance(mod, nn.Flatten) or node.target is torch.flatten:
-        if len(out_shape) != 2 or out_shape[1] != int(np.prod(in_shape[1:])):
-            raise EdgeslimError(f"reshape {node.name} to {out_shape} is not exportable yet (only flatten to N x C)")
-        g.nodes.append(IntNode("Flatten", node.name, [src], [node.name], {"axis": 1}))
     else:
         raise EdgeslimError(f"operation {_describe(node)} ({node.name}) is not exportable yet")
+
+
+def _reshape_to(gm: fx.GraphModule, node: fx.Node, in_shape, out_shape) -> list[int]:
+    """The ONNX Reshape target: the batch axis stays dynamic (0 copies it) when the reshape keeps it; a graph
+    traced at batch 1 that folds the batch into another axis keeps its literal shape (batch 1 only)."""
+    dynamic = getattr(gm, "meta", {}).get("onnx_dynamic_batch", True) is not False
+    if dynamic and out_shape[0] == in_shape[0]:
+        return [0, *out_shape[1:]]
+    if dynamic:
+        raise EdgeslimError(f"reshape {node.name} moves the batch axis ({in_shape} -> {out_shape})")
+    return list(out_shape)
 
 
 def _as_tuple(index) -> tuple:

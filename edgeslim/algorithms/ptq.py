@@ -1,6 +1,6 @@
 """Post-training quantization as separate steps: ``prepare`` -> ``calibrate`` -> ``freeze``.
 
-``prepare`` captures the model, runs the graph passes in ``PREPARE_PASSES`` order, swaps weighted
+``prepare`` captures the model, runs the graph passes (``graph.passes``), swaps weighted
 modules for fake-quant ones and puts an ``ActQuant`` on every activation edge the integer graph needs.
 The caller owns the calibration loop if they want (``calibrate`` is a plain no-grad loop).
 
@@ -31,7 +31,7 @@ from ..config import MixedPlan, PTQConfig
 from ..errors import EdgeslimError
 from ..graph import ops
 from ..graph.capture import annotate_shapes, capture
-from ..graph.passes import fold_bn, fuse_conv_act
+from ..graph.passes import fold_bn, fuse_conv_act, fuse_gated_activations
 from ..quant.modules import ActQuant, ConvAct, QuantConv2d, QuantLinear, QuantSpec
 from ..quant.precision import Precision, highest
 from .cle import equalize
@@ -51,7 +51,7 @@ def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig,
     ``plan`` gives per-layer precisions (mixed precision); without it every layer uses ``config``'s bits.
     """
     gm = capture(copy.deepcopy(model).eval(), input_shape)
-    passes = [fold_bn, fuse_conv_act] if config.fuse else [fold_bn]
+    passes = [fuse_gated_activations, fold_bn, fuse_conv_act] if config.fuse else [fuse_gated_activations, fold_bn]
     if "cle" in config.algorithms:
         passes.append(equalize)
     for graph_pass in passes:

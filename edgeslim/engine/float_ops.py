@@ -138,7 +138,24 @@ ACTIVATIONS = {  # float islands: the ONNX definitions (Silu = x * Sigmoid(x), G
 }
 
 
+_ISLANDS: dict[bytes, object] = {}
+
+
+def FloatIsland(g, node, env, cfg):
+    """An op with no integer form, evaluated from its ONNX graph by ONNX's reference implementation (numpy)."""
+    from onnx.reference import ReferenceEvaluator
+
+    key = node.arrays["onnx"].tobytes()
+    if key not in _ISLANDS:
+        if len(_ISLANDS) > 256:
+            _ISLANDS.clear()
+        _ISLANDS[key] = ReferenceEvaluator(key)
+    feeds = {i.name: as_float(g, n, env) for i, n in zip(_ISLANDS[key].proto_.graph.input, node.inputs)}
+    return _ISLANDS[key].run(None, feeds)[0]
+
+
 OPS = {
+    "FloatIsland": FloatIsland,
     **{op: (lambda fn: lambda g, n, env, cfg: fn(as_float(g, n.inputs[0], env), n.attrs).astype(np.float32))(fn)
        for op, fn in ACTIVATIONS.items()},
     "Conv": Conv,

@@ -239,11 +239,36 @@ def _emit_float(w: _Writer, node: IntNode) -> None:
                                                  w.const(f"{out}_hi", np.array(a["max"], np.float32))], [out]))
     elif op in ACTIVATION_OPS:
         _emit_activation(w, op, ins[0], out, a)
+    elif op == "FloatIsland":
+        _emit_island(w, node, ins)
     elif op == "Cast":  # to FP16, or back to FP32 for a model output (as_float already widened it)
         w.nodes.append(helper.make_node("Cast", ins, [out], to=TensorProto.FLOAT16) if a["to"] == "float16"
                        else helper.make_node("Identity", ins, [out]))
     else:  # Add, Concat, Relu, GlobalAveragePool, ReduceMean, AveragePool: attributes as stored
         w.nodes.append(helper.make_node(op, ins, [out], **a))
+
+
+def _emit_island(w: _Writer, node: IntNode, ins: list[str]) -> None:
+    """Inline the island's ONNX graph: its inputs read the FP32 views, internal names get a unique prefix."""
+    island = onnx.load_from_string(node.arrays["onnx"].tobytes())
+    rename = {i.name: x for i, x in zip(island.graph.input, ins)}
+    rename.update({o.name: node.outputs[0] for o in island.graph.output})
+    prefix = w.fresh(node.name)
+
+    def name(n: str) -> str:
+        return rename.get(n, f"{prefix}/{n}") if n else n
+    for init in island.graph.initializer:
+        t = onnx.TensorProto()
+        t.CopyFrom(init)
+        t.name = name(init.name)
+        w.inits.append(t)
+    for n in island.graph.node:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.name = name(n.name or n.op_type)
+        m.input[:] = [name(i) for i in n.input]
+        m.output[:] = [name(o) for o in n.output]
+        w.nodes.append(m)
 
 
 def _emit_activation(w: _Writer, op: str, x: str, out: str, a: dict) -> None:
@@ -404,6 +429,40 @@ def to_onnx(g: IntGraph, *, weight_type: str = "auto", activations: str = "float
                               producer_name="edgeslim")
     model.ir_version = 8 if not wide else 10
     onnx.checker.check_model(model)
+    return model
+
+
+def set_io_names(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """Rename the graph's inputs and outputs (in order) to ``inputs`` / ``outputs``: the INT8 file keeps the FP32
+    file's interface. An internal tensor that already carries one of the new names is renamed out of the way."""
+    g = model.graph
+    old = [i.name for i in g.input][:len(inputs)] + [o.name for o in g.output][:len(outputs)]
+    new = list(inputs[:len(old)]) + list(outputs)
+    mapping = {o: n for o, n in zip(old, new) if o != n}
+    if not mapping:
+        return model
+    taken = set(mapping.values()) - set(mapping)
+    tensors = {t for n in g.node for t in (*n.input, *n.output)} | {i.name for i in g.initializer}
+    for name in taken & tensors:
+        mapping[name] = f"{name}__internal"
+    rename = lambda t: mapping.get(t, t)  # noqa: E731
+    for n in g.node:
+        n.input[:] = [rename(t) for t in n.input]
+        n.output[:] = [rename(t) for t in n.output]
+    for vi in (*g.input, *g.output, *g.value_info):
+        vi.name = rename(vi.name)
+    for init in g.initializer:
+        init.name = rename(init.name)
+    return model
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> onnx.ModelProto:
+    """Add (or replace) ``metadata_props`` entries."""
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    for key, value in [*keep, *values.items()]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
     return model
 
 

@@ -33,12 +33,29 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     return gm
 
 
+class _ValueProp(ShapeProp):
+    """ShapeProp that also keeps the values the lowering needs: constants (``meta['const']``: nodes that do
+    not depend on the model input, such as anchor tables) and Python values derived from shapes."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        inputs = n.all_input_nodes
+        n.meta["const"] = n.op == "get_attr" or (n.op != "placeholder" and bool(inputs)
+                                                  and all(a.meta.get("const") for a in inputs))
+        if n.meta["const"] or not isinstance(result, torch.Tensor):
+            n.meta["value"] = result
+        else:
+            n.meta.pop("value", None)
+        return result
+
+
 def annotate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
-    """Run one example batch (batch size 1) through ``gm`` and store ``meta['shape']`` per node."""
+    """Run one example batch (batch size 1) through ``gm`` and store ``meta['shape']`` per node
+    (and ``meta['const']`` / ``meta['value']``, see ``_ValueProp``)."""
     x = torch.zeros((1, *input_shape))
     try:  # ShapeProp prints a traceback to stderr before re-raising: keep it for the one-line error only
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(x)
+            _ValueProp(gm).propagate(x)
     except Exception as exc:
         raise EdgeslimError(
             f"model does not run on an input of shape {tuple(x.shape)} ({str(exc).splitlines()[0][:160]}): "

@@ -12,6 +12,8 @@
 * ``softmax``: always computed in float (DequantizeLinear -> Softmax), re-quantized only where a quantized op
   reads it (a detection head's class scores);
 * ``quant``: an ``ActQuant`` inserted by edgeslim;
+* ``const``: a tensor that does not depend on the model input (anchor tables, folded constants): baked into
+  whichever float island reads it;
 * ``float``: anything else, which stays FP32 (reported as a float island).
 """
 
@@ -50,6 +52,8 @@ MODULE_KINDS: dict[type, str] = {
     nn.Flatten: "pass",
     nn.Identity: "pass",
     nn.Dropout: "pass",
+    nn.PixelShuffle: "pass",
+    nn.PixelUnshuffle: "pass",
     ActQuant: "quant",
 }
 
@@ -83,12 +87,19 @@ FUNCTION_KINDS: dict[object, str] = {
     torch.chunk: "pass",
     torch.select: "pass",
     F.adaptive_avg_pool2d: "avgpool",
+    torch.mean: "avgpool",
     F.avg_pool2d: "avgpool",
     F.max_pool2d: "pass",
     torch.flatten: "pass",
     operator.getitem: "pass",
     F.pad: "pass",
     F.dropout: "pass",
+    F.pixel_shuffle: "pass",
+    F.pixel_unshuffle: "pass",
+    torch.pixel_shuffle: "pass",
+    torch.pixel_unshuffle: "pass",
+    torch.squeeze: "pass",
+    torch.unsqueeze: "pass",
 }
 
 METHOD_KINDS: dict[str, str] = {
@@ -102,6 +113,8 @@ METHOD_KINDS: dict[str, str] = {
     "permute": "pass",
     "transpose": "pass",
     "contiguous": "pass",
+    "squeeze": "pass",
+    "unsqueeze": "pass",
     "split": "pass",
     "chunk": "pass",
     "sigmoid": "lut",
@@ -116,6 +129,21 @@ def kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """The role of ``node`` (see the module docstring); ``placeholder`` / ``output`` / ``meta`` for the rest."""
     if node.op in ("placeholder", "output", "get_attr"):
         return node.op
+    if node.meta.get("const"):
+        return "const"
+    k = _table_kind(gm, node)
+    if k in ("add", "cat"):  # with a constant or a scalar operand: elementwise float arithmetic
+        args = tensor_args(node)
+        if len(args) < (2 if k == "add" else 1) or any(a.meta.get("const") for a in args):
+            return "float"
+    if k == "pass" and not _codes_preserving(gm, node):
+        return "float"
+    if k == "avgpool" and node.target in ("mean", torch.mean) and not _spatial_mean(node):
+        return "float"
+    return k
+
+
+def _table_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return MODULE_KINDS.get(type(gm.get_submodule(node.target)), "float")
     if node.meta.get("is_tensor") is False and not is_split(node):
@@ -129,6 +157,26 @@ def kind(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_method":
         return METHOD_KINDS.get(node.target, "float")
     return "float"
+
+
+def _codes_preserving(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Data movement whose output values are input values (so it runs on codes): resizing counts only when
+    it is nearest-neighbour; bilinear / bicubic resizing computes new values and runs in float."""
+    mod = module(gm, node)
+    if isinstance(mod, nn.Upsample) or node.target is F.interpolate:
+        mode = mod.mode if mod is not None else node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        return mode == "nearest"
+    return True
+
+
+def _spatial_mean(node: fx.Node) -> bool:
+    """``x.mean((2, 3))`` / ``torch.mean(x, [-1, -2])`` on an N, C, H, W tensor: a global average pool."""
+    shape = tensor_args(node)[0].meta.get("shape") if tensor_args(node) else None
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if shape is None or len(shape) != 4 or dims is None:
+        return False
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return sorted(int(d) % 4 for d in dims) == [2, 3]
 
 
 def _indexes_non_tensor(node: fx.Node) -> bool:

@@ -1,10 +1,13 @@
-"""Graph passes: ``verb(gm) -> gm``. The order they run in is ``PREPARE_PASSES`` in ``algorithms/ptq.py``."""
+"""Graph passes: ``verb(gm) -> gm``. ``algorithms.ptq.prepare`` runs them (gated activations, BN folding, Conv+ReLU fusion, CLE)."""
 
 from __future__ import annotations
 
 import copy
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..quant.modules import ConvAct
@@ -56,6 +59,33 @@ def fuse_conv_act(gm: fx.GraphModule) -> fx.GraphModule:
         _set_module(gm, node.target, ConvAct(conv, ops.act_name(gm, user)))
         user.replace_all_uses_with(node)
         gm.graph.erase_node(user)
+    return _finish(gm)
+
+
+MULTIPLY = (operator.mul, torch.mul, "mul")
+GATES = {"sigmoid": F.silu, "hardsigmoid": F.hardswish}  # x * gate(x) -> the one activation it spells
+
+
+def fuse_gated_activations(gm: fx.GraphModule) -> fx.GraphModule:
+    """Recognize ``x * sigmoid(x)`` as SiLU and ``x * hardsigmoid(x)`` as hard-swish (how ONNX files before
+    opset 22 and many exporters write them), so they quantize as one activation on codes instead of a
+    sigmoid, a float multiplication and an extra quantizer."""
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or node.target not in MULTIPLY or len(node.args) != 2:
+            continue
+        a, b = node.args
+        for gate, x in ((a, b), (b, a)):
+            if not isinstance(gate, fx.Node) or not isinstance(x, fx.Node) or ops.kind(gm, gate) != "lut":
+                continue
+            name, _ = ops.lut_name(gm, gate)
+            gate_input = gate.args[0] if gate.args else None
+            if name in GATES and gate_input is x:
+                with gm.graph.inserting_after(node):
+                    fused = gm.graph.call_function(GATES[name], (x,))
+                fused.meta.update(node.meta)
+                node.replace_all_uses_with(fused)
+                gm.graph.erase_node(node)
+                break
     return _finish(gm)
 
 
