@@ -51,7 +51,8 @@ def import_onnx(path_or_model: str | Path | onnx.ModelProto) -> fx.GraphModule:
 
     ``forward`` takes the ONNX graph inputs positionally (initializers excluded) and returns one tensor, or a
     tuple in ONNX output order. ``gm.meta`` holds ``onnx_input_shape`` (the first input without its batch
-    dimension), ``onnx_path`` and ``onnx_dynamic_batch``. Unsupported ops are all named in one
+    dimension), ``onnx_path``, ``onnx_dynamic_batch``, ``onnx_input_names`` / ``onnx_output_names`` and
+    ``onnx_metadata`` (the file's ``metadata_props``). Unsupported ops are all named in one
     ``EdgeslimError``.
 
     >>> gm = import_onnx("resnet20.onnx")  # doctest: +SKIP
@@ -70,6 +71,10 @@ def import_onnx(path_or_model: str | Path | onnx.ModelProto) -> fx.GraphModule:
     except _BatchDependent:
         gm = _Importer(model, label, dynamic_batch=False).run()
     gm.meta["onnx_path"] = None if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    inits = {i.name for i in model.graph.initializer}
+    gm.meta["onnx_input_names"] = [i.name for i in model.graph.input if i.name not in inits]
+    gm.meta["onnx_output_names"] = [o.name for o in model.graph.output]
+    gm.meta["onnx_metadata"] = {p.key: p.value for p in model.metadata_props}
     return gm
 
 

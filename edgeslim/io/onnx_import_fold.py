@@ -111,6 +111,25 @@ def _transpose(im, node, ins, at):
     return [im.call(torch.permute, ins[0], list(perm))]
 
 
+def _depth_to_space(im, node, ins, at):
+    """DepthToSpace: CRD is torch's pixel shuffle; DCR (the default) reorders as the ONNX spec writes it."""
+    x, b = ins[0], int(at["blocksize"])
+    _, c, h, w = im.shape(x)
+    if at.get("mode", "DCR") == "CRD":
+        return [im.call(F.pixel_shuffle, x, b)]
+    y = im.call(torch.reshape, x, [-1, b, b, c // (b * b), h, w])
+    y = im.call(torch.permute, y, [0, 3, 4, 1, 5, 2])
+    return [im.call(torch.reshape, y, [-1, c // (b * b), h * b, w * b])]
+
+
+def _space_to_depth(im, node, ins, at):
+    x, b = ins[0], int(at["blocksize"])
+    _, c, h, w = im.shape(x)
+    y = im.call(torch.reshape, x, [-1, c, h // b, b, w // b, b])
+    y = im.call(torch.permute, y, [0, 3, 5, 1, 2, 4])
+    return [im.call(torch.reshape, y, [-1, c * b * b, h // b, w // b])]
+
+
 def _axes_of(im, ins, at) -> list[int] | None:
     if "axes" in at:
         return list(at["axes"])

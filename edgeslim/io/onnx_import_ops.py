@@ -21,7 +21,7 @@ from torch import nn
 
 from .onnx_import_fold import (
     _Val, _axis, _cast, _concat, _constant, _constant_of_shape, _expand, _flatten, _gather, _identity, _pad, _range,
-    _reshape, _resize, _shape, _size, _slice, _split, _squeeze, _torch_pads, _transpose, _unsqueeze, _where,
+    _depth_to_space, _reshape, _resize, _space_to_depth, _shape, _size, _slice, _split, _squeeze, _torch_pads, _transpose, _unsqueeze, _where,
 )
 
 if TYPE_CHECKING:
@@ -359,6 +359,7 @@ OPS: dict[str, Callable] = {
     "Ceil": _unary(torch.ceil), "Erf": _unary(torch.erf), "Not": _unary(torch.logical_not),
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather, "Expand": _expand, "Pad": _pad,
+    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
     "Resize": _resize, "Upsample": _resize, "Identity": _identity, "Dropout": _identity,
     "Constant": _constant, "Shape": _shape, "Size": _size, "Cast": _cast, "ConstantOfShape": _constant_of_shape,
     "Range": _range,
