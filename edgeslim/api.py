@@ -29,6 +29,10 @@ from .intgraph import IntGraph
 from .lower import lower
 
 
+class FloatIslandWarning(UserWarning):
+    """Some ops of the model run in float in the INT8 model (listed in the message and in ``summary.json``)."""
+
+
 @dataclass
 class Quantized:
     """The result of ``quantize``: the fake-quant model, its integer graph, and how it was made."""
@@ -85,6 +89,11 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     if "bias-correction" in config.algorithms:
         correct_bias(gm, batches, progress=progress)
     graph = lower(gm, tuple(input_shape))
+    islands = [i["fn"] for i in graph.float_islands() if i["op"] in ("FloatIsland", "Softmax")]
+    if islands:
+        warnings.warn(FloatIslandWarning(
+            f"{len(islands)} op(s) have no integer form and run in float between DequantizeLinear / QuantizeLinear: "
+            f"{', '.join(sorted(set(islands)))}"), stacklevel=2)
     return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan, reports)
 
 

@@ -46,8 +46,11 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--task", default="classify", choices=("classify", "detect"),
-                   help="classify (top-1) or detect (YOLO-format data: mAP, confusion matrix; see --groups)")
+    p.add_argument("--task", default="auto", choices=("auto", "classify", "detect", "fidelity"),
+                   help="classify (labelled images: top-1), detect (YOLO-format data: mAP, confusion matrix; see "
+                   "--groups), fidelity (no labels: INT8 vs FP32 per output, SQNR / cosine / LSB) or auto "
+                   "(default: detect for detectors, classify when the data has labels, else fidelity)")
+    _preprocess_args(p)
     p.add_argument("--groups", help="precision per layer group, e.g. backbone=8,neck=32,head=32 (detectors define "
                    "backbone / neck / head; values: int8, fp16, fp32 or bits, 32 = FP32)")
     p.add_argument("--conf-thres", type=float, default=0.001, help="detect: score threshold of mAP candidates")
@@ -55,7 +58,20 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cm-conf", type=float, default=0.25, help="detect: score threshold of the confusion matrix")
     p.add_argument("--decoder", help="detect, for models without one (ONNX files): yolov5 | yolov3-tiny | fastestdet "
                    "(raw obj, reg, cls) | fastestdet-activated (the published FastestDet.onnx output)")
-    p.add_argument("--channel-order", help="detect: RGB or BGR, the order the model was trained on (fastestdet: BGR)")
+
+
+def _preprocess_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessing (fidelity task: how images become model inputs; .npz / .npy float "
+                             "arrays are used as they are)")
+    g.add_argument("--channel-order", help="RGB, BGR or GRAY: the order the model was trained on (default RGB; "
+                   "fastestdet: BGR)")
+    g.add_argument("--mean", help="per-channel mean of pixels scaled to [0, 1], e.g. 0.485,0.456,0.406 (default: the "
+                   "model's own, or 0; x = (pixel / 255 - mean) / std)")
+    g.add_argument("--std", help="per-channel std, same units, e.g. 0.229,0.224,0.225 (default: the model's own, or 1)")
+    g.add_argument("--input-size", help="H,W the images are resized to (default: the model's input size)")
+    g.add_argument("--resize", default=None, choices=("stretch", "letterbox", "center-crop"),
+                   help="how images reach --input-size (default stretch)")
+    g.add_argument("--eval-size", type=int, help="score on a seeded subset of this many --data inputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,9 +198,41 @@ def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
                         "(from --data; the final numbers use the other --data images)")
 
 
+def _check_out(args) -> None:
+    """``--out`` must be a folder of its own: never empty, never holding (or being) one of the inputs."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    if not str(out).strip():
+        raise EdgeslimError("--out is empty: pass a folder for the results, e.g. --out runs/model")
+    target = Path(out).expanduser().resolve()
+    for opt in ("model", "weights", "calib_data", "data", "train_data", "plan"):
+        value = getattr(args, opt, None)
+        if not value or not isinstance(value, str):
+            continue
+        src = Path(value).expanduser()
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if src == target or target in src.parents:
+            raise EdgeslimError(f"--out {out} holds the input {value} (--{opt.replace('_', '-')}), which the results "
+                                "would overwrite: pass another --out folder")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .api import FloatIslandWarning
+
+    if issubclass(category, FloatIslandWarning):
+        print(f"edgeslim: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
+        _check_out(args)
         return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
                 "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
                 "factorize": cli_lighten.factorize, "plan": cli_lighten.plan}[args.command](args)
@@ -282,7 +330,10 @@ def _quantize(args) -> int:
         analyze = AnalyzeOptions(engine=args.engine or both, overflow=args.overflow or both,
                                  accumulator_bits=args.accumulator, overflow_mode=args.overflow_mode,
                                  requant=args.requant, overflow_images=args.overflow_images)
-    if args.task == "detect":
+    task = _task(args, info)
+    if task == "fidelity":
+        return _quantize_fidelity(args, model, info, config, plan)
+    if task == "detect":
         from .jobs_detect import DetectOptions, run_detect_quantize
 
         calib, test, info = _detect_data(args, info)
@@ -297,6 +348,93 @@ def _quantize(args) -> int:
                            MeasureOptions(threads=args.threads, batch_size=args.batch_size), analyze, plan)
     print_summary(summary, Path(args.out))
     return 0
+
+
+def _task(args, info) -> str:
+    """The task ``--task auto`` stands for: detect for detectors, classify for labelled data, else fidelity."""
+    from .data.inputs import has_labels
+
+    if args.task != "auto":
+        return args.task
+    if info.task == "detect":
+        return "detect"
+    return "classify" if has_labels(args.data) and has_labels(args.calib_data) else "fidelity"
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise EdgeslimError(f"invalid {what} {text!r}: pass comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def input_spec(args, info):
+    """The preprocessing of image data: options first, then the ONNX file's metadata, then the model's own."""
+    import json
+
+    from .data.inputs import InputSpec
+
+    meta = (getattr(args, "_model_meta", None) or {}).get("edgeslim.preprocessing")
+    stored = {}
+    if meta:
+        try:
+            stored = {k: v for k, v in json.loads(meta).items() if k in ("size", "channel_order", "mean", "std", "resize")}
+        except (ValueError, AttributeError):
+            stored = {}
+    c = info.input_shape[0]
+    size = _floats(args.input_size, "--input-size")
+    if size is not None and (len(size) != 2 or any(v != int(v) for v in size)):
+        raise EdgeslimError(f"invalid --input-size {args.input_size!r}: pass H,W, e.g. 224,224")
+    size = tuple(int(v) for v in size) if size else tuple(stored.get("size", info.input_shape[1:]))
+    if size != tuple(info.input_shape[1:]):
+        raise EdgeslimError(f"--input-size {size[0]},{size[1]} differs from the model's input {info.input_shape[1]},"
+                            f"{info.input_shape[2]}: pass the model's size (or --input-shape for models that take others)")
+    order = args.channel_order or stored.get("channel_order") or ("GRAY" if c == 1 else info.channel_order)
+    if (order.upper() == "GRAY") != (c == 1):
+        raise EdgeslimError(f"--channel-order {order} does not fit a model input of {c} channel(s): pass "
+                            + ("GRAY" if c == 1 else "RGB or BGR"))
+    mean = _floats(args.mean, "--mean") or tuple(stored.get("mean", info.mean))
+    std = _floats(args.std, "--std") or tuple(stored.get("std", info.std))
+    return InputSpec(size=size, channel_order=order, mean=mean, std=std, resize=args.resize or stored.get("resize", "stretch"))
+
+
+def _quantize_fidelity(args, model, info, config, plan) -> int:
+    from .data.inputs import open_inputs
+    from .jobs_fidelity import FidelityOptions, run_fidelity_quantize
+
+    args._model_meta = (getattr(model, "meta", {}) or {}).get("onnx_metadata")
+    spec = input_spec(args, info)
+    calib = open_inputs(args.calib_data, info.input_shape, spec, limit=args.calib_size, seed=args.seed)
+    test = open_inputs(args.data, info.input_shape, spec, limit=args.eval_size, seed=args.seed)
+    uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
+    s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec if uses_images else None,
+                              opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
+                              plan=plan)
+    print_fidelity_summary(s, Path(args.out))
+    return 0
+
+
+def print_fidelity_summary(s: dict, out: Path) -> None:
+    o = s["onnx_int8"]
+    print(f"\n{s['model']}: INT8 vs FP32 on {s['inputs']['test']} inputs (calibrated on {s['inputs']['calibration']}), "
+          "both in onnxruntime")
+    print(f"{'output':<28}{'shape':<18}{'SQNR dB':>9}{'cosine':>9}{'max err':>11}{'LSB':>7}{'top-1 agr':>10}")
+    for name, r in o["fidelity_vs_fp32"].items():
+        db = "exact" if r["identical"] else f"{r['sqnr_db']:.1f}"
+        lsb = f"{r['max_error_lsb']:.1f}" if "max_error_lsb" in r else "-"
+        agr = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
+        print(f"{name[:27]:<28}{str(tuple(r['shape'])):<18}{db:>9}{r['cosine']:>9.5f}{r['max_abs_error']:>11.4g}"
+              f"{lsb:>7}{agr:>10}")
+    lat = s["latency_ms"]
+    print(f"integer convs in onnxruntime: {o['integer_convs']}/{o['total_convs']}; ONNX {s['size_bytes']['fp32'] / 1024:.1f}"
+          f" -> {s['size_bytes']['int8'] / 1024:.1f} KiB; INT8/FP32 latency {lat['int8_over_fp32']:.2f}x (batch 1, "
+          f"{lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
+    if o["float_islands"]:
+        ops = sorted({i["fn"] for i in o["float_islands"]})
+        print(f"float islands ({len(o['float_islands'])} ops run in FP32 between integer tensors): {', '.join(ops)}")
+    print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
 
 
 def _high(args, config):

@@ -42,6 +42,14 @@ def predict(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) ->
     return np.concatenate(outs)
 
 
+def predict_all(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Every output of the model, by name, over ``x`` in batches (``batch_size`` 1 for fixed-batch models)."""
+    name = sess.get_inputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
+    outs = [sess.run(None, {name: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(names)}
+
+
 def optimized_op_counts(path: str | Path) -> Counter:
     """Op types in the graph onnxruntime actually runs (after its QDQ fusions), at the EXTENDED level.
 
