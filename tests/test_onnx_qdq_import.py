@@ -106,7 +106,9 @@ def test_matmul_float_bias_relu_matches_onnxruntime():
 
 
 def test_unsupported_op_is_one_line_error():
-    model = _qdq_model([helper.make_node("Sigmoid", ["xd"], ["f"], name="sig")], [], [8])
+    """An op that cannot run even as a float island (here: a custom domain) is named in one line; a standard op
+    without an integer kernel (Sigmoid) becomes a float island instead (tests/test_any_model.py)."""
+    model = _qdq_model([helper.make_node("Sigmoid", ["xd"], ["f"], name="sig", domain="com.example")], [], [8])
     with pytest.raises(EdgeslimError) as err:
         import_qdq(model)
     msg = str(err.value)

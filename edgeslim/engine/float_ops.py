@@ -150,8 +150,10 @@ def FloatIsland(g, node, env, cfg):
         if len(_ISLANDS) > 256:
             _ISLANDS.clear()
         _ISLANDS[key] = ReferenceEvaluator(key)
-    feeds = {i.name: as_float(g, n, env) for i, n in zip(_ISLANDS[key].proto_.graph.input, node.inputs)}
-    return _ISLANDS[key].run(None, feeds)[0]
+    feeds = {i.name: as_float(g, n, env) if n in g.qparams else np.asarray(env[n])
+             for i, n in zip(_ISLANDS[key].proto_.graph.input, node.inputs)}
+    outs = _ISLANDS[key].run(None, feeds)
+    return outs if len(node.outputs) > 1 else outs[0]
 
 
 OPS = {

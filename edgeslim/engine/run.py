@@ -169,7 +169,11 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
             fn = _kernel(g, node)
             if fn is None:
                 raise ValueError(f"engine has no kernel for IntGraph op {node.op} ({node.name})")
-            env[node.outputs[0]] = fn(g, node, env, cfg)
+            result = fn(g, node, env, cfg)
+            if len(node.outputs) > 1:  # a float island with several outputs (Split, ...)
+                env.update(zip(node.outputs, result))
+            else:
+                env[node.outputs[0]] = result
         keep = list(env) if return_codes else g.output_names
         for name in keep:
             chunks.setdefault(name, []).append(env[name])

@@ -14,10 +14,14 @@ Pattern matching over a QDQ graph (numpy + onnx only):
 * scale-preserving ops (MaxPool, Slice, Pad, Flatten, Reshape to N x K, Identity) either on the codes
   (edgeslim's writer) or on a dequantized tensor (onnxruntime's ``DQ -> op -> Q`` with equal qparams):
   ``op(DQ(x)) == DQ(op(x))``, so both become the pass-through IntNode;
-* ``Q -> DQ`` pairs are just the tensor's ``QParams``; an integer ``Clip`` between them is an output clamp.
+* ``Q -> DQ`` pairs are just the tensor's ``QParams``; an integer ``Clip`` between them is an output clamp;
+* any other op (an activation onnxruntime runs as its own table kernel, PReLU, bilinear Resize, box-decoding
+  arithmetic, a shape computation for a dynamic-batch Reshape) becomes a ``FloatIsland``: the node itself as a
+  one-node ONNX model, fed with the dequantized activations, other islands' results, constants and the
+  dequantized values of quantized constants; a QuantizeLinear of its result starts integer codes again.
 
 Activation codes are "natural": a uint8 tensor with zero point z is ``QParams(signed=False, bits=8)``,
-int8 is signed. Anything else raises ``EdgeslimError`` naming the op and the node.
+int8 is signed. What cannot be read even as a float island raises ``EdgeslimError`` naming the op and the node.
 """
 
 from __future__ import annotations
@@ -100,6 +104,9 @@ class _Importer:
         in_shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
         self.g = IntGraph(input_name=inputs[0].name, input_shape=in_shape, output_names=[])
         self.float_inputs = {inputs[0].name}
+        self.floats: set[str] = set()  # float tensors computed by float islands
+        self.float_types: dict[str, int] = {}
+        self.islands = 0
         self.alias: dict[str, str] = {}  # ONNX integer tensor -> IntGraph tensor
         self.views: dict[str, str] = {}  # float tensor == DQ(IntGraph tensor)
         self.weights: dict[str, _Weight] = {}
@@ -138,16 +145,87 @@ class _Importer:
     def run(self) -> IntGraph:
         for node in self.model.graph.node:
             handler = getattr(self, f"_op_{node.op_type}", None)
-            if node.domain not in ("", "ai.onnx") or handler is None:
-                raise _unsupported(node, "no integer kernel for it: keep it out of the quantized model")
-            handler(node)
+            if node.domain not in ("", "ai.onnx"):
+                raise _unsupported(node, "no integer kernel for it (custom domain)")
+            if any(i in self.floats for i in node.input) and node.op_type != "QuantizeLinear":
+                handler = None  # an op reading an island's float result is float as well
+            if handler is None:
+                self._island(node, "no integer kernel for it")
+                continue
+            try:
+                handler(node)
+            except EdgeslimError as exc:
+                if any(o in self.pending or o in self.views or o in self.alias or o in self.g.qparams
+                       for o in node.output):
+                    raise
+                self._island(node, str(exc))
         self._outputs()
         return self.g
+
+    def _island(self, node: onnx.NodeProto, why: str) -> None:
+        """A float op (what onnxruntime runs between DQ and Q, or a shape computation) as a ``FloatIsland``:
+        its inputs are dequantized activations, other islands' results, the graph input or constants."""
+        from onnx import helper
+
+        inputs, feeds, inits = [], [], []
+        for i, name in enumerate(node.input):
+            if not name:
+                continue
+            if name in self.consts:
+                inits.append(numpy_helper.from_array(self.consts[name], name))
+                continue
+            if name in self.weights:  # DQ of a quantized constant operand: its float value, as DQ computes it
+                w = self.weights[name]
+                shape = [1] * w.q.ndim
+                if w.scale.size > 1:
+                    shape[w.axis] = -1
+                value = ((w.q.astype(np.float32) - w.zp.reshape(shape).astype(np.float32))
+                         * w.scale.reshape(shape).astype(np.float32)).astype(np.float32)
+                inits.append(numpy_helper.from_array(value, name))
+                continue
+            if name in self.views:
+                src, dtype = self.views[name], onnx.TensorProto.FLOAT
+            elif name in self.floats or name in self.float_inputs:
+                src, dtype = name, self.float_types.get(name, onnx.TensorProto.FLOAT)
+            else:
+                raise _unsupported(node, f"{why}; and its input {name} is neither a dequantized activation nor a "
+                                   "float tensor")
+            inputs.append(src)
+            feeds.append(helper.make_tensor_value_info(name, dtype, None))
+        outs = [o for o in node.output if o]
+        graph = helper.make_graph([node], "island", feeds, [helper.make_tensor_value_info(o, 0, None) for o in outs],
+                                  initializer=inits)
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        model.ir_version = self.model.ir_version
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            ReferenceEvaluator(model)  # rejects ops the reference implementation (the engine's float path) lacks
+        except Exception as exc:  # noqa: BLE001
+            raise _unsupported(node, f"{why}; and it cannot run as a float island ({str(exc).splitlines()[0][:80]})")
+        for o in outs:
+            self.floats.add(o)
+            self.float_types[o] = self._infer_type(model, o)
+        self.islands += 1
+        self.add(IntNode("FloatIsland", outs[0], inputs, outs, {"fn": node.op_type},
+                         {"onnx": np.frombuffer(model.SerializeToString(), np.uint8)}))
+
+    def _infer_type(self, model: onnx.ModelProto, name: str) -> int:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            for vi in inferred.graph.output:
+                if vi.name == name and vi.type.tensor_type.elem_type:
+                    return vi.type.tensor_type.elem_type
+        except Exception:  # noqa: BLE001, S110 - float unless inference says otherwise
+            pass
+        return onnx.TensorProto.FLOAT
 
     def _outputs(self) -> None:
         for out in self.model.graph.output:
             name = out.name
-            if name in self.views:
+            if name in self.floats:
+                pass  # computed by a float island under its own name
+            elif name in self.views:
                 self.add(IntNode("DequantizeLinear", name, [self.views[name]], [name]))
             elif name in self.pending and self.pending[name].op == "QGemm" and self.pending[name].clip is None:
                 p = self.pending.pop(name)
@@ -177,9 +255,12 @@ class _Importer:
         self.consts[node.output[0]] = numpy_helper.to_array(a.t)
 
     def _op_QuantizeLinear(self, node):
+        if node.input[0] in self.consts:  # a quantized constant (a Constant node's value): fold it
+            self.consts[node.output[0]] = self._fold_quantize(node)
+            return
         q = self.qparams_of(node)
         src, out = node.input[0], node.output[0]
-        if src in self.float_inputs:
+        if src in self.float_inputs or src in self.floats:
             self.g.qparams[out] = q
             self.add(IntNode("QuantizeLinear", out, [src], [out]))
         elif src in self.views:
@@ -197,6 +278,18 @@ class _Importer:
             self._emit(p, out, q)
         else:
             raise _unsupported(node, f"its input {src} is neither the graph input nor a quantized op's result")
+
+    def _fold_quantize(self, node) -> np.ndarray:
+        x = self.consts[node.input[0]].astype(np.float32)
+        scale = self.const(node.input[1], node, "scale").astype(np.float32)
+        zp = self.const(node.input[2], node, "zero point") if len(node.input) > 2 and node.input[2] \
+            else np.zeros(scale.shape, np.uint8)
+        shape = [1] * x.ndim
+        if scale.size > 1:
+            shape[_attrs(node).get("axis", 1)] = -1
+        info = np.iinfo(zp.dtype)
+        codes = np.rint(x / scale.reshape(shape)) + zp.astype(np.int64).reshape(shape)
+        return np.clip(codes, info.min, info.max).astype(zp.dtype)
 
     def _op_DequantizeLinear(self, node):
         src, out = node.input[0], node.output[0]

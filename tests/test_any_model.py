@@ -1,0 +1,233 @@
+"""Models of the families users bring (tests/families.py), exported to ONNX as public files are, go through
+import -> quantize -> INT8 ONNX with every conv integer, float islands where no integer form exists, the
+simulation, the integer engine and onnxruntime in agreement, and the FP32 file's interface kept."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import edgeslim
+from edgeslim import api
+from edgeslim.algorithms import ptq
+from edgeslim.cli import main
+from edgeslim.engine import run as engine_run
+from edgeslim.eval import ort as ort_eval
+from edgeslim.eval.fidelity import output_fidelity
+
+import families
+
+# the ops each family must keep in float (no integer kernel in onnxruntime), by what the island computes
+EXPECTED_ISLANDS = {
+    "face_detector": {"Softmax", "mul", "add", "exp", "div", "sub"},
+    "landmarks": {"PRelu"},
+    "anchor_free": set(),  # x * sigmoid(x) is recognized as SiLU: a table on codes
+    "shufflenet": set(),  # channel shuffle on codes, x * hardsigmoid(x) as hard-swish
+    "pixel_shuffle": {"interpolate", "pixel_shuffle"},
+    "seg_two_outputs": {"interpolate", "add", "Clip"},
+}
+
+
+def _kinds(islands: list[dict]) -> set[str]:
+    return {next((k for k in ("PRelu", "Clip") if k in i["fn"]), i["fn"]) for i in islands}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every family at a dynamic batch and at a fixed batch of 1 (reshapes folded), FP32 ONNX."""
+    root = tmp_path_factory.mktemp("families")
+    return {(name, batch): families.export(name, root / f"{name}_{batch}.onnx", batch=batch)
+            for name in families.FAMILIES for batch in (None, 1)}
+
+
+def _outputs(path, x, batch):
+    return list(ort_eval.predict_all(ort_eval.session(path, threads=1), x, batch).values())
+
+
+@pytest.mark.parametrize("batch", [None, 1])
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_family_quantizes_all_integer(exported, tmp_path, name, batch):
+    path = exported[(name, batch)]
+    shape = families.FAMILIES[name][1]
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((16, *shape)).astype(np.float32)
+    x = rng.standard_normal((4, *shape)).astype(np.float32)
+    gm = edgeslim.import_onnx(path)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        q = api.quantize(gm, calib, input_shape=shape)
+    int8 = api.export_onnx(q, tmp_path / "int8.onnx")
+    integer, total = ort_eval.integer_convs(int8)
+    assert integer == total > 0, f"{name}: {integer}/{total} convs integer"
+    assert _kinds(q.intgraph.float_islands()) == EXPECTED_ISLANDS[name]
+    step = 1 if batch else len(x)
+    fp32, deployed = _outputs(path, x, step), _outputs(int8, x, step)
+    engine = engine_run.run(q.intgraph, x, batch_size=step)
+    ptq.set_mode(q.model, "quant")
+    with torch.no_grad():
+        sims = [q.model(torch.from_numpy(x[i:i + step])) for i in range(0, len(x), step)]
+    sims = [s if isinstance(s, tuple) else (s,) for s in sims]
+    for k, (ref, y) in enumerate(zip(fp32, deployed)):
+        assert output_fidelity(ref, y)["sqnr_db"] > 25, f"{name} output {k}"
+        # the integer engine computes what onnxruntime computes (float islands to float32 rounding)
+        np.testing.assert_allclose(engine[q.intgraph.output_names[k]], y, rtol=0, atol=1e-5)
+        # the PyTorch simulation agrees with the deployed file to one output step (rounding ties)
+        sim = torch.cat([s[k] for s in sims]).numpy()
+        lsb = _output_lsb(q, k)
+        assert np.abs(sim - y).max() <= (lsb or 0) + 1e-5
+
+
+def _output_lsb(q, k):
+    from edgeslim.jobs_fidelity import output_lsbs
+
+    return list(output_lsbs(q.intgraph).values())[k]
+
+
+def test_sigmoid_times_input_becomes_silu():
+    from edgeslim.graph.capture import capture
+    from edgeslim.graph.passes import fuse_gated_activations
+
+    gm = fuse_gated_activations(capture(families.build("anchor_free"), (3, 64, 64)))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.nn.functional.silu) == 4 and torch.mul not in targets
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(gm(x), families.build("anchor_free")(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fidelity_cli_on_arrays_keeps_interface_and_records_metadata(exported, tmp_path):
+    src = exported[("face_detector", 1)]
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 3, 64, 64)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((8, 3, 64, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    code = main(["quantize", str(src), "--calib-data", str(tmp_path / "calib.npz"), "--data",
+                 str(tmp_path / "eval.npz"), "--out", str(out)])
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["task"] == "fidelity" and s["inputs"]["fixed_batch"] is True
+    assert s["onnx_int8"]["integer_convs"] == s["onnx_int8"]["total_convs"] == 9
+    assert {i["fn"] for i in s["onnx_int8"]["float_islands"]} >= {"exp", "Softmax"}
+    original = onnx.load(str(src))
+    for f in ("model_fp32.onnx", "model_int8.onnx"):
+        m = onnx.load(str(out / f))
+        assert [i.name for i in m.graph.input] == [i.name for i in original.graph.input]
+        assert [o.name for o in m.graph.output] == [o.name for o in original.graph.output]
+        assert "edgeslim.quantization" in {p.key for p in m.metadata_props}
+    # the reported SQNR is what numpy computes from the two files' outputs in onnxruntime
+    x = np.load(tmp_path / "eval.npz")["x"]
+    ref, y = _outputs(out / "model_fp32.onnx", x, 1), _outputs(out / "model_int8.onnx", x, 1)
+    for (name, r), a, b in zip(s["onnx_int8"]["fidelity_vs_fp32"].items(), ref, y):
+        err = ((a.astype(np.float64) - b) ** 2).sum()
+        assert r["sqnr_db"] == pytest.approx(10 * np.log10((a.astype(np.float64) ** 2).sum() / err), abs=1e-3)
+
+
+def test_fidelity_cli_on_images_with_preprocessing(exported, tmp_path):
+    from PIL import Image
+
+    src = exported[("landmarks", None)]
+    folder = tmp_path / "faces" / "nested"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (60 + i, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    code = main(["quantize", str(src), "--calib-data", str(tmp_path / "faces"), "--data", str(tmp_path / "faces"),
+                 "--out", str(out), "--mean", "0.5", "--std", "0.5", "--channel-order", "BGR", "--resize", "letterbox"])
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    pre = s["preprocessing"]
+    assert pre["channel_order"] == "BGR" and pre["mean"] == [0.5] * 3 and pre["resize"] == "letterbox"
+    meta = {p.key: p.value for p in onnx.load(str(out / "model_int8.onnx")).metadata_props}
+    assert json.loads(meta["edgeslim.preprocessing"])["channel_order"] == "BGR"
+    assert s["inputs"]["test"] == 6
+
+
+def test_input_spec_matches_a_hand_computed_pixel():
+    from PIL import Image
+
+    from edgeslim.data.inputs import InputSpec
+
+    arr = np.zeros((4, 4, 3), np.uint8)
+    arr[..., 0], arr[..., 2] = 200, 10
+    x = InputSpec(size=(4, 4), channel_order="BGR", mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5)).image(
+        Image.fromarray(arr))
+    np.testing.assert_allclose(x[:, 0, 0], [(10 / 255 - 0.1) / 0.5, (0 - 0.2) / 0.5, (200 / 255 - 0.3) / 0.5],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--data", "{calib}"], "does not exist"),
+    (["--mean", "a,b"], "invalid --mean"),
+    (["--input-size", "10,10"], "differs from the model's input"),
+    (["--channel-order", "GRAY"], "does not fit"),
+])
+def test_fidelity_cli_errors_are_one_line(exported, tmp_path, capsys, argv_tail, message):
+    src = exported[("landmarks", None)]
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 3, 48, 48), np.float32))
+    argv = ["quantize", str(src), "--calib-data", str(tmp_path / "calib.npz"), "--data", str(tmp_path / "calib.npz"),
+            "--out", str(tmp_path / "out")]
+    tail = [a.replace("{calib}", str(tmp_path / "missing.npz")) for a in argv_tail]
+    if tail[0] == "--data":
+        argv[argv.index("--data") + 1] = tail[1]
+        tail = []
+    assert main(argv + tail) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edgeslim: error:") and message in err[-1]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_out_holding_the_model_is_refused(exported, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model_fp32.onnx"
+    shutil.copy(exported[("landmarks", None)], model)
+    before = model.read_bytes()
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 3, 48, 48), np.float32))
+    assert main(["quantize", str(model), "--calib-data", str(tmp_path / "x.npz"), "--data", str(tmp_path / "x.npz"),
+                 "--out", str(tmp_path)]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert model.read_bytes() == before
+    assert main(["quantize", str(model), "--calib-data", str(tmp_path / "x.npz"), "--data", str(tmp_path / "x.npz"),
+                 "--out", ""]) == 2
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+@pytest.mark.parametrize("name", ["face_detector", "landmarks", "anchor_free", "shufflenet", "pixel_shuffle",
+                                  "seg_two_outputs"])
+def test_import_qdq_reads_onnxruntime_quantized_families(exported, tmp_path, monkeypatch, name, activations):
+    """onnxruntime's own quantize_static output of every family runs in the integer engine as onnxruntime runs it."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgeslim.io.onnx_qdq_import import import_qdq
+
+    monkeypatch.chdir(tmp_path)  # quantize_static leaves temporary files in the working directory
+    shape = families.FAMILIES[name][1]
+    rng = np.random.default_rng(3)
+    calib = rng.standard_normal((8, *shape)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"images": calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, out = exported[(name, 1)], tmp_path / "ort_int8.onnx"
+    atype = QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=atype, weight_type=QuantType.QInt8)
+    g = import_qdq(out)
+    x = rng.standard_normal((2, *shape)).astype(np.float32)
+    engine = engine_run.run(g, x, batch_size=1)
+    ort_out = ort_eval.predict_all(ort_eval.session(out), x, 1)
+    from edgeslim.jobs_fidelity import output_lsbs
+
+    lsbs = output_lsbs(g)
+    for k, y in ort_out.items():
+        # onnxruntime fuses DQ -> Softmax / Sigmoid / ... -> Q into table kernels with their own rounding: 1 LSB
+        np.testing.assert_allclose(engine[k], y, rtol=0, atol=(lsbs[k] or 0) * 1.001 + 1e-5)
