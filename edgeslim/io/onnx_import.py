@@ -67,9 +67,15 @@ def import_onnx(path_or_model: str | Path | onnx.ModelProto) -> fx.GraphModule:
             f"{label}: unsupported ONNX op(s) {', '.join(sorted(unsupported))} ({count} node{'s' * (count > 1)}); "
             f"supported: {', '.join(sorted(OPS))}; export the model without them or open an issue")
     try:
-        gm = _Importer(model, label, dynamic_batch=True).run()
-    except _BatchDependent:
-        gm = _Importer(model, label, dynamic_batch=False).run()
+        try:
+            gm = _Importer(model, label, dynamic_batch=True).run()
+        except _BatchDependent:
+            gm = _Importer(model, label, dynamic_batch=False).run()
+    except (EdgeslimError, RecursionError, MemoryError):
+        raise
+    except Exception as exc:  # a malformed graph the checks above did not foresee: still one line, never raw
+        raise EdgeslimError(f"{label}: cannot be imported ({type(exc).__name__}: {_one_line(exc)}): check the "
+                            "file with onnx.checker.check_model") from None
     gm.meta["onnx_path"] = None if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
     inits = {i.name for i in model.graph.initializer}
     gm.meta["onnx_input_names"] = [i.name for i in model.graph.input if i.name not in inits]
@@ -139,28 +145,48 @@ class _Importer:
         self.attr_names: set[str] = set()
         self.const_nodes: dict[int, tuple[_Val, fx.Node]] = {}
         self.bias_free: dict[str, nn.Module] = {}  # ONNX value -> the bias-less conv / linear that produced it
-        inits = {t.name: _tensor(numpy_helper.to_array(t)) for t in gr.initializer}
+        inits = {t.name: self._initializer(t) for t in gr.initializer}
         inputs = [i for i in gr.input if i.name not in inits]
         if not inputs:
             raise EdgeslimError(f"{label}: the ONNX graph has no inputs: export the model with its input tensor")
         shapes = [self._input_dims(i) for i in inputs]
-        self.nvar = 2 if dynamic_batch and any(d[0] is None for d in shapes) else 1
+        self.nvar = 2 if dynamic_batch and any(d and d[0] is None for d in shapes) else 1
         self.dynamic_batch = self.nvar == 2
         self.vals: dict[str, _Val] = {name: _Val(None, (t,) * self.nvar) for name, t in inits.items()}
         for vi, dims in zip(inputs, shapes):
             node = self.graph.placeholder(self.unique(_sanitize(vi.name) or "x"))
-            dtype = _torch_dtype(vi.type.tensor_type.elem_type)
+            dtype = self._dtype(vi.type.tensor_type.elem_type, f"input '{vi.name}'")
             ex = tuple(torch.zeros([b if d is None else d for d in dims[:1]] + dims[1:], dtype=dtype)
                        for b in (1, 2)[:self.nvar])
             self.vals[vi.name] = _Val(node, ex)
-        self.input_shape = tuple(d for d in shapes[0][1:])
+        self.input_shape = tuple(shapes[0][1:])
         self.outputs = [o.name for o in gr.output]
         self.uses = Counter(i for n in gr.node for i in n.input if i)
         self.uses.update(self.outputs)
         self.node: onnx.NodeProto | None = None
         self.base = "x"
 
+    def _dtype(self, elem_type: int, what: str) -> torch.dtype:
+        try:
+            return _torch_dtype(elem_type)
+        except Exception:  # bfloat16 / float8 / int4 / string: numpy or torch has no such dtype
+            name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() \
+                else str(elem_type)
+            raise EdgeslimError(f"{self.label}: {what} has element type {name}, which edgeslim does not import: "
+                                "export the model in float32") from None
+
+    def _initializer(self, t: onnx.TensorProto) -> torch.Tensor:
+        self._dtype(t.data_type, f"initializer '{t.name}'")
+        try:
+            return _tensor(numpy_helper.to_array(t))
+        except Exception as exc:  # missing external data, a truncated raw buffer, ...
+            raise EdgeslimError(f"{self.label}: initializer '{t.name}' cannot be read ({type(exc).__name__}: "
+                                f"{_one_line(exc)}): save the model with its weights (onnx.save)") from None
+
     def _input_dims(self, vi: onnx.ValueInfoProto) -> list[int | None]:
+        if not vi.type.HasField("tensor_type"):
+            raise EdgeslimError(f"{self.label}: input '{vi.name}' is not a tensor (a sequence, map or optional): "
+                                "only tensor inputs are supported")
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             raise EdgeslimError(f"{self.label}: input '{vi.name}' has no declared shape: export it with a fixed "

@@ -123,8 +123,11 @@ def _depth_to_space(im, node, ins, at):
 
 
 def _space_to_depth(im, node, ins, at):
+    """SpaceToDepth: CRD (opset 25's ``mode``) is torch's pixel unshuffle; DCR, the default, is reordered."""
     x, b = ins[0], int(at["blocksize"])
     _, c, h, w = im.shape(x)
+    if at.get("mode", "DCR") == "CRD":
+        return [im.call(F.pixel_unshuffle, x, b)]
     y = im.call(torch.reshape, x, [-1, c, h // b, b, w // b, b])
     y = im.call(torch.permute, y, [0, 3, 5, 1, 2, 4])
     return [im.call(torch.reshape, y, [-1, c * b * b, h // b, w // b])]
@@ -231,16 +234,26 @@ def _gather(im, node, ins, at):
     dims = {e.shape[axis] for e in data.ex}
     if len(dims) != 1:
         raise im.error("gathers along the batch dimension: not supported with a dynamic batch")
-    flat = [i % dims.pop() for i in idx.reshape(-1).tolist()]
+    dim = dims.pop()
+    flat = idx.reshape(-1).tolist()
+    if any(not -dim <= i < dim for i in flat):
+        raise im.error(f"has an index out of range for an axis of size {dim}")
+    flat = [i % dim for i in flat]
     if idx.dim() == 0:
         return [im.call(torch.select, data, axis, flat[0])]
     steps = {b - a for a, b in zip(flat, flat[1:])}
-    if idx.dim() == 1 and (len(flat) == 1 or (len(steps) == 1 and steps.pop() > 0)):
+    if idx.dim() == 1 and (len(flat) == 1 or (len(steps) == 1 and min(steps) > 0)):
         step = flat[1] - flat[0] if len(flat) > 1 else 1
         return [_take(im, data, axis, flat[0], flat[-1] + 1, step)]
+    # any other list (a channel flip x[:, [2, 1, 0]], repeats, N-D indices): index_select, then the index shape
+    y = im.call(torch.index_select, data, axis, _Val(None, (torch.tensor(flat, dtype=torch.int64),) * im.nvar))
     if idx.dim() == 1:
-        return [im.call(torch.index_select, data, axis, _Val(None, (torch.tensor(flat),) * im.nvar))]
-    raise im.error(f"gathers with {idx.dim()}-D indices: only scalar and 1-D indices are supported")
+        return [y]
+    shape = im.shape(data)
+    out = shape[:axis] + list(idx.shape) + shape[axis + 1:]
+    if im.nvar > 1:
+        out[0] = -1  # the batch (axis > 0 here) is left to torch
+    return [im.call(torch.reshape, y, out)]
 
 
 def _pad(im, node, ins, at):
@@ -352,6 +365,16 @@ def _resize(im, node, ins, at):
             raise im.error(f"uses nearest resizing with coordinate_transformation_mode={ctm}, nearest_mode={rounding}, "
                            "which torch does not compute: re-export with asymmetric / floor (torch's default)")
     elif mode == "linear" and ctm in ("align_corners", "half_pixel", "pytorch_half_pixel") and rank in (3, 4, 5):
+        if ctm == "align_corners" and scales and any(
+                o > 1 and not math.isclose(shape[2 + i] * ratio[i], o, rel_tol=1e-6) for i, o in enumerate(out)):
+            # ONNX maps by (in - 1) / (in * scale - 1), torch by (in - 1) / (out - 1): equal only for whole sizes
+            raise im.error("uses align_corners with scales that do not give a whole output size, which torch does "
+                           "not compute: re-export with sizes")
+        if ctm == "pytorch_half_pixel" and 1 in out:  # ONNX reads position 0 where the output length is 1
+            x = im.call(operator.getitem, x, (slice(None), slice(None),
+                                              *(slice(0, 1) if o == 1 else slice(None) for o in out)))
+            if "scale_factor" in kw:
+                kw = {"scale_factor": tuple(1.0 if o == 1 else f for o, f in zip(out, kw["scale_factor"]))}
         torch_mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[rank]
         y = im.call(F.interpolate, x, mode=torch_mode, align_corners=ctm == "align_corners", **kw)
     else:
@@ -390,7 +413,12 @@ def _size(im, node, ins, at):
 
 
 def _cast(im, node, ins, at):
-    x, dtype = ins[0], _torch_dtype(int(at["to"]))
+    x = ins[0]
+    try:
+        dtype = _torch_dtype(int(at["to"]))
+    except Exception:  # bfloat16 / float8 / int4 / string have no numpy dtype torch takes
+        raise im.error(f"casts to {onnx.TensorProto.DataType.Name(int(at['to']))}: only the numeric types of "
+                       "numpy and torch are supported") from None
     if x.ex[0].dtype == dtype:
         return [_Val(x.node, x.ex)]
     return [im.call("to", x, dtype)]

@@ -97,6 +97,12 @@ def _conv_transpose(im, node, ins, at):
     if "output_shape" in at or auto in ("SAME_UPPER", "SAME_LOWER"):  # ONNX ConvTranspose: total padding
         target = list(at["output_shape"])[-n:] if "output_shape" in at else [size[i] * s[i] for i in range(n)]
         total = [s[i] * (size[i] - 1) + op[i] + (k[i] - 1) * d[i] + 1 - target[i] for i in range(n)]
+        for i in range(n):  # an output_shape beyond the full output: no padding, the rest is output padding
+            if total[i] < 0:
+                op[i], total[i] = op[i] - total[i], 0
+                if op[i] >= max(s[i], d[i]):
+                    raise im.error(f"has output_shape {target} that needs output padding {op[i]} on spatial axis "
+                                   f"{i}, beyond torch's limit (less than the stride or dilation)")
         upper = auto == "SAME_UPPER"
         begins = [t // 2 if upper else t - t // 2 for t in total]
         ends = [t - t // 2 if upper else t // 2 for t in total]
@@ -234,11 +240,44 @@ def _hard_sigmoid(im, node, ins, at):
 
 
 def _prelu(im, node, ins, at):
+    """PRelu: ``nn.PReLU`` for one slope or one per channel; any other broadcast slope as ``where(x < 0, ...)``."""
     x, slope = ins
     s = im.weight(slope, "slope")
-    if s.numel() > 1 and _channel_vector(s, s.numel(), im.rank(x), 1) is None:
-        raise im.error(f"has a slope of shape {tuple(s.shape)}: only one slope or one per channel is supported")
+    if s.numel() > 1 and (im.rank(x) < 2 or _channel_vector(s, s.numel(), im.rank(x), 1) is None):
+        return [im.call(torch.where, im.call(torch.lt, x, 0), im.call(torch.mul, x, slope), x)]
     return [im.module(_load(nn.PReLU(s.numel()), weight=s.reshape(-1)), x)]
+
+
+def _lrn(im, node, ins, at):
+    """LRN: ``nn.LocalResponseNorm``. ONNX centres an even window one channel later than torch does, so an even
+    ``size`` runs on the channels reversed (which mirrors the window) and reverses them back."""
+    x, size = ins[0], int(at["size"])
+    if im.rank(x) < 3:
+        raise im.error(f"has a rank-{im.rank(x)} input: LRN needs N x C x spatial")
+    mod = nn.LocalResponseNorm(size, float(at.get("alpha", 1e-4)), float(at.get("beta", 0.75)),
+                               float(at.get("bias", 1.0)))
+    if size % 2:
+        return [im.module(mod, x)]
+    y = im.module(mod, im.call(torch.flip, x, [1]))
+    return [im.call(torch.flip, y, [1])]
+
+
+def _dropout(im, node, ins, at):
+    """Dropout at inference is the identity (the mask output all true). ``training_mode=1`` is refused unless
+    ``ratio`` is 0, where training computes the identity too."""
+    x = ins[0]
+    training = ins[2] if len(ins) > 2 else None
+    if training is not None:
+        if not training.const:
+            raise im.error("has training_mode computed at run time: export the model in eval mode")
+        if bool(im.same(training).reshape(-1)[0]):
+            ratio = im.number(ins[1], "ratio") if len(ins) > 1 else None
+            if (0.5 if ratio is None else ratio) != 0:
+                raise im.error("is in training mode (training_mode=1, random outputs): export the model in eval mode")
+    outs = [_Val(x.node, x.ex)]
+    if len(node.output) > 1 and node.output[1]:
+        outs.append(im.call(torch.ones_like, x, dtype=torch.bool))
+    return outs
 
 
 def _clip(im, node, ins, at):
@@ -338,7 +377,7 @@ def _reduce(fn: Callable) -> Callable:
 
 OPS: dict[str, Callable] = {
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul,
-    "BatchNormalization": _batch_norm,
+    "BatchNormalization": _batch_norm, "LRN": _lrn,
     "Relu": _act(lambda at: nn.ReLU()), "Sigmoid": _act(lambda at: nn.Sigmoid()), "Tanh": _act(lambda at: nn.Tanh()),
     "HardSwish": _act(lambda at: nn.Hardswish()),
     "LeakyRelu": _act(lambda at: nn.LeakyReLU(float(at.get("alpha", 0.01)))),
@@ -352,7 +391,7 @@ OPS: dict[str, Callable] = {
     "ReduceMin": _reduce(torch.amin),
     "Add": _binary(torch.add, commutative=True), "Mul": _binary(torch.mul, commutative=True),
     "Sub": _binary(torch.sub), "Div": _binary(torch.div), "Pow": _binary(torch.pow),
-    "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum),
+    "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add),
     "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt), "Where": _where,
     "Exp": _unary(torch.exp), "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
     "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal), "Floor": _unary(torch.floor),
@@ -360,7 +399,7 @@ OPS: dict[str, Callable] = {
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather, "Expand": _expand, "Pad": _pad,
     "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
-    "Resize": _resize, "Upsample": _resize, "Identity": _identity, "Dropout": _identity,
+    "Resize": _resize, "Upsample": _resize, "Identity": _identity, "Dropout": _dropout,
     "Constant": _constant, "Shape": _shape, "Size": _size, "Cast": _cast, "ConstantOfShape": _constant_of_shape,
     "Range": _range,
 }
