@@ -119,13 +119,21 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
 
 
+def _gate(s: np.ndarray, a: dict) -> np.ndarray:
+    """A gated SiLU's quantized sigmoid (QuantizeLinear then DequantizeLinear with the gate's parameters)."""
+    bits, signed = a["gate_bits"], a["gate_signed"]
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    codes = ops.QuantizeLinear(s.astype(np.float32), a["gate_scale"], a["gate_zero_point"], lo, hi)
+    return ops.DequantizeLinear(codes, a["gate_scale"], a["gate_zero_point"])
+
+
 def _erf(x: np.ndarray) -> np.ndarray:
     from math import erf
     return np.vectorize(erf, otypes=[np.float64])(x.astype(np.float64))
 
 
 ACTIVATIONS = {  # float islands: the ONNX definitions (Silu = x * Sigmoid(x), Gelu/Mish as in opsets 18 / 20)
-    "Silu": lambda x, a: x * _sigmoid(x),
+    "Silu": lambda x, a: x * (_gate(_sigmoid(x), a) if "gate_scale" in a else _sigmoid(x)),
     "Sigmoid": lambda x, a: _sigmoid(x),
     "HardSwish": lambda x, a: x * np.clip(x / 6.0 + 0.5, 0, 1),
     "HardSigmoid": lambda x, a: np.clip(x / 6.0 + 0.5, 0, 1),

@@ -271,8 +271,12 @@ def _emit_island(w: _Writer, node: IntNode, ins: list[str]) -> None:
         w.nodes.append(m)
 
 
-def _emit_activation(w: _Writer, op: str, x: str, out: str, a: dict) -> None:
-    """A float activation in opset-17 ONNX ops (SiLU = x * Sigmoid(x); GELU and Mish spelled out)."""
+def _emit_activation(w: _Writer, op: str, x: str, out: str, a: dict, x_again: str | None = None) -> None:
+    """A float activation in opset-17 ONNX ops (SiLU = x * Sigmoid(x); GELU and Mish spelled out).
+
+    A gated SiLU (``gate_scale`` in ``a``: ``quant.modules.GatedSiLU``) quantizes its sigmoid:
+    ``Mul(x, DQ(Q(Sigmoid(x))))``; with ``x_again`` (a second DequantizeLinear of the same codes) onnxruntime
+    runs it as QLinearSigmoid + QLinearMul."""
     def add(op_type, ins, **attrs):
         y = w.fresh(f"{out}_{op_type.lower()}")
         w.nodes.append(helper.make_node(op_type, ins, [y], **attrs))
@@ -280,7 +284,11 @@ def _emit_activation(w: _Writer, op: str, x: str, out: str, a: dict) -> None:
 
     def c(v):
         return w.const(f"{out}_c", np.array(v, np.float32))
-    if op == "Silu":
+    if op == "Silu" and "gate_scale" in a:
+        gate = QParams(a["gate_scale"], a["gate_zero_point"], a["gate_bits"], a["gate_signed"])
+        codes = add("QuantizeLinear", [add("Sigmoid", [x]), *w.qparams_inputs(f"{out}_gate", gate)])
+        y = add("Mul", [x_again or x, add("DequantizeLinear", [codes, *w.qparams_inputs(f"{out}_gate", gate)])])
+    elif op == "Silu":
         y = add("Mul", [x, add("Sigmoid", [x])])
     elif op == "HardSigmoid":
         y = add("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
@@ -309,7 +317,9 @@ def _emit_lut(w: _Writer, node: IntNode) -> None:
     qx, qy = w.g.qparams[x], w.g.qparams[out]
     if qx.bits > 8 or qy.bits > 8 or w.activations == "float":  # (no 65536-entry tables) DQ -> f -> Q
         y = w.fresh(f"{out}_f")
-        _emit_activation(w, ACTIVATION_OF_LUT[node.attrs["fn"]], w.dq(x), y, node.attrs)
+        gated = "gate_scale" in node.attrs
+        _emit_activation(w, ACTIVATION_OF_LUT[node.attrs["fn"]], w.dq(x), y, node.attrs,
+                         x_again=w.dq(x) if gated else None)
         w.q(y, out, node.attrs.get("clamp"))
         return
     x_off, _, _ = _container(qx)

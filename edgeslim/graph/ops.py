@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..quant.modules import ActQuant, ConvAct, QuantConv2d, QuantLinear
+from ..quant.modules import ActQuant, ConvAct, GatedSiLU, QuantConv2d, QuantLinear
 
 MODULE_KINDS: dict[type, str] = {
     nn.Conv2d: "conv",
@@ -36,6 +36,7 @@ MODULE_KINDS: dict[type, str] = {
     nn.ReLU: "act",
     nn.ReLU6: "act",
     nn.SiLU: "lut",
+    GatedSiLU: "lut",
     nn.Sigmoid: "lut",
     nn.Hardswish: "lut",
     nn.Hardsigmoid: "lut",
@@ -210,7 +211,7 @@ def act_name(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 LUT_FUNCTIONS = {  # fx target -> the activation's name in the IntGraph (``LUT`` attrs, float-island op)
-    nn.SiLU: "silu", F.silu: "silu",
+    nn.SiLU: "silu", F.silu: "silu", GatedSiLU: "silu",
     nn.Sigmoid: "sigmoid", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
     nn.Hardswish: "hardswish", F.hardswish: "hardswish",
     nn.Hardsigmoid: "hardsigmoid", F.hardsigmoid: "hardsigmoid",
@@ -232,6 +233,10 @@ def lut_name(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict]:
                                 node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01))
     elif name == "elu":
         params["alpha"] = float(mod.alpha if mod is not None else node.kwargs.get("alpha", 1.0))
+    elif isinstance(mod, GatedSiLU) and not mod.gate.spec.is_float and mod.gate.mode == "quant":
+        g = mod.gate
+        params.update(gate_scale=float(g.scale), gate_zero_point=int(g.zero_point), gate_bits=g.spec.bits,
+                      gate_signed=bool(g.signed))
     elif name == "gelu":
         approx = mod.approximate if mod is not None else node.kwargs.get("approximate", "none")
         params["approximate"] = str(approx)

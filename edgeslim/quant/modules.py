@@ -257,3 +257,20 @@ class ActQuant(nn.Module):
         if self.spec.is_float:
             return f"{self.spec.fmt}, mode={self.mode}"
         return f"bits={self.spec.bits}, mode={self.mode}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+
+
+class GatedSiLU(nn.Module):
+    """SiLU as integer runtimes compute it: ``x * Q(sigmoid(x))``, the gate quantized on its own (``gate``).
+
+    onnxruntime turns exactly this pattern (DQ -> Sigmoid -> Q -> DQ, times DQ(x), -> Q) into QLinearSigmoid and
+    QLinearMul, its integer kernels, where a float SiLU between DQ and Q stays in float. The gate is calibrated
+    like every other activation; with quantization off (``gate`` in ``off`` mode) this is the float SiLU. As a
+    function of the input code the whole activation is still one table (``lower._lut_table``).
+    """
+
+    def __init__(self, spec: QuantSpec, calibrator: str = "minmax") -> None:
+        super().__init__()
+        self.gate = ActQuant(spec, calibrator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(torch.sigmoid(x))
