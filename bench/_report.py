@@ -27,8 +27,18 @@ def machine() -> str:
     import onnxruntime
     import torch
 
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}")
+    return (f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+
+
+def cpu_flags() -> str:
+    """The flags that decide onnxruntime's int8 kernels: AVX-512 VNNI / AVX-VNNI (exact, fast u8s8) or AVX2 only."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "flags unknown"
+    vnni = sorted(f for f in flags if "vnni" in f)
+    return ("VNNI: " + ", ".join(vnni)) if vnni else ("AVX2, no VNNI" if "avx2" in flags else "no AVX2")
 
 
 def table(header: list[str], rows: list[list]) -> str:

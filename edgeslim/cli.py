@@ -14,7 +14,8 @@ from .errors import EdgeslimError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo name (resnet20, resnet18, mobilenet_v2, ...) or package.module:factory")
+    p.add_argument("model", help="a zoo name (resnet20, mobilenet_v2, yolov5n, ...), package.module:factory, "
+                   "path/to/file.py:factory (a function or class building the nn.Module) or a float .onnx file")
     p.add_argument("--weights", help="checkpoint: a state_dict or {'state_dict': ...} file (torch.save)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a checkpoint that needs full unpickling (only for files you trust)")
