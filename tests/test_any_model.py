@@ -231,3 +231,32 @@ def test_import_qdq_reads_onnxruntime_quantized_families(exported, tmp_path, mon
     for k, y in ort_out.items():
         # onnxruntime fuses DQ -> Softmax / Sigmoid / ... -> Q into table kernels with their own rounding: 1 LSB
         np.testing.assert_allclose(engine[k], y, rtol=0, atol=(lsbs[k] or 0) * 1.001 + 1e-5)
+
+
+def test_silu_runs_as_onnxruntime_integer_kernels(exported, tmp_path):
+    """A SiLU (here spelled x * sigmoid(x)) exports as Q(sigmoid) times x, which onnxruntime fuses into
+    QLinearSigmoid + QLinearMul: no float Sigmoid or Mul is left in its optimized graph."""
+    gm = edgeslim.import_onnx(exported[("anchor_free", None)])
+    calib = np.random.default_rng(4).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    q = api.quantize(gm, calib, input_shape=(3, 64, 64))
+    counts = ort_eval.optimized_op_counts(api.export_onnx(q, tmp_path / "int8.onnx"))
+    assert counts["QLinearSigmoid"] == 5 and counts["QLinearMul"] == 4  # 4 SiLUs + the head's sigmoid
+    assert counts["Sigmoid"] == 0 and counts["Mul"] == 0
+
+
+def test_gated_silu_table_is_the_simulation():
+    """The engine's table for a gated SiLU equals the simulation on every input code."""
+    from edgeslim.engine.ops import DequantizeLinear
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SiLU()).eval()
+    calib = torch.randn(32, 3, 8, 8) * 3
+    q = api.quantize(model, calib)
+    lut = next(n for n in q.intgraph.nodes if n.op == "LUT")
+    assert "gate_scale" in lut.attrs
+    x = torch.randn(8, 3, 8, 8) * 3
+    out = engine_run.run(q.intgraph, x.numpy(), return_codes=True)
+    ptq.set_mode(q.model, "quant")
+    with torch.no_grad():
+        sim = q.model(x).numpy()
+    qo = q.intgraph.qparams[lut.outputs[0]]
+    np.testing.assert_array_equal(DequantizeLinear(out[lut.outputs[0]], qo.scale, qo.zero_point), sim)
