@@ -1,7 +1,7 @@
 """The integer graph: the contract between lowering, the ONNX exporter and (later) the integer engine.
 
 Plain dataclasses holding numpy arrays; no torch. Node ``op`` names follow ONNX / onnxruntime
-(QuantizeLinear, QLinearConv, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool,
+(QuantizeLinear, QLinearConv, QLinearAdd, QLinearMul, QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool,
 QGemm, QLinearRelu, MaxPool, Slice, Pad, Flatten, Reshape, Transpose, Gather, Resize, DequantizeLinear) and
 their semantics, plus ``LUT``: an elementwise activation on codes (``arrays['table']``, one output code per input
 code from ``qmin``; ``attrs['fn']`` names the function), which the exporter writes as ONNX Gather on the codes:
@@ -27,7 +27,7 @@ import numpy as np
 
 
 ACTIVATION_OPS = ("Silu", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh", "Gelu", "Mish", "Elu")
-FLOAT_OPS = ("Conv", "Gemm", "Add", "Concat", "Relu", "Clip", "GlobalAveragePool", "ReduceMean", "AveragePool",
+FLOAT_OPS = ("Conv", "Gemm", "Add", "Mul", "Concat", "Relu", "Clip", "GlobalAveragePool", "ReduceMean", "AveragePool",
              "Cast", "Softmax", "FloatIsland", *ACTIVATION_OPS)
 
 

@@ -91,7 +91,7 @@ def _consumed_by_quant(gm: fx.GraphModule, node: fx.Node) -> bool:
     if k == "linear" and all(u.op == "output" for u in node.users):
         return True  # float-output layer, emitted at the output node
     return len(node.users) >= 1 and all(ops.kind(gm, u) in ("quant", "act") for u in node.users) and \
-        k in ("conv", "linear", "add", "cat", "avgpool", "act", "lut")
+        k in ("conv", "linear", "add", "mul", "cat", "avgpool", "act", "lut")
 
 
 def _close_float(g: IntGraph, qmod: ActQuant, src_name: str, name: str, float_names: set[str]) -> None:
@@ -144,6 +144,8 @@ def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: se
         _lower_weighted(gm, g, src, node, out_q, "QGemm")
     elif k == "add":
         g.nodes.append(IntNode("QLinearAdd", node.name, ins, [node.name], {"clamp": clamp}))
+    elif k == "mul":
+        g.nodes.append(IntNode("QLinearMul", node.name, ins, [node.name], {"clamp": clamp}))
     elif k == "cat":
         dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
         g.nodes.append(IntNode("QLinearConcat", node.name, ins, [node.name], {"axis": dim, "clamp": clamp}))
@@ -177,6 +179,8 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
         node = IntNode("Conv" if k == "conv" else "Gemm", src.name, ins[:1], [src.name], attrs, arrays)
     elif k == "add":
         node = IntNode("Add", src.name, ins, [src.name])
+    elif k == "mul":
+        node = IntNode("Mul", src.name, ins, [src.name])
     elif k == "cat":
         dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
         node = IntNode("Concat", src.name, ins, [src.name], {"axis": dim})
@@ -217,7 +221,9 @@ def _island(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: set[str]
     dynamic = getattr(gm, "meta", {}).get("onnx_dynamic_batch", True) is not False
     model = node_to_onnx(gm, src, inputs, dynamic_batch=dynamic)
     out = out or src.name
-    return IntNode("FloatIsland", out, [a.name for a in inputs], [out], {"fn": _describe(src)}, {"onnx": np.frombuffer(model, np.uint8)})
+    fn = type(ops.module(gm, src)).__name__ if src.op == "call_module" else _describe(src)
+    return IntNode("FloatIsland", out, [a.name for a in inputs], [out], {"fn": fn, "node": src.name},
+                   {"onnx": np.frombuffer(model, np.uint8)})
 
 
 ACTIVATION_OPS = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid",

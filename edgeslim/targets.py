@@ -24,10 +24,10 @@ from .errors import EdgeslimError
 from .graph import ops
 
 # the operation kinds a target can list (``graph.ops.kind`` names, with activations and pooling split by name)
-OP_KINDS = ("conv", "depthwise", "conv_transpose", "linear", "add", "concat", "relu", "avgpool", "maxpool",
+OP_KINDS = ("conv", "depthwise", "conv_transpose", "linear", "add", "mul", "concat", "relu", "avgpool", "maxpool",
             "resize", "silu", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu", "tanh", "gelu", "mish", "elu",
             "softmax")
-COMMON_INT8 = ("conv", "depthwise", "linear", "add", "concat", "relu", "avgpool", "maxpool", "resize")
+COMMON_INT8 = ("conv", "depthwise", "linear", "add", "mul", "concat", "relu", "avgpool", "maxpool", "resize")
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return "depthwise" if groups > 1 and groups == getattr(conv, "in_channels", 0) else "conv"
     if k == "linear":
         return "linear"
-    if k == "add":
-        return "add"
+    if k in ("add", "mul"):
+        return k
     if k == "cat":
         return "concat"
     if k == "act":

@@ -41,7 +41,7 @@ WEIGHTED: dict[type, Callable] = {
     ConvAct: QuantConv2d.from_float,
     nn.Linear: QuantLinear.from_float,
 }
-REQUANTIZING = ("conv", "linear", "add", "cat", "avgpool", "lut")
+REQUANTIZING = ("conv", "linear", "add", "mul", "cat", "avgpool", "lut")
 
 
 def prepare(model: nn.Module, input_shape: tuple[int, ...], config: PTQConfig,

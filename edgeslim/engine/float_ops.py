@@ -171,6 +171,7 @@ OPS = {
     "Conv": Conv,
     "Gemm": Gemm,
     "Add": lambda g, n, env, cfg: (as_float(g, n.inputs[0], env) + as_float(g, n.inputs[1], env)).astype(np.float32),
+    "Mul": lambda g, n, env, cfg: (as_float(g, n.inputs[0], env) * as_float(g, n.inputs[1], env)).astype(np.float32),
     "Concat": lambda g, n, env, cfg: np.concatenate([as_float(g, i, env) for i in n.inputs], axis=n.attrs["axis"]),
     "Relu": lambda g, n, env, cfg: np.maximum(as_float(g, n.inputs[0], env), np.float32(0)),
     "Clip": lambda g, n, env, cfg: np.clip(as_float(g, n.inputs[0], env), n.attrs["min"], n.attrs["max"]),

@@ -324,6 +324,28 @@ def QLinearAdd(a, a_scale: float, a_zero_point: int, b, b_scale: float, b_zero_p
     return np.clip(y + int(y_zero_point), clamp[0], clamp[1])
 
 
+def QLinearMul(a, a_scale: float, a_zero_point: int, b, b_scale: float, b_zero_point: int, y_scale: float,
+               y_zero_point: int, clamp: tuple[int, int], *, requant: str = "float", offsets=(0, 0, 0)) -> np.ndarray:
+    """Quantized elementwise multiply (broadcasting as numpy).
+
+    ``requant="float"`` mirrors onnxruntime's x86 MLAS kernel: the exact integer product
+    ``(a - za) (b - zb)``, then ``rint(float32(product) * r + zy)`` in float32 with ``r = float32(sa * sb) / sy``
+    (multiply, then add: no fused multiply-add), on the stored (uint8 container) zero point of y.
+    ``"fixed"`` / ``"shift"``: ``round(product * r)`` at a 31-bit fixed point (single rounding, half up)."""
+    oy = int(offsets[2])
+    prod = (np.asarray(a, dtype=np.int64) - int(a_zero_point)) * (np.asarray(b, dtype=np.int64) - int(b_zero_point))
+    if requant == "float":
+        f32 = np.float32
+        r = f32(f32(f32(a_scale) * f32(b_scale)) / f32(y_scale))
+        y = np.rint(prod.astype(np.float32) * r + f32(int(y_zero_point) + oy)).astype(np.int64) - oy
+        return np.clip(y, clamp[0], clamp[1])
+    r = float(a_scale) * float(b_scale) / float(y_scale)
+    s = max(1, 31 - int(np.frexp(r)[1]))
+    m = round(r * 2 ** s)
+    y = (prod * m + (1 << (s - 1))) >> s
+    return np.clip(y + int(y_zero_point), clamp[0], clamp[1])
+
+
 def _lut_requant(x, in_scale, in_zp, out_scale, out_zp, lo, hi):
     """float32 Q(DQ(x)) as onnxruntime computes it (dequantize, then divide and round half to even)."""
     f = (np.asarray(x, dtype=np.int64) - int(in_zp)).astype(np.float32) * np.float32(in_scale)

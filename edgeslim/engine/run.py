@@ -69,6 +69,13 @@ def _add(g, node, env, cfg):
                           offsets=[_offset(q) for q in (qa, qb, qy)])
 
 
+def _mul(g, node, env, cfg):
+    qa, qb, qy = (g.qparams[n] for n in (*node.inputs[:2], node.outputs[0]))
+    return ops.QLinearMul(env[node.inputs[0]], qa.scale, qa.zero_point, env[node.inputs[1]], qb.scale, qb.zero_point,
+                          qy.scale, qy.zero_point, _clamp(node, qy), requant=cfg["requant"],
+                          offsets=[_offset(q) for q in (qa, qb, qy)])
+
+
 def _offset(q: QParams) -> int:
     """onnxruntime stores signed 8-bit codes as uint8 code + 128 (``export.onnx_qdq._container``)."""
     return 128 if q.signed and q.bits <= 8 else 0
@@ -110,6 +117,7 @@ OPS = {
     "QLinearConv": _conv,
     "QGemm": _gemm,
     "QLinearAdd": _add,
+    "QLinearMul": _mul,
     "QLinearConcat": _concat,
     "QLinearRelu": _unary_q(ops.QLinearRelu),
     "QLinearGlobalAveragePool": lambda g, n, env, cfg: _unary_q(

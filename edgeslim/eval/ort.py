@@ -62,6 +62,55 @@ def optimized_op_counts(path: str | Path) -> Counter:
         return Counter(n.op_type for n in onnx.load(out).graph.node)
 
 
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+MOVEMENT_OPS = ("Reshape", "Transpose", "Slice", "Gather", "Pad", "Flatten", "Identity", "Squeeze", "Unsqueeze",
+                "Concat", "Split", "MaxPool", "Resize", "DepthToSpace", "SpaceToDepth", "Cast", "Shape")
+
+
+def op_category(op: str) -> str:
+    """``integer`` (onnxruntime's integer kernels), ``qdq`` (conversions), ``movement`` or ``float`` compute."""
+    if op.startswith("QLinear") or op in ("QGemm", "ConvInteger", "MatMulInteger", "NhwcQLinearConv",
+                                         "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
+        return "integer"
+    if op in QDQ_OPS:
+        return "qdq"
+    if op in MOVEMENT_OPS or op.startswith("Reorder"):
+        return "movement"
+    return "float"
+
+
+def float_ops_profile(path: str | Path, input_shape: tuple[int, ...], *, runs: int = 10, threads: int = 1,
+                      batch: int = 1) -> dict:
+    """What keeps an INT8 model from being all-integer: the float compute ops left in the graph onnxruntime runs
+    and the share of kernel time per category (onnxruntime's own profiler, ``runs`` batch-1 runs)."""
+    import json
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "profile")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+        for _ in range(runs):
+            sess.run(None, {sess.get_inputs()[0].name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    time_by_op: Counter = Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            time_by_op[e.get("args", {}).get("op_name", "?")] += float(e.get("dur", 0))
+    total = sum(time_by_op.values()) or 1.0
+    share: Counter = Counter()
+    for op, t in time_by_op.items():
+        share[op_category(op)] += t / total
+    counts = optimized_op_counts(path)
+    return {"float_ops": {op: n for op, n in sorted(counts.items()) if op_category(op) == "float"},
+            "time_share": {k: round(share.get(k, 0.0), 4) for k in ("integer", "float", "qdq", "movement")},
+            "float_time_by_op": {op: round(t / total, 4) for op, t in time_by_op.most_common()
+                                 if op_category(op) == "float"}}
+
+
 def integer_convs(path: str | Path) -> tuple[int, int]:
     """(convolutions running as integer kernels, all convolutions) in onnxruntime's optimized graph."""
     counts = optimized_op_counts(path)

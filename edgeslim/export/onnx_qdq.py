@@ -5,7 +5,7 @@ What onnxruntime (1.18+, CPU) fuses, and therefore what we write (see ``bench/pr
   onnxruntime only takes this path for **uint8 activations**, so every activation code is stored as
   uint8: a signed int8 code q with zero point z is written as q + 128 with zero point z + 128, which
   is the same real value (exact, not an approximation);
-* ``DQ, DQ -> Add -> Q`` becomes ``QLinearAdd``; ``DQ -> Gemm -> Q`` becomes ``QGemm``;
+* ``DQ, DQ -> Add -> Q`` becomes ``QLinearAdd`` (``Mul``: ``QLinearMul``); ``DQ -> Gemm -> Q`` becomes ``QGemm``;
 * data movement (MaxPool, Slice, Pad, Flatten, Reshape, Transpose, Gather, nearest Resize) is written
   directly on the uint8 codes; zero padding pads with the zero point;
 * an elementwise activation on codes (``LUT``: SiLU, sigmoid, leaky ReLU, ...): ``activations="float"``
@@ -355,6 +355,8 @@ def _emit(w: _Writer, node: IntNode) -> None:
         w.float_op("Gemm", ins + ([b] if b else []), node, transB=1)
     elif op == "QLinearAdd":
         w.float_op("Add", [w.dq(i) for i in node.inputs], node)
+    elif op == "QLinearMul":
+        w.float_op("Mul", [w.dq(i) for i in node.inputs], node)
     elif op == "QLinearConcat":
         w.float_op("Concat", [w.dq(i) for i in node.inputs], node, axis=a["axis"])
     elif op == "QLinearRelu":

@@ -2,7 +2,8 @@
 
 ``kind(gm, node)`` names a node's role in quantization:
 * ``conv`` / ``linear``: weighted compute, output gets its own quantizer;
-* ``add`` / ``cat`` / ``avgpool``: integer compute that requantizes (QLinearAdd / QLinearConcat / pooling);
+* ``add`` / ``mul`` / ``cat`` / ``avgpool``: integer compute that requantizes (QLinearAdd / QLinearMul /
+  QLinearConcat / pooling); an add or mul with a constant or scalar operand is ``float`` instead;
 * ``act``: ReLU / ReLU6, fused into the producer's output quantizer or requantized when fusion is off;
 * ``lut``: any other elementwise activation (SiLU, sigmoid, hard-swish, leaky ReLU, tanh, GELU, ...): integer
   codes in, integer codes out through a table with one entry per input code (what integer NPUs do), so its
@@ -61,6 +62,8 @@ MODULE_KINDS: dict[type, str] = {
 FUNCTION_KINDS: dict[object, str] = {
     operator.add: "add",
     operator.iadd: "add",
+    operator.mul: "mul",
+    torch.mul: "mul",
     torch.add: "add",
     torch.cat: "cat",
     torch.concat: "cat",
@@ -108,6 +111,7 @@ METHOD_KINDS: dict[str, str] = {
     "relu_": "act",
     "add": "add",
     "add_": "add",
+    "mul": "mul",
     "flatten": "pass",
     "view": "pass",
     "reshape": "pass",
@@ -133,9 +137,9 @@ def kind(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.meta.get("const"):
         return "const"
     k = _table_kind(gm, node)
-    if k in ("add", "cat"):  # with a constant or a scalar operand: elementwise float arithmetic
+    if k in ("add", "mul", "cat"):  # with a constant or a scalar operand: elementwise float arithmetic
         args = tensor_args(node)
-        if len(args) < (2 if k == "add" else 1) or any(a.meta.get("const") for a in args):
+        if len(args) < (1 if k == "cat" else 2) or any(a.meta.get("const") for a in args):
             return "float"
     if k == "pass" and not _codes_preserving(gm, node):
         return "float"

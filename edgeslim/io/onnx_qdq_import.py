@@ -421,6 +421,9 @@ class _Importer:
                 return
         self.pending[node.output[0]] = _Pending("QLinearAdd", self._view_inputs(node, [a, b]), node)
 
+    def _op_Mul(self, node):
+        self.pending[node.output[0]] = _Pending("QLinearMul", self._view_inputs(node, list(node.input[:2])), node)
+
     def _op_Concat(self, node):
         axis = int(_attrs(node).get("axis", 1))
         self.pending[node.output[0]] = _Pending("QLinearConcat", self._view_inputs(node, list(node.input)), node,
