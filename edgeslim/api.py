@@ -24,7 +24,7 @@ from .algorithms.bias_correction import correct_bias
 from .algorithms.reconstruction import Reconstruction, reconstruct
 from .config import MixedPlan, PTQConfig
 from .errors import EdgeslimError
-from .export.onnx_qdq import save_onnx, to_onnx
+from .export.onnx_qdq import save_onnx, set_io_names, to_onnx
 from .intgraph import IntGraph
 from .lower import lower
 
@@ -97,13 +97,25 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan, reports)
 
 
-def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto", activations: str = "float") -> Path:
+def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto", activations: str = "float",
+                io_names: tuple[list[str], list[str]] | None = None) -> Path:
     """Write the INT8 (QDQ) ONNX model of ``q`` atomically.
 
     ``weight_type``: ``int8``, ``uint8`` or ``auto`` (uint8 on x86 CPUs without VNNI, where onnxruntime's
-    int8-weight kernels saturate; see ``export.onnx_qdq``).
+    int8-weight kernels saturate; see ``export.onnx_qdq``). ``io_names`` (input names, output names) default to
+    the names of the FP32 file: an imported ONNX model's own, else those ``export_fp32_onnx`` writes.
     """
-    return save_onnx(to_onnx(q.intgraph, weight_type=weight_type, activations=activations), Path(path))
+    model = to_onnx(q.intgraph, weight_type=weight_type, activations=activations)
+    return save_onnx(set_io_names(model, *(io_names or fp32_io_names(q.model, len(q.intgraph.output_names)))),
+                     Path(path))
+
+
+def fp32_io_names(model: nn.Module, n_outputs: int) -> tuple[list[str], list[str]]:
+    """The FP32 file's input and output names: the imported ONNX file's, else ``export_fp32_onnx``'s."""
+    meta = getattr(model, "meta", {}) or {}
+    if meta.get("onnx_input_names") and len(meta.get("onnx_output_names", [])) == n_outputs:
+        return list(meta["onnx_input_names"][:1]), list(meta["onnx_output_names"])
+    return ["input"], (["output"] if n_outputs == 1 else [f"output{i}" for i in range(n_outputs)])
 
 
 def export_fp16_onnx(fp32_onnx: str | Path, path: str | Path) -> Path:

@@ -432,6 +432,7 @@ def print_fidelity_summary(s: dict, out: Path) -> None:
     print(f"integer convs in onnxruntime: {o['integer_convs']}/{o['total_convs']}; ONNX {s['size_bytes']['fp32'] / 1024:.1f}"
           f" -> {s['size_bytes']['int8'] / 1024:.1f} KiB; INT8/FP32 latency {lat['int8_over_fp32']:.2f}x (batch 1, "
           f"{lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
+    _float_line(o.get("float_ops_profile"))
     if o["float_islands"]:
         ops = sorted({i["fn"] for i in o["float_islands"]})
         print(f"float islands ({len(o['float_islands'])} ops run in FP32 between integer tensors): {', '.join(ops)}")
@@ -633,6 +634,16 @@ def _demo(args) -> int:
     return 0
 
 
+def _float_line(profile: dict | None) -> None:
+    """One line on what keeps the INT8 model from running all-integer in onnxruntime."""
+    if not profile:
+        return
+    share = profile["time_share"]
+    ops = ", ".join(f"{op} {t:.0%}" for op, t in list(profile["float_time_by_op"].items())[:5])
+    print(f"onnxruntime kernel time: integer {share['integer']:.0%}, float {share['float']:.0%}"
+          + (f" ({ops})" if ops else "") + f", Q/DQ {share['qdq']:.0%}, data movement {share['movement']:.0%}")
+
+
 def print_summary(s: dict, out: Path) -> None:
     lat = s["latency_ms"]
     b = next(iter(lat["fp32"]))
@@ -644,6 +655,7 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"integer convs in onnxruntime: {s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}; "
           f"quantized in {s['time_to_quantize_s']:.2f} s; INT8/FP32 latency "
           + ", ".join(f"{k} {v:.2f}x" for k, v in lat["int8_over_fp32"].items()))
+    _float_line(s["onnx_int8"].get("float_ops_profile"))
     if s["onnx_int8"].get("weight_containers", {}).get("uint8"):
         print(f"note: {s['onnx_int8']['weight_containers']['uint8']} layers store uint8 weights: onnxruntime's int8-weight "
               "kernels saturate on this CPU (AVX2 without VNNI); uint8 is exact but not faster. --w-bits 7 keeps int8 "
@@ -675,6 +687,7 @@ def print_detect_summary(s: dict, out: Path) -> None:
     g = s["onnx_int8_graph"]
     print(f"integer convs in onnxruntime: {g['integer_convs']}/{g['total_convs']}; INT8/FP32 latency "
           f"{lat['int8_over_fp32']:.2f}x (batch 1, {lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
+    _float_line(g.get("float_ops_profile"))
     if "overflow" in s:
         worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
         print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "

@@ -90,6 +90,7 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
             "integer_convs": integer,
             "total_convs": total,
             "optimized_ops": dict(sorted(ort_eval.optimized_op_counts(int8_path).items())),
+            "float_ops_profile": ort_eval.float_ops_profile(int8_path, info.input_shape),
             "weight_containers": weight_containers(q.intgraph),
         },
         "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size,

@@ -217,6 +217,7 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
             "latency_ms": paired_latency(fp32_path, int8_path, info, opts),
             "onnx_int8_graph": {"integer_convs": integer, "total_convs": total,
                                 "optimized_ops": dict(sorted(ort_eval.optimized_op_counts(int8_path).items())),
+                                "float_ops_profile": ort_eval.float_ops_profile(int8_path, info.input_shape),
                                 "weight_containers": weight_containers(q.intgraph)},
             "time_to_quantize_s": q.seconds,
             "config": config.to_dict(), "detect_options": asdict(opts),

@@ -52,13 +52,6 @@ def run_fidelity_quantize(model: nn.Module, info: ModelInfo, calib: np.ndarray, 
     return staged(out, lambda stage: _run(model, info, calib, test, config, stage, spec, opts, plan))
 
 
-def _io_names(model: nn.Module, n_out: int) -> tuple[list[str], list[str]]:
-    meta = getattr(model, "meta", {}) or {}
-    if meta.get("onnx_input_names") and meta.get("onnx_output_names"):
-        return list(meta["onnx_input_names"][:1]), list(meta["onnx_output_names"])
-    return ["input"], (["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)])
-
-
 def _metadata(info: ModelInfo, spec: InputSpec | None, config: PTQConfig) -> dict[str, str]:
     values = {"edgeslim.model": info.name, "edgeslim.input_shape": json.dumps(list(info.input_shape)),
               "edgeslim.quantization": json.dumps({"w_bits": config.w_bits, "a_bits": config.a_bits})}
@@ -107,7 +100,7 @@ def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PT
     q = api.quantize(model, calib, config, plan=plan, input_shape=info.input_shape, progress=True)
     fixed_batch = (getattr(model, "meta", {}) or {}).get("onnx_dynamic_batch") is False
     batch = 1 if fixed_batch else opts.batch_size
-    names = _io_names(model, len(q.intgraph.output_names))
+    names = api.fp32_io_names(q.model, len(q.intgraph.output_names))
     metadata = _metadata(info, spec, config)
     fp32_path = _fp32_file(model, info, stage / "model_fp32.onnx", names, metadata)
     proto = to_onnx(q.intgraph, weight_type=opts.weight_type)
@@ -144,6 +137,7 @@ def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PT
             "total_convs": total,
             "float_islands": islands,
             "optimized_ops": dict(sorted(ort_eval.optimized_op_counts(int8_path).items())),
+            "float_ops_profile": ort_eval.float_ops_profile(int8_path, info.input_shape),
             "weight_containers": weight_containers(q.intgraph, opts.weight_type),
         },
         "simulation_vs_onnx_int8": {"images": int(len(sub)), "per_output": agreement},

@@ -372,7 +372,7 @@ def test_end_to_end_bit_exact_with_onnxruntime(tiny_models, name):
     names = list(g.qparams)
     model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in names)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for n, codes in zip(names, sess.run(names, {g.input_name: x})):
+    for n, codes in zip(names, sess.run(names, {sess.get_inputs()[0].name: x})):
         offset = 128 if g.qparams[n].signed and g.qparams[n].bits <= 8 else 0
         np.testing.assert_array_equal(everything[n] + offset, codes, err_msg=n)
 
