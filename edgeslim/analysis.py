@@ -90,3 +90,45 @@ def overflow_summary(g: IntGraph, images, options: AnalyzeOptions) -> dict:
                   for r in stats.layers()}
     return {"images": seen, "accumulator_bits": options.accumulator_bits,
             "mode": options.overflow_mode, "layers": rows, "per_filter": per_filter}
+
+
+def output_steps(g: IntGraph) -> dict[str, float | None]:
+    """The quantization step of each model output dequantized from integer codes (None for float outputs)."""
+    producer = {o: n for n in g.nodes for o in n.outputs}
+    steps: dict[str, float | None] = {}
+    for name in g.output_names:
+        node = producer.get(name)
+        q = g.qparams.get(node.inputs[0]) if node is not None and node.op == "DequantizeLinear" else None
+        steps[name] = q.scale if q is not None else None
+    return steps
+
+
+def analyze_outputs(g: IntGraph, x: np.ndarray, onnx_outputs: dict[str, np.ndarray], fp32_outputs: dict[str, np.ndarray],
+                    options: AnalyzeOptions, batch_size: int = 64) -> dict:
+    """``analyze`` for any model (the fidelity task): per output, the engine's agreement with onnxruntime's INT8
+    outputs (in output steps) and with the FP32 model (SQNR); overflow statistics on the first inputs.
+    ``onnx_outputs`` / ``fp32_outputs`` are in the model's output order (their names may differ from ``g``'s)."""
+    from .eval.fidelity import fidelity
+
+    check_requant(g, options.requant)
+    result: dict = {"engine_options": asdict(options)}
+    if options.engine:
+        chunks = [run(g, x[i:i + batch_size], requant=options.requant, accumulator_bits=options.accumulator_bits,
+                      overflow=options.overflow_mode) for i in range(0, len(x), batch_size)]
+        names = list(onnx_outputs)
+        engine = {n: np.concatenate([c[k] for c in chunks]) for n, k in zip(names, g.output_names)}
+        steps = dict(zip(names, output_steps(g).values()))
+        per_output = {}
+        for n in names:
+            diff = np.abs(engine[n].astype(np.float64) - onnx_outputs[n].astype(np.float64))
+            step = steps[n]
+            in_steps = np.rint(diff / step) if step else None
+            per_output[n] = {"max_abs_diff": float(diff.max()) if diff.size else 0.0,
+                             **({"max_diff_steps": float(in_steps.max()), "mismatch_fraction":
+                                 float((in_steps >= 1).mean())} if in_steps is not None else {})}
+        result["engine_vs_onnx"] = per_output
+        result["engine"] = {"fidelity_vs_fp32": fidelity(fp32_outputs, engine)}
+    if options.overflow:
+        n = min(options.overflow_images, len(x))
+        result["overflow"] = overflow_summary(g, (x[i:i + batch_size] for i in range(0, n, batch_size)), options)
+    return result

@@ -333,7 +333,7 @@ def _quantize(args) -> int:
                                  requant=args.requant, overflow_images=args.overflow_images)
     task = _task(args, info)
     if task == "fidelity":
-        return _quantize_fidelity(args, model, info, config, plan)
+        return _quantize_fidelity(args, model, info, config, plan, analyze)
     if task == "detect":
         from .jobs_detect import DetectOptions, run_detect_quantize
 
@@ -401,7 +401,7 @@ def input_spec(args, info):
     return InputSpec(size=size, channel_order=order, mean=mean, std=std, resize=args.resize or stored.get("resize", "stretch"))
 
 
-def _quantize_fidelity(args, model, info, config, plan) -> int:
+def _quantize_fidelity(args, model, info, config, plan, analyze=None) -> int:
     from .data.inputs import open_inputs
     from .jobs_fidelity import FidelityOptions, run_fidelity_quantize
 
@@ -412,7 +412,7 @@ def _quantize_fidelity(args, model, info, config, plan) -> int:
     uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
     s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec if uses_images else None,
                               opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
-                              plan=plan)
+                              plan=plan, analyze=analyze)
     print_fidelity_summary(s, Path(args.out))
     return 0
 
@@ -436,6 +436,15 @@ def print_fidelity_summary(s: dict, out: Path) -> None:
     if o["float_islands"]:
         ops = sorted({i["fn"] for i in o["float_islands"]})
         print(f"float islands ({len(o['float_islands'])} ops run in FP32 between integer tensors): {', '.join(ops)}")
+    if "engine_vs_onnx" in s:
+        worst = max((r.get("max_diff_steps", 0.0) for r in s["engine_vs_onnx"].values()), default=0.0)
+        print(f"integer engine vs onnxruntime: at most {worst:.0f} output step(s) apart; engine SQNR vs FP32 "
+              + ", ".join(f"{k} {'exact' if r['identical'] else format(r['sqnr_db'], '.1f')}"
+                          for k, r in s["engine"]["fidelity_vs_fp32"].items()))
+    if "overflow" in s and s["overflow"]["layers"]:
+        worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
+        print(f"overflow ({s['overflow']['images']} inputs): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
+              f"of pixels in a filter of {worst['name']}")
     print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
 
 

@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from . import api
+from . import analysis, api
 from .algorithms import ptq
 from .config import MixedPlan, PTQConfig
 from .data.inputs import InputSpec
@@ -47,9 +47,12 @@ class FidelityOptions:
 
 def run_fidelity_quantize(model: nn.Module, info: ModelInfo, calib: np.ndarray, test: np.ndarray,
                           config: PTQConfig, out: Path, *, spec: InputSpec | None = None,
-                          opts: FidelityOptions = FidelityOptions(), plan: MixedPlan | None = None) -> dict:
-    """Quantize ``model`` on ``calib`` (model inputs), score INT8 vs FP32 on ``test``; artifacts into ``out``."""
-    return staged(out, lambda stage: _run(model, info, calib, test, config, stage, spec, opts, plan))
+                          opts: FidelityOptions = FidelityOptions(), plan: MixedPlan | None = None,
+                          analyze: analysis.AnalyzeOptions | None = None) -> dict:
+    """Quantize ``model`` on ``calib`` (model inputs), score INT8 vs FP32 on ``test``; artifacts into ``out``.
+    With ``analyze`` the integer engine also runs (``edgeslim analyze``): its agreement with onnxruntime per
+    output and overflow statistics."""
+    return staged(out, lambda stage: _run(model, info, calib, test, config, stage, spec, opts, plan, analyze))
 
 
 def _metadata(info: ModelInfo, spec: InputSpec | None, config: PTQConfig) -> dict[str, str]:
@@ -72,13 +75,7 @@ def _fp32_file(model: nn.Module, info: ModelInfo, path: Path, names: tuple[list[
 
 def output_lsbs(g: IntGraph) -> dict[str, float | None]:
     """The quantization step of each model output that is dequantized from integer codes (else None)."""
-    producer = {n.outputs[0]: n for n in g.nodes}
-    lsbs = {}
-    for name in g.output_names:
-        node = producer.get(name)
-        q = g.qparams.get(node.inputs[0]) if node is not None and node.op == "DequantizeLinear" else None
-        lsbs[name] = q.scale if q is not None else None
-    return lsbs
+    return analysis.output_steps(g)
 
 
 def _simulate(q: api.Quantized, x: np.ndarray, batch: int) -> list[np.ndarray]:
@@ -96,7 +93,8 @@ def _simulate(q: api.Quantized, x: np.ndarray, batch: int) -> list[np.ndarray]:
 
 
 def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PTQConfig, stage: Path,
-         spec: InputSpec | None, opts: FidelityOptions, plan: MixedPlan | None) -> dict:
+         spec: InputSpec | None, opts: FidelityOptions, plan: MixedPlan | None,
+         analyze: analysis.AnalyzeOptions | None) -> dict:
     q = api.quantize(model, calib, config, plan=plan, input_shape=info.input_shape, progress=True)
     fixed_batch = (getattr(model, "meta", {}) or {}).get("onnx_dynamic_batch") is False
     batch = 1 if fixed_batch else opts.batch_size
@@ -151,6 +149,8 @@ def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PT
     }
     if plan is not None:
         summary["plan"] = plan.to_dict()
+    if analyze is not None:
+        summary.update(analysis.analyze_outputs(q.intgraph, test, outs["int8"], outs["fp32"], analyze, batch))
     enc = encodings(q.intgraph)
     enc["preprocessing"] = summary["preprocessing"]
     (stage / "encodings.json").write_text(json.dumps(enc, indent=1))

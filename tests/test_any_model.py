@@ -298,3 +298,17 @@ def test_elementwise_mul_of_two_tensors_is_qlinearmul_exact_with_onnxruntime(tmp
     got = sess.run([stored], {sess.get_inputs()[0].name: x})[0].astype(np.int64)
     qy = q.intgraph.qparams[name]
     np.testing.assert_array_equal(codes[name] + (128 if qy.signed else 0), got)
+
+
+def test_analyze_any_model_engine_matches_onnxruntime_per_output(exported, tmp_path):
+    src = exported[("seg_two_outputs", None)]
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((12, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "out"
+    assert main(["analyze", str(src), "--calib-data", str(tmp_path / "x.npz"), "--data", str(tmp_path / "x.npz"),
+                 "--out", str(out), "--overflow-images", "4"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["engine_vs_onnx"]) == {"out0", "out1"}
+    for r in s["engine_vs_onnx"].values():  # the bilinear island runs in float32 in both: at most one step
+        assert r.get("max_diff_steps", 0) <= 1 and r["max_abs_diff"] < 0.1
+    assert s["overflow"]["images"] == 4 and len(s["overflow"]["layers"]) == 3
