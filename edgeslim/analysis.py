@@ -130,5 +130,5 @@ def analyze_outputs(g: IntGraph, x: np.ndarray, onnx_outputs: dict[str, np.ndarr
         result["engine"] = {"fidelity_vs_fp32": fidelity(fp32_outputs, engine)}
     if options.overflow:
         n = min(options.overflow_images, len(x))
-        result["overflow"] = overflow_summary(g, (x[i:i + batch_size] for i in range(0, n, batch_size)), options)
+        result["overflow"] = overflow_summary(g, (x[i:min(i + batch_size, n)] for i in range(0, n, batch_size)), options)
     return result
