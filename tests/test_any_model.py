@@ -311,4 +311,4 @@ def test_analyze_any_model_engine_matches_onnxruntime_per_output(exported, tmp_p
     assert set(s["engine_vs_onnx"]) == {"out0", "out1"}
     for r in s["engine_vs_onnx"].values():  # the bilinear island runs in float32 in both: at most one step
         assert r.get("max_diff_steps", 0) <= 1 and r["max_abs_diff"] < 0.1
-    assert s["overflow"]["images"] == 4 and len(s["overflow"]["layers"]) == 3
+    assert s["overflow"]["images"] == 4 and len(s["overflow"]["layers"]) == 4  # 3 convs and the linear layer
