@@ -189,6 +189,31 @@ def paired_latency(fp32_path: Path, int8_path: Path, info: ModelInfo, opts: Dete
             "fps_fp32": 1e3 / fp32_ms, "fps_int8": 1e3 / int8_ms, "batch": 1, "threads": opts.threads}
 
 
+def detector_metadata(info: ModelInfo) -> dict[str, str]:
+    """What a deployment needs to decode the raw outputs (``metadata_props`` of the ONNX files): the decoder and
+    its strides / anchors, class names, and the preprocessing (letterbox, pad value, channel order, 1/255)."""
+    dec = info.decoder
+    decoder = {"name": type(dec).__name__ if dec is not None else None}
+    for key in ("strides", "anchors", "nc", "stride", "activated"):
+        value = getattr(dec, key, None)
+        if value is not None:
+            decoder[key] = value.tolist() if hasattr(value, "tolist") else value
+    return {"edgeslim.task": "detect", "edgeslim.decoder": json.dumps(decoder),
+            "edgeslim.class_names": json.dumps(list(info.class_names)),
+            "edgeslim.preprocessing": json.dumps({
+                "size": list(info.input_shape[1:]), "resize": "letterbox", "pad_value": 114,
+                "channel_order": info.channel_order, "mean": [0.0] * 3, "std": [1.0] * 3,
+                "units": "x = pixel / 255, letterboxed (aspect kept, centered, padded)"})}
+
+
+def add_metadata(path: Path, values: dict[str, str]) -> None:
+    import onnx
+
+    from .export.onnx_qdq import save_onnx, set_metadata
+
+    save_onnx(set_metadata(onnx.load(str(path)), values), path)
+
+
 def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
                         config: PTQConfig, out: Path, *, plan: MixedPlan | None = None,
                         opts: DetectOptions = DetectOptions(), analyze: AnalyzeOptions | None = None) -> dict:
@@ -201,6 +226,8 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
                          progress=True)
         fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
         int8_path = api.export_onnx(q, stage / "model_int8.onnx")
+        for path in (fp32_path, int8_path):
+            add_metadata(path, detector_metadata(info))
         ptq.set_mode(q.model, "quant")
         runners = {"fp32": torch_runner(model), "quantized": torch_runner(q.model),
                    "onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}

@@ -61,6 +61,13 @@ def test_quantize_detect_writes_map_and_confusion_figures(capsys, tmp_path, yolo
     assert g["integer_convs"] == g["total_convs"] == 13
     assert s["size_bytes"]["int8"] < s["size_bytes"]["fp32"] / 3
     assert (tmp_path / "r" / "model_int8.onnx").exists() and "mAP@.5" in capsys.readouterr().out
+    import onnx
+
+    fp32, int8 = (onnx.load(str(tmp_path / "r" / f)) for f in ("model_fp32.onnx", "model_int8.onnx"))
+    assert [o.name for o in int8.graph.output] == [o.name for o in fp32.graph.output]  # the same interface
+    meta = {p.key: json.loads(p.value) for p in int8.metadata_props if p.key != "edgeslim.task"}
+    assert meta["edgeslim.decoder"]["name"] == "YoloV3Decoder" and len(meta["edgeslim.decoder"]["strides"]) == 2
+    assert meta["edgeslim.preprocessing"]["resize"] == "letterbox" and meta["edgeslim.class_names"]
 
 
 def test_groups_leave_float_islands(capsys, tmp_path, yolo_set):
