@@ -82,8 +82,11 @@ def _models(shared: Path, tmp: Path, wanted: list[str]):
     if "mobilenet_v2" in wanted:
         import torch
 
+        import families
+
         torch.manual_seed(0)
         model, info = build_model("mobilenet_v2")
+        families.randomize_bn(model)
         path = api.export_fp32_onnx(model, info.input_shape, tmp / "mobilenet_v2.onnx")
         x = np.random.default_rng(0).standard_normal((48, *info.input_shape)).astype(np.float32)
         yield "mobilenet_v2 (random weights)", path, x, "fidelity"

@@ -20,6 +20,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a checkpoint that needs full unpickling (only for files you trust)")
     p.add_argument("--input-shape", help="C,H,W for user models or to override the zoo's size")
+    p.add_argument("--random-init", action="store_true",
+                   help="allow a zoo model without --weights (random weights: accuracy at chance; for trying the tool)")
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
@@ -76,8 +78,16 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="edgeslim", description="Make CNNs small and fast for embedded devices.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        parser.add_argument("--version", action="version", version=f"edgeslim {version('edgeslim')}")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        parser.add_argument("--version", action="version", version="edgeslim (not installed)")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=lambda **kw: argparse.ArgumentParser(
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw))
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and quantize it (offline)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--epochs", type=int, default=30)
@@ -246,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_model(args):
-    from .models import build_model, parse_shape
+    from .models import DETECTORS, ZOO, build_model, parse_shape
 
+    name = args.model.strip()
+    if (name in ZOO or name in DETECTORS) and args.weights is None and not args.random_init \
+            and args.command != "inspect":
+        raise EdgeslimError(f"model {name} has no --weights: it would be quantized and scored with random weights "
+                            "(accuracy at chance); pass --weights FILE, or --random-init to try the tool anyway")
     shape = parse_shape(args.input_shape) if args.input_shape else None
     return build_model(args.model, args.weights, allow_pickle=args.allow_pickle, input_shape=shape)
 

@@ -168,7 +168,11 @@ FAMILIES = {  # name -> (factory, input shape C, H, W)
 def build(name: str, seed: int = 0) -> nn.Module:
     """The family's model with seeded random weights and non-trivial BN statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = FAMILIES[name][0]()
+    return randomize_bn(FAMILIES[name][0]())
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """BN statistics and affine parameters away from their init (fresh BNs make a random network's output ~0)."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.3, 0.3)

@@ -99,7 +99,8 @@ def _expect_error(capsys, tmp_path, argv, match):
 
 
 def _quant_argv(tmp_path, image_folder, model="resnet20", *extra):
-    return ["quantize", model, "--calib-data", image_folder, "--data", image_folder, "--out", tmp_path / "run", *extra]
+    return ["quantize", model, "--calib-data", image_folder, "--data", image_folder, "--out", tmp_path / "run",
+            "--random-init", *extra]
 
 
 def test_missing_checkpoint(capsys, tmp_path, image_folder):
@@ -289,3 +290,17 @@ def test_reconstruction_options_are_checked(capsys, tmp_path, image_folder, extr
 def test_mixed_refuses_per_plan_algorithms(capsys, tmp_path, npz_data, user_model):
     _expect_error(capsys, tmp_path, _mixed_argv("mixed", user_model, npz_data, tmp_path / "run", "--max-drop", "0.01",
                                                 "--algorithm", "brecq"), "edgeslim quantize --plan")
+
+
+def test_zoo_model_without_weights_is_refused_unless_random_init(capsys, tmp_path, image_folder):
+    argv = ["quantize", "resnet20", "--calib-data", image_folder, "--data", image_folder, "--out", tmp_path / "run"]
+    _expect_error(capsys, tmp_path, argv, "--random-init")
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("edgeslim ")
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    assert "(default: 512)" in capsys.readouterr().out

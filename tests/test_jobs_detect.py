@@ -42,7 +42,7 @@ def yolo_set(tmp_path_factory) -> Path:
 
 
 def _args(cmd, model, data, out, *extra):
-    return [cmd, model, "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect", "--data", str(data),
+    return [cmd, model, "--random-init", "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect", "--data", str(data),
             "--data-split", "val", "--calib-data", str(data), "--calib-split", "train", "--calib-size", "4",
             "--out", str(out), *extra]
 
@@ -99,7 +99,7 @@ def test_detect_option_errors_are_one_line(capsys, tmp_path, yolo_set, extra, ne
 
 
 def test_classifier_with_task_detect_is_refused(capsys, tmp_path, yolo_set):
-    assert main(["quantize", "resnet20", "--task", "detect", "--data", str(yolo_set), "--data-split", "val",
+    assert main(["quantize", "resnet20", "--random-init", "--task", "detect", "--data", str(yolo_set), "--data-split", "val",
                  "--calib-data", str(yolo_set), "--calib-split", "train", "--out", str(tmp_path / "c")]) == 2
     assert "--decoder" in capsys.readouterr().err
 
@@ -152,7 +152,7 @@ def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
     import torch
 
     out = tmp_path / "q"
-    assert main(["qat", "yolov3-tiny", "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect",
+    assert main(["qat", "yolov3-tiny", "--random-init", "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect",
                  "--train-data", str(yolo_set), "--train-split", "train", "--data", str(yolo_set), "--data-split",
                  "val", "--w-bits", "8", "--a-bits", "8", "--epochs", "2", "--batch-size", "3", "--calib-size", "4",
                  "--lr", "0.0005", "--out", str(out)]) == 0

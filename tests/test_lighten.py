@@ -38,7 +38,7 @@ def cifar_like(tmp_path_factory):
 
 
 def _common(cmd, data, out, *extra):
-    return [cmd, "resnet20", "--train-data", str(data), "--data", str(data), "--epochs", "1", "--batch-size", "8",
+    return [cmd, "resnet20", "--random-init", "--train-data", str(data), "--data", str(data), "--epochs", "1", "--batch-size", "8",
             "--out", str(out), *extra]
 
 

@@ -306,7 +306,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_model, tiny_calib, tmp
 def test_qat_cli_learns_digits_and_writes_summary(capsys, tmp_path):
     out = tmp_path / "run"
     torch.manual_seed(0)  # digits_cnn starts from random weights
-    code, stdout, err = _run(capsys, "qat", "digits_cnn", "--train-data", "sklearn-digits", "--train-split", "train",
+    code, stdout, err = _run(capsys, "qat", "digits_cnn", "--random-init", "--train-data", "sklearn-digits", "--train-split", "train",
                              "--data", "sklearn-digits", "--data-split", "test", "--w-bits", "4", "--a-bits", "4",
                              "--max-steps", "200", "--batch-size", "64", "--lr", "0.1", "--no-augment",
                              "--calib-size", "128", "--out", out)
@@ -316,9 +316,9 @@ def test_qat_cli_learns_digits_and_writes_summary(capsys, tmp_path):
     assert abs(s["onnx"]["top1"] - s["qat"]["top1"]) <= 2 / 360
     assert s["history"][-1]["steps"] == 200 and "fp32" in s and s["training"]["diverged"] is None
     assert {"checkpoint.pt", "qat_model.pt", "model_int8.onnx", "encodings.json"} <= {p.name for p in out.iterdir()}
-    _expect_error(capsys, tmp_path / "x", ["qat", "digits_cnn", "--train-data", "sklearn-digits", "--data",
+    _expect_error(capsys, tmp_path / "x", ["qat", "digits_cnn", "--random-init", "--train-data", "sklearn-digits", "--data",
                                            "sklearn-digits", "--max-steps", "1", "--out", out], "--resume")
-    _expect_error(capsys, tmp_path / "x", ["qat", "digits_cnn", "--train-data", "sklearn-digits", "--data",
+    _expect_error(capsys, tmp_path / "x", ["qat", "digits_cnn", "--random-init", "--train-data", "sklearn-digits", "--data",
                                            "sklearn-digits", "--max-steps", "5", "--resume", "--out", out],
                   "other settings")
 
@@ -331,7 +331,7 @@ def test_qat_cli_learns_digits_and_writes_summary(capsys, tmp_path):
     (["--resume"], "no checkpoint"),
 ])
 def test_qat_cli_errors(capsys, tmp_path, argv, match):
-    _expect_error(capsys, tmp_path, ["qat", "digits_cnn", "--train-data", "sklearn-digits", "--data", "sklearn-digits",
+    _expect_error(capsys, tmp_path, ["qat", "digits_cnn", "--random-init", "--train-data", "sklearn-digits", "--data", "sklearn-digits",
                                      "--max-steps", "1", "--out", tmp_path / "run", *argv], match)
 
 
