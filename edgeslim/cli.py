@@ -400,6 +400,9 @@ def input_spec(args, info):
         except (ValueError, AttributeError):
             stored = {}
     c = info.input_shape[0]
+    if c not in (1, 3):
+        raise EdgeslimError(f"the model's input is {tuple(info.input_shape)}, not C,H,W with 1 or 3 channels, so images "
+                            "cannot be fed to it: pass its inputs as arrays (np.savez('x.npz', x=inputs))")
     size = _floats(args.input_size, "--input-size")
     if size is not None and (len(size) != 2 or any(v != int(v) for v in size)):
         raise EdgeslimError(f"invalid --input-size {args.input_size!r}: pass H,W, e.g. 224,224")
@@ -421,10 +424,10 @@ def _quantize_fidelity(args, model, info, config, plan, analyze=None) -> int:
     from .jobs_fidelity import FidelityOptions, run_fidelity_quantize
 
     args._model_meta = (getattr(model, "meta", {}) or {}).get("onnx_metadata")
-    spec = input_spec(args, info)
+    uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
+    spec = input_spec(args, info) if uses_images else None  # arrays are model inputs as they are
     calib = open_inputs(args.calib_data, info.input_shape, spec, limit=args.calib_size, seed=args.seed)
     test = open_inputs(args.data, info.input_shape, spec, limit=args.eval_size, seed=args.seed)
-    uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
     s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec if uses_images else None,
                               opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
                               plan=plan, analyze=analyze)

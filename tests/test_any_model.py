@@ -312,3 +312,20 @@ def test_analyze_any_model_engine_matches_onnxruntime_per_output(exported, tmp_p
     for r in s["engine_vs_onnx"].values():  # the bilinear island runs in float32 in both: at most one step
         assert r.get("max_diff_steps", 0) <= 1 and r["max_abs_diff"] < 0.1
     assert s["overflow"]["images"] == 4 and len(s["overflow"]["layers"]) == 4  # 3 convs and the linear layer
+
+
+def test_dynamic_height_width_onnx_quantizes_at_the_given_input_shape(tmp_path):
+    model = families.build("landmarks")
+    path = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 48, 48),), str(path), dynamo=False, input_names=["img"],
+                          output_names=["pts"], opset_version=17,
+                          dynamic_axes={"img": {0: "n", 2: "h", 3: "w"}, "pts": {0: "n"}})
+    with pytest.raises(edgeslim.EdgeslimError, match="--input-shape"):
+        edgeslim.import_onnx(path)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(6).standard_normal((8, 3, 40, 40)).astype(np.float32))
+    assert main(["quantize", str(path), "--input-shape", "3,40,40", "--calib-data", str(tmp_path / "x.npz"),
+                 "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out")]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["inputs"]["shape"] == [3, 40, 40] and s["onnx_int8"]["integer_convs"] == 4

@@ -46,14 +46,16 @@ from .onnx_import_ops import OPS
 
 _RESERVED = {"meta", "training", "graph", "code", "forward"}  # GraphModule attributes a submodule must not shadow
 
-def import_onnx(path_or_model: str | Path | onnx.ModelProto) -> fx.GraphModule:
+def import_onnx(path_or_model: str | Path | onnx.ModelProto,
+                input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
     """Read a float ONNX model into a ``torch.fx.GraphModule`` that computes the same function.
 
     ``forward`` takes the ONNX graph inputs positionally (initializers excluded) and returns one tensor, or a
     tuple in ONNX output order. ``gm.meta`` holds ``onnx_input_shape`` (the first input without its batch
     dimension), ``onnx_path``, ``onnx_dynamic_batch``, ``onnx_input_names`` / ``onnx_output_names`` and
     ``onnx_metadata`` (the file's ``metadata_props``). Unsupported ops are all named in one
-    ``EdgeslimError``.
+    ``EdgeslimError``. ``input_shape`` (C, H, W) fixes the first input's dynamic dimensions other than the batch
+    (files exported with a dynamic height / width); shapes are folded at that size.
 
     >>> gm = import_onnx("resnet20.onnx")  # doctest: +SKIP
     >>> gm(torch.zeros(2, 3, 32, 32)).shape  # doctest: +SKIP
@@ -68,9 +70,9 @@ def import_onnx(path_or_model: str | Path | onnx.ModelProto) -> fx.GraphModule:
             f"supported: {', '.join(sorted(OPS))}; export the model without them or open an issue")
     try:
         try:
-            gm = _Importer(model, label, dynamic_batch=True).run()
+            gm = _Importer(model, label, dynamic_batch=True, input_shape=input_shape).run()
         except _BatchDependent:
-            gm = _Importer(model, label, dynamic_batch=False).run()
+            gm = _Importer(model, label, dynamic_batch=False, input_shape=input_shape).run()
     except (EdgeslimError, RecursionError, MemoryError):
         raise
     except Exception as exc:  # a malformed graph the checks above did not foresee: still one line, never raw
@@ -137,7 +139,8 @@ def _vals(obj) -> list[_Val]:
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto, label: str, *, dynamic_batch: bool) -> None:
+    def __init__(self, model: onnx.ModelProto, label: str, *, dynamic_batch: bool,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         self.model, self.label = model, label
         gr = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -149,7 +152,7 @@ class _Importer:
         inputs = [i for i in gr.input if i.name not in inits]
         if not inputs:
             raise EdgeslimError(f"{label}: the ONNX graph has no inputs: export the model with its input tensor")
-        shapes = [self._input_dims(i) for i in inputs]
+        shapes = [self._input_dims(i, input_shape if k == 0 else None) for k, i in enumerate(inputs)]
         self.nvar = 2 if dynamic_batch and any(d and d[0] is None for d in shapes) else 1
         self.dynamic_batch = self.nvar == 2
         self.vals: dict[str, _Val] = {name: _Val(None, (t,) * self.nvar) for name, t in inits.items()}
@@ -183,7 +186,7 @@ class _Importer:
             raise EdgeslimError(f"{self.label}: initializer '{t.name}' cannot be read ({type(exc).__name__}: "
                                 f"{_one_line(exc)}): save the model with its weights (onnx.save)") from None
 
-    def _input_dims(self, vi: onnx.ValueInfoProto) -> list[int | None]:
+    def _input_dims(self, vi: onnx.ValueInfoProto, given: tuple[int, ...] | None = None) -> list[int | None]:
         if not vi.type.HasField("tensor_type"):
             raise EdgeslimError(f"{self.label}: input '{vi.name}' is not a tensor (a sequence, map or optional): "
                                 "only tensor inputs are supported")
@@ -192,15 +195,25 @@ class _Importer:
             raise EdgeslimError(f"{self.label}: input '{vi.name}' has no declared shape: export it with a fixed "
                                 "input size")
         dims: list[int | None] = []
+        rank = len(tt.shape.dim)
+        if given is not None and len(given) != rank - 1:
+            raise EdgeslimError(f"{self.label}: input '{vi.name}' has {rank} dimensions but --input-shape gives "
+                                f"{len(given)}: pass the {rank - 1} dimensions after the batch")
         for k, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
+            fixed = d.HasField("dim_value") and d.dim_value > 0
+            if k > 0 and given is not None:
+                if fixed and int(d.dim_value) != int(given[k - 1]):
+                    raise EdgeslimError(f"{self.label}: input '{vi.name}' has dimension {k} = {d.dim_value}, but "
+                                        f"--input-shape gives {given[k - 1]}: pass the model's own size")
+                dims.append(int(given[k - 1]))
+            elif fixed:
                 dims.append(int(d.dim_value))
             elif k == 0:
                 dims.append(None)
             else:
                 raise EdgeslimError(
-                    f"{self.label}: input '{vi.name}' has a dynamic dimension {k} ('{d.dim_param or '?'}'): edgeslim "
-                    "folds shapes at import, so re-export the model with a fixed input size (only the batch may vary)")
+                    f"{self.label}: input '{vi.name}' has a dynamic dimension {k} ('{d.dim_param or '?'}'): pass "
+                    "--input-shape C,H,W (the size to quantize at), or re-export the model with a fixed input size")
         return dims
 
     # ------------------------------------------------------------------ the walk

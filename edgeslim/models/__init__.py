@@ -147,7 +147,11 @@ def build_model(spec: str, weights: str | Path | None = None, *, allow_pickle: b
             raise EdgeslimError(f"model '{spec}' is an ONNX file, which carries its own weights: drop --weights")
         from edgeslim.io.onnx_import import import_onnx
 
-        model = import_onnx(spec)
+        model = import_onnx(spec, tuple(input_shape) if input_shape is not None else None)
+        if len(model.meta.get("onnx_input_names", [])) > 1:
+            raise EdgeslimError(f"model '{spec}' takes {len(model.meta['onnx_input_names'])} inputs "
+                                f"({', '.join(model.meta['onnx_input_names'])}): edgeslim quantizes single-input models; "
+                                "export a version with one image input")
         info = _user_info(spec, model, input_shape if input_shape is not None else model.meta["onnx_input_shape"])
     elif ":" in spec:
         model = _call_factory(spec)
