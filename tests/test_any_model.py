@@ -329,3 +329,27 @@ def test_dynamic_height_width_onnx_quantizes_at_the_given_input_shape(tmp_path):
                  "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out")]) == 0
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["inputs"]["shape"] == [3, 40, 40] and s["onnx_int8"]["integer_convs"] == 4
+
+
+def test_whole_pickled_model_needs_allow_pickle_and_a_pickle_is_named_as_such(tmp_path, capsys):
+    import pickle
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    torch.save(model, tmp_path / "whole.pt")
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(7).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    base = ["quantize", str(tmp_path / "whole.pt"), "--input-shape", "3,8,8", "--calib-data", str(tmp_path / "x.npz"),
+            "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out")]
+    assert main(base) == 2
+    assert "pickled Python objects" in capsys.readouterr().err and not (tmp_path / "out" / "summary.json").exists()
+    assert main(base + ["--allow-pickle"]) == 0
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump(Payload(), f)
+    assert main(["quantize", "resnet20", "--weights", str(tmp_path / "evil.pt"), "--calib-data", str(tmp_path / "x.npz"),
+                 "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out2")]) == 2
+    captured = capsys.readouterr()
+    assert "pickled Python objects" in captured.err and "--allow-pickle" in captured.err and "ran" not in captured.out

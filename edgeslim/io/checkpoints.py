@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,6 +98,11 @@ def check_compatible(model: nn.Module, sd: Mapping[str, torch.Tensor], *, path: 
     )
 
 
+def load_torch_file(path: str | Path, allow_pickle: bool = False) -> object:
+    """``torch.load`` with ``weights_only`` unless ``allow_pickle``; every failure is one ``EdgeslimError``."""
+    return _torch_load(Path(path), allow_pickle)
+
+
 def _torch_load(p: Path, allow_pickle: bool) -> object:
     if not p.exists():
         raise EdgeslimError(f"checkpoint '{p}' does not exist: check the path passed as weights")
@@ -107,11 +113,13 @@ def _torch_load(p: Path, allow_pickle: bool) -> object:
             f"checkpoint '{p}' is not a zip or pickle file: pass a file saved with torch.save"
         )
     try:
-        return torch.load(p, map_location="cpu", weights_only=not allow_pickle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols: the outcome is reported below
+            return torch.load(p, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-        if not allow_pickle and (glob or "safe_globals" in msg):
+        if not allow_pickle and (glob or "safe_globals" in msg or "Weights only load failed" in msg):
             what = f" (it stores {glob.group(1)})" if glob else ""
             raise EdgeslimError(
                 f"checkpoint '{p}' holds pickled Python objects, not just weights{what}: {_PICKLE_FIX}"

@@ -153,6 +153,10 @@ def build_model(spec: str, weights: str | Path | None = None, *, allow_pickle: b
                                 f"({', '.join(model.meta['onnx_input_names'])}): edgeslim quantizes single-input models; "
                                 "export a version with one image input")
         info = _user_info(spec, model, input_shape if input_shape is not None else model.meta["onnx_input_shape"])
+    elif spec.lower().endswith((".pt", ".pth", ".pkl", ".th")) and Path(spec).is_file():
+        model = _whole_model(spec, weights, allow_pickle)
+        weights = None
+        info = _user_info(spec, model, input_shape)
     elif ":" in spec:
         model = _call_factory(spec)
         info = _user_info(spec, model, input_shape)
@@ -215,6 +219,19 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     if len(dims) != 3 or min(dims) <= 0:
         raise EdgeslimError(f"input shape '{text}' is not C,H,W: pass three positive integers, e.g. 3,224,224")
     return dims  # type: ignore[return-value]
+
+
+def _whole_model(spec: str, weights, allow_pickle: bool) -> nn.Module:
+    """A model saved whole with ``torch.save(model)`` (needs ``--allow-pickle``: unpickling runs code)."""
+    from edgeslim.io.checkpoints import load_torch_file
+
+    if weights is not None:
+        raise EdgeslimError(f"model '{spec}' is a file holding the model itself: drop --weights")
+    obj = load_torch_file(spec, allow_pickle)
+    if isinstance(obj, nn.Module):
+        return obj
+    raise EdgeslimError(f"'{spec}' holds {type(obj).__name__}, not a model (a state_dict holds weights only): pass the "
+                        "architecture as MODEL (package.module:factory or path/file.py:factory) and this file as --weights")
 
 
 def _call_factory(spec: str) -> nn.Module:
