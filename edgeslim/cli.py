@@ -209,6 +209,30 @@ def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
                         "(from --data; the final numbers use the other --data images)")
 
 
+def _check_numbers(args) -> None:
+    """Options that must be non-negative / positive, checked before any work starts."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2 ** 32:
+        raise EdgeslimError(f"invalid --seed {seed}: use an integer from 0 to 2**32 - 1")
+    for opt in ("epochs", "eval_size", "batch_size"):
+        v = getattr(args, opt, None)
+        if v is not None and v < 1:
+            raise EdgeslimError(f"invalid --{opt.replace('_', '-')} {v}: use 1 or more")
+
+
+def _needs_labels(args) -> None:
+    """sensitivity / mixed score plans by top-1 or mAP: they need labelled data (the fidelity task is quantize /
+    analyze only for now)."""
+    from .data.inputs import has_labels
+    from .models import DETECTORS
+
+    if getattr(args, "task", "auto") in ("auto", "classify") and not (has_labels(args.data) and has_labels(args.calib_data)):
+        if args.task == "auto" and str(args.model).strip() not in DETECTORS:
+            raise EdgeslimError(f"{args.command} scores plans by top-1 (labelled data) or mAP (--task detect), and "
+                                f"--data / --calib-data carry no labels: for label-free models use `edgeslim quantize` "
+                                "or `analyze` (the fidelity task), or pass labelled data")
+
+
 def _check_out(args) -> None:
     """``--out`` must be a folder of its own: never empty, never holding (or being) one of the inputs."""
     out = getattr(args, "out", None)
@@ -244,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         _check_out(args)
+        _check_numbers(args)
+        if args.command in ("sensitivity", "mixed"):
+            _needs_labels(args)
         return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
                 "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
                 "factorize": cli_lighten.factorize, "plan": cli_lighten.plan}[args.command](args)
@@ -253,6 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgeslim: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file system refusal the checks did not foresee (a read-only or special --out, ...)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"edgeslim: error: {exc.strerror or exc}{where}: check the paths and their permissions", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - never a traceback; EDGESLIM_DEBUG=1 shows it
+        import os
+
+        if os.environ.get("EDGESLIM_DEBUG"):
+            raise
+        print(f"edgeslim: error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+              "rerun with EDGESLIM_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 2
 
 
 def _load_model(args):

@@ -353,3 +353,25 @@ def test_whole_pickled_model_needs_allow_pickle_and_a_pickle_is_named_as_such(tm
                  "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out2")]) == 2
     captured = capsys.readouterr()
     assert "pickled Python objects" in captured.err and "--allow-pickle" in captured.err and "ran" not in captured.out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "/proc/edgeslim-x"], "check the paths"),
+    (["--seed", "-1"], "invalid --seed"),
+    (["--eval-size", "0"], "invalid --eval-size"),
+])
+def test_bad_options_end_in_one_line(exported, tmp_path, capsys, extra, message):
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 3, 48, 48), np.float32))
+    argv = ["quantize", str(exported[("landmarks", None)]), "--calib-data", str(tmp_path / "x.npz"), "--data",
+            str(tmp_path / "x.npz")]
+    argv += extra if extra[0] == "--out" else ["--out", str(tmp_path / "out"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1]
+
+
+def test_sensitivity_without_labels_says_which_commands_take_unlabelled_data(exported, tmp_path, capsys):
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 3, 48, 48), np.float32))
+    assert main(["sensitivity", str(exported[("landmarks", None)]), "--calib-data", str(tmp_path / "x.npz"), "--data",
+                 str(tmp_path / "x.npz"), "--out", str(tmp_path / "out")]) == 2
+    assert "fidelity task" in capsys.readouterr().err
