@@ -175,7 +175,7 @@ def _resnet32(shared: Path, work: Path) -> None:
     out = work / "r32"
     cmd = [sys.executable, "-m", "edgeslim", "quantize", "resnet32", "--weights",
            str(shared / "models/resnet32-d509ac18.th"), "--calib-data", str(shared / "data/cifar10-jpeg-train.zip"),
-           "--data", str(shared / "data/cifar10-jpeg-test.zip"), "--out", str(out)]
+           "--data", str(shared / "data/cifar10-jpeg-test.zip"), "--out", str(out), "--simulate-size", "0"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s = json.loads((out / "summary.json").read_text())
     shown = "edgeslim quantize resnet32 --weights ../shared/models/resnet32-d509ac18.th --calib-data " \

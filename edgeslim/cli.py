@@ -48,6 +48,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--simulate-size", type=int, default=1000,
+                   help="classify: score the PyTorch FP32 and fake-quant models on a class-balanced subset of this many "
+                   "test images (the ONNX files are scored on all of them, in onnxruntime); 0 = all")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--task", default="auto", choices=("auto", "classify", "detect", "fidelity"),
                    help="classify (labelled images: top-1), detect (YOLO-format data: mAP, confusion matrix; see "
@@ -400,7 +403,8 @@ def _quantize(args) -> int:
         return 0
     calib, test = _data(args, info)
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
-                           MeasureOptions(threads=args.threads, batch_size=args.batch_size), analyze, plan)
+                           MeasureOptions(threads=args.threads, batch_size=args.batch_size,
+                                          simulation_images=args.simulate_size or None), analyze, plan)
     print_summary(summary, Path(args.out))
     return 0
 
@@ -464,10 +468,11 @@ def _quantize_fidelity(args, model, info, config, plan, analyze=None) -> int:
 
     args._model_meta = (getattr(model, "meta", {}) or {}).get("onnx_metadata")
     uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
-    spec = input_spec(args, info) if uses_images else None  # arrays are model inputs as they are
+    given = any(getattr(args, k) is not None for k in ("mean", "std", "channel_order", "input_size", "resize"))
+    spec = input_spec(args, info) if uses_images or given else None  # arrays are model inputs as they are
     calib = open_inputs(args.calib_data, info.input_shape, spec, limit=args.calib_size, seed=args.seed)
     test = open_inputs(args.data, info.input_shape, spec, limit=args.eval_size, seed=args.seed)
-    s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec if uses_images else None,
+    s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec,
                               opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
                               plan=plan, analyze=analyze)
     print_fidelity_summary(s, Path(args.out))
@@ -715,7 +720,8 @@ def print_summary(s: dict, out: Path) -> None:
     b = next(iter(lat["fp32"]))
     print(f"\n{'':<26}{'top-1':>8}{'flips':>8}{'ONNX KiB':>10}{f'ms ({b})':>12}")
     print(f"{'FP32':<26}{s['fp32']['top1']:>8.4f}{'':>8}{s['size_bytes']['fp32'] / 1024:>10.1f}{lat['fp32'][b]:>12.3f}")
-    print(f"{'fake-quant (PyTorch)':<26}{s['quantized']['top1']:>8.4f}{s['quantized']['flips_vs_fp32']:>8}")
+    label = f"fake-quant ({s['quantized'].get('images', '')} img)" if "images" in s["quantized"] else "fake-quant (PyTorch)"
+    print(f"{label:<26}{s['quantized']['top1']:>8.4f}{s['quantized']['flips_vs_fp32']:>8}")
     print(f"{'INT8 ONNX (onnxruntime)':<26}{s['onnx_int8']['top1']:>8.4f}{s['onnx_int8']['flips_vs_fp32']:>8}"
           f"{s['size_bytes']['int8'] / 1024:>10.1f}{lat['int8'][b]:>12.3f}")
     print(f"integer convs in onnxruntime: {s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}; "

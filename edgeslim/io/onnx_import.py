@@ -196,15 +196,15 @@ class _Importer:
                                 "input size")
         dims: list[int | None] = []
         rank = len(tt.shape.dim)
-        if given is not None and len(given) != rank - 1:
+        dynamic = any(not (d.HasField("dim_value") and d.dim_value > 0) for d in list(tt.shape.dim)[1:])
+        if given is not None and dynamic and len(given) != rank - 1:
             raise EdgeslimError(f"{self.label}: input '{vi.name}' has {rank} dimensions but --input-shape gives "
                                 f"{len(given)}: pass the {rank - 1} dimensions after the batch")
         for k, d in enumerate(tt.shape.dim):
             fixed = d.HasField("dim_value") and d.dim_value > 0
-            if k > 0 and given is not None:
-                if fixed and int(d.dim_value) != int(given[k - 1]):
-                    raise EdgeslimError(f"{self.label}: input '{vi.name}' has dimension {k} = {d.dim_value}, but "
-                                        f"--input-shape gives {given[k - 1]}: pass the model's own size")
+            if fixed:  # a fixed size is imported as it is (--input-shape may still run the graph at another)
+                dims.append(int(d.dim_value))
+            elif k > 0 and given is not None:
                 dims.append(int(given[k - 1]))
             elif fixed:
                 dims.append(int(d.dim_value))
