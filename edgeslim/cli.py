@@ -48,9 +48,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--simulate-size", type=int, default=1000,
-                   help="classify: score the PyTorch FP32 and fake-quant models on a class-balanced subset of this many "
-                   "test images (the ONNX files are scored on all of them, in onnxruntime); 0 = all")
+    p.add_argument("--simulate-size", type=int, default=None,
+                   help="score the PyTorch FP32 and fake-quant models on a subset of this many test images (the ONNX "
+                   "files are scored on all of them, in onnxruntime); 0 = all (default: 1000 classify, 16 detect)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--task", default="auto", choices=("auto", "classify", "detect", "fidelity"),
                    help="classify (labelled images: top-1), detect (YOLO-format data: mAP, confusion matrix; see "
@@ -396,7 +396,8 @@ def _quantize(args) -> int:
 
         calib, test, info = _detect_data(args, info)
         opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
-                             batch_size=min(args.batch_size, 16), threads=args.threads)
+                             batch_size=min(args.batch_size, 16), threads=args.threads,
+                             simulation_images=_simulate(args, 16))
         summary = run_detect_quantize(model, info, calib, test, config, Path(args.out), plan=plan, opts=opts,
                                       analyze=analyze)
         print_detect_summary(summary, Path(args.out))
@@ -404,7 +405,7 @@ def _quantize(args) -> int:
     calib, test = _data(args, info)
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
                            MeasureOptions(threads=args.threads, batch_size=args.batch_size,
-                                          simulation_images=args.simulate_size or None), analyze, plan)
+                                          simulation_images=_simulate(args, 1000)), analyze, plan)
     print_summary(summary, Path(args.out))
     return 0
 
@@ -508,6 +509,15 @@ def print_fidelity_summary(s: dict, out: Path) -> None:
         print(f"overflow ({s['overflow']['images']} inputs): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
               f"of pixels in a filter of {worst['name']}")
     print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
+
+
+def _simulate(args, default: int) -> int | None:
+    n = getattr(args, "simulate_size", None)
+    if n is None:
+        return default
+    if n < 0:
+        raise EdgeslimError(f"invalid --simulate-size {n}: use 0 (all images) or a positive number")
+    return n or None
 
 
 def _high(args, config):
@@ -747,7 +757,8 @@ def print_detect_summary(s: dict, out: Path) -> None:
     lat = s["latency_ms"]
     print(f"\n{s['model']} on {s['images']['test']} images ({s['images']['test_boxes']} boxes) at {s['images']['imgsz']}")
     print(f"{'':<26}{'mAP@.5':>8}{'mAP@.5:.95':>12}{'P':>7}{'R':>7}{'F1':>7}{'ONNX KiB':>10}{'ms':>9}{'FPS':>7}")
-    rows = [("FP32 (PyTorch)", "fp32", None), ("fake-quant (PyTorch)", "quantized", None),
+    n_sim = s["quantized"].get("images", s["images"]["test"])
+    rows = [(f"FP32 (PyTorch, {n_sim} img)", "fp32", None), (f"fake-quant ({n_sim} img)", "quantized", None),
             ("FP32 ONNX", "onnx_fp32", "fp32"), ("INT8 ONNX (onnxruntime)", "onnx_int8", "int8")]
     if "engine" in s:
         rows.append(("integer engine", "engine", None))

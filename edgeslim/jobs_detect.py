@@ -49,6 +49,9 @@ class DetectOptions:
     batch_size: int = 8
     threads: int = 1
     latency_rounds: int = 30
+    # the ONNX files are scored on every test image; the PyTorch float and fake-quant models (about 3 s per
+    # yolov5n image for the simulation) on the first this many (None: all)
+    simulation_images: int | None = 16
 
     def __post_init__(self) -> None:
         for name in ("conf_thres", "iou_thres", "cm_conf", "cm_iou"):
@@ -229,9 +232,18 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
         for path in (fp32_path, int8_path):
             add_metadata(path, detector_metadata(info))
         ptq.set_mode(q.model, "quant")
-        runners = {"fp32": torch_runner(model), "quantized": torch_runner(q.model),
-                   "onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}
-        results = evaluate_models(runners, test, decoder, opts, info=info)
+        results = evaluate_models({"onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}, test,
+                                  decoder, opts, info=info)
+        n_sim = len(test) if opts.simulation_images is None else min(len(test), opts.simulation_images)
+        sim_set = test if n_sim == len(test) else test.subset(n_sim, 0)
+        sim = evaluate_models({"fp32": torch_runner(model), "quantized": torch_runner(q.model),
+                               "onnx_int8_on_subset": ort_runner(int8_path)}, sim_set, decoder, opts,
+                              desc="simulation subset (PyTorch)", info=info)
+        for key in ("fp32", "quantized"):
+            sim[key]["images"] = n_sim
+        results.update(fp32=sim["fp32"], quantized=sim["quantized"])
+        if n_sim < len(test):
+            results["onnx_int8_on_simulation_subset"] = sim["onnx_int8_on_subset"]
         integer, total = ort_eval.integer_convs(int8_path)
         summary = {
             "model": info.name, "task": "detect",
