@@ -74,7 +74,7 @@ def op_category(op: str) -> str:
         return "integer"
     if op in QDQ_OPS:
         return "qdq"
-    if op in MOVEMENT_OPS or op.startswith("Reorder"):
+    if op in MOVEMENT_OPS or op.startswith("Reorder") or op.endswith("MaxPool"):
         return "movement"
     return "float"
 
