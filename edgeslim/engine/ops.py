@@ -18,14 +18,18 @@ Requantization (``requantize``), ``mode``:
   RoundingDivideByPOT rounds twice, half away from zero; the single rounding is what the fake-quant
   simulation models);
 * ``"shift"`` -- power-of-two multipliers only (``m0 == 2**30``): ``y = (acc + 2**(s-1)) >> s`` with
-  ``s = shift - 30`` (left shift when ``s <= 0``); bit-identical to ``"fixed"`` for such multipliers.
+  ``s = shift - 30`` (left shift when ``s <= 0``); bit-identical to ``"fixed"`` for such multipliers;
+* ``"tflite"`` -- TFLite's ``MultiplyByQuantizedMultiplier`` (``tflite_ops``): ``m0`` / ``shift`` are then
+  TFLite's 32-bit multiplier and signed shift (positive = left), as ``tflite_ops.conv_multipliers`` derives
+  them from float32 scales; ``run(..., requant="tflite")`` also runs every other op as TFLite does
+  (``tflite_run``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-ACC_MODES = ("float", "fixed", "shift")
+ACC_MODES = ("float", "fixed", "shift", "tflite")
 
 
 # ----------------------------------------------------------------------------- requantization
@@ -58,6 +62,9 @@ def requantize(acc: np.ndarray, multiplier, m0, shift, zp: int, lo: int, hi: int
         if np.any(np.asarray(shift) < 1) or np.any(np.asarray(shift) > 62):
             raise ValueError("fixed-point requantization needs 1 <= shift <= 62")
         y = (acc * m + (np.int64(1) << (s - 1))) >> s
+    elif mode == "tflite":
+        from .tflite_ops import multiply_by_quantized_multiplier
+        y = multiply_by_quantized_multiplier(acc, chan(m0, np.int64), chan(shift, np.int64))
     elif mode == "shift":
         if np.any(np.asarray(m0) != 1 << 30):
             raise ValueError("shift requantization needs power-of-two multipliers (m0 == 2**30)")

@@ -5,8 +5,9 @@
 
 ``requant`` picks the requantization of QLinearConv / QGemm (``ops.requantize``): ``"float"`` mirrors
 onnxruntime (its float32 multiplier ``x_scale * w_scale / y_scale``), ``"fixed"`` is the integer-only
-``m0 * 2**-shift``, ``"shift"`` needs power-of-two multipliers. ``accumulator_bits`` / ``overflow`` set the
-conv / GEMM accumulator register; ``stats`` (``OverflowStats``) collects overflow counts.
+``m0 * 2**-shift``, ``"shift"`` needs power-of-two multipliers, ``"tflite"`` computes every op as the
+LiteRT / TFLM int8 kernels do (``tflite_run``; run it on ``export.tflite.prepare_graph(g)``).
+``accumulator_bits`` / ``overflow`` set the conv / GEMM accumulator register; ``stats`` (``OverflowStats``) collects overflow counts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..intgraph import IntGraph, IntNode, QParams
-from . import float_ops, ops
+from . import float_ops, ops, tflite_run
 from .overflow import OverflowStats
 
 
@@ -174,7 +175,7 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
     for i in range(0, len(x), batch_size):
         env = {g.input_name: x[i:i + batch_size]}
         for node in g.nodes:
-            fn = _kernel(g, node)
+            fn = (requant == "tflite" and tflite_run.OPS.get(node.op)) or _kernel(g, node)
             if fn is None:
                 raise ValueError(f"engine has no kernel for IntGraph op {node.op} ({node.name})")
             result = fn(g, node, env, cfg)

@@ -1,0 +1,118 @@
+"""The engine's ``requant="tflite"`` kernels: each IntGraph op computed as the TFLite ops that
+``export.tflite`` writes for it compute them (``tflite_ops``), on the engine's natural codes.
+
+Natural codes differ from TFLite's int8 codes by a constant (128 for unsigned 8-bit tensors); every kernel
+here depends only on ``code - zero_point`` except AVERAGE_POOL_2D, whose rounding (half away from zero) sees
+the sign of the raw int8 sum, so the pool moves to int8 codes and back. Ops not listed here (data movement,
+LUT tables) are the same in every mode (``run.OPS``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..intgraph import IntGraph, IntNode, QParams
+from . import ops, tflite_ops
+
+
+def _clamp(node: IntNode, q: QParams) -> tuple[int, int]:
+    lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
+    return max(int(lo), q.qmin), min(int(hi), q.qmax)
+
+
+def _offset(q: QParams) -> int:
+    return 0 if q.signed else 128
+
+
+def _quantize(g: IntGraph, node: IntNode, env, cfg):
+    q = g.qparams[node.outputs[0]]
+    return tflite_ops.quantize(env[node.inputs[0]], q.scale, q.zero_point, *_clamp(node, q))
+
+
+def _dequantize(g: IntGraph, node: IntNode, env, cfg):
+    q = g.qparams[node.inputs[0]]
+    return tflite_ops.dequantize(env[node.inputs[0]], q.scale, q.zero_point)
+
+
+def _weighted(g: IntGraph, node: IntNode, env, cfg, conv: bool):
+    a, at = node.arrays, node.attrs
+    in_q = g.qparams[node.inputs[0]]
+    x = env[node.inputs[0]]
+    if at.get("float_output"):  # not TFLite-representable (export.tflite.prepare_graph gives it int8 outputs)
+        x = x.reshape(x.shape[0], -1)
+        return ops.QGemm(x, in_q.zero_point, a["w"], a["w_zero_point"], a.get("bias"), x_scale=in_q.scale,
+                         w_scale=a["w_scale"], float_output=True)[0]
+    out_q = g.qparams[node.outputs[0]]
+    m, s = tflite_ops.conv_multipliers(in_q.scale, a["w_scale"], out_q.scale)
+    kw = dict(m0=m, shift=s, y_zero_point=out_q.zero_point, clamp=_clamp(node, out_q), requant="tflite",
+              accumulator_bits=cfg["accumulator_bits"], overflow=cfg["overflow"])
+    if conv:
+        return ops.QLinearConv(x, in_q.zero_point, a["w"], a["w_zero_point"], a.get("bias"), strides=at["strides"],
+                               pads=at["pads"], dilations=at["dilations"], group=at["group"], **kw)[0]
+    return ops.QGemm(x.reshape(x.shape[0], -1), in_q.zero_point, a["w"], a["w_zero_point"], a.get("bias"), **kw)[0]
+
+
+def _binary(fn):
+    def call(g: IntGraph, node: IntNode, env, cfg):
+        qa, qb, qy = (g.qparams[n] for n in (*node.inputs[:2], node.outputs[0]))
+        return fn(env[node.inputs[0]], qa.scale, qa.zero_point, env[node.inputs[1]], qb.scale, qb.zero_point,
+                  qy.scale, qy.zero_point, *_clamp(node, qy))
+    return call
+
+
+def _requant_to(x, src: QParams, dst: QParams) -> np.ndarray:
+    """int8 -> int8 QUANTIZE in natural codes (the exporter skips it when the stored parameters are equal)."""
+    if np.float32(src.scale) == np.float32(dst.scale) and src.zero_point - _offset(src) == dst.zero_point - _offset(dst):
+        return np.asarray(x, np.int64) - _offset(src) + _offset(dst)
+    return tflite_ops.requantize(x, src.scale, src.zero_point, dst.scale, dst.zero_point, dst.qmin, dst.qmax)
+
+
+def _concat(g: IntGraph, node: IntNode, env, cfg):
+    qy = g.qparams[node.outputs[0]]
+    parts = [_requant_to(env[n], g.qparams[n], qy) for n in node.inputs]
+    return np.clip(np.concatenate(parts, axis=node.attrs.get("axis", 1)), *_clamp(node, qy))
+
+
+def _avgpool(g: IntGraph, node: IntNode, x, kernel, strides, keepdims: bool = True):
+    qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
+    off = _offset(qx)
+    pooled = tflite_ops.average_pool(np.asarray(x, np.int64) - off, kernel, strides) + off
+    y = np.clip(_requant_to(pooled, qx, qy), *_clamp(node, qy))
+    return y if keepdims else y.reshape(y.shape[0], -1)
+
+
+def _average_pool(g, node, env, cfg):
+    return _avgpool(g, node, env[node.inputs[0]], node.attrs["kernel_shape"], node.attrs["strides"])
+
+
+def _global_average_pool(g, node, env, cfg):
+    x = env[node.inputs[0]]
+    return _avgpool(g, node, x, x.shape[2:], (1, 1), bool(node.attrs.get("keepdims", True)))
+
+
+def _relu(g, node, env, cfg):
+    qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
+    return tflite_ops.relu(env[node.inputs[0]], qx.scale, qx.zero_point, qy.scale, qy.zero_point, *_clamp(node, qy))
+
+
+def _lut(g, node, env, cfg):
+    qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
+    if node.attrs.get("fn") == "leaky_relu":
+        return tflite_ops.leaky_relu(env[node.inputs[0]], qx.scale, qx.zero_point, qy.scale, qy.zero_point,
+                                     node.attrs["alpha"], *_clamp(node, qy))
+    return np.clip(ops.LUT(env[node.inputs[0]], node.arrays["table"], qx.qmin), *_clamp(node, qy))
+
+
+OPS = {
+    "QuantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
+    "QLinearConv": lambda g, n, env, cfg: _weighted(g, n, env, cfg, conv=True),
+    "QGemm": lambda g, n, env, cfg: _weighted(g, n, env, cfg, conv=False),
+    "QLinearAdd": _binary(tflite_ops.add),
+    "QLinearMul": _binary(tflite_ops.mul),
+    "QLinearConcat": _concat,
+    "QLinearAveragePool": _average_pool,
+    "QLinearGlobalAveragePool": _global_average_pool,
+    "QLinearRelu": _relu,
+    "LUT": _lut,
+}

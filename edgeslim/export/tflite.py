@@ -1,0 +1,544 @@
+"""IntGraph -> LiteRT (TFLite) int8 flatbuffer, bit-exact with the engine's ``requant="tflite"`` mode.
+
+    tg = prepare_graph(q.intgraph, calib)          # TFLite-representable copy (int8 logits, see below)
+    fb, info = to_tflite(tg)                        # bytes of a .tflite file, what it holds
+    codes = engine.run(tg, x, requant="tflite")     # what LiteRT / TFLM compute, in numpy
+
+Mapping (schema ``tensorflow/lite/schema/schema.fbs``; kernels ``tensorflow/lite/kernels``):
+
+* layout NHWC: every 4-D IntGraph tensor (NCHW) is stored transposed; reshapes of 4-D tensors go through
+  TRANSPOSE to NCHW first, so flatten order is PyTorch's; batch 1 (microcontrollers have fixed shapes);
+* activations int8: an unsigned 8-bit code ``q`` (zero point ``z``) is stored as ``q - 128`` (zero point
+  ``z - 128``), the same real value; weights int8 symmetric per channel (zero point 0, quantized_dimension 0
+  for CONV_2D / FULLY_CONNECTED, 3 for DEPTHWISE_CONV_2D), biases int32 with scale ``s_in * s_w``;
+* QLinearConv -> CONV_2D / DEPTHWISE_CONV_2D (padding SAME where it equals PyTorch's, else PAD + VALID),
+  QGemm -> FULLY_CONNECTED, QLinearAdd -> ADD, QLinearMul -> MUL, QLinearConcat -> QUANTIZE (int8 -> int8, for
+  inputs with other scales: TFLite's int8 CONCATENATION needs equal parameters) + CONCATENATION,
+  QLinear(Global)AveragePool -> AVERAGE_POOL_2D (on the input's scale, as TFLite requires) + QUANTIZE,
+  MaxPool -> MAX_POOL_2D (explicit pads: PADV2 with -128), Pad -> PAD, Flatten / Reshape -> RESHAPE,
+  Transpose -> TRANSPOSE, Slice -> STRIDED_SLICE, nearest Resize -> RESIZE_NEAREST_NEIGHBOR, QLinearRelu -> RELU / RELU6,
+  LUT leaky ReLU -> LEAKY_RELU, any other LUT (SiLU, sigmoid, hard-swish, tanh, ...) -> its 256-entry int8
+  table as CAST + ADD (int32) + GATHER: the same table the engine and the simulation use, integer, exact
+  in every TFLite runtime;
+* fused activations: an IntGraph clamp equal to TFLite's fused RELU / RELU6 range is fused; any other clamp
+  becomes MAXIMUM / MINIMUM with an int8 constant;
+* float input / output (QUANTIZE at the input, DEQUANTIZE at outputs) by default, ``io="int8"`` for int8.
+
+Refused with one ``EdgeslimError`` naming the fix: non-8-bit activations, weights wider than 8 bits or with
+non-zero zero points, grouped (non-depthwise) convolutions, float islands and other ops TFLite has no int8
+builtin for here (Gather, ConvTranspose, float / FP16 nodes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from ..engine import tflite_ops
+from ..errors import EdgeslimError
+from ..intgraph import IntGraph, IntNode, QParams
+from ..quant.fixed_point import multiplier_arrays
+from .tflite_fb import FlatModel, Tensor, to_bytes
+
+IO_TYPES = ("float", "int8")
+NHWC = (0, 2, 3, 1)  # stored = logical.transpose(NHWC) for 4-D tensors
+
+
+# ----------------------------------------------------------------------------- graph preparation
+
+def check_graph(g: IntGraph) -> None:
+    """Refuse what TFLite's int8 kernels cannot represent, naming the option that avoids it."""
+    for name, q in g.qparams.items():
+        if q.bits != 8:
+            raise EdgeslimError(f"tensor {name} has {q.bits}-bit activations: TFLite int8 export needs --a-bits 8")
+    for n in g.nodes:
+        if "w" not in n.arrays:
+            continue
+        if n.attrs.get("w_bits", 8) > 8:
+            raise EdgeslimError(f"layer {n.name} has {n.attrs['w_bits']}-bit weights: TFLite int8 export needs "
+                                "--w-bits 8 or fewer")
+        if np.any(np.asarray(n.arrays["w_zero_point"]) != 0):
+            raise EdgeslimError(f"layer {n.name} has asymmetric weights (non-zero zero points): TFLite int8 "
+                                "export needs --w-scheme symmetric")
+
+
+def _logit_qparams(values: np.ndarray) -> QParams:
+    """Asymmetric int8 parameters covering ``values`` (and 0), as the calibrators choose them."""
+    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zp = int(np.clip(-128 - round(lo / scale), -128, 127))
+    return QParams(float(np.float32(scale)), zp, 8, True)
+
+
+def _logit_bound(g: IntGraph, node: IntNode) -> np.ndarray:
+    """The largest |real output| a float-output layer can produce for any input code (no data needed)."""
+    q = g.qparams[node.inputs[0]]
+    a = node.arrays
+    dx = max(abs(q.qmin - q.zero_point), abs(q.qmax - q.zero_point))
+    acc = np.abs(a["w"].astype(np.int64)).reshape(a["w"].shape[0], -1).sum(axis=1) * dx
+    if "bias" in a:
+        acc = acc + np.abs(np.asarray(a["bias"], np.int64).reshape(-1))
+    return np.array([-1.0, 1.0]) * float((acc * np.float64(q.scale) * a["w_scale"].astype(np.float64)).max())
+
+
+def prepare_graph(g: IntGraph, calib: np.ndarray | None = None) -> IntGraph:
+    """A copy of ``g`` that TFLite can run: every float-output layer (the classifier's logits, a dequantized
+    accumulator in the IntGraph) gets int8 outputs followed by DequantizeLinear, since TFLite's int8
+    FULLY_CONNECTED has no float output. Their range is observed on ``calib`` (float N, C, H, W inputs; the
+    engine runs them) or, without it, bounded from the weights (wider: coarser logits)."""
+    check_graph(g)
+    g = copy.deepcopy(g)
+    heads = [n for n in g.nodes if n.attrs.get("float_output")]
+    if not heads:
+        return g
+    observed = {}
+    if calib is not None:
+        from ..engine.run import run
+        observed = run(g, np.asarray(calib, np.float32), requant="tflite", return_codes=True)
+    for node in heads:
+        name = node.outputs[0]
+        qy = _logit_qparams(observed[name] if name in observed else _logit_bound(g, node))
+        coded = f"{name}_int8"
+        g.qparams[coded] = qy
+        in_q = g.qparams[node.inputs[0]]
+        node.arrays.update(multiplier_arrays(in_q.scale * node.arrays["w_scale"].astype(np.float64) / qy.scale))
+        node.attrs.pop("float_output")
+        node.attrs["clamp"] = (qy.qmin, qy.qmax)
+        node.outputs = [coded]
+        node.name = coded
+        g.nodes.insert(g.nodes.index(node) + 1, IntNode("DequantizeLinear", name, [coded], [name]))
+    return g
+
+
+def tensor_shapes(g: IntGraph) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape at batch 1 (NCHW, as the IntGraph computes), from one engine run on zeros."""
+    from ..engine.run import run
+    env = run(g, np.zeros((1, *g.input_shape), np.float32), requant="tflite", return_codes=True)
+    return {k: tuple(np.shape(v)) for k, v in env.items()}
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+def _layout(ndim: int) -> tuple[int, ...]:
+    return NHWC if ndim == 4 else tuple(range(ndim))
+
+
+def _inverse(p) -> list[int]:
+    inv = [0] * len(p)
+    for i, v in enumerate(p):
+        inv[v] = i
+    return inv
+
+
+def _then(p, q) -> list[int]:
+    """``a.transpose(p).transpose(q) == a.transpose(_then(p, q))``."""
+    return [p[i] for i in q]
+
+
+def _stored(shape) -> list[int]:
+    return [int(shape[i]) for i in _layout(len(shape))]
+
+
+def _offset(q: QParams) -> int:
+    """int8 code = natural code - offset (unsigned 8-bit codes move by 128)."""
+    return 0 if q.signed else 128
+
+
+class _Exporter:
+    """Walks the IntGraph once and appends the TFLite tensors and operators of each node."""
+
+    def __init__(self, g: IntGraph, io: str) -> None:
+        self.g, self.io = g, io
+        self.shapes = tensor_shapes(g)
+        self.m = FlatModel()
+        self.ids: dict[str, int] = {}  # IntGraph tensor -> flatbuffer tensor
+        self.count = 0
+        self.lut_tables: list[str] = []
+
+    # tensors ---------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        self.count += 1
+        return f"{base};{self.count}"
+
+    def act(self, name: str, q: QParams, shape) -> int:
+        """A new int8 activation tensor (stored layout) with ``q`` moved to the int8 container."""
+        return self.m.add_tensor(Tensor(name, list(shape), np.int8, scale=[float(np.float32(q.scale))],
+                                        zero_point=[q.zero_point - _offset(q)]))
+
+    def out(self, node: IntNode) -> int:
+        name = node.outputs[0]
+        idx = self.act(name, self.g.qparams[name], _stored(self.shapes[name]))
+        self.ids[name] = idx
+        return idx
+
+    def i32(self, name: str, values) -> int:
+        return self.m.const(self.fresh(name), np.asarray(values, np.int32))
+
+    # clamps ----------------------------------------------------------------
+    def fused(self, node: IntNode, name: str, fusable: bool = True) -> tuple[str, tuple[int, int] | None]:
+        """(fused activation, leftover clamp in int8 codes or None) for the node's IntGraph clamp."""
+        q = self.g.qparams[name]
+        off = _offset(q)
+        lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
+        lo, hi = max(int(lo), q.qmin) - off, min(int(hi), q.qmax) - off
+        for act in ("NONE", "RELU", "RELU6") if fusable else ("NONE",):
+            if tflite_ops.activation_range(act, q.scale, q.zero_point - off) == (lo, hi):
+                return act, None
+        return "NONE", (lo, hi)
+
+    def clamp_ops(self, idx: int, name: str, clamp: tuple[int, int] | None) -> int:
+        """MAXIMUM / MINIMUM with int8 constants (same parameters) for a clamp no fused activation equals."""
+        if clamp is None:
+            return idx
+        q = self.g.qparams[name]
+        t = self.m.tensors[idx]
+        for op, bound, limit in (("MAXIMUM", clamp[0], -128), ("MINIMUM", clamp[1], 127)):
+            if bound == limit:
+                continue
+            c = self.m.const(self.fresh(f"{name}_{op.lower()}"), np.array([bound], np.int8), scale=t.scale,
+                             zero_point=t.zero_point)
+            y = self.act(self.fresh(name), q, t.shape)
+            self.m.add_op(op, [idx, c], [y])
+            idx = y
+        return idx
+
+    def finish(self, node: IntNode, emit, fusable: bool = True) -> None:
+        """Emit the op (``emit(activation, out index)``), then any leftover clamp, into the node's output;
+        ``fusable``: the op has a fused activation field."""
+        name = node.outputs[0]
+        act, rest = self.fused(node, name, fusable)
+        if rest is None:
+            emit(act, self.out(node))
+            return
+        q = self.g.qparams[name]
+        tmp = self.act(self.fresh(name), q, _stored(self.shapes[name]))
+        emit(act, tmp)
+        self.ids[name] = self.clamp_ops(tmp, name, rest)
+
+    def requant(self, idx: int, src_q: QParams, dst_q: QParams, shape, name: str) -> int:
+        """int8 -> int8 QUANTIZE to ``dst_q`` (no op when the stored parameters are equal)."""
+        if np.float32(src_q.scale) == np.float32(dst_q.scale) and \
+                src_q.zero_point - _offset(src_q) == dst_q.zero_point - _offset(dst_q):
+            return idx
+        y = self.act(self.fresh(name), dst_q, shape)
+        self.m.add_op("QUANTIZE", [idx], [y])
+        return y
+
+    # nodes -----------------------------------------------------------------
+    def run(self) -> FlatModel:
+        g = self.g
+        shape_in = _stored((1, *g.input_shape))
+        for node in g.nodes:
+            handler = getattr(self, f"op_{node.op}", None)
+            if handler is None:
+                raise EdgeslimError(f"op {node.op} ({node.name}) has no TFLite int8 builtin in edgeslim's exporter: "
+                                    "quantize the model without it (float islands cannot be exported to TFLite)")
+            handler(node, shape_in)
+        missing = [n for n in g.output_names if n not in self.ids]
+        if missing:
+            raise EdgeslimError(f"outputs {missing} were not produced by the TFLite export: open an issue")
+        self.m.outputs = [self.ids[n] for n in g.output_names]
+        return self.m
+
+    def op_QuantizeLinear(self, node: IntNode, shape_in) -> None:
+        if node.inputs[0] != self.g.input_name:
+            raise EdgeslimError(f"QuantizeLinear {node.name} reads a float tensor inside the model (a float island): "
+                                "TFLite export needs an all-integer graph")
+        if self.io == "int8":
+            idx = self.out(node)
+            self.m.inputs = [idx]
+            return
+        x = self.m.add_tensor(Tensor(self.g.input_name, shape_in, np.float32))
+        self.m.inputs = [x]
+        self.finish(node, lambda act, y: self.m.add_op("QUANTIZE", [x], [y]), fusable=False)
+
+    def op_DequantizeLinear(self, node: IntNode, shape_in) -> None:
+        src = self.ids[node.inputs[0]]
+        if self.io == "int8" and node.outputs[0] in self.g.output_names:
+            self.ids[node.outputs[0]] = src
+            return
+        y = self.m.add_tensor(Tensor(node.outputs[0], _stored(self.shapes[node.outputs[0]]), np.float32))
+        self.m.add_op("DEQUANTIZE", [src], [y])
+        self.ids[node.outputs[0]] = y
+
+    def op_Identity(self, node: IntNode, shape_in) -> None:
+        self.ids[node.outputs[0]] = self.ids[node.inputs[0]]
+
+    def _padding(self, node: IntNode, k, in_shape, out_shape, pad_value: int | None) -> tuple[int, int]:
+        """(TFLite padding, input index): SAME when it equals the IntGraph pads, else an explicit PAD / PADV2."""
+        at = node.attrs
+        pads = list(at.get("pads", (0, 0, 0, 0)))
+        src = self.ids[node.inputs[0]]
+        if not any(pads):
+            return 1, src  # VALID
+        strides, dil = at["strides"], at.get("dilations", (1, 1))
+        same = True
+        for d in range(2):
+            eff = (k[d] - 1) * dil[d] + 1
+            total = max((out_shape[2 + d] - 1) * strides[d] + eff - in_shape[2 + d], 0)
+            same &= -(-in_shape[2 + d] // strides[d]) == out_shape[2 + d] and \
+                (total // 2, total - total // 2) == (pads[d], pads[d + 2])
+        if same:
+            return 0, src
+        q = self.g.qparams[node.inputs[0]]
+        padded = [int(in_shape[0]), in_shape[2] + pads[0] + pads[2], in_shape[3] + pads[1] + pads[3], in_shape[1]]
+        y = self.act(self.fresh(f"{node.name}_pad"), q, padded)
+        paddings = self.i32(f"{node.name}_paddings", [[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]])
+        if pad_value is None:
+            self.m.add_op("PAD", [src, paddings], [y])
+        else:
+            t = self.m.tensors[src]
+            c = self.m.const(self.fresh(f"{node.name}_pad_value"), np.array([pad_value], np.int8),
+                             scale=t.scale, zero_point=t.zero_point)
+            self.m.add_op("PADV2", [src, paddings, c], [y])
+        return 1, y
+
+    def _bias(self, node: IntNode, in_q: QParams) -> int | None:
+        a = node.arrays
+        if "bias" not in a:
+            return None
+        o = a["w"].shape[0]
+        bias = np.broadcast_to(np.asarray(a["bias"], np.int64).reshape(-1), (o,))
+        if np.abs(bias).max(initial=0) >= 1 << 31:
+            raise EdgeslimError(f"layer {node.name}: bias does not fit int32: use --w-bits / --a-bits 8")
+        scale = (np.float32(in_q.scale) * a["w_scale"].astype(np.float32)).astype(np.float32).reshape(-1)
+        return self.m.const(f"{node.name}_bias", bias.astype(np.int32), scale=[float(s) for s in scale],
+                            zero_point=[0] * len(scale))
+
+    def _weights(self, node: IntNode, w: np.ndarray, dim: int) -> int:
+        scale = node.arrays["w_scale"].astype(np.float32).reshape(-1)
+        return self.m.const(f"{node.name}_weights", w.astype(np.int8), scale=[float(s) for s in scale],
+                            zero_point=[0] * len(scale), quantized_dimension=dim if len(scale) > 1 else 0)
+
+    def op_QLinearConv(self, node: IntNode, shape_in) -> None:
+        a, at = node.arrays, node.attrs
+        w = np.asarray(a["w"])
+        o, cg, kh, kw = w.shape
+        in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
+        c_in = in_shape[1]
+        padding, x = self._padding(node, (kh, kw), in_shape, out_shape, None)
+        in_q = self.g.qparams[node.inputs[0]]
+        bias = self._bias(node, in_q)
+        ins = [x, None, bias if bias is not None else -1]
+        sh, sw = at["strides"]
+        dh, dw = at["dilations"]
+        if at["group"] == 1:
+            ins[1] = self._weights(node, w.transpose(0, 2, 3, 1), 0)  # OHWI
+            opts = ("Conv2DOptions", {"Padding": padding, "StrideW": sw, "StrideH": sh, "DilationWFactor": dw,
+                                      "DilationHFactor": dh})
+            code = "CONV_2D"
+        elif at["group"] == c_in and cg == 1:
+            ins[1] = self._weights(node, w.transpose(1, 2, 3, 0), 3)  # 1, H, W, O
+            opts = ("DepthwiseConv2DOptions", {"Padding": padding, "StrideW": sw, "StrideH": sh,
+                                               "DepthMultiplier": o // c_in, "DilationWFactor": dw,
+                                               "DilationHFactor": dh})
+            code = "DEPTHWISE_CONV_2D"
+        else:
+            raise EdgeslimError(f"conv {node.name} is grouped ({at['group']} groups of {c_in} channels): TFLite int8 "
+                                "export supports regular and depthwise convolutions only")
+
+        def emit(act, y):
+            opts[1]["FusedActivationFunction"] = _act_code(act)
+            self.m.add_op(code, ins, [y], opts)
+        self.finish(node, emit)
+
+    def op_QGemm(self, node: IntNode, shape_in) -> None:
+        if node.attrs.get("float_output"):
+            raise EdgeslimError(f"layer {node.name} has float outputs: run export.tflite.prepare_graph first")
+        in_shape = self.shapes[node.inputs[0]]
+        x = self.ids[node.inputs[0]]
+        if len(in_shape) != 2:
+            x = self._reshape(x, in_shape, (in_shape[0], int(np.prod(in_shape[1:]))), node.name)
+        in_q = self.g.qparams[node.inputs[0]]
+        w = self._weights(node, np.asarray(node.arrays["w"]).reshape(node.arrays["w"].shape[0], -1), 0)
+        bias = self._bias(node, in_q)
+
+        def emit(act, y):
+            self.m.add_op("FULLY_CONNECTED", [x, w, bias if bias is not None else -1], [y],
+                          ("FullyConnectedOptions", {"FusedActivationFunction": _act_code(act)}))
+        self.finish(node, emit)
+
+    def _binary(self, node: IntNode, code: str) -> None:
+        a, b = (self.ids[n] for n in node.inputs[:2])
+        for n in node.inputs[:2]:
+            if len(self.shapes[n]) != len(self.shapes[node.outputs[0]]):
+                raise EdgeslimError(f"{node.op} {node.name}: inputs of different rank are not exportable to TFLite yet")
+        self.finish(node, lambda act, y: self.m.add_op(code, [a, b], [y], (f"{code.capitalize()}Options",
+                                                                          {"FusedActivationFunction": _act_code(act)})))
+
+    def op_QLinearAdd(self, node: IntNode, shape_in) -> None:
+        self._binary(node, "ADD")
+
+    def op_QLinearMul(self, node: IntNode, shape_in) -> None:
+        self._binary(node, "MUL")
+
+    def op_QLinearConcat(self, node: IntNode, shape_in) -> None:
+        qy = self.g.qparams[node.outputs[0]]
+        parts = []
+        for n in node.inputs:
+            parts.append(self.requant(self.ids[n], self.g.qparams[n], qy, _stored(self.shapes[n]), f"{node.name}_in"))
+        ndim = len(self.shapes[node.outputs[0]])
+        axis = _layout(ndim).index(node.attrs.get("axis", 1) % ndim)
+        self.finish(node, lambda act, y: self.m.add_op("CONCATENATION", parts, [y], (
+            "ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": _act_code(act)})))
+
+    def _avgpool(self, node: IntNode, k, s) -> None:
+        in_q, out_q = self.g.qparams[node.inputs[0]], self.g.qparams[node.outputs[0]]
+        in_shape = self.shapes[node.inputs[0]]
+        ho, wo = (in_shape[2] - k[0]) // s[0] + 1, (in_shape[3] - k[1]) // s[1] + 1
+        pooled_shape = [in_shape[0], ho, wo, in_shape[1]]
+        pooled = self.act(self.fresh(f"{node.name}_pool"), in_q, pooled_shape)
+        self.m.add_op("AVERAGE_POOL_2D", [self.ids[node.inputs[0]]], [pooled], (
+            "Pool2DOptions", {"Padding": 1, "StrideW": s[1], "StrideH": s[0], "FilterWidth": k[1],
+                              "FilterHeight": k[0]}))
+        y = self.requant(pooled, in_q, out_q, pooled_shape, node.name)
+        out_shape = self.shapes[node.outputs[0]]
+        if len(out_shape) == 2:
+            y = self._reshape(y, (in_shape[0], in_shape[1], 1, 1), out_shape, node.name)
+        lo, hi = node.attrs.get("clamp") or (out_q.qmin, out_q.qmax)
+        off = _offset(out_q)
+        clamp = (max(lo, out_q.qmin) - off, min(hi, out_q.qmax) - off)
+        self.ids[node.outputs[0]] = self.clamp_ops(y, node.outputs[0], None if clamp == (-128, 127) else clamp)
+
+    def op_QLinearAveragePool(self, node: IntNode, shape_in) -> None:
+        self._avgpool(node, node.attrs["kernel_shape"], node.attrs["strides"])
+
+    def op_QLinearGlobalAveragePool(self, node: IntNode, shape_in) -> None:
+        h, w = self.shapes[node.inputs[0]][2:]
+        self._avgpool(node, (h, w), (1, 1))
+
+    def op_MaxPool(self, node: IntNode, shape_in) -> None:
+        k, s = node.attrs["kernel_shape"], node.attrs["strides"]
+        padding, x = self._padding(node, k, self.shapes[node.inputs[0]], self.shapes[node.outputs[0]], -128)
+        self.m.add_op("MAX_POOL_2D", [x], [self.out(node)], (
+            "Pool2DOptions", {"Padding": padding, "StrideW": s[1], "StrideH": s[0], "FilterWidth": k[1],
+                              "FilterHeight": k[0]}))
+
+    def op_Pad(self, node: IntNode, shape_in) -> None:
+        pads = node.attrs["pads"]
+        nd = len(pads) // 2
+        pairs = [[pads[i], pads[i + nd]] for i in _layout(nd)]
+        self.m.add_op("PAD", [self.ids[node.inputs[0]], self.i32(f"{node.name}_paddings", pairs)], [self.out(node)])
+
+    def _reshape(self, x: int, in_shape, out_shape, name: str) -> int:
+        """RESHAPE in PyTorch's (NCHW) element order: 4-D tensors go through TRANSPOSE to NCHW and back."""
+        t = self.m.tensors[x]
+        q = dict(scale=t.scale, zero_point=t.zero_point)
+        if len(in_shape) == 4:
+            x = self._transpose(x, _inverse(NHWC), list(in_shape), name, q)
+        flat = self.m.add_tensor(Tensor(self.fresh(f"{name}_reshape"), [int(v) for v in out_shape], np.int8, **q))
+        self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", list(out_shape))], [flat],
+                      ("ReshapeOptions", {}))
+        if len(out_shape) == 4:
+            flat = self._transpose(flat, list(NHWC), _stored(out_shape), name, q)
+        return flat
+
+    def _transpose(self, x: int, perm, out_shape, name: str, q: dict) -> int:
+        if list(perm) == list(range(len(perm))):
+            return x
+        y = self.m.add_tensor(Tensor(self.fresh(f"{name}_transpose"), [int(v) for v in out_shape], np.int8, **q))
+        self.m.add_op("TRANSPOSE", [x, self.i32(f"{name}_perm", perm)], [y])
+        return y
+
+    def _alias_output(self, node: IntNode, idx: int) -> None:
+        """Rename the last tensor to the node's output."""
+        self.m.tensors[idx].name = node.outputs[0]
+        self.ids[node.outputs[0]] = idx
+
+    def op_Flatten(self, node: IntNode, shape_in) -> None:
+        self.op_Reshape(node, shape_in)
+
+    def op_Reshape(self, node: IntNode, shape_in) -> None:
+        in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
+        self._alias_output(node, self._reshape(self.ids[node.inputs[0]], in_shape, out_shape, node.name))
+
+    def op_Transpose(self, node: IntNode, shape_in) -> None:
+        in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
+        perm = _then(_then(_inverse(_layout(len(in_shape))), node.attrs["perm"]), _layout(len(out_shape)))
+        t = self.m.tensors[self.ids[node.inputs[0]]]
+        y = self._transpose(self.ids[node.inputs[0]], perm, _stored(out_shape), node.name,
+                            dict(scale=t.scale, zero_point=t.zero_point))
+        self._alias_output(node, y)
+
+    def op_Slice(self, node: IntNode, shape_in) -> None:
+        in_shape = self.shapes[node.inputs[0]]
+        nd = len(in_shape)
+        begin, end, step = [0] * nd, list(in_shape), [1] * nd
+        at = node.attrs
+        for i, (a, st, en) in enumerate(zip(at["axes"], at["starts"], at["ends"])):
+            a = a % nd
+            begin[a], end[a], step[a] = slice(st, en, (at.get("steps") or [1] * len(at["axes"]))[i]).indices(in_shape[a])
+            if step[a] < 1:
+                raise EdgeslimError(f"slice {node.name}: negative steps are not exportable to TFLite")
+        order = _layout(nd)
+        args = [self.i32(f"{node.name}_{k}", [v[i] for i in order]) for k, v in
+                (("begin", begin), ("end", end), ("strides", step))]
+        self.m.add_op("STRIDED_SLICE", [self.ids[node.inputs[0]], *args], [self.out(node)],
+                      ("StridedSliceOptions", {}))
+
+    def op_Resize(self, node: IntNode, shape_in) -> None:
+        at = node.attrs
+        in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
+        nearest = at.get("coordinate_transformation_mode") == "asymmetric" and at.get("nearest_mode") == "floor"
+        integer = all(o % i == 0 for i, o in zip(in_shape[2:], out_shape[2:]))
+        if not (nearest and integer and len(in_shape) == 4 and at.get("clamp") is None):
+            raise EdgeslimError(f"resize {node.name}: only nearest upsampling by integer factors exports to TFLite")
+        size = self.i32(f"{node.name}_size", list(out_shape[2:]))
+        self.m.add_op("RESIZE_NEAREST_NEIGHBOR", [self.ids[node.inputs[0]], size], [self.out(node)],
+                      ("ResizeNearestNeighborOptions", {"AlignCorners": False, "HalfPixelCenters": False}))
+
+    def op_QLinearRelu(self, node: IntNode, shape_in) -> None:
+        act, rest = self.fused(node, node.outputs[0])
+        if act == "NONE" or rest is not None:
+            raise EdgeslimError(f"ReLU {node.name}: its clamp is not TFLite's RELU / RELU6 range: "
+                                "quantize with fusion on (without --no-fuse)")
+        self.m.add_op(act, [self.ids[node.inputs[0]]], [self.out(node)])
+
+    def op_LUT(self, node: IntNode, shape_in) -> None:
+        fn = node.attrs.get("fn")
+        x = self.ids[node.inputs[0]]
+        if fn == "leaky_relu":
+            self.finish(node, lambda act, y: self.m.add_op("LEAKY_RELU", [x], [y], (
+                "LeakyReluOptions", {"Alpha": float(node.attrs["alpha"])})), fusable=False)
+            return
+        qx, qy = self.g.qparams[node.inputs[0]], self.g.qparams[node.outputs[0]]
+        lo, hi = node.attrs.get("clamp") or (qy.qmin, qy.qmax)
+        table = np.clip(np.asarray(node.arrays["table"], np.int64), max(lo, qy.qmin), min(hi, qy.qmax)) - _offset(qy)
+        shape = self.m.tensors[x].shape
+        as_i32 = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_codes"), shape, np.int32))
+        index = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_index"), shape, np.int32))
+        out_t = self.out(node)
+        t = self.m.tensors[out_t]
+        tab = self.m.const(f"{node.name}_table_{fn}", table.astype(np.int8), scale=t.scale, zero_point=t.zero_point)
+        self.m.add_op("CAST", [x], [as_i32])
+        self.m.add_op("ADD", [as_i32, self.i32(f"{node.name}_128", [128])], [index], ("AddOptions", {}))  # int8 + 128
+        self.m.add_op("GATHER", [tab, index], [out_t], ("GatherOptions", {"Axis": 0}))
+        self.lut_tables.append(f"{node.name} ({fn})")
+
+
+def _act_code(act: str) -> int:
+    from tflite.ActivationFunctionType import ActivationFunctionType
+    return getattr(ActivationFunctionType, act)
+
+
+def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
+    """Serialize a prepared IntGraph (``prepare_graph``) as a ``.tflite`` flatbuffer.
+
+    Returns (bytes, info): info holds ``ops`` (builtin -> count), ``op_codes`` (the TFLM resolver list),
+    ``float_ops`` (ops left in float: none, the exporter refuses float islands), ``lut_as_gather`` (activations
+    written as int8 table lookups), ``input_layout`` / ``output_layout``."""
+    if io not in IO_TYPES:
+        raise EdgeslimError(f"invalid TFLite IO type {io!r}: use one of {', '.join(IO_TYPES)}")
+    check_graph(g)
+    ex = _Exporter(g, io)
+    m = ex.run()
+    counts: dict[str, int] = {}
+    for op in m.ops:
+        counts[op.code] = counts.get(op.code, 0) + 1
+    float_ops = [op.code for op in m.ops if op.code not in ("QUANTIZE", "DEQUANTIZE") and
+                 any(m.tensors[i].dtype == np.float32 for i in [*op.inputs, *op.outputs] if i >= 0)]
+    info = {"ops": counts, "op_codes": m.op_codes(), "float_ops": float_ops, "lut_as_gather": ex.lut_tables,
+            "io": io, "input_layout": "NHWC" if len(g.input_shape) == 3 else "as IntGraph",
+            "output_layout": ["NHWC" if len(s) == 3 else "as IntGraph" for s in g.output_shapes]}
+    return to_bytes(m), info

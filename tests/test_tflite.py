@@ -1,0 +1,269 @@
+"""LiteRT (TFLite) export: the engine's ``tflite`` mode against LiteRT's reference kernels and TFLM, exactly.
+
+Each model is quantized with ``edgeslim.api``, prepared (``export.tflite.prepare_graph``), written as a
+``.tflite`` flatbuffer and run in three places: the numpy engine (``requant="tflite"``), LiteRT with its
+reference kernels (``OpResolverType.BUILTIN_REF``) and TensorFlow Lite for Microcontrollers. The int8 outputs
+must be identical. The fixed-point helpers are checked against values worked out by hand from gemmlowp's
+definitions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim import api
+from edgeslim.config import PTQConfig
+from edgeslim.engine import tflite_ops as T
+from edgeslim.errors import EdgeslimError
+
+litert = pytest.importorskip("ai_edge_litert.interpreter")
+pytest.importorskip("tflite")
+tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+
+from edgeslim.engine.run import run  # noqa: E402
+from edgeslim.export.tflite import prepare_graph, to_tflite  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- fixed point, by hand
+
+def test_quantize_multiplier_matches_frexp_by_hand():
+    assert T.quantize_multiplier(0.5) == (1 << 30, 0)
+    assert T.quantize_multiplier(1.0) == (1 << 30, 1)
+    assert T.quantize_multiplier(0.1) == (round(0.8 * 2 ** 31), -3)  # 0.1 = 0.8 * 2**-3
+    assert T.quantize_multiplier(3.0) == (3 << 29, 2)  # 0.75 * 2**2
+    assert T.quantize_multiplier(2.0 ** -40) == (0, 0)  # shift < -31 flushes to zero
+    m, s = T.quantize_multiplier(1 - 2 ** -33)  # the fraction rounds up to 2**31: renormalized
+    assert (m, s) == (1 << 30, 1)
+
+
+def test_saturating_rounding_doubling_high_mul_by_hand():
+    # 2ab / 2**32 with nudge 2**30 (ab >= 0) or 1 - 2**30 (ab < 0), then C division (toward zero):
+    # 3 * 2**30 -> 1.5 -> 2; -1.5 -> (-2**32 + 1) / 2**31 = -1.99.. -> -1 (a negative tie goes up)
+    assert T.saturating_rounding_doubling_high_mul(3, 1 << 30) == 2
+    assert T.saturating_rounding_doubling_high_mul(-3, 1 << 30) == -1
+    assert T.saturating_rounding_doubling_high_mul(-5, 1 << 30) == -2  # -2.5 -> -2
+    assert T.saturating_rounding_doubling_high_mul(5, 1 << 30) == 3  # 2.5 -> 3
+    assert T.saturating_rounding_doubling_high_mul(T.INT32_MIN, T.INT32_MIN) == T.INT32_MAX
+    assert T.saturating_rounding_doubling_high_mul(1000, (1 << 31) - 1) == 1000
+
+
+def test_rounding_divide_by_pot_rounds_half_away_from_zero():
+    assert list(T.rounding_divide_by_pot(np.array([5, -5, 6, -6, 7, -7]), 2)) == [1, -1, 2, -2, 2, -2]
+    assert list(T.rounding_divide_by_pot(np.array([3, -3, 2]), 0)) == [3, -3, 2]
+
+
+def test_multiply_by_quantized_multiplier_rounds_twice():
+    # real 0.3 ~ m * 2**(s - 31); 10 * 0.3 = 3; with double rounding 5 * 0.3 = 1.5 -> 2
+    m, s = T.quantize_multiplier(0.3)
+    assert T.multiply_by_quantized_multiplier(10, m, s) == 3
+    assert T.multiply_by_quantized_multiplier(-10, m, s) == -3
+    # multiplier 0.5 as m = 2**30, shift 0: SRDHM(x, 2**30) = x / 2 rounded; 3 -> 2, -3 -> -1 (see above)
+    assert T.multiply_by_quantized_multiplier(np.array([3, -3, 4]), 1 << 30, 0).tolist() == [2, -1, 2]
+    # multiplier 0.25 = 2**30 * 2**-1: SRDHM(3) = 2, then RoundingDivideByPOT(2, 1) = 1 (one rounding: 0.75 -> 1)
+    assert T.multiply_by_quantized_multiplier(3, 1 << 30, -1) == 1
+    # 0.375 * 4 = 1.5: double rounding, SRDHM(4, 0.75 * 2**31) = 3, then 3 / 2 = 1.5 -> 2
+    assert T.multiply_by_quantized_multiplier(4, 3 << 29, -1) == 2
+    assert T.multiply_by_quantized_multiplier(5, 1 << 30, 2) == 10  # left shift: 5 * 2
+
+
+def test_average_pool_rounds_half_away_from_zero():
+    x = np.array([1, 2, -1, -2], np.int64).reshape(1, 1, 2, 2)
+    assert T.average_pool(x, (1, 2), (1, 2)).ravel().tolist() == [2, -2]  # 1.5 -> 2, -1.5 -> -2
+
+
+def test_quantize_rounds_half_away_from_zero():
+    assert T.quantize(np.array([0.5, -0.5, 1.5, 2.5]), 1.0, 0).tolist() == [1, -1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- models, one per op group
+
+class Seq(nn.Module):
+    def __init__(self, *mods, fn=None):
+        super().__init__()
+        self.body = nn.Sequential(*mods)
+        self.fn = fn
+
+    def forward(self, x):
+        x = self.body(x)
+        return self.fn(x) if self.fn else x
+
+
+class ConvPair(nn.Module):
+    """Two 3x3 branches combined by ``op``."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.op = op
+
+    def forward(self, x):
+        return self.op(self.a(x), F.relu(self.b(x)))
+
+
+class Head(nn.Module):
+    """conv -> global mean -> linear (float logits): the classifier tail."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c(x)).mean((2, 3)))
+
+
+class Silu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.c(x)
+        return x * torch.sigmoid(x)
+
+
+class OptionA(nn.Module):
+    """ResNet-20's option-A shortcut: strided slicing + channel zero padding, added to a stride-2 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        return F.relu(self.c2(x) + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2)))
+
+
+def _conv(*a, **k):
+    return nn.Conv2d(*a, **k)
+
+
+MODELS = {
+    "conv_relu": lambda: Seq(_conv(3, 8, 3, padding=1), nn.ReLU(), _conv(8, 8, 3, stride=2, padding=1), nn.ReLU6()),
+    "depthwise": lambda: Seq(_conv(3, 6, 1), _conv(6, 6, 3, padding=1, groups=6), nn.ReLU(),
+                             _conv(6, 12, 3, stride=2, padding=1, groups=6)),
+    "linear": lambda: Seq(_conv(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)),
+    "add": lambda: ConvPair(torch.add),
+    "mul": lambda: ConvPair(torch.mul),
+    "concat": lambda: ConvPair(lambda a, b: torch.cat([a, b], 1)),
+    "avgpool": lambda: Seq(_conv(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)),
+    "maxpool": lambda: Seq(_conv(3, 8, 3, padding=1), nn.MaxPool2d(3, 2, padding=1)),
+    "global_mean": Head,
+    "reshape": lambda: Seq(_conv(3, 8, 3, padding=1), fn=lambda x: x.reshape(x.shape[0], 8, 64).transpose(1, 2)),
+    "pad": lambda: Seq(_conv(3, 8, 3), fn=lambda x: F.pad(x, (1, 2, 0, 1))),
+    "resize": lambda: Seq(_conv(3, 8, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest")),
+    "sigmoid": lambda: Seq(_conv(3, 8, 3, padding=1), nn.Sigmoid()),
+    "hardswish": lambda: Seq(_conv(3, 8, 3, padding=1), nn.Hardswish()),
+    "leaky_relu": lambda: Seq(_conv(3, 8, 3, padding=1), nn.LeakyReLU(0.1), _conv(8, 4, 1)),
+    "silu": Silu,
+    "option_a": OptionA,
+}
+
+
+def _quantized(name: str, seed: int = 0, shape=(3, 8, 8), **cfg):
+    torch.manual_seed(seed)
+    model = MODELS[name]().eval()
+    calib = torch.randn(24, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = api.quantize(model, calib, PTQConfig(**cfg), batch_size=24)
+    return q, calib.numpy()
+
+
+def _runtimes(fb: bytes):
+    ref = litert.Interpreter(model_content=fb, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF)
+    ref.allocate_tensors()
+    return ref, tflm.Interpreter.from_bytes(fb)
+
+
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+def _int8(tg, name: str, codes: dict) -> np.ndarray:
+    """Engine codes of ``name`` as TFLite stores them (int8, NHWC)."""
+    q = tg.qparams[name]
+    return _nhwc(codes[name] - (0 if q.signed else 128))
+
+
+def _compare(tg, fb: bytes, x: np.ndarray, io: str) -> dict:
+    """Per output, the largest |difference| engine vs LiteRT reference and engine vs TFLM (int8 codes, or
+    float outputs for float IO)."""
+    codes = run(tg, x, requant="tflite", return_codes=True)
+    ref, micro = _runtimes(fb)
+    q_in = tg.nodes[0].outputs[0]
+    diffs = {"ref": 0, "tflm": 0}
+    for i in range(len(x)):
+        feed = _int8(tg, q_in, codes)[i:i + 1].astype(np.int8) if io == "int8" else _nhwc(x[i:i + 1])
+        ref.set_tensor(ref.get_input_details()[0]["index"], feed)
+        ref.invoke()
+        micro.set_input(feed, 0)
+        micro.invoke()
+        for k, out in enumerate(tg.output_names):
+            if io == "int8":
+                src = next(n for n in tg.nodes if n.outputs[0] == out).inputs[0]
+                want = _int8(tg, src, codes)[i:i + 1]
+            else:
+                want = _nhwc(codes[out][i:i + 1])
+            got_ref = ref.get_tensor(ref.get_output_details()[k]["index"])
+            got_micro = micro.get_output(k)
+            assert got_ref.shape == want.shape and got_micro.shape == want.shape
+            diffs["ref"] = max(diffs["ref"], float(np.abs(got_ref.astype(np.float64) - want).max()))
+            diffs["tflm"] = max(diffs["tflm"], float(np.abs(got_micro.astype(np.float64) - want).max()))
+    return diffs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_engine_equals_litert_reference_and_tflm(name):
+    q, calib = _quantized(name)
+    tg = prepare_graph(q.intgraph, calib)
+    fb, info = to_tflite(tg, io="int8")
+    assert not info["float_ops"]
+    x = np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32) * 1.5
+    assert _compare(tg, fb, x, "int8") == {"ref": 0.0, "tflm": 0.0}
+
+
+@pytest.mark.parametrize("name", ["global_mean", "concat", "sigmoid"])
+def test_float_io_is_exact_too(name):
+    """Float in, float out: QUANTIZE (round half away from zero) and DEQUANTIZE match the engine exactly."""
+    q, calib = _quantized(name)
+    tg = prepare_graph(q.intgraph, calib)
+    fb, info = to_tflite(tg)
+    assert info["ops"]["QUANTIZE"] >= 1 and info["ops"]["DEQUANTIZE"] == 1
+    x = np.random.default_rng(2).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    assert _compare(tg, fb, x, "float") == {"ref": 0.0, "tflm": 0.0}
+
+
+def test_builtins_are_the_int8_ones():
+    q, calib = _quantized("depthwise")
+    _, info = to_tflite(prepare_graph(q.intgraph, calib), io="int8")
+    assert info["ops"]["DEPTHWISE_CONV_2D"] == 2 and info["ops"]["CONV_2D"] == 1
+    q, calib = _quantized("leaky_relu")
+    _, info = to_tflite(prepare_graph(q.intgraph, calib), io="int8")
+    assert "LEAKY_RELU" in info["ops"] and not info["lut_as_gather"]
+
+
+def test_asymmetric_weights_are_refused_with_the_option():
+    q, calib = _quantized("conv_relu", w_scheme="asymmetric", granularity="tensor")
+    with pytest.raises(EdgeslimError, match="--w-scheme symmetric"):
+        prepare_graph(q.intgraph, calib)
+
+
+def test_wide_activations_are_refused_with_the_option():
+    q, calib = _quantized("conv_relu", w_bits=8, a_bits=12)
+    with pytest.raises(EdgeslimError, match="--a-bits 8"):
+        prepare_graph(q.intgraph, calib)
+
+
+def test_pow2_scales_export_exactly():
+    """The VTA-style power-of-two setting reaches TFLite: multipliers are powers of two there too."""
+    q, calib = _quantized("add", scale="pow2")
+    tg = prepare_graph(q.intgraph, calib)
+    fb, _ = to_tflite(tg, io="int8")
+    x = np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    assert _compare(tg, fb, x, "int8") == {"ref": 0.0, "tflm": 0.0}
