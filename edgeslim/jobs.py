@@ -40,6 +40,7 @@ class MeasureOptions:
     # the FP32 and INT8 files are scored on every test image in onnxruntime (all cores); the PyTorch models
     # (float and fake-quant simulation) on a seeded class-balanced subset of this many (None: all)
     simulation_images: int | None = 1000
+    formats: tuple[str, ...] = ("onnx",)  # + "tflite" / "tflm": LiteRT and microcontroller files (export.tflm)
 
 
 def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,
@@ -117,6 +118,9 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
         summary["reconstruction"] = q.reports
     if analyze is not None:
         summary.update(analysis.analyze(q.intgraph, test_ds, logits["onnx_int8"], analyze, measure.batch_size))
+    if {"tflite", "tflm"} & set(measure.formats):  # model_int8.tflite (+ TFLM C array, resolver, arena)
+        from .export.tflm import write_deployment
+        summary.update(write_deployment(q.intgraph, calib[:256], stage, measure.formats))
     (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
     write_report(summary, stage / "report.html")
     (stage / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -267,3 +267,73 @@ def test_pow2_scales_export_exactly():
     fb, _ = to_tflite(tg, io="int8")
     x = np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)
     assert _compare(tg, fb, x, "int8") == {"ref": 0.0, "tflm": 0.0}
+
+
+# ----------------------------------------------------------------------------- the CLI (--formats)
+
+TINY = '''
+import torch
+from torch import nn
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 2))
+'''
+
+
+@pytest.fixture
+def tiny_job(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+    (tmp_path / "usermodels.py").write_text(TINY)
+    return ["quantize", f"{tmp_path / 'usermodels.py'}:tiny", "--input-shape", "3,8,8", "--calib-data",
+            str(tmp_path / "images"), "--data", str(tmp_path / "images"), "--calib-size", "8",
+            "--out", str(tmp_path / "run")]
+
+
+def test_cli_formats_tflm_writes_the_microcontroller_build(capsys, tmp_path, tiny_job):
+    import json
+
+    from edgeslim.cli import main
+
+    assert main([*tiny_job, "--formats", "onnx,tflm"]) == 0
+    run_dir = tmp_path / "run"
+    s = json.loads((run_dir / "summary.json").read_text())
+    fb = (run_dir / "model_int8.tflite").read_bytes()
+    assert s["tflite"]["size_bytes"] == len(fb) == s["mcu"]["flash_bytes"]
+    assert s["tflite"]["ops"]["CONV_2D"] == 2 and s["tflite"]["float_ops"] == []
+    assert 0 < s["mcu"]["ram_bytes"] < 64 * 1024
+    assert "resolver.AddConv2D();" in (run_dir / "op_resolver.txt").read_text()
+    cc = (run_dir / "model_data.cc").read_text()
+    assert f"g_model_len = {len(fb)};" in cc and cc.count("0x") == len(fb)
+    assert "model_data.h" in {p.name for p in run_dir.iterdir()}
+    ref, _ = _runtimes(fb)  # the file runs in LiteRT
+    ref.set_tensor(ref.get_input_details()[0]["index"], np.zeros((1, 8, 8, 3), np.float32))
+    ref.invoke()
+    assert ref.get_tensor(ref.get_output_details()[0]["index"]).shape == (1, 2)
+
+
+def test_cli_formats_without_the_extra_is_one_line(capsys, monkeypatch, tmp_path, tiny_job):
+    import sys
+
+    from edgeslim.cli import main
+
+    monkeypatch.setitem(sys.modules, "tflite_micro", None)  # import tflite_micro -> ImportError
+    assert main([*tiny_job, "--formats", "tflm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "edgeslim: error: --formats tflm needs the tflite extra: pip install -e '.[tflite]'"
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_cli_unknown_format_is_refused(capsys, tiny_job):
+    from edgeslim.cli import main
+
+    assert main([*tiny_job, "--formats", "onnx,coreml"]) == 2
+    assert "unknown format(s) coreml" in capsys.readouterr().err
