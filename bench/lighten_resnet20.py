@@ -59,7 +59,7 @@ def run_fp16(model, info, train, test, out: Path) -> dict:
 
     from edgeslim import api
     from edgeslim.eval import ort as ort_eval
-    from edgeslim.jobs_mixed import onnx_top1
+    from edgeslim.tasks import onnx_top1
 
     out.mkdir(parents=True, exist_ok=True)
     fp32 = api.export_fp32_onnx(model, info.input_shape, out / "model_fp32.onnx")

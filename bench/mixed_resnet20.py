@@ -26,6 +26,7 @@ from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
 from edgeslim.jobs import MeasureOptions
 from edgeslim.jobs_mixed import run_mixed, run_sensitivity
+from edgeslim.tasks import Classify
 from edgeslim.quant.precision import LayerPrecision
 from edgeslim.report.mixed_html import frontier_figure, sensitivity_figure
 
@@ -47,7 +48,7 @@ def sweeps(model, info, train, test, args, work: Path) -> None:
     results = {}
     for bits in (8, 4):
         config = PTQConfig(w_bits=bits, a_bits=bits, calibrator=args.calibrator, calib_size=args.calib_size)
-        s = run_sensitivity(model, info, train, test, config, work / f"sens{bits}", high=LayerPrecision.parse("fp32"),
+        s = run_sensitivity(model, info, Classify(train, test), config, work / f"sens{bits}", high=LayerPrecision.parse("fp32"),
                             holdout_size=args.holdout, group_table=False, measure=MeasureOptions())
         results[bits] = s["sensitivity"]
         if bits == 4:
@@ -55,11 +56,11 @@ def sweeps(model, info, train, test, args, work: Path) -> None:
     r8, r4 = results[8], results[4]
     rows = []
     for a, b in zip(r8["rows"], r4["rows"]):
-        rows.append([a["name"], a["macs"], a["keep_high"]["top1"], a["only_quantized"]["top1"], b["keep_high"]["top1"],
-                     b["keep_high"]["delta"], b["keep_high"]["sqnr_db"], b["only_quantized"]["top1"],
+        rows.append([a["name"], a["macs"], a["keep_high"]["score"], a["only_quantized"]["score"], b["keep_high"]["score"],
+                     b["keep_high"]["delta"], b["keep_high"]["sqnr_db"], b["only_quantized"]["score"],
                      b["only_quantized"]["delta"]])
-    head = (f"FP32 held-out top-1 {r8['fp32_top1']:.4f}; uniform W8A8 {r8['uniform']['top1']:.4f}, "
-            f"uniform W4A4 {r4['uniform']['top1']:.4f}. Wall time (2 cores): W8A8 keep-FP32 "
+    head = (f"FP32 held-out top-1 {r8['fp32_score']:.4f}; uniform W8A8 {r8['uniform']['score']:.4f}, "
+            f"uniform W4A4 {r4['uniform']['score']:.4f}. Wall time (2 cores): W8A8 keep-FP32 "
             f"{r8['seconds']['keep_high']:.0f} s, only-quantized {r8['seconds']['only_quantized']:.0f} s; "
             f"W4A4 {r4['seconds']['keep_high']:.0f} s and {r4['seconds']['only_quantized']:.0f} s "
             f"({len(r4['rows'])} ops each, {r4['images']} images).")
@@ -73,18 +74,18 @@ def search(model, info, train, test, args, work: Path) -> None:
     config = PTQConfig(w_bits=4, a_bits=4, calibrator=args.calibrator, calib_size=args.calib_size)
     rows, notes = [], []
     for high in args.high.split(","):
-        s = run_mixed(model, info, train, test, config, work / f"mixed_{high}_{args.holdout_from}",
-                      budget=mp.Budget(max_drop=0.005), high=LayerPrecision.parse(high), holdout_size=args.holdout,
+        s = run_mixed(model, info, Classify(train, test), config, work / f"mixed_{high}_{args.holdout_from}",
+                      budget=mp.Budget(max_drop=0.5), high=LayerPrecision.parse(high), holdout_size=args.holdout,
                       holdout_from=args.holdout_from, measure=MeasureOptions())
         m, u, f = s["mixed"], s["uniform"], s["fp32"]
         if not rows:
-            rows.append(["FP32", "", f["top1"], f["onnx_top1"], f["holdout_top1"], "", "", f["size_bytes"], "",
+            rows.append(["FP32", "", f["score"], f["onnx_score"], f["holdout_score"], "", "", f["size_bytes"], "",
                          f["latency_ms"], 1.0, ""])
-            rows.append(["uniform W4A4", "", u["top1"], u["onnx_top1"], u["holdout_top1"], 0.0, 0.0, u["onnx_bytes"],
+            rows.append(["uniform W4A4", "", u["score"], u["onnx_score"], u["holdout_score"], 0.0, 0.0, u["onnx_bytes"],
                          u["size_bytes"], u["latency_ms"]["batch1"], u["latency_over_fp32"]["batch1"],
                          u["latency_over_fp32"]["batch64"]])
-        rows.append([f"mixed W4A4 / {high}", "yes" if s["met"] else "no", m["top1"], s["onnx_mixed"]["top1"],
-                     m["holdout_top1"], m["high_precision_mac_fraction"], m["high_precision_param_fraction"],
+        rows.append([f"mixed W4A4 / {high}", "yes" if s["met"] else "no", m["score"], s["onnx_mixed"]["score"],
+                     m["holdout_score"], m["high_precision_mac_fraction"], m["high_precision_param_fraction"],
                      m["onnx_bytes"], m["size_bytes"], m["latency_ms"]["batch1"], m["latency_over_fp32"]["batch1"],
                      m["latency_over_fp32"]["batch64"]])
         suffix = "" if args.holdout_from == "calib" else "_dataholdout"
@@ -92,7 +93,7 @@ def search(model, info, train, test, args, work: Path) -> None:
         evaluated = len(s["candidates"])
         notes.append(f"- **high = {high}**: {s['reason']}. Standard error of the held-out drop (paired with FP32): "
                      f"{m.get('holdout_drop_se', float('nan')) * 100:.2f} points. On the test set: drop "
-                     f"{(f['top1'] - m['top1']) * 100:.2f} points ({'within' if s['met_on_test'] else 'over'} the "
+                     f"{(f['score'] - m['score']) * 100:.2f} points ({'within' if s['met_on_test'] else 'over'} the "
                      f"budget). High-precision ops: {', '.join(m['high_precision_layers']) or 'none'}. Search "
                      f"{s['search']['seconds']:.0f} s + sensitivity {s['search']['sensitivity_seconds']:.0f} s, "
                      f"{evaluated} plans evaluated; whole job {s['total_seconds']:.0f} s. Frontier: ![frontier]({fig})")
@@ -105,10 +106,10 @@ def search(model, info, train, test, args, work: Path) -> None:
                  "class-balanced) and every test column uses the *other* test images, so nothing reported was "
                  "used to choose the plan.")
     body = "\n".join([
-        f"## Mixed precision: W4A4 ResNet-20 under a 0.5-point budget (`edgeslim mixed --max-drop 0.005`, "
+        f"## Mixed precision: W4A4 ResNet-20 under a 0.5-point budget (`edgeslim mixed --max-drop 0.5`, "
         f"held-out images from --{'calib-data' if args.holdout_from == 'calib' else 'data'})", "",
         f"`edgeslim mixed resnet20 --weights resnet20_cifar10jpeg.pt --calib-data cifar10-jpeg-train.zip "
-        f"--data cifar10-jpeg-test.zip --w-bits 4 --a-bits 4 --calibrator {args.calibrator} --max-drop 0.005 "
+        f"--data cifar10-jpeg-test.zip --w-bits 4 --a-bits 4 --calibrator {args.calibrator} --max-drop 0.5 "
         f"--holdout-size {args.holdout} --holdout-from {args.holdout_from} --high H`. {where} "
         "Sizes: ONNX file bytes and stored parameter bytes (weights packed at "
         "their bit width, int32 biases). onnxruntime stores and runs 4-bit weights in int8 containers (the fast "
@@ -125,16 +126,16 @@ def groups(model, info, train, test, args, work: Path) -> None:
     config = PTQConfig(calibrator=args.calibrator, calib_size=args.calib_size)
     gspec = {"stem": ("conv1",), "layer1": ("layer1.*",), "layer2": ("layer2.*",), "layer3": ("layer3.*",),
              "classifier": ("linear",)}
-    s = run_sensitivity(model, info, train, test, config, work / "groups", high=LayerPrecision.parse("fp32"),
+    s = run_sensitivity(model, info, Classify(train, test), config, work / "groups", high=LayerPrecision.parse("fp32"),
                         holdout_size=200, groups=gspec, measure=MeasureOptions())
     g = s["groups"]
     names = list(g["groups"])
-    rows = [["Baseline FP32", *["32"] * len(names), g["fp32_bytes"], "", g["fp32_top1"], "", "", ""]]
+    rows = [["Baseline FP32", *["32"] * len(names), g["fp32_bytes"], "", g["fp32_score"], "", "", ""]]
     for r in sorted(g["rows"], key=lambda r: len(r["quantized"])):
         label = "FP32 islands (all ops)" if not r["quantized"] else (
             "PTQ INT8 (all)" if len(r["quantized"]) == len(names) else "partial quantization")
         rows.append([label, *["8" if n in r["quantized"] else "32" for n in names], r["weight_bytes"], r["onnx_bytes"],
-                     r["top1"], r["latency_ms"], r["latency_over_fp32"], r["fps"]])
+                     r["score"], r["latency_ms"], r["latency_over_fp32"], r["fps"]])
     body = "\n".join([
         "## Partial quantization of ResNet-20 groups (seed 002's Table 2 form)", "",
         "Every combination of five groups (stem `conv1`, `layer1`, `layer2`, `layer3`, classifier `linear`) in FP32 "

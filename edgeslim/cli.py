@@ -101,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(quant)
     _quant_args(quant)
     quant.add_argument("--plan", help="mixed-precision plan JSON (per-layer precisions; written by `edgeslim mixed`)")
-    quant.add_argument("--formats", default="onnx", help="comma-separated: onnx (always written), tflite "
-                       "(model_int8.tflite, LiteRT int8), tflm (also model_data.h/.cc, op resolver, arena size)")
     analyze = sub.add_parser("analyze", help="quantize, then run the integer engine: accuracy, parity, overflow")
     _model_args(analyze)
     _quant_args(analyze)
@@ -124,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(mixed)
     _quant_args(mixed)
     _mixed_args(mixed, high_default=None)
-    mixed.add_argument("--max-drop", type=float, help="accuracy budget as a fraction (0.005 = 0.5 points)")
+    mixed.add_argument("--max-drop", type=float, help="quality budget in points below FP32: top-1 points for "
+                       "classify (0.5 = half a point), mAP@0.5:0.95 points for detect")
+    mixed.add_argument("--min-sqnr", type=float, help="fidelity (no labels): the worst output's SQNR vs FP32 must stay "
+                       "at or above this many dB")
     mixed.add_argument("--max-size-kb", type=float, help="stored parameter budget in KiB")
     mixed.add_argument("--max-latency-ms", type=float, help="onnxruntime latency budget per image (batch 1)")
     _qat_args(sub.add_parser("qat", help="quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"))
@@ -225,19 +226,6 @@ def _check_numbers(args) -> None:
             raise EdgeslimError(f"invalid --{opt.replace('_', '-')} {v}: use 1 or more")
 
 
-def _needs_labels(args) -> None:
-    """sensitivity / mixed score plans by top-1 or mAP: they need labelled data (the fidelity task is quantize /
-    analyze only for now)."""
-    from .data.inputs import has_labels
-    from .models import DETECTORS
-
-    if getattr(args, "task", "auto") in ("auto", "classify") and not (has_labels(args.data) and has_labels(args.calib_data)):
-        if args.task == "auto" and str(args.model).strip() not in DETECTORS:
-            raise EdgeslimError(f"{args.command} scores plans by top-1 (labelled data) or mAP (--task detect), and "
-                                f"--data / --calib-data carry no labels: for label-free models use `edgeslim quantize` "
-                                "or `analyze` (the fidelity task), or pass labelled data")
-
-
 def _check_out(args) -> None:
     """``--out`` must be a folder of its own: never empty, never holding (or being) one of the inputs."""
     out = getattr(args, "out", None)
@@ -274,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_out(args)
         _check_numbers(args)
-        if args.command in ("sensitivity", "mixed"):
-            _needs_labels(args)
         return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
                 "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
                 "factorize": cli_lighten.factorize, "plan": cli_lighten.plan}[args.command](args)
@@ -377,21 +363,11 @@ def _plan(args, model, info):
     return MixedPlan.load(args.plan) if args.plan else None
 
 
-def _formats(args) -> tuple[str, ...]:
-    """``--formats`` (quantize): checked before any work, including the optional packages TFLite needs."""
-    from .export.tflm import parse_formats, require_tflite
-
-    formats = parse_formats(getattr(args, "formats", "onnx"))
-    require_tflite(formats)
-    return formats
-
-
 def _quantize(args) -> int:
     from .analysis import AnalyzeOptions
     from .jobs import MeasureOptions, run_quantize
 
     config = _config(args)
-    formats = _formats(args)
     model, info = _load_model(args)
     plan = _plan(args, model, info)
     analyze = None
@@ -401,9 +377,6 @@ def _quantize(args) -> int:
                                  accumulator_bits=args.accumulator, overflow_mode=args.overflow_mode,
                                  requant=args.requant, overflow_images=args.overflow_images)
     task = _task(args, info)
-    if task != "classify" and formats != ("onnx",):
-        raise EdgeslimError(f"--formats {','.join(formats)}: TFLite files are written for classification runs only "
-                            "so far: use --formats onnx")
     if task == "fidelity":
         return _quantize_fidelity(args, model, info, config, plan, analyze)
     if task == "detect":
@@ -420,7 +393,7 @@ def _quantize(args) -> int:
     calib, test = _data(args, info)
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
                            MeasureOptions(threads=args.threads, batch_size=args.batch_size,
-                                          simulation_images=_simulate(args, 1000), formats=formats), analyze, plan)
+                                          simulation_images=_simulate(args, 1000)), analyze, plan)
     print_summary(summary, Path(args.out))
     return 0
 
@@ -479,15 +452,9 @@ def input_spec(args, info):
 
 
 def _quantize_fidelity(args, model, info, config, plan, analyze=None) -> int:
-    from .data.inputs import open_inputs
     from .jobs_fidelity import FidelityOptions, run_fidelity_quantize
 
-    args._model_meta = (getattr(model, "meta", {}) or {}).get("onnx_metadata")
-    uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
-    given = any(getattr(args, k) is not None for k in ("mean", "std", "channel_order", "input_size", "resize"))
-    spec = input_spec(args, info) if uses_images or given else None  # arrays are model inputs as they are
-    calib = open_inputs(args.calib_data, info.input_shape, spec, limit=args.calib_size, seed=args.seed)
-    test = open_inputs(args.data, info.input_shape, spec, limit=args.eval_size, seed=args.seed)
+    calib, test, spec = _fidelity_inputs(args, model, info, calib_limit=args.calib_size)
     s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec,
                               opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
                               plan=plan, analyze=analyze)
@@ -543,35 +510,71 @@ def _high(args, config):
     return LayerPrecision.parse("int8" if min(config.w_bits, config.a_bits) < 8 else "fp32")
 
 
+def _plan_task(args, model, info):
+    """The task object that scores plans for ``sensitivity`` / ``mixed`` (classify or fidelity)."""
+    from .tasks import Classify, Fidelity
+
+    task = _task(args, info)
+    if task == "classify":
+        calib, test = _data(args, info)
+        return Classify(calib, test, batch_size=args.batch_size)
+    calib, test, _ = _fidelity_inputs(args, model, info)
+    fixed_batch = (getattr(model, "meta", {}) or {}).get("onnx_dynamic_batch") is False
+    return Fidelity(calib, test, batch_size=1 if fixed_batch else min(args.batch_size, 64), seed=args.seed)
+
+
+def _fidelity_inputs(args, model, info, calib_limit: int | None = None):
+    """Model inputs for the label-free task: arrays as they are, images through the preprocessing options."""
+    from .data.inputs import open_inputs
+
+    args._model_meta = (getattr(model, "meta", {}) or {}).get("onnx_metadata")
+    uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
+    given = any(getattr(args, k) is not None for k in ("mean", "std", "channel_order", "input_size", "resize"))
+    spec = input_spec(args, info) if uses_images or given else None  # arrays are model inputs as they are
+    calib = open_inputs(args.calib_data, info.input_shape, spec, limit=calib_limit, seed=args.seed)
+    test = open_inputs(args.data, info.input_shape, spec, limit=args.eval_size, seed=args.seed)
+    return calib, test, spec
+
+
+def _fmt_score(v, key: str) -> str:
+    if v is None:
+        return "exact"
+    return f"{v:.2f}" if key == "sqnr_db" else f"{v:.4f}"
+
+
 def _sensitivity(args) -> int:
     from .algorithms.mixed_precision import parse_group
     from .jobs import MeasureOptions
     from .jobs_mixed import run_sensitivity
+    from .report.mixed_html import metric_label
 
     config = _config(args)
     high = _high(args, config)
     groups = dict(parse_group(g) for g in args.group) or None
     model, info = _load_model(args)
-    if args.task == "detect":
+    if _task(args, info) == "detect":
         return _detect_sensitivity(args, model, info, config, high, groups)
-    calib, test = _data(args, info)
-    s = run_sensitivity(model, info, calib, test, config, Path(args.out), high=high, holdout_size=args.holdout_size,
+    task = _plan_task(args, model, info)
+    s = run_sensitivity(model, info, task, config, Path(args.out), high=high, holdout_size=args.holdout_size,
                         groups=groups, group_table=not args.no_groups, holdout_from=args.holdout_from,
                         measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
-    sens = s["sensitivity"]
-    print(f"\nFP32 {sens['fp32_top1']:.4f}, uniform {sens['low']} {sens['uniform']['top1']:.4f} on "
-          f"{sens['images']} held-out images; sweeps took "
+    sens, key = s["sensitivity"], task.metric_key
+    label = metric_label(sens["metric"])
+    print(f"\n{label}: FP32 {_fmt_score(sens['fp32_score'], key)}, uniform {sens['low']} "
+          f"{_fmt_score(sens['uniform']['score'], key)} on {sens['images']} held-out inputs; sweeps took "
           + ", ".join(f"{k} {v:.1f} s" for k, v in sens["seconds"].items()))
     print(f"{'op':<24}{'keep ' + str(sens['high']):>16}{'gain':>8}{'only ' + str(sens['low']):>16}{'change':>8}")
     for r in sens["rows"]:
         kh, oq = r.get("keep_high"), r.get("only_quantized")
-        print(f"{r['name']:<24}{kh['top1']:>16.4f}{kh['delta']:>+8.4f}{oq['top1']:>16.4f}{oq['delta']:>+8.4f}")
+        delta = (lambda d: "-" if d is None else f"{d:+.4f}" if key != "sqnr_db" else f"{d:+.2f}")
+        print(f"{r['name']:<24}{_fmt_score(kh['score'], key):>16}{delta(kh['delta']):>8}"
+              f"{_fmt_score(oq['score'], key):>16}{delta(oq['delta']):>8}")
     if "groups" in s:
         g = s["groups"]
         print(f"\ngroups ({', '.join(g['groups'])}) at {g['high']} / {g['low']}: {len(g['rows'])} combinations")
         for r in g["rows"]:
             prec = ",".join(r["precision"][n] for n in g["groups"])
-            print(f"  {prec:<40} top-1 {r['top1']:.4f}  {r['weight_bytes'] / 1024:8.1f} KiB  "
+            print(f"  {prec:<40} {label} {_fmt_score(r['score'], key)}  {r['weight_bytes'] / 1024:8.1f} KiB  "
                   f"{r['latency_ms']:.3f} ms ({r['latency_over_fp32']:.2f}x FP32)")
     print(f"wrote {args.out}/summary.json, report.html")
     return 0
@@ -600,17 +603,34 @@ def _detect_sensitivity(args, model, info, config, high, groups) -> int:
     return 0
 
 
-def _mixed(args) -> int:
+def _budget(args, task: str):
+    """``mixed``'s budget in the task's units, refusing the old fraction spelling of --max-drop."""
     from .algorithms.mixed_precision import Budget
+
+    if args.max_drop is not None and 0 < args.max_drop < 0.05:
+        raise EdgeslimError(f"--max-drop {args.max_drop:g} is read as points (0.5 = half a point), so this allows "
+                            f"{args.max_drop:g} points; it looks like the old fraction spelling: pass "
+                            f"{args.max_drop * 100:g} for {args.max_drop * 100:g} points")
+    if task == "fidelity" and args.max_drop is not None:
+        raise EdgeslimError("without labels the plan is scored by its SQNR against the FP32 model, whose own SQNR is "
+                            "infinite: give the floor with --min-sqnr DB (e.g. 30) instead of --max-drop")
+    if task != "fidelity" and args.min_sqnr is not None:
+        raise EdgeslimError(f"--min-sqnr is the label-free budget; the {task} task takes --max-drop (points)")
+    return Budget(args.max_drop, None if args.max_size_kb is None else int(args.max_size_kb * 1024),
+                  args.max_latency_ms, args.min_sqnr)
+
+
+def _mixed(args) -> int:
     from .jobs import MeasureOptions
     from .jobs_mixed import run_mixed
+    from .report.mixed_html import metric_label
 
     config = _config(args)
     high = _high(args, config)
-    budget = Budget(args.max_drop, None if args.max_size_kb is None else int(args.max_size_kb * 1024),
-                    args.max_latency_ms)
     model, info = _load_model(args)
-    if args.task == "detect":
+    task_name = _task(args, info)
+    budget = _budget(args, task_name)
+    if task_name == "detect":
         from .jobs_detect import DetectOptions, run_detect_mixed
 
         calib, test, info = _detect_data(args, info)
@@ -623,30 +643,39 @@ def _mixed(args) -> int:
         print(f"{'met' if s['met'] else 'NOT met'}: {s['reason']} (scored on --data)")
         print(f"wrote {args.out}/summary.json, plan.json, model_mixed.onnx")
         return 0
-    calib, test = _data(args, info)
-    s = run_mixed(model, info, calib, test, config, Path(args.out), budget=budget, high=high,
+    task = _plan_task(args, model, info)
+    s = run_mixed(model, info, task, config, Path(args.out), budget=budget, high=high,
                   holdout_size=args.holdout_size, holdout_from=args.holdout_from,
                   measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
-    m = s["mixed"]
-    print(f"\n{'':<22}{'test top-1':>11}{'ONNX top-1':>11}{'KiB':>9}{'ms b1':>9}")
-    print(f"{'FP32':<22}{s['fp32']['top1']:>11.4f}{s['fp32']['onnx_top1']:>11.4f}"
-          f"{s['fp32']['size_bytes'] / 1024:>9.1f}{s['fp32']['latency_ms']:>9.3f}")
-    print(f"{'uniform ' + s['low']:<22}{s['uniform']['top1']:>11.4f}{s['uniform']['onnx_top1']:>11.4f}"
-          f"{s['uniform']['size_bytes'] / 1024:>9.1f}{s['uniform']['latency_ms']['batch1']:>9.3f}")
-    print(f"{'mixed':<22}{m['top1']:>11.4f}{s['onnx_mixed']['top1']:>11.4f}{m['size_bytes'] / 1024:>9.1f}"
-          f"{m['latency_ms']['batch1']:>9.3f}")
-    print(f"{'met' if s['met'] else 'NOT met'} on the {s['images']['holdout']} held-out images "
+    print_mixed_summary(s, Path(args.out))
+    return 0
+
+
+def print_mixed_summary(s: dict, out: Path) -> None:
+    from .report.mixed_html import metric_label
+
+    m, key = s["mixed"], s["metric"]["key"]
+    label = metric_label(s["metric"])
+    print(f"\n{'':<22}{'test ' + label:>13}{'ONNX ' + label:>13}{'KiB':>9}{'ms b1':>9}")
+    for name, row, onnx in (("FP32", s["fp32"], s["fp32"]["onnx_score"]),
+                            ("uniform " + s["low"], s["uniform"], s["uniform"]["onnx_score"]),
+                            ("mixed", m, s["onnx_mixed"]["score"])):
+        ms = row["latency_ms"] if name == "FP32" else row["latency_ms"]["batch1"]
+        print(f"{name:<22}{_fmt_score(row['score'], key):>13}{_fmt_score(onnx, key):>13}"
+              f"{row['size_bytes'] / 1024:>9.1f}{ms:>9.3f}")
+    print(f"{'met' if s['met'] else 'NOT met'} on the {s['images']['holdout']} held-out inputs "
           f"(from --{'calib-data' if s['images']['holdout_from'] == 'calib' else 'data'}): {s['reason']}")
-    if s["budget"]["max_drop"] is not None:
-        drop = s["fp32"]["top1"] - m["top1"]
-        print(f"on the {s['images']['test']} test images: drop {drop * 100:.2f} points (budget "
-              f"{s['budget']['max_drop'] * 100:.2f}): " + ("within budget" if s["met_on_test"] else
-              "OVER budget (the held-out images are few or unlike the test data: raise --holdout-size, or "
+    b = s["budget"]
+    if b["max_drop"] is not None or b["min_score"] is not None:
+        per_unit, unit = s["metric"]["per_unit"], s["metric"]["unit"]
+        have = (f"drop {(s['fp32']['score'] - m['score']) * per_unit:.2f} {unit} (budget {b['max_drop']:.2f})"
+                if b["max_drop"] is not None else f"{label} {_fmt_score(m['score'], key)} (floor {b['min_score']:.2f})")
+        print(f"on the {s['images']['test']} test inputs: {have}: " + ("within budget" if s["met_on_test"] else
+              "OVER budget (the held-out inputs are few or unlike the test data: raise --holdout-size, or "
               "--holdout-from data when --calib-data is the training set)"))
     print(f"high precision ({s['high']}): {', '.join(m['high_precision_layers']) or 'none'} = "
           f"{m['high_precision_mac_fraction']:.1%} of MACs")
-    print(f"wrote {args.out}/summary.json, plan.json, model_mixed.onnx, report.html")
-    return 0
+    print(f"wrote {out}/summary.json, plan.json, model_mixed.onnx, report.html")
 
 
 def _qat(args) -> int:

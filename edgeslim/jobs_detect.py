@@ -341,14 +341,14 @@ def run_detect_mixed(model: nn.Module, info: ModelInfo, calib: DetectionDataset,
                      config: PTQConfig, out: Path, *, budget: mp.Budget, high: LayerPrecision,
                      opts: DetectOptions = DetectOptions()) -> dict:
     """Per-layer precisions under a mAP@0.5:0.95 budget: rank layers by what keeping each one at ``high`` recovers
-    (seed 000's sweep), then raise them in that order until the drop vs FP32 fits ``budget.max_drop`` (points as a
-    fraction), without passing ``budget.max_size_bytes``. Every plan is exported and scored in onnxruntime on ``test``.
+    (seed 000's sweep), then raise them in that order until the drop vs FP32 fits ``budget.max_drop`` (mAP points:
+    1.0 = one point), without passing ``budget.max_size_bytes``. Every plan is exported and scored in onnxruntime on ``test``.
     Writes ``plan.json``, ``model_mixed.onnx`` and ``summary.json``.
     """
     if budget.max_latency_ms is not None:
         raise EdgeslimError("mixed --task detect takes --max-drop and --max-size-kb (no latency budget yet)")
     if budget.max_drop is None:
-        raise EdgeslimError("mixed --task detect needs --max-drop (mAP@0.5:0.95 points as a fraction, e.g. 0.01)")
+        raise EdgeslimError("mixed --task detect needs --max-drop (mAP@0.5:0.95 points, e.g. 1.0 = one point)")
     decoder = check_detector(info, test)
     opts = fit_options(model, opts)
     def work(stage: Path) -> dict:
@@ -363,7 +363,7 @@ def run_detect_mixed(model: nn.Module, info: ModelInfo, calib: DetectionDataset,
                 g.weight_bytes()
 
         fp32 = evaluate_models({"fp32": ort_runner(fp32_path)}, test, decoder, opts, desc="FP32", info=info)["fp32"]
-        target = fp32["map50_95"] - budget.max_drop
+        target = fp32["map50_95"] - budget.max_drop / 100
         fits = (lambda size: budget.max_size_bytes is None or size <= budget.max_size_bytes)
         uniform, size = scored(None)
         steps = [{"high": [], "map50": uniform["map50"], "map50_95": uniform["map50_95"], "weight_bytes": size}]
@@ -392,7 +392,7 @@ def run_detect_mixed(model: nn.Module, info: ModelInfo, calib: DetectionDataset,
                    "weight_bytes": size, "steps": steps, "met": met, "scored_on": "data",
                    "budget": {"max_drop": budget.max_drop, "max_size_bytes": budget.max_size_bytes},
                    "reason": (f"mAP@0.5:0.95 {final['map50_95']:.4f} vs target {target:.4f} "
-                              f"(FP32 {fp32['map50_95']:.4f} - {budget.max_drop:.4f}) with {len(chosen)} layer(s) at "
+                              f"(FP32 {fp32['map50_95']:.4f} - {budget.max_drop:g} points) with {len(chosen)} layer(s) at "
                               f"{high}" + ("" if fits(size) else f"; size {size} B over {budget.max_size_bytes} B")),
                    "images": {"calibration": int(len(x_cal)), "test": len(test)}, "config": config.to_dict()}
         plan.save(stage / "plan.json")

@@ -26,7 +26,7 @@ from .eval import ort as ort_eval
 from .io.staging import staged
 from .eval.profile import profile
 from .graph.capture import capture
-from .jobs_mixed import onnx_top1
+from .tasks import onnx_top1
 from .jobs_plan import _load_train
 from .models import ModelInfo
 

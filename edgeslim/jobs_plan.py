@@ -33,7 +33,7 @@ from .config import MixedPlan, PTQConfig
 from .data import ImageDataset, batches, calibration_indices
 from .errors import EdgeslimError
 from .eval import ort as ort_eval
-from .jobs_mixed import onnx_top1
+from .tasks import onnx_top1
 from .models import ModelInfo
 from .quant.precision import LayerPrecision
 from .targets import Target
@@ -273,12 +273,12 @@ def step_g4(d: Deployable, ctx: Context, last: dict, float_top1: float | None = 
             return (f"skipped: {structural:.2f} of the {drop:.2f} points were lost before quantization (by the "
                     f"structural steps), more than the {req.max_drop:g} allowed: higher precision cannot recover them")
         gm = mp_calibrated(d, ctx)
-        budget = (req.max_drop - structural) / 100
-        res = mp.search(gm, ctx.config, ctx.holdout[0], ctx.holdout[1], mp.Budget(max_drop=budget),
+        budget = req.max_drop - structural  # points
+        res = mp.search(gm, ctx.config, ctx.holdout[0], mp.top1_metric(ctx.holdout[1]), mp.Budget(max_drop=budget),
                         input_shape=ctx.info.input_shape, high=LayerPrecision.parse("fp16"), progress=True)
         rules = tuple(r for r in (d.plan.rules if d.plan else ())) + tuple(res.chosen.plan.rules)
         d.fmt, d.plan = "mixed", MixedPlan(rules)
-        d.notes.append(f"G4: quantization dropped {drop - structural:.2f} points (budget left {budget * 100:.2f}): "
+        d.notes.append(f"G4: quantization dropped {drop - structural:.2f} points (budget left {budget:.2f}): "
                        f"{len(res.chosen.high_layers)} layer(s) raised to FP16 "
                        f"({', '.join(res.chosen.high_layers) or 'none'})")
         return None

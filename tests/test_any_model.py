@@ -370,8 +370,36 @@ def test_bad_options_end_in_one_line(exported, tmp_path, capsys, extra, message)
     assert "Traceback" not in err and message in err.strip().splitlines()[-1]
 
 
-def test_sensitivity_without_labels_says_which_commands_take_unlabelled_data(exported, tmp_path, capsys):
-    np.savez(tmp_path / "x.npz", x=np.zeros((2, 3, 48, 48), np.float32))
-    assert main(["sensitivity", str(exported[("landmarks", None)]), "--calib-data", str(tmp_path / "x.npz"), "--data",
-                 str(tmp_path / "x.npz"), "--out", str(tmp_path / "out")]) == 2
-    assert "fidelity task" in capsys.readouterr().err
+def test_label_free_sensitivity_and_mixed_score_by_sqnr_against_fp32(exported, tmp_path, capsys):
+    """sensitivity / mixed on a two-output, batch-1 face detector with unlabelled arrays: the fidelity task scores
+    plans by the worst output's SQNR vs FP32, and the reported ONNX score is numpy's SQNR of the two files'
+    onnxruntime outputs."""
+    src = exported[("face_detector", 1)]
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((24, 3, 64, 64)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((6, 3, 64, 64)).astype(np.float32))
+    common = [str(src), "--calib-data", str(tmp_path / "calib.npz"), "--data", str(tmp_path / "eval.npz"),
+              "--calib-size", "16", "--holdout-size", "8", "--w-bits", "4", "--a-bits", "4"]
+    assert main(["sensitivity", *common, "--no-groups", "--out", str(tmp_path / "sens")]) == 0
+    sens = json.loads((tmp_path / "sens" / "summary.json").read_text())
+    assert sens["task"] == "fidelity" and sens["sensitivity"]["metric"]["unit"] == "dB"
+    assert sens["sensitivity"]["fp32_score"] is None  # FP32 vs itself: infinite, written as null
+    assert sens["images"] == {"calibration": 16, "holdout": 8, "holdout_from": "calib", "test": 6}
+    rows = [r for r in sens["sensitivity"]["rows"] if r["kind"] == "layer"]
+    assert len(rows) == 9 and all(r["keep_high"]["score"] is not None for r in rows)
+
+    floor = sens["sensitivity"]["uniform"]["score"] + 3.0
+    assert main(["mixed", *common, "--min-sqnr", f"{floor:.3f}", "--out", str(tmp_path / "mixed")]) == 0
+    s = json.loads((tmp_path / "mixed" / "summary.json").read_text())
+    assert s["task"] == "fidelity" and s["met"] and s["mixed"]["high_precision_layers"]
+    assert s["mixed"]["holdout_score"] >= floor
+    x = np.load(tmp_path / "eval.npz")["x"]
+    ref = _outputs(tmp_path / "mixed" / "model_fp32.onnx", x, 1)
+    got = _outputs(tmp_path / "mixed" / "model_mixed.onnx", x, 1)
+    worst = min(10 * np.log10((a.astype(np.float64) ** 2).sum() / ((a.astype(np.float64) - b) ** 2).sum())
+                for a, b in zip(ref, got))
+    assert s["onnx_mixed"]["score"] == pytest.approx(worst, abs=1e-6)
+    capsys.readouterr()
+    assert main(["mixed", *common, "--max-drop", "1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--min-sqnr" in err.strip().splitlines()[-1] and "Traceback" not in err and not (tmp_path / "bad").exists()

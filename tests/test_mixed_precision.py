@@ -155,27 +155,27 @@ def test_cached_sweep_scores_equal_full_runs(tiny_model, tiny_calib):
     config = PTQConfig(w_bits=3, a_bits=3)
     gm = _calibrated(tiny_model, tiny_calib, config)
     x = _x(64)
-    ref = mp.fp32_logits(gm, x)
-    y = ref.argmax(1).numpy()
+    ref = mp.fp32_outputs(gm, x)
+    y = ref[0].argmax(1).numpy()
     high = LayerPrecision.parse("fp32")
     plans = [mp.keep_high_plan(r["name"], high) for r in mp.unit_rows(gm)]
     cached = mp.evaluate_plans(gm, config, None, plans, x, y, ref)
     full = [mp.evaluate_plan(gm, config, p, x, y, ref) for p in plans]
-    assert cached == full  # the same logits: same top-1, SQNR and MSE bit for bit
+    assert cached == full  # the same outputs: same top-1, SQNR and MSE bit for bit
 
 
 def test_sensitivity_rows_cover_layers_and_ops(tiny_model, tiny_calib):
     config = PTQConfig(w_bits=2, a_bits=2)
     gm = _calibrated(tiny_model, tiny_calib, config)
     x = _x(64)
-    y = mp.fp32_logits(gm, x).argmax(1).numpy()
+    y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
     s = mp.sensitivity(gm, config, x, y)
     names = [r["name"] for r in s["rows"]]
     assert names[:4] == ["c1", "c2", "c3", "fc"] and {"add", "add_1"} <= set(names)
-    assert s["fp32_top1"] == 1.0 and s["uniform"]["top1"] < 1.0
+    assert s["fp32_score"] == 1.0 and s["uniform"]["score"] < 1.0 and s["metric"]["name"] == "top-1"
     for r in s["rows"]:
-        assert r["keep_high"]["delta"] == pytest.approx(r["keep_high"]["top1"] - s["uniform"]["top1"])
-        assert r["only_quantized"]["delta"] == pytest.approx(r["only_quantized"]["top1"] - 1.0)
+        assert r["keep_high"]["delta"] == pytest.approx(r["keep_high"]["score"] - s["uniform"]["score"])
+        assert r["only_quantized"]["delta"] == pytest.approx(r["only_quantized"]["score"] - 1.0)
     c1 = next(r for r in s["rows"] if r["name"] == "c1")
     assert c1["macs"] == 8 * 16 * 16 * 3 * 9 and c1["params"] == 8 * 3 * 9
     assert set(s["seconds"]) == {"keep_high", "only_quantized"}
@@ -185,21 +185,44 @@ def test_search_meets_an_accuracy_budget_and_verifies_it(tiny_model, tiny_calib)
     config = PTQConfig(w_bits=2, a_bits=2)
     gm = _calibrated(tiny_model, tiny_calib, config)
     x = _x(128)
-    y = mp.fp32_logits(gm, x).argmax(1).numpy()
-    res = mp.search(gm, config, x, y, mp.Budget(max_drop=0.02), input_shape=SHAPE, high=LayerPrecision.parse("fp32"))
-    assert res.met and res.uniform.top1 < 0.98
-    again = mp.evaluate_plan(gm, config, res.chosen.plan, x, y, mp.fp32_logits(gm, x))
-    assert again.top1 == res.chosen.top1 >= 0.98
+    y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
+    res = mp.search(gm, config, x, y, mp.Budget(max_drop=2.0), input_shape=SHAPE, high=LayerPrecision.parse("fp32"))
+    assert res.met and res.uniform.score < 0.98  # 2.0 points below FP32's 1.0
+    again = mp.evaluate_plan(gm, config, res.chosen.plan, x, y, mp.fp32_outputs(gm, x))
+    assert again.value == res.chosen.score >= 0.98
     assert res.chosen.high_layers and res.chosen.size_bytes >= res.uniform.size_bytes
-    assert res.chosen in res.frontier or any(f.top1 >= res.chosen.top1 and f.size_bytes <= res.chosen.size_bytes
+    assert res.chosen in res.frontier or any(f.score >= res.chosen.score and f.size_bytes <= res.chosen.size_bytes
                                              for f in res.frontier)
+
+
+def test_label_free_search_meets_an_sqnr_floor_on_every_output(tiny_model, tiny_calib):
+    """The fidelity metric: the worst output's SQNR vs FP32, checked against a plain torch recomputation."""
+    config = PTQConfig(w_bits=2, a_bits=2)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(64)
+    metric = mp.sqnr_metric()
+    ref = mp.fp32_outputs(gm, x)
+    uniform = mp.evaluate_plan(gm, config, None, x, metric, ref)
+    floor = uniform.value + 6.0  # four times less noise than uniform 2-bit
+    res = mp.search(gm, config, x, metric, mp.Budget(min_score=floor), input_shape=SHAPE,
+                    high=LayerPrecision.parse("int8"))
+    assert res.met and res.chosen.high_layers and res.fp32_score == float("inf")
+    ptq.apply_plan(gm, config, res.chosen.plan)
+    ptq.set_mode(gm, "quant")
+    with torch.no_grad():
+        out = gm(x)
+    ref0 = ref[0].double()
+    db = 10 * np.log10(float(ref0.pow(2).sum()) / float((ref0 - out.double()).pow(2).sum()))
+    assert res.chosen.score == pytest.approx(db, abs=1e-9) and db >= floor
+    with pytest.raises(EdgeslimError, match="--min-sqnr"):
+        mp.search(gm, config, x, metric, mp.Budget(max_drop=1.0), input_shape=SHAPE, high=LayerPrecision.parse("int8"))
 
 
 def test_search_under_a_size_budget_never_exceeds_it(tiny_model, tiny_calib):
     config = PTQConfig(w_bits=2, a_bits=2)
     gm = _calibrated(tiny_model, tiny_calib, config)
     x = _x(64)
-    y = mp.fp32_logits(gm, x).argmax(1).numpy()
+    y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
     uniform_bytes = mp.plan_size_bytes(gm, SHAPE)
     budget = mp.Budget(max_size_bytes=uniform_bytes + 300)
     res = mp.search(gm, config, x, y, budget, input_shape=SHAPE, high=LayerPrecision.parse("int8"))
@@ -253,5 +276,7 @@ def test_paired_drop_standard_error_matches_numpy():
     ref = torch.from_numpy(rng.standard_normal((400, 3)).astype(np.float32))
     other = ref + torch.from_numpy(rng.standard_normal((400, 3)).astype(np.float32))
     d = (ref.argmax(1).numpy() == y).astype(float) - (other.argmax(1).numpy() == y)
-    assert mp.paired_drop_se(ref, other, y) == pytest.approx(np.std(d, ddof=1) / np.sqrt(400))
-    assert mp.paired_drop_se(ref, ref, y) == 0.0
+    metric = mp.top1_metric(y)
+    assert mp.paired_drop_se(metric, [ref], [other]) == pytest.approx(np.std(d, ddof=1) / np.sqrt(400))
+    assert mp.paired_drop_se(metric, [ref], [ref]) == 0.0
+    assert mp.paired_drop_se(mp.sqnr_metric(), [ref], [other]) == 0.0  # a whole-set metric has no per-input spread

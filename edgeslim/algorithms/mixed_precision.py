@@ -2,11 +2,16 @@
 
 All of it works on one prepared and calibrated fake-quant model (``ptq.prepare`` + ``ptq.calibrate``):
 the observers keep the statistics of the FP32 activations, so every plan is evaluated by re-freezing
-(``ptq.apply_plan``, no calibration pass) and running the evaluation images once. The FP32 logits are
-computed once and reused for every SQNR / MSE.
+(``ptq.apply_plan``, no calibration pass) and running the evaluation inputs once. The FP32 outputs are
+computed once and reused for every score.
 
-* ``sensitivity``: seed 000's sweep (one layer kept at high precision, the rest quantized) and its
-  mirror (one layer quantized, the rest high precision), with top-1, output SQNR and MSE per layer.
+The score is a ``Metric``, so the same sweeps and search serve every task: top-1 on labelled inputs
+(``top1_metric``; budgets in points) or, label-free, the worst output's SQNR against the FP32 model
+(``sqnr_metric``; budgets as a floor in dB).
+
+* ``sensitivity``: the per-layer sweep of Kim et al.'s mixed-precision study (one layer kept at high
+  precision, the rest quantized) and its mirror (one layer quantized, the rest high precision), with the
+  metric, output SQNR and MSE per layer.
 * ``default_groups`` / ``group_table``: named groups of layers by module-name patterns and every
   FP32 / INT8 combination of them (seed 002's Table 2 over backbone / neck / head).
 * ``search``: greedy by sensitivity with verification: layers are promoted to the high precision in
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from torch import fx
+from torch import fx, nn
 from tqdm import tqdm
 
 from ..config import MixedPlan, PTQConfig
@@ -41,44 +46,113 @@ from . import ptq
 # ----------------------------------------------------------------------------- evaluation
 
 @dataclass(frozen=True)
+class Metric:
+    """How a plan is scored from the model's outputs on the held-out inputs (higher is better), and the unit of
+    a budget in it.
+
+    ``fn(outputs, fp32_outputs) -> value``: each a list of tensors, one per model output. ``per_unit``: budget
+    units per unit of value (100 when the value is a fraction of inputs and budgets are in points; 1 for dB).
+    ``hits``: for per-input metrics (top-1), the per-input 0/1 vector, used for the standard error of a drop.
+    """
+
+    name: str
+    unit: str
+    per_unit: float
+    fn: Callable[[list[torch.Tensor], list[torch.Tensor]], float]
+    hits: Callable[[list[torch.Tensor]], np.ndarray] | None = None
+
+    def __call__(self, outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+        return float(self.fn(outputs, reference))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "unit": self.unit, "per_unit": self.per_unit}
+
+
+def top1_metric(labels: np.ndarray) -> Metric:
+    """Top-1 accuracy on labelled inputs (first output = class scores); budgets in points (1.0 = one point)."""
+    labels = np.asarray(labels)
+
+    def hits(outs: list[torch.Tensor]) -> np.ndarray:
+        return (outs[0].argmax(1).numpy() == labels).astype(np.float64)
+
+    return Metric("top-1", "points", 100.0, lambda outs, ref: float(hits(outs).mean()), hits)
+
+
+def worst_sqnr(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The smallest SQNR (dB) over the model's outputs, each against the FP32 model's (inf when identical)."""
+    return min(sqnr_db(r, o) for r, o in zip(reference, outputs))
+
+
+def sqnr_metric() -> Metric:
+    """Label-free: the worst output's SQNR vs the FP32 model (dB); budgets as a floor in dB (``Budget.min_score``)."""
+    return Metric("SQNR", "dB", 1.0, worst_sqnr)
+
+
+def as_metric(metric: Metric | np.ndarray) -> Metric:
+    """A ``Metric``, or labels (top-1)."""
+    return metric if isinstance(metric, Metric) else top1_metric(metric)
+
+
+@dataclass(frozen=True)
 class Score:
-    top1: float
-    sqnr_db: float  # logits vs the FP32 model's logits on the same images
-    mse: float
+    value: float  # the metric's value
+    sqnr_db: float  # worst output vs the FP32 model's on the same inputs
+    mse: float  # mean over outputs
 
 
-def logits_of(gm: fx.GraphModule, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def as_outputs(y) -> list[torch.Tensor]:
+    """A model's result as a list of output tensors."""
+    return list(y) if isinstance(y, (tuple, list)) else [y]
+
+
+def _concat(chunks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+
+
+def fixed_batch(gm: nn.Module) -> bool:
+    """True for a model imported from an ONNX file whose reshapes fold the batch of 1: it runs one input at a time."""
+    return (getattr(gm, "meta", {}) or {}).get("onnx_dynamic_batch") is False
+
+
+def outputs_of(gm: fx.GraphModule, x: torch.Tensor, batch_size: int = 500) -> list[torch.Tensor]:
+    batch_size = 1 if fixed_batch(gm) else batch_size
     with torch.no_grad():
-        return torch.cat([gm(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return _concat([as_outputs(gm(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
-def score(gm: fx.GraphModule, x: torch.Tensor, y: np.ndarray, ref: torch.Tensor) -> Score:
-    out = logits_of(gm, x)
-    top1 = float((out.argmax(1).numpy() == y).mean())
-    return Score(top1, sqnr_db(ref, out), float((out - ref).pow(2).mean()))
+def score_outputs(out: list[torch.Tensor], ref: list[torch.Tensor], metric: Metric) -> Score:
+    mse = float(np.mean([float((o - r).double().pow(2).mean()) for o, r in zip(out, ref)]))
+    return Score(metric(out, ref), worst_sqnr(out, ref), mse)
 
 
-def paired_drop_se(ref_logits: torch.Tensor, logits: torch.Tensor, y: np.ndarray) -> float:
-    """Standard error of the accuracy drop of ``logits`` vs the reference on the same images (paired):
-    std(hit_ref - hit) / sqrt(n). A budget much smaller than this cannot be checked on these images."""
-    d = (ref_logits.argmax(1).numpy() == y).astype(np.float64) - (logits.argmax(1).numpy() == y)
+def score(gm: fx.GraphModule, x: torch.Tensor, metric: Metric | np.ndarray, ref: list[torch.Tensor]) -> Score:
+    return score_outputs(outputs_of(gm, x), ref, as_metric(metric))
+
+
+def paired_drop_se(metric: Metric, ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """Standard error of the drop of ``out`` vs the reference on the same inputs (paired), in the metric's value:
+    std(hit_ref - hit) / sqrt(n) for per-input metrics (top-1); 0 for whole-set metrics (SQNR). A budget much
+    smaller than this cannot be checked on these inputs."""
+    if metric.hits is None:
+        return 0.0
+    d = metric.hits(ref) - metric.hits(out)
     return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("inf")
 
 
-def fp32_logits(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
-    """The (BN-folded) float model's logits: every quantizer off."""
+def fp32_outputs(gm: fx.GraphModule, x: torch.Tensor) -> list[torch.Tensor]:
+    """The (BN-folded) float model's outputs: every quantizer off."""
     ptq.set_mode(gm, "off")
     try:
-        return logits_of(gm, x)
+        return outputs_of(gm, x)
     finally:
         ptq.set_mode(gm, "quant")
 
 
 def evaluate_plan(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None, x: torch.Tensor,
-                  y: np.ndarray, ref: torch.Tensor) -> Score:
+                  metric: Metric | np.ndarray, ref: list[torch.Tensor]) -> Score:
     ptq.apply_plan(gm, config, plan)
     ptq.set_mode(gm, "quant")
-    return score(gm, x, y, ref)
+    return score(gm, x, metric, ref)
 
 
 def _specs(gm: fx.GraphModule) -> dict[str, object]:
@@ -111,19 +185,22 @@ class _CachedRun(fx.Interpreter):
 
 
 def _cache_batch_size(gm: fx.GraphModule, budget_bytes: float = 1.5e9) -> int:
+    if fixed_batch(gm):
+        return 1
     per_image = sum(4 * int(np.prod(n.meta["shape"][1:])) for n in gm.graph.nodes if n.meta.get("shape"))
     return int(max(16, min(500, budget_bytes // max(1, per_image))))
 
 
 def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan | None,
-                   plans: list[MixedPlan], x: torch.Tensor, y: np.ndarray, ref: torch.Tensor, *,
+                   plans: list[MixedPlan], x: torch.Tensor, metric: Metric | np.ndarray, ref: list[torch.Tensor], *,
                    desc: str | None = None) -> list[Score]:
     """Score many plans that each differ a little from ``reference``, reusing the reference's activations.
 
     Per batch, the reference plan runs once with every node's output kept; each plan then recomputes
     only the nodes downstream of the quantizers and layers it changes (seed 000's sweep changes one
-    layer, so most of the network is reused). Exactly the same logits as ``evaluate_plan``.
+    layer, so most of the network is reused). Exactly the same outputs as ``evaluate_plan``.
     """
+    metric = as_metric(metric)
     ptq.apply_plan(gm, config, reference)
     ptq.set_mode(gm, "quant")
     base = _specs(gm)
@@ -142,15 +219,10 @@ def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan |
             _CachedRun(gm, cache, None).run(xb)
             for j, plan in enumerate(plans):
                 ptq.apply_plan(gm, config, plan)
-                outs[j].append(_CachedRun(gm, cache, reruns[j]).run(xb))
+                outs[j].append(as_outputs(_CachedRun(gm, cache, reruns[j]).run(xb)))
             del cache
     ptq.apply_plan(gm, config, reference)
-    scores = []
-    for chunks in outs:
-        out = torch.cat(chunks)
-        scores.append(Score(float((out.argmax(1).numpy() == y).mean()), sqnr_db(ref, out),
-                            float((out - ref).pow(2).mean())))
-    return scores
+    return [score_outputs(_concat(chunks), ref, metric) for chunks in outs]
 
 
 # ----------------------------------------------------------------------------- layer costs
@@ -214,41 +286,55 @@ def only_quantized_plan(layer: str, high: LayerPrecision, default: LayerPrecisio
     return MixedPlan((("*", high), (layer, default)))
 
 
-def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray, *,
+def _delta(value: float, base: float) -> float | None:
+    d = value - base
+    return d if math.isfinite(d) else None  # e.g. SQNR against an FP32 base, which is infinite
+
+
+def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metric | np.ndarray, *,
                 high: LayerPrecision = LayerPrecision(FP32, FP32), sweeps: tuple[str, ...] = ("keep_high", "only_quantized"),
                 progress: bool = False) -> dict:
     """Both per-layer sweeps on a calibrated model; returns rows, reference scores and wall times.
 
-    Each row: ``name``, ``macs``, ``params`` and per sweep ``top1``, ``delta`` (keep_high: gain over the
-    uniformly quantized model; only_quantized: change from FP32), ``sqnr_db``, ``mse``.
+    ``metric``: a ``Metric`` (or labels, for top-1). Each row: ``name``, ``macs``, ``params`` and per sweep
+    ``score`` (the metric's value), ``delta`` (keep_high: gain over the uniformly quantized model;
+    only_quantized: change from FP32; None where that is infinite), ``sqnr_db``, ``mse``.
     """
     t0 = time.perf_counter()
-    ref = fp32_logits(gm, x)
-    fp32_top1 = float((ref.argmax(1).numpy() == y).mean())
+    metric = as_metric(metric)
+    ref = fp32_outputs(gm, x)
+    fp32_score = metric(ref, ref)
     default = _default(config)
-    uniform = evaluate_plan(gm, config, None, x, y, ref)
+    uniform = evaluate_plan(gm, config, None, x, metric, ref)
     rows = unit_rows(gm)
     seconds = {}
     for sweep in sweeps:
         ts = time.perf_counter()
         if sweep == "keep_high":
             reference, plans = None, [keep_high_plan(r["name"], high) for r in rows]
-            base = uniform.top1
+            base = uniform.value
         elif sweep == "only_quantized":
             reference = MixedPlan((("*", high),))
             plans = [only_quantized_plan(r["name"], high, default) for r in rows]
-            base = fp32_top1
+            base = fp32_score
         else:
             raise EdgeslimError(f"unknown sensitivity sweep {sweep!r}: use keep_high or only_quantized")
-        scores = evaluate_plans(gm, config, reference, plans, x, y, ref,
+        scores = evaluate_plans(gm, config, reference, plans, x, metric, ref,
                                 desc=f"sensitivity ({sweep}, {len(plans)} ops)" if progress else None)
         for row, sc in zip(rows, scores):
-            row[sweep] = {"top1": sc.top1, "delta": sc.top1 - base, "sqnr_db": sc.sqnr_db, "mse": sc.mse}
+            row[sweep] = {"score": sc.value, "delta": _delta(sc.value, base), "sqnr_db": sc.sqnr_db, "mse": sc.mse}
         seconds[sweep] = time.perf_counter() - ts
     ptq.apply_plan(gm, config, None)
-    return {"images": int(len(y)), "fp32_top1": fp32_top1, "uniform": uniform.__dict__, "rows": rows,
+    return {"images": int(len(x)), "metric": metric.describe(), "fp32_score": fp32_score,
+            "uniform": {"score": uniform.value, "sqnr_db": uniform.sqnr_db, "mse": uniform.mse}, "rows": rows,
             "high": high.to_json(), "low": default.to_json(), "seconds": seconds,
             "total_seconds": time.perf_counter() - t0}
+
+
+def promotion_order(sens: dict) -> list[str]:
+    """Layers by what keeping each at high precision recovers (most first; SQNR breaks ties)."""
+    return [r["name"] for r in sorted(sens["rows"], key=lambda r: (-(r["keep_high"]["delta"] or 0.0),
+                                                                   -r["keep_high"]["sqnr_db"]))]
 
 
 # ----------------------------------------------------------------------------- groups
@@ -302,19 +388,48 @@ def group_combinations(names: list[str], max_groups: int = 6) -> list[tuple[str,
 
 @dataclass(frozen=True)
 class Budget:
-    """What the search must meet. ``max_drop`` is a fraction of accuracy (0.005 = 0.5 points)."""
+    """What the search must meet, in the metric's budget units (``Metric.unit``).
+
+    ``max_drop``: how far below the FP32 model's score the plan may fall (points of top-1 or mAP: 0.5 = half a
+    point); ``min_score``: a floor in the metric's own value (dB for SQNR, the label-free metric, whose FP32
+    value is infinite); ``max_size_bytes`` / ``max_latency_ms``: costs.
+    """
 
     max_drop: float | None = None
     max_size_bytes: int | None = None
     max_latency_ms: float | None = None
+    min_score: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_drop is None and self.max_size_bytes is None and self.max_latency_ms is None:
-            raise EdgeslimError("give a budget: --max-drop (accuracy), --max-size-kb or --max-latency-ms")
+        if all(v is None for v in (self.max_drop, self.min_score, self.max_size_bytes, self.max_latency_ms)):
+            raise EdgeslimError("give a budget: --max-drop (accuracy), --min-sqnr (label-free), --max-size-kb or "
+                                "--max-latency-ms")
         for name, v in (("--max-drop", self.max_drop), ("--max-size-kb", self.max_size_bytes),
                         ("--max-latency-ms", self.max_latency_ms)):
             if v is not None and (not math.isfinite(v) or v < 0):
                 raise EdgeslimError(f"invalid {name} {v!r}: use a non-negative number")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise EdgeslimError(f"invalid --min-sqnr {self.min_score!r}: use a finite number of dB")
+
+    @property
+    def has_quality(self) -> bool:
+        return self.max_drop is not None or self.min_score is not None
+
+    def floor(self, metric: Metric, fp32_score: float) -> float:
+        """The lowest metric value that meets the budget (-inf without a quality budget)."""
+        floors = [-math.inf]
+        if self.max_drop is not None:
+            if not math.isfinite(fp32_score):
+                raise EdgeslimError(f"--max-drop is a drop from the FP32 model's {metric.name}, which is infinite for "
+                                    f"a label-free model: give the floor instead (--min-sqnr DB)")
+            floors.append(fp32_score - self.max_drop / metric.per_unit)
+        if self.min_score is not None:
+            floors.append(self.min_score)
+        return max(floors)
+
+    def to_dict(self) -> dict:
+        return {"max_drop": self.max_drop, "min_score": self.min_score, "max_size_bytes": self.max_size_bytes,
+                "max_latency_ms": self.max_latency_ms}
 
 
 @dataclass
@@ -324,7 +439,7 @@ class Candidate:
     label: str
     plan: MixedPlan
     high_layers: tuple[str, ...]
-    top1: float
+    score: float  # the metric's value on the held-out inputs
     sqnr_db: float
     size_bytes: int
     mac_fraction: float
@@ -333,7 +448,7 @@ class Candidate:
     accepted: bool = True
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "high_layers": list(self.high_layers), "top1": self.top1,
+        return {"label": self.label, "high_layers": list(self.high_layers), "score": self.score,
                 "sqnr_db": self.sqnr_db, "size_bytes": self.size_bytes, "high_precision_mac_fraction": self.mac_fraction,
                 "latency_ms": self.latency_ms, "latency_over_fp32": self.latency_ratio, "accepted": self.accepted,
                 "plan": self.plan.to_dict()}
@@ -344,36 +459,38 @@ class SearchResult:
     chosen: Candidate
     met: bool
     reason: str
-    fp32_top1: float
+    fp32_score: float
     uniform: Candidate
+    metric: Metric
     steps: list[Candidate] = field(default_factory=list)
     frontier: list[Candidate] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     seconds: float = 0.0
-    drop_se: float = 0.0  # standard error of the chosen plan's held-out drop (paired with FP32)
+    drop_se: float = 0.0  # standard error of the chosen plan's held-out drop (paired with FP32), in the metric's value
 
 
 LatencyFn = Callable[[fx.GraphModule], tuple[float, float]]  # frozen model -> (ms, ratio vs FP32)
 
 
-def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray, budget: Budget, *,
+def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metric | np.ndarray, budget: Budget, *,
            input_shape: tuple[int, ...], high: LayerPrecision, order: list[str] | None = None,
            latency_of: LatencyFn | None = None, progress: bool = False) -> SearchResult:
     """Choose per-layer precisions under ``budget`` (greedy by sensitivity, verified at every step).
 
-    ``order`` is the promotion order (most sensitive first); without it seed 000's keep-high sweep
-    is run here. Accuracies are measured on ``x, y`` (a held-out subset); the caller verifies the
-    chosen plan on the test set.
+    ``metric`` scores a plan from the model's outputs (``top1_metric(labels)``, ``sqnr_metric()``; labels alone
+    mean top-1). ``order`` is the promotion order (most sensitive first); without it seed 000's keep-high sweep
+    is run here. Scores are measured on ``x`` (a held-out subset); the caller verifies the chosen plan on the
+    test set.
     """
     t0 = time.perf_counter()
-    ref = fp32_logits(gm, x)
-    fp32_top1 = float((ref.argmax(1).numpy() == y).mean())
+    metric = as_metric(metric)
+    ref = fp32_outputs(gm, x)
+    fp32_score = metric(ref, ref)
+    floor = budget.floor(metric, fp32_score)
     default, costs = _default(config), layer_costs(gm)
     names = [r["name"] for r in unit_rows(gm)]
     if order is None:
-        sens = sensitivity(gm, config, x, y, high=high, sweeps=("keep_high",), progress=progress)
-        order = [r["name"] for r in sorted(sens["rows"], key=lambda r: (-r["keep_high"]["delta"],
-                                                                          -r["keep_high"]["sqnr_db"]))]
+        order = promotion_order(sensitivity(gm, config, x, metric, high=high, sweeps=("keep_high",), progress=progress))
     unknown = sorted(set(order) - set(names))
     if unknown:
         raise EdgeslimError(f"search order names unknown layers {unknown}")
@@ -383,9 +500,9 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray
         key = tuple(sorted(high_layers))
         if key not in evaluated:
             plan = MixedPlan(tuple((n, high) for n in sorted(high_layers, key=names.index)))
-            s = evaluate_plan(gm, config, plan, x, y, ref)
+            s = evaluate_plan(gm, config, plan, x, metric, ref)
             frac = high_fractions(costs, plan, default)["mac_fraction"]
-            c = Candidate(label, plan, tuple(sorted(high_layers, key=names.index)), s.top1, s.sqnr_db,
+            c = Candidate(label, plan, tuple(sorted(high_layers, key=names.index)), s.value, s.sqnr_db,
                           plan_size_bytes(gm, input_shape), frac)
             if latency_of is not None and budget.max_latency_ms is not None:
                 c.latency_ms, c.latency_ratio = latency_of(gm)
@@ -393,7 +510,7 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray
         return evaluated[key]
 
     def acc_ok(c: Candidate) -> bool:
-        return budget.max_drop is None or fp32_top1 - c.top1 <= budget.max_drop + 1e-12
+        return c.score >= floor - 1e-12
 
     def cost_ok(c: Candidate) -> bool:
         size_ok = budget.max_size_bytes is None or c.size_bytes <= budget.max_size_bytes
@@ -404,21 +521,21 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray
     current, steps = uniform, [uniform]
     bar = tqdm(order, desc="mixed-precision search", unit="layer", disable=not progress, leave=False)
     for layer in bar:
-        # Accuracy budget: promote in sensitivity order until it is met (a promotion that measures worse on
+        # Quality budget: promote in sensitivity order until it is met (a promotion that measures worse on
         # the subset is kept: higher precision does not hurt in expectation, and the trimming pass below
         # removes what the budget does not need). Size / latency budgets alone: keep a promotion only if
         # it verifies as an improvement and still fits.
-        if budget.max_drop is not None and acc_ok(current):
+        if budget.has_quality and acc_ok(current):
             break
         trial = candidate(current.high_layers + (layer,), f"+{layer}")
-        better = trial.top1 > current.top1 or (trial.top1 == current.top1 and trial.sqnr_db > current.sqnr_db)
-        if cost_ok(trial) and (budget.max_drop is not None or better):
+        better = trial.score > current.score or (trial.score == current.score and trial.sqnr_db > current.sqnr_db)
+        if cost_ok(trial) and (budget.has_quality or better):
             current = trial
         else:
             trial = replace(trial, accepted=False)
         steps.append(trial)
-        bar.set_postfix(top1=f"{current.top1:.4f}", high=len(current.high_layers))
-    if acc_ok(current) and budget.max_drop is not None:  # trim promotions the budget does not need
+        bar.set_postfix(score=f"{current.score:.4f}", high=len(current.high_layers))
+    if acc_ok(current) and budget.has_quality:  # trim promotions the budget does not need
         for layer in reversed(current.high_layers):
             trial = candidate(tuple(n for n in current.high_layers if n != layer), f"-{layer}")
             keep = acc_ok(trial) and cost_ok(trial)
@@ -426,16 +543,17 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, y: np.ndarray
             if keep:
                 current = trial
     met = acc_ok(current) and cost_ok(current)
-    reason = _reason(met, current, fp32_top1, budget, uniform)
+    reason = _reason(met, current, fp32_score, floor, budget, metric)
     candidate(tuple(names), "all high")  # the other end of the frontier
     ptq.apply_plan(gm, config, current.plan)
     ptq.set_mode(gm, "quant")
-    se = paired_drop_se(ref, logits_of(gm, x), y)
-    if budget.max_drop is not None and budget.max_drop < 2 * se:
-        reason += (f"; caution: on {len(y)} held-out images the drop is known to +-{se * 100:.2f} points (one standard "
-                   f"error), too coarse for a {budget.max_drop * 100:.2f}-point budget: raise --holdout-size")
+    se = paired_drop_se(metric, ref, outputs_of(gm, x))
+    if budget.max_drop is not None and budget.max_drop < 2 * se * metric.per_unit:
+        reason += (f"; caution: on {len(x)} held-out inputs the drop is known to +-{se * metric.per_unit:.2f} "
+                   f"{metric.unit} (one standard error), too coarse for a {budget.max_drop:.2f}-{metric.unit} budget: "
+                   "raise --holdout-size")
     cands = list(evaluated.values())
-    return SearchResult(current, met, reason, fp32_top1, uniform, steps, pareto(cands), cands,
+    return SearchResult(current, met, reason, fp32_score, uniform, metric, steps, pareto(cands), cands,
                         time.perf_counter() - t0, se)
 
 
@@ -450,17 +568,23 @@ def measure_latency(gm: fx.GraphModule, config: PTQConfig, cands: list[Candidate
     return pareto(cands)
 
 
-def _reason(met: bool, c: Candidate, fp32_top1: float, budget: Budget, uniform: Candidate) -> str:
-    drop = fp32_top1 - c.top1
-    have = f"drop {drop * 100:.2f} points with {len(c.high_layers)} layer(s) at high precision " \
+def _reason(met: bool, c: Candidate, fp32_score: float, floor: float, budget: Budget, metric: Metric) -> str:
+    if math.isfinite(fp32_score):
+        quality = f"drop {(fp32_score - c.score) * metric.per_unit:.2f} {metric.unit}"
+    else:
+        quality = f"{metric.name} {c.score * metric.per_unit:.2f} {metric.unit}"
+    have = f"{quality} with {len(c.high_layers)} layer(s) at high precision " \
            f"({c.mac_fraction:.1%} of MACs), {c.size_bytes / 1024:.1f} KiB"
     if met:
         if not c.high_layers:
             return f"uniform quantization already meets the budget: {have}"
         return f"met: {have}"
     parts = []
-    if budget.max_drop is not None and drop > budget.max_drop:
-        parts.append(f"accuracy: best reachable {have}, budget {budget.max_drop * 100:.2f} points")
+    if budget.has_quality and c.score < floor - 1e-12:
+        want = (f"budget {budget.max_drop:.2f} {metric.unit}" if budget.max_drop is not None and
+                (budget.min_score is None or fp32_score - budget.max_drop / metric.per_unit >= budget.min_score)
+                else f"floor {floor * metric.per_unit:.2f} {metric.unit}")
+        parts.append(f"{metric.name}: best reachable {have}, {want}")
     if budget.max_size_bytes is not None and c.size_bytes > budget.max_size_bytes:
         parts.append(f"size {c.size_bytes / 1024:.1f} KiB > {budget.max_size_bytes / 1024:.1f} KiB even uniformly quantized")
     if budget.max_latency_ms is not None and c.latency_ms is not None and c.latency_ms > budget.max_latency_ms:
@@ -469,12 +593,12 @@ def _reason(met: bool, c: Candidate, fp32_top1: float, budget: Budget, uniform: 
 
 
 def pareto(cands: list[Candidate]) -> list[Candidate]:
-    """Non-dominated candidates: higher top-1, smaller size, lower latency (when measured)."""
+    """Non-dominated candidates: higher score, smaller size, lower latency (when measured)."""
     def dominates(a: Candidate, b: Candidate) -> bool:
         la = a.latency_ms if a.latency_ms is not None else 0.0
         lb = b.latency_ms if b.latency_ms is not None else 0.0
-        no_worse = a.top1 >= b.top1 and a.size_bytes <= b.size_bytes and la <= lb
-        better = a.top1 > b.top1 or a.size_bytes < b.size_bytes or la < lb
+        no_worse = a.score >= b.score and a.size_bytes <= b.size_bytes and la <= lb
+        better = a.score > b.score or a.size_bytes < b.size_bytes or la < lb
         return no_worse and better
     front = [c for c in cands if not any(dominates(o, c) for o in cands if o is not c)]
     return sorted(front, key=lambda c: c.size_bytes)

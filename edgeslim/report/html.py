@@ -14,14 +14,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _table(rows: list[list], header: list[str]) -> str:
+def table(rows: list[list], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -39,7 +39,7 @@ def layer_error_plot(layers: list[dict]) -> str:
     ax.set_xticks(range(len(layers)), [r["tensor"] for r in layers], rotation=90, fontsize=7)
     ax.set_ylabel("SQNR vs FP32 (dB)")
     ax.set_title("Per-layer quantization error (higher is better)")
-    return _png(fig)
+    return png(fig)
 
 
 def overflow_heatmap(per_filter: dict, key: str, title: str) -> str:
@@ -54,7 +54,7 @@ def overflow_heatmap(per_filter: dict, key: str, title: str) -> str:
     ax.set_xlabel("output filter")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="% overflowing")
-    return _png(fig)
+    return png(fig)
 
 
 def engine_section(s: dict) -> list[str]:
@@ -63,7 +63,7 @@ def engine_section(s: dict) -> list[str]:
     if "engine" in s:
         e = s["engine_vs_onnx"]
         parts += ["<h2>Integer engine (numpy)</h2>",
-                  _table([[s["engine"]["top1"], s["onnx_int8"]["top1"], s["quantized"]["top1"], e["mismatch_fraction"],
+                  table([[s["engine"]["top1"], s["onnx_int8"]["top1"], s["quantized"]["top1"], e["mismatch_fraction"],
                            e["max_abs_diff"], s["engine_options"]["requant"], s["engine_options"]["accumulator_bits"]]],
                          ["engine top-1", "onnxruntime top-1", "fake-quant top-1", "output elements differing",
                           "max diff (LSB)", "requantization", "accumulator bits"])]
@@ -75,7 +75,7 @@ def engine_section(s: dict) -> list[str]:
                   f"{o['mode']})</h2>",
                   "<p>Per layer, over its output filters: % of int8 x int8 products outside INT8 (seed 000, Table 1) "
                   "and % of per-pixel sums outside INT16 (Table 2); accumulator overflow events actually hit.</p>",
-                  _table(rows, ["layer", "INT8 product avg %", "max %", "min %", "INT16 sum avg %", "max %", "min %",
+                  table(rows, ["layer", "INT8 product avg %", "max %", "min %", "INT16 sum avg %", "max %", "min %",
                                 "accumulator overflows"]),
                   overflow_heatmap(o["per_filter"], "sum_int16", "per-filter INT16 sum overflow"),
                   overflow_heatmap(o["per_filter"], "product_int8", "per-filter INT8 product overflow")]
@@ -103,13 +103,13 @@ def write_report(s: dict, path: Path) -> Path:
         f"{s['images']['calibration']} calibration / {s['images']['test']} test images; "
         f"quantized in {s['time_to_quantize_s']:.2f} s.</p>",
         "<h2>Accuracy, size, latency</h2>",
-        _table(summary_rows(s), ["model", "top-1", "flips vs FP32", "ONNX bytes", *lat_cols]),
+        table(summary_rows(s), ["model", "top-1", "flips vs FP32", "ONNX bytes", *lat_cols]),
         f"<p>onnxruntime runs {s['onnx_int8']['integer_convs']} of {s['onnx_int8']['total_convs']} convolutions as "
         "integer kernels (QLinearConv). Optimized graph ops: "
         f"{html.escape(', '.join(f'{k} x{v}' for k, v in s['onnx_int8']['optimized_ops'].items()))}.</p>",
         "<h2>Per-layer quantization error</h2>",
         layer_error_plot(s["layers"]),
-        _table([[r["tensor"], r["bits"], r["scale"], r["zero_point"], "int" if r["signed"] else "uint", r["sqnr_db"]]
+        table([[r["tensor"], r["bits"], r["scale"], r["zero_point"], "int" if r["signed"] else "uint", r["sqnr_db"]]
                 for r in s["layers"]], ["tensor", "bits", "scale", "zero point", "type", "SQNR dB"]),
         *engine_section(s),
     ]
