@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(quant)
     _quant_args(quant)
     quant.add_argument("--plan", help="mixed-precision plan JSON (per-layer precisions; written by `edgeslim mixed`)")
+    quant.add_argument("--formats", default="onnx", help="comma-separated: onnx (always written), tflite "
+                       "(model_int8.tflite, LiteRT int8), tflm (also model_data.h/.cc, op resolver, arena size)")
     analyze = sub.add_parser("analyze", help="quantize, then run the integer engine: accuracy, parity, overflow")
     _model_args(analyze)
     _quant_args(analyze)
@@ -363,11 +365,21 @@ def _plan(args, model, info):
     return MixedPlan.load(args.plan) if args.plan else None
 
 
+def _formats(args) -> tuple[str, ...]:
+    """``--formats`` (quantize): checked before any work, including the optional packages TFLite needs."""
+    from .export.tflm import parse_formats, require_tflite
+
+    formats = parse_formats(getattr(args, "formats", "onnx"))
+    require_tflite(formats)
+    return formats
+
+
 def _quantize(args) -> int:
     from .analysis import AnalyzeOptions
     from .jobs import MeasureOptions, run_quantize
 
     config = _config(args)
+    formats = _formats(args)
     model, info = _load_model(args)
     plan = _plan(args, model, info)
     analyze = None
@@ -377,6 +389,9 @@ def _quantize(args) -> int:
                                  accumulator_bits=args.accumulator, overflow_mode=args.overflow_mode,
                                  requant=args.requant, overflow_images=args.overflow_images)
     task = _task(args, info)
+    if task != "classify" and formats != ("onnx",):
+        raise EdgeslimError(f"--formats {','.join(formats)}: TFLite files are written for classification runs only "
+                            "so far: use --formats onnx")
     if task == "fidelity":
         return _quantize_fidelity(args, model, info, config, plan, analyze)
     if task == "detect":
@@ -393,7 +408,7 @@ def _quantize(args) -> int:
     calib, test = _data(args, info)
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
                            MeasureOptions(threads=args.threads, batch_size=args.batch_size,
-                                          simulation_images=_simulate(args, 1000)), analyze, plan)
+                                          simulation_images=_simulate(args, 1000), formats=formats), analyze, plan)
     print_summary(summary, Path(args.out))
     return 0
 
