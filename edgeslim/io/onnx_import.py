@@ -21,9 +21,9 @@ Semantics follow the ONNX operator specification (https://onnx.ai/onnx/operators
 differences between 7 and 21 (Clip / Pad / Slice / Split / Squeeze / Unsqueeze / Reduce* arguments that moved
 from attributes to inputs, Softmax's 2-D coercion before opset 13, Resize's coordinate modes).
 
-The importer is three modules: this one (reading and validation, the graph builder ``_Importer`` with its value
+The importer is three modules: this one (reading and validation, the graph builder ``Importer`` with its value
 bookkeeping, the dynamic-batch retry), ``onnx_import_ops`` (the compute-op handlers and the ``OPS`` table) and
-``onnx_import_fold`` (``_Val``, attribute parsing, and the shape / data-movement handlers that fold constants).
+``onnx_import_fold`` (``Val``, attribute parsing, and the shape / data-movement handlers that fold constants).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from onnx import numpy_helper
 from torch import fx, nn
 
 from ..errors import EdgeslimError
-from .onnx_import_fold import _BatchDependent, _Val, _attrs, _tensor, _torch_dtype
+from .onnx_import_fold import BatchDependent, Val, attrs_of, as_tensor, torch_dtype
 from .onnx_import_ops import OPS
 
 
@@ -70,9 +70,9 @@ def import_onnx(path_or_model: str | Path | onnx.ModelProto,
             f"supported: {', '.join(sorted(OPS))}; export the model without them or open an issue")
     try:
         try:
-            gm = _Importer(model, label, dynamic_batch=True, input_shape=input_shape).run()
-        except _BatchDependent:
-            gm = _Importer(model, label, dynamic_batch=False, input_shape=input_shape).run()
+            gm = Importer(model, label, dynamic_batch=True, input_shape=input_shape).run()
+        except BatchDependent:
+            gm = Importer(model, label, dynamic_batch=False, input_shape=input_shape).run()
     except (EdgeslimError, RecursionError, MemoryError):
         raise
     except Exception as exc:  # a malformed graph the checks above did not foresee: still one line, never raw
@@ -118,8 +118,8 @@ def _sanitize(text: str, prefix: str = "n") -> str:
 
 
 def _subst(obj, k: int):
-    """``obj`` with every ``_Val`` replaced by its example for batch variant ``k``."""
-    if isinstance(obj, _Val):
+    """``obj`` with every ``Val`` replaced by its example for batch variant ``k``."""
+    if isinstance(obj, Val):
         return obj.ex[k]
     if isinstance(obj, (list, tuple)):
         return type(obj)(_subst(o, k) for o in obj)
@@ -128,8 +128,8 @@ def _subst(obj, k: int):
     return obj
 
 
-def _vals(obj) -> list[_Val]:
-    if isinstance(obj, _Val):
+def _vals(obj) -> list[Val]:
+    if isinstance(obj, Val):
         return [obj]
     if isinstance(obj, (list, tuple)):
         return [v for o in obj for v in _vals(o)]
@@ -138,7 +138,7 @@ def _vals(obj) -> list[_Val]:
     return []
 
 
-class _Importer:
+class Importer:
     def __init__(self, model: onnx.ModelProto, label: str, *, dynamic_batch: bool,
                  input_shape: tuple[int, ...] | None = None) -> None:
         self.model, self.label = model, label
@@ -146,7 +146,7 @@ class _Importer:
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.graph, self.root = fx.Graph(), nn.Module()
         self.attr_names: set[str] = set()
-        self.const_nodes: dict[int, tuple[_Val, fx.Node]] = {}
+        self.const_nodes: dict[int, tuple[Val, fx.Node]] = {}
         self.bias_free: dict[str, nn.Module] = {}  # ONNX value -> the bias-less conv / linear that produced it
         inits = {t.name: self._initializer(t) for t in gr.initializer}
         inputs = [i for i in gr.input if i.name not in inits]
@@ -155,13 +155,13 @@ class _Importer:
         shapes = [self._input_dims(i, input_shape if k == 0 else None) for k, i in enumerate(inputs)]
         self.nvar = 2 if dynamic_batch and any(d and d[0] is None for d in shapes) else 1
         self.dynamic_batch = self.nvar == 2
-        self.vals: dict[str, _Val] = {name: _Val(None, (t,) * self.nvar) for name, t in inits.items()}
+        self.vals: dict[str, Val] = {name: Val(None, (t,) * self.nvar) for name, t in inits.items()}
         for vi, dims in zip(inputs, shapes):
             node = self.graph.placeholder(self.unique(_sanitize(vi.name) or "x"))
             dtype = self._dtype(vi.type.tensor_type.elem_type, f"input '{vi.name}'")
             ex = tuple(torch.zeros([b if d is None else d for d in dims[:1]] + dims[1:], dtype=dtype)
                        for b in (1, 2)[:self.nvar])
-            self.vals[vi.name] = _Val(node, ex)
+            self.vals[vi.name] = Val(node, ex)
         self.input_shape = tuple(shapes[0][1:])
         self.outputs = [o.name for o in gr.output]
         self.uses = Counter(i for n in gr.node for i in n.input if i)
@@ -171,7 +171,7 @@ class _Importer:
 
     def _dtype(self, elem_type: int, what: str) -> torch.dtype:
         try:
-            return _torch_dtype(elem_type)
+            return torch_dtype(elem_type)
         except Exception:  # bfloat16 / float8 / int4 / string: numpy or torch has no such dtype
             name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() \
                 else str(elem_type)
@@ -181,7 +181,7 @@ class _Importer:
     def _initializer(self, t: onnx.TensorProto) -> torch.Tensor:
         self._dtype(t.data_type, f"initializer '{t.name}'")
         try:
-            return _tensor(numpy_helper.to_array(t))
+            return as_tensor(numpy_helper.to_array(t))
         except Exception as exc:  # missing external data, a truncated raw buffer, ...
             raise EdgeslimError(f"{self.label}: initializer '{t.name}' cannot be read ({type(exc).__name__}: "
                                 f"{_one_line(exc)}): save the model with its weights (onnx.save)") from None
@@ -224,8 +224,8 @@ class _Importer:
                 self.base = _sanitize(node.name, node.op_type.lower()) or f"{node.op_type.lower()}_{index}"
                 ins = [self.value(name) if name else None for name in node.input]
                 try:
-                    outs = OPS[_op_key(node)](self, node, ins, _attrs(node))
-                except (EdgeslimError, _BatchDependent):
+                    outs = OPS[_op_key(node)](self, node, ins, attrs_of(node))
+                except (EdgeslimError, BatchDependent):
                     raise
                 except Exception as exc:  # an attribute combination or shape the handler did not foresee
                     raise self.error(f"cannot be imported ({type(exc).__name__}: {_one_line(exc)})") from None
@@ -240,7 +240,7 @@ class _Importer:
         gm.meta["onnx_dynamic_batch"] = self.dynamic_batch
         return gm.eval()
 
-    def value(self, name: str) -> _Val:
+    def value(self, name: str) -> Val:
         if name not in self.vals:
             raise EdgeslimError(f"{self.label}: ONNX value '{name}' is used before it is computed (or is an output "
                                 "edgeslim does not compute, such as MaxPool indices): check the graph order")
@@ -274,32 +274,32 @@ class _Importer:
             try:
                 rest.append(fn(*_subst(args, k), **_subst(kwargs, k)))
             except Exception:  # works at batch 1 only (a shape baked into the graph)
-                raise _BatchDependent from None
+                raise BatchDependent from None
         return (first, *rest)
 
-    def call(self, target: Callable | str, *args, **kwargs) -> _Val:
-        """``target(*args, **kwargs)``: folded when every ``_Val`` argument is a constant, else an fx node.
+    def call(self, target: Callable | str, *args, **kwargs) -> Val:
+        """``target(*args, **kwargs)``: folded when every ``Val`` argument is a constant, else an fx node.
         A string target is a tensor method called on the first argument."""
         fn = target if callable(target) else (lambda x, *a, **kw: getattr(x, target)(*a, **kw))
         exs = self._examples(fn, args, kwargs)
         if all(v.const for v in _vals((args, kwargs))):
-            return _Val(None, exs)
+            return Val(None, exs)
         op = "call_function" if callable(target) else "call_method"
         fx_args = self._fx(args)
         node = self.graph.create_node(op, target, fx_args, self._fx(kwargs), name=self.base)
-        return _Val(node, exs)
+        return Val(node, exs)
 
-    def module(self, mod: nn.Module, *inputs: _Val) -> _Val:
+    def module(self, mod: nn.Module, *inputs: Val) -> Val:
         mod.eval()
         exs = self._examples(mod, inputs, {})
         if all(v.const for v in inputs):
-            return _Val(None, exs)
+            return Val(None, exs)
         name = self.unique(self.base)
         self.root.add_module(name, mod)
-        return _Val(self.graph.call_module(name, self._fx(inputs)), exs)
+        return Val(self.graph.call_module(name, self._fx(inputs)), exs)
 
     def _fx(self, obj):
-        if isinstance(obj, _Val):
+        if isinstance(obj, Val):
             return self.arg(obj)
         if isinstance(obj, (list, tuple)):
             return type(obj)(self._fx(o) for o in obj)
@@ -307,7 +307,7 @@ class _Importer:
             return {k: self._fx(v) for k, v in obj.items()}
         return obj
 
-    def arg(self, v: _Val) -> fx.Node | object:
+    def arg(self, v: Val) -> fx.Node | object:
         """The fx argument for ``v``: its node, or a buffer (``get_attr``) holding the constant."""
         if not v.const:
             return v.node
@@ -322,23 +322,23 @@ class _Importer:
         self.const_nodes[id(v)] = (v, node)
         return node
 
-    def same(self, v: _Val):
+    def same(self, v: Val):
         """The example shared by every batch variant (a batch-dependent constant cannot be baked in)."""
         first = v.ex[0]
         for other in v.ex[1:]:
             if isinstance(first, torch.Tensor):
                 if first.shape != other.shape or not torch.equal(first, other):
-                    raise _BatchDependent
+                    raise BatchDependent
             elif first != other:
-                raise _BatchDependent
+                raise BatchDependent
         return first
 
-    def weight(self, v: _Val, what: str) -> torch.Tensor:
+    def weight(self, v: Val, what: str) -> torch.Tensor:
         if not v.const:
             raise self.error(f"has a {what} computed at run time: only constant {what}s are supported")
         return self.same(v)
 
-    def ints(self, v: _Val | None, what: str) -> list[int] | None:
+    def ints(self, v: Val | None, what: str) -> list[int] | None:
         if v is None:
             return None
         if not v.const:
@@ -346,15 +346,15 @@ class _Importer:
                              "and constants")
         return [int(i) for i in torch.as_tensor(self.same(v)).reshape(-1).tolist()]
 
-    def number(self, v: _Val | None, what: str) -> float | None:
+    def number(self, v: Val | None, what: str) -> float | None:
         if v is None or (v.const and torch.as_tensor(v.ex[0]).numel() == 0):
             return None
         if not v.const:
             raise self.error(f"has its {what} computed at run time: only constants are supported")
         return torch.as_tensor(self.same(v)).reshape(-1)[0].item()
 
-    def rank(self, v: _Val) -> int:
+    def rank(self, v: Val) -> int:
         return v.ex[0].dim()
 
-    def shape(self, v: _Val) -> list[int]:
+    def shape(self, v: Val) -> list[int]:
         return list(v.ex[0].shape)

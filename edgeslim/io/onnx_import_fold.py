@@ -1,4 +1,4 @@
-"""Shared pieces of the ONNX importer (``edgeslim.io.onnx_import``): ``_Val``, the form every ONNX value takes,
+"""Shared pieces of the ONNX importer (``edgeslim.io.onnx_import``): ``Val``, the form every ONNX value takes,
 attribute and dtype parsing, and the handlers of the shape / data-movement ops, which fold to constants.
 
 Reshape, Shape, Gather, Slice, Concat, Constant, ... run on every value's example tensors, so shape arithmetic
@@ -22,7 +22,7 @@ from torch import fx
 
 
 @dataclass(eq=False)
-class _Val:
+class Val:
     """One ONNX value: an fx node, or a folded constant (``node is None``); one example per batch variant."""
 
     node: fx.Node | None
@@ -33,11 +33,11 @@ class _Val:
         return self.node is None
 
 
-class _BatchDependent(Exception):
+class BatchDependent(Exception):
     """A shape that depends on the batch size reached a tensor op: import again for batch 1."""
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def attrs_of(node: onnx.NodeProto) -> dict:
     out = {}
     for a in node.attribute:
         v = onnx.helper.get_attribute_value(a)
@@ -45,19 +45,19 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return out
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
+def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
-def _torch_dtype(onnx_type: int) -> torch.dtype:
-    return _tensor(np.zeros(0, onnx.helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
+def torch_dtype(onnx_type: int) -> torch.dtype:
+    return as_tensor(np.zeros(0, onnx.helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
 
 
-def _axis(axis: int, rank: int) -> int:
+def norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _torch_pads(begins: list[int], ends: list[int]) -> list[int]:
+def torch_pads(begins: list[int], ends: list[int]) -> list[int]:
     """ONNX per-axis begins / ends (first axis first) -> ``F.pad``'s pairs, last axis first, trailing zeros cut."""
     out = []
     for b, e in zip(reversed(begins), reversed(ends)):
@@ -75,7 +75,7 @@ def _resolve_shape(target: list[int], shape: list[int], allowzero: bool) -> list
     return out
 
 
-def _reshape(im, node, ins, at):
+def fold_reshape(im, node, ins, at):
     x, target = ins
     if not target.const:
         raise im.error("has its target shape computed from tensor values at run time: not supported")
@@ -83,22 +83,22 @@ def _reshape(im, node, ins, at):
     wanted = [_resolve_shape([int(t) for t in target.ex[k].tolist()], list(x.ex[k].shape), allowzero)
               for k in range(im.nvar)]
     if x.const:
-        return [_Val(None, tuple(x.ex[k].reshape(wanted[k]) for k in range(im.nvar)))]
+        return [Val(None, tuple(x.ex[k].reshape(wanted[k]) for k in range(im.nvar)))]
     if all(wanted[k] == list(x.ex[k].shape) for k in range(im.nvar)):
-        return [_Val(x.node, x.ex)]
+        return [Val(x.node, x.ex)]
     if im.rank(x) > 2 and all(w == [e.shape[0], math.prod(e.shape[1:])] for w, e in zip(wanted, x.ex)):
         return [im.call(torch.flatten, x, 1)]  # N x K: what the lowering knows as Flatten
     varying = [i for i in range(len(wanted[0])) if any(w[i] != wanted[0][i] for w in wanted)]
     if len(varying) > 1:
-        raise _BatchDependent
+        raise BatchDependent
     final = [-1 if i in varying else t for i, t in enumerate(wanted[0])]  # the batch entry is left to torch
     return [im.call(torch.reshape, x, final)]
 
 
-def _flatten(im, node, ins, at):
+def fold_flatten(im, node, ins, at):
     x = ins[0]
     shape = im.shape(x)
-    axis = _axis(int(at.get("axis", 1)), len(shape))
+    axis = norm_axis(int(at.get("axis", 1)), len(shape))
     if axis == 1:
         return [im.call(torch.flatten, x, 1)]
     if axis == 0:
@@ -106,12 +106,12 @@ def _flatten(im, node, ins, at):
     return [im.call(torch.reshape, x, [-1, math.prod(shape[axis:])])]
 
 
-def _transpose(im, node, ins, at):
+def fold_transpose(im, node, ins, at):
     perm = at.get("perm", list(range(im.rank(ins[0])))[::-1])
     return [im.call(torch.permute, ins[0], list(perm))]
 
 
-def _depth_to_space(im, node, ins, at):
+def fold_depth_to_space(im, node, ins, at):
     """DepthToSpace: CRD is torch's pixel shuffle; DCR (the default) reorders as the ONNX spec writes it."""
     x, b = ins[0], int(at["blocksize"])
     _, c, h, w = im.shape(x)
@@ -122,7 +122,7 @@ def _depth_to_space(im, node, ins, at):
     return [im.call(torch.reshape, y, [-1, c // (b * b), h * b, w * b])]
 
 
-def _space_to_depth(im, node, ins, at):
+def fold_space_to_depth(im, node, ins, at):
     """SpaceToDepth: CRD (opset 25's ``mode``) is torch's pixel unshuffle; DCR, the default, is reordered."""
     x, b = ins[0], int(at["blocksize"])
     _, c, h, w = im.shape(x)
@@ -139,42 +139,42 @@ def _axes_of(im, ins, at) -> list[int] | None:
     return im.ints(ins[1], "axes") if len(ins) > 1 else None
 
 
-def _squeeze(im, node, ins, at):
+def fold_squeeze(im, node, ins, at):
     x = ins[0]
     rank, axes = im.rank(x), _axes_of(im, ins, at)
     if axes is None:
         axes = [i for i in range(rank) if all(e.shape[i] == 1 for e in x.ex)]
-    axes = sorted(_axis(a, rank) for a in axes)
+    axes = sorted(norm_axis(a, rank) for a in axes)
     if not axes:
-        return [_Val(x.node, x.ex)]
+        return [Val(x.node, x.ex)]
     return [im.call(torch.squeeze, x, axes[0] if len(axes) == 1 else tuple(axes))]
 
 
-def _unsqueeze(im, node, ins, at):
+def fold_unsqueeze(im, node, ins, at):
     y = ins[0]
     axes = _axes_of(im, ins, at)
     out_rank = im.rank(y) + len(axes)
-    for a in sorted(_axis(a, out_rank) for a in axes):
+    for a in sorted(norm_axis(a, out_rank) for a in axes):
         y = im.call(torch.unsqueeze, y, a)
     return [y]
 
 
-def _concat(im, node, ins, at):
+def fold_concat(im, node, ins, at):
     vals = [v for v in ins if v is not None and v.ex[0].numel() > 0] or [ins[0]]
-    axis = _axis(int(at["axis"]), im.rank(vals[0]))
+    axis = norm_axis(int(at["axis"]), im.rank(vals[0]))
     if len(vals) == 1:
-        return [_Val(vals[0].node, vals[0].ex)]
+        return [Val(vals[0].node, vals[0].ex)]
     return [im.call(torch.cat, vals, axis)]
 
 
-def _take(im, x: _Val, axis: int, start: int, stop: int | None, step: int = 1) -> _Val:
+def _take(im, x: Val, axis: int, start: int, stop: int | None, step: int = 1) -> Val:
     index = (*(slice(None),) * axis, slice(start or None, stop, step if step != 1 else None))
     return im.call(operator.getitem, x, index)
 
 
-def _split(im, node, ins, at):
+def fold_split(im, node, ins, at):
     x = ins[0]
-    axis = _axis(int(at.get("axis", 0)), im.rank(x))
+    axis = norm_axis(int(at.get("axis", 0)), im.rank(x))
     sizes = at.get("split") or (im.ints(ins[1], "split") if len(ins) > 1 else None)
     dim = im.shape(x)[axis]
     if any(e.shape[axis] != dim for e in x.ex):
@@ -190,7 +190,7 @@ def _split(im, node, ins, at):
     return outs
 
 
-def _slice(im, node, ins, at):
+def fold_slice(im, node, ins, at):
     x = ins[0]
     if im.opset < 10:
         starts, ends, axes, steps = at["starts"], at["ends"], at.get("axes"), None
@@ -199,13 +199,13 @@ def _slice(im, node, ins, at):
         axes = im.ints(ins[3], "axes") if len(ins) > 3 else None
         steps = im.ints(ins[4], "steps") if len(ins) > 4 else None
     rank = im.rank(x)
-    axes = [_axis(a, rank) for a in (axes or range(len(starts)))]
+    axes = [norm_axis(a, rank) for a in (axes or range(len(starts)))]
     steps = steps or [1] * len(starts)
     index = [slice(None)] * (max(axes) + 1)
     if x.const:  # shape arithmetic (or reversing pads): numpy slicing has ONNX's semantics, negative steps too
         for a, b, e, st in zip(axes, starts, ends, steps):
             index[a] = slice(b, e, st)
-        return [_Val(None, tuple(_tensor(e.numpy()[tuple(index)]) for e in x.ex))]
+        return [Val(None, tuple(as_tensor(e.numpy()[tuple(index)]) for e in x.ex))]
     for a, b, e, st in zip(axes, starts, ends, steps):
         if st <= 0:
             raise im.error("has a negative step on a tensor computed at run time: not supported")
@@ -218,17 +218,17 @@ def _slice(im, node, ins, at):
         else:
             index[a] = slice(b or None, e if e < 2**62 else None, st if st != 1 else None)
     if all(i == slice(None) for i in index):
-        return [_Val(x.node, x.ex)]
+        return [Val(x.node, x.ex)]
     return [im.call(operator.getitem, x, tuple(index))]
 
 
-def _gather(im, node, ins, at):
+def fold_gather(im, node, ins, at):
     data, indices = ins
-    axis = _axis(int(at.get("axis", 0)), im.rank(data))
+    axis = norm_axis(int(at.get("axis", 0)), im.rank(data))
     if not indices.const:
         raise im.error("gathers with indices computed at run time: not supported")
     if data.const:  # shape arithmetic
-        return [_Val(None, tuple(_tensor(np.take(d.numpy(), i.numpy(), axis=axis))
+        return [Val(None, tuple(as_tensor(np.take(d.numpy(), i.numpy(), axis=axis))
                                  for d, i in zip(data.ex, indices.ex)))]
     idx = im.same(indices)
     dims = {e.shape[axis] for e in data.ex}
@@ -246,7 +246,7 @@ def _gather(im, node, ins, at):
         step = flat[1] - flat[0] if len(flat) > 1 else 1
         return [_take(im, data, axis, flat[0], flat[-1] + 1, step)]
     # any other list (a channel flip x[:, [2, 1, 0]], repeats, N-D indices): index_select, then the index shape
-    y = im.call(torch.index_select, data, axis, _Val(None, (torch.tensor(flat, dtype=torch.int64),) * im.nvar))
+    y = im.call(torch.index_select, data, axis, Val(None, (torch.tensor(flat, dtype=torch.int64),) * im.nvar))
     if idx.dim() == 1:
         return [y]
     shape = im.shape(data)
@@ -256,7 +256,7 @@ def _gather(im, node, ins, at):
     return [im.call(torch.reshape, y, out)]
 
 
-def _pad(im, node, ins, at):
+def fold_pad(im, node, ins, at):
     x = ins[0]
     rank = im.rank(x)
     if im.opset < 11:
@@ -267,20 +267,20 @@ def _pad(im, node, ins, at):
         axes = im.ints(ins[3], "axes") if len(ins) > 3 else None
     n = len(pads) // 2
     begins, ends = [0] * rank, [0] * rank
-    for i, a in enumerate([_axis(a, rank) for a in axes] if axes else range(n)):
+    for i, a in enumerate([norm_axis(a, rank) for a in axes] if axes else range(n)):
         begins[a], ends[a] = pads[i], pads[n + i]
-    torch_pads = _torch_pads(begins, ends)
-    if not any(torch_pads):
-        return [_Val(x.node, x.ex)]
+    pads_t = torch_pads(begins, ends)
+    if not any(pads_t):
+        return [Val(x.node, x.ex)]
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(
         at.get("mode", "constant"))
     if mode is None:
         raise im.error(f"has mode '{at.get('mode')}': only constant, reflect, edge and wrap are supported")
     if mode == "constant":
-        return [im.call(F.pad, x, torch_pads, mode="constant", value=float(value or 0.0))]
-    if len(torch_pads) // 2 > rank - 2:
+        return [im.call(F.pad, x, pads_t, mode="constant", value=float(value or 0.0))]
+    if len(pads_t) // 2 > rank - 2:
         raise im.error(f"pads the batch or channel dimension in mode '{at.get('mode')}': not supported")
-    return [im.call(F.pad, x, torch_pads, mode=mode)]
+    return [im.call(F.pad, x, pads_t, mode=mode)]
 
 
 def _onnx_nearest(size: int, out: int, scale: float, ctm: str, rounding: str) -> list[int] | None:
@@ -313,7 +313,7 @@ def _torch_nearest(size: int, kw: dict, axis: int, mode: str) -> list[int]:
     return one.reshape(-1).long().tolist()
 
 
-def _resize(im, node, ins, at):
+def fold_resize(im, node, ins, at):
     x = ins[0]
     shape, rank = im.shape(x), im.rank(x)
     mode = at.get("mode", "nearest")
@@ -330,14 +330,14 @@ def _resize(im, node, ins, at):
             per_var = [[int(v) for v in e.reshape(-1)] for e in ins[3].ex]
             sizes = per_var[0]
             if any(p[-(rank - 2):] != sizes[-(rank - 2):] for p in per_var):
-                raise _BatchDependent
+                raise BatchDependent
         ctm = at.get("coordinate_transformation_mode", "half_pixel")
         rounding = at.get("nearest_mode", "round_prefer_floor")
     if at.get("antialias", 0) or at.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise im.error("uses antialias / keep_aspect_ratio_policy: not supported")
     if "axes" in at:  # opset 18: scales / sizes for the listed axes only
         full_s, full_z = [1.0] * rank, list(shape)
-        for i, a in enumerate(_axis(a, rank) for a in at["axes"]):
+        for i, a in enumerate(norm_axis(a, rank) for a in at["axes"]):
             if scales:
                 full_s[a] = scales[i]
             if sizes:
@@ -385,13 +385,13 @@ def _resize(im, node, ins, at):
     return [y]
 
 
-def _identity(im, node, ins, at):
-    return [_Val(ins[0].node, ins[0].ex)]
+def fold_identity(im, node, ins, at):
+    return [Val(ins[0].node, ins[0].ex)]
 
 
-def _constant(im, node, ins, at):
+def fold_constant(im, node, ins, at):
     if "value" in at:
-        t = _tensor(numpy_helper.to_array(at["value"]))
+        t = as_tensor(numpy_helper.to_array(at["value"]))
     elif "value_float" in at or "value_int" in at:
         t = torch.tensor(at.get("value_float", at.get("value_int")),
                          dtype=torch.float32 if "value_float" in at else torch.int64)
@@ -400,56 +400,56 @@ def _constant(im, node, ins, at):
                          dtype=torch.float32 if "value_floats" in at else torch.int64)
     else:
         raise im.error(f"has attributes {sorted(at)}: only numeric tensors are supported")
-    return [_Val(None, (t,) * im.nvar)]
+    return [Val(None, (t,) * im.nvar)]
 
 
-def _shape(im, node, ins, at):
+def fold_shape(im, node, ins, at):
     start, end = int(at.get("start", 0)), at.get("end")
-    return [_Val(None, tuple(torch.tensor(list(e.shape)[start:end], dtype=torch.int64) for e in ins[0].ex))]
+    return [Val(None, tuple(torch.tensor(list(e.shape)[start:end], dtype=torch.int64) for e in ins[0].ex))]
 
 
-def _size(im, node, ins, at):
-    return [_Val(None, tuple(torch.tensor(e.numel(), dtype=torch.int64) for e in ins[0].ex))]
+def fold_size(im, node, ins, at):
+    return [Val(None, tuple(torch.tensor(e.numel(), dtype=torch.int64) for e in ins[0].ex))]
 
 
-def _cast(im, node, ins, at):
+def fold_cast(im, node, ins, at):
     x = ins[0]
     try:
-        dtype = _torch_dtype(int(at["to"]))
+        dtype = torch_dtype(int(at["to"]))
     except Exception:  # bfloat16 / float8 / int4 / string have no numpy dtype torch takes
         raise im.error(f"casts to {onnx.TensorProto.DataType.Name(int(at['to']))}: only the numeric types of "
                        "numpy and torch are supported") from None
     if x.ex[0].dtype == dtype:
-        return [_Val(x.node, x.ex)]
+        return [Val(x.node, x.ex)]
     return [im.call("to", x, dtype)]
 
 
-def _constant_of_shape(im, node, ins, at):
-    value = _tensor(numpy_helper.to_array(at["value"])).reshape(-1) if "value" in at else torch.zeros(1)
+def fold_constant_of_shape(im, node, ins, at):
+    value = as_tensor(numpy_helper.to_array(at["value"])).reshape(-1) if "value" in at else torch.zeros(1)
     if not ins[0].const:
         raise im.error("has its shape computed from tensor values at run time: not supported")
-    return [_Val(None, tuple(torch.full([int(d) for d in e.tolist()], value[0].item(), dtype=value.dtype)
+    return [Val(None, tuple(torch.full([int(d) for d in e.tolist()], value[0].item(), dtype=value.dtype)
                              for e in ins[0].ex))]
 
 
-def _range(im, node, ins, at):
+def fold_range(im, node, ins, at):
     if not all(v.const for v in ins):
         raise im.error("has run-time bounds: not supported")
-    return [_Val(None, tuple(torch.arange(ins[0].ex[k].item(), ins[1].ex[k].item(), ins[2].ex[k].item(),
+    return [Val(None, tuple(torch.arange(ins[0].ex[k].item(), ins[1].ex[k].item(), ins[2].ex[k].item(),
                                           dtype=ins[0].ex[k].dtype) for k in range(im.nvar)))]
 
 
-def _expand(im, node, ins, at):
+def fold_expand(im, node, ins, at):
     x, shape = ins
     if not shape.const:
         raise im.error("has its shape computed from tensor values at run time: not supported")
     outs = [list(torch.broadcast_shapes(tuple(x.ex[k].shape), tuple(shape.ex[k].tolist()))) for k in range(im.nvar)]
     if x.const:
-        return [_Val(None, tuple(x.ex[k].expand(outs[k]).clone() for k in range(im.nvar)))]
+        return [Val(None, tuple(x.ex[k].expand(outs[k]).clone() for k in range(im.nvar)))]
     if any(o != outs[0] for o in outs):
-        raise _BatchDependent
+        raise BatchDependent
     return [im.call(torch.broadcast_to, x, outs[0])]
 
 
-def _where(im, node, ins, at):
+def fold_where(im, node, ins, at):
     return [im.call(torch.where, *ins)]

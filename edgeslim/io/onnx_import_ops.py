@@ -3,7 +3,7 @@
 Conv / ConvTranspose, Gemm and MatMul with a constant matrix, BatchNormalization, activations, pooling and
 softmax become ``nn`` modules named after their ONNX node (so BN folding and module swaps see them);
 element-wise arithmetic and reductions are torch calls. A handler takes ``(importer, node, inputs, attrs)`` and
-returns the node's output values in order; constant inputs fold through the same code (``_Importer.call`` and
+returns the node's output values in order; constant inputs fold through the same code (``Importer.call`` and
 ``module`` fold when every input is a constant). The shape / data-movement handlers are in ``onnx_import_fold``,
 the driver in ``onnx_import``.
 """
@@ -20,19 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .onnx_import_fold import (
-    _Val, _axis, _cast, _concat, _constant, _constant_of_shape, _expand, _flatten, _gather, _identity, _pad, _range,
-    _depth_to_space, _reshape, _resize, _space_to_depth, _shape, _size, _slice, _split, _squeeze, _torch_pads, _transpose, _unsqueeze, _where,
+    Val, norm_axis, fold_cast, fold_concat, fold_constant, fold_constant_of_shape, fold_expand, fold_flatten, fold_gather, fold_identity, fold_pad, fold_range,
+    fold_depth_to_space, fold_reshape, fold_resize, fold_space_to_depth, fold_shape, fold_size, fold_slice, fold_split, fold_squeeze, torch_pads, fold_transpose, fold_unsqueeze, fold_where,
 )
 
 if TYPE_CHECKING:
-    from .onnx_import import _Importer
+    from .onnx_import import Importer
 
 
-def _padded(im: _Importer, x: _Val, begins: list[int], ends: list[int], value: float = 0.0) -> _Val:
-    return im.call(F.pad, x, _torch_pads([0, 0, *begins], [0, 0, *ends]), mode="constant", value=value)
+def _padded(im: Importer, x: Val, begins: list[int], ends: list[int], value: float = 0.0) -> Val:
+    return im.call(F.pad, x, torch_pads([0, 0, *begins], [0, 0, *ends]), mode="constant", value=value)
 
 
-def _window_pads(im: _Importer, x: _Val, at: dict, k: list[int], s: list[int], d: list[int]):
+def _window_pads(im: Importer, x: Val, at: dict, k: list[int], s: list[int], d: list[int]):
     """Begin / end pads of a conv or pool window, resolving ``auto_pad`` from the (static) input size."""
     n = len(k)
     auto = at.get("auto_pad", "NOTSET")
@@ -122,7 +122,7 @@ def _conv_transpose(im, node, ins, at):
     return [y]
 
 
-def _linear(im, node, x: _Val, weight: torch.Tensor, bias: torch.Tensor | None) -> _Val:
+def _linear(im, node, x: Val, weight: torch.Tensor, bias: torch.Tensor | None) -> Val:
     mod = _load(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None), weight=weight, bias=bias)
     if bias is None and (node.op_type == "MatMul" or len(node.input) < 3 or not node.input[2]):
         im.bias_free[node.output[0]] = mod  # the node's output is this Linear's: a following Add may be its bias
@@ -178,7 +178,7 @@ def _batch_norm(im, node, ins, at):
 def _channel_vector(c: torch.Tensor, n: int, rank: int, axis: int) -> torch.Tensor | None:
     """``c`` as a length-``n`` vector when broadcasting it against a rank-``rank`` tensor is along ``axis`` only."""
     shape = [1] * (rank - c.dim()) + list(c.shape)
-    axis = _axis(axis, rank)
+    axis = norm_axis(axis, rank)
     if len(shape) != rank or shape[axis] != n or any(s != 1 for i, s in enumerate(shape) if i != axis):
         return None
     return c.reshape(n).clone()
@@ -207,7 +207,7 @@ def _binary(fn: Callable, *, commutative: bool = False) -> Callable:
             if bias is not None:
                 exs = im._examples(torch.add, (a, b), {})
                 mod.bias = nn.Parameter(bias.to(mod.weight.dtype))
-                return [_Val(a.node, exs)]
+                return [Val(a.node, exs)]
         if b.const and not a.const and b.ex[0].numel() == 1 and b.ex[0].dim() <= im.rank(a):
             b = im.same(b).reshape(()).item()  # x + 0.5 rather than a buffer
         return [im.call(fn, a, b, **kwargs)]
@@ -274,7 +274,7 @@ def _dropout(im, node, ins, at):
             ratio = im.number(ins[1], "ratio") if len(ins) > 1 else None
             if (0.5 if ratio is None else ratio) != 0:
                 raise im.error("is in training mode (training_mode=1, random outputs): export the model in eval mode")
-    outs = [_Val(x.node, x.ex)]
+    outs = [Val(x.node, x.ex)]
     if len(node.output) > 1 and node.output[1]:
         outs.append(im.call(torch.ones_like, x, dtype=torch.bool))
     return outs
@@ -294,7 +294,7 @@ def _clip(im, node, ins, at):
     if lo == 0 and hi is None:
         return [im.module(nn.ReLU(), x)]
     if lo is None and hi is None:
-        return [_Val(x.node, x.ex)]
+        return [Val(x.node, x.ex)]
     return [im.call(torch.clamp, x, min=lo, max=hi)]
 
 
@@ -302,7 +302,7 @@ def _softmax(cls: type) -> Callable:
     def handler(im, node, ins, at):
         x = ins[0]
         rank = im.rank(x)
-        axis = _axis(int(at.get("axis", -1 if im.opset >= 13 else 1)), rank)
+        axis = norm_axis(int(at.get("axis", -1 if im.opset >= 13 else 1)), rank)
         if im.opset >= 13 or axis == rank - 1:
             return [im.module(cls(dim=axis), x)]
         if axis == 0:  # before opset 13: softmax over the input flattened to 2-D at ``axis``
@@ -366,9 +366,9 @@ def _reduce(fn: Callable) -> Callable:
         keep = bool(at.get("keepdims", 1))
         if not axes:
             if at.get("noop_with_empty_axes", 0):
-                return [_Val(x.node, x.ex)]
+                return [Val(x.node, x.ex)]
             axes = list(range(rank))
-        axes = sorted(_axis(a, rank) for a in axes)
+        axes = sorted(norm_axis(a, rank) for a in axes)
         if fn is torch.mean and rank == 4 and axes == [2, 3] and keep:
             return [im.module(nn.AdaptiveAvgPool2d(1), x)]
         return [im.call(fn, x, axes, keepdim=keep)]
@@ -392,14 +392,14 @@ OPS: dict[str, Callable] = {
     "Add": _binary(torch.add, commutative=True), "Mul": _binary(torch.mul, commutative=True),
     "Sub": _binary(torch.sub), "Div": _binary(torch.div), "Pow": _binary(torch.pow),
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add),
-    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt), "Where": _where,
+    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt), "Where": fold_where,
     "Exp": _unary(torch.exp), "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
     "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal), "Floor": _unary(torch.floor),
     "Ceil": _unary(torch.ceil), "Erf": _unary(torch.erf), "Not": _unary(torch.logical_not),
-    "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
-    "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather, "Expand": _expand, "Pad": _pad,
-    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
-    "Resize": _resize, "Upsample": _resize, "Identity": _identity, "Dropout": _dropout,
-    "Constant": _constant, "Shape": _shape, "Size": _size, "Cast": _cast, "ConstantOfShape": _constant_of_shape,
-    "Range": _range,
+    "Reshape": fold_reshape, "Flatten": fold_flatten, "Transpose": fold_transpose, "Squeeze": fold_squeeze, "Unsqueeze": fold_unsqueeze,
+    "Concat": fold_concat, "Split": fold_split, "Slice": fold_slice, "Gather": fold_gather, "Expand": fold_expand, "Pad": fold_pad,
+    "DepthToSpace": fold_depth_to_space, "SpaceToDepth": fold_space_to_depth,
+    "Resize": fold_resize, "Upsample": fold_resize, "Identity": fold_identity, "Dropout": _dropout,
+    "Constant": fold_constant, "Shape": fold_shape, "Size": fold_size, "Cast": fold_cast, "ConstantOfShape": fold_constant_of_shape,
+    "Range": fold_range,
 }
