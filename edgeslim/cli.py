@@ -188,7 +188,10 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-weight", type=float, default=1.0, help="with --kd: weight of the KL term (rest: labels)")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue exactly from --out/checkpoint.pt (refused if the "
+                   "model, QAT / PTQ options, --plan or training data differ)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="write --out/checkpoint.pt every N optimizer "
+                   "steps and at every epoch end (default: every 5 minutes of training; 0: epoch ends only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-size", type=int, default=512, help="training images that calibrate the PTQ start")
     p.add_argument("--calibrator", default="mse", help="PTQ start: mse (default) | minmax | percentile | entropy")
@@ -696,10 +699,11 @@ def print_mixed_summary(s: dict, out: Path) -> None:
 def _qat(args) -> int:
     import torch
 
-    from .algorithms.qat import Dist, QATConfig
+    from .algorithms.qat import QATConfig
     from .config import PTQConfig
     from .data import Preprocess, open_dataset
     from .jobs_qat import run_qat
+    from .train.dist import Dist
 
     if args.threads is not None:
         if args.threads < 1:
@@ -731,7 +735,8 @@ def _qat(args) -> int:
     dist = Dist.from_env()
     try:
         s = run_qat(model, info, train, test, cfg, ptq_config, Path(args.out), resume=args.resume,
-                    train_size=args.train_size, val_size=args.val_size, plan=plan, dist=dist)
+                    train_size=args.train_size, val_size=args.val_size, plan=plan, dist=dist,
+                    checkpoint_every=args.checkpoint_every)
     finally:
         if dist.world > 1:
             import torch.distributed as td
@@ -744,8 +749,8 @@ def _qat(args) -> int:
 
 
 def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
-    from .algorithms.qat import Dist
     from .data.detection import open_detection
+    from .train.dist import Dist
     from .jobs_detect import DetectOptions
     from .jobs_detect_qat import run_detect_qat
     from .models import as_detector

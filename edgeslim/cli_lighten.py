@@ -29,6 +29,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kd", action="store_true", help="fine-tune on labels only (no distillation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="write the fine-tuning checkpoint into --out every "
+                   "N optimizer steps and at every epoch end (default: every 5 minutes of training; 0: epoch ends only)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out (refused if the "
+                   "model, options or training data differ)")
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -65,7 +69,8 @@ def prune(args) -> int:
     target = args.target_macs if args.target_macs is not None or args.ratio is not None else 0.7
     s = run_prune(model, info, train, test, Path(args.out), method=args.method, target_macs=target if args.ratio is None
                   else None, ratio=args.ratio, sparsity=args.sparsity, scope=args.scope, importance=args.importance,
-                  gradual=not args.one_shot, finetune_cfg=cfg, train_size=args.train_size, threads=args.threads)
+                  gradual=not args.one_shot, finetune_cfg=cfg, train_size=args.train_size, threads=args.threads,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume)
     _print_pair(s, "dense", "pruned")
     print(f"wrote {args.out}/summary.json, model_pruned.onnx, model_pruned.pt"
           + (", prune_record.json" if args.method == "channel" else ", model_sparse.npz"))
@@ -79,24 +84,48 @@ def factorize(args) -> int:
     layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
     s = run_factorize(model, info, train, test, Path(args.out), layers=layers, method=args.method,
                       macs_reduction=args.macs_reduction, rank=args.rank, share=args.share, finetune_cfg=cfg,
-                      train_size=args.train_size, threads=args.threads)
+                      train_size=args.train_size, threads=args.threads, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume)
     _print_pair(s, "original", "factorized")
     print(f"before fine-tuning: top-1 {s['factorized']['top1_before_finetune']:.4f}")
     print(f"wrote {args.out}/summary.json, model_factorized.onnx, model_factorized.pt, factorize_record.json")
     return 0
 
 
+def check_backbone(spec: str | None) -> None:
+    """``--backbone NAME[:WIDTH]``: a known light backbone and a width multiplier in (0, 4], checked before any work."""
+    import math
+
+    from .algorithms.backbone import BACKBONES
+
+    if spec is None:
+        return
+    name, _, width = spec.partition(":")
+    if name.strip() not in BACKBONES:
+        raise EdgeslimError(f"invalid --backbone {spec!r}: use NAME[:WIDTH] with NAME one of {', '.join(BACKBONES)}, "
+                            "e.g. shufflenet_v2:0.5")
+    try:
+        w = float(width) if width else 1.0
+    except ValueError:
+        w = float("nan")
+    if not (math.isfinite(w) and 0 < w <= 4):
+        raise EdgeslimError(f"invalid --backbone {spec!r}: the width after ':' must be a multiplier in (0, 4], "
+                            "e.g. shufflenet_v2:0.5")
+
+
 def plan(args) -> int:
     from .jobs_plan import PlanOptions, Requirement, run_plan
     from .targets import load_target
 
+    check_backbone(args.backbone)
     cfg, model, info, train, test = _setup(args)
     req = Requirement(args.max_drop, args.max_latency_ms, args.max_size_kb)
     opts = PlanOptions(steps=tuple(s.strip().upper() for s in args.steps.split(",") if s.strip()),
                        budget_epochs=args.budget_epochs, finetune=cfg, calib_size=args.calib_size,
                        prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone)
     s = run_plan(model, info, train, test, Path(args.out), target=load_target(args.target), requirement=req,
-                 options=opts, train_size=args.train_size, seed=args.seed)
+                 options=opts, train_size=args.train_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                 resume=args.resume)
     print(f"\n{'step':<30}{'format':>8}{'top-1':>8}{'ms':>9}{'KiB':>9}{'init s':>8}")
     for r in s["steps"]:
         print(f"{r['step'] + ' ' + r['name']:<30}{r['format']:>8}{r['top1']:>8.4f}{r['latency_ms']:>9.3f}"

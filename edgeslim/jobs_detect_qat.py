@@ -1,7 +1,7 @@
 """Quantization-aware training of detectors without a detection loss: the ``qat --task detect`` job.
 
 The student (the PTQ model with trainable quantizers, ``algorithms.qat``) learns to reproduce the FP32 model's raw
-head outputs on the calibration-split images (``qat.head_distillation``): no labels, no anchor matching, and the
+head outputs on the calibration-split images (``train.losses.head_distillation``): no labels, no anchor matching, and the
 same code for every detector edgeslim decodes. The test split is scored (mAP) after every epoch and at the end
 in PyTorch and in onnxruntime. Artifacts are staged and moved into ``out`` at the end, ``summary.json`` last.
 """
@@ -27,6 +27,8 @@ from .jobs_detect import (DetectOptions, calibration_images, check_detector, eva
 from .lower import lower
 from .models import ModelInfo
 from .report.encodings import encodings
+from .train.data import TrainData
+from .train.losses import head_distillation
 
 LETTERBOX_PAD = 114 / 255  # the grey of the letterbox borders, in [0, 1] pixels
 
@@ -46,7 +48,7 @@ def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, t
     def work(stage: Path) -> dict:
         x = calibration_images(train, train_size or len(train), cfg.seed, info)
         pad = (LETTERBOX_PAD - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
-        data = qat.TrainData(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64),
+        data = TrainData(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64),
                              torch.from_numpy(np.broadcast_to(pad, (info.input_shape[0],)).copy()))
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
@@ -60,7 +62,7 @@ def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, t
                                     "test": len(test), "test_boxes": test.num_boxes(), "imgsz": test.imgsz},
                          "fp32": mAP(teacher, "evaluating FP32"), "ptq": mAP(gm, "evaluating PTQ")}
         notes = qat.attach(gm, cfg)
-        result = qat.train(gm, teacher, data, cfg, evaluate=lambda m: mAP(m, "")["map50_95"], objective=qat.head_distillation)
+        result = qat.train(gm, teacher, data, cfg, evaluate=lambda m: mAP(m, "")["map50_95"], objective=head_distillation)
         levels = qat.finish(gm)
         ptq.set_mode(gm, "quant")
         summary["history"] = result["history"]

@@ -2,7 +2,9 @@
 
 Each job changes the float model, fine-tunes it with distillation from the original, exports both to ONNX and
 measures them side by side in one run: test top-1 (onnxruntime), MACs, parameters, stored bytes and latency
-(interleaved, batch 1). Outputs are staged and moved into ``out`` at the end, ``summary.json`` last.
+(interleaved, batch 1). Outputs are staged and moved into ``out`` at the end, ``summary.json`` last. Fine-tuning
+checkpoints into ``out/checkpoint.pt`` (``train.checkpoint``); ``resume`` continues it exactly and refuses a
+checkpoint of another model, step settings, fine-tuning config or training data.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from torch import nn
 
 from . import api
 from .algorithms.finetune import FinetuneConfig, finetune
-from .algorithms.qat import TrainData
 from .data import ImageDataset
 from .errors import EdgeslimError
 from .eval import ort as ort_eval
@@ -27,8 +28,9 @@ from .io.staging import staged
 from .eval.profile import profile
 from .graph.capture import capture
 from .tasks import onnx_top1
-from .jobs_plan import _load_train
 from .models import ModelInfo
+from .train.checkpoint import Checkpoint, params_digest
+from .train.data import TrainData, load_train
 
 
 def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -55,17 +57,22 @@ def compare(models: dict[str, nn.Module], info: ModelInfo, test: ImageDataset, s
 def run_factorize(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: ImageDataset, out: Path, *,
                   layers: list[str] | None = None, method: str = "separable", macs_reduction: float = 0.5,
                   rank: int | None = None, share: float = 0.5, finetune_cfg: FinetuneConfig = FinetuneConfig(),
-                  train_size: int | None = None, threads: int = 1) -> dict:
+                  train_size: int | None = None, threads: int = 1, checkpoint_every: int | None = None,
+                  resume: bool = False) -> dict:
     """Seed 003's G2: factorize the heaviest convolutions (or ``layers``), fine-tune with KD, measure vs the original."""
     from .algorithms.factorize import choose_layers, factorize
+
+    ckpt = job_checkpoint(out, model, {"layers": layers, "method": method, "macs_reduction": macs_reduction,
+                                       "rank": rank, "share": share}, checkpoint_every, resume)
 
     def work(stage: Path) -> dict:
         chosen = layers or choose_layers(model, info.input_shape, share=share)
         new, record = factorize(model, info.input_shape, layers=chosen, method=method, macs_reduction=macs_reduction,
                                 rank=rank)
         before = compare({"original": model, "factorized": new}, info, test_ds, stage, threads=threads, rounds=20)
-        train = _load_train(train_ds, info, train_size, finetune_cfg.seed)
-        tuned = finetune(new, train, finetune_cfg, teacher=copy.deepcopy(model).eval(), desc="fine-tuning (KD)")
+        train = load_train(train_ds, info, train_size, finetune_cfg.seed)
+        tuned = finetune(new, train, finetune_cfg, teacher=copy.deepcopy(model).eval(), desc="fine-tuning (KD)",
+                         checkpoint=ckpt, resume=resume)
         res = compare({"original": model, "factorized": new}, info, test_ds, stage, threads=threads)
         res["factorized"]["top1_before_finetune"] = before["factorized"]["top1"]
         (stage / "factorize_record.json").write_text(record.to_json())
@@ -81,13 +88,17 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
               method: str = "channel", target_macs: float | None = 0.7, ratio: float | None = None,
               sparsity: float = 0.5, scope: str = "global", importance: str = "l1", gradual: bool = True,
               finetune_cfg: FinetuneConfig = FinetuneConfig(), train_size: int | None = None,
-              threads: int = 1) -> dict:
+              threads: int = 1, checkpoint_every: int | None = None, resume: bool = False) -> dict:
     """Seed 003's G5: channel pruning (a smaller dense model: speed) or magnitude pruning (zeros stored sparse:
     memory), fine-tuned with KD, measured against the dense original in the same run."""
     from .algorithms import pruning
 
+    ckpt = job_checkpoint(out, model, {"method": method, "target_macs": target_macs, "ratio": ratio,
+                                       "sparsity": sparsity, "scope": scope, "importance": importance,
+                                       "gradual": gradual}, checkpoint_every, resume)
+
     def work(stage: Path) -> dict:
-        train = _load_train(train_ds, info, train_size, finetune_cfg.seed)
+        train = load_train(train_ds, info, train_size, finetune_cfg.seed)
         teacher = copy.deepcopy(model).eval()
         if method == "channel":
             if importance not in IMPORTANCE:
@@ -98,20 +109,22 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
             new, record = pruning.prune_channels(model, info.input_shape, ratio=ratio, target_macs=target_macs,
                                                  importance=crit)
             record.save(stage / "prune_record.json")
-            tuned = finetune(new, train, finetune_cfg, teacher=teacher, desc="fine-tuning (KD)")
+            tuned = finetune(new, train, finetune_cfg, teacher=teacher, desc="fine-tuning (KD)", checkpoint=ckpt,
+                             resume=resume)
             res = compare({"dense": model, "pruned": new}, info, test_ds, stage, threads=threads)
             extra = {"record": json.loads((stage / "prune_record.json").read_text())}
         else:
             new = copy.deepcopy(model)
             hook = None
             if gradual:  # Zhu & Gupta: ramp the sparsity over the first 3/4 of fine-tuning, then recover
-                total = _total_steps(train, finetune_cfg)
+                total = finetune_cfg.total_steps(len(train.y))
                 sched = pruning.GradualSchedule(sparsity, 0, max(1, int(0.75 * total)), max(1, total // 20), scope=scope)
                 sched.step(new, 0)
                 hook = sched.step
             else:
                 pruning.magnitude_prune(new, sparsity, scope=scope)
-            tuned = finetune(new, train, finetune_cfg, teacher=teacher, on_step=hook, desc="fine-tuning (KD, masked)")
+            tuned = finetune(new, train, finetune_cfg, teacher=teacher, on_step=hook, desc="fine-tuning (KD, masked)",
+                             checkpoint=ckpt, resume=resume)
             pruning.remove_masks(new)
             table = pruning.sparse_size_bytes(new, value_bits=32)
             pruning.write_sparse(new.state_dict(), stage / "model_sparse.npz")
@@ -129,6 +142,14 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
     return staged(out, work)
 
 
+def job_checkpoint(out: Path, model: nn.Module, step: dict, every: int | None, resume: bool) -> Checkpoint:
+    """``out/checkpoint.pt`` for a lightweighting job: its identity is the original model's weights and the step's
+    settings (the fine-tuning config and the training data are added when training starts)."""
+    ckpt = Checkpoint(Path(out) / "checkpoint.pt", identity={"model": params_digest(model), "plan": step}, every=every)
+    ckpt.check_start(resume)
+    return ckpt
+
+
 IMPORTANCE = {"l1": "L1Importance", "l2": "L2Importance", "bn": "BNScaleImportance", "taylor": "TaylorImportance"}
 
 
@@ -142,6 +163,3 @@ def _batches(train: TrainData, n: int, size: int = 128):
     idx = np.random.default_rng(0).permutation(len(train.y))[: n * size]
     return [(train.x[idx[i:i + size]], train.y[idx[i:i + size]]) for i in range(0, len(idx), size)]
 
-
-def _total_steps(train: TrainData, cfg: FinetuneConfig) -> int:
-    return max(1, round(cfg.epochs * -(-len(train.y) // cfg.batch_size)))

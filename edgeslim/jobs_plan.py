@@ -7,6 +7,9 @@ The loop stops as soon as every target holds (seed 003, Table 1 is one row per c
 from the report: pruning moves before PTQ when memory is the binding constraint (8-bit weights alone cannot
 reach the size budget), G4 becomes a mixed-precision search when PTQ drops more accuracy than allowed, G5 prunes
 weights by magnitude when memory binds (sparse storage) and channels otherwise (speed).
+
+Every fine-tuning step checkpoints into ``out/checkpoint_G<n>.pt`` (``train.checkpoint``); with ``resume`` the
+finished steps load their final weights and the interrupted one continues exactly where its checkpoint was written.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from torch import nn
 from . import api
 from .algorithms import mixed_precision as mp, ptq
 from .algorithms.finetune import FinetuneConfig, finetune
-from .algorithms.qat import TrainData
 from .config import MixedPlan, PTQConfig
-from .data import ImageDataset, batches, calibration_indices
+from .data import ImageDataset
 from .errors import EdgeslimError
 from .eval import ort as ort_eval
 from .tasks import onnx_top1
 from .models import ModelInfo
 from .quant.precision import LayerPrecision
 from .targets import Target
+from .train.checkpoint import Checkpoint, params_digest
+from .train.data import TrainData, load_train
 
 STEPS = ("G1", "G2", "G3", "G4", "G5")
 STEP_NAMES = {"G1": "lighter backbone", "G2": "factorize heavy convs", "G3": "post-training quantization",
@@ -133,6 +137,10 @@ class Context:
     epochs_per_step: float
     fp32_top1: float = 0.0
     counter: int = 0
+    checkpoints: Path | None = None  # folder of the fine-tuning checkpoints (None: no checkpoints)
+    checkpoint_every: int | None = None
+    resume: bool = False
+    model_digest: str = ""  # the original model's weights: part of every checkpoint's identity
 
     def path(self, stem: str) -> Path:
         self.counter += 1
@@ -204,11 +212,20 @@ def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
             "params": _params(d.model), "step_seconds": seconds, "notes": list(d.notes)}
 
 
-def _tune(model: nn.Module, ctx: Context, desc: str, on_step=None) -> dict | None:
+def _tune(model: nn.Module, ctx: Context, step: str, desc: str, on_step=None) -> dict | None:
     if ctx.epochs_per_step <= 0:
         return None
     cfg = replace(ctx.options.finetune, epochs=ctx.epochs_per_step)
-    return finetune(model, ctx.train, cfg, teacher=ctx.teacher, on_step=on_step, desc=desc)
+    ckpt = None
+    if ctx.checkpoints is not None:
+        settings = {k: v for k, v in asdict(replace(ctx.options, finetune=None)).items()
+                    if k not in ("threads", "latency_rounds")}
+        ckpt = Checkpoint(ctx.checkpoints / f"checkpoint_{step}.pt", every=ctx.checkpoint_every,
+                          identity={"model": ctx.model_digest, "plan": {"step": step, "target": ctx.target.name,
+                                                                        "requirement": asdict(ctx.requirement),
+                                                                        **settings}})
+    return finetune(model, ctx.train, cfg, teacher=ctx.teacher, on_step=on_step, desc=desc, checkpoint=ckpt,
+                    resume=ckpt is not None and ctx.resume and ckpt.path.exists())
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -225,7 +242,7 @@ def step_g1(d: Deployable, ctx: Context) -> str | None:
     if record.macs_after >= record.macs_before:
         return (f"skipped: {ctx.options.backbone} ({record.macs_after:,} MACs) is not lighter than the current "
                 f"model ({record.macs_before:,} MACs)")
-    _tune(model, ctx, "G1 fine-tuning (KD)")
+    _tune(model, ctx, "G1", "G1 fine-tuning (KD)")
     d.model = model
     d.notes.append(f"G1: backbone {ctx.options.backbone} (random init, distilled), MACs {record.macs_before:,} -> "
                    f"{record.macs_after:,}")
@@ -240,7 +257,7 @@ def step_g2(d: Deployable, ctx: Context) -> str | None:
         return "skipped: no convolution worth factorizing (only 1x1 / depthwise convs)"
     model, record = factorize(d.model, ctx.info.input_shape, layers=layers, method="separable",
                               macs_reduction=ctx.options.factor_reduction)
-    _tune(model, ctx, "G2 fine-tuning")
+    _tune(model, ctx, "G2", "G2 fine-tuning")
     d.model = model
     d.notes.append(f"G2: {len(record.layers)} convs depthwise-separable ({', '.join(r.name for r in record.layers)}), "
                    f"MACs {record.model_macs_before:,} -> {record.model_macs_after:,}")
@@ -307,13 +324,13 @@ def step_g5(d: Deployable, ctx: Context, memory_binds: bool) -> str | None:
             sparsity = auto_sparsity(d.model, 0.97 * ctx.requirement.max_size_kb * 1024, bits)
             how = f"chosen to fit {ctx.requirement.max_size_kb:g} KiB with {bits}-bit values"
         pruning.magnitude_prune(d.model, sparsity)  # masks held by a parametrization while tuning
-        _tune(d.model, ctx, "G5 fine-tuning (masked)")
+        _tune(d.model, ctx, "G5", "G5 fine-tuning (masked)")
         pruning.remove_masks(d.model)
         d.sparse = True
         d.notes.append(f"G5: {sparsity:.0%} of the weights pruned by magnitude ({how}; sparse storage)")
         return None
     model, record = pruning.prune_channels(d.model, ctx.info.input_shape, target_macs=ctx.options.prune_macs)
-    _tune(model, ctx, "G5 fine-tuning")
+    _tune(model, ctx, "G5", "G5 fine-tuning")
     d.model = model
     d.notes.append(f"G5: channels pruned to {record.macs_after / record.macs_before:.0%} of the MACs")
     return None
@@ -332,13 +349,18 @@ def order_steps(steps: tuple[str, ...], memory_binds: bool) -> list[str]:
 
 def run_plan(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: ImageDataset, out: Path, *,
              target: Target, requirement: Requirement, options: PlanOptions = PlanOptions(),
-             train_size: int | None = None, seed: int = 0) -> dict:
-    """Apply the guideline's steps until ``requirement`` holds; write ``summary.json`` (``steps``, ``met``) into ``out``."""
+             train_size: int | None = None, seed: int = 0, checkpoint_every: int | None = None,
+             resume: bool = False) -> dict:
+    """Apply the guideline's steps until ``requirement`` holds; write ``summary.json`` (``steps``, ``met``) into ``out``.
+    Fine-tuning checkpoints go to ``out/checkpoint_G<n>.pt`` every ``checkpoint_every`` steps (None: every five
+    minutes of training); ``resume`` continues from them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_resume(out, resume)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        summary = _plan(model, info, train_ds, test_ds, stage, target, requirement, options, train_size, seed)
+        summary = _plan(model, info, train_ds, test_ds, stage, target, requirement, options, train_size, seed,
+                        (out, checkpoint_every, resume))
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
         for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
             if f.is_file() and (f.name in ("summary.json", "model_final.onnx") or f.suffix == ".json"):
@@ -348,18 +370,18 @@ def run_plan(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds:
     return summary
 
 
-def _load_train(ds: ImageDataset, info: ModelInfo, size: int | None, seed: int) -> TrainData:
-    idx = calibration_indices(len(ds), size, seed, ds.labels) if size else np.arange(len(ds))
-    xs = [x for x, _ in batches(ds, 512, idx, desc="loading training images")]
-    black = (0.0 - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
-    return TrainData(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(ds.labels[idx].copy()),
-                     torch.from_numpy(black if len(black) == info.input_shape[0] else np.zeros(info.input_shape[0],
-                                                                                                  np.float32)))
+def check_resume(out: Path, resume: bool) -> None:
+    """``resume`` needs the fine-tuning checkpoints of an earlier plan in ``out``; a new plan must not overwrite them."""
+    found = sorted(p.name for p in out.glob("checkpoint_G*.pt"))
+    if resume and not found:
+        raise EdgeslimError(f"--resume: no fine-tuning checkpoint (checkpoint_G*.pt) in {out}: run without --resume first")
+    if found and not resume:
+        raise EdgeslimError(f"{out / found[0]} exists from an earlier run: add --resume to continue it, or pass a new --out")
 
 
-def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, train_size, seed) -> dict:
+def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, train_size, seed, checkpoints) -> dict:
     t_start = time.perf_counter()
-    train = _load_train(train_ds, info, train_size, seed)
+    train = load_train(train_ds, info, train_size, seed)
     rng = np.random.default_rng(seed)
     cal_idx = rng.choice(len(train.y), min(options.calib_size, len(train.y)), replace=False)
     hold_idx = rng.choice(len(train.y), min(options.holdout_size, len(train.y)), replace=False)
@@ -369,6 +391,8 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
                   target.ptq_config(PTQConfig(calib_size=options.calib_size, seed=seed)), target, requirement, options,
                   stage, api.export_fp32_onnx(model, info.input_shape, stage / "baseline_fp32.onnx"),
                   options.budget_epochs / max(1, len(changing)))
+    ctx.checkpoints, ctx.checkpoint_every, ctx.resume = checkpoints
+    ctx.model_digest = params_digest(model)
     d = Deployable(copy.deepcopy(model).eval())
     rows = [measure(d, ctx, "baseline", 0.0)]
     ctx.fp32_top1 = rows[0]["top1"]

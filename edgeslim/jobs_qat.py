@@ -1,8 +1,10 @@
 """The ``qat`` job: FP32 and PTQ baselines, quantization-aware training, export, ``summary.json``.
 
-The checkpoint (``checkpoint.pt``) is written into ``out`` after every epoch, atomically, so a killed run
-continues with ``--resume`` and loses at most the epoch in progress. The final artefacts are staged and
-moved into ``out`` at the end, ``summary.json`` last.
+The checkpoint (``checkpoint.pt``) is written into ``out`` atomically every ``checkpoint_every`` steps (by
+default every five minutes of training) and at the end of every epoch, so a killed run continues with
+``--resume`` exactly where the checkpoint was written, and ends with the weights of an uninterrupted run.
+``--resume`` refuses a checkpoint of another model, QAT / PTQ config, plan or training data. The final
+artefacts are staged and moved into ``out`` at the end, ``summary.json`` last.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from .errors import EdgeslimError
 from .eval import metrics, ort as ort_eval
 from .models import ModelInfo
 from .report.encodings import encodings
+from .train.checkpoint import Checkpoint, params_digest
+from .train.data import load_train
+from .train.dist import Dist
 
 
 def top1(model: nn.Module, ds: ImageDataset, batch_size: int = 256, desc: str | None = None,
@@ -39,21 +44,12 @@ def top1(model: nn.Module, ds: ImageDataset, batch_size: int = 256, desc: str | 
     return metrics.top1(np.concatenate(outs), labels)
 
 
-def load_train(ds: ImageDataset, size: int | None, seed: int, info: ModelInfo, progress: bool) -> qat.TrainData:
-    """The training images as one tensor (a seeded class-balanced subset of ``size`` images if given)."""
-    idx = calibration_indices(len(ds), size, seed, ds.labels) if size else np.arange(len(ds))
-    xs = [x for x, _ in batches(ds, 512, idx, desc="loading training images" if progress else None)]
-    black = (0.0 - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
-    if len(black) != info.input_shape[0]:
-        black = np.zeros(info.input_shape[0], np.float32)
-    return qat.TrainData(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(ds.labels[idx].copy()),
-                         torch.from_numpy(black))
-
-
 def run_qat(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: ImageDataset, cfg: qat.QATConfig,
             ptq_config: PTQConfig, out: Path, *, resume: bool = False, train_size: int | None = None,
-            val_size: int | None = None, batch_size: int = 256, plan: MixedPlan | None = None, dist: qat.Dist = qat.Dist()) -> dict:
-    """Train ``model`` quantization-aware on ``train_ds``, score on ``test_ds``, write artefacts into ``out``."""
+            val_size: int | None = None, batch_size: int = 256, plan: MixedPlan | None = None, dist: Dist = Dist(),
+            checkpoint_every: int | None = None) -> dict:
+    """Train ``model`` quantization-aware on ``train_ds``, score on ``test_ds``, write artefacts into ``out``;
+    ``checkpoint_every``: steps between checkpoints (None: every five minutes of training)."""
     if info.num_classes and len(test_ds.classes) > info.num_classes:
         raise EdgeslimError(f"test data has {len(test_ds.classes)} classes but the model predicts {info.num_classes}: "
                             "pass data for this model")
@@ -61,14 +57,15 @@ def run_qat(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: 
         raise EdgeslimError(f"--train-data has classes {train_ds.classes[:4]}... but --data has {test_ds.classes[:4]}...: "
                             "pass the training and test splits of the same data set")
     out = Path(out)
-    ckpt = out / "checkpoint.pt"
+    ckpt = Checkpoint(out / "checkpoint.pt", every=checkpoint_every,
+                      identity={"model": params_digest(model), "ptq": ptq_config.to_dict(),
+                                "plan": plan.to_dict() if plan is not None else None})
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt.exists() and not resume:
-            raise EdgeslimError(f"{ckpt} exists from an earlier run: add --resume to continue it, or pass a new --out")
+        ckpt.check_start(resume)
     dist.barrier()
     main = dist.main
-    data = load_train(train_ds, train_size, cfg.seed, info, main)
+    data = load_train(train_ds, info, train_size, cfg.seed, main)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.algorithms.backbone import SwappedModel, downsample_plan, swap_backbone
-from edgeslim.algorithms.finetune import FinetuneConfig, distillation_loss, finetune
-from edgeslim.algorithms.qat import TrainData
+from edgeslim.algorithms.finetune import FinetuneConfig, finetune
 from edgeslim.api import export_fp32_onnx
 from edgeslim.errors import EdgeslimError
 from edgeslim.eval.profile import profile
 from edgeslim.graph.capture import capture
+from edgeslim.train.data import TrainData
+from edgeslim.train.losses import distillation_loss
 from edgeslim.models.resnet import resnet18
 from edgeslim.models.resnet_cifar import resnet20
 from edgeslim.targets import TARGETS
@@ -122,7 +123,8 @@ def test_finetune_with_distillation_reduces_kd_loss():
 
     def kd() -> float:
         with torch.no_grad():
-            return float(distillation_loss(new.eval()(data.x), data.y, teacher(data.x), cfg))
+            return float(distillation_loss(new.eval()(data.x), data.y, teacher(data.x), weight=cfg.kd_weight,
+                                           temperature=cfg.temperature))
 
     before = kd()
     head_before = new.head.linear.weight.clone()

@@ -164,20 +164,22 @@ def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
     assert s["images"]["train"] == 6 and s["size_bytes"]["int8"] < s["size_bytes"]["fp32"] / 3
     # the exported INT8 file is the trained model: onnxruntime reproduces both head outputs to 1 LSB
     from edgeslim.algorithms import qat
+    from edgeslim.train.data import TrainData
+    from edgeslim.train.losses import head_distillation
 
     sess = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
     lsb = s["export_check"]["max_diff_lsb"]
     assert len(sess.get_outputs()) == len(lsb) == 2 and all(v is not None and v <= 1.001 for v in lsb)
     assert "mAP@.5" in capsys.readouterr().out
     with pytest.raises(Exception):
-        qat.train(None, None, qat.TrainData(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.int64)),
-                  qat.QATConfig(method="ewgs"), evaluate=lambda m: 0.0, objective=qat.head_distillation)
+        qat.train(None, None, TrainData(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.int64)),
+                  qat.QATConfig(method="ewgs"), evaluate=lambda m: 0.0, objective=head_distillation)
 
 
 def test_head_distillation_by_hand():
     import torch
 
-    from edgeslim.algorithms.qat import head_distillation
+    from edgeslim.train.losses import head_distillation
 
     a, b = [torch.tensor([[0.0, 2.0]]), torch.tensor([[-1.0]])], [torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0]])]
     sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731

@@ -1,6 +1,6 @@
 """Targets, fine-tuning, and the ``prune`` / ``factorize`` / ``plan`` commands on tiny data.
 
-Oracles: hand-computed distillation loss; onnxruntime for every measured model (the jobs score the ONNX files);
+Oracles: onnxruntime for every measured model (the jobs score the ONNX files);
 the requirement arithmetic re-checked from the written rows. Real-data numbers: ``bench/lighten_resnet20.py``.
 """
 
@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from edgeslim.algorithms.finetune import FinetuneConfig, distillation_loss, finetune
-from edgeslim.algorithms.qat import TrainData
+from edgeslim.algorithms.finetune import FinetuneConfig, finetune
 from edgeslim.cli import main
 from edgeslim.errors import EdgeslimError
 from edgeslim.graph.capture import capture
 from edgeslim.jobs_plan import Requirement, order_steps
 from edgeslim.targets import TARGETS, Target, load_target
+from edgeslim.train.data import TrainData
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +80,6 @@ def test_target_keeps_what_it_cannot_run_in_fp32():
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-
-def test_distillation_loss_by_hand():
-    torch.manual_seed(0)
-    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-    cfg = FinetuneConfig(kd_weight=0.7, temperature=2.0)
-    p_t = F.softmax(t / 2, 1)
-    kl = (p_t * (torch.log(p_t) - F.log_softmax(s / 2, 1))).sum(1).mean() * 4
-    expected = 0.7 * kl + 0.3 * F.cross_entropy(s, y)
-    assert torch.allclose(distillation_loss(s, y, t, cfg), expected, atol=1e-6)
-    assert torch.allclose(distillation_loss(s, y, None, cfg), F.cross_entropy(s, y))
-
 
 def test_finetune_learns_and_calls_on_step():
     torch.manual_seed(0)

@@ -23,6 +23,8 @@ from edgeslim.export.onnx_qdq import save_onnx, to_onnx
 from edgeslim.lower import lower
 from edgeslim.quant.modules import QuantConv2d
 from edgeslim.quant.qat import LevelSet, TrainableQuantizer, soft_gradient
+from edgeslim.train.checkpoint import Checkpoint, params_digest
+from edgeslim.train.data import TrainData
 
 from test_cli import _expect_error, _run, image_folder, user_model  # noqa: F401  (fixtures)
 
@@ -158,16 +160,6 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian():
     assert est[0][1] == pytest.approx(float((2 * a * y.detach()).abs().mean()), rel=1e-6)
 
 
-def test_kd_loss_is_the_temperature_scaled_kl():
-    torch.manual_seed(0)
-    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
-    cfg = qat.QATConfig(kd=True, kd_weight=0.7, kd_temperature=2.0)
-    p, logq = torch.softmax(t / 2, 1), torch.log_softmax(s / 2, 1)
-    kl = (p * (torch.log(p) - logq)).sum(1).mean() * 4
-    ce = torch.nn.functional.cross_entropy(s, y)
-    assert float(qat._loss(s, y, t, cfg)) == pytest.approx(float(0.7 * kl + 0.3 * ce), rel=1e-5)
-
-
 # -- finishing into the PTQ modules, export, engine ---------------------------------------------------------
 
 def _trained(tiny_model, tiny_calib, cfg, plan=None, steps=4):
@@ -175,7 +167,7 @@ def _trained(tiny_model, tiny_calib, cfg, plan=None, steps=4):
                      plan=plan)
     gm = q.model
     qat.attach(gm, cfg)
-    data = qat.TrainData(tiny_calib, torch.arange(len(tiny_calib)) % 5, torch.zeros(3))
+    data = TrainData(tiny_calib, torch.arange(len(tiny_calib)) % 5, torch.zeros(3))
     qat.train(gm, None, data, cfg, evaluate=lambda m: 0.0, progress=False)
     return gm
 
@@ -271,7 +263,7 @@ def test_nonuniform_activations_are_not_exported(tiny_model, tiny_calib):
 
 def test_resume_after_a_crash_gives_the_same_weights(tiny_model, tiny_calib, tmp_path):
     cfg = qat.QATConfig(4, 4, method="ewgs", epochs=3, batch_size=16, lr=0.01, ewgs_every=2)
-    data = qat.TrainData(tiny_calib, torch.arange(len(tiny_calib)) % 5, torch.zeros(3))
+    data = TrainData(tiny_calib, torch.arange(len(tiny_calib)) % 5, torch.zeros(3))
 
     def fresh():
         gm = api.quantize(tiny_model, tiny_calib, PTQConfig(w_bits=4, a_bits=4)).model
@@ -279,7 +271,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_model, tiny_calib, tmp
         return gm
 
     whole = fresh()
-    qat.train(whole, None, data, cfg, evaluate=lambda m: 0.0, checkpoint=tmp_path / "a.pt", progress=False)
+    qat.train(whole, None, data, cfg, evaluate=lambda m: 0.0, checkpoint=Checkpoint(tmp_path / "a.pt"), progress=False)
 
     class Crash(Exception):
         pass
@@ -292,15 +284,16 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_model, tiny_calib, tmp
 
     broken = fresh()
     with pytest.raises(Crash):
-        qat.train(broken, None, data, cfg, evaluate=crash_in_epoch_2, checkpoint=tmp_path / "b.pt", progress=False)
+        qat.train(broken, None, data, cfg, evaluate=crash_in_epoch_2, checkpoint=Checkpoint(tmp_path / "b.pt"),
+                  progress=False)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["epoch"] == 1
     resumed = fresh()
-    r = qat.train(resumed, None, data, cfg, evaluate=lambda m: 0.0, checkpoint=tmp_path / "b.pt", resume=True,
-                  progress=False)
+    r = qat.train(resumed, None, data, cfg, evaluate=lambda m: 0.0, checkpoint=Checkpoint(tmp_path / "b.pt"),
+                  resume=True, progress=False)
     assert r["resumed_from_epoch"] == 1 and len(r["history"]) == 3
     assert any(float(q.delta) > 0 for q in qat.quantizers(resumed))  # EWGS's delta was estimated and kept
-    assert qat.params_digest(resumed) == qat.params_digest(whole)
-    assert qat.params_digest(resumed) != qat.params_digest(fresh())
+    assert params_digest(resumed) == params_digest(whole)
+    assert params_digest(resumed) != params_digest(fresh())
 
 
 def test_qat_cli_learns_digits_and_writes_summary(capsys, tmp_path):
@@ -320,7 +313,7 @@ def test_qat_cli_learns_digits_and_writes_summary(capsys, tmp_path):
                                            "sklearn-digits", "--max-steps", "1", "--out", out], "--resume")
     _expect_error(capsys, tmp_path / "x", ["qat", "digits_cnn", "--random-init", "--train-data", "sklearn-digits", "--data",
                                            "sklearn-digits", "--max-steps", "5", "--resume", "--out", out],
-                  "other settings")
+                  "differs in config (augment false -> true, batch_size 64 -> 128, lr 0.1 -> 0.001, max_steps 200 -> 5)")
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -1,26 +1,28 @@
 """Fine-tuning a float model after a structural change (pruning, factorization, a new backbone), with
 distillation from the original model.
 
-Seed 003 fine-tunes after every lightweighting step; distilling from the unchanged model (Hinton et al. 2015)
-needs no labels beyond the training images and recovers most of what the change cost. Plain SGD with Nesterov
-momentum and a cosine schedule, the random crop / flip augmentation of the QAT trainer, BN in training mode.
+Seed 003 fine-tunes after every lightweighting step; distilling from the unchanged model (Hinton et al. 2015,
+"Distilling the knowledge in a neural network") needs no labels beyond the training images and recovers most of
+what the change cost. The run is the shared training loop (``train.loop``: SGD with Nesterov momentum, a cosine
+schedule, the random crop / flip augmentation, BN in training mode, checkpoints with exact resume).
 ``on_step(model, step)`` runs after every optimizer step (a gradual pruning schedule re-masks weights there).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..errors import EdgeslimError
-from .qat import TrainData, augment
+from ..train.checkpoint import Checkpoint
+from ..train.data import TrainData
+from ..train.loop import Recipe, fit
+from ..train.losses import distillation_loss
+
+__all__ = ["FinetuneConfig", "finetune"]
 
 
 @dataclass(frozen=True)
@@ -48,69 +50,29 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def total_steps(self, n_images: int) -> int:
+        """Optimizer steps for ``n_images`` training images: ``epochs`` x steps per epoch, at least one."""
+        return max(1, round(self.epochs * math.ceil(n_images / self.batch_size)))
 
-def distillation_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
-                      cfg: FinetuneConfig) -> torch.Tensor:
-    """``kd_weight * T^2 * KL(teacher_T || student_T) + (1 - kd_weight) * CE(labels)``; plain CE without a teacher."""
-    ce = F.cross_entropy(logits, y)
-    if teacher_logits is None or not cfg.kd:
-        return ce
-    t = cfg.temperature
-    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True,
-                  reduction="batchmean") * t * t
-    return cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
+    def recipe(self, n_images: int) -> Recipe:
+        return Recipe(self.total_steps(n_images), self.lr, self.batch_size, self.weight_decay, self.augment, self.seed)
 
 
 def finetune(model: nn.Module, data: TrainData, cfg: FinetuneConfig, *, teacher: nn.Module | None = None,
              on_step: Callable[[nn.Module, int], None] | None = None, progress: bool = True,
-             desc: str = "fine-tuning") -> dict:
-    """Train ``model`` in place on ``data`` for ``cfg.epochs``; returns ``{"steps", "seconds", "loss", "train_top1"}``."""
-    n = len(data.y)
-    if n == 0:
+             desc: str = "fine-tuning", checkpoint: Checkpoint | None = None, resume: bool = False) -> dict:
+    """Train ``model`` in place on ``data`` for ``cfg.epochs``; returns ``{"steps", "seconds", "loss", "train_top1",
+    "config", "resumed_from_step"}``. ``checkpoint`` / ``resume`` as in ``train.loop.fit`` (its identity gets
+    ``config``). A diverging loss raises (the weights are those of the step before)."""
+    if len(data.y) == 0:
         raise EdgeslimError("no training images: pass --train-data with images")
-    spe = math.ceil(n / cfg.batch_size)
-    total = max(1, round(cfg.epochs * spe))
-    decay = [p for name, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
-    ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=0.9, nesterov=True)
-    if teacher is not None:
-        teacher.eval()
-    model.train()
-    t0, step, loss_sum, correct, seen = time.perf_counter(), 0, 0.0, 0, 0
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, mininterval=1.0, leave=False)
-    while step < total:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + step // spe))
-        for i in range(spe):
-            if step >= total:
-                break
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x, y = data.x[idx], data.y[idx]
-            if cfg.augment:
-                x = augment(x, data.pad_value, torch.Generator().manual_seed(cfg.seed * 1000003 + step))
-            with torch.no_grad():
-                t_logits = teacher(x) if (cfg.kd and teacher is not None) else None
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            logits = model(x)
-            loss = distillation_loss(logits, y, t_logits, cfg)
-            if not torch.isfinite(loss):
-                model.eval()
-                raise EdgeslimError(f"fine-tuning diverged at step {step} (loss {float(loss)}): lower the "
-                                    f"learning rate (now {cfg.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if on_step is not None:
-                on_step(model, step)
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-    bar.close()
-    model.eval()
-    return {"steps": step, "seconds": time.perf_counter() - t0, "loss": loss_sum / max(seen, 1),
-            "train_top1": correct / max(seen, 1), "config": cfg.to_dict()}
+    if checkpoint is not None:
+        checkpoint.identity = {"config": cfg.to_dict(), **checkpoint.identity}
+    r = fit(model, data, cfg.recipe(len(data.y)), teacher=teacher if cfg.kd else None,
+            loss=lambda out, y, t: distillation_loss(out, y, t, weight=cfg.kd_weight, temperature=cfg.temperature),
+            on_step=on_step, checkpoint=checkpoint, resume=resume, progress=progress, desc=desc)
+    if r["diverged"] is not None:
+        raise EdgeslimError(f"fine-tuning diverged at step {r['diverged']['step']} (loss {r['diverged']['loss']}): "
+                            f"lower the learning rate (now {cfg.lr})")
+    return {"steps": r["steps"], "seconds": r["seconds"], "loss": r["loss"], "train_top1": r["train_top1"],
+            "config": cfg.to_dict(), "resumed_from_step": r["resumed_from_step"]}

@@ -4,31 +4,35 @@ The model trained is the one PTQ produced (``ptq.prepare`` -> ``calibrate`` -> `
 already folded into the convolutions, so the weights being trained are the weights that are deployed and
 no BN statistics move during training (documented in docs/design.md). ``attach`` puts a
 ``TrainableQuantizer`` on every integer weight and activation quantizer, initialized from the PTQ scales;
-``train`` runs SGD (optionally distilling from the FP32 teacher, optionally under ``torchrun``);
+``train`` runs the shared training loop (``train.loop``: SGD, cosine, optional distillation from the FP32
+teacher, optional ``torchrun``, checkpoints) with the quantizers' per-step updates (``QuantizerSchedule``);
 ``finish`` writes the learned scales (and, for PoT / APoT weights, the level codes) back into the PTQ
 modules so lowering, the integer engine and the QDQ export run unchanged.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from tqdm import tqdm
 
 from ..errors import EdgeslimError
 from ..quant.modules import ActQuant, QuantConv2d, QuantLinear, QuantSpec
 from ..quant.qat import METHODS, QUANTIZERS, LevelSet, TrainableQuantizer
+from ..train.checkpoint import Checkpoint
+from ..train.data import TrainData
+from ..train.dist import Dist
+from ..train.loop import Batch, Recipe, fit
+from ..train.losses import distillation_loss
 from . import ptq
+
+__all__ = ["NON_UNIFORM_MAX_BITS", "QATConfig", "QuantizerSchedule", "attach", "finish", "hutchinson_deltas",
+           "hutchinson_trace", "qat_loss", "quantizers", "train"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,9 @@ class QATConfig:
     * ``kd``: distil from the FP32 model: ``kd_weight * T^2 * KL(teacher || student)`` at temperature
       ``kd_temperature`` plus ``(1 - kd_weight)`` times the label cross-entropy.
     * ``dsq_alpha``: DSQ's alpha, annealed linearly from the first value to the second over the run.
-    * ``daq_gamma``: DAQ's temperature constant (seed 004 uses 2).
+    * ``daq_gamma``: DAQ's temperature constant (Kim et al. 2021, "Distance-aware quantization", use 2).
     * ``ewgs_every``: steps between Hessian-trace updates of EWGS's delta (default: one epoch, at most a
-      fifth of the run); delta is 0 (plain STE) until the first update, as seed 004 describes.
+      fifth of the run); delta is 0 (plain STE) until the first update (Lee et al. 2021, sec. 3.3).
     """
 
     w_bits: int = 4
@@ -100,6 +104,12 @@ class QATConfig:
         d = asdict(self)
         d["dsq_alpha"] = list(self.dsq_alpha)
         return d
+
+    def recipe(self, n_images: int) -> Recipe:
+        """The loop's recipe for ``n_images`` training images: ``max_steps``, else ``epochs`` full epochs."""
+        spe = math.ceil(n_images / self.batch_size)
+        steps = self.max_steps if self.max_steps is not None else self.epochs * spe
+        return Recipe(steps, self.lr, self.batch_size, self.weight_decay, self.augment, self.seed)
 
 
 NON_UNIFORM_MAX_BITS = 4
@@ -244,88 +254,14 @@ def finish(gm: fx.GraphModule) -> dict:
     return info
 
 
-# -- training -------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainData:
-    """Training images (preprocessed N,C,H,W float32) and labels, with the black pixel value per channel
-    (for padding random crops)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    pad_value: torch.Tensor = field(default_factory=lambda: torch.zeros(3))
-
-
-def augment(x: torch.Tensor, pad_value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop after padding by 1/8 of the size (4 pixels at 32x32) and random horizontal flip."""
-    n, c, h, w = x.shape
-    p = max(1, h // 8)
-    padded = pad_value.reshape(1, c, 1, 1).expand(n, c, h + 2 * p, w + 2 * p).clone()
-    padded[:, :, p:p + h, p:p + w] = x
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # n, h
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # n, w
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
-@dataclass
-class Dist:
-    """Where this process sits in a ``torchrun`` job (world 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as td
-
-        if not td.is_initialized():
-            td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(td.get_rank(), td.get_world_size())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as td
-
-            t = t.clone()
-            td.all_reduce(t)
-            t /= self.world
-        return t
-
-
-def _loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None, cfg: QATConfig) -> torch.Tensor:
-    ce = F.cross_entropy(logits, y)
-    if teacher_logits is None:
-        return ce
-    t = cfg.kd_temperature
-    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True,
-                  reduction="batchmean") * t * t
-    return cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
-
+# -- training: the shared loop (``train.loop``) with the quantizers' own per-step updates ----------------------
 
 def hutchinson_trace(loss: torch.Tensor, outputs: list[torch.Tensor], gen: torch.Generator
                      ) -> list[tuple[float, float] | None]:
     """Per tensor in ``outputs``: (Hutchinson estimate ``v^T H v`` of the trace of the loss Hessian with
     respect to that tensor, one Rademacher probe ``v``; mean absolute gradient). None where the loss does not
-    depend on it. Exact for a diagonal Hessian (``v_i^2 = 1``)."""
+    depend on it. Exact for a diagonal Hessian (``v_i^2 = 1``; Hutchinson 1989, "A stochastic estimator of the
+    trace of the influence matrix")."""
     grads = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
     used = [i for i, g in enumerate(grads) if g is not None]
     probes = {i: torch.randint(0, 2, outputs[i].shape, generator=gen).to(outputs[i].dtype) * 2 - 1 for i in used}
@@ -340,20 +276,20 @@ def hutchinson_trace(loss: torch.Tensor, outputs: list[torch.Tensor], gen: torch
     return out
 
 
-def hutchinson_deltas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits, cfg: QATConfig,
-                      gen: torch.Generator, dist: Dist) -> list[float]:
-    """EWGS's delta per quantizer: ``unit * (Tr(H) / N) / G`` (seed 004 eq. 2) with ``H`` the Hessian of the
-    loss with respect to the quantizer's output (``hutchinson_trace``), ``N`` its size, ``G`` the mean absolute
-    gradient and ``unit`` the quantizer's mean scale (delta multiplies a distance measured in codes).
+def hutchinson_deltas(model: nn.Module, batch: Batch, loss: Callable, dist: Dist = Dist()) -> list[float]:
+    """EWGS's delta per quantizer: ``unit * (Tr(H) / N) / G`` (Lee et al. 2021, "Network quantization with
+    element-wise gradient scaling", eq. 2) with ``H`` the Hessian of ``loss`` with respect to the quantizer's
+    output (``hutchinson_trace``, probes drawn from the step's generator), ``N`` its size, ``G`` the mean
+    absolute gradient and ``unit`` the quantizer's mean scale (delta multiplies a distance measured in codes).
     Negative curvature estimates give 0. Averaged over processes, so replicas stay identical."""
     qs = quantizers(model)
     for q in qs:
         q.hutchinson = True
     try:
-        loss = _loss(model(x), y, teacher_logits, cfg)
+        value = loss(model(batch.x), batch.y, batch.teacher_out)
         outs = [q.last_output for q in qs]
         deltas = []
-        for q, o, est in zip(qs, outs, hutchinson_trace(loss, outs, gen)):
+        for q, o, est in zip(qs, outs, hutchinson_trace(value, outs, batch.gen)):
             if est is None or est[1] == 0.0:
                 deltas.append(0.0)
                 continue
@@ -367,167 +303,79 @@ def hutchinson_deltas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teache
     return dist.mean(torch.tensor(deltas, dtype=torch.float64)).tolist()
 
 
-def params_digest(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (replica checks)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+@dataclass
+class QuantizerSchedule:
+    """The quantizers' updates before every step (``train.loop``'s ``before_step``): DSQ's alpha annealed
+    linearly over the run (Gong et al. 2019, "Differentiable soft quantization"), and every ``ewgs_every`` steps
+    EWGS's delta re-estimated (``hutchinson_deltas``); delta is 0 (plain STE) until the first update. Both are
+    functions of the step and of buffers in the model, so a resumed run repeats them exactly."""
+
+    model: nn.Module
+    cfg: QATConfig
+    total: int
+    ewgs_every: int
+    loss: Callable
+    dist: Dist = field(default_factory=Dist)
+
+    def __post_init__(self) -> None:
+        self.quantizers = quantizers(self.model)
+
+    def __call__(self, batch: Batch) -> None:
+        qs = self.quantizers
+        frac = batch.step / max(1, self.total - 1)
+        for q in qs:
+            q.alpha = self.cfg.dsq_alpha[0] + (self.cfg.dsq_alpha[1] - self.cfg.dsq_alpha[0]) * frac
+        if self.cfg.method == "ewgs" and batch.step > 0 and batch.step % self.ewgs_every == 0:
+            for q, d in zip(qs, hutchinson_deltas(self.model, batch, self.loss, self.dist)):
+                q.delta.fill_(d)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def head_distillation(student, teacher) -> torch.Tensor:
-    """Label-free loss for models with several raw outputs (detector heads): the mean squared error between the
-    student's and the teacher's outputs after a sigmoid, averaged over the outputs. The sigmoid is the squash the
-    YOLO / FastestDet decoders apply to objectness and class scores; it keeps the many confidently empty cells
-    (logits far below zero) from dominating the loss."""
-    s = [student] if isinstance(student, torch.Tensor) else list(student)
-    t = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher)
-    return sum(F.mse_loss(torch.sigmoid(a), torch.sigmoid(b)) for a, b in zip(s, t)) / len(s)
+def qat_loss(cfg: QATConfig, objective: Callable | None = None) -> Callable:
+    """The loss ``(out, y, teacher_out)``: ``objective(out, teacher_out)`` when given (labels unused), else
+    distillation at ``cfg.kd_weight`` / ``cfg.kd_temperature`` (plain cross-entropy without teacher outputs)."""
+    if objective is not None:
+        return lambda out, y, t: objective(out, t)
+    return lambda out, y, t: distillation_loss(out, y, t, weight=cfg.kd_weight, temperature=cfg.kd_temperature)
 
 
 def train(model: fx.GraphModule, teacher: nn.Module | None, data: TrainData, cfg: QATConfig, *,
-          evaluate: Callable[[nn.Module], float], checkpoint: Path | None = None, resume: bool = False,
-          dist: Dist = Dist(), progress: bool = True,
-          objective: Callable[[object, object], torch.Tensor] | None = None) -> dict:
-    """Train the quantizers and weights of ``model`` (after ``attach``) in place.
+          evaluate: Callable[[nn.Module], float], checkpoint: Checkpoint | None = None, resume: bool = False,
+          dist: Dist = Dist(), progress: bool = True, objective: Callable[[object, object], torch.Tensor] | None = None
+          ) -> dict:
+    """Train the quantizers and weights of ``model`` (after ``attach``) in place with ``train.loop.fit``.
 
     ``objective(student_out, teacher_out)`` replaces the classification loss (labels unused, no train accuracy):
-    e.g. ``head_distillation`` for detectors, whose outputs are raw head tensors.
-
-    After each epoch the model is scored with ``evaluate`` (main process) and, with ``checkpoint``, written
-    there atomically (weights, scales, optimizer, step, history); ``resume`` continues from it. Returns
-    ``{"history": [...], "steps": int, "seconds": float, "replicas": {...}}``.
+    e.g. ``train.losses.head_distillation`` for detectors, whose outputs are raw head tensors. After each epoch
+    the model is scored with ``evaluate`` (main process). ``checkpoint`` (its identity gets ``config``) is written
+    as ``train.loop`` describes; ``resume`` continues from it. Returns ``fit``'s result plus
+    ``resumed_from_epoch``.
     """
-    n = len(data.y)
-    per_rank = cfg.batch_size // dist.world
-    if per_rank < 1:
-        raise EdgeslimError(f"--batch-size {cfg.batch_size} is smaller than the {dist.world} processes: raise it")
-    spe = math.ceil(n / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * spe
-    epochs = math.ceil(total / spe)
-    ewgs_every = cfg.ewgs_every or max(1, min(spe, total // 5))
-    qs = quantizers(model)
     if objective is not None and (teacher is None or cfg.method == "ewgs"):
         raise EdgeslimError("a distillation objective needs the FP32 teacher and a method other than ewgs "
                             "(EWGS's Hessian estimate uses the classification loss): use lsq, ste, dsq or daq")
+    recipe = cfg.recipe(len(data.y))
+    spe = max(1, math.ceil(len(data.y) / cfg.batch_size))
+    epochs = math.ceil(recipe.steps / spe)
+    loss = qat_loss(cfg, objective)
+    schedule = QuantizerSchedule(model, cfg, recipe.steps, cfg.ewgs_every or max(1, min(spe, recipe.steps // 5)),
+                                 loss, dist)
 
-    decay = [p for name, p in model.named_parameters() if p.requires_grad and name.endswith("weight") and p.dim() > 1]
-    ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=0.9, nesterov=True)
-    history: list[dict] = []
-    start_epoch = 0
-    if resume:
-        if checkpoint is None or not checkpoint.exists():
-            raise EdgeslimError(f"--resume: no checkpoint at {checkpoint}: run without --resume first")
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise EdgeslimError(f"checkpoint {checkpoint} cannot be read ({str(exc).splitlines()[0][:80]}): "
-                                "delete it and train again") from None
-        if state.get("config") != cfg.to_dict():
-            changed = sorted(k for k in cfg.to_dict() if state.get("config", {}).get(k) != cfg.to_dict()[k])
-            raise EdgeslimError(f"--resume: the checkpoint was trained with other settings ({', '.join(changed)}): "
-                                "resume with the same options, or use a new --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, start_epoch = list(state["history"]), int(state["epoch"])
-        for q, d in zip(qs, state["deltas"]):
-            q.delta.fill_(d)
-    net: nn.Module = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, broadcast_buffers=False)
-    step = start_epoch * spe
-    diverged = None
-    seconds = sum(h["seconds"] for h in history)
-    for epoch in range(start_epoch, epochs):
-        te = time.perf_counter()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        steps_here = min(spe, total - step)
-        bar = tqdm(range(steps_here), desc=f"QAT epoch {epoch + 1}/{epochs}", unit="step", disable=not (progress and dist.main),
-                   mininterval=1.0, leave=False)
-        model.train()
-        loss_sum, correct, seen, curve = 0.0, 0, 0, []
-        for i in bar:
-            gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][dist.rank::dist.world]
-            x, y = data.x[idx], data.y[idx]
-            if cfg.augment:
-                x = augment(x, data.pad_value, gen)
-            with torch.no_grad():
-                t_logits = teacher(x) if ((cfg.kd or objective is not None) and teacher is not None) else None
-            frac = step / max(1, total - 1)
-            for q in qs:
-                q.alpha = cfg.dsq_alpha[0] + (cfg.dsq_alpha[1] - cfg.dsq_alpha[0]) * frac
-            if cfg.method == "ewgs" and step > 0 and step % ewgs_every == 0:
-                for q, d in zip(qs, hutchinson_deltas(model, x, y, t_logits, cfg, gen, dist)):
-                    q.delta.fill_(d)
-            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            logits = net(x)
-            loss = objective(logits, t_logits) if objective is not None else _loss(logits, y, t_logits, cfg)
-            if not bool(dist.mean(torch.isfinite(loss.detach()).double().reshape(1)) == 1.0):
-                diverged = {"step": step, "loss": float(loss.detach())}
-                tqdm.write(f"the training loss became {diverged['loss']} at step {step}: training stopped (the "
-                           f"weights are those of step {step}); lower --lr (now {cfg.lr}) or use more bits")
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_sum += loss.item() * len(y)
-            curve.append(loss.item())
-            if objective is None:
-                correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            shown = {"loss": f"{loss_sum / seen:.4g}", "lr": f"{lr:.4f}"}
-            if objective is None:
-                shown["acc"] = f"{correct / seen:.3f}"
-            bar.set_postfix(shown, refresh=False)
-        bar.close()
-        row = {"epoch": epoch + 1, "steps": step, "loss": loss_sum / max(1, seen), "train_top1": correct / max(1, seen),
-               "loss_curve": [float(np.mean(curve[i:i + 25])) for i in range(0, len(curve), 25)]}  # per 25 steps
-        stats = dist.mean(torch.tensor([row["loss"], row["train_top1"]], dtype=torch.float64)).tolist()
-        row["loss"], row["train_top1"] = stats
+    def on_epoch(row: dict, m: nn.Module) -> None:
+        qs = quantizers(m)
         if cfg.method == "ewgs":
             row["ewgs_delta_mean"] = float(np.mean([float(q.delta) for q in qs])) if qs else 0.0
             row["ewgs_delta_max"] = float(max([float(q.delta) for q in qs], default=0.0))
         if dist.main:
-            model.eval()
-            row["val_top1"] = evaluate(model)
-        row["seconds"] = time.perf_counter() - te
-        seconds += row["seconds"]
-        history.append(row)
-        if dist.main:
-            msg = f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, train {row['train_top1']:.4f}, " \
-                  f"val {row['val_top1']:.4f} ({row['seconds']:.0f} s)"
-            tqdm.write(msg)
-            if checkpoint is not None:
-                _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                              "history": history, "config": cfg.to_dict(),
-                              "deltas": [float(q.delta) for q in qs]}, checkpoint)
-        dist.barrier()
-        if diverged is not None:
-            break
-    model.eval()
-    result = {"history": history, "steps": step, "steps_per_epoch": spe, "seconds": seconds,
-              "resumed_from_epoch": start_epoch if resume else None, "diverged": diverged}
-    if dist.world > 1:
-        import torch.distributed as td
+            m.eval()
+            row["val_top1"] = evaluate(m)
+            tqdm.write(f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, train {row['train_top1']:.4f}, "
+                       f"val {row['val_top1']:.4f} ({row['seconds']:.0f} s)")
 
-        digests: list[str | None] = [None] * dist.world
-        td.all_gather_object(digests, params_digest(model))
-        result["replicas"] = {"world_size": dist.world, "identical": len(set(digests)) == 1, "digests": digests}
+    if checkpoint is not None:
+        checkpoint.identity = {"config": cfg.to_dict(), **checkpoint.identity}
+    result = fit(model, data, recipe, loss=loss, teacher=teacher if (cfg.kd or objective is not None) else None,
+                 before_step=schedule, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, dist=dist,
+                 progress=progress, desc="QAT", accuracy=objective is None)
+    start = result["resumed_from_step"]
+    result["resumed_from_epoch"] = None if start is None else start / spe
     return result
-
