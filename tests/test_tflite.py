@@ -269,6 +269,28 @@ def test_pow2_scales_export_exactly():
     assert _compare(tg, fb, x, "int8") == {"ref": 0.0, "tflm": 0.0}
 
 
+@pytest.mark.parametrize("name", ["tiny_resnet", "mobilenet_v2"])
+def test_whole_networks_are_exact(name):
+    """A residual network with an option-A shortcut, max pool and global pool; MobileNetV2 (depthwise, ReLU6,
+    inverted residuals): float in, float logits out, identical in the three runtimes."""
+    from conftest import make_tiny_resnet
+
+    from edgeslim.models import build_model
+
+    shape = (3, 16, 16) if name == "tiny_resnet" else (3, 32, 32)
+    model = make_tiny_resnet() if name == "tiny_resnet" else build_model(name)[0]
+    torch.manual_seed(0)
+    calib = torch.randn(16, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = api.quantize(model.eval(), calib, PTQConfig(), input_shape=shape, batch_size=16)
+    tg = prepare_graph(q.intgraph, calib.numpy())
+    fb, info = to_tflite(tg)
+    assert "TRANSPOSE" not in info["ops"]  # flattening (N, C, 1, 1) is a plain RESHAPE
+    x = np.random.default_rng(4).standard_normal((3, *shape)).astype(np.float32)
+    assert _compare(tg, fb, x, "float") == {"ref": 0.0, "tflm": 0.0}
+
+
 # ----------------------------------------------------------------------------- the CLI (--formats)
 
 TINY = '''

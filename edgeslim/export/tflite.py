@@ -136,6 +136,12 @@ def _then(p, q) -> list[int]:
     return [p[i] for i in q]
 
 
+def _same_bytes(shape, perm) -> bool:
+    """True when ``transpose(perm)`` of a tensor of ``shape`` keeps its bytes in order (only size-1 axes move)."""
+    moved = [p for p in perm if shape[p] != 1]
+    return moved == sorted(moved)
+
+
 def _stored(shape) -> list[int]:
     return [int(shape[i]) for i in _layout(len(shape))]
 
@@ -425,18 +431,23 @@ class _Exporter:
         """RESHAPE in PyTorch's (NCHW) element order: 4-D tensors go through TRANSPOSE to NCHW and back."""
         t = self.m.tensors[x]
         q = dict(scale=t.scale, zero_point=t.zero_point)
-        if len(in_shape) == 4:
+        if len(in_shape) == 4 and not _same_bytes(t.shape, _inverse(NHWC)):
             x = self._transpose(x, _inverse(NHWC), list(in_shape), name, q)
-        flat = self.m.add_tensor(Tensor(self.fresh(f"{name}_reshape"), [int(v) for v in out_shape], np.int8, **q))
-        self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", list(out_shape))], [flat],
-                      ("ReshapeOptions", {}))
-        if len(out_shape) == 4:
+        back = len(out_shape) == 4 and not _same_bytes(list(out_shape), NHWC)
+        target = list(out_shape) if back or len(out_shape) != 4 else _stored(out_shape)
+        flat = self.m.add_tensor(Tensor(self.fresh(f"{name}_reshape"), [int(v) for v in target], np.int8, **q))
+        self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", target)], [flat], ("ReshapeOptions", {}))
+        if back:
             flat = self._transpose(flat, list(NHWC), _stored(out_shape), name, q)
         return flat
 
     def _transpose(self, x: int, perm, out_shape, name: str, q: dict) -> int:
         if list(perm) == list(range(len(perm))):
             return x
+        if _same_bytes(self.m.tensors[x].shape, perm):  # only size-1 axes move: a RESHAPE
+            y = self.m.add_tensor(Tensor(self.fresh(f"{name}_reshape"), [int(v) for v in out_shape], np.int8, **q))
+            self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", list(out_shape))], [y], ("ReshapeOptions", {}))
+            return y
         y = self.m.add_tensor(Tensor(self.fresh(f"{name}_transpose"), [int(v) for v in out_shape], np.int8, **q))
         self.m.add_op("TRANSPOSE", [x, self.i32(f"{name}_perm", perm)], [y])
         return y
