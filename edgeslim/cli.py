@@ -64,6 +64,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cm-conf", type=float, default=0.25, help="detect: score threshold of the confusion matrix")
     p.add_argument("--decoder", help="detect, for models without one (ONNX files): yolov5 | yolov3-tiny | fastestdet "
                    "(raw obj, reg, cls) | fastestdet-activated (the published FastestDet.onnx output)")
+    p.add_argument("--decoded-output", action="store_true",
+                   help="detect: also write model_fp32_decoded.onnx / model_int8_decoded.onnx, whose one output is the "
+                   "decoded (N, boxes, 5 + classes) = cx, cy, w, h, objectness, class probabilities (NMS not included)")
 
 
 def _preprocess_args(p: argparse.ArgumentParser) -> None:
@@ -395,6 +398,9 @@ def _quantize(args) -> int:
     if task != "classify" and formats != ("onnx",):
         raise EdgeslimError(f"--formats {','.join(formats)}: TFLite files are written for classification runs only "
                             "so far: use --formats onnx")
+    if getattr(args, "decoded_output", False) and task != "detect":
+        raise EdgeslimError("--decoded-output writes a detector's box decoding into the graph: it needs --task detect "
+                            "and a detector edgeslim can decode")
     if task == "fidelity":
         return _quantize_fidelity(args, model, info, config, plan, analyze)
     if task == "detect":
@@ -403,7 +409,7 @@ def _quantize(args) -> int:
         calib, test, info = _detect_data(args, info)
         opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
                              batch_size=min(args.batch_size, 16), threads=args.threads,
-                             simulation_images=_simulate(args, 16))
+                             simulation_images=_simulate(args, 16), decoded_output=args.decoded_output)
         summary = run_detect_quantize(model, info, calib, test, config, Path(args.out), plan=plan, opts=opts,
                                       analyze=analyze)
         print_detect_summary(summary, Path(args.out))
@@ -839,7 +845,13 @@ def print_detect_summary(s: dict, out: Path) -> None:
         worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
         print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
               f"of pixels in a filter of {worst['name']}")
+    if "decoded_output" in s:
+        d = s["decoded_output"]
+        print(f"decoded-output files ({d['output']} {d['shape']}): mAP@.5 FP32 {d['fp32']['map50']:.4f}, INT8 "
+              f"{d['int8']['map50']:.4f} (NMS only after the graph)")
     print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
+    if "decoded_output" in s:
+        print(f"      {', '.join(s['decoded_output']['files'].values())}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ class DetectOptions:
     # the ONNX files are scored on every test image; the PyTorch float and fake-quant models (about 3 s per
     # yolov5n image for the simulation) on the first this many (None: all)
     simulation_images: int | None = 16
+    # also write model_fp32_decoded.onnx / model_int8_decoded.onnx: the box decoding in the graph (export.decoded)
+    decoded_output: bool = False
 
     def __post_init__(self) -> None:
         for name in ("conf_thres", "iou_thres", "cm_conf", "cm_iou"):
@@ -217,6 +219,30 @@ def add_metadata(path: Path, values: dict[str, str]) -> None:
     save_onnx(set_metadata(onnx.load(str(path)), values), path)
 
 
+def decoded_files(fp32_path: Path, int8_path: Path, test: DetectionDataset, decoder: Decoder, opts: DetectOptions,
+                  info: ModelInfo) -> dict:
+    """``model_*_decoded.onnx`` next to the raw-output files, scored on ``test`` through their decoded output
+    (only NMS after the graph): the same mAP as the raw files through the numpy decoder, to float rounding."""
+    import onnx
+
+    from .eval.detection import DecodedLayout
+    from .export.decoded import DECODED_OUTPUT, with_decoder
+    from .export.onnx_qdq import save_onnx
+
+    paths = {}
+    for key, path in (("fp32", fp32_path), ("int8", int8_path)):
+        paths[key] = save_onnx(with_decoder(onnx.load(str(path)), decoder),
+                               path.with_name(path.stem + "_decoded.onnx"))
+    res = evaluate_models({k: ort_runner(p) for k, p in paths.items()}, test, DecodedLayout(), opts,
+                          desc="decoded-output files", info=info)
+    shape = [list(o.type.tensor_type.shape.dim) for o in onnx.load(str(paths["fp32"])).graph.output][0]
+    return {"files": {k: p.name for k, p in paths.items()}, "output": DECODED_OUTPUT,
+            "shape": [d.dim_param or d.dim_value for d in shape],
+            "layout": "cx, cy, w, h (input pixels), objectness, class probabilities; score = obj x cls",
+            **{k: {m: r[m] for m in ("map50", "map50_95")} for k, r in res.items()},
+            "size_bytes": {k: p.stat().st_size for k, p in paths.items()}}
+
+
 def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
                         config: PTQConfig, out: Path, *, plan: MixedPlan | None = None,
                         opts: DetectOptions = DetectOptions(), analyze: AnalyzeOptions | None = None) -> dict:
@@ -234,6 +260,8 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
         ptq.set_mode(q.model, "quant")
         results = evaluate_models({"onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}, test,
                                   decoder, opts, info=info)
+        if opts.decoded_output:
+            results["decoded_output"] = decoded_files(fp32_path, int8_path, test, decoder, opts, info)
         n_sim = len(test) if opts.simulation_images is None else min(len(test), opts.simulation_images)
         sim_set = test if n_sim == len(test) else test.subset(n_sim, 0)
         sim = evaluate_models({"fp32": torch_runner(model), "quantized": torch_runner(q.model),

@@ -186,3 +186,35 @@ def test_head_distillation_by_hand():
     want = (((sig(2.0) - 0.5) ** 2) / 2 + (sig(-1.0) - sig(1.0)) ** 2) / 2
     assert float(head_distillation(a, b)) == pytest.approx(want, rel=1e-6)
     assert float(head_distillation(b, b)) == 0.0
+
+
+def test_decoded_output_files_decode_like_the_numpy_decoder(capsys, tmp_path, yolo_set):
+    """--decoded-output: both files end in the box decoding; their one output, converted by from_decoded, equals the
+    numpy decoder applied to the raw files' outputs, and the mAP through it equals the raw files' mAP."""
+    import onnx
+
+    from edgeslim.eval import ort as ort_eval
+    from edgeslim.eval.detection import from_decoded
+    from edgeslim.models import build_model
+
+    out = tmp_path / "d"
+    assert main(_args("quantize", "yolov3-tiny", yolo_set, out, "--decoded-output")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    d = s["decoded_output"]
+    assert d["files"] == {"fp32": "model_fp32_decoded.onnx", "int8": "model_int8_decoded.onnx"}
+    assert d["int8"]["map50_95"] == pytest.approx(s["onnx_int8"]["map50_95"], abs=1e-9)
+    assert d["fp32"]["map50"] == pytest.approx(s["onnx_fp32"]["map50"], abs=1e-9)
+    _, info = build_model("yolov3-tiny", None, input_shape=(3, SIZE, SIZE))
+    x = np.random.default_rng(3).random((2, 3, SIZE, SIZE), dtype=np.float32)
+    for kind in ("fp32", "int8"):
+        raw = ort_eval.session(out / f"model_{kind}.onnx").run(None, {"input": x})
+        (dec,) = ort_eval.session(out / f"model_{kind}_decoded.onnx").run(None, {"input": x})
+        ref = info.decoder(raw)
+        assert dec.shape == (2, ref.shape[1], 85)
+        np.testing.assert_allclose(from_decoded(dec), ref, rtol=1e-5, atol=1e-3)
+        m = onnx.load(str(out / f"model_{kind}_decoded.onnx"))
+        assert [o.name for o in m.graph.output] == ["detections"]
+        assert {"edgeslim.decoder", "edgeslim.output_layout"} <= {p.key for p in m.metadata_props}
+    assert main(["quantize", "resnet20", "--random-init", "--calib-data", str(yolo_set), "--data", str(yolo_set),
+                 "--decoded-output", "--out", str(tmp_path / "x")]) == 2
+    assert "--task detect" in capsys.readouterr().err

@@ -57,6 +57,22 @@ def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([b[..., 0:2] - half, b[..., 0:2] + half], axis=-1)
 
 
+def from_decoded(pred: np.ndarray) -> np.ndarray:
+    """A decoded-output file's ``(N, A, 5 + nc)`` (cx, cy, w, h, objectness, class probabilities; the layout
+    YOLOv5's exporter writes) -> ``(N, A, 4 + nc)`` as the numpy decoders give it: x1, y1, x2, y2, obj * cls."""
+    p = np.asarray(pred, dtype=np.float32)
+    return np.concatenate([cxcywh_to_xyxy(p[..., :4]), p[..., 4:5] * p[..., 5:]], axis=-1)
+
+
+class DecodedLayout:
+    """The 'decoder' of a file whose graph already decodes: its one output through ``from_decoded``."""
+
+    def __call__(self, outputs) -> np.ndarray:
+        if len(outputs) != 1:
+            raise EdgeslimError(f"a decoded-output model has one output, got {len(outputs)}")
+        return from_decoded(outputs[0])
+
+
 def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
     """Indices kept by greedy NMS: take the best box, drop those overlapping it by IoU > thres, repeat."""
     order = np.argsort(-scores, kind="stable")

@@ -22,7 +22,7 @@ INTEGER_CONV_OPS = ("QLinearConv", "NhwcQLinearConv")
 FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv", "ConvInteger")
 
 
-def session(path: str | Path, *, threads: int = 1, optimized_path: str | Path | None = None,
+def session(path: str | Path | bytes, *, threads: int = 1, optimized_path: str | Path | None = None,
             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -33,7 +33,8 @@ def session(path: str | Path, *, threads: int = 1, optimized_path: str | Path | 
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions must not steal cores
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)  # a file, or a serialized model
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 def predict(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

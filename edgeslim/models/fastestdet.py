@@ -209,6 +209,11 @@ class FastestDetDecoder:
         out = np.concatenate((boxes, scores), 1).astype(np.float32)  # (n, 4 + nc, h, w)
         return out.reshape(n, 4 + self.nc, h * w).transpose(0, 2, 1)
 
+    def module(self) -> nn.Module:
+        """The decoding as a torch module for the ONNX graph: raw (obj, reg, cls) -> ``(N, H*W, 5 + nc)``: cx, cy,
+        w, h in input pixels, ``sigmoid(obj)^0.6``, ``softmax(cls)^0.4`` (so that score = obj * cls as above)."""
+        return FastestDetDecode(self)
+
     def _raw(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
         arrays = [np.asarray(o, dtype=np.float32) for o in outputs]
         raw = np.concatenate(arrays, 1) if len(arrays) > 1 else arrays[0]
@@ -220,3 +225,27 @@ class FastestDetDecoder:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (np.tanh(0.5 * x) + 1.0)
+
+
+class FastestDetDecode(nn.Module):
+    """``FastestDetDecoder`` in torch (see ``FastestDetDecoder.module``)."""
+
+    def __init__(self, decoder: FastestDetDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, *outputs: torch.Tensor) -> torch.Tensor:
+        dec = self.decoder
+        raw = torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
+        if dec.activated:
+            obj, cls = raw[:, :1], raw[:, 5:]
+        else:
+            obj, cls = torch.sigmoid(raw[:, :1]), torch.softmax(raw[:, 5:], 1)
+        _, _, h, w = raw.shape
+        gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        cx = (torch.tanh(raw[:, 1]) + gx) * dec.stride
+        cy = (torch.tanh(raw[:, 2]) + gy) * dec.stride
+        bw, bh = torch.sigmoid(raw[:, 3]) * (w * dec.stride), torch.sigmoid(raw[:, 4]) * (h * dec.stride)
+        out = torch.cat((torch.stack((cx, cy, bw, bh), 1), obj ** 0.6, cls ** 0.4), 1)  # (n, 5 + nc, h, w)
+        return out.reshape(-1, 5 + dec.nc, h * w).permute(0, 2, 1)

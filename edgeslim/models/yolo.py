@@ -292,12 +292,49 @@ class YoloV5Decoder:
         return (s[..., :2] * 2 - 0.5 + grid) * stride, (s[..., 2:] * 2) ** 2 * anchor
 
 
+    def module(self) -> nn.Module:
+        """The same decoding as a torch module for the ONNX graph: raw heads -> ``(N, A, 5 + nc)`` in YOLOv5's
+        exported layout: cx, cy, w, h in input pixels, objectness, per-class probabilities (score = obj * cls)."""
+        return YoloDecode(self)
+
+    @staticmethod
+    def torch_boxes(t: torch.Tensor, grid: torch.Tensor, stride: float, anchor: torch.Tensor):
+        s = torch.sigmoid(t)
+        return (s[..., :2] * 2 - 0.5 + grid) * stride, (s[..., 2:] * 2) ** 2 * anchor
+
+
+class YoloDecode(nn.Module):
+    """``YoloV5Decoder`` / ``YoloV3Decoder`` in torch (see ``YoloV5Decoder.module``); grids are constants."""
+
+    def __init__(self, decoder: YoloV5Decoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("anchors", torch.from_numpy(decoder.anchors.copy()))
+
+    def forward(self, *outputs: torch.Tensor) -> torch.Tensor:
+        dec, rows = self.decoder, []
+        for i, out in enumerate(outputs):
+            n, _, h, w = out.shape
+            na = dec.anchors.shape[1]
+            p = out.reshape(-1, na, dec.nc + 5, h, w).permute(0, 1, 3, 4, 2)
+            gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                    indexing="ij")
+            grid = torch.stack((gx, gy), -1)[None, None]
+            xy, wh = dec.torch_boxes(p[..., :4], grid, dec.strides[i], self.anchors[i].reshape(1, na, 1, 1, 2))
+            rows.append(torch.cat((xy, wh, torch.sigmoid(p[..., 4:])), -1).reshape(-1, na * h * w, 5 + dec.nc))
+        return torch.cat(rows, 1)
+
+
 class YoloV3Decoder(YoloV5Decoder):
     """YOLOv3 boxes: ``xy = (sig(t) + grid) * stride``, ``wh = exp(t) * anchor``; scores as YOLOv5."""
 
     @staticmethod
     def _boxes(t: np.ndarray, grid: np.ndarray, stride: float, anchor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (_sigmoid(t[..., :2]) + grid) * stride, np.exp(np.minimum(t[..., 2:], 30.0)) * anchor
+
+    @staticmethod
+    def torch_boxes(t: torch.Tensor, grid: torch.Tensor, stride: float, anchor: torch.Tensor):
+        return (torch.sigmoid(t[..., :2]) + grid) * stride, torch.exp(torch.clamp(t[..., 2:], max=30.0)) * anchor
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
