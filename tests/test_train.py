@@ -7,6 +7,7 @@ the file system (symlinks, leftover temporary files)."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,88 @@ def test_training_modules_sit_below_the_algorithms_and_jobs():
                 (path.name, mod)
     assert ("edgeslim.train.loop", "fit") in _imports(root / "algorithms" / "qat.py")
     assert ("edgeslim.train.loop", "fit") in _imports(root / "algorithms" / "finetune.py")
+
+
+# -- the commands -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three_colours(tmp_path_factory):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("colours")
+    for cls in ("a", "b", "c"):
+        (root / cls).mkdir()
+        for i in range(8):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            img[:, :, "abc".index(cls)] = 250
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    return root
+
+
+def _prune(data, out, *extra):
+    return ["prune", "resnet20", "--random-init", "--train-data", str(data), "--data", str(data), "--epochs", "2",
+            "--batch-size", "8", "--method", "magnitude", "--sparsity", "0.5", "--checkpoint-every", "2",
+            "--out", str(out), *extra]
+
+
+def test_prune_killed_and_resumed_matches_the_uninterrupted_run(capsys, monkeypatch, tmp_path, three_colours):
+    from edgeslim.cli import main
+
+    from test_cli import _expect_error
+
+    torch.manual_seed(0)  # --random-init
+    assert main(_prune(three_colours, tmp_path / "a")) == 0
+    orig = pruning.GradualSchedule.step
+
+    def killed_at_5(self, model, step):  # 6 steps: killed after step 5, the last checkpoint is step 4's
+        if step == 5:
+            raise Killed
+        return orig(self, model, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(pruning.GradualSchedule, "step", killed_at_5)
+        m.setenv("EDGESLIM_DEBUG", "1")  # let the exception through instead of the one-line report
+        torch.manual_seed(0)
+        with pytest.raises(Killed):
+            main(_prune(three_colours, tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert not (tmp_path / "b" / "summary.json").exists()
+    torch.manual_seed(0)
+    _expect_error(capsys, tmp_path, _prune(three_colours, tmp_path / "b"), "exists from an earlier run: add --resume")
+    torch.manual_seed(0)
+    _expect_error(capsys, tmp_path, _prune(three_colours, tmp_path / "b", "--resume", "--lr", "0.02"),
+                  "differs in config (lr 0.01 -> 0.02)")
+    torch.manual_seed(0)
+    assert main(_prune(three_colours, tmp_path / "b", "--resume")) == 0
+    a = torch.load(tmp_path / "a" / "model_pruned.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model_pruned.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["finetune"]["resumed_from_step"] == 4 and s["finetune"]["steps"] == 6
+
+
+@pytest.mark.slow
+def test_plan_resumes_its_fine_tuning_steps(capsys, tmp_path, three_colours):
+    from edgeslim.cli import main
+
+    from test_cli import _expect_error
+
+    def plan(out, *extra):
+        torch.manual_seed(0)
+        return main(["plan", "resnet20", "--random-init", "--train-data", str(three_colours), "--data",
+                     str(three_colours), "--batch-size", "8", "--steps", "G2,G3", "--budget-epochs", "1",
+                     "--max-size-kb", "1", "--checkpoint-every", "1", "--out", str(out), *extra])
+
+    torch.manual_seed(0)
+    _expect_error(capsys, tmp_path, ["plan", "resnet20", "--random-init", "--train-data", str(three_colours), "--data",
+                                     str(three_colours), "--max-drop", "1", "--resume", "--out", str(tmp_path / "n")],
+                  "no fine-tuning checkpoint")
+    assert plan(tmp_path / "p") == 0
+    first = json.loads((tmp_path / "p" / "summary.json").read_text())
+    written = (tmp_path / "p" / "checkpoint_G2.pt").stat().st_mtime_ns
+    assert plan(tmp_path / "p", "--resume") == 0  # G2's fine-tuning is finished: its weights are loaded, not retrained
+    assert (tmp_path / "p" / "checkpoint_G2.pt").stat().st_mtime_ns == written
+    again = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert [r["top1"] for r in again["steps"]] == [r["top1"] for r in first["steps"]]
+    assert [r["size_bytes"] for r in again["steps"]] == [r["size_bytes"] for r in first["steps"]]
