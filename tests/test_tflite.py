@@ -269,6 +269,50 @@ def test_pow2_scales_export_exactly():
     assert _compare(tg, fb, x, "int8") == {"ref": 0.0, "tflm": 0.0}
 
 
+@pytest.mark.parametrize("name", ["sigmoid", "hardswish", "silu"])
+def test_builtin_activations_are_exact(name):
+    """``activations="builtin"``: LOGISTIC / HARD_SWISH / LOGISTIC + MUL instead of table lookups."""
+    q, calib = _quantized(name)
+    tg = prepare_graph(q.intgraph, calib, activations="builtin")
+    fb, info = to_tflite(tg, io="int8")
+    want = {"sigmoid": "LOGISTIC", "hardswish": "HARD_SWISH", "silu": "MUL"}[name]
+    assert want in info["ops"] and "GATHER" not in info["ops"]
+    x = np.random.default_rng(5).standard_normal((6, 3, 8, 8)).astype(np.float32) * 2
+    assert _compare(tg, fb, x, "int8") == {"ref": 0.0, "tflm": 0.0}
+
+
+def _single_op(code: str, sx: float, zx: int, sy: float, zy: int) -> bytes:
+    from edgeslim.export.tflite_fb import FlatModel, Tensor, to_bytes
+
+    m = FlatModel()
+    x = m.add_tensor(Tensor("x", [1, 256], np.int8, scale=[sx], zero_point=[zx]))
+    y = m.add_tensor(Tensor("y", [1, 256], np.int8, scale=[sy], zero_point=[zy]))
+    m.add_op(code, [x], [y])
+    m.inputs, m.outputs = [x], [y]
+    return to_bytes(m)
+
+
+def test_logistic_and_hard_swish_kernels_on_every_code():
+    """The engine's LOGISTIC and HARD_SWISH against LiteRT's reference kernels and TFLM: all 256 input codes,
+    20 random scale / zero point sets each."""
+    rng = np.random.default_rng(0)
+    codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
+    for _ in range(20):
+        sx, zx = float(np.float32(10 ** rng.uniform(-3, 0))), int(rng.integers(-128, 128))
+        sy, zy = float(np.float32(sx * 10 ** rng.uniform(-1.5, 0.5))), int(rng.integers(-128, 128))
+        cases = [("LOGISTIC", 1 / 256, -128, T.logistic(codes, sx, zx))]
+        if T.hard_swish_params(sx, sy) is not None:
+            cases.append(("HARD_SWISH", sy, zy, T.hard_swish(codes, sx, zx, sy, zy)))
+        for code, s_out, z_out, want in cases:
+            ref, micro = _runtimes(_single_op(code, sx, zx, s_out, z_out))
+            ref.set_tensor(ref.get_input_details()[0]["index"], codes)
+            ref.invoke()
+            micro.set_input(codes, 0)
+            micro.invoke()
+            assert np.array_equal(ref.get_tensor(ref.get_output_details()[0]["index"]), want), (code, sx, zx)
+            assert np.array_equal(micro.get_output(0), want), (code, sx, zx)
+
+
 @pytest.mark.parametrize("name", ["tiny_resnet", "mobilenet_v2"])
 def test_whole_networks_are_exact(name):
     """A residual network with an option-A shortcut, max pool and global pool; MobileNetV2 (depthwise, ReLU6,

@@ -216,3 +216,76 @@ def activation_range(act: str, scale: float, zp: int, qmin: int = -128, qmax: in
     if act == "RELU6":
         return max(qmin, q(0.0)), min(qmax, q(6.0))
     raise ValueError(f"unknown fused activation {act!r}")
+
+
+# ----------------------------------------------------------------------------- int8 activation builtins
+
+LOGISTIC_OUT = (1.0 / 256.0, -128)  # the int8 LOGISTIC output parameters TFLite requires (activations.cc)
+
+
+def logistic(x, sx: float, zx: int) -> np.ndarray:
+    """int8 LOGISTIC, output scale 1/256, zero point -128: ``round(256 / (1 + exp(-s_x (x - z_x)))) - 128`` in
+    float32, rounding half away from zero (the lookup table LiteRT builds in ``activations.cc``; LiteRT's reference
+    and optimized kernels and TFLM gave exactly this on 150 random input scales x 256 codes,
+    ``tests/test_tflite.py``)."""
+    d = np.float32(sx) * (np.asarray(x, dtype=np.int64) - int(zx)).astype(np.float32)
+    with np.errstate(over="ignore"):  # exp(88+) = inf: the sigmoid is 0 there, as in C
+        f = (np.float32(1) / (np.float32(1) + np.exp(-d, dtype=np.float32))).astype(np.float32)
+    r = f * np.float32(256)
+    return np.clip(np.floor(r + np.float32(0.5)).astype(np.int64) - 128, -128, 127)
+
+
+def _srdhm16(a, b) -> np.ndarray:
+    """gemmlowp ``SaturatingRoundingDoublingHighMul`` on int16: ``(a b + 2**14 nudge) / 2**15`` toward zero."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    ab = a * b
+    nudge = np.where(ab >= 0, np.int64(1 << 14), np.int64(1 - (1 << 14)))
+    y = _div_trunc(ab + nudge, 1 << 15)
+    return np.where((a == -(1 << 15)) & (b == -(1 << 15)), np.int64((1 << 15) - 1), y)
+
+
+def _sat16(x) -> np.ndarray:
+    return np.clip(x, -(1 << 15), (1 << 15) - 1)
+
+
+def _int16_multiplier(m32: int) -> int:
+    """``DownScaleInt32ToInt16Multiplier``: round a Q31 multiplier to Q15 (half up), saturating at 2**15 - 1."""
+    return min((m32 + (1 << 15)) >> 16, (1 << 15) - 1)
+
+
+def hard_swish_params(sx: float, sy: float) -> dict | None:
+    """``HardSwishPrepare`` (activations.cc): int16 multipliers from float32 scales, or None when TFLite refuses
+    the scales (``output_multiplier_exponent <= 0`` fails: an output scale below ``s_x / 128``)."""
+    f32 = np.float32
+    hires = f32(1.0 / 128.0) * f32(sx)
+    m_out, e_out = quantize_multiplier(float(f32(hires / f32(sy))))
+    m_relu, e_relu = quantize_multiplier(float(f32(hires / f32(3.0 / 32768.0))))
+    if e_out > 0:
+        return None
+    return {"out_m": _int16_multiplier(m_out), "out_e": e_out, "relu_m": _int16_multiplier(m_relu), "relu_e": e_relu}
+
+
+def hard_swish(x, sx: float, zx: int, sy: float, zy: int, lo: int = -128, hi: int = 127) -> np.ndarray:
+    """int8 HARD_SWISH (``reference_ops::HardSwish``): int16 fixed point, ``x * relu6(x + 3) / 6`` with the
+    'reluish' factor in Q15 and the output multiplier in Q15 (``hard_swish_params``)."""
+    p = hard_swish_params(sx, sy)
+    if p is None:
+        raise ValueError("HARD_SWISH needs an output scale of at least s_x / 128")
+    v = np.asarray(x, dtype=np.int64) - int(zx)
+    hires = _sat16(v * 128)
+    pre_out = _srdhm16(hires, p["out_m"])
+    relu = hires
+    if p["relu_e"] > 0:
+        relu = _sat16(relu << (p["relu_e"] - 1))
+    relu = _srdhm16(relu, p["relu_m"])
+    if p["relu_e"] > 0:
+        relu = _sat16(relu << 1)
+    if p["relu_e"] < 0:
+        relu = rounding_divide_by_pot(relu, -p["relu_e"])
+    relu = (relu + (1 << 15)) >> 1
+    prod = relu * pre_out  # SaturatingDoublingHighMul: (a b) / 2**15 toward zero, no rounding
+    pre = _div_trunc(prod, 1 << 15)
+    pre = np.where((relu == -(1 << 15)) & (pre_out == -(1 << 15)), np.int64((1 << 15) - 1), pre)
+    out = rounding_divide_by_pot(pre, -p["out_e"]) + int(zy)
+    return np.clip(out, lo, hi)

@@ -95,12 +95,33 @@ def _relu(g, node, env, cfg):
     return tflite_ops.relu(env[node.inputs[0]], qx.scale, qx.zero_point, qy.scale, qy.zero_point, *_clamp(node, qy))
 
 
+LOGISTIC_Q = QParams(tflite_ops.LOGISTIC_OUT[0], tflite_ops.LOGISTIC_OUT[1], 8, True)
+
+
+def gate_qparams(node: IntNode) -> QParams:
+    """The quantized sigmoid gate of a gated SiLU LUT (``quant.modules.GatedSiLU``)."""
+    a = node.attrs
+    return QParams(float(a["gate_scale"]), int(a["gate_zero_point"]), int(a["gate_bits"]), bool(a["gate_signed"]))
+
+
 def _lut(g, node, env, cfg):
+    """LEAKY_RELU; LOGISTIC / HARD_SWISH / LOGISTIC + MUL (SiLU) where ``export.tflite.prepare_graph`` chose the
+    builtins (``attrs['tflite_op']``); else the IntGraph's own table (GATHER in the file)."""
     qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
+    x, clamp, op = env[node.inputs[0]], _clamp(node, qy), node.attrs.get("tflite_op")
     if node.attrs.get("fn") == "leaky_relu":
-        return tflite_ops.leaky_relu(env[node.inputs[0]], qx.scale, qx.zero_point, qy.scale, qy.zero_point,
-                                     node.attrs["alpha"], *_clamp(node, qy))
-    return np.clip(ops.LUT(env[node.inputs[0]], node.arrays["table"], qx.qmin), *_clamp(node, qy))
+        return tflite_ops.leaky_relu(x, qx.scale, qx.zero_point, qy.scale, qy.zero_point, node.attrs["alpha"], *clamp)
+    if op == "HARD_SWISH":
+        return tflite_ops.hard_swish(x, qx.scale, qx.zero_point, qy.scale, qy.zero_point, *clamp)
+    if op in ("LOGISTIC", "LOGISTIC_MUL"):
+        sig = tflite_ops.logistic(x, qx.scale, qx.zero_point)
+        if op == "LOGISTIC":
+            return np.clip(_requant_to(sig, LOGISTIC_Q, qy), *clamp)
+        qg = gate_qparams(node)
+        gate = _requant_to(sig, LOGISTIC_Q, qg)
+        return tflite_ops.mul(x, qx.scale, qx.zero_point, gate, qg.scale, qg.zero_point, qy.scale, qy.zero_point,
+                              *clamp)
+    return np.clip(ops.LUT(x, node.arrays["table"], qx.qmin), *clamp)
 
 
 OPS = {

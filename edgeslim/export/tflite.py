@@ -36,6 +36,7 @@ import copy
 import numpy as np
 
 from ..engine import tflite_ops
+from ..engine.tflite_run import LOGISTIC_Q, gate_qparams
 from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
 from ..quant.fixed_point import multiplier_arrays
@@ -82,13 +83,40 @@ def _logit_bound(g: IntGraph, node: IntNode) -> np.ndarray:
     return np.array([-1.0, 1.0]) * float((acc * np.float64(q.scale) * a["w_scale"].astype(np.float64)).max())
 
 
-def prepare_graph(g: IntGraph, calib: np.ndarray | None = None) -> IntGraph:
+ACTIVATIONS = ("table", "builtin")
+
+
+def _choose_builtins(g: IntGraph) -> None:
+    """``activations="builtin"``: sigmoid -> LOGISTIC, hard-swish -> HARD_SWISH, gated SiLU -> LOGISTIC + MUL
+    (``attrs['tflite_op']``, read by the exporter and the engine) where TFLite accepts the scales."""
+    for n in g.nodes:
+        if n.op != "LUT":
+            continue
+        fn, qx, qy = n.attrs.get("fn"), g.qparams[n.inputs[0]], g.qparams[n.outputs[0]]
+        if fn == "sigmoid":
+            n.attrs["tflite_op"] = "LOGISTIC"
+        elif fn == "hardswish" and tflite_ops.hard_swish_params(qx.scale, qy.scale) is not None:
+            n.attrs["tflite_op"] = "HARD_SWISH"
+        elif fn == "silu" and n.attrs.get("gate_bits") == 8:
+            n.attrs["tflite_op"] = "LOGISTIC_MUL"
+
+
+def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str = "table") -> IntGraph:
     """A copy of ``g`` that TFLite can run: every float-output layer (the classifier's logits, a dequantized
     accumulator in the IntGraph) gets int8 outputs followed by DequantizeLinear, since TFLite's int8
     FULLY_CONNECTED has no float output. Their range is observed on ``calib`` (float N, C, H, W inputs; the
-    engine runs them) or, without it, bounded from the weights (wider: coarser logits)."""
+    engine runs them) or, without it, bounded from the weights (wider: coarser logits).
+
+    ``activations``: ``table`` (default) writes every LUT activation but leaky ReLU as its int8 table (GATHER;
+    exactly the simulation's table); ``builtin`` uses LOGISTIC / HARD_SWISH / LOGISTIC + MUL (SiLU), which NPU
+    compilers map to their own units, at the price of TFLite's fixed output scale 1/256 for LOGISTIC and one more
+    rounding than the simulation."""
+    if activations not in ACTIVATIONS:
+        raise EdgeslimError(f"invalid activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
     check_graph(g)
     g = copy.deepcopy(g)
+    if activations == "builtin":
+        _choose_builtins(g)
     heads = [n for n in g.nodes if n.attrs.get("float_output")]
     if not heads:
         return g
@@ -140,6 +168,11 @@ def _same_bytes(shape, perm) -> bool:
     """True when ``transpose(perm)`` of a tensor of ``shape`` keeps its bytes in order (only size-1 axes move)."""
     moved = [p for p in perm if shape[p] != 1]
     return moved == sorted(moved)
+
+
+def _same_stored(a: QParams, b: QParams) -> bool:
+    """Equal int8 parameters in the file (float32 scale, int8 zero point)."""
+    return bool(np.float32(a.scale) == np.float32(b.scale)) and a.zero_point - _offset(a) == b.zero_point - _offset(b)
 
 
 def _stored(shape) -> list[int]:
@@ -224,8 +257,7 @@ class _Exporter:
 
     def requant(self, idx: int, src_q: QParams, dst_q: QParams, shape, name: str) -> int:
         """int8 -> int8 QUANTIZE to ``dst_q`` (no op when the stored parameters are equal)."""
-        if np.float32(src_q.scale) == np.float32(dst_q.scale) and \
-                src_q.zero_point - _offset(src_q) == dst_q.zero_point - _offset(dst_q):
+        if _same_stored(src_q, dst_q):
             return idx
         y = self.act(self.fresh(name), dst_q, shape)
         self.m.add_op("QUANTIZE", [idx], [y])
@@ -513,6 +545,13 @@ class _Exporter:
             self.finish(node, lambda act, y: self.m.add_op("LEAKY_RELU", [x], [y], (
                 "LeakyReluOptions", {"Alpha": float(node.attrs["alpha"])})), fusable=False)
             return
+        op = node.attrs.get("tflite_op")
+        if op == "HARD_SWISH":
+            self.finish(node, lambda act, y: self.m.add_op("HARD_SWISH", [x], [y]), fusable=False)
+            return
+        if op in ("LOGISTIC", "LOGISTIC_MUL"):
+            self._logistic(node, x, op)
+            return
         qx, qy = self.g.qparams[node.inputs[0]], self.g.qparams[node.outputs[0]]
         lo, hi = node.attrs.get("clamp") or (qy.qmin, qy.qmax)
         table = np.clip(np.asarray(node.arrays["table"], np.int64), max(lo, qy.qmin), min(hi, qy.qmax)) - _offset(qy)
@@ -526,6 +565,23 @@ class _Exporter:
         self.m.add_op("ADD", [as_i32, self.i32(f"{node.name}_128", [128])], [index], ("AddOptions", {}))  # int8 + 128
         self.m.add_op("GATHER", [tab, index], [out_t], ("GatherOptions", {"Axis": 0}))
         self.lut_tables.append(f"{node.name} ({fn})")
+
+
+    def _logistic(self, node: IntNode, x: int, op: str) -> None:
+        """LOGISTIC (output 1/256, -128, as TFLite requires), then QUANTIZE to the IntGraph's parameters; for a
+        gated SiLU to the gate's, then MUL by the input (``x * Q_g(sigmoid(x))``)."""
+        shape = self.m.tensors[x].shape
+        if op == "LOGISTIC" and _same_stored(LOGISTIC_Q, self.g.qparams[node.outputs[0]]):
+            self.finish(node, lambda act, y: self.m.add_op("LOGISTIC", [x], [y]), fusable=False)
+            return
+        sig = self.act(self.fresh(f"{node.name}_logistic"), LOGISTIC_Q, shape)
+        self.m.add_op("LOGISTIC", [x], [sig])
+        if op == "LOGISTIC":
+            self.finish(node, lambda act, y: self.m.add_op("QUANTIZE", [sig], [y]), fusable=False)
+            return
+        gate = self.requant(sig, LOGISTIC_Q, gate_qparams(node), shape, f"{node.name}_gate")
+        self.finish(node, lambda act, y: self.m.add_op("MUL", [x, gate], [y], (
+            "MulOptions", {"FusedActivationFunction": _act_code(act)})))
 
 
 def _act_code(act: str) -> int:
