@@ -119,12 +119,38 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, state: dict, path) ->
                             "resume with the same model and options, or pass a new --out") from None
 
 
-def _epoch_row(p: Progress, epoch: int, dist: Dist) -> dict:
+def _close_epoch(p: Progress, epoch: int, model: nn.Module, on_epoch, dist: Dist) -> None:
+    """The epoch's row in ``p.history``: loss and train top-1 (averaged over processes), the loss per 25 steps,
+    what ``on_epoch(row, model)`` adds, and the seconds (training, then with ``on_epoch``'s evaluation)."""
     row = {"epoch": epoch + 1, "steps": p.step, "loss": p.epoch_loss_sum / max(1, p.epoch_seen),
            "train_top1": p.epoch_correct / max(1, p.epoch_seen),
-           "loss_curve": [float(np.mean(p.curve[i:i + 25])) for i in range(0, len(p.curve), 25)]}  # per 25 steps
+           "loss_curve": [float(np.mean(p.curve[i:i + 25])) for i in range(0, len(p.curve), 25)]}
     row["loss"], row["train_top1"] = dist.mean(torch.tensor([row["loss"], row["train_top1"]], dtype=torch.float64)).tolist()
-    return row
+    row["seconds"] = p.epoch_seconds
+    t0 = time.perf_counter()
+    if on_epoch is not None:
+        on_epoch(row, model)
+    row["seconds"] = p.epoch_seconds + time.perf_counter() - t0
+    p.history.append(row)
+
+
+def _batch(data: TrainData, order: torch.Tensor, position: int, step: int, recipe: Recipe, teacher: nn.Module | None,
+           dist: Dist) -> Batch:
+    """Batch ``position`` of the epoch's ``order`` for optimizer step ``step``: this process's images, augmented
+    with the step's generator, and the teacher's outputs on them."""
+    gen = step_generator(recipe.seed, step)
+    idx = batch_indices(order, position, recipe.batch_size, dist.rank, dist.world)
+    x, y = data.x[idx], data.y[idx]
+    if recipe.augment:
+        x = augment(x, data.pad_value, gen)
+    with torch.no_grad():
+        t_out = teacher(x) if teacher is not None else None
+    return Batch(x, y, t_out, gen, step)
+
+
+def _finite(value: torch.Tensor, dist: Dist) -> bool:
+    """Whether the loss is finite on every process (all stop together)."""
+    return bool(dist.mean(torch.isfinite(value.detach()).double().reshape(1)) == 1.0)
 
 
 def fit(model: nn.Module, data: TrainData, recipe: Recipe, *, loss: Loss, teacher: nn.Module | None = None,
@@ -184,21 +210,15 @@ def fit(model: nn.Module, data: TrainData, recipe: Recipe, *, loss: Loss, teache
         model.train()
         for i in range(position, min(spe, total - epoch * spe)):
             step = p.step
-            gen = step_generator(recipe.seed, step)
-            idx = batch_indices(order, i, recipe.batch_size, dist.rank, dist.world)
-            x, y = data.x[idx], data.y[idx]
-            if recipe.augment:
-                x = augment(x, data.pad_value, gen)
-            with torch.no_grad():
-                t_out = teacher(x) if teacher is not None else None
+            batch = _batch(data, order, i, step, recipe, teacher, dist)
             if before_step is not None:
-                before_step(Batch(x, y, t_out, gen, step))
+                before_step(batch)
             lr = recipe.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = net(x)
-            value = loss(out, y, t_out)
-            if not bool(dist.mean(torch.isfinite(value.detach()).double().reshape(1)) == 1.0):
+            out = net(batch.x)
+            value = loss(out, batch.y, batch.teacher_out)
+            if not _finite(value, dist):
                 diverged = {"step": step, "loss": float(value.detach())}
                 tqdm.write(f"the training loss became {diverged['loss']} at step {step}: training stopped (the weights "
                            f"are those of step {step}); lower the learning rate (now {recipe.lr}) or use more bits")
@@ -209,7 +229,7 @@ def fit(model: nn.Module, data: TrainData, recipe: Recipe, *, loss: Loss, teache
             p.step += 1
             if on_step is not None:
                 on_step(model, p.step)
-            p.record(value.item(), int((out.argmax(1) == y).sum()) if accuracy else 0, len(y))
+            p.record(value.item(), int((out.argmax(1) == batch.y).sum()) if accuracy else 0, len(batch.y))
             bar.update(1)
             shown = {"loss": f"{p.epoch_loss_sum / p.epoch_seen:.4g}", "lr": f"{lr:.4f}"}
             if accuracy:
@@ -220,13 +240,7 @@ def fit(model: nn.Module, data: TrainData, recipe: Recipe, *, loss: Loss, teache
                 p.epoch_seconds, mark = p.epoch_seconds + now - mark, now
                 save()
         p.epoch_seconds += time.perf_counter() - mark
-        mark = time.perf_counter()
-        row = _epoch_row(p, epoch, dist)
-        row["seconds"] = p.epoch_seconds  # training time of the epoch, as on_epoch's message shows it
-        if on_epoch is not None:
-            on_epoch(row, model)
-        row["seconds"] = p.epoch_seconds + time.perf_counter() - mark  # evaluation included
-        p.history.append(row)
+        _close_epoch(p, epoch, model, on_epoch, dist)
         if diverged is None:
             save()
         dist.barrier()
