@@ -24,8 +24,9 @@ from .algorithms.bias_correction import correct_bias
 from .algorithms.reconstruction import Reconstruction, reconstruct
 from .config import MixedPlan, PTQConfig
 from .errors import EdgeslimError
-from .export.onnx_qdq import save_onnx, set_io_names, to_onnx
+from .export.onnx_qdq import set_io_names, to_onnx
 from .intgraph import IntGraph
+from .io.atomic import atomic_path, check_destination
 from .lower import lower
 
 
@@ -46,16 +47,72 @@ class Quantized:
     reports: dict[str, list[dict]] = field(default_factory=dict)  # per-unit AdaRound / BRECQ results
 
 
-Calibration = torch.Tensor | np.ndarray | Callable[[], Iterable[torch.Tensor]]
+Calibration = torch.Tensor | np.ndarray | Callable[[], Iterable[torch.Tensor]] | Iterable
 
 
 def _as_batches(calib: Calibration, batch_size: int) -> Callable[[], Iterable[torch.Tensor]]:
     if callable(calib):
-        return lambda: (torch.as_tensor(x, dtype=torch.float32) for x in calib())
+        return lambda: (_batch_tensor(x) for x in calib())
+    if not isinstance(calib, (torch.Tensor, np.ndarray)):
+        return calibration_batches(calib)
     x = torch.as_tensor(np.asarray(calib) if not isinstance(calib, torch.Tensor) else calib, dtype=torch.float32)
     if x.dim() != 4 or len(x) == 0:
         raise EdgeslimError(f"calibration data has shape {tuple(x.shape)}: pass a non-empty N,C,H,W batch")
     return lambda: (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+
+
+def _batch_tensor(item) -> torch.Tensor:
+    """One calibration batch: a tensor / array, or the inputs of an ``(x, y)`` pair (what a DataLoader yields)."""
+    if isinstance(item, (tuple, list)) and item and not isinstance(item[0], (int, float)):
+        item = item[0]
+    if isinstance(item, dict):
+        raise EdgeslimError("calibration batches are dicts: pass tensors, or (inputs, labels) pairs")
+    try:
+        x = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise EdgeslimError(f"a calibration batch is a {type(item).__name__} ({str(exc)[:80]}): pass N,C,H,W "
+                            "tensors or (inputs, labels) pairs") from None
+    if x.dim() == 3:  # one image
+        x = x.unsqueeze(0)
+    if x.dim() < 2 or len(x) == 0:
+        raise EdgeslimError(f"a calibration batch has shape {tuple(x.shape)}: pass non-empty N,C,H,W batches")
+    return x
+
+
+def calibration_batches(data: Iterable) -> Callable[[], Iterable[torch.Tensor]]:
+    """Calibration data as ``ptq.calibrate`` takes it (a callable returning the batches, called once per pass) from
+    any iterable of batches or of ``(inputs, labels)`` pairs: a ``torch.utils.data.DataLoader``, a list, a
+    generator (read once and kept)."""
+    if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+        raise EdgeslimError(f"calibration data is a {type(data).__name__}: pass an N,C,H,W tensor / array, a "
+                            "DataLoader or an iterable of batches")
+    if iter(data) is data:  # a generator or iterator: one pass only, calibration needs several
+        kept = [_batch_tensor(b) for b in data]
+        if not kept:
+            raise EdgeslimError("calibration data is empty: pass at least one batch")
+        return lambda: iter(kept)
+    first = next(iter(data), None)
+    if first is None:
+        raise EdgeslimError("calibration data is empty: pass at least one batch")
+    _batch_tensor(first)
+    return lambda: (_batch_tensor(b) for b in data)
+
+
+def _input_shape_of(calib: Calibration) -> tuple[int, ...]:
+    """The C,H,W of the calibration data (the first batch's, for iterables)."""
+    if isinstance(calib, torch.Tensor):
+        return tuple(calib.shape[1:])
+    if isinstance(calib, np.ndarray):
+        return tuple(calib.shape[1:])
+    if callable(calib):
+        raise EdgeslimError("pass input_shape=(C, H, W) when calibration data is a callable")
+    return tuple(next(iter(calibration_batches(calib)())).shape[1:])
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise EdgeslimError(f"model is a {type(model).__name__}, not a torch.nn.Module: pass the network (an nn.Module "
+                            "instance; for a function, wrap it in a Module whose forward calls it)")
 
 
 def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = None, *,
@@ -69,10 +126,13 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     BRECQ (``config.iters`` per unit; per-unit results in ``Quantized.reports``) and bias correction.
     """
     config = config or PTQConfig()
+    _check_module(model)
+    if not isinstance(calib, (torch.Tensor, np.ndarray)) and not callable(calib):
+        kept = list(calibration_batches(calib)())  # a DataLoader / iterable of batches or (x, y) pairs, read once
+        input_shape = input_shape or tuple(kept[0].shape[1:])
+        calib = lambda: iter(kept)  # noqa: E731
     if input_shape is None:
-        if callable(calib):
-            raise EdgeslimError("pass input_shape=(C, H, W) when calibration data is a callable")
-        input_shape = tuple(np.asarray(calib).shape[1:]) if not isinstance(calib, torch.Tensor) else tuple(calib.shape[1:])
+        input_shape = _input_shape_of(calib)
     t0 = time.perf_counter()
     if getattr(model, "meta", {}).get("onnx_dynamic_batch") is False:
         batch_size = 1  # an imported ONNX model with batch-1 reshapes (e.g. channel shuffles folded at batch 1)
@@ -97,6 +157,15 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
     return Quantized(gm, graph, config, tuple(input_shape), time.perf_counter() - t0, plan, reports)
 
 
+def calibrate(gm: fx.GraphModule, calib: Calibration, *, batch_size: int = 128, progress: bool = False) -> fx.GraphModule:
+    """``ptq.calibrate`` on any calibration data ``quantize`` takes: an N,C,H,W tensor / array, a callable returning
+    batches, a ``torch.utils.data.DataLoader`` or any iterable of batches or ``(inputs, labels)`` pairs."""
+    if not isinstance(calib, (torch.Tensor, np.ndarray)) and not callable(calib):
+        kept = list(calibration_batches(calib)())
+        calib = lambda: iter(kept)  # noqa: E731
+    return ptq.calibrate(gm, _as_batches(calib, batch_size), progress=progress)
+
+
 def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto", activations: str = "float",
                 io_names: tuple[list[str], list[str]] | None = None) -> Path:
     """Write the INT8 (QDQ) ONNX model of ``q`` atomically.
@@ -105,9 +174,21 @@ def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto", ac
     int8-weight kernels saturate; see ``export.onnx_qdq``). ``io_names`` (input names, output names) default to
     the names of the FP32 file: an imported ONNX model's own, else those ``export_fp32_onnx`` writes.
     """
+    if not isinstance(q, Quantized):
+        raise EdgeslimError(f"export_onnx takes the result of edgeslim.quantize, not a {type(q).__name__}")
+    check_destination(path, "ONNX file")
     model = to_onnx(q.intgraph, weight_type=weight_type, activations=activations)
-    return save_onnx(set_io_names(model, *(io_names or fp32_io_names(q.model, len(q.intgraph.output_names)))),
-                     Path(path))
+    model = set_io_names(model, *(io_names or fp32_io_names(q.model, len(q.intgraph.output_names))))
+    return _save_model(model, Path(path))
+
+
+def _save_model(model, path: Path) -> Path:
+    """Write an ONNX model atomically through a fresh temporary file (never through a planted ``path.tmp`` link)."""
+    import onnx
+
+    with atomic_path(path, "ONNX file") as tmp:
+        onnx.save(model, str(tmp))
+    return path
 
 
 def fp32_io_names(model: nn.Module, n_outputs: int) -> tuple[list[str], list[str]]:
@@ -128,17 +209,17 @@ def export_fp16_onnx(fp32_onnx: str | Path, path: str | Path) -> Path:
     import onnx
     from onnxconverter_common import float16
 
-    path = Path(path)
+    path = check_destination(path, "ONNX file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 number ... will be truncated": values below FP16's range
         model = float16.convert_float_to_float16(onnx.load(str(fp32_onnx)), keep_io_types=True)
-    return save_onnx(model, path)
+    return _save_model(model, path)
 
 
 def export_fp32_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:
     """Write the float model as ONNX (opset 17, dynamic batch) atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    _check_module(model)
+    path = check_destination(path, "ONNX file")
     x = torch.zeros(1, *input_shape)
     try:
         with torch.no_grad():
@@ -148,15 +229,14 @@ def export_fp32_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str |
                             f"({str(exc).splitlines()[0][:160]}): check the input shape") from None
     n_out = len(y) if isinstance(y, (tuple, list)) else 1  # detectors: one output per head
     outputs = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / constant-folding notes
-            torch.onnx.export(model.eval(), (x,), str(tmp), dynamo=False,
-                              input_names=["input"], output_names=outputs, opset_version=17,
-                              dynamic_axes={"input": {0: "N"}, **{o: {0: "N"} for o in outputs}})
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        raise EdgeslimError(f"FP32 ONNX export failed ({str(exc).splitlines()[0][:160]}): the model uses an op "
-                            "torch.onnx cannot export") from None
-    tmp.replace(path)
+    with atomic_path(path, "ONNX file") as tmp:  # a fresh temporary file: never through a planted link
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / constant-folding notes
+                torch.onnx.export(model.eval(), (x,), str(tmp), dynamo=False,
+                                  input_names=["input"], output_names=outputs, opset_version=17,
+                                  dynamic_axes={"input": {0: "N"}, **{o: {0: "N"} for o in outputs}})
+        except Exception as exc:
+            raise EdgeslimError(f"FP32 ONNX export failed ({str(exc).splitlines()[0][:160]}): the model uses an op "
+                                "torch.onnx cannot export") from None
     return path

@@ -154,6 +154,12 @@ class MixedPlan:
     def from_dict(cls, d: dict) -> "MixedPlan":
         if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
             raise EdgeslimError('a plan is a JSON object {"layers": {"pattern": "int8" | "fp32" | {"w": .., "a": ..}}}')
+        for pattern, value in d["layers"].items():
+            check_precision_value(pattern, value)
+            try:
+                LayerPrecision.parse(value)
+            except EdgeslimError as exc:
+                raise EdgeslimError(f"plan entry {pattern!r}: {exc}") from None
         return cls(tuple(d["layers"].items()))
 
     @classmethod
@@ -161,15 +167,42 @@ class MixedPlan:
         path = Path(path)
         if not path.is_file():
             raise EdgeslimError(f"plan file {path} does not exist: pass the plan.json written by `edgeslim mixed`")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EdgeslimError(f"plan file {path} is not valid JSON ({exc}): fix or regenerate it") from None
+        data = load_json(path, "plan file", "fix or regenerate it")
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        from .io.atomic import atomic_write_bytes
+
+        return atomic_write_bytes(Path(path), json.dumps(self.to_dict(), indent=1).encode())
+
+
+MAX_JSON_BYTES = 1 << 20  # plans and targets are a few KiB
+_PRECISION_HELP = 'use "int2".."int16", a number of bits 2..16, "fp16", "fp32" or {"w": ..., "a": ...}'
+
+
+def load_json(path: str | Path, what: str, fix: str):
+    """A small JSON file, every failure one ``EdgeslimError`` (unreadable, too large, not JSON, nested too deep)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise EdgeslimError(f"{what} {path} is {path.stat().st_size >> 10} KiB, too large (at most "
+                                f"{MAX_JSON_BYTES >> 10} KiB): {fix}")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgeslimError(f"{what} {path} is not valid JSON ({exc}): {fix}") from None
+    except RecursionError:
+        raise EdgeslimError(f"{what} {path} is nested too deeply to be a {what}: {fix}") from None
+    except OSError as exc:
+        raise EdgeslimError(f"{what} {path} cannot be read ({exc.strerror or exc}): check the path") from None
+
+
+def check_precision_value(pattern, value) -> None:
+    """A plan entry's precision must be a plain string / integer (or a ``{"w", "a"}`` object of them): no floats,
+    booleans, lists, empty strings or non-ASCII digits (``int٨`` would read as int8)."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise EdgeslimError(f"plan pattern {pattern!r} is empty: use a layer name or pattern (see `edgeslim inspect`)")
+    parts = list(value.values()) if isinstance(value, dict) and value else [value]
+    for v in parts:
+        ok = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip() and v.isascii())
+        if not ok:
+            raise EdgeslimError(f"plan entry {pattern!r}: precision {v!r} is not valid: {_PRECISION_HELP}")

@@ -30,6 +30,30 @@ OP_KINDS = ("conv", "depthwise", "conv_transpose", "linear", "add", "mul", "conc
 COMMON_INT8 = ("conv", "depthwise", "linear", "add", "mul", "concat", "relu", "avgpool", "maxpool", "resize")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fields(t: "Target") -> None:
+    """Field types first (a target may come from a JSON file): integer bits, a list of op names, booleans."""
+    if not isinstance(t.name, str) or not t.name.strip():
+        raise EdgeslimError(f"target name {t.name!r} is not a non-empty string: name the target")
+    if isinstance(t.bits, (str, bytes)) or not isinstance(t.bits, (list, tuple)) or not t.bits \
+            or not all(_is_int(b) and 2 <= b <= 16 for b in t.bits):
+        raise EdgeslimError(f"target {t.name}: bits {t.bits!r} must be a non-empty list of integers 2..16, e.g. [8]")
+    if isinstance(t.int_ops, (str, bytes)) or not isinstance(t.int_ops, (list, tuple)) \
+            or not all(isinstance(o, str) for o in t.int_ops):
+        raise EdgeslimError(f"target {t.name}: int_ops {t.int_ops!r} must be a list of op kinds, e.g. "
+                            '["conv", "add", "relu"]')
+    if not _is_int(t.accumulator_bits):
+        raise EdgeslimError(f"target {t.name}: accumulator_bits {t.accumulator_bits!r} must be the integer 16 or 32")
+    if not isinstance(t.scale, str):
+        raise EdgeslimError(f"target {t.name}: scale {t.scale!r} must be \"float\" or \"pow2\"")
+    for flag in ("fp16", "int8"):
+        if not isinstance(getattr(t, flag), bool):
+            raise EdgeslimError(f"target {t.name}: {flag} {getattr(t, flag)!r} must be true or false")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -41,6 +65,7 @@ class Target:
     int8: bool = True  # has integer kernels at all
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         object.__setattr__(self, "int_ops", tuple(self.int_ops))
         object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
         unknown = [o for o in self.int_ops if o not in OP_KINDS]
@@ -127,10 +152,12 @@ def load_target(spec: str) -> Target:
     p = Path(spec)
     if not p.exists():
         raise EdgeslimError(f"unknown target {spec!r}: use one of {', '.join(TARGETS)} or a JSON target file")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeslimError(f"target file {p} is not valid JSON ({exc}): fix it") from None
+    from .config import load_json
+
+    data = load_json(p, "target file", "fix it (a JSON object with name, bits, int_ops, ...)")
+    if not isinstance(data, dict):
+        raise EdgeslimError(f"target file {p} holds a JSON {type(data).__name__}, not an object: write "
+                            '{"name": "...", "bits": [8], ...}')
     known = {f.name for f in fields(Target)}
     extra = sorted(set(data) - known)
     if extra or "name" not in data:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from edgeslim.errors import EdgeslimError
+from edgeslim.data.limits import check_array_header
 from edgeslim.data.transforms import (
     Preprocess,
     convert_channels_float,
@@ -27,6 +30,10 @@ from edgeslim.data.transforms import (
     unit_float_to_chw,
 )
 
+# what reading a damaged zip / npz member raises: a bad CRC, a broken deflate stream, an unknown compression
+# method or an encrypted member, a truncated file
+ARCHIVE_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                  RuntimeError)
 CIFAR10_TRAIN = tuple(f"data_batch_{k}" for k in range(1, 6))
 CIFAR_NAMES = frozenset(CIFAR10_TRAIN + ("test_batch", "batches.meta", "train", "test", "meta"))
 CIFAR_SUBDIRS = ("cifar-10-batches-py", "cifar-100-python")
@@ -215,12 +222,15 @@ def npz_source(path: Path, pp: Preprocess, split: str | None):
     try:
         with np.load(path, allow_pickle=False) as z:
             xk, yk = _npz_keys(set(z.files), split, path)
+            for k in (xk, yk):  # the sizes the headers declare, before anything is allocated
+                with z.zip.open(f"{k}.npy") as f:
+                    check_array_header(f, f"{path}:{k}")
             x, y = z[xk], z[yk]
             classes = [str(c) for c in z["classes"].tolist()] if "classes" in z.files else None
     except EdgeslimError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise EdgeslimError(f"npz '{path}' is not readable ({exc}): save it with np.savez") from None
+    except ARCHIVE_ERRORS as exc:
+        raise EdgeslimError(f"npz '{path}' is not readable ({str(exc)[:160]}): save it again with np.savez") from None
     if x.dtype == np.uint8:
         if x.ndim == 3:
             x = x[..., None]
@@ -245,6 +255,9 @@ def npz_source(path: Path, pp: Preprocess, split: str | None):
             )
     else:
         raise EdgeslimError(f"npz '{path}' '{xk}' has dtype {x.dtype}: save uint8 or float images")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise EdgeslimError(f"npz '{path}' '{xk}' holds images of {x.shape[1]}x{x.shape[2]} pixels: save images "
+                            "with at least one pixel")
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
         raise EdgeslimError(f"npz '{path}' '{yk}' must be a 1-D integer array, got {y.dtype} {y.shape}: save class indices")
     if len(y) != len(x):

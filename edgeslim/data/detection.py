@@ -325,6 +325,50 @@ def _yaml_order(here: set[str]) -> list[str]:
     return first + sorted(f for f in here if f.lower().endswith((".yaml", ".yml")) and f not in _YAML_FIRST)
 
 
+MAX_YAML_BYTES = 1 << 20  # a data set's class-name file is a few KiB
+MAX_YAML_NODES = 1_000_000  # "billion laughs": nested aliases expand to billions of nodes from a few lines
+
+
+def _expanded_size(node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once (safe_load builds it as a cycle, not an expansion)
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_size(c, memo) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        total = 1
+    memo[key] = min(total, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand to more than ``MAX_YAML_NODES`` nodes."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"its aliases (*name) expand to more than {MAX_YAML_NODES:,} nodes: an alias bomb, "
+                                 "not a data set file")
+        return node
+
+
+def load_small_yaml(data: bytes, shown: str):
+    """A data set's YAML file, parsed safely: at most ``MAX_YAML_BYTES``, aliases expanding to at most
+    ``MAX_YAML_NODES`` nodes."""
+    if len(data) > MAX_YAML_BYTES:
+        raise EdgeslimError(f"'{shown}' is {len(data) >> 10} KiB, too large for a data set's YAML file (at most "
+                            f"{MAX_YAML_BYTES >> 10} KiB): pass the file with the class names")
+    loader = _LimitedLoader(data)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _find_names(reader: _Reader, images: list[str], root: Path | None) -> list[str] | None:
     """Names from the first YAML with ``names:``: the data set root (parent of ``images``) first.
 
@@ -348,8 +392,8 @@ def _find_names(reader: _Reader, images: list[str], root: Path | None) -> list[s
             candidates += [(str(base / f), (base / f).read_bytes) for f in _yaml_order(here)]
     for shown, read in candidates:
         try:
-            doc = yaml.safe_load(read())
-        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+            doc = load_small_yaml(read(), shown)
+        except (yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise EdgeslimError(f"'{shown}' is not valid YAML ({first}): fix it or pass names=") from None
         if isinstance(doc, dict) and "names" in doc:

@@ -11,6 +11,7 @@ import io
 import os
 import threading
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,15 @@ import numpy as np
 from PIL import Image
 
 from edgeslim.errors import EdgeslimError
-from edgeslim.data.transforms import Preprocess, normalize_uint8, pil_to_uint8
+from edgeslim.data.transforms import (
+    HIGH_DEPTH_MODES,
+    Preprocess,
+    high_depth_to_unit,
+    normalize_uint8,
+    normalize_unit,
+    pil_to_uint8,
+    unit_float_resized,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _EXT_TEXT = "/".join(IMAGE_EXTENSIONS)
@@ -86,13 +95,21 @@ def image_folder_layout(
 
 
 def walk_folder(root: Path) -> tuple[list[str], set[str]]:
-    """All files and folders under ``root`` as sorted relative posix paths (follows links)."""
+    """All files and folders under ``root`` as sorted relative posix paths (follows links, each real folder once:
+    a link back to a parent folder is not walked again, so a link loop cannot hang the walk)."""
     files: list[str] = []
     dirs: set[str] = set()
+    seen: set[str] = set()
     for cur, dnames, fnames in os.walk(root, followlinks=True):
+        real = os.path.realpath(cur)
+        if real in seen:
+            dnames[:] = []
+            continue
+        seen.add(real)
         rel = Path(cur).relative_to(root).as_posix()
         rel = "" if rel == "." else rel + "/"
-        dnames[:] = sorted(d for d in dnames if not d.startswith("."))
+        dnames[:] = sorted(d for d in dnames if not d.startswith(".")
+                           and os.path.realpath(os.path.join(cur, d)) not in seen)
         dirs.update(rel + d for d in dnames)
         files.extend(rel + f for f in fnames)
     return sorted(files), dirs
@@ -125,13 +142,8 @@ class ZipReader:
         return files, dirs
 
     def read(self, name: str) -> bytes:
-        try:
-            with self._lock:
-                return self._zip().read(name)
-        except (zipfile.BadZipFile, OSError, KeyError, EOFError) as exc:
-            raise EdgeslimError(
-                f"cannot read '{name}' from zip '{self.path}' ({exc}): re-create the zip"
-            ) from None
+        with self._lock:
+            return zip_member(self._zip(), name, self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -144,6 +156,21 @@ class ZipReader:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
+
+
+def zip_member(zf: zipfile.ZipFile, name: str, path) -> bytes:
+    """The bytes of one member; a damaged, encrypted or unknown-method member is one ``EdgeslimError``."""
+    try:
+        return zf.read(name)
+    except RuntimeError as exc:  # zipfile: "File ... is encrypted, password required for extraction"
+        raise EdgeslimError(f"cannot read '{name}' from zip '{path}' ({exc}): re-create the zip without a "
+                            "password") from None
+    except NotImplementedError as exc:
+        raise EdgeslimError(f"cannot read '{name}' from zip '{path}' ({exc}): re-create the zip with the standard "
+                            "deflate compression (zip -r, or shutil.make_archive)") from None
+    except (zipfile.BadZipFile, zlib.error, OSError, KeyError, EOFError, ValueError) as exc:
+        raise EdgeslimError(f"cannot read '{name}' from zip '{path}' (the member is damaged: {str(exc)[:120]}): "
+                            "re-create the zip") from None
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:
@@ -161,9 +188,14 @@ def read_file(path: Path) -> bytes:
 
 
 def decode_image(data: bytes, pp: Preprocess, shown: str) -> np.ndarray:
-    """Encoded bytes -> ``H,W,C`` uint8 at the model's size; a bad file raises naming it."""
+    """Encoded bytes -> ``H,W,C`` at the model's size: uint8, or float32 in [0, 1] for 16-bit grayscale images
+    (kept at full precision instead of saturating at 255); a bad file raises naming it."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width == 0 or img.height == 0:
+                raise ValueError("the image has no pixels")
+            if img.mode in HIGH_DEPTH_MODES:
+                return unit_float_resized(high_depth_to_unit(img), pp)
             return pil_to_uint8(img, pp)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise EdgeslimError(
@@ -205,9 +237,15 @@ class FileSource:
         names = [self.names[int(i)] for i in idx]
         blobs = [self._read(n) for n in names]
 
+        unit: dict[int, np.ndarray] = {}  # 16-bit images, decoded to floats in [0, 1]
+
         def work(a: int, b: int) -> None:
             for j in range(a, b):
-                raw[j] = decode_image(blobs[j], self.pp, self._shown(names[j]))
+                img = decode_image(blobs[j], self.pp, self._shown(names[j]))
+                if img.dtype == np.uint8:
+                    raw[j] = img
+                else:
+                    unit[j] = img
 
         n_chunks = min(len(idx) // 256, self.workers)
         if n_chunks <= 1:
@@ -218,7 +256,10 @@ class FileSource:
                 futures = [ex.submit(work, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
                 for f in futures:
                     f.result()
-        return normalize_uint8(raw, self.pp)
+        out = normalize_uint8(raw, self.pp)
+        for j, img in unit.items():
+            out[j] = normalize_unit(img, self.pp)
+        return out
 
     def close(self) -> None:
         if self._close is not None:

@@ -24,6 +24,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EdgeslimError
+from .arrays import ARCHIVE_ERRORS
+from .files import zip_member
+from .limits import check_array_header
+from .transforms import HIGH_DEPTH_MODES, high_depth_to_unit
 
 __all__ = ["InputSpec", "open_inputs", "has_labels", "RESIZE_MODES", "CHANNEL_ORDERS"]
 
@@ -82,7 +86,10 @@ class InputSpec:
 
     def image(self, img: Image.Image) -> np.ndarray:
         """A decoded image as the model's ``C, H, W`` float32 input."""
-        img = img.convert("L" if self.channels == 1 else "RGB")
+        if img.mode in HIGH_DEPTH_MODES:  # 16-bit gray: geometry in float mode, at full precision (0..255 scale)
+            img = Image.fromarray(high_depth_to_unit(img)[:, :, 0] * np.float32(255.0), mode="F")
+        else:
+            img = img.convert("L" if self.channels == 1 else "RGB")
         h, w = self.size
         iw, ih = img.size
         if iw == 0 or ih == 0:
@@ -98,11 +105,14 @@ class InputSpec:
         else:
             r = min(h / ih, w / iw)
             nw, nh = min(w, max(1, round(iw * r))), min(h, max(1, round(ih * r)))
-            canvas = np.full((h, w) if self.channels == 1 else (h, w, 3), LETTERBOX_PAD, np.uint8)
+            canvas = np.full((h, w) if img.mode in ("L", "F") else (h, w, 3), LETTERBOX_PAD,
+                             np.float32 if img.mode == "F" else np.uint8)
             top, left = (h - nh) // 2, (w - nw) // 2
             canvas[top:top + nh, left:left + nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR))
             arr = canvas
         arr = arr.reshape(h, w, -1)
+        if arr.shape[2] != self.channels:  # a 16-bit gray image for an RGB / BGR model
+            arr = np.repeat(arr, self.channels, axis=2)
         if self.channel_order == "BGR":
             arr = arr[..., ::-1]
         x = np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
@@ -124,6 +134,8 @@ def _check_arrays(x: np.ndarray, shown: str, input_shape: tuple[int, ...]) -> np
 def _load_array(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() == ".npy":
+            with path.open("rb") as f:
+                check_array_header(f, str(path))
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         else:
             with np.load(path, allow_pickle=False) as z:
@@ -131,6 +143,8 @@ def _load_array(path: Path) -> np.ndarray:
                 if key is None:
                     raise EdgeslimError(f"'{path}' holds {', '.join(z.files) or 'nothing'}: save the inputs as 'x' "
                                         "(np.savez(path, x=inputs))")
+                with z.zip.open(f"{key}.npy") as f:
+                    check_array_header(f, f"{path}:{key}")
                 header = z.zip.getinfo(f"{key}.npy").file_size
                 if header > MAX_INPUT_BYTES:
                     raise EdgeslimError(f"'{path}' array '{key}' needs {header / 2**30:.1f} GiB: pass at most "
@@ -138,7 +152,7 @@ def _load_array(path: Path) -> np.ndarray:
                 arr = z[key]
     except EdgeslimError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except ARCHIVE_ERRORS as exc:
         raise EdgeslimError(f"'{path}' is not a readable array file ({str(exc)[:120]}): save it with np.savez / "
                             "np.save") from None
     if arr.nbytes > MAX_INPUT_BYTES:
@@ -174,7 +188,7 @@ def _image_files(path: Path) -> list[tuple[str, callable]]:
     except (OSError, zipfile.BadZipFile) as exc:
         raise EdgeslimError(f"'{path}' is not a readable zip ({exc}): re-create it") from None
     names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_SUFFIXES) and "/." not in f"/{n}")
-    return [(f"{path}:{n}", (lambda n=n: zf.read(n))) for n in names]
+    return [(f"{path}:{n}", (lambda n=n: zip_member(zf, n, path))) for n in names]
 
 
 def open_inputs(path: str | Path, input_shape: tuple[int, ...], spec: InputSpec | None = None, *,
@@ -191,6 +205,9 @@ def open_inputs(path: str | Path, input_shape: tuple[int, ...], spec: InputSpec 
             if spec is None:
                 raise EdgeslimError(f"'{p}' holds uint8 images: pass the preprocessing (--mean, --std, ...)")
             arr = arr[..., None] if arr.ndim == 3 else arr
+            if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or 0 in arr.shape[1:3]:
+                raise EdgeslimError(f"'{p}' holds uint8 images of shape {arr.shape}: save images as N, H, W, C "
+                                    "with C 1 or 3 and at least one pixel")
             idx = _subset(len(arr), limit, rng)
             return np.stack([spec.image(Image.fromarray(arr[i].squeeze(-1) if arr.shape[-1] == 1 else arr[i]))
                              for i in idx]) if len(idx) else _check_arrays(arr[:0], str(p), input_shape)

@@ -173,11 +173,28 @@ def unit_float_to_chw(x: np.ndarray, pp: Preprocess) -> np.ndarray:
     Channel conversion follows PIL ('L' = ITU-R 601-2 luma; gray -> RGB repeats the channel)
     and resizing runs per channel in PIL's float mode, so float and uint8 sources behave alike.
     """
+    return normalize_unit(unit_float_resized(x, pp), pp)
+
+
+def unit_float_resized(x: np.ndarray, pp: Preprocess) -> np.ndarray:
+    """One ``H,W,C`` float image in [0,1] -> ``H,W,C`` float32 with ``pp``'s channels and size (not normalized)."""
     x = convert_channels_float(x, pp.channels)
     if needs_resize(x.shape[1], x.shape[0], pp):
         planes = [np.asarray(resize_crop(Image.fromarray(x[:, :, c], mode="F"), pp)) for c in range(x.shape[2])]
         x = np.stack(planes, axis=-1)
-    return normalize_unit(x, pp)
+    return x
+
+
+# PIL modes of 16-bit (and 32-bit integer) grayscale images: converting them to 'L' saturates every value above 255
+HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def high_depth_to_unit(img: Image.Image) -> np.ndarray:
+    """A 16-bit grayscale image -> ``H,W,1`` float32 in [0, 1] (value / 65535), at full precision."""
+    x = np.asarray(img, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"unsupported {img.mode} image of shape {x.shape}")
+    return np.clip(x / np.float32(65535.0), 0.0, 1.0)[:, :, None]
 
 
 def convert_channels_float(x: np.ndarray, channels: int) -> np.ndarray:

@@ -83,6 +83,7 @@ def check_compatible(model: nn.Module, sd: Mapping[str, torch.Tensor], *, path: 
     shapes = [f"{k} {_shape(sd[k])} vs {_shape(target[k])}"
               for k in target if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)]
     if not (missing or unexpected or shapes):
+        _check_dtypes(target, sd, path, name)
         return
     parts = []
     if missing:
@@ -96,6 +97,18 @@ def check_compatible(model: nn.Module, sd: Mapping[str, torch.Tensor], *, path: 
         f"checkpoint '{path}' does not match model '{name}': {'; '.join(parts)}{hint}; "
         "pass the weights trained for this architecture"
     )
+
+
+def _check_dtypes(target: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], path, name: str) -> None:
+    """A float parameter given as integers (or booleans) would be cast silently: refuse it, naming the first few."""
+    wrong = [f"{k} {sd[k].dtype} vs {target[k].dtype}" for k in target
+             if k in sd and (target[k].is_floating_point() or target[k].is_complex())
+             and not (sd[k].is_floating_point() or sd[k].is_complex())]
+    if wrong:
+        raise EdgeslimError(
+            f"checkpoint '{path}' holds integer tensors where model '{name}' has float weights: {_first(wrong)}; "
+            "pass the float weights (a quantized or integer export cannot be loaded as float weights)"
+        )
 
 
 def load_torch_file(path: str | Path, allow_pickle: bool = False) -> object:

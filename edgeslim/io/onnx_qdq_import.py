@@ -249,6 +249,8 @@ class _Importer:
 
     # ------------------------------------------------------------------ Q / DQ / Clip
     def _op_Constant(self, node):
+        if len(node.attribute) != 1:
+            raise _unsupported(node, f"Constant with {len(node.attribute)} attributes (one is required)")
         a = node.attribute[0]
         if a.name != "value":
             raise _unsupported(node, f"Constant with attribute {a.name}")
@@ -615,4 +617,14 @@ def import_qdq(path_or_model: str | Path | onnx.ModelProto) -> IntGraph:
         except Exception as exc:  # noqa: BLE001
             raise EdgeslimError(f"cannot read ONNX model '{path_or_model}' ({str(exc).splitlines()[0][:120]}): "
                                 "pass an .onnx file") from None
-    return _Importer(model).run()
+    try:
+        return _Importer(model).run()
+    except (EdgeslimError, MemoryError):
+        raise
+    except RecursionError:
+        raise EdgeslimError(f"ONNX model '{path_or_model if not isinstance(path_or_model, onnx.ModelProto) else '<model>'}'"
+                            " is nested too deeply to import: check the file") from None
+    except Exception as exc:  # a malformed graph the checks did not foresee: one line, never a raw traceback
+        shown = "<model>" if isinstance(path_or_model, onnx.ModelProto) else path_or_model
+        raise EdgeslimError(f"ONNX model '{shown}' cannot be imported as a QDQ model ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:160]}): check the file with onnx.checker") from None
