@@ -228,10 +228,41 @@ def _check_numbers(args) -> None:
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2 ** 32:
         raise EdgeslimError(f"invalid --seed {seed}: use an integer from 0 to 2**32 - 1")
-    for opt in ("epochs", "eval_size", "batch_size"):
+    for opt in ("epochs", "eval_size", "batch_size", "threads"):
         v = getattr(args, opt, None)
-        if v is not None and v < 1:
+        if v is not None and not isinstance(v, float) and v < 1:  # float --epochs (lightening): _check_ranges
             raise EdgeslimError(f"invalid --{opt.replace('_', '-')} {v}: use 1 or more")
+    _check_ranges(args)
+
+
+# option: (lowest, highest, lowest allowed, highest allowed) -- every float option is also checked to be finite
+_RANGES = {"kd_temperature": (0.0, None, False, True), "kd_weight": (0.0, 1.0, True, True),
+           "lr": (0.0, None, False, True), "weight_decay": (0.0, None, True, True),
+           "budget_epochs": (0.0, None, True, True), "max_drop": (0.0, None, True, True),
+           "max_size_kb": (0.0, None, False, True), "max_latency_ms": (0.0, None, False, True),
+           "target_macs": (0.0, 1.0, False, True), "ratio": (0.0, 1.0, False, False),
+           "sparsity": (0.0, 1.0, True, False), "prune_macs": (0.0, 1.0, False, True),
+           "share": (0.0, 1.0, False, True), "macs_reduction": (0.0, 1.0, False, True),
+           "conf_thres": (0.0, 1.0, True, True), "iou_thres": (0.0, 1.0, False, True),
+           "cm_conf": (0.0, 1.0, True, True)}
+
+
+def _check_ranges(args) -> None:
+    """Float options must be finite numbers inside their range (``--kd-temperature 0`` divides by zero)."""
+    import math
+
+    for opt, (lo, hi, lo_ok, hi_ok) in _RANGES.items():
+        v = getattr(args, opt, None)
+        if not isinstance(v, float):
+            continue
+        bad = not math.isfinite(v) or v < lo or (v == lo and not lo_ok)
+        bad = bad or (hi is not None and (v > hi or (v == hi and not hi_ok)))
+        if bad:
+            span = f"{'[' if lo_ok else '('}{lo:g}, {'inf)' if hi is None else f'{hi:g}' + (']' if hi_ok else ')')}"
+            raise EdgeslimError(f"invalid --{opt.replace('_', '-')} {v:g}: use a number in {span}")
+    epochs = getattr(args, "epochs", None)
+    if isinstance(epochs, float) and (not math.isfinite(epochs) or epochs <= 0):
+        raise EdgeslimError(f"invalid --epochs {epochs:g}: use a positive number of epochs")
 
 
 def _check_out(args) -> None:
@@ -253,6 +284,9 @@ def _check_out(args) -> None:
         if src == target or target in src.parents:
             raise EdgeslimError(f"--out {out} holds the input {value} (--{opt.replace('_', '-')}), which the results "
                                 "would overwrite: pass another --out folder")
+    from .io.staging import check_out_folder, sweep_stale
+
+    sweep_stale(check_out_folder(out))  # refuse a file / read-only --out; drop staging folders of dead runs
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -267,12 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.showwarning = _show_warning
-    try:
-        _check_out(args)
-        _check_numbers(args)
-        return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
-                "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
-                "factorize": cli_lighten.factorize, "plan": cli_lighten.plan}[args.command](args)
+    from .io.staging import sigterm_as_interrupt, untouched_on_failure
+
+    try:  # SIGTERM cleans up staging folders as Ctrl-C does; a failed run removes the --out it created
+        with sigterm_as_interrupt(), untouched_on_failure(getattr(args, "out", None)):
+            _check_out(args)
+            _check_numbers(args)
+            return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
+                    "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
+                    "factorize": cli_lighten.factorize, "plan": cli_lighten.plan}[args.command](args)
     except EdgeslimError as exc:
         print(f"edgeslim: error: {exc}", file=sys.stderr)
         return 2
@@ -302,6 +339,10 @@ def _load_model(args):
         raise EdgeslimError(f"model {name} has no --weights: it would be quantized and scored with random weights "
                             "(accuracy at chance); pass --weights FILE, or --random-init to try the tool anyway")
     shape = parse_shape(args.input_shape) if args.input_shape else None
+    if shape is not None:
+        from .data.limits import check_input_shape
+
+        check_input_shape(shape)  # refuse, with the size, a shape one forward pass could not hold in memory
     return build_model(args.model, args.weights, allow_pickle=args.allow_pickle, input_shape=shape)
 
 

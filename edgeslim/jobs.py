@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import statistics
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +55,9 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
                             "pass data for this model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    from .io.staging import new_stage
+
+    stage = new_stage(out)  # .staging-<pid>-...: the next run sweeps it if this process is killed (SIGKILL)
     try:
         summary = _run(model, info, calib_ds, test_ds, config, stage, measure, analyze, plan)
         for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +99,9 @@ def run_qat(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: 
     summary["config"] = cfg.to_dict()
     if plan is not None:
         summary["plan"] = plan.to_dict()
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    from .io.staging import new_stage
+
+    stage = new_stage(out)  # .staging-<pid>-...: the next run sweeps it if this process is killed (SIGKILL)
     try:
         if levels["exportable"]:
             from .lower import lower
