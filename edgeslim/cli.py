@@ -802,14 +802,15 @@ def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
     from .jobs_detect_qat import run_detect_qat
     from .models import as_detector
 
-    if args.resume or Dist.from_env().world > 1:
-        raise EdgeslimError("qat --task detect runs in one process and without --resume: drop them")
+    if Dist.from_env().world > 1:
+        raise EdgeslimError("qat --task detect runs in one process: run it without torchrun")
     size = info.input_shape[1]
     train = open_detection(args.train_data, args.train_split, imgsz=size)
     test = open_detection(args.data, args.data_split, imgsz=size)
     info = as_detector(info, args.decoder, test.names, args.channel_order)
     s = run_detect_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
-                       train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16)))
+                       train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16)),
+                       resume=args.resume, checkpoint_every=args.checkpoint_every)
     for k in ("fp32", "ptq", "qat", "onnx_int8"):
         if "map50" in s.get(k, {}):
             print(f"{k:<10} mAP@.5 {s[k]['map50']:.4f}  mAP@.5:.95 {s[k]['map50_95']:.4f}")

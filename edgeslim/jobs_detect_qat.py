@@ -3,7 +3,9 @@
 The student (the PTQ model with trainable quantizers, ``algorithms.qat``) learns to reproduce the FP32 model's raw
 head outputs on the calibration-split images (``train.losses.head_distillation``): no labels, no anchor matching, and the
 same code for every detector edgeslim decodes. The test split is scored (mAP) after every epoch and at the end
-in PyTorch and in onnxruntime. Artifacts are staged and moved into ``out`` at the end, ``summary.json`` last.
+in PyTorch and in onnxruntime. Artifacts are staged and moved into ``out`` at the end, ``summary.json`` last;
+``out/checkpoint.pt`` is written as for the classification ``qat`` job (``train.checkpoint``) and ``resume``
+continues from it exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .jobs_detect import (DetectOptions, calibration_images, check_detector, eva
 from .lower import lower
 from .models import ModelInfo
 from .report.encodings import encodings
+from .train.checkpoint import Checkpoint, params_digest
 from .train.data import TrainData
 from .train.losses import head_distillation
 
@@ -35,12 +38,17 @@ LETTERBOX_PAD = 114 / 255  # the grey of the letterbox borders, in [0, 1] pixels
 
 def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, test: DetectionDataset,
                    cfg: qat.QATConfig, ptq_config: PTQConfig, out: Path, *, plan: MixedPlan | None = None,
-                   train_size: int | None = None, opts: DetectOptions = DetectOptions()) -> dict:
+                   train_size: int | None = None, opts: DetectOptions = DetectOptions(), resume: bool = False,
+                   checkpoint_every: int | None = None) -> dict:
     """PTQ start on ``train``, QAT by head distillation on ``train``, mAP on ``test`` (PyTorch and ONNX)."""
     decoder = check_detector(info, test)
     opts = fit_options(model, opts)
     if getattr(model, "meta", {}).get("onnx_dynamic_batch") is False:
         cfg = replace(cfg, batch_size=1)  # an ONNX import whose reshapes were folded at batch 1
+    ckpt = Checkpoint(Path(out) / "checkpoint.pt", every=checkpoint_every,
+                      identity={"model": params_digest(model), "ptq": ptq_config.to_dict(),
+                                "plan": plan.to_dict() if plan is not None else None})
+    ckpt.check_start(resume)
 
     def mAP(m: nn.Module, desc: str) -> dict:
         return evaluate_models({"m": torch_runner(m)}, test, decoder, opts, desc=desc, info=info)["m"]
@@ -62,7 +70,8 @@ def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, t
                                     "test": len(test), "test_boxes": test.num_boxes(), "imgsz": test.imgsz},
                          "fp32": mAP(teacher, "evaluating FP32"), "ptq": mAP(gm, "evaluating PTQ")}
         notes = qat.attach(gm, cfg)
-        result = qat.train(gm, teacher, data, cfg, evaluate=lambda m: mAP(m, "")["map50_95"], objective=head_distillation)
+        result = qat.train(gm, teacher, data, cfg, evaluate=lambda m: mAP(m, "")["map50_95"], objective=head_distillation,
+                           checkpoint=ckpt, resume=resume)
         levels = qat.finish(gm)
         ptq.set_mode(gm, "quant")
         summary["history"] = result["history"]

@@ -162,6 +162,7 @@ def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
     for key in ("fp32", "ptq", "qat", "onnx_int8"):
         assert 0.0 <= s[key]["map50"] <= 1.0 and "confusion" in s[key]
     assert s["images"]["train"] == 6 and s["size_bytes"]["int8"] < s["size_bytes"]["fp32"] / 3
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4  # resumable (train.checkpoint)
     # the exported INT8 file is the trained model: onnxruntime reproduces both head outputs to 1 LSB
     from edgeslim.algorithms import qat
     from edgeslim.train.data import TrainData
@@ -171,6 +172,10 @@ def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
     lsb = s["export_check"]["max_diff_lsb"]
     assert len(sess.get_outputs()) == len(lsb) == 2 and all(v is not None and v <= 1.001 for v in lsb)
     assert "mAP@.5" in capsys.readouterr().out
+    assert main(["qat", "yolov3-tiny", "--random-init", "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect",
+                 "--train-data", str(yolo_set), "--train-split", "train", "--data", str(yolo_set), "--data-split",
+                 "val", "--epochs", "2", "--out", str(out)]) == 2
+    assert "exists from an earlier run: add --resume" in capsys.readouterr().err
     with pytest.raises(Exception):
         qat.train(None, None, TrainData(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.int64)),
                   qat.QATConfig(method="ewgs"), evaluate=lambda m: 0.0, objective=head_distillation)
