@@ -42,7 +42,7 @@ class Precision:
         if text == "32":  # seed 002's notation (B,N,H = 8/32): there is no int32 precision, 32 means FP32
             return cls("fp32", 32)
         digits = text[3:] if text.startswith("int") else text
-        if digits.isdigit():
+        if digits.isascii() and digits.isdigit():  # ASCII only: int() reads other scripts' digits
             return cls("int", int(digits))
         raise EdgeslimError(f"invalid precision {token!r}: use int2..int16 (or a number of bits), fp16 or fp32")
 
