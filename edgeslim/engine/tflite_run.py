@@ -86,8 +86,10 @@ def _average_pool(g, node, env, cfg):
 
 
 def _global_average_pool(g, node, env, cfg):
-    x = env[node.inputs[0]]
-    return _avgpool(g, node, x, x.shape[2:], (1, 1), bool(node.attrs.get("keepdims", True)))
+    """MEAN over H, W (one requantization; ``export.tflite`` writes MEAN)."""
+    qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
+    return tflite_ops.mean(env[node.inputs[0]], qx.scale, qx.zero_point, qy.scale, qy.zero_point, *_clamp(node, qy),
+                           keepdims=bool(node.attrs.get("keepdims", True)))
 
 
 def _relu(g, node, env, cfg):

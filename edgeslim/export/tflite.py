@@ -14,7 +14,8 @@ Mapping (schema ``tensorflow/lite/schema/schema.fbs``; kernels ``tensorflow/lite
 * QLinearConv -> CONV_2D / DEPTHWISE_CONV_2D (padding SAME where it equals PyTorch's, else PAD + VALID),
   QGemm -> FULLY_CONNECTED, QLinearAdd -> ADD, QLinearMul -> MUL, QLinearConcat -> QUANTIZE (int8 -> int8, for
   inputs with other scales: TFLite's int8 CONCATENATION needs equal parameters) + CONCATENATION,
-  QLinear(Global)AveragePool -> AVERAGE_POOL_2D (on the input's scale, as TFLite requires) + QUANTIZE,
+  QLinearAveragePool -> AVERAGE_POOL_2D (on the input's scale, as TFLite requires) + QUANTIZE,
+  QLinearGlobalAveragePool -> MEAN (one requantization),
   MaxPool -> MAX_POOL_2D (explicit pads: PADV2 with -128), Pad -> PAD, Flatten / Reshape -> RESHAPE,
   Transpose -> TRANSPOSE, Slice -> STRIDED_SLICE, nearest Resize -> RESIZE_NEAREST_NEIGHBOR, QLinearRelu -> RELU / RELU6,
   LUT leaky ReLU -> LEAKY_RELU, any other LUT (SiLU, sigmoid, hard-swish, tanh, ...) -> its 256-entry int8
@@ -443,8 +444,22 @@ class _Exporter:
         self._avgpool(node, node.attrs["kernel_shape"], node.attrs["strides"])
 
     def op_QLinearGlobalAveragePool(self, node: IntNode, shape_in) -> None:
-        h, w = self.shapes[node.inputs[0]][2:]
-        self._avgpool(node, (h, w), (1, 1))
+        out_shape = self.shapes[node.outputs[0]]
+        axes = self.i32(f"{node.name}_axes", [1, 2])
+        x = self.ids[node.inputs[0]]
+        if len(out_shape) == 4:
+            self.finish(node, lambda act, y: self.m.add_op("MEAN", [x, axes], [y], ("ReducerOptions", {"KeepDims": True})),
+                        fusable=False)
+            return
+        # keep_dims=False takes another kernel in LiteRT's reference resolver (measured 1 LSB off TFLM and the
+        # 4-D path): always reduce to N,1,1,C, then RESHAPE (the same bytes)
+        q = self.g.qparams[node.outputs[0]]
+        pooled = self.act(self.fresh(f"{node.name}_mean"), q, [out_shape[0], 1, 1, out_shape[1]])
+        self.m.add_op("MEAN", [x, axes], [pooled], ("ReducerOptions", {"KeepDims": True}))
+        y = self._reshape(pooled, (out_shape[0], out_shape[1], 1, 1), out_shape, node.name)
+        lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
+        clamp = (max(lo, q.qmin) - _offset(q), min(hi, q.qmax) - _offset(q))
+        self.ids[node.outputs[0]] = self.clamp_ops(y, node.outputs[0], None if clamp == (-128, 127) else clamp)
 
     def op_MaxPool(self, node: IntNode, shape_in) -> None:
         k, s = node.attrs["kernel_shape"], node.attrs["strides"]
