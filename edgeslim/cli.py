@@ -385,7 +385,14 @@ def _data(args, info):
     from .data import Preprocess, open_dataset
 
     pre = Preprocess(info.input_shape, info.mean, info.std)
-    return open_dataset(args.calib_data, pre, split=args.calib_split), open_dataset(args.data, pre, split=args.data_split)
+    calib, test = open_dataset(args.calib_data, pre, split=args.calib_split), \
+        open_dataset(args.data, pre, split=args.data_split)
+    if info.num_classes and len(test.classes) < info.num_classes:  # more classes than the model's: refused later
+        print(f"edgeslim: warning: the model predicts {info.num_classes} classes but --data has {len(test.classes)} "
+              f"({', '.join(test.classes[:3])}{', ...' if len(test.classes) > 3 else ''}): its labels are read as the "
+              f"model's classes 0..{len(test.classes) - 1}; check that this is the data the model was trained for",
+              file=sys.stderr)
+    return calib, test
 
 
 def _detect_data(args, info):

@@ -393,3 +393,10 @@ def test_non_ascii_digits_are_not_bit_widths(text):
 
     with pytest.raises(EdgeslimError, match="invalid precision"):
         LayerPrecision.parse(text)
+
+
+def test_fewer_data_classes_than_the_model_predicts_warns(capsys, d):
+    code = main(["quantize", "digits_cnn", "--random-init", "--calib-data", str(d / "images"), "--data",
+                 str(d / "images"), "--calib-size", "8", "--simulate-size", "0", "--out", str(d / "out")])
+    err = capsys.readouterr().err
+    assert code == 0 and "warning: the model predicts 10 classes but --data has 2 (cats, dogs)" in err
