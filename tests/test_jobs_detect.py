@@ -216,6 +216,7 @@ def test_decoded_output_files_decode_like_the_numpy_decoder(capsys, tmp_path, yo
         (dec,) = ort_eval.session(out / f"model_{kind}_decoded.onnx").run(None, {"input": x})
         ref = info.decoder(raw)
         assert dec.shape == (2, ref.shape[1], 85)
+        assert d["shape"] == ["N", ref.shape[1], 85]
         np.testing.assert_allclose(from_decoded(dec), ref, rtol=1e-5, atol=1e-3)
         m = onnx.load(str(out / f"model_{kind}_decoded.onnx"))
         assert [o.name for o in m.graph.output] == ["detections"]

@@ -64,6 +64,11 @@ def with_decoder(model: onnx.ModelProto, decoder) -> onnx.ModelProto:
     for node in merged.graph.node:  # the output keeps the exporter's plain name
         node.output[:] = [DECODED_OUTPUT if o == out.name else o for o in node.output]
     out.name = DECODED_OUTPUT
+    dims = out.type.tensor_type.shape.dim
+    shape = _head_shapes(merged)[0]  # (1, A, 5 + nc): the exporter leaves A and 5 + nc symbolic
+    for d, v in zip(list(dims)[1:], shape[1:]):
+        d.ClearField("dim_param")
+        d.dim_value = int(v)
     del merged.metadata_props[:]
     merged.metadata_props.extend(model.metadata_props)
     merged.metadata_props.add(key="edgeslim.output_layout",
