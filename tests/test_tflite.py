@@ -252,6 +252,26 @@ def test_builtins_are_the_int8_ones():
     assert "LEAKY_RELU" in info["ops"] and not info["lut_as_gather"]
 
 
+def test_export_tflite_writes_the_file_the_engine_predicts(tmp_path):
+    import edgeslim
+
+    q, calib = _quantized("global_mean")
+    info = edgeslim.export_tflite(q, tmp_path / "m.tflite", calib=calib)
+    fb = (tmp_path / "m.tflite").read_bytes()
+    assert info["size_bytes"] == len(fb) and info["ops"]["MEAN"] == 1
+    x = np.random.default_rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    _assert_exact(_compare(info["graph"], fb, x, "float"), info)
+
+
+def test_writing_without_the_extra_names_it(monkeypatch):
+    import sys
+
+    q, calib = _quantized("conv_relu")
+    monkeypatch.setitem(sys.modules, "flatbuffers", None)
+    with pytest.raises(EdgeslimError, match=r"pip install -e '\.\[tflite\]'"):
+        to_tflite(prepare_graph(q.intgraph, calib))
+
+
 def test_asymmetric_weights_are_refused_with_the_option():
     q, calib = _quantized("conv_relu", w_scheme="asymmetric", granularity="tensor")
     with pytest.raises(EdgeslimError, match="--w-scheme symmetric"):

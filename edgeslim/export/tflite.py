@@ -33,6 +33,7 @@ builtin for here (Gather, ConvTranspose, float / FP16 nodes).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 
@@ -599,9 +600,11 @@ class _Exporter:
             "MulOptions", {"FusedActivationFunction": _act_code(act)})))
 
 
+ACTIVATION_CODES = {"NONE": 0, "RELU": 1, "RELU6": 3}  # schema.fbs ActivationFunctionType
+
+
 def _act_code(act: str) -> int:
-    from tflite.ActivationFunctionType import ActivationFunctionType
-    return getattr(ActivationFunctionType, act)
+    return ACTIVATION_CODES[act]
 
 
 def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
@@ -624,3 +627,24 @@ def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
             "io": io, "input_layout": "NHWC" if len(g.input_shape) == 3 else "as IntGraph",
             "output_layout": ["NHWC" if len(s) == 3 else "as IntGraph" for s in g.output_shapes]}
     return to_bytes(m), info
+
+
+def export_tflite(q, path: str | Path, *, calib: np.ndarray | None = None, io: str = "float",
+                  activations: str = "table") -> dict:
+    """Write the LiteRT int8 model of ``q`` (an ``edgeslim.Quantized`` or an ``IntGraph``) to ``path`` atomically.
+
+    ``calib`` (float N, C, H, W inputs) sets the range of int8 logits (``prepare_graph``); ``io``: ``float``
+    (QUANTIZE / DEQUANTIZE inside the file) or ``int8``; ``activations``: ``table`` or ``builtin``. Returns
+    ``to_tflite``'s info plus ``graph``: the prepared IntGraph, which ``engine.run(graph, x, requant="tflite")``
+    computes bit for bit as TFLM does (and LiteRT's reference kernels, to 1 LSB after FULLY_CONNECTED).
+
+    >>> info = export_tflite(q, "model_int8.tflite", calib=x[:256])  # doctest: +SKIP
+    """
+    g = getattr(q, "intgraph", q)
+    tg = prepare_graph(g, calib, activations=activations)
+    fb, info = to_tflite(tg, io=io)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(fb)
+    tmp.replace(path)
+    return {**info, "size_bytes": len(fb), "graph": tg}

@@ -12,16 +12,23 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-import flatbuffers
 import numpy as np
-import tflite
-from tflite.BuiltinOperator import BuiltinOperator
-from tflite.BuiltinOptions import BuiltinOptions
-from tflite.TensorType import TensorType
 
-NP_TYPES = {np.dtype(np.float32): TensorType.FLOAT32, np.dtype(np.int8): TensorType.INT8,
-            np.dtype(np.int32): TensorType.INT32, np.dtype(np.uint8): TensorType.UINT8,
-            np.dtype(np.int16): TensorType.INT16, np.dtype(np.int64): TensorType.INT64}
+from ..errors import EdgeslimError
+
+# numpy dtype -> schema TensorType name (the packages are imported only when a file is written)
+NP_TYPES = {np.dtype(np.float32): "FLOAT32", np.dtype(np.int8): "INT8", np.dtype(np.int32): "INT32",
+            np.dtype(np.uint8): "UINT8", np.dtype(np.int16): "INT16", np.dtype(np.int64): "INT64"}
+
+
+def schema():
+    """The ``tflite`` schema package and ``flatbuffers`` (the optional ``tflite`` extra)."""
+    try:
+        import flatbuffers
+        import tflite
+    except ImportError:
+        raise EdgeslimError("writing .tflite files needs the tflite extra: pip install -e '.[tflite]'") from None
+    return tflite, flatbuffers
 
 # version of each builtin as TensorFlow's converter writes it for int8 kernels (the interpreters accept any)
 OP_VERSIONS = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "CONCATENATION": 2,
@@ -66,8 +73,6 @@ class FlatModel:
         return self.add_tensor(Tensor(name, list(value.shape), value.dtype, value, **quant))
 
     def add_op(self, code: str, inputs: list[int], outputs: list[int], options: tuple[str, dict] | None = None) -> None:
-        if not hasattr(BuiltinOperator, code):
-            raise ValueError(f"unknown TFLite builtin {code}")
         self.ops.append(Op(code, list(inputs), list(outputs), options))
 
     def op_codes(self) -> list[str]:
@@ -75,11 +80,11 @@ class FlatModel:
         return list(dict.fromkeys(op.code for op in self.ops))
 
 
-def _ivector(b: flatbuffers.Builder, values, dtype=np.int32) -> int:
+def _ivector(b, values, dtype=np.int32) -> int:
     return b.CreateNumpyVector(np.asarray(values, dtype=dtype).reshape(-1))
 
 
-def _aligned_bytes(b: flatbuffers.Builder, payload: bytes, alignment: int = 16) -> int:
+def _aligned_bytes(b, payload: bytes, alignment: int = 16) -> int:
     """A ubyte vector whose data start on an ``alignment`` boundary (TFLM reads constant tensors in place)."""
     b.StartVector(1, len(payload), alignment)
     b.head = b.head - len(payload)
@@ -87,14 +92,14 @@ def _aligned_bytes(b: flatbuffers.Builder, payload: bytes, alignment: int = 16) 
     return b.EndVector()
 
 
-def _offsets(b: flatbuffers.Builder, offsets: list[int]) -> int:
+def _offsets(b, offsets: list[int]) -> int:
     b.StartVector(4, len(offsets), 4)
     for off in reversed(offsets):
         b.PrependUOffsetTRelative(off)
     return b.EndVector()
 
 
-def _table(b: flatbuffers.Builder, name: str, fields: dict) -> int:
+def _table(b, name: str, fields: dict) -> int:
     """Any schema table from its generated module (``tflite.<name>``): ``Start``, ``Add<Field>``, ``End``."""
     mod = importlib.import_module(f"tflite.{name}")
     mod.Start(b)
@@ -103,7 +108,7 @@ def _table(b: flatbuffers.Builder, name: str, fields: dict) -> int:
     return mod.End(b)
 
 
-def _quantization(b: flatbuffers.Builder, t: Tensor) -> int:
+def _quantization(b, t: Tensor) -> int:
     scale = b.CreateNumpyVector(np.asarray(t.scale, dtype=np.float32))
     zp = b.CreateNumpyVector(np.asarray(t.zero_point, dtype=np.int64))
     return _table(b, "QuantizationParameters", {"Scale": scale, "ZeroPoint": zp,
@@ -112,6 +117,14 @@ def _quantization(b: flatbuffers.Builder, t: Tensor) -> int:
 
 def to_bytes(m: FlatModel) -> bytes:
     """Serialize ``m`` as a ``.tflite`` flatbuffer."""
+    tflite, flatbuffers = schema()
+    from tflite.BuiltinOperator import BuiltinOperator
+    from tflite.BuiltinOptions import BuiltinOptions
+    from tflite.TensorType import TensorType
+
+    unknown = [c for c in m.op_codes() if not hasattr(BuiltinOperator, c)]
+    if unknown:
+        raise ValueError(f"unknown TFLite builtin(s) {unknown}")
     b = flatbuffers.Builder(1024 + sum(t.data.nbytes for t in m.tensors if t.data is not None))
     codes = m.op_codes()
     buffers = [_table(b, "Buffer", {})]  # buffer 0: the empty sentinel
@@ -125,7 +138,7 @@ def to_bytes(m: FlatModel) -> bytes:
         name = b.CreateString(t.name)
         shape = _ivector(b, t.shape)
         quant = _quantization(b, t) if t.scale is not None else None
-        fields = {"Shape": shape, "Type": NP_TYPES[np.dtype(t.dtype)], "Buffer": buf, "Name": name}
+        fields = {"Shape": shape, "Type": getattr(TensorType, NP_TYPES[np.dtype(t.dtype)]), "Buffer": buf, "Name": name}
         if quant is not None:
             fields["Quantization"] = quant
         tensor_offs.append(_table(b, "Tensor", fields))
@@ -154,4 +167,4 @@ def to_bytes(m: FlatModel) -> bytes:
     return bytes(b.Output())
 
 
-__all__ = ["FlatModel", "Op", "Tensor", "to_bytes", "tflite"]
+__all__ = ["FlatModel", "Op", "Tensor", "schema", "to_bytes"]
