@@ -149,6 +149,19 @@ def qdq_empty_constant(path: Path) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+class Payload:
+    """A pickle that runs ``touch pwned`` when unpickled (the restricted loader must refuse it)."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def malicious_checkpoint(path: Path) -> None:
+    import torch
+
+    torch.save({"state_dict": {"0.weight": Payload()}}, path)
+
+
 def png16(root: Path, rng) -> None:
     from PIL import Image
 
@@ -212,6 +225,7 @@ def build_inputs(d: Path) -> None:
     sd = ns["tiny"]().state_dict()
     torch.save({k: v.round().to(torch.int64) for k, v in sd.items()}, d / "int64.pt")
     torch.save(sd, d / "tiny.pt")
+    malicious_checkpoint(d / "evil.pt")
     # a float ONNX file (item 1: --out holding it)
     (d / "onnxdir").mkdir()
     import warnings
@@ -314,6 +328,10 @@ CASES: list[Case] = [
     Case("out-is-data-folder", "1", ["quantize", *TINY, *Q_IMG, "--out", "{d}/images"], out="images"),
     # 2. zoo model without weights
     Case("zoo-without-weights", "2", ["quantize", "digits_cnn", *Q_IMG, *OUT]),
+    # 7. a malicious pickle: refused as a pickle that needs --allow-pickle, its payload never runs
+    Case("pickle-payload-weights", "7", _quant("--weights", "{d}/evil.pt")),
+    Case("pickle-payload-model", "7", ["quantize", "{d}/evil.pt", *Q_IMG, *OUT]),
+    Case("pickle-payload-qat", "7", ["qat", *TINY, *TRAIN, "--weights", "{d}/evil.pt", *OUT]),
     # 3. silent wrong results
     Case("int64-state-dict", "3", _quant("--weights", "{d}/int64.pt")),
     Case("png16-decoded-to-unit-range", "3", api=(

@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from edgeslim.errors import EdgeslimError
-from edgeslim.data.files import IMAGE_EXTENSIONS, ZipReader, _hidden, read_file, walk_folder
+from edgeslim.data.files import IMAGE_EXTENSIONS, ZipReader, hidden_path, read_file, walk_folder
 
 PAD_VALUE = 114
 _EXT_TEXT = "/".join(IMAGE_EXTENSIONS)
@@ -297,7 +297,7 @@ class DetectionDataset:
 
 
 def _select_images(files: list[str], split: str | None, where: str) -> list[str]:
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f.split("/"))]
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not hidden_path(f.split("/"))]
     if not images:
         raise EdgeslimError(f"data {where} has no images ({_EXT_TEXT}): pass a YOLO data set or a folder of images")
     splits: dict[str, list[str]] = {}

@@ -36,7 +36,7 @@ _EXT_TEXT = "/".join(IMAGE_EXTENSIONS)
 SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation", "eval"})
 
 
-def _hidden(parts: list[str]) -> bool:
+def hidden_path(parts: list[str]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
@@ -50,7 +50,7 @@ def image_folder_layout(
     so they are never mistaken for two classes. Returns ``(classes, images, labels, prefix)``
     where ``prefix`` is the stripped folder ('' if none).
     """
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f.split("/"))]
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not hidden_path(f.split("/"))]
     if not images:
         raise EdgeslimError(
             f"data {where} has no images ({_EXT_TEXT}): pass an ImageFolder root with one "
@@ -80,7 +80,7 @@ def image_folder_layout(
             "in root/<class>/ (ImageFolder layout)"
         )
     classes = sorted({p[0] for p in split_parts})
-    class_dirs = {d.split("/")[0] for d in dirs if d and not _hidden(d.split("/"))}
+    class_dirs = {d.split("/")[0] for d in dirs if d and not hidden_path(d.split("/"))}
     empty = sorted(class_dirs - set(classes))
     if empty:
         raise EdgeslimError(
@@ -291,7 +291,7 @@ def zip_source(path: Path, pp: Preprocess, split: str | None, workers: int | Non
     reader = ZipReader(path)
     files, dirs = reader.names()
     if split is not None:
-        tops = sorted({f.split("/")[0] for f in files if "/" in f and not _hidden(f.split("/"))})
+        tops = sorted({f.split("/")[0] for f in files if "/" in f and not hidden_path(f.split("/"))})
         if split not in tops:
             reader.close()
             raise EdgeslimError(
