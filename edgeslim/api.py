@@ -120,8 +120,9 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
              progress: bool = False) -> Quantized:
     """Post-training quantization: capture, fold BN, fuse, calibrate on ``calib``, freeze, lower.
 
-    ``calib`` is an N,C,H,W array / tensor of preprocessed images or a callable returning an
-    iterable of batches (called once per calibration pass). ``plan`` sets per-layer precisions
+    ``calib`` is an N,C,H,W array / tensor of preprocessed images, a callable returning an
+    iterable of batches (called once per calibration pass), or a ``torch.utils.data.DataLoader`` / any iterable of
+    batches or of ``(inputs, labels)`` pairs (read once and kept in memory; ``input_shape`` from its first batch). ``plan`` sets per-layer precisions
     (mixed precision, FP16 / FP32 islands); see ``MixedPlan``. ``config.algorithms`` adds CLE, AdaRound or
     BRECQ (``config.iters`` per unit; per-unit results in ``Quantized.reports``) and bias correction.
     """
