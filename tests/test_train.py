@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +347,39 @@ def test_plan_resumes_its_fine_tuning_steps(capsys, tmp_path, three_colours):
     again = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert [r["top1"] for r in again["steps"]] == [r["top1"] for r in first["steps"]]
     assert [r["size_bytes"] for r in again["steps"]] == [r["size_bytes"] for r in first["steps"]]
+
+
+@pytest.mark.slow
+def test_prune_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, three_colours):
+    """A real ``kill -9`` as soon as the first checkpoint exists (wherever the run is then), then ``--resume``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edgeslim.models import build_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"  # --random-init draws from a fresh process's random seed: fixed weights instead
+    torch.save(build_model("resnet20")[0].state_dict(), weights)
+
+    def cmd(out, *extra):
+        argv = _prune(three_colours, out, "--epochs", "6", "--checkpoint-every", "1", "--weights", str(weights))
+        return [sys.executable, "-m", "edgeslim", *[a for a in argv if a != "--random-init"], *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd(tmp_path / "a"), env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while not (tmp_path / "b" / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "b" / "summary.json").exists()
+    assert 1 <= torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] < 18  # killed mid-run
+    resumed = subprocess.run(cmd(tmp_path / "b", "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-500:]
+    a = torch.load(tmp_path / "a" / "model_pruned.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model_pruned.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "b").glob(".checkpoint.pt.*.tmp"))

@@ -128,7 +128,10 @@ class Checkpoint:
         return self.every > 0 and step % self.every == 0
 
     def check_start(self, resume: bool) -> None:
-        """Refuse to overwrite an earlier run's checkpoint without ``--resume``, and ``--resume`` without one."""
+        """Refuse to overwrite an earlier run's checkpoint without ``--resume``, and ``--resume`` without one.
+        Temporary files a killed run left mid-write (``save_atomic``) are removed."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
         if resume and not self.path.exists():
             raise EdgeslimError(f"--resume: no checkpoint at {self.path}: run without --resume first")
         if not resume and self.path.exists():
