@@ -3,6 +3,7 @@ import onnx
 import pytest
 import torch
 
+import edgeslim
 from edgeslim import api
 from edgeslim.config import PTQConfig
 from edgeslim.eval import ort as ort_eval
@@ -110,3 +111,30 @@ def test_auto_weight_container_keeps_int8_where_it_cannot_saturate():
     w, z = weight_container(large, zp, "uint8")
     assert w.dtype == np.uint8 and (w.astype(int) - z.astype(int) == large).all()
     assert weight_container(large, zp, "int8")[0].dtype == np.int8
+
+
+def test_depthwise_multiplier_conv_runs_as_a_fast_depthwise_kernel_bit_exact(tmp_path):
+    """A depthwise conv with 3 outputs per input channel (what separable factorization writes) is exported as a
+    channel repeat on codes + an m = 1 depthwise QLinearConv; onnxruntime's result equals the engine's, which
+    computes the original grouped conv."""
+    from edgeslim.engine.run import run
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 24, 3, padding=1, groups=8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(24, 16, 1)).eval()
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    q = api.quantize(model, calib, PTQConfig(), input_shape=(3, 16, 16))
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in graph.node if n.op_type == "Conv"]
+    assert sorted(groups) == [1, 1, 24]
+    assert [n.op_type for n in graph.node].count("Gather") == 1
+    ops = ort_eval.optimized_op_counts(path)
+    assert ops["QLinearConv"] == 3 and "Conv" not in ops and ops["DequantizeLinear"] == 1  # the model output
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    (name,) = q.intgraph.output_names
+    np.testing.assert_array_equal(ort_eval.predict(ort_eval.session(path), x), run(q.intgraph, x)[name])
+    back = edgeslim.import_qdq(path)  # the repeat reads back as a Gather on codes: the engine still matches
+    np.testing.assert_array_equal(run(back, x)[back.output_names[0]], run(q.intgraph, x)[name])

@@ -123,11 +123,21 @@ class _Writer:
         return [self.const(f"{base}_scale", np.array(q.scale, dtype=np.float32)),
                 self.const(f"{base}_zp", np.array(q.zero_point + offset, dtype=dtype))]
 
-    def dq(self, name: str) -> str:
-        """A fresh DequantizeLinear of integer tensor ``name`` (one per consumer, as onnxruntime's fusion expects)."""
+    def dq(self, name: str, codes: str | None = None) -> str:
+        """A fresh DequantizeLinear of integer tensor ``name`` (one per consumer, as onnxruntime's fusion expects);
+        ``codes``: dequantize this tensor instead, which holds codes of ``name``'s quantization (a gather of it)."""
         out = self.fresh(f"{name}_dq")
-        self.nodes.append(helper.make_node("DequantizeLinear", [name, *self.qparams_inputs(name, self.g.qparams[name])],
+        self.nodes.append(helper.make_node("DequantizeLinear", [codes or name,
+                                                                *self.qparams_inputs(name, self.g.qparams[name])],
                                            [out]))
+        return out
+
+    def repeat_channels(self, name: str, channels: int, multiplier: int) -> str:
+        """Codes of ``name`` (``channels`` channels) with each channel repeated ``multiplier`` times (channel
+        ``i*m + t`` is input ``i``): a Gather on the integer codes, exact."""
+        index = self.const(f"{name}_repeat{multiplier}", np.repeat(np.arange(channels, dtype=np.int64), multiplier))
+        out = self.fresh(f"{name}_repeat")
+        self.nodes.append(helper.make_node("Gather", [name, index], [out], axis=1))
         return out
 
     def as_float(self, name: str) -> str:
@@ -336,6 +346,15 @@ ACTIVATION_OF_LUT = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwi
                      "leaky_relu": "LeakyRelu", "tanh": "Tanh", "gelu": "Gelu", "mish": "Mish", "elu": "Elu"}
 
 
+def depth_multiplier(node: IntNode) -> int:
+    """m of a depthwise conv with several outputs per input channel (groups = input channels, ``m * C`` outputs),
+    else 1. onnxruntime runs QLinearConv with m > 1 as a generic grouped conv, about 30x slower than its depthwise
+    kernel (measured: 0.75 ms vs 0.02 ms for 32 -> 96 channels at 16x16), so the export repeats the input
+    channels on codes first and writes an m = 1 depthwise conv: the same products and sums, bit for bit."""
+    group, (out_channels, in_per_group) = node.attrs.get("group", 1), node.arrays["w"].shape[:2]
+    return out_channels // group if group > 1 and in_per_group == 1 and out_channels > group else 1
+
+
 def _emit(w: _Writer, node: IntNode) -> None:
     op, a = node.op, node.attrs
     out = node.outputs[0]
@@ -345,10 +364,16 @@ def _emit(w: _Writer, node: IntNode) -> None:
     if op == "QuantizeLinear":
         w.q(w.as_float(node.inputs[0]), out, a.get("clamp"))
     elif op == "QLinearConv":
-        ins = [w.dq(node.inputs[0]), w.weight_dq(node)]
+        group, multiplier = a["group"], depth_multiplier(node)
+        if multiplier > 1:  # onnxruntime's fast int8 depthwise kernel needs one output per input channel
+            x = w.dq(node.inputs[0], codes=w.repeat_channels(node.inputs[0], group, multiplier))
+            group = node.arrays["w"].shape[0]
+        else:
+            x = w.dq(node.inputs[0])
+        ins = [x, w.weight_dq(node)]
         b = w.bias_dq(node, node.inputs[0])
         w.float_op("Conv", ins + ([b] if b else []), node, strides=a["strides"], pads=a["pads"],
-                   dilations=a["dilations"], group=a["group"], kernel_shape=list(node.arrays["w"].shape[2:]))
+                   dilations=a["dilations"], group=group, kernel_shape=list(node.arrays["w"].shape[2:]))
     elif op == "QGemm":
         ins = [w.dq(node.inputs[0]), w.weight_dq(node)]
         b = w.bias_dq(node, node.inputs[0])

@@ -11,7 +11,8 @@ Pattern matching over a QDQ graph (numpy + onnx only):
   ``Gemm`` / ``MatMul [+ Add bias]`` likewise -> ``QGemm`` (no Q after it at a graph output:
   ``float_output``); ``Add``, ``Concat``, ``GlobalAveragePool`` / ``ReduceMean(H, W)``, ``AveragePool``,
   ``Relu`` between DQ and Q -> the ``QLinear*`` node; a Relu / Clip before the Q is an output clamp;
-* scale-preserving ops (MaxPool, Slice, Pad, Flatten, Reshape to N x K, Identity) either on the codes
+* scale-preserving ops (MaxPool, Slice, Pad, Flatten, Reshape to N x K, Identity, Gather with constant indices)
+  either on the codes
   (edgeslim's writer) or on a dequantized tensor (onnxruntime's ``DQ -> op -> Q`` with equal qparams):
   ``op(DQ(x)) == DQ(op(x))``, so both become the pass-through IntNode;
 * ``Q -> DQ`` pairs are just the tensor's ``QParams``; an integer ``Clip`` between them is an output clamp;
@@ -39,7 +40,7 @@ from ..quant.fixed_point import multiplier_arrays
 
 _INT_TYPES = {np.dtype(np.uint8): (8, False), np.dtype(np.int8): (8, True),
               np.dtype(np.uint16): (16, False), np.dtype(np.int16): (16, True)}
-_PASS_OPS = ("MaxPool", "Slice", "Pad", "Flatten", "Reshape", "Identity")
+_PASS_OPS = ("MaxPool", "Slice", "Pad", "Flatten", "Reshape", "Identity", "Gather")
 
 
 @dataclass
@@ -490,6 +491,9 @@ class _Importer:
             return "Flatten", {"axis": 1}
         if op == "Resize":
             return op, self._resize_attrs(node)
+        if op == "Gather":  # constant indices (a channel repeat or selection): it only moves codes
+            index = self.const(node.input[1], node, "indices").astype(np.int64)
+            return op, {"axis": int(a.get("axis", 0)), "index": int(index) if index.ndim == 0 else index.tolist()}
         return "Identity", {}
 
     def _pass_node(self, node, src: str, on_codes: bool) -> None:
@@ -519,7 +523,7 @@ class _Importer:
         else:
             raise _unsupported(node, f"its input {src} is a float tensor outside a quantized op")
 
-    _op_MaxPool = _op_Slice = _op_Pad = _op_Flatten = _op_Reshape = _op_Identity = _passthrough
+    _op_MaxPool = _op_Slice = _op_Pad = _op_Flatten = _op_Reshape = _op_Identity = _op_Gather = _passthrough
     _op_Resize = _passthrough  # nearest only (checked in _resize_attrs): op(DQ(x)) == DQ(op(x))
 
     def _resize_attrs(self, node) -> dict:
