@@ -513,3 +513,40 @@ def test_cli_unknown_format_is_refused(capsys, tiny_job):
 
     assert main([*tiny_job, "--formats", "onnx,coreml"]) == 2
     assert "unknown format(s) coreml" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- import (edgeslim.import_tflite)
+
+@pytest.mark.parametrize("name,activations", [(n, "table") for n in sorted(MODELS)] +
+                         [(n, "builtin") for n in ("sigmoid", "hardswish", "silu")])
+def test_import_round_trip_runs_as_tflm(name, activations):
+    """Our files read back into an IntGraph compute, in the engine's tflite mode, what TFLM computes on the file."""
+    import edgeslim
+
+    q, calib = _quantized(name)
+    tg = prepare_graph(q.intgraph, calib, activations=activations)
+    fb, _ = to_tflite(tg)
+    g = edgeslim.import_tflite(fb)
+    x = np.random.default_rng(7).standard_normal((4, 3, 8, 8)).astype(np.float32) * 1.5
+    got = run(g, x, requant="tflite")
+    _, micro = _runtimes(fb)
+    for i in range(len(x)):
+        micro.set_input(_nhwc(x[i:i + 1]), 0)
+        micro.invoke()
+        for k, out in enumerate(g.output_names):
+            assert np.array_equal(_nhwc(got[out][i:i + 1]), micro.get_output(k)), (name, out)
+
+
+def test_import_refuses_unknown_ops_by_name():
+    from edgeslim.export.tflite_fb import FlatModel, Tensor, to_bytes
+    from edgeslim.io.tflite_import import import_tflite
+
+    m = FlatModel()
+    x = m.add_tensor(Tensor("x", [1, 10], np.int8, scale=[0.1], zero_point=[0]))
+    y = m.add_tensor(Tensor("y", [1, 10], np.int8, scale=[1 / 256], zero_point=[-128]))
+    m.add_op("SOFTMAX", [x], [y], ("SoftmaxOptions", {"Beta": 1.0}))
+    m.inputs, m.outputs = [x], [y]
+    with pytest.raises(EdgeslimError, match="SOFTMAX"):
+        import_tflite(to_bytes(m))
+    with pytest.raises(EdgeslimError, match="not a TFLite flatbuffer"):
+        import_tflite(b"not a model at all")
