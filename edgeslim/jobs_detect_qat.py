@@ -46,7 +46,7 @@ def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, t
     if getattr(model, "meta", {}).get("onnx_dynamic_batch") is False:
         cfg = replace(cfg, batch_size=1)  # an ONNX import whose reshapes were folded at batch 1
     ckpt = Checkpoint(Path(out) / "checkpoint.pt", every=checkpoint_every,
-                      identity={"model": params_digest(model), "ptq": ptq_config.to_dict(),
+                      identity={"model weights": params_digest(model), "ptq": ptq_config.to_dict(),
                                 "plan": plan.to_dict() if plan is not None else None})
     ckpt.check_start(resume)
 

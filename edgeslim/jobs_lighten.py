@@ -145,7 +145,8 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
 def job_checkpoint(out: Path, model: nn.Module, step: dict, every: int | None, resume: bool) -> Checkpoint:
     """``out/checkpoint.pt`` for a lightweighting job: its identity is the original model's weights and the step's
     settings (the fine-tuning config and the training data are added when training starts)."""
-    ckpt = Checkpoint(Path(out) / "checkpoint.pt", identity={"model": params_digest(model), "plan": step}, every=every)
+    ckpt = Checkpoint(Path(out) / "checkpoint.pt", every=every,
+                      identity={"model weights": params_digest(model), "plan": step})
     ckpt.check_start(resume)
     return ckpt
 

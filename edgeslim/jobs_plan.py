@@ -212,18 +212,23 @@ def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
             "params": _params(d.model), "step_seconds": seconds, "notes": list(d.notes)}
 
 
+def step_checkpoint(ctx: Context, step: str) -> Checkpoint | None:
+    """``checkpoint_<step>.pt`` of a fine-tuning step: its identity is the original model's weights, the step, the
+    target, the requirement and the plan options that shape the model (not threads or latency rounds)."""
+    if ctx.checkpoints is None:
+        return None
+    settings = {k: v for k, v in asdict(replace(ctx.options, finetune=None)).items()
+                if k not in ("threads", "latency_rounds")}
+    plan = {"step": step, "target": ctx.target.name, "requirement": asdict(ctx.requirement), **settings}
+    return Checkpoint(ctx.checkpoints / f"checkpoint_{step}.pt", every=ctx.checkpoint_every,
+                      identity={"model weights": ctx.model_digest, "plan": plan})
+
+
 def _tune(model: nn.Module, ctx: Context, step: str, desc: str, on_step=None) -> dict | None:
     if ctx.epochs_per_step <= 0:
         return None
     cfg = replace(ctx.options.finetune, epochs=ctx.epochs_per_step)
-    ckpt = None
-    if ctx.checkpoints is not None:
-        settings = {k: v for k, v in asdict(replace(ctx.options, finetune=None)).items()
-                    if k not in ("threads", "latency_rounds")}
-        ckpt = Checkpoint(ctx.checkpoints / f"checkpoint_{step}.pt", every=ctx.checkpoint_every,
-                          identity={"model": ctx.model_digest, "plan": {"step": step, "target": ctx.target.name,
-                                                                        "requirement": asdict(ctx.requirement),
-                                                                        **settings}})
+    ckpt = step_checkpoint(ctx, step)
     return finetune(model, ctx.train, cfg, teacher=ctx.teacher, on_step=on_step, desc=desc, checkpoint=ckpt,
                     resume=ckpt is not None and ctx.resume and ckpt.path.exists())
 

@@ -57,7 +57,7 @@ def run_qat(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: 
                             "pass the training and test splits of the same data set")
     out = Path(out)
     ckpt = Checkpoint(out / "checkpoint.pt", every=checkpoint_every,
-                      identity={"model": params_digest(model), "ptq": ptq_config.to_dict(),
+                      identity={"model weights": params_digest(model), "ptq": ptq_config.to_dict(),
                                 "plan": plan.to_dict() if plan is not None else None})
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
