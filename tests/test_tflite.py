@@ -284,6 +284,19 @@ def test_wide_activations_are_refused_with_the_option():
         prepare_graph(q.intgraph, calib)
 
 
+@pytest.mark.parametrize("name,cfg", [("conv_relu", dict(fuse=False)), ("add", dict(fuse=False)),
+                                      ("conv_relu", dict(granularity="tensor")), ("global_mean", dict(scheme="symmetric")),
+                                      ("conv_relu", dict(w_bits=4))])
+def test_other_configs_export_exactly(name, cfg):
+    """Unfused ReLUs (RELU ops), per-tensor weights, signed symmetric activations, 4-bit weights in int8 containers."""
+    q, calib = _quantized(name, **cfg)
+    tg = prepare_graph(q.intgraph, calib)
+    fb, info = to_tflite(tg, io="int8")
+    assert cfg.get("fuse", True) or "RELU" in info["ops"]
+    x = np.random.default_rng(8).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    _assert_exact(_compare(tg, fb, x, "int8"), info)
+
+
 def test_pow2_scales_export_exactly():
     """The VTA-style power-of-two setting reaches TFLite: multipliers are powers of two there too."""
     q, calib = _quantized("add", scale="pow2")
@@ -529,6 +542,10 @@ def test_import_round_trip_runs_as_tflm(name, activations):
     g = edgeslim.import_tflite(fb)
     x = np.random.default_rng(7).standard_normal((4, 3, 8, 8)).astype(np.float32) * 1.5
     got = run(g, x, requant="tflite")
+    fb2, info2 = to_tflite(g)  # written again from the imported graph: no stray ops, the same results
+    assert "CONCATENATION" not in info2["ops"] or name == "concat"
+    again = run(edgeslim.import_tflite(fb2), x, requant="tflite")
+    assert all(np.array_equal(a, b) for a, b in zip(got.values(), again.values()))
     _, micro = _runtimes(fb)
     for i in range(len(x)):
         micro.set_input(_nhwc(x[i:i + 1]), 0)

@@ -415,6 +415,10 @@ class _Exporter:
 
     def op_QLinearConcat(self, node: IntNode, shape_in) -> None:
         qy = self.g.qparams[node.outputs[0]]
+        if len(node.inputs) == 1:  # a requantization (what import_tflite makes of an int8 -> int8 QUANTIZE)
+            src = self.ids[node.inputs[0]]
+            self.finish(node, lambda act, y: self.m.add_op("QUANTIZE", [src], [y]), fusable=False)
+            return
         parts = []
         for n in node.inputs:
             parts.append(self.requant(self.ids[n], self.g.qparams[n], qy, _stored(self.shapes[n]), f"{node.name}_in"))
@@ -548,8 +552,13 @@ class _Exporter:
                       ("ResizeNearestNeighborOptions", {"AlignCorners": False, "HalfPixelCenters": False}))
 
     def op_QLinearRelu(self, node: IntNode, shape_in) -> None:
-        act, rest = self.fused(node, node.outputs[0])
-        if act == "NONE" or rest is not None:
+        q = self.g.qparams[node.outputs[0]]
+        off = _offset(q)
+        lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
+        clamp = (max(int(lo), q.qmin) - off, min(int(hi), q.qmax) - off)
+        act = next((a for a in ("RELU", "RELU6") if
+                    tflite_ops.activation_range(a, q.scale, q.zero_point - off) == clamp), None)
+        if act is None:
             raise EdgeslimError(f"ReLU {node.name}: its clamp is not TFLite's RELU / RELU6 range: "
                                 "quantize with fusion on (without --no-fuse)")
         self.m.add_op(act, [self.ids[node.inputs[0]]], [self.out(node)])
