@@ -33,7 +33,8 @@ from edgeslim.analysis import AnalyzeOptions
 from edgeslim.config import PTQConfig
 from edgeslim.data.detection import open_detection
 from edgeslim.algorithms.qat import QATConfig
-from edgeslim.jobs_detect import DetectOptions, run_detect_quantize, run_detect_sensitivity
+from edgeslim.detect_task import DetectOptions
+from edgeslim.jobs_detect import run_detect_quantize, run_detect_sensitivity
 from edgeslim.jobs_detect_qat import run_detect_qat
 from edgeslim.models import as_detector, build_model, model_groups
 from edgeslim.quant.precision import LayerPrecision
@@ -120,7 +121,7 @@ def relatency(shared: Path, work: Path, rounds: int = 30) -> None:
     from edgeslim.algorithms import mixed_precision as mp
     from edgeslim.eval import ort as ort_eval
     from edgeslim.export.onnx_qdq import save_onnx, to_onnx
-    from edgeslim.jobs_detect import calibrated, fit_options
+    from edgeslim.detect_task import calibrated, fit_options
     from edgeslim.lower import lower
 
     def paired(paths: dict, shape) -> dict:

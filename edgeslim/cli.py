@@ -412,7 +412,7 @@ def _plan(args, model, info):
     if args.plan and getattr(args, "groups", None):
         raise EdgeslimError("pass either --plan or --groups, not both")
     if getattr(args, "groups", None):
-        from .jobs_detect import group_plan
+        from .detect_task import group_plan
         from .models import model_groups
 
         return group_plan(model_groups(model, info), args.groups)
@@ -452,7 +452,8 @@ def _quantize(args) -> int:
     if task == "fidelity":
         return _quantize_fidelity(args, model, info, config, plan, analyze)
     if task == "detect":
-        from .jobs_detect import DetectOptions, run_detect_quantize
+        from .detect_task import DetectOptions
+        from .jobs_detect import run_detect_quantize
 
         calib, test, info = _detect_data(args, info)
         opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
@@ -653,7 +654,8 @@ def _sensitivity(args) -> int:
 
 
 def _detect_sensitivity(args, model, info, config, high, groups) -> int:
-    from .jobs_detect import DetectOptions, run_detect_sensitivity
+    from .detect_task import DetectOptions
+    from .jobs_detect import run_detect_sensitivity
     from .models import model_groups
 
     calib, test, info = _detect_data(args, info)
@@ -695,7 +697,6 @@ def _budget(args, task: str):
 def _mixed(args) -> int:
     from .jobs import MeasureOptions
     from .jobs_mixed import run_mixed
-    from .report.mixed_html import metric_label
 
     config = _config(args)
     high = _high(args, config)
@@ -703,7 +704,8 @@ def _mixed(args) -> int:
     task_name = _task(args, info)
     budget = _budget(args, task_name)
     if task_name == "detect":
-        from .jobs_detect import DetectOptions, run_detect_mixed
+        from .detect_task import DetectOptions
+        from .jobs_detect import run_detect_mixed
 
         calib, test, info = _detect_data(args, info)
         opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
@@ -805,7 +807,7 @@ def _qat(args) -> int:
 def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
     from .data.detection import open_detection
     from .train.dist import Dist
-    from .jobs_detect import DetectOptions
+    from .detect_task import DetectOptions
     from .jobs_detect_qat import run_detect_qat
     from .models import as_detector
 

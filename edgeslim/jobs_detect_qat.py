@@ -24,7 +24,7 @@ from .algorithms import ptq, qat
 from .config import MixedPlan, PTQConfig
 from .data.detection import DetectionDataset
 from .io.staging import staged
-from .jobs_detect import (DetectOptions, calibration_images, check_detector, evaluate_models, fit_options,
+from .detect_task import (DetectOptions, calibration_images, check_detector, evaluate_models, fit_options,
                           ort_runner, paired_latency, to_model_order, torch_runner)
 from .lower import lower
 from .models import ModelInfo

@@ -8,7 +8,8 @@ import pytest
 
 from edgeslim.config import PTQConfig
 from edgeslim.data.detection import open_detection
-from edgeslim.jobs_detect import DetectOptions, run_detect_quantize
+from edgeslim.detect_task import DetectOptions
+from edgeslim.jobs_detect import run_detect_quantize
 from edgeslim.models import as_detector, build_model
 from edgeslim.models.yolo import COCO_NAMES
 
