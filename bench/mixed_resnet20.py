@@ -24,7 +24,7 @@ from edgeslim.config import MixedPlan, PTQConfig
 from edgeslim.data import calibration_indices
 from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
-from edgeslim.jobs import MeasureOptions
+from edgeslim.config import MeasureOptions
 from edgeslim.jobs_mixed import run_mixed, run_sensitivity
 from edgeslim.tasks import Classify
 from edgeslim.quant.precision import LayerPrecision

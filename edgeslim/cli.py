@@ -10,18 +10,8 @@ import sys
 from pathlib import Path
 
 from . import cli_lighten
+from .cli_model import load_model, model_args
 from .errors import EdgeslimError
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a zoo name (resnet20, mobilenet_v2, yolov5n, ...), package.module:factory, "
-                   "path/to/file.py:factory (a function or class building the nn.Module) or a float .onnx file")
-    p.add_argument("--weights", help="checkpoint: a state_dict or {'state_dict': ...} file (torch.save)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load a checkpoint that needs full unpickling (only for files you trust)")
-    p.add_argument("--input-shape", help="C,H,W for user models or to override the zoo's size")
-    p.add_argument("--random-init", action="store_true",
-                   help="allow a zoo model without --weights (random weights: accuracy at chance; for trying the tool)")
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
@@ -99,15 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--threads", type=int, default=1)
     inspect = sub.add_parser("inspect", help="layers, parameters, MACs and size per layer")
-    _model_args(inspect)
+    model_args(inspect)
     quant = sub.add_parser("quantize", help="post-training quantization -> INT8 ONNX + report")
-    _model_args(quant)
+    model_args(quant)
     _quant_args(quant)
     quant.add_argument("--plan", help="mixed-precision plan JSON (per-layer precisions; written by `edgeslim mixed`)")
     quant.add_argument("--formats", default="onnx", help="comma-separated: onnx (always written), tflite "
                        "(model_int8.tflite, LiteRT int8), tflm (also model_data.h/.cc, op resolver, arena size)")
     analyze = sub.add_parser("analyze", help="quantize, then run the integer engine: accuracy, parity, overflow")
-    _model_args(analyze)
+    model_args(analyze)
     _quant_args(analyze)
     analyze.add_argument("--engine", action="store_true", help="integer engine accuracy and parity with onnxruntime")
     analyze.add_argument("--overflow", action="store_true", help="per-layer / per-filter overflow statistics")
@@ -117,14 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--overflow-images", type=int, default=256, help="test images for overflow statistics")
     analyze.add_argument("--plan", help="mixed-precision plan JSON (float islands run in float32 in the engine)")
     sens = sub.add_parser("sensitivity", help="per-layer sensitivity sweeps (seed 000) and the group table (seed 002)")
-    _model_args(sens)
+    model_args(sens)
     _quant_args(sens)
     _mixed_args(sens, high_default="fp32")
     sens.add_argument("--group", action="append", default=[], metavar="NAME=PATTERN[|PATTERN]",
                       help="a named group of layers by module-name pattern (repeat); default: top-level modules")
     sens.add_argument("--no-groups", action="store_true", help="skip the group table")
     mixed = sub.add_parser("mixed", help="search per-layer precisions under an accuracy / size / latency budget")
-    _model_args(mixed)
+    model_args(mixed)
     _quant_args(mixed)
     _mixed_args(mixed, high_default=None)
     mixed.add_argument("--max-drop", type=float, help="quality budget in points below FP32: top-1 points for "
@@ -168,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _qat_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    model_args(p)
     p.add_argument("--train-data", required=True, help="training images: ImageFolder dir / zip, CIFAR batches, .npz")
     p.add_argument("--train-split", help="split / top-level folder of --train-data (e.g. train)")
     p.add_argument("--train-size", type=int, help="train on a seeded class-balanced subset of this many images")
@@ -330,27 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _load_model(args):
-    from .models import DETECTORS, ZOO, build_model, parse_shape
-
-    name = args.model.strip()
-    if (name in ZOO or name in DETECTORS) and args.weights is None and not args.random_init \
-            and args.command != "inspect":
-        raise EdgeslimError(f"model {name} has no --weights: it would be quantized and scored with random weights "
-                            "(accuracy at chance); pass --weights FILE, or --random-init to try the tool anyway")
-    shape = parse_shape(args.input_shape) if args.input_shape else None
-    if shape is not None:
-        from .data.limits import check_input_shape
-
-        check_input_shape(shape)  # refuse, with the size, a shape one forward pass could not hold in memory
-    return build_model(args.model, args.weights, allow_pickle=args.allow_pickle, input_shape=shape)
-
-
 def _inspect(args) -> int:
     from .graph.capture import capture
     from .eval.profile import profile
 
-    model, info = _load_model(args)
+    model, info = load_model(args)
     rows = profile(capture(model, info.input_shape))
     print(f"{info.name}: input {info.input_shape}, {info.num_classes} classes")
     print(f"{'layer':<28}{'op':<14}{'output':<18}{'params':>10}{'MACs':>14}{'KiB fp32':>10}")
@@ -430,11 +404,12 @@ def _formats(args) -> tuple[str, ...]:
 
 def _quantize(args) -> int:
     from .analysis import AnalyzeOptions
-    from .jobs import MeasureOptions, run_quantize
+    from .config import MeasureOptions
+    from .jobs import run_quantize
 
     config = _config(args)
     formats = _formats(args)
-    model, info = _load_model(args)
+    model, info = load_model(args)
     plan = _plan(args, model, info)
     analyze = None
     if args.command == "analyze":
@@ -617,14 +592,14 @@ def _fmt_score(v, key: str) -> str:
 
 def _sensitivity(args) -> int:
     from .algorithms.mixed_precision import parse_group
-    from .jobs import MeasureOptions
+    from .config import MeasureOptions
     from .jobs_mixed import run_sensitivity
     from .report.mixed_html import metric_label
 
     config = _config(args)
     high = _high(args, config)
     groups = dict(parse_group(g) for g in args.group) or None
-    model, info = _load_model(args)
+    model, info = load_model(args)
     if _task(args, info) == "detect":
         return _detect_sensitivity(args, model, info, config, high, groups)
     task = _plan_task(args, model, info)
@@ -695,12 +670,12 @@ def _budget(args, task: str):
 
 
 def _mixed(args) -> int:
-    from .jobs import MeasureOptions
+    from .config import MeasureOptions
     from .jobs_mixed import run_mixed
 
     config = _config(args)
     high = _high(args, config)
-    model, info = _load_model(args)
+    model, info = load_model(args)
     task_name = _task(args, info)
     budget = _budget(args, task_name)
     if task_name == "detect":
@@ -782,7 +757,7 @@ def _qat(args) -> int:
     from .config import MixedPlan
 
     plan = MixedPlan.load(args.plan) if args.plan else None
-    model, info = _load_model(args)
+    model, info = load_model(args)
     if args.task == "detect":
         return _qat_detect(args, model, info, cfg, ptq_config, plan)
     pre = Preprocess(info.input_shape, info.mean, info.std)

@@ -5,19 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_model import load_model, model_args
 from .errors import EdgeslimError
 
 
-def _load_model(args):
-    from .cli import _load_model as load
-
-    return load(args)
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
-    from .cli import _model_args
-
-    _model_args(p)
+    model_args(p)
     p.add_argument("--train-data", required=True, help="training images (fine-tuning): ImageFolder dir / zip, ...")
     p.add_argument("--train-split", help="split / top-level folder of --train-data")
     p.add_argument("--train-size", type=int, help="fine-tune on a seeded class-balanced subset of this many images")
@@ -45,7 +38,7 @@ def _setup(args):
         raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
     if args.train_size is not None and args.train_size < 1:
         raise EdgeslimError(f"invalid --train-size {args.train_size}: use a positive number of images")
-    model, info = _load_model(args)
+    model, info = load_model(args)
     pre = Preprocess(info.input_shape, info.mean, info.std)
     return cfg, model, info, open_dataset(args.train_data, pre, split=args.train_split), \
         open_dataset(args.data, pre, split=args.data_split)

@@ -206,3 +206,18 @@ def check_precision_value(pattern, value) -> None:
         ok = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip() and v.isascii())
         if not ok:
             raise EdgeslimError(f"plan entry {pattern!r}: precision {v!r} is not valid: {_PRECISION_HELP}")
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How a job measures: onnxruntime threads and batches for latency, evaluation batch size, how many test
+    images the PyTorch models are scored on, and which deployment formats it writes."""
+
+    threads: int = 1
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_rounds: int = 200
+    batch_size: int = 256
+    # the FP32 and INT8 files are scored on every test image in onnxruntime (all cores); the PyTorch models
+    # (float and fake-quant simulation) on a seeded class-balanced subset of this many (None: all)
+    simulation_images: int | None = 1000
+    formats: tuple[str, ...] = ("onnx",)  # + "tflite" / "tflm": LiteRT and microcontroller files (export.tflm)

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from .config import PTQConfig
 from .data import Preprocess, open_dataset
-from .jobs import MeasureOptions, run_quantize
+from .config import MeasureOptions
+from .jobs import run_quantize
 from .models import build_model
 
 

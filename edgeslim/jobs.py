@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import statistics
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from torch import nn
 from . import analysis, api
 from .algorithms import ptq
 from .analysis import AnalyzeOptions
-from .config import MixedPlan, PTQConfig
+from .config import MeasureOptions, MixedPlan, PTQConfig
 from .data import ImageDataset, batches, calibration_indices
 from .errors import EdgeslimError
 from .eval import metrics, ort as ort_eval
@@ -28,18 +27,6 @@ from .export.onnx_qdq import weight_containers
 from .models import ModelInfo
 from .report.encodings import encodings
 from .report.html import write_report
-
-
-@dataclass(frozen=True)
-class MeasureOptions:
-    threads: int = 1
-    latency_batches: tuple[int, ...] = (1, 64)
-    latency_rounds: int = 200
-    batch_size: int = 256
-    # the FP32 and INT8 files are scored on every test image in onnxruntime (all cores); the PyTorch models
-    # (float and fake-quant simulation) on a seeded class-balanced subset of this many (None: all)
-    simulation_images: int | None = 1000
-    formats: tuple[str, ...] = ("onnx",)  # + "tflite" / "tflm": LiteRT and microcontroller files (export.tflm)
 
 
 def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,

@@ -15,7 +15,6 @@ last), as ``quantize`` does.
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import tempfile
@@ -28,12 +27,11 @@ from torch import fx, nn
 from . import api
 from .algorithms import mixed_precision as mp
 from .algorithms import ptq
-from .config import PTQConfig
+from .config import MeasureOptions, PTQConfig
 from .errors import EdgeslimError
 from .eval import ort as ort_eval
 from .export.onnx_qdq import save_onnx, to_onnx
 from .io.staging import staged
-from .jobs import MeasureOptions
 from .lower import lower
 from .models import ModelInfo
 from .quant.precision import LayerPrecision
