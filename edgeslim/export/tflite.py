@@ -437,9 +437,6 @@ class _Exporter:
             "Pool2DOptions", {"Padding": 1, "StrideW": s[1], "StrideH": s[0], "FilterWidth": k[1],
                               "FilterHeight": k[0]}))
         y = self.requant(pooled, in_q, out_q, pooled_shape, node.name)
-        out_shape = self.shapes[node.outputs[0]]
-        if len(out_shape) == 2:
-            y = self._reshape(y, (in_shape[0], in_shape[1], 1, 1), out_shape, node.name)
         lo, hi = node.attrs.get("clamp") or (out_q.qmin, out_q.qmax)
         off = _offset(out_q)
         clamp = (max(lo, out_q.qmin) - off, min(hi, out_q.qmax) - off)
