@@ -228,6 +228,12 @@ def test_atomic_save_replaces_a_symlink_and_leaves_no_temporary_files(tmp_path):
         save_atomic({"f": lambda: 0}, link)  # cannot be pickled: the old checkpoint stays
     assert torch.load(link)["v"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "real.pt"]
+    umask = os.umask(0o022)
+    try:
+        save_atomic({"v": 3}, link)
+    finally:
+        os.umask(umask)
+    assert link.stat().st_mode & 0o777 == 0o644
 
 
 def test_checkpoint_schedule():

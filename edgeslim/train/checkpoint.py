@@ -38,8 +38,11 @@ def save_atomic(obj, path: Path) -> None:
     written through). A crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600 files: the usual ones, as torch.save gives
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
