@@ -20,6 +20,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-size", type=int, default=512, help="calibration images, seeded subset (default 512)")
     p.add_argument("--data", required=True, help="evaluation data, same formats as --calib-data")
     p.add_argument("--data-split", help="split / top-level folder of --data (e.g. test)")
+    p.add_argument("--eval-size", type=int, help="score on a seeded subset of this many --data inputs (class-balanced "
+                   "when labelled; every task; default: all)")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--granularity", default="channel", help="weights: channel | tensor")
@@ -70,7 +72,6 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-size", help="H,W the images are resized to (default: the model's input size)")
     g.add_argument("--resize", default=None, choices=("stretch", "letterbox", "center-crop"),
                    help="how images reach --input-size (default stretch)")
-    g.add_argument("--eval-size", type=int, help="score on a seeded subset of this many --data inputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +167,8 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-split", help="split / top-level folder of --data (e.g. test)")
     p.add_argument("--val-size", type=int, help="score each epoch on a seeded subset of --data of this size "
                    "(the final numbers use all of --data)")
+    p.add_argument("--eval-size", type=int, help="score the final numbers on a seeded class-balanced subset of this "
+                   "many --data images (default: all)")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--quantizer", default="uniform", help="levels: uniform (default) | pot | apot (powers of two)")
@@ -366,6 +369,8 @@ def _data(args, info):
               f"({', '.join(test.classes[:3])}{', ...' if len(test.classes) > 3 else ''}): its labels are read as the "
               f"model's classes 0..{len(test.classes) - 1}; check that this is the data the model was trained for",
               file=sys.stderr)
+    if getattr(args, "eval_size", None):
+        test = test.subset(args.eval_size, args.seed)
     return calib, test
 
 
@@ -377,6 +382,8 @@ def _detect_data(args, info):
     size = info.input_shape[1]
     calib = open_detection(args.calib_data, args.calib_split, imgsz=size)
     test = open_detection(args.data, args.data_split, imgsz=size)
+    if getattr(args, "eval_size", None):
+        test = test.subset(args.eval_size, args.seed)
     return calib, test, as_detector(info, args.decoder, test.names, args.channel_order)
 
 
@@ -763,6 +770,8 @@ def _qat(args) -> int:
     pre = Preprocess(info.input_shape, info.mean, info.std)
     train = open_dataset(args.train_data, pre, split=args.train_split)
     test = open_dataset(args.data, pre, split=args.data_split)
+    if args.eval_size:
+        test = test.subset(args.eval_size, args.seed)
     dist = Dist.from_env()
     try:
         s = run_qat(model, info, train, test, cfg, ptq_config, Path(args.out), resume=args.resume,

@@ -16,6 +16,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=int, help="fine-tune on a seeded class-balanced subset of this many images")
     p.add_argument("--data", required=True, help="test data")
     p.add_argument("--data-split", help="split / top-level folder of --data")
+    p.add_argument("--eval-size", type=int, help="score on a seeded class-balanced subset of this many --data images "
+                   "(default: all)")
     p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs (fractions allowed)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate (cosine)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -40,8 +42,10 @@ def _setup(args):
         raise EdgeslimError(f"invalid --train-size {args.train_size}: use a positive number of images")
     model, info = load_model(args)
     pre = Preprocess(info.input_shape, info.mean, info.std)
-    return cfg, model, info, open_dataset(args.train_data, pre, split=args.train_split), \
-        open_dataset(args.data, pre, split=args.data_split)
+    test = open_dataset(args.data, pre, split=args.data_split)
+    if args.eval_size:
+        test = test.subset(args.eval_size, args.seed)
+    return cfg, model, info, open_dataset(args.train_data, pre, split=args.train_split), test
 
 
 def _print_pair(s: dict, a: str, b: str) -> None:

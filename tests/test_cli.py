@@ -305,3 +305,22 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "(default: 512)" in capsys.readouterr().out
+
+
+def test_eval_size_scores_a_class_balanced_subset(capsys, tmp_path, npz_data, user_model):
+    """--eval-size N: the test numbers come from N images, both classes alike; onnxruntime's top-1 on exactly those
+    images (recomputed here from the file) is the reported one."""
+    from edgeslim.data import Preprocess, open_dataset
+    from edgeslim.eval import metrics, ort as ort_eval
+
+    out = tmp_path / "q"
+    code, _, _ = _run(capsys, "quantize", f"{user_model}:tiny", "--input-shape", "3,8,8", "--calib-data", npz_data,
+                      "--data", npz_data, "--calib-size", "32", "--eval-size", "50", "--out", out)
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["images"]["test"] == 50
+    full = open_dataset(str(npz_data), Preprocess((3, 8, 8), (0.0,) * 3, (1.0,) * 3))
+    sub = full.subset(50, 0)
+    assert len(sub) == 50 and abs(int((sub.labels == 1).sum()) - 25) <= 1  # class-balanced
+    logits = ort_eval.predict(ort_eval.session(out / "model_int8.onnx"), sub.load_all())
+    assert s["onnx_int8"]["top1"] == metrics.top1(logits, sub.labels)

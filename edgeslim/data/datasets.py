@@ -35,6 +35,22 @@ class _Source(Protocol):
     def close(self) -> None: ...
 
 
+class _Rows:
+    """Some rows of a data set, decoded through it (and its cache)."""
+
+    def __init__(self, parent: "ImageDataset", idx: np.ndarray) -> None:
+        self.parent, self.idx = parent, np.asarray(idx, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def load(self, idx: np.ndarray) -> np.ndarray:
+        return self.parent.batch(self.idx[np.asarray(idx, dtype=np.int64)])
+
+    def close(self) -> None:
+        return None
+
+
 class ImageDataset:
     """Labelled images, each returned as a preprocessed ``C,H,W`` float32 array.
 
@@ -124,6 +140,19 @@ class ImageDataset:
     def load_all(self) -> np.ndarray:
         """Decode every image (fills the cache); returns ``N,C,H,W`` float32."""
         return self.batch(np.arange(len(self)))
+
+    def subset(self, size: int, seed: int = 0) -> "ImageDataset":
+        """A seeded, class-balanced subset of ``size`` images (``--eval-size``), sharing this set's files and
+        decoded-image cache; ``size >= len`` keeps every image."""
+        from edgeslim.data.sampling import calibration_indices
+
+        if isinstance(size, bool) or int(size) != size or size <= 0:
+            raise EdgeslimError(f"subset size {size!r} is not a positive integer: pass e.g. 500")
+        if size >= len(self):
+            return self
+        idx = calibration_indices(len(self), int(size), seed, self.labels)
+        return ImageDataset(_Rows(self, idx), self.labels[idx], self.classes, self.preprocess,
+                            name=f"{self.name}[subset {len(idx)}]", max_cache_bytes=0)
 
     def close(self) -> None:
         """Release open files (zip handles); the cache stays usable."""
