@@ -108,7 +108,8 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
         summary.update(analysis.analyze(q.intgraph, test_ds, logits["onnx_int8"], analyze, measure.batch_size))
     if {"tflite", "tflm"} & set(measure.formats):  # model_int8.tflite (+ TFLM C array, resolver, arena)
         from .export.tflm import write_deployment
-        summary.update(write_deployment(q.intgraph, calib[:256], stage, measure.formats))
+        summary.update(write_deployment(q.intgraph, calib[:256], stage, measure.formats, test=batches(
+            test_ds, measure.batch_size, desc="scoring model_int8.tflite (LiteRT)")))
     (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
     write_report(summary, stage / "report.html")
     (stage / "summary.json").write_text(json.dumps(summary, indent=2))

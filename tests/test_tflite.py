@@ -499,6 +499,7 @@ def test_cli_formats_tflm_writes_the_microcontroller_build(capsys, tmp_path, tin
     fb = (run_dir / "model_int8.tflite").read_bytes()
     assert s["tflite"]["size_bytes"] == len(fb) == s["mcu"]["flash_bytes"]
     assert s["tflite"]["ops"]["CONV_2D"] == 2 and s["tflite"]["float_ops"] == []
+    assert s["tflite"]["images"] == 12 and 0 <= s["tflite"]["top1"] <= 1
     assert 0 < s["mcu"]["ram_bytes"] < 64 * 1024
     assert "resolver.AddConv2D();" in (run_dir / "op_resolver.txt").read_text()
     cc = (run_dir / "model_data.cc").read_text()

@@ -95,9 +95,29 @@ def arena_bytes(fb: bytes, input_shape: tuple[int, ...], input_dtype=np.float32)
     return int(found.group(1))
 
 
+def score_litert(fb: bytes, test) -> dict:
+    """Top-1 of a float-input ``.tflite`` classifier in LiteRT's default interpreter (XNNPACK, 1 thread), one
+    image at a time (batch 1, as written): ``test`` yields (x N, C, H, W float32, labels)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=fb, num_threads=1)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+    correct = total = 0
+    for x, y in test:
+        xn = np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 2, 3, 1))
+        for i in range(len(xn)):
+            it.set_tensor(inp, xn[i:i + 1])
+            it.invoke()
+            correct += int(np.argmax(it.get_tensor(out)[0]) == int(y[i]))
+            total += 1
+    return {"top1": correct / max(total, 1), "images": total, "scored_by": "LiteRT (XNNPACK, 1 thread), batch 1"}
+
+
 def write_deployment(g: IntGraph, calib: np.ndarray | None, folder: Path, formats: tuple[str, ...],
-                     io: str = "float") -> dict:
-    """Write ``model_int8.tflite`` (and the TFLM files) into ``folder``; return the summary fields."""
+                     io: str = "float", test=None) -> dict:
+    """Write ``model_int8.tflite`` (and the TFLM files) into ``folder``; return the summary fields. ``test``
+    (batches of (images, labels)) scores the file in LiteRT when ``ai-edge-litert`` is installed."""
     from .tflite import prepare_graph, to_tflite
 
     tg = prepare_graph(g, calib)
@@ -106,6 +126,11 @@ def write_deployment(g: IntGraph, calib: np.ndarray | None, folder: Path, format
     summary = {"tflite": {"file": "model_int8.tflite", "size_bytes": len(fb), "ops": info["ops"],
                           "float_ops": info["float_ops"], "lut_as_gather": info["lut_as_gather"], "io": io,
                           "layout": "NHWC"}}
+    if test is not None and io == "float":
+        try:
+            summary["tflite"].update(score_litert(fb, test))
+        except ImportError:
+            summary["tflite"]["top1"] = None  # ai-edge-litert is not installed: the file is written, not scored
     if "tflm" in formats:
         header, source = c_source(fb)
         (folder / "model_data.h").write_text(header)
