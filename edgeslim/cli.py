@@ -400,12 +400,14 @@ def _plan(args, model, info):
     return MixedPlan.load(args.plan) if args.plan else None
 
 
-def _formats(args) -> tuple[str, ...]:
+def _formats(args, config) -> tuple[str, ...]:
     """``--formats`` (quantize): checked before any work, including the optional packages TFLite needs."""
-    from .export.tflm import parse_formats, require_tflite
+    from .export.tflm import check_config, parse_formats, require_tflite
 
     formats = parse_formats(getattr(args, "formats", "onnx"))
     require_tflite(formats)
+    if formats != ("onnx",):
+        check_config(config)
     return formats
 
 
@@ -415,7 +417,7 @@ def _quantize(args) -> int:
     from .jobs import run_quantize
 
     config = _config(args)
-    formats = _formats(args)
+    formats = _formats(args, config)
     model, info = load_model(args)
     plan = _plan(args, model, info)
     analyze = None

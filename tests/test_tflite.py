@@ -523,6 +523,14 @@ def test_cli_formats_without_the_extra_is_one_line(capsys, monkeypatch, tmp_path
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_cli_formats_refuses_asymmetric_weights_before_any_work(capsys, tmp_path, tiny_job):
+    from edgeslim.cli import main
+
+    assert main([*tiny_job, "--formats", "tflite", "--w-scheme", "asymmetric"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("use --w-scheme symmetric")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_unknown_format_is_refused(capsys, tiny_job):
     from edgeslim.cli import main
 
