@@ -61,11 +61,12 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    "decoded (N, boxes, 5 + classes) = cx, cy, w, h, objectness, class probabilities (NMS not included)")
 
 
-def _preprocess_args(p: argparse.ArgumentParser) -> None:
+def _preprocess_args(p: argparse.ArgumentParser, channel_order: bool = True) -> None:
     g = p.add_argument_group("preprocessing (fidelity task: how images become model inputs; .npz / .npy float "
                              "arrays are used as they are)")
-    g.add_argument("--channel-order", help="RGB, BGR or GRAY: the order the model was trained on (default RGB; "
-                   "fastestdet: BGR)")
+    if channel_order:
+        g.add_argument("--channel-order", help="RGB, BGR or GRAY: the order the model was trained on (default RGB; "
+                       "fastestdet: BGR)")
     g.add_argument("--mean", help="per-channel mean of pixels scaled to [0, 1], e.g. 0.485,0.456,0.406 (default: the "
                    "model's own, or 0; x = (pixel / 255 - mean) / std)")
     g.add_argument("--std", help="per-channel std, same units, e.g. 0.229,0.224,0.225 (default: the model's own, or 1)")
@@ -198,11 +199,14 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="per-layer precisions JSON (e.g. first / last layer at int8); see `edgeslim mixed`")
     p.add_argument("--threads", type=int, help="PyTorch threads per process (default: PyTorch's choice)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--task", default="classify", choices=("classify", "detect"),
-                   help="detect: YOLO-format --train-data / --data; the loss is distillation of the FP32 model's "
-                   "head outputs (no labels), mAP scored every epoch")
+    p.add_argument("--task", default="auto", choices=("auto", "classify", "detect", "fidelity"),
+                   help="classify (labelled images: labels + optional --kd), detect (YOLO-format --train-data / --data; "
+                   "the loss is distillation of the FP32 model's head outputs, no labels, mAP scored every epoch), "
+                   "fidelity (no labels, any model: distillation of every output, SQNR vs FP32 scored every epoch), "
+                   "or auto (detect for detectors, classify when the data has labels, else fidelity)")
     p.add_argument("--decoder", help="detect, for models without one (ONNX files): see `quantize --help`")
-    p.add_argument("--channel-order", help="detect: RGB or BGR, the order the model was trained on")
+    p.add_argument("--channel-order", help="detect / fidelity: RGB, BGR or GRAY, the order the model was trained on")
+    _preprocess_args(p, channel_order=False)
 
 
 def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
@@ -580,15 +584,17 @@ def _plan_task(args, model, info):
     return Fidelity(calib, test, batch_size=1 if fixed_batch else min(args.batch_size, 64), seed=args.seed)
 
 
-def _fidelity_inputs(args, model, info, calib_limit: int | None = None):
-    """Model inputs for the label-free task: arrays as they are, images through the preprocessing options."""
+def _fidelity_inputs(args, model, info, calib_limit: int | None = None, source: str = "calib_data"):
+    """Model inputs for the label-free task: arrays as they are, images through the preprocessing options.
+    ``source``: the option holding the first set (``calib_data``, or ``train_data`` for ``qat``)."""
     from .data.inputs import open_inputs
 
     args._model_meta = (getattr(model, "meta", {}) or {}).get("onnx_metadata")
-    uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (args.calib_data, args.data))
-    given = any(getattr(args, k) is not None for k in ("mean", "std", "channel_order", "input_size", "resize"))
+    first = getattr(args, source)
+    uses_images = any(not str(p).lower().endswith((".npz", ".npy")) for p in (first, args.data))
+    given = any(getattr(args, k, None) is not None for k in ("mean", "std", "channel_order", "input_size", "resize"))
     spec = input_spec(args, info) if uses_images or given else None  # arrays are model inputs as they are
-    calib = open_inputs(args.calib_data, info.input_shape, spec, limit=calib_limit, seed=args.seed)
+    calib = open_inputs(first, info.input_shape, spec, limit=calib_limit, seed=args.seed)
     test = open_inputs(args.data, info.input_shape, spec, limit=args.eval_size, seed=args.seed)
     return calib, test, spec
 
@@ -767,8 +773,11 @@ def _qat(args) -> int:
 
     plan = MixedPlan.load(args.plan) if args.plan else None
     model, info = load_model(args)
-    if args.task == "detect":
+    task = _qat_task(args, info)
+    if task == "detect":
         return _qat_detect(args, model, info, cfg, ptq_config, plan)
+    if task == "fidelity":
+        return _qat_fidelity(args, model, info, cfg, ptq_config, plan)
     pre = Preprocess(info.input_shape, info.mean, info.std)
     train = open_dataset(args.train_data, pre, split=args.train_split)
     test = open_dataset(args.data, pre, split=args.data_split)
@@ -790,6 +799,41 @@ def _qat(args) -> int:
     return 0
 
 
+def _qat_task(args, info) -> str:
+    """``qat --task auto``: detect for detectors, classify when both data sets are labelled, else fidelity."""
+    from .data.inputs import has_labels
+
+    if args.task != "auto":
+        return args.task
+    if info.task == "detect":
+        return "detect"
+    return "classify" if has_labels(args.train_data) and has_labels(args.data) else "fidelity"
+
+
+def _qat_fidelity(args, model, info, cfg, ptq_config, plan) -> int:
+    from .jobs_fidelity_qat import run_fidelity_qat
+    from .train.dist import Dist
+
+    if Dist.from_env().world > 1:
+        raise EdgeslimError("qat --task fidelity runs in one process: run it without torchrun")
+    if cfg.method == "ewgs":
+        raise EdgeslimError("qat --task fidelity distils the FP32 model's outputs; EWGS's Hessian estimate needs the "
+                            "classification loss: use --method lsq, ste, dsq or daq")
+    train, test, spec = _fidelity_inputs(args, model, info, calib_limit=args.train_size, source="train_data")
+    s = run_fidelity_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
+                         batch_size=min(args.batch_size, 64), resume=args.resume,
+                         checkpoint_every=args.checkpoint_every, spec=spec.to_dict() if spec is not None else None)
+    print(f"\nworst-output SQNR vs FP32 on {s['inputs']['test']} inputs: PTQ {s['ptq']['sqnr_db']:.2f} dB, "
+          f"QAT {s['qat']['sqnr_db']:.2f} dB (PyTorch)")
+    if "fidelity_vs_fp32" in s.get("onnx_int8", {}):
+        print(f"INT8 ONNX vs FP32 ONNX in onnxruntime: {s['onnx_int8']['headline_sqnr_db']:.2f} dB; integer convs "
+              f"{s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}")
+        print(f"wrote {args.out}/summary.json, model_int8.onnx, model_fp32.onnx, qat_model.pt, encodings.json")
+    else:
+        print(f"wrote {args.out}/summary.json (not exported: {s['onnx_int8']['reason']})")
+    return 0
+
+
 def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
     from .data.detection import open_detection
     from .train.dist import Dist
@@ -802,6 +846,8 @@ def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
     size = info.input_shape[1]
     train = open_detection(args.train_data, args.train_split, imgsz=size)
     test = open_detection(args.data, args.data_split, imgsz=size)
+    if args.eval_size:
+        test = test.subset(args.eval_size, args.seed)
     info = as_detector(info, args.decoder, test.names, args.channel_order)
     s = run_detect_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
                        train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16)),

@@ -403,3 +403,26 @@ def test_label_free_sensitivity_and_mixed_score_by_sqnr_against_fp32(exported, t
     assert main(["mixed", *common, "--max-drop", "1", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "--min-sqnr" in err.strip().splitlines()[-1] and "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
+def test_label_free_qat_distils_every_output_and_beats_its_ptq_start(exported, tmp_path, capsys):
+    """qat on unlabelled arrays (auto -> fidelity): output distillation raises the held-out SQNR over the PTQ start,
+    and the reported ONNX SQNR is numpy's SQNR of the two files' onnxruntime outputs."""
+    src = exported[("landmarks", None)]
+    shape = families.FAMILIES["landmarks"][1]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tr.npz", x=rng.standard_normal((96, *shape)).astype(np.float32))
+    np.savez(tmp_path / "te.npz", x=rng.standard_normal((16, *shape)).astype(np.float32))
+    common = ["qat", str(src), "--train-data", str(tmp_path / "tr.npz"), "--data", str(tmp_path / "te.npz"),
+              "--w-bits", "4", "--a-bits", "4", "--calib-size", "32", "--batch-size", "16", "--no-augment"]
+    assert main([*common, "--epochs", "3", "--out", str(tmp_path / "q")]) == 0
+    s = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert s["task"] == "fidelity" and s["qat"]["sqnr_db"] > s["ptq"]["sqnr_db"] + 1.0
+    x = np.load(tmp_path / "te.npz")["x"]
+    ref, got = _outputs(tmp_path / "q" / "model_fp32.onnx", x, 16), _outputs(tmp_path / "q" / "model_int8.onnx", x, 16)
+    worst = min(10 * np.log10((a.astype(np.float64) ** 2).sum() / ((a.astype(np.float64) - b) ** 2).sum())
+                for a, b in zip(ref, got))
+    assert s["onnx_int8"]["headline_sqnr_db"] == pytest.approx(worst, abs=1e-3)
+    capsys.readouterr()
+    assert main([*common, "--method", "ewgs", "--out", str(tmp_path / "e")]) == 2
+    assert "--method lsq" in capsys.readouterr().err

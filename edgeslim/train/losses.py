@@ -1,11 +1,12 @@
-"""The training losses: knowledge distillation for classifiers and head distillation for detectors."""
+"""The training losses: knowledge distillation for classifiers, head distillation for detectors and output
+distillation for any model (the label-free fidelity task)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["distillation_loss", "head_distillation"]
+__all__ = ["distillation_loss", "head_distillation", "output_distillation"]
 
 
 def distillation_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None, *,
@@ -30,3 +31,12 @@ def head_distillation(student, teacher) -> torch.Tensor:
     s = [student] if isinstance(student, torch.Tensor) else list(student)
     t = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher)
     return sum(F.mse_loss(torch.sigmoid(a), torch.sigmoid(b)) for a, b in zip(s, t)) / len(s)
+
+
+def output_distillation(student, teacher) -> torch.Tensor:
+    """Label-free loss for any model: per output, the squared error to the FP32 model's output relative to that
+    output's energy, ``||s - t||^2 / ||t||^2`` (the noise-to-signal ratio whose inverse is the SQNR the fidelity
+    task reports), averaged over the outputs; scale-free, so outputs in different units weigh alike."""
+    s = [student] if isinstance(student, torch.Tensor) else list(student)
+    t = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher)
+    return sum((a - b).pow(2).sum() / b.pow(2).sum().clamp_min(1e-12) for a, b in zip(s, t)) / len(s)
