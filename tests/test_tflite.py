@@ -272,6 +272,42 @@ def test_writing_without_the_extra_names_it(monkeypatch):
         to_tflite(prepare_graph(q.intgraph, calib))
 
 
+SOFTMAX_MODELS = {
+    "output": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 10), nn.Softmax(dim=1)),
+    "inside": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softmax(dim=1), nn.Conv2d(4, 4, 1)),
+}
+
+
+@pytest.mark.parametrize("where", sorted(SOFTMAX_MODELS))
+def test_softmax_runs_in_float_and_is_recorded(where):
+    """A softmax has no integer form in the IntGraph: it becomes DEQUANTIZE, float SOFTMAX (and QUANTIZE where an
+    integer op reads it). Float exp differs between numpy and the runtimes by an ulp: 1e-6 at the output, and
+    at most 1 LSB where the result is quantized again."""
+    torch.manual_seed(0)
+    model = SOFTMAX_MODELS[where]().eval()
+    calib = torch.randn(16, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = api.quantize(model, calib, PTQConfig(), batch_size=16)
+    tg = prepare_graph(q.intgraph, calib.numpy())
+    fb, info = to_tflite(tg)
+    assert info["float_ops"] == ["SOFTMAX"]
+    x = np.random.default_rng(9).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    want = run(tg, x, requant="tflite")[tg.output_names[0]]
+    tol = 1e-6 if where == "output" else 1.001 * float(np.float32(tg.qparams[tg.nodes[-1].inputs[0]].scale))
+    for rt in _runtimes(fb):
+        for i in range(len(x)):
+            if hasattr(rt, "set_tensor"):
+                rt.set_tensor(rt.get_input_details()[0]["index"], _nhwc(x[i:i + 1]))
+                rt.invoke()
+                got = rt.get_tensor(rt.get_output_details()[0]["index"])
+            else:
+                rt.set_input(_nhwc(x[i:i + 1]), 0)
+                rt.invoke()
+                got = rt.get_output(0)
+            assert np.abs(got - _nhwc(want[i:i + 1])).max() <= tol
+
+
 def test_asymmetric_weights_are_refused_with_the_option():
     q, calib = _quantized("conv_relu", w_scheme="asymmetric", granularity="tensor")
     with pytest.raises(EdgeslimError, match="--w-scheme symmetric"):

@@ -20,7 +20,8 @@ Mapping (schema ``tensorflow/lite/schema/schema.fbs``; kernels ``tensorflow/lite
   Transpose -> TRANSPOSE, Slice -> STRIDED_SLICE, nearest Resize -> RESIZE_NEAREST_NEIGHBOR, QLinearRelu -> RELU / RELU6,
   LUT leaky ReLU -> LEAKY_RELU, any other LUT (SiLU, sigmoid, hard-swish, tanh, ...) -> its 256-entry int8
   table as CAST + ADD (int32) + GATHER: the same table the engine and the simulation use, integer, exact
-  in every TFLite runtime;
+  in every TFLite runtime; a softmax (a float op in the IntGraph) is DEQUANTIZE + float SOFTMAX (+ QUANTIZE
+  where an integer op reads it), listed in ``float_ops``;
 * fused activations: an IntGraph clamp equal to TFLite's fused RELU / RELU6 range is fused; any other clamp
   becomes MAXIMUM / MINIMUM with an int8 constant;
 * float input / output (QUANTIZE at the input, DEQUANTIZE at outputs) by default, ``io="int8"`` for int8.
@@ -282,6 +283,10 @@ class _Exporter:
         return self.m
 
     def op_QuantizeLinear(self, node: IntNode, shape_in) -> None:
+        if node.inputs[0] in self.ids:  # a float tensor computed in the file (after a float SOFTMAX)
+            x = self.ids[node.inputs[0]]
+            self.finish(node, lambda act, y: self.m.add_op("QUANTIZE", [x], [y]), fusable=False)
+            return
         if node.inputs[0] != self.g.input_name:
             raise EdgeslimError(f"QuantizeLinear {node.name} reads a float tensor inside the model (a float island): "
                                 "TFLite export needs an all-integer graph")
@@ -304,6 +309,27 @@ class _Exporter:
 
     def op_Identity(self, node: IntNode, shape_in) -> None:
         self.ids[node.outputs[0]] = self.ids[node.inputs[0]]
+
+    def op_Softmax(self, node: IntNode, shape_in) -> None:
+        """A float island TFLite runs as a float builtin: DEQUANTIZE, SOFTMAX (float32), recorded in ``float_ops``."""
+        shape = self.shapes[node.outputs[0]]
+        if node.attrs.get("axis", -1) % len(shape) != (1 if len(shape) == 4 else len(shape) - 1):
+            raise EdgeslimError(f"softmax {node.name} over axis {node.attrs.get('axis')}: TFLite's SOFTMAX reduces the "
+                                "channel (last) axis only")
+        x = self.ids[node.inputs[0]]
+        if node.inputs[0] in self.g.qparams:
+            f = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_dequantized"), self.m.tensors[x].shape, np.float32))
+            self.m.add_op("DEQUANTIZE", [x], [f])
+            x = f
+        y = self.m.add_tensor(Tensor(node.outputs[0], _stored(shape), np.float32))
+        self.m.add_op("SOFTMAX", [x], [y], ("SoftmaxOptions", {"Beta": 1.0}))
+        self.ids[node.outputs[0]] = y
+
+    def op_Cast(self, node: IntNode, shape_in) -> None:
+        if node.attrs.get("to") != "float32" or node.inputs[0] in self.g.qparams:
+            raise EdgeslimError(f"Cast {node.name} to {node.attrs.get('to')}: FP16 parts of a mixed-precision model "
+                                "do not export to TFLite int8: use an all-int8 plan")
+        self.ids[node.outputs[0]] = self.ids[node.inputs[0]]  # float32 stays float32
 
     def _padding(self, node: IntNode, k, in_shape, out_shape, pad_value: int | None) -> tuple[int, int]:
         """(TFLite padding, input index): SAME when it equals the IntGraph pads, else an explicit PAD / PADV2."""

@@ -34,7 +34,7 @@ def schema():
 OP_VERSIONS = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "CONCATENATION": 2,
                "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "MEAN": 2, "TRANSPOSE": 2, "PAD": 2, "PADV2": 2,
                "RESIZE_NEAREST_NEIGHBOR": 2, "LOGISTIC": 2, "LEAKY_RELU": 2, "QUANTIZE": 2, "DEQUANTIZE": 2,
-               "GATHER": 2, "STRIDED_SLICE": 2, "MAXIMUM": 2, "MINIMUM": 2, "RELU": 2, "RELU6": 2}
+               "GATHER": 2, "SOFTMAX": 1, "STRIDED_SLICE": 2, "MAXIMUM": 2, "MINIMUM": 2, "RELU": 2, "RELU6": 2}
 
 
 @dataclass

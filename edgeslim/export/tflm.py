@@ -28,7 +28,8 @@ RESOLVER = {"CONV_2D": "AddConv2D", "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D", "
             "STRIDED_SLICE": "AddStridedSlice", "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor",
             "LOGISTIC": "AddLogistic", "HARD_SWISH": "AddHardSwish", "LEAKY_RELU": "AddLeakyRelu",
             "QUANTIZE": "AddQuantize", "DEQUANTIZE": "AddDequantize", "GATHER": "AddGather", "CAST": "AddCast",
-            "MAXIMUM": "AddMaximum", "MINIMUM": "AddMinimum", "RELU": "AddRelu", "RELU6": "AddRelu6"}
+            "MAXIMUM": "AddMaximum", "MINIMUM": "AddMinimum", "RELU": "AddRelu", "RELU6": "AddRelu6",
+            "SOFTMAX": "AddSoftmax"}
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
