@@ -903,6 +903,11 @@ def print_summary(s: dict, out: Path) -> None:
         worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
         print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
               f"of pixels in a filter of {worst['name']}; see report.html")
+    if "tflite" in s:  # --formats tflite / tflm
+        t, mcu = s["tflite"], s.get("mcu")
+        top1 = f"top-1 {t['top1']:.4f} in LiteRT, " if t.get("top1") is not None else ""
+        print(f"model_int8.tflite: {top1}{t['size_bytes'] / 1024:.1f} KiB, float ops: {', '.join(t['float_ops']) or 'none'}"
+              + (f"; TFLM arena {mcu['ram_bytes'] / 1024:.1f} KiB (model_data.h / .cc, op_resolver.txt)" if mcu else ""))
     print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
 
 

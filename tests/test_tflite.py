@@ -530,6 +530,7 @@ def test_cli_formats_tflm_writes_the_microcontroller_build(capsys, tmp_path, tin
     from edgeslim.cli import main
 
     assert main([*tiny_job, "--formats", "onnx,tflm"]) == 0
+    assert "model_int8.tflite: top-1 " in capsys.readouterr().out
     run_dir = tmp_path / "run"
     s = json.loads((run_dir / "summary.json").read_text())
     fb = (run_dir / "model_int8.tflite").read_bytes()
