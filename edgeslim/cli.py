@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     fact.add_argument("--rank", type=int, help="explicit rank / depth multiplier instead of --macs-reduction")
     plan = sub.add_parser("plan", help="the lightweighting guideline G1-G5, step by step until the target is met")
     cli_lighten.add_args(plan)
-    plan.add_argument("--target", default="cpu-int8", help="cpu-int8 | vta | mcu-int8 | fp16-gpu | a target JSON")
+    plan.add_argument("--target", default="cpu-int8", help="cpu-int8 | vta | mcu-int8 | mcu-w4 | fp16-gpu | a target JSON")
+    plan.add_argument("--lowbit-method", default="brecq", help="learned rounding of the sub-8-bit roads: brecq | adaround")
+    plan.add_argument("--lowbit-iters", type=int, default=300, help="its iterations per unit")
     plan.add_argument("--max-drop", type=float, help="accuracy budget in points of top-1 (1.0 = one point)")
     plan.add_argument("--max-latency-ms", type=float, help="onnxruntime latency per image (batch 1)")
     plan.add_argument("--max-size-kb", type=float, help="stored parameter size in KiB")
@@ -215,6 +217,9 @@ def _mixed_args(p: argparse.ArgumentParser, high_default: str | None) -> None:
                         + (high_default or "int8 when --w-bits/--a-bits are below 8, else fp32") + ")")
     p.add_argument("--holdout-size", type=int, default=1000,
                    help="held-out images that score every plan (default 1000)")
+    p.add_argument("--score-with", default="onnxruntime", choices=("onnxruntime", "pytorch"),
+                   help="what runs each candidate plan on the held-out inputs: its exported INT8 file in onnxruntime "
+                   "(fast, scores what is deployed) or the PyTorch fake-quant simulation")
     p.add_argument("--holdout-from", default="calib",
                    help="calib (default: from --calib-data, disjoint from calibration; all --data reports) or data "
                         "(from --data; the final numbers use the other --data images)")
@@ -620,7 +625,8 @@ def _sensitivity(args) -> int:
     task = _plan_task(args, model, info)
     s = run_sensitivity(model, info, task, config, Path(args.out), high=high, holdout_size=args.holdout_size,
                         groups=groups, group_table=not args.no_groups, holdout_from=args.holdout_from,
-                        measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
+                        measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size),
+                        score_with=args.score_with)
     sens, key = s["sensitivity"], task.metric_key
     label = metric_label(sens["metric"])
     print(f"\n{label}: FP32 {_fmt_score(sens['fp32_score'], key)}, uniform {sens['low']} "
@@ -710,7 +716,7 @@ def _mixed(args) -> int:
     task = _plan_task(args, model, info)
     s = run_mixed(model, info, task, config, Path(args.out), budget=budget, high=high,
                   holdout_size=args.holdout_size, holdout_from=args.holdout_from,
-                  measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size))
+                  measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size), score_with=args.score_with)
     print_mixed_summary(s, Path(args.out))
     return 0
 

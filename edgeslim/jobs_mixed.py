@@ -57,6 +57,17 @@ def _start(model, info, task: Task, config, holdout_size, holdout_from) -> tuple
     return data, calibrated(model, info, data, config)
 
 
+SCORERS = ("onnxruntime", "pytorch")
+
+
+def plan_outputs(score_with: str, info: ModelInfo, measure: MeasureOptions):
+    """How each plan is run on the held-out inputs: the exported file in onnxruntime (default) or the PyTorch
+    simulation (``mp.evaluate_plans``'s activation cache)."""
+    if score_with not in SCORERS:
+        raise EdgeslimError(f"invalid --score-with {score_with!r}: use onnxruntime or pytorch")
+    return mp.onnx_outputs(info.input_shape, batch_size=measure.batch_size) if score_with == "onnxruntime" else None
+
+
 def _images(data: Split) -> dict:
     return {"calibration": int(len(data.calib)), "holdout": int(len(data.holdout)),
             "holdout_from": data.holdout_from, "test": int(len(data.eval_idx))}
@@ -104,16 +115,17 @@ def json_safe(obj):
 def run_sensitivity(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, out: Path, *,
                     high: LayerPrecision, holdout_size: int = 1000, groups: dict[str, tuple[str, ...]] | None = None,
                     group_table: bool = True, holdout_from: str = "calib",
-                    measure: MeasureOptions = MeasureOptions()) -> dict:
+                    measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime") -> dict:
     """Both per-layer sweeps on the held-out subset, and the group table on the test set."""
     task.check(info.num_classes)
+    outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
         data, gm = _start(model, info, task, config, holdout_size, holdout_from)
-        sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, progress=True)
+        sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, progress=True, outputs=outputs)
         summary = {"model": info.name, "task": task.name, "config": config.to_dict(), "sensitivity": sens,
-                   "images": _images(data)}
+                   "images": _images(data), "scored_with": score_with}
         if group_table:
             summary["groups"] = run_group_table(gm, model, info, config, task, stage, groups, high, measure,
                                                 data.eval_idx)
@@ -161,20 +173,22 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
 
 def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, out: Path, *, budget: mp.Budget,
               high: LayerPrecision, holdout_size: int = 1000, holdout_from: str = "calib",
-              measure: MeasureOptions = MeasureOptions()) -> dict:
+              measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime") -> dict:
     """Search a mixed-precision plan under ``budget`` (in the task metric's units) and verify it on the test
-    set, in PyTorch and onnxruntime."""
+    set, in PyTorch and onnxruntime. ``score_with``: what runs each candidate on the held-out inputs."""
     task.check(info.num_classes)
+    outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
         data, gm = _start(model, info, task, config, holdout_size, holdout_from)
-        sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, sweeps=("keep_high",), progress=True)
+        sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, sweeps=("keep_high",), progress=True,
+                              outputs=outputs)
         order = mp.promotion_order(sens)
         with tempfile.TemporaryDirectory(dir=stage) as tmp:
             bench = OnnxBench(model, info, Path(tmp), measure)
             res = mp.search(gm, config, data.holdout, data.metric, budget, input_shape=info.input_shape,
-                            high=high, order=order, latency_of=bench.latency_of, progress=True)
+                            high=high, order=order, latency_of=bench.latency_of, progress=True, outputs=outputs)
             frontier = mp.measure_latency(gm, config, res.candidates, bench.latency_of, progress=True)
             chosen = res.chosen
             ptq.apply_plan(gm, config, chosen.plan)
@@ -223,7 +237,7 @@ def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, 
             "met_on_test_onnx": floor_on_test is None or onnx["mixed"] >= budget.floor(res.metric, onnx["fp32"]) - 1e-12,
             "reason": res.reason,
             "high": str(high), "low": str(config.default_precision),
-            "search": {"seconds": res.seconds, "sensitivity_seconds": sens["total_seconds"],
+            "search": {"seconds": res.seconds, "sensitivity_seconds": sens["total_seconds"], "scored_with": score_with,
                        "order": order, "steps": [c.to_dict() for c in res.steps]},
             "frontier": [c.to_dict() for c in frontier],
             "candidates": [c.to_dict() for c in res.candidates],

@@ -280,3 +280,23 @@ def test_paired_drop_standard_error_matches_numpy():
     assert mp.paired_drop_se(metric, [ref], [other]) == pytest.approx(np.std(d, ddof=1) / np.sqrt(400))
     assert mp.paired_drop_se(metric, [ref], [ref]) == 0.0
     assert mp.paired_drop_se(mp.sqnr_metric(), [ref], [other]) == 0.0  # a whole-set metric has no per-input spread
+
+
+def test_onnxruntime_scoring_scores_each_plan_as_its_own_exported_file(tiny_model, tiny_calib, tmp_path):
+    """The sweep scored in onnxruntime (``onnx_outputs``): each row's top-1 equals that of the plan quantized from
+    scratch with ``api.quantize(..., plan=...)`` on the same calibration images, exported and run in onnxruntime."""
+    config = PTQConfig(w_bits=3, a_bits=3)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(96)
+    y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
+    high = LayerPrecision.parse("int8")
+    s = mp.sensitivity(gm, config, x, y, high=high, sweeps=("keep_high",), outputs=mp.onnx_outputs(SHAPE))
+    for row in s["rows"][:3]:
+        q = api.quantize(tiny_model, tiny_calib.numpy(), config, plan=mp.keep_high_plan(row["name"], high),
+                         input_shape=SHAPE)
+        path = api.export_onnx(q, tmp_path / f"{row['name']}.onnx")
+        top1 = float((ort_eval.predict(ort_eval.session(path), x.numpy()).argmax(1) == y).mean())
+        assert row["keep_high"]["score"] == top1
+    torch_scored = mp.sensitivity(gm, config, x, y, high=high, sweeps=("keep_high",))
+    agree = [abs(a["keep_high"]["score"] - b["keep_high"]["score"]) for a, b in zip(s["rows"], torch_scored["rows"])]
+    assert max(agree) <= 2 / 96  # the simulation and the file differ at most by rounding ties (a flip or two)

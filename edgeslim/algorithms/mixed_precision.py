@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 from ..config import MixedPlan, PTQConfig
 from ..errors import EdgeslimError
+from ..eval import ort as ort_eval
 from ..eval.profile import profile
+from ..export.onnx_qdq import to_onnx
 from ..graph import ops
 from ..lower import lower
 from ..quant.precision import FP32, LayerPrecision
@@ -148,10 +150,27 @@ def fp32_outputs(gm: fx.GraphModule, x: torch.Tensor) -> list[torch.Tensor]:
         ptq.set_mode(gm, "quant")
 
 
+PlanOutputs = Callable[[fx.GraphModule, torch.Tensor], list[torch.Tensor]]  # the frozen plan's outputs on x
+
+
+def onnx_outputs(input_shape: tuple[int, ...], *, threads: int = 0, batch_size: int = 256) -> PlanOutputs:
+    """Score plans on what is deployed: the frozen plan lowered and exported to ONNX in memory, run in onnxruntime
+    (all cores by default; one input at a time for fixed-batch models). About 10x faster than the PyTorch
+    simulation on ResNet-20 (1 s per plan on 2,000 images here), and it scores the file, not a simulation of it."""
+    def run(gm: fx.GraphModule, x: torch.Tensor) -> list[torch.Tensor]:
+        sess = ort_eval.session(to_onnx(lower(gm, input_shape)).SerializeToString(), threads=threads)
+        outs = ort_eval.predict_all(sess, x.numpy(), 1 if fixed_batch(gm) else batch_size)
+        return [torch.from_numpy(v) for v in outs.values()]
+    return run
+
+
 def evaluate_plan(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None, x: torch.Tensor,
-                  metric: Metric | np.ndarray, ref: list[torch.Tensor]) -> Score:
+                  metric: Metric | np.ndarray, ref: list[torch.Tensor], outputs: PlanOutputs | None = None) -> Score:
+    """The plan's score: ``outputs`` (e.g. ``onnx_outputs``) runs the frozen plan, else the PyTorch simulation."""
     ptq.apply_plan(gm, config, plan)
     ptq.set_mode(gm, "quant")
+    if outputs is not None:
+        return score_outputs(outputs(gm, x), ref, as_metric(metric))
     return score(gm, x, metric, ref)
 
 
@@ -193,7 +212,7 @@ def _cache_batch_size(gm: fx.GraphModule, budget_bytes: float = 1.5e9) -> int:
 
 def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan | None,
                    plans: list[MixedPlan], x: torch.Tensor, metric: Metric | np.ndarray, ref: list[torch.Tensor], *,
-                   desc: str | None = None) -> list[Score]:
+                   desc: str | None = None, outputs: PlanOutputs | None = None) -> list[Score]:
     """Score many plans that each differ a little from ``reference``, reusing the reference's activations.
 
     Per batch, the reference plan runs once with every node's output kept; each plan then recomputes
@@ -201,6 +220,11 @@ def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan |
     layer, so most of the network is reused). Exactly the same outputs as ``evaluate_plan``.
     """
     metric = as_metric(metric)
+    if outputs is not None:  # each plan exported and run as a whole (no activation cache across plans)
+        scores = [evaluate_plan(gm, config, plan, x, metric, ref, outputs)
+                  for plan in tqdm(plans, desc=desc, unit="plan", disable=desc is None, leave=False)]
+        ptq.apply_plan(gm, config, reference)
+        return scores
     ptq.apply_plan(gm, config, reference)
     ptq.set_mode(gm, "quant")
     base = _specs(gm)
@@ -293,7 +317,7 @@ def _delta(value: float, base: float) -> float | None:
 
 def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metric | np.ndarray, *,
                 high: LayerPrecision = LayerPrecision(FP32, FP32), sweeps: tuple[str, ...] = ("keep_high", "only_quantized"),
-                progress: bool = False) -> dict:
+                progress: bool = False, outputs: PlanOutputs | None = None) -> dict:
     """Both per-layer sweeps on a calibrated model; returns rows, reference scores and wall times.
 
     ``metric``: a ``Metric`` (or labels, for top-1). Each row: ``name``, ``macs``, ``params`` and per sweep
@@ -305,7 +329,7 @@ def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: 
     ref = fp32_outputs(gm, x)
     fp32_score = metric(ref, ref)
     default = _default(config)
-    uniform = evaluate_plan(gm, config, None, x, metric, ref)
+    uniform = evaluate_plan(gm, config, None, x, metric, ref, outputs)
     rows = unit_rows(gm)
     seconds = {}
     for sweep in sweeps:
@@ -319,7 +343,7 @@ def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: 
             base = fp32_score
         else:
             raise EdgeslimError(f"unknown sensitivity sweep {sweep!r}: use keep_high or only_quantized")
-        scores = evaluate_plans(gm, config, reference, plans, x, metric, ref,
+        scores = evaluate_plans(gm, config, reference, plans, x, metric, ref, outputs=outputs,
                                 desc=f"sensitivity ({sweep}, {len(plans)} ops)" if progress else None)
         for row, sc in zip(rows, scores):
             row[sweep] = {"score": sc.value, "delta": _delta(sc.value, base), "sqnr_db": sc.sqnr_db, "mse": sc.mse}
@@ -474,7 +498,8 @@ LatencyFn = Callable[[fx.GraphModule], tuple[float, float]]  # frozen model -> (
 
 def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metric | np.ndarray, budget: Budget, *,
            input_shape: tuple[int, ...], high: LayerPrecision, order: list[str] | None = None,
-           latency_of: LatencyFn | None = None, progress: bool = False) -> SearchResult:
+           latency_of: LatencyFn | None = None, progress: bool = False,
+           outputs: PlanOutputs | None = None) -> SearchResult:
     """Choose per-layer precisions under ``budget`` (greedy by sensitivity, verified at every step).
 
     ``metric`` scores a plan from the model's outputs (``top1_metric(labels)``, ``sqnr_metric()``; labels alone
@@ -490,7 +515,8 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metri
     default, costs = _default(config), layer_costs(gm)
     names = [r["name"] for r in unit_rows(gm)]
     if order is None:
-        order = promotion_order(sensitivity(gm, config, x, metric, high=high, sweeps=("keep_high",), progress=progress))
+        order = promotion_order(sensitivity(gm, config, x, metric, high=high, sweeps=("keep_high",), progress=progress,
+                                            outputs=outputs))
     unknown = sorted(set(order) - set(names))
     if unknown:
         raise EdgeslimError(f"search order names unknown layers {unknown}")
@@ -500,7 +526,7 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metri
         key = tuple(sorted(high_layers))
         if key not in evaluated:
             plan = MixedPlan(tuple((n, high) for n in sorted(high_layers, key=names.index)))
-            s = evaluate_plan(gm, config, plan, x, metric, ref)
+            s = evaluate_plan(gm, config, plan, x, metric, ref, outputs)
             frac = high_fractions(costs, plan, default)["mac_fraction"]
             c = Candidate(label, plan, tuple(sorted(high_layers, key=names.index)), s.value, s.sqnr_db,
                           plan_size_bytes(gm, input_shape), frac)
@@ -547,7 +573,7 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metri
     candidate(tuple(names), "all high")  # the other end of the frontier
     ptq.apply_plan(gm, config, current.plan)
     ptq.set_mode(gm, "quant")
-    se = paired_drop_se(metric, ref, outputs_of(gm, x))
+    se = paired_drop_se(metric, ref, outputs(gm, x) if outputs is not None else outputs_of(gm, x))
     if budget.max_drop is not None and budget.max_drop < 2 * se * metric.per_unit:
         reason += (f"; caution: on {len(x)} held-out inputs the drop is known to +-{se * metric.per_unit:.2f} "
                    f"{metric.unit} (one standard error), too coarse for a {budget.max_drop:.2f}-{metric.unit} budget: "
