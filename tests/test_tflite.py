@@ -333,6 +333,18 @@ def test_other_configs_export_exactly(name, cfg):
     _assert_exact(_compare(tg, fb, x, "int8"), info)
 
 
+@pytest.mark.parametrize("name", ["concat", "hardswish", "avgpool", "global_mean"])
+@pytest.mark.parametrize("activations", ["table", "builtin"])
+def test_low_bit_activations_export_in_int8_containers(name, activations):
+    """W4A4: 4-bit codes in int8 tensors, the narrower range kept by MAXIMUM / MINIMUM (or the table)."""
+    q, calib = _quantized(name, w_bits=4, a_bits=4)
+    tg = prepare_graph(q.intgraph, calib, activations=activations)
+    fb, info = to_tflite(tg, io="int8")
+    assert info["ops"].get("MINIMUM", 0) >= 1
+    x = np.random.default_rng(10).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    _assert_exact(_compare(tg, fb, x, "int8"), info)
+
+
 def test_pow2_scales_export_exactly():
     """The VTA-style power-of-two setting reaches TFLite: multipliers are powers of two there too."""
     q, calib = _quantized("add", scale="pow2")

@@ -26,9 +26,10 @@ Mapping (schema ``tensorflow/lite/schema/schema.fbs``; kernels ``tensorflow/lite
   becomes MAXIMUM / MINIMUM with an int8 constant;
 * float input / output (QUANTIZE at the input, DEQUANTIZE at outputs) by default, ``io="int8"`` for int8.
 
-Refused with one ``EdgeslimError`` naming the fix: non-8-bit activations, weights wider than 8 bits or with
-non-zero zero points, grouped (non-depthwise) convolutions, float islands and other ops TFLite has no int8
-builtin for here (Gather, ConvTranspose, float / FP16 nodes).
+Activations below 8 bits live in int8 tensors with their narrower range kept by clamps (fused activations,
+MAXIMUM / MINIMUM, or the table). Refused with one ``EdgeslimError`` naming the fix: activations wider than 8 bits,
+weights wider than 8 bits or with non-zero zero points, grouped (non-depthwise) convolutions, float islands other
+than softmax and other ops TFLite has no int8 builtin for here (Gather, ConvTranspose, FP16 nodes).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ NHWC = (0, 2, 3, 1)  # stored = logical.transpose(NHWC) for 4-D tensors
 def check_graph(g: IntGraph) -> None:
     """Refuse what TFLite's int8 kernels cannot represent, naming the option that avoids it."""
     for name, q in g.qparams.items():
-        if q.bits != 8:
-            raise EdgeslimError(f"tensor {name} has {q.bits}-bit activations: TFLite int8 export needs --a-bits 8")
+        if q.bits > 8:
+            raise EdgeslimError(f"tensor {name} has {q.bits}-bit activations: TFLite int8 export needs --a-bits 8 "
+                                "or fewer")
     for n in g.nodes:
         if "w" not in n.arrays:
             continue
@@ -602,7 +604,10 @@ class _Exporter:
             return
         qx, qy = self.g.qparams[node.inputs[0]], self.g.qparams[node.outputs[0]]
         lo, hi = node.attrs.get("clamp") or (qy.qmin, qy.qmax)
-        table = np.clip(np.asarray(node.arrays["table"], np.int64), max(lo, qy.qmin), min(hi, qy.qmax)) - _offset(qy)
+        # 256 entries indexed by int8 code + 128; codes outside a narrower (< 8-bit) input range never occur
+        natural = np.clip(np.arange(-128, 128) + _offset(qx), qx.qmin, qx.qmax)
+        table = np.asarray(node.arrays["table"], np.int64)[natural - qx.qmin]
+        table = np.clip(table, max(lo, qy.qmin), min(hi, qy.qmax)) - _offset(qy)
         shape = self.m.tensors[x].shape
         as_i32 = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_codes"), shape, np.int32))
         index = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_index"), shape, np.int32))

@@ -59,8 +59,9 @@ def check_config(config) -> None:
     if config.w_scheme != "symmetric":
         raise EdgeslimError("--formats tflite needs symmetric weights (TFLite int8 weights have zero point 0): "
                             "use --w-scheme symmetric")
-    if config.a_bits != 8:
-        raise EdgeslimError(f"--formats tflite needs 8-bit activations (got --a-bits {config.a_bits}): use --a-bits 8")
+    if config.a_bits > 8:
+        raise EdgeslimError(f"--formats tflite needs activations of 8 bits or fewer (got --a-bits {config.a_bits}): "
+                            "use --a-bits 8")
     if config.w_bits > 8:
         raise EdgeslimError(f"--formats tflite needs weights of 8 bits or fewer (got --w-bits {config.w_bits})")
 
