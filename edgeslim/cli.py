@@ -373,6 +373,13 @@ def _data(args, info):
     pre = Preprocess(info.input_shape, info.mean, info.std)
     calib, test = open_dataset(args.calib_data, pre, split=args.calib_split), \
         open_dataset(args.data, pre, split=args.data_split)
+    import math
+
+    from .data.limits import check_fits
+
+    n = min(args.calib_size, len(calib))  # the calibration images are held in memory at once
+    check_fits(n * 4 * math.prod(info.input_shape), f"{n} calibration images of {tuple(info.input_shape)}",
+               "lower --calib-size")
     if info.num_classes and len(test.classes) < info.num_classes:  # more classes than the model's: refused later
         print(f"edgeslim: warning: the model predicts {info.num_classes} classes but --data has {len(test.classes)} "
               f"({', '.join(test.classes[:3])}{', ...' if len(test.classes) > 3 else ''}): its labels are read as the "

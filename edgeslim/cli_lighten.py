@@ -119,16 +119,26 @@ def plan(args) -> int:
     req = Requirement(args.max_drop, args.max_latency_ms, args.max_size_kb)
     opts = PlanOptions(steps=tuple(s.strip().upper() for s in args.steps.split(",") if s.strip()),
                        budget_epochs=args.budget_epochs, finetune=cfg, calib_size=args.calib_size,
-                       prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone)
+                       prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone,
+                       lowbit_method=getattr(args, "lowbit_method", "brecq"),
+                       lowbit_iters=getattr(args, "lowbit_iters", 300))
     s = run_plan(model, info, train, test, Path(args.out), target=load_target(args.target), requirement=req,
                  options=opts, train_size=args.train_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
                  resume=args.resume)
-    print(f"\n{'step':<30}{'format':>8}{'top-1':>8}{'ms':>9}{'KiB':>9}{'init s':>8}")
-    for r in s["steps"]:
-        print(f"{r['step'] + ' ' + r['name']:<30}{r['format']:>8}{r['top1']:>8.4f}{r['latency_ms']:>9.3f}"
-              f"{r['size_bytes'] / 1024:>9.1f}{r['init_s']:>8.3f}")
-    for step, why in s["skipped"].items():
-        print(f"{step}: {why}")
+    print_plan(s)
     print(s["statement"])
     print(f"wrote {args.out}/summary.json, model_final.onnx")
     return 0
+
+
+def print_plan(s: dict) -> None:
+    """Every measured candidate (structure, road, held-out / test top-1, latency, size, seconds, why), then every
+    skipped step with its reason."""
+    print(f"\n{'on':<9}{'road':<16}{'held-out':>9}{'test':>8}{'ms':>8}{'x FP32':>7}{'KiB':>8}{'s':>7}  why")
+    for r in s["steps"]:
+        print(f"{r['on']:<9}{r['road']:<16}{r['holdout_top1']:>9.4f}{r['top1']:>8.4f}{r['latency_ms']:>8.3f}"
+              f"{r['latency_vs_fp32']:>7.2f}{r['size_bytes'] / 1024:>8.1f}{r['step_seconds']:>7.0f}  "
+              + ("TAKEN: " if r.get("taken") else "") + "; ".join(r.get("why", ["reference"])))
+    print(f"(sizes: {s['size_counts']})")
+    for step, why in s["skipped"].items():
+        print(f"skipped {step}: {why}")

@@ -1,12 +1,14 @@
-"""``edgeslim plan``: seed 003's lightweighting guideline as a loop that stops when the target is met.
+"""``edgeslim plan``: seed 003's lightweighting guideline, planned by cost: stop at the cheapest road that meets the target.
 
-G1 lighter backbone -> G2 factorize heavy convolutions -> G3 post-training quantization -> G4 reduced / mixed
-precision -> G5 pruning, each applied to the result of the previous ones; after every step the deployable model
-(the ONNX file onnxruntime runs) is measured: test top-1, latency per image, stored size, initialization time.
-The loop stops as soon as every target holds (seed 003, Table 1 is one row per cumulative step). Adaptations
-from the report: pruning moves before PTQ when memory is the binding constraint (8-bit weights alone cannot
-reach the size budget), G4 becomes a mixed-precision search when PTQ drops more accuracy than allowed, G5 prunes
-weights by magnitude when memory binds (sparse storage) and channels otherwise (speed).
+First the quantization roads that leave the structure alone, cheapest first (``plan_roads``): W8A8 (G3), fewer
+weight bits with BRECQ / AdaRound where the target packs them (G3), mixed precision by sensitivity (G4), FP16
+(G4). A road whose stored size (computed exactly from the parameter count and bit widths) cannot fit, or that an
+earlier road shows cannot win (more bits already too inaccurate, same int8 kernels already too slow), is skipped
+with that reason. Only when no road meets the target do the structural steps run, in the guideline's order (G1
+backbone, G2 factorization, G5 pruning; by magnitude when memory binds, by channel otherwise), each followed by
+the quantization roads again. Every candidate is measured as the deployable ONNX file: held-out top-1 (training
+images kept out of fine-tuning: every choice is made there), test top-1 (reported, never used to choose),
+latency paired with FP32 in onnxruntime, stored bytes, time. The summary says why each step was taken or skipped.
 
 Every fine-tuning step checkpoints into ``out/checkpoint_G<n>.pt`` (``train.checkpoint``); with ``resume`` the
 finished steps load their final weights and the interrupted one continues exactly where its checkpoint was written.
@@ -20,7 +22,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .eval import ort as ort_eval
 from .tasks import onnx_top1
 from .models import ModelInfo
 from .quant.precision import LayerPrecision
+from .plan_roads import LOW_BITS, Road, container_bits, graph_bytes, int_weight_bytes, predicted_bytes, quant_roads
 from .targets import Target
 from .train.checkpoint import Checkpoint, params_digest
 from .train.data import TrainData, load_train
@@ -98,6 +100,8 @@ class PlanOptions:
     backbone: str | None = None  # G1: "shufflenet_v2:0.5" / "mobilenet_v2:1.0" (name:width); None skips G1
     threads: int = 1
     latency_rounds: int = 100
+    lowbit_method: str = "brecq"  # learned rounding of the sub-8-bit roads: "brecq" or "adaround"
+    lowbit_iters: int = 300  # its iterations per unit
 
     def __post_init__(self) -> None:
         bad = [s for s in self.steps if s not in STEPS]
@@ -105,6 +109,10 @@ class PlanOptions:
             raise EdgeslimError(f"invalid --steps {','.join(self.steps)}: use a comma list of {', '.join(STEPS)}")
         if self.budget_epochs < 0:
             raise EdgeslimError(f"invalid --budget-epochs {self.budget_epochs}: use 0 or more")
+        if self.lowbit_method not in ("brecq", "adaround"):
+            raise EdgeslimError(f"invalid --lowbit-method {self.lowbit_method!r}: use brecq or adaround")
+        if self.lowbit_iters < 1:
+            raise EdgeslimError(f"invalid --lowbit-iters {self.lowbit_iters}: use 1 or more")
         if self.sparsity is not None and not 0 < self.sparsity < 1:
             raise EdgeslimError(f"invalid --sparsity {self.sparsity}: use a fraction between 0 and 1")
 
@@ -118,6 +126,8 @@ class Deployable:
     plan: MixedPlan | None = None
     sparse: bool = False  # magnitude-pruned: size counted in the sparse format
     notes: list[str] = field(default_factory=list)
+    w_bits: int = 8  # integer weight bits (int8 / mixed)
+    method: str | None = None  # learned rounding ("adaround" / "brecq"); None: round-to-nearest
 
 
 @dataclass
@@ -136,6 +146,8 @@ class Context:
     fp32_onnx: Path
     epochs_per_step: float
     fp32_top1: float = 0.0
+    fp32_holdout: float = 0.0  # the baseline's held-out top-1: every choice is made against it
+    float_holdout: float = 0.0  # the current float structure's held-out top-1
     counter: int = 0
     checkpoints: Path | None = None  # folder of the fine-tuning checkpoints (None: no checkpoints)
     checkpoint_every: int | None = None
@@ -150,15 +162,13 @@ class Context:
 # ----------------------------------------------------------------------------- deploy and measure
 
 def export(d: Deployable, ctx: Context) -> tuple[Path, int]:
-    """The ONNX file of ``d`` and its stored parameter bytes."""
+    """The ONNX file of ``d`` and the bytes ``ctx.target`` stores (``plan_roads.graph_bytes``)."""
     shape = ctx.info.input_shape
     if d.fmt in ("int8", "mixed"):
-        q = api.quantize(d.model, ctx.calib, ctx.config, plan=d.plan, input_shape=shape)
-        path = api.export_onnx(q, ctx.path(d.fmt))
-        size = q.intgraph.weight_bytes()
-        if d.sparse:
-            size = _sparse_bytes(d.model, 8, high=[n for n, _ in d.plan.rules] if d.plan else ())
-        return path, size
+        config = replace(ctx.config, w_bits=d.w_bits, algorithms=(d.method,) if d.method else (),
+                         iters=ctx.options.lowbit_iters)
+        q = api.quantize(d.model, ctx.calib, config, plan=d.plan, input_shape=shape)
+        return api.export_onnx(q, ctx.path(d.fmt)), graph_bytes(q.intgraph, ctx.target, d.sparse)
     fp32 = api.export_fp32_onnx(d.model, shape, ctx.path("fp32"))
     if d.fmt == "fp16":
         path = api.export_fp16_onnx(fp32, ctx.path("fp16"))
@@ -184,16 +194,25 @@ def _sparse_bytes(model: nn.Module, value_bits: int, high=()) -> int:
 
 
 def auto_sparsity(model: nn.Module, budget_bytes: float, value_bits: int) -> float:
-    """The smallest sparsity (0.05 steps, at most 0.95) whose sparse storage fits ``budget_bytes``."""
+    """The smallest sparsity (0.05 steps, at most 0.95) whose sparse storage fits ``budget_bytes``: integer
+    widths (<= 8) counted as the quantized model stores them (BN folded, int32 biases), else the float tensors."""
     from .algorithms import pruning
 
     for sp in np.arange(0.05, 0.951, 0.05):
         trial = copy.deepcopy(model)
         pruning.magnitude_prune(trial, float(sp))
         pruning.remove_masks(trial)
-        if _sparse_bytes(trial, value_bits) <= budget_bytes:
+        size = int_weight_bytes(trial, value_bits, sparse=True) if value_bits <= 8 else _sparse_bytes(trial, value_bits)
+        if size <= budget_bytes:
             return round(float(sp), 2)
     return 0.95
+
+
+def holdout_top1(path: Path, ctx: Context) -> float:
+    """Top-1 of an ONNX file on the held-out training images (what the planner decides on; never the test set)."""
+    x, y = ctx.holdout
+    pred = ort_eval.predict(ort_eval.session(path, threads=ctx.options.threads), x.numpy(), 500)
+    return float((np.asarray(pred).reshape(len(y), -1).argmax(1) == y).mean())
 
 
 def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
@@ -206,7 +225,8 @@ def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
         t0 = time.perf_counter()
         ort_eval.session(path, threads=ctx.options.threads)
         inits.append(time.perf_counter() - t0)
-    return {"step": step, "name": STEP_NAMES.get(step, step), "format": d.fmt, "top1": top1,
+    return {"step": step, "name": STEP_NAMES.get(step, step), "format": d.fmt, "w_bits": d.w_bits,
+            "method": d.method, "top1": top1, "holdout_top1": holdout_top1(path, ctx), "onnx": path.name,
             "latency_ms": statistics.median(lat["m"]), "latency_vs_fp32": ort_eval.paired_ratio(lat, "m", "fp32"),
             "size_bytes": int(size), "onnx_bytes": path.stat().st_size, "init_s": statistics.median(inits),
             "params": _params(d.model), "step_seconds": seconds, "notes": list(d.notes)}
@@ -269,54 +289,61 @@ def step_g2(d: Deployable, ctx: Context) -> str | None:
     return None
 
 
-def step_g3(d: Deployable, ctx: Context) -> str | None:
-    if not ctx.target.int8:
-        return f"skipped: target {ctx.target.name} has no integer kernels"
-    gm = ptq.prepare(d.model, ctx.info.input_shape, ctx.config)
-    d.fmt, d.plan = "int8", ctx.target.plan(gm)
-    if d.plan is not None:
-        d.notes.append(f"G3: FP32 islands for ops {ctx.target.name} cannot run in integer: "
-                       + ", ".join(n for n, _ in d.plan.rules))
-    return None
+def int_plan(d: Deployable, ctx: Context) -> MixedPlan | None:
+    """FP32 islands for the ops the target cannot run in integer (None when it runs them all)."""
+    return ctx.target.plan(ptq.prepare(d.model, ctx.info.input_shape, ctx.config))
 
 
-def step_g4(d: Deployable, ctx: Context, last: dict, float_top1: float | None = None) -> str | None:
-    """Mixed precision when quantization costs more than the budget allows, else whole-model FP16.
+def road_deployable(road: Road, d: Deployable, ctx: Context) -> Deployable | str:
+    """``d``'s structure deployed by ``road`` (a new Deployable), or why the road cannot be taken."""
+    method = None if d.sparse else road.method  # learned rounding may turn a pruned zero into one LSB
+    cand = replace(d, fmt=road.fmt, w_bits=road.w_bits if road.fmt != "fp16" else 8, method=method,
+                   plan=None, notes=list(d.notes))
+    if road.fmt == "fp16":
+        cand.notes.append("G4: whole model FP16" + ("" if ctx.target.fp16 else
+                                                    f" (target {ctx.target.name} has no FP16 arithmetic: storage only)"))
+        return cand
+    cand.plan = int_plan(cand, ctx)
+    if cand.plan is not None:
+        cand.notes.append(f"G3: FP32 islands for ops {ctx.target.name} cannot run in integer: "
+                          + ", ".join(n for n, _ in cand.plan.rules))
+    if road.fmt == "mixed":
+        return mixed_search(cand, ctx)
+    if road.method and not method:
+        cand.notes.append(f"G3: W{road.w_bits} round-to-nearest ({road.method} would turn pruned zeros into 1 LSB)")
+    return cand
 
-    ``float_top1``: the accuracy of the float model with the current structure (the row before G3); the part of
-    the drop that earlier steps (pruning, factorization) caused is not something precision can recover, so the
-    search gets the budget that is left after it.
-    """
-    drop = (ctx.fp32_top1 - last["top1"]) * 100
+
+def mixed_search(d: Deployable, ctx: Context) -> Deployable:
+    """G4: the weights at ``d.w_bits``, the most sensitive layers raised (to int8 where the target packs low-bit
+    weights, else FP16) until the held-out drop is within the budget left after the structure's own drop. When
+    no plan meets it, the search's closest plan is returned: its measured row says what it misses."""
     req = ctx.requirement
-    if d.fmt in ("int8", "mixed") and req.max_drop is not None and drop > req.max_drop:
-        structural = (ctx.fp32_top1 - (float_top1 if float_top1 is not None else ctx.fp32_top1)) * 100
-        if structural > 0 and structural >= req.max_drop:
-            return (f"skipped: {structural:.2f} of the {drop:.2f} points were lost before quantization (by the "
-                    f"structural steps), more than the {req.max_drop:g} allowed: higher precision cannot recover them")
-        gm = mp_calibrated(d, ctx)
-        budget = req.max_drop - structural  # points
-        res = mp.search(gm, ctx.config, ctx.holdout[0], mp.top1_metric(ctx.holdout[1]), mp.Budget(max_drop=budget),
-                        input_shape=ctx.info.input_shape, high=LayerPrecision.parse("fp16"), progress=True)
-        rules = tuple(r for r in (d.plan.rules if d.plan else ())) + tuple(res.chosen.plan.rules)
-        d.fmt, d.plan = "mixed", MixedPlan(rules)
-        d.notes.append(f"G4: quantization dropped {drop - structural:.2f} points (budget left {budget:.2f}): "
-                       f"{len(res.chosen.high_layers)} layer(s) raised to FP16 "
-                       f"({', '.join(res.chosen.high_layers) or 'none'})")
-        return None
-    if d.fmt == "fp32":
-        d.fmt = "fp16"
-        d.notes.append("G4: whole model FP16" + ("" if ctx.target.fp16 else
-                                                 f" (target {ctx.target.name} has no FP16 arithmetic: storage only)"))
-        return None
-    return f"skipped: the {d.fmt} model already meets the accuracy target" if d.fmt != "fp16" else "skipped: already FP16"
+    budget = req.max_drop - structural_drop(ctx)
+    high = LayerPrecision.parse("int8" if d.w_bits < 8 and ctx.target.packed_weights else "fp16")
+    size = None if d.sparse or req.max_size_kb is None else int(req.max_size_kb * 1024)
+    gm = mp_calibrated(d, ctx)
+    res = mp.search(gm, replace(ctx.config, w_bits=d.w_bits), ctx.holdout[0], mp.top1_metric(ctx.holdout[1]),
+                    mp.Budget(max_drop=max(budget, 0.0), max_size_bytes=size), input_shape=ctx.info.input_shape,
+                    high=high, progress=True)
+    d.plan = MixedPlan(tuple(d.plan.rules if d.plan else ()) + tuple(res.chosen.plan.rules))
+    d.notes.append(f"G4: W{d.w_bits}A8 with {len(res.chosen.high_layers)} layer(s) raised to {high} by sensitivity "
+                   f"({', '.join(res.chosen.high_layers) or 'none'}; budget left {budget:.2f} points"
+                   + ("" if res.met else f"; the search's closest: {res.reason}") + ")")
+    return d
+
+
+def structural_drop(ctx: Context) -> float:
+    """Held-out points the current structure lost before quantization (0 before any structural step)."""
+    return max(0.0, (ctx.fp32_holdout - ctx.float_holdout) * 100)
 
 
 def mp_calibrated(d: Deployable, ctx: Context):
-    gm = ptq.prepare(d.model, ctx.info.input_shape, ctx.config, d.plan)
+    config = replace(ctx.config, w_bits=d.w_bits)
+    gm = ptq.prepare(d.model, ctx.info.input_shape, config, d.plan)
     x = torch.from_numpy(ctx.calib)
     ptq.calibrate(gm, lambda: (x[i:i + 256] for i in range(0, len(x), 256)))
-    return ptq.freeze(gm, ctx.config)
+    return ptq.freeze(gm, config)
 
 
 def step_g5(d: Deployable, ctx: Context, memory_binds: bool) -> str | None:
@@ -325,7 +352,7 @@ def step_g5(d: Deployable, ctx: Context, memory_binds: bool) -> str | None:
     if memory_binds:  # magnitude pruning: memory (seed 003 G5)
         sparsity, how = ctx.options.sparsity, "given"
         if sparsity is None:  # just enough for the size budget, counted in the format the model will be deployed in
-            bits = 8 if ("G3" in ctx.options.steps and ctx.target.int8) or d.fmt in ("int8", "mixed") else 32
+            bits = lowest_bits(ctx)
             sparsity = auto_sparsity(d.model, 0.97 * ctx.requirement.max_size_kb * 1024, bits)
             how = f"chosen to fit {ctx.requirement.max_size_kb:g} KiB with {bits}-bit values"
         pruning.magnitude_prune(d.model, sparsity)  # masks held by a parametrization while tuning
@@ -352,11 +379,72 @@ def order_steps(steps: tuple[str, ...], memory_binds: bool) -> list[str]:
     return out
 
 
+def lowest_bits(ctx: Context) -> int:
+    """The stored weight width the quantization roads can reach on this target (32: no integer road allowed)."""
+    if not ctx.target.int8 or "G3" not in ctx.options.steps:
+        return 16 if "G4" in ctx.options.steps else 32
+    return container_bits(min(LOW_BITS), ctx.target)
+
+
+def unmet(row: dict, ctx: Context) -> list[str]:
+    """What ``row`` misses, judged on the held-out images (the test set only reports)."""
+    return ctx.requirement.failures({**row, "top1": row["holdout_top1"]}, ctx.fp32_holdout)
+
+
+def road_skip(road: Road, d: Deployable, ctx: Context, tried: list[dict]) -> str | None:
+    """Why ``road`` is not worth running on ``d``'s structure (None: run it); ``tried``: this structure's rows."""
+    req, t = ctx.requirement, ctx.target
+    if road.step not in ctx.options.steps:
+        return f"not allowed by --steps ({road.step})"
+    if road.fmt == "fp16" and t.int8 and "G3" in ctx.options.steps:
+        return f"{t.name} runs integer kernels: an integer road is smaller and faster than FP16"
+    if road.fmt != "fp16" and road.w_bits < 8 and not t.packed_weights:
+        return (f"{t.name} stores weights in int8 containers (ONNX QDQ): W{road.w_bits} is no smaller than W8, only "
+                "less accurate")
+    if road.fmt == "mixed" and req.max_drop is None:
+        return "no accuracy target: mixed precision only buys accuracy back with size"
+    if req.max_drop is not None and structural_drop(ctx) > req.max_drop:
+        return (f"the structure already lost {structural_drop(ctx):.2f} held-out points (> {req.max_drop:g}): "
+                "no precision recovers them")
+    pred = predicted_bytes(road if road.fmt != "mixed" else replace(road, fmt="int8"), d.model, t, d.sparse)
+    if req.max_size_kb is not None and pred > req.max_size_kb * 1024:
+        how = "packed" if t.packed_weights and road.w_bits < 8 else ("FP16" if road.fmt == "fp16" else "int8 containers")
+        return f"stores {pred / 1024:.1f} KiB ({how}{', sparse' if d.sparse else ''}) > {req.max_size_kb:g} KiB"
+    for r in tried:
+        if r["format"] == "int8" and road.fmt in ("int8", "mixed") and any("latency" in f for f in unmet(r, ctx)):
+            return f"runs the same int8 kernels as {r['road']}, which missed the latency target ({r['latency_ms']:.3f} ms)"
+        if road.fmt == "int8" and r["w_bits"] > road.w_bits and any("accuracy" in f for f in unmet(r, ctx)):
+            return f"{r['road']} already misses the accuracy target on held-out images; fewer bits lose more"
+    return None
+
+
+def try_roads(d: Deployable, ctx: Context, rows: list[dict], skipped: dict, after: str) -> Deployable | None:
+    """Run the quantization roads on ``d``'s structure, cheapest first; the first that meets the target is returned
+    (its row appended to ``rows`` with ``taken``); skipped roads go to ``skipped`` with their reason."""
+    tried: list[dict] = []
+    for road in quant_roads(ctx.target, ctx.options.lowbit_method):
+        key = f"{road.step} {road.label}" + ("" if after == "baseline" else f" after {after}")
+        why = road_skip(road, d, ctx, tried)
+        t0 = time.perf_counter()
+        cand = road_deployable(road, d, ctx) if why is None else why
+        if isinstance(cand, str):
+            skipped[key] = cand
+            continue
+        row = {**measure(cand, ctx, road.step, time.perf_counter() - t0), "road": road.label, "on": after}
+        row["why"] = unmet(row, ctx) or ["meets the target"]
+        rows.append(row)
+        tried.append(row)
+        if not unmet(row, ctx):
+            row["taken"] = True
+            return cand
+    return None
+
+
 def run_plan(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: ImageDataset, out: Path, *,
              target: Target, requirement: Requirement, options: PlanOptions = PlanOptions(),
              train_size: int | None = None, seed: int = 0, checkpoint_every: int | None = None,
              resume: bool = False) -> dict:
-    """Apply the guideline's steps until ``requirement`` holds; write ``summary.json`` (``steps``, ``met``) into ``out``.
+    """Plan by cost until ``requirement`` holds; write ``summary.json`` (``steps``, ``skipped``, ``met``) into ``out``.
     Fine-tuning checkpoints go to ``out/checkpoint_G<n>.pt`` every ``checkpoint_every`` steps (None: every five
     minutes of training); ``resume`` continues from them."""
     out = Path(out)
@@ -384,64 +472,98 @@ def check_resume(out: Path, resume: bool) -> None:
         raise EdgeslimError(f"{out / found[0]} exists from an earlier run: add --resume to continue it, or pass a new --out")
 
 
+def split_holdout(train: TrainData, size: int, seed: int) -> tuple[TrainData, tuple[torch.Tensor, np.ndarray]]:
+    """Hold ``size`` training images out of fine-tuning (at most a quarter of them): every choice is scored there."""
+    n = min(size, max(1, len(train.y) // 4))
+    idx = np.random.default_rng(seed + 1).permutation(len(train.y))
+    hold, keep = torch.from_numpy(np.sort(idx[:n])), torch.from_numpy(np.sort(idx[n:]))
+    return TrainData(train.x[keep], train.y[keep], train.pad_value), (train.x[hold], train.y[hold].numpy())
+
+
 def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, train_size, seed, checkpoints) -> dict:
     t_start = time.perf_counter()
-    train = load_train(train_ds, info, train_size, seed)
+    train, holdout = split_holdout(load_train(train_ds, info, train_size, seed), options.holdout_size, seed)
     rng = np.random.default_rng(seed)
     cal_idx = rng.choice(len(train.y), min(options.calib_size, len(train.y)), replace=False)
-    hold_idx = rng.choice(len(train.y), min(options.holdout_size, len(train.y)), replace=False)
     teacher = copy.deepcopy(model).eval()
     changing = [s for s in options.steps if s in ("G2", "G5") or (s == "G1" and options.backbone)]
-    ctx = Context(info, teacher, train, test_ds, train.x[cal_idx].numpy(), (train.x[hold_idx], train.y[hold_idx].numpy()),
+    ctx = Context(info, teacher, train, test_ds, train.x[cal_idx].numpy(), holdout,
                   target.ptq_config(PTQConfig(calib_size=options.calib_size, seed=seed)), target, requirement, options,
                   stage, api.export_fp32_onnx(model, info.input_shape, stage / "baseline_fp32.onnx"),
                   options.budget_epochs / max(1, len(changing)))
     ctx.checkpoints, ctx.checkpoint_every, ctx.resume = checkpoints
     ctx.model_digest = params_digest(model)
     d = Deployable(copy.deepcopy(model).eval())
-    rows = [measure(d, ctx, "baseline", 0.0)]
-    ctx.fp32_top1 = rows[0]["top1"]
-    fails = requirement.failures(rows[0], ctx.fp32_top1)
-    memory_binds = requirement.max_size_kb is not None and rows[0]["size_bytes"] / 4 > requirement.max_size_kb * 1024
-    order = order_steps(options.steps, memory_binds)
-    skipped: dict[str, str] = {}
+    rows = [{**measure(d, ctx, "baseline", 0.0), "road": "FP32", "on": "baseline"}]
+    ctx.fp32_top1, ctx.fp32_holdout = rows[0]["top1"], rows[0]["holdout_top1"]
+    ctx.float_holdout = ctx.fp32_holdout
+    skipped = {s: "not allowed by --steps" for s in STEPS if s not in options.steps}
+    done = try_roads(d, ctx, rows, skipped, "baseline") if unmet(rows[0], ctx) else d
+    memory_binds = requirement.max_size_kb is not None and done is None and \
+        predicted_bytes(Road("G3", "int8", lowest_bits(ctx)), model, target, False) > requirement.max_size_kb * 1024
+    order = [s for s in order_steps(options.steps, memory_binds) if s in ("G1", "G2", "G5")]
     for step in order:
-        if not fails:
-            break
-        t0 = time.perf_counter()
-        before = copy.deepcopy(d)
-        fn: Callable = {"G1": step_g1, "G2": step_g2, "G3": step_g3, "G5": step_g5}.get(step)
-        reason = step_g4(d, ctx, rows[-1], _float_top1(rows)) if step == "G4" else (
-            fn(d, ctx, memory_binds) if step == "G5" else fn(d, ctx))
+        if done is not None:
+            skipped[step] = f"not needed: {rows[-1]['road']} on the {rows[-1]['on']} structure meets the target"
+            continue
+        d, reason = structural_step(step, d, ctx, memory_binds, rows)
         if reason is not None:
             skipped[step] = reason
-            d = before
             continue
-        rows.append(measure(d, ctx, step, time.perf_counter() - t0))
-        fails = requirement.failures(rows[-1], ctx.fp32_top1)
-    met = not fails
-    best = min(rows, key=lambda r: (len(requirement.failures(r, ctx.fp32_top1)), requirement.excess(r, ctx.fp32_top1)))
-    final = max((p for p in stage.glob("*.onnx") if p.name[:2].isdigit()), key=lambda p: p.name)
-    shutil.copy(final, stage / "model_final.onnx")
-    return {"model": info.name, "target": target.to_dict(), "requirement": asdict(requirement),
-            "options": {**asdict(replace(options, finetune=None)), "finetune": options.finetune.to_dict()},
+        done = None if unmet(rows[-1], ctx) else d
+        if done is None:
+            done = try_roads(d, ctx, rows, skipped, step)
+    if done is None and rows[-1]["road"] == "FP32" and ctx.target.int8 and "G3" in options.steps:
+        rows.append(closest_road(d, ctx, rows[-1]["on"]))
+    return summarize(rows, skipped, ctx, done is not None, order, memory_binds, train, t_start)
+
+
+def closest_road(d: Deployable, ctx: Context, on: str) -> dict:
+    """When no road can meet the target on the final structure: measure the allowed integer road that stores the
+    least anyway (the closest the target's format gets), so the summary can name it."""
+    roads = [r for r in quant_roads(ctx.target, ctx.options.lowbit_method)
+             if r.fmt == "int8" and (r.w_bits == 8 or ctx.target.packed_weights)]
+    road = min(roads, key=lambda r: (predicted_bytes(r, d.model, ctx.target, d.sparse), -r.w_bits))
+    t0 = time.perf_counter()
+    row = {**measure(road_deployable(road, d, ctx), ctx, road.step, time.perf_counter() - t0), "road": road.label,
+           "on": on}
+    row["why"] = unmet(row, ctx) + ["measured as the closest: no road can meet the target"]
+    return row
+
+
+def structural_step(step: str, d: Deployable, ctx: Context, memory_binds: bool, rows: list[dict]):
+    """Run G1 / G2 / G5 on a copy of ``d``; measure the float result into ``rows``. Returns (new d, skip reason)."""
+    t0 = time.perf_counter()
+    new = copy.deepcopy(d)
+    reason = step_g5(new, ctx, memory_binds) if step == "G5" else {"G1": step_g1, "G2": step_g2}[step](new, ctx)
+    if reason is not None:
+        return d, reason
+    row = {**measure(new, ctx, step, time.perf_counter() - t0), "road": "FP32", "on": step}
+    row["why"] = unmet(row, ctx) or ["meets the target"]
+    rows.append(row)
+    ctx.float_holdout = row["holdout_top1"]
+    return new, None
+
+
+def summarize(rows, skipped, ctx: Context, met: bool, order, memory_binds, train, t_start) -> dict:
+    req, opts, stage = ctx.requirement, ctx.options, ctx.work
+    best = next((r for r in rows if r.get("taken")), None) or \
+        min(rows, key=lambda r: (len(unmet(r, ctx)), req.excess({**r, "top1": r["holdout_top1"]}, ctx.fp32_holdout)))
+    shutil.copy(stage / best["onnx"], stage / "model_final.onnx")
+    return {"model": ctx.info.name, "target": ctx.target.to_dict(), "requirement": asdict(req),
+            "options": {**asdict(replace(opts, finetune=None)), "finetune": opts.finetune.to_dict()},
+            "size_counts": "packed k-bit weights" if ctx.target.packed_weights else "int8 containers (ONNX QDQ)",
             "order": order, "memory_binds": memory_binds, "steps": rows, "skipped": skipped, "met": met,
-            "unmet": fails, "best": {"step": best["step"], "unmet": requirement.failures(best, ctx.fp32_top1)},
-            "statement": _statement(met, rows, best, fails, ctx.fp32_top1, requirement),
-            "fp32_top1": ctx.fp32_top1, "train_images": int(len(train.y)), "total_seconds": time.perf_counter() - t_start}
+            "unmet": unmet(best, ctx), "best": {"step": best["step"], "road": best["road"], "unmet": unmet(best, ctx)},
+            "statement": _statement(met, best, ctx), "fp32_top1": ctx.fp32_top1, "fp32_holdout_top1": ctx.fp32_holdout,
+            "holdout_images": int(len(ctx.holdout[1])), "train_images": int(len(train.y)),
+            "total_seconds": time.perf_counter() - t_start}
 
 
-def _float_top1(rows: list[dict]) -> float | None:
-    """Top-1 of the last float (FP32 / FP16) row: the model's structure before quantization."""
-    return next((r["top1"] for r in reversed(rows) if r["format"] in ("fp32", "fp16")), None)
-
-
-def _statement(met: bool, rows: list[dict], best: dict, fails: list[str], fp32: float, req: Requirement) -> str:
-    last = rows[-1]
-    desc = (f"top-1 {last['top1']:.4f} ({(last['top1'] - fp32) * 100:+.2f} points), {last['latency_ms']:.3f} ms, "
-            f"{last['size_bytes'] / 1024:.1f} KiB")
+def _statement(met: bool, best: dict, ctx: Context) -> str:
+    desc = (f"{best['road']} after {best['on']}: test top-1 {best['top1']:.4f} ({(best['top1'] - ctx.fp32_top1) * 100:+.2f} "
+            f"points; held-out {(best['holdout_top1'] - ctx.fp32_holdout) * 100:+.2f}), {best['latency_ms']:.3f} ms, "
+            f"{best['size_bytes'] / 1024:.1f} KiB")
     if met:
-        return f"target met after {last['step']} ({', '.join(r['step'] for r in rows[1:])}): {desc}"
-    return (f"target NOT met after every step: the final model has {desc} and fails: {'; '.join(fails)}. "
-            f"Closest: after {best['step']} (top-1 {best['top1']:.4f}, {best['latency_ms']:.3f} ms, "
-            f"{best['size_bytes'] / 1024:.1f} KiB; fails: {'; '.join(req.failures(best, fp32)) or 'nothing'})")
+        return f"target met by {desc}"
+    return f"target NOT met by any road. Closest: {desc}; fails: {'; '.join(unmet(best, ctx))}"

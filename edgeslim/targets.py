@@ -8,7 +8,10 @@ target cannot run in integer stay FP32 with quantize / dequantize around them (a
 Presets (``TARGETS``); a target file is JSON with the same fields::
 
     {"name": "my-npu", "int_ops": ["conv", "linear", "add", "relu", "maxpool"], "bits": [8],
-     "scale": "pow2", "accumulator_bits": 32, "fp16": false, "int8": true}
+     "scale": "pow2", "accumulator_bits": 32, "fp16": false, "int8": true, "packed_weights": false}
+
+``packed_weights``: the target's weight format stores sub-8-bit weights packed (two 4-bit weights a byte, as
+CMSIS-NN's int4 kernels); without it they sit in int8 containers (the ONNX QDQ file), so fewer bits save nothing.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def _check_fields(t: "Target") -> None:
         raise EdgeslimError(f"target {t.name}: accumulator_bits {t.accumulator_bits!r} must be the integer 16 or 32")
     if not isinstance(t.scale, str):
         raise EdgeslimError(f"target {t.name}: scale {t.scale!r} must be \"float\" or \"pow2\"")
-    for flag in ("fp16", "int8"):
+    for flag in ("fp16", "int8", "packed_weights"):
         if not isinstance(getattr(t, flag), bool):
             raise EdgeslimError(f"target {t.name}: {flag} {getattr(t, flag)!r} must be true or false")
 
@@ -63,6 +66,7 @@ class Target:
     accumulator_bits: int = 32
     fp16: bool = False  # has half-precision arithmetic (not just storage)
     int8: bool = True  # has integer kernels at all
+    packed_weights: bool = False  # stores sub-8-bit weights packed (k bits each) instead of in int8 containers
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -141,12 +145,14 @@ TARGETS: dict[str, Target] = {
                                             "leaky_relu", "tanh", "gelu", "mish", "elu", "softmax")),
     "vta": Target("vta", int_ops=("conv", "add", "relu", "maxpool", "linear"), scale="pow2"),  # TVM-VTA's GEMM core
     "mcu-int8": Target("mcu-int8", int_ops=(*COMMON_INT8, "sigmoid", "tanh", "softmax")),  # CMSIS-NN-like kernels
+    # CMSIS-NN-like kernels that also read packed int4 weights (two a byte)
+    "mcu-w4": Target("mcu-w4", int_ops=(*COMMON_INT8, "sigmoid", "tanh", "softmax"), bits=(4, 8), packed_weights=True),
     "fp16-gpu": Target("fp16-gpu", int_ops=(), fp16=True, int8=False),
 }
 
 
 def load_target(spec: str) -> Target:
-    """A preset name (``cpu-int8``, ``vta``, ``mcu-int8``, ``fp16-gpu``) or a JSON target file."""
+    """A preset name (``cpu-int8``, ``vta``, ``mcu-int8``, ``mcu-w4``, ``fp16-gpu``) or a JSON target file."""
     if spec in TARGETS:
         return TARGETS[spec]
     p = Path(spec)

@@ -45,7 +45,8 @@ def _common(cmd, data, out, *extra):
 # ----------------------------------------------------------------------------- targets
 
 def test_presets_and_target_files(tmp_path):
-    assert set(TARGETS) == {"cpu-int8", "vta", "mcu-int8", "fp16-gpu"}
+    assert set(TARGETS) == {"cpu-int8", "vta", "mcu-int8", "mcu-w4", "fp16-gpu"}
+    assert TARGETS["mcu-w4"].packed_weights and not TARGETS["mcu-int8"].packed_weights
     assert TARGETS["vta"].ptq_config().scale == "pow2" and TARGETS["cpu-int8"].ptq_config().scale == "float"
     f = tmp_path / "npu.json"
     f.write_text(json.dumps({"name": "npu", "int_ops": ["conv", "relu"], "bits": [8], "scale": "pow2"}))
@@ -130,7 +131,8 @@ def test_plan_stops_when_met_and_reports_every_step(capsys, tmp_path, cifar_like
     assert s["steps"][1]["size_bytes"] < s["steps"][0]["size_bytes"] / 3
     for key in ("top1", "latency_ms", "size_bytes", "init_s"):
         assert key in s["steps"][1]
-    assert "target met after G3" in s["statement"] and (out / "model_final.onnx").exists()
+    assert "target met by W8A8 after baseline" in s["statement"] and (out / "model_final.onnx").exists()
+    assert s["skipped"]["G2"] == s["skipped"]["G5"] == "not allowed by --steps"
 
 
 def test_plan_that_cannot_be_met_says_so(capsys, tmp_path, cifar_like):
@@ -182,13 +184,14 @@ def test_plan_prunes_before_ptq_when_memory_binds(capsys, tmp_path, cifar_like):
     assert main(_common("plan", cifar_like, out, "--max-size-kb", "40", "--steps", "G3,G5", "--sparsity", "0.8",
                         "--calib-size", "16", "--budget-epochs", "1")) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["memory_binds"] and s["order"] == ["G5", "G3"]
+    assert s["memory_binds"] and s["order"] == ["G5"]
+    assert s["skipped"]["G3 W8A8"].startswith("stores ")  # 8-bit weights alone cannot fit: pruning first
     assert [r["step"] for r in s["steps"]] == ["baseline", "G5", "G3"]
     # 8-bit values instead of 32-bit; the sparsity bitmask stays: a bit less than a third
     assert s["steps"][2]["format"] == "int8" and s["steps"][2]["size_bytes"] < s["steps"][1]["size_bytes"] / 2.5
     assert s["met"] == (s["steps"][-1]["size_bytes"] <= 40 * 1024)
     if not s["met"]:
-        assert s["best"]["step"] == "G3" and "Closest: after G3" in s["statement"]
+        assert s["best"]["step"] == "G3" and "Closest: W8A8 after G5" in s["statement"]
 
 
 def test_plan_g1_swaps_in_a_lighter_backbone(capsys, tmp_path, cifar_like):
@@ -201,12 +204,12 @@ def test_plan_g1_swaps_in_a_lighter_backbone(capsys, tmp_path, cifar_like):
 
 
 def test_g4_raises_layers_when_ptq_drops_too_much(tmp_path):
-    # W2A8 per-tensor PTQ of a small random network disagrees with FP32 on many inputs; with a zero-drop budget G4
-    # must turn the INT model into a mixed plan whose FP16 layers bring the held-out agreement back (the oracle is
-    # the FP32 model's own argmax on the held-out inputs, re-scored here through a fresh prepare / calibrate / freeze)
+    # W2A8 per-tensor PTQ of a small random network disagrees with FP32 on many inputs; with a zero-drop budget the
+    # mixed road must raise layers to FP16 until the held-out agreement is back (the oracle is the FP32 model's own
+    # argmax on the held-out inputs, re-scored here through a fresh prepare / calibrate / freeze)
     from edgeslim.algorithms import ptq
     from edgeslim.config import PTQConfig
-    from edgeslim.jobs_plan import Context, Deployable, PlanOptions, mp_calibrated, step_g4
+    from edgeslim.jobs_plan import Context, Deployable, PlanOptions, mixed_search, mp_calibrated
     from edgeslim.models import ModelInfo
 
     torch.manual_seed(0)
@@ -219,17 +222,17 @@ def test_g4_raises_layers_when_ptq_drops_too_much(tmp_path):
     ctx = Context(info=info, teacher=model, train=None, test=None, calib=x.numpy(), holdout=(x, y),
                   config=PTQConfig(w_bits=2, a_bits=8, granularity="tensor"), target=TARGETS["cpu-int8"],
                   requirement=Requirement(max_drop=0.0), options=PlanOptions(), work=tmp_path, fp32_onnx=None,
-                  epochs_per_step=0.0, fp32_top1=1.0)
-    d = Deployable(model, fmt="int8")
-    int8 = mp_calibrated(d, ctx)
-    ptq.set_mode(int8, "quant")
+                  epochs_per_step=0.0, fp32_top1=1.0, fp32_holdout=1.0, float_holdout=1.0)
+    d = Deployable(model, fmt="mixed", w_bits=2)
+    int2 = mp_calibrated(d, ctx)
+    ptq.set_mode(int2, "quant")
     with torch.no_grad():
-        before = float((int8(x).argmax(1).numpy() == y).mean())
+        before = float((int2(x).argmax(1).numpy() == y).mean())
     assert before < 0.95  # the premise: this PTQ really drops accuracy
 
-    assert step_g4(d, ctx, {"top1": before}) is None
-    assert d.fmt == "mixed" and d.plan is not None and d.plan.rules
-    assert "raised to FP16" in d.notes[-1] and "budget left 0.00" in d.notes[-1]
+    assert mixed_search(d, ctx) is d
+    assert d.plan is not None and d.plan.rules and all(p.w.is_float for _, p in d.plan.rules)
+    assert "raised to fp16" in d.notes[-1].lower() and "budget left 0.00" in d.notes[-1]
     mixed = mp_calibrated(d, ctx)
     ptq.set_mode(mixed, "quant")
     with torch.no_grad():
@@ -238,35 +241,32 @@ def test_g4_raises_layers_when_ptq_drops_too_much(tmp_path):
     # calibrated afresh (its FP16 layers change the ranges downstream), so one near-tie input may flip
     assert after >= 1.0 - 1.5 / len(y) and after > before + 0.2
 
-    # within budget: G4 leaves the INT model alone
-    d2 = Deployable(model, fmt="int8")
-    assert step_g4(d2, ctx, {"top1": 1.0}).startswith("skipped") and d2.fmt == "int8"
-    # a drop caused before quantization (the float model of this structure already lost it): nothing to search
-    why = step_g4(d2, ctx, {"top1": before}, float_top1=0.9)
-    assert why.startswith("skipped") and "before quantization" in why and d2.fmt == "int8"
-
 
 def test_auto_sparsity_is_the_smallest_that_fits():
+    # oracle: the bytes of the really quantized model (its integer weights, counted in their sparse format, plus
+    # int32 biases); auto_sparsity predicts them from the float model
+    from edgeslim import api
     from edgeslim.algorithms import pruning
-    from edgeslim.jobs_plan import _sparse_bytes, auto_sparsity
+    from edgeslim.jobs_plan import auto_sparsity
     from edgeslim.models.resnet_cifar import resnet20
+    from edgeslim.plan_roads import graph_bytes
 
     model = resnet20()
     budget = 60 * 1024
     sp = auto_sparsity(model, budget, 8)
+    calib = torch.randn(8, 3, 32, 32)
 
     def size(s):
         m = __import__("copy").deepcopy(model)
         pruning.magnitude_prune(m, s)
         pruning.remove_masks(m)
-        return _sparse_bytes(m, 8)
+        g = api.quantize(m.eval(), calib).intgraph
+        nz = sum(int(np.count_nonzero(n.arrays["w"])) for n in g.layers())
+        return graph_bytes(g, TARGETS["cpu-int8"], sparse=True), nz
 
-    assert size(sp) <= budget < size(round(sp - 0.05, 2))
-    # a mixed plan's high-precision layers are counted with 16-bit values: exactly their tensors' extra bytes
-    rows8 = {r.name: r.bytes for r in pruning.sparse_size_bytes(model, value_bits=8).rows}
-    rows16 = {r.name: r.bytes for r in pruning.sparse_size_bytes(model, value_bits=16).rows}
-    extra = sum(rows16[k] - rows8[k] for k in rows8 if k.startswith("layer1.0.conv1."))
-    assert extra > 0 and _sparse_bytes(model, 8, high=["layer1.0.conv1"]) == _sparse_bytes(model, 8) + extra
+    fits, nz = size(sp)
+    too_big, nz_less = size(round(sp - 0.05, 2))
+    assert fits <= budget < too_big and nz < nz_less
 
 
 def test_plan_chooses_the_sparsity_the_size_needs(capsys, tmp_path, cifar_like):
@@ -274,5 +274,5 @@ def test_plan_chooses_the_sparsity_the_size_needs(capsys, tmp_path, cifar_like):
     assert main(_common("plan", cifar_like, out, "--max-size-kb", "48", "--steps", "G3,G5", "--calib-size", "16",
                         "--budget-epochs", "0")) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["order"] == ["G5", "G3"] and "chosen to fit 48 KiB with 8-bit values" in s["steps"][1]["notes"][0]
+    assert s["order"] == ["G5"] and "chosen to fit 48 KiB with 8-bit values" in s["steps"][1]["notes"][0]
     assert s["steps"][2]["size_bytes"] <= 48 * 1024 and s["met"]
