@@ -10,6 +10,7 @@ definitions.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -626,3 +627,43 @@ def test_import_refuses_unknown_ops_by_name():
         import_tflite(to_bytes(m))
     with pytest.raises(EdgeslimError, match="not a TFLite flatbuffer"):
         import_tflite(b"not a model at all")
+
+
+# ----------------------------------------------------------------------------- real data (opt-in: pytest -m slow)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "models/resnet20_cifar10jpeg.pt").exists(), reason="../shared absent")
+def test_resnet20_tflite_keeps_onnx_accuracy_and_is_exact(tmp_path):
+    """The trained ResNet-20 as .tflite: every conv an int8 CONV_2D, LiteRT (XNNPACK) top-1 within 0.5 points of
+    onnxruntime INT8 on 2,000 test images, and engine == TFLM on 50 images."""
+    from edgeslim.data import Preprocess, calibration_indices, open_dataset
+    from edgeslim.eval import metrics
+    from edgeslim.eval import ort as ort_eval
+    from edgeslim.export.onnx_qdq import save_onnx, to_onnx
+    from edgeslim.export.tflm import score_litert
+    from edgeslim.models import build_model
+
+    model, info = build_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    train = open_dataset(SHARED / "data/cifar10-jpeg-train.zip", pre)
+    test = open_dataset(SHARED / "data/cifar10-jpeg-test.zip", pre)
+    calib = train.batch(calibration_indices(len(train), 256, 0, train.labels))
+    idx = calibration_indices(len(test), 2000, 0, test.labels)
+    x, y = test.batch(idx), test.labels[idx]
+    q = api.quantize(model, calib, PTQConfig())
+    onnx_top1 = metrics.top1(ort_eval.predict(ort_eval.session(save_onnx(to_onnx(q.intgraph), tmp_path / "m.onnx"),
+                                                               threads=0), x), y)
+    tg = prepare_graph(q.intgraph, calib)
+    fb, info_t = to_tflite(tg)
+    assert info_t["ops"]["CONV_2D"] == 19 and not info_t["float_ops"]
+    lite = score_litert(fb, [(x, y)])
+    assert abs(lite["top1"] - onnx_top1) <= 0.005
+    _, micro = _runtimes(fb)
+    want = run(tg, x[:50], requant="tflite")[tg.output_names[0]]
+    for i in range(50):
+        micro.set_input(_nhwc(x[i:i + 1]), 0)
+        micro.invoke()
+        assert np.array_equal(micro.get_output(0), want[i:i + 1])
