@@ -400,3 +400,10 @@ def test_fewer_data_classes_than_the_model_predicts_warns(capsys, d):
                  str(d / "images"), "--calib-size", "8", "--simulate-size", "0", "--out", str(d / "out")])
     err = capsys.readouterr().err
     assert code == 0 and "warning: the model predicts 10 classes but --data has 2 (cats, dogs)" in err
+
+
+def test_calibration_set_larger_than_memory_is_refused_up_front(capsys, d, monkeypatch):
+    import edgeslim.data.limits as limits
+
+    monkeypatch.setattr(limits, "machine_memory_bytes", lambda: 40 << 10)  # 40 images of 3x8x8 need 30 KiB
+    expect_error(capsys, _quantize(d, "--calib-size", "40", data=d / "d.npz"), "lower --calib-size", out=d / "out")
