@@ -346,6 +346,21 @@ def test_low_bit_activations_export_in_int8_containers(name, activations):
     _assert_exact(_compare(tg, fb, x, "int8"), info)
 
 
+def test_overflow_statistics_in_tflite_mode_equal_the_float_mode():
+    """The accumulator statistics do not depend on the requantization: ``analyze --overflow`` works in tflite mode
+    (the first layer reads the same codes in both modes; later layers read differently rounded ones)."""
+    from edgeslim.engine.overflow import OverflowStats
+
+    q, calib = _quantized("conv_relu")
+    tg = prepare_graph(q.intgraph, calib)
+    x = np.random.default_rng(11).standard_normal((4, 3, 8, 8)).astype(np.float32) * 4
+    stats = {mode: OverflowStats() for mode in ("tflite", "float")}
+    for mode, st in stats.items():
+        run(tg, x, requant=mode, stats=st, accumulator_bits=16)
+    assert stats["tflite"].layers()[0] == stats["float"].layers()[0] and len(stats["tflite"].layers()) == 2
+    assert stats["tflite"].layers()[0]["accumulator_overflows"] > 0
+
+
 def test_pow2_scales_export_exactly():
     """The VTA-style power-of-two setting reaches TFLite: multipliers are powers of two there too."""
     q, calib = _quantized("add", scale="pow2")

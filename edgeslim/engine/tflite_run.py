@@ -44,8 +44,10 @@ def _weighted(g: IntGraph, node: IntNode, env, cfg, conv: bool):
                          w_scale=a["w_scale"], float_output=True)[0]
     out_q = g.qparams[node.outputs[0]]
     m, s = tflite_ops.conv_multipliers(in_q.scale, a["w_scale"], out_q.scale)
+    stats = cfg.get("stats")  # overflow statistics, as in the other modes
     kw = dict(m0=m, shift=s, y_zero_point=out_q.zero_point, clamp=_clamp(node, out_q), requant="tflite",
-              accumulator_bits=cfg["accumulator_bits"], overflow=cfg["overflow"])
+              accumulator_bits=cfg["accumulator_bits"], overflow=cfg["overflow"],
+              observer=None if stats is None else stats.observer(node.name, a["w"].shape[0]))
     if conv:
         return ops.QLinearConv(x, in_q.zero_point, a["w"], a["w_zero_point"], a.get("bias"), strides=at["strides"],
                                pads=at["pads"], dilations=at["dilations"], group=at["group"], **kw)[0]
