@@ -140,6 +140,18 @@ class OptionA(nn.Module):
         return F.relu(self.c2(x) + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2)))
 
 
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc(pool(x))) + x: a broadcast MUL of (N, C, H, W) by (N, C, 1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.f1, self.f2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c(x))
+        return x * torch.sigmoid(self.f2(F.relu(self.f1(F.adaptive_avg_pool2d(x, 1))))) + x
+
+
 def _conv(*a, **k):
     return nn.Conv2d(*a, **k)
 
@@ -163,6 +175,7 @@ MODELS = {
     "leaky_relu": lambda: Seq(_conv(3, 8, 3, padding=1), nn.LeakyReLU(0.1), _conv(8, 4, 1)),
     "silu": Silu,
     "option_a": OptionA,
+    "squeeze_excite": SqueezeExcite,
 }
 
 
