@@ -78,11 +78,11 @@ class Requirement:
     def failures(self, row: dict, fp32_top1: float) -> list[str]:
         out = []
         if self.max_drop is not None and (fp32_top1 - row["top1"]) * 100 > self.max_drop + 1e-9:
-            out.append(f"accuracy drop {(fp32_top1 - row['top1']) * 100:.2f} > {self.max_drop} points")
+            out.append(f"accuracy drop {(fp32_top1 - row['top1']) * 100:.2f} > {self.max_drop:g} points")
         if self.max_latency_ms is not None and row["latency_ms"] > self.max_latency_ms:
-            out.append(f"latency {row['latency_ms']:.3f} > {self.max_latency_ms} ms")
+            out.append(f"latency {row['latency_ms']:.3f} > {self.max_latency_ms:g} ms")
         if self.max_size_kb is not None and row["size_bytes"] > self.max_size_kb * 1024:
-            out.append(f"size {row['size_bytes'] / 1024:.1f} > {self.max_size_kb} KiB")
+            out.append(f"size {row['size_bytes'] / 1024:.1f} > {self.max_size_kb:g} KiB")
         return out
 
 
@@ -216,7 +216,10 @@ def holdout_top1(path: Path, ctx: Context) -> float:
 
 
 def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
+    """Export ``d`` and measure it; ``step_seconds`` is ``seconds`` plus the export (quantization, reconstruction)."""
+    t0 = time.perf_counter()
     path, size = export(d, ctx)
+    seconds += time.perf_counter() - t0
     top1 = onnx_top1({"m": path}, ctx.test, 500, f"{step}: scoring")["m"]
     lat = ort_eval.latency_samples({"fp32": ctx.fp32_onnx, "m": path}, ctx.info.input_shape, 1,
                                    threads=ctx.options.threads, rounds=ctx.options.latency_rounds)
@@ -430,7 +433,8 @@ def try_roads(d: Deployable, ctx: Context, rows: list[dict], skipped: dict, afte
         if isinstance(cand, str):
             skipped[key] = cand
             continue
-        row = {**measure(cand, ctx, road.step, time.perf_counter() - t0), "road": road.label, "on": after}
+        label = replace(road, method=cand.method).label  # a pruned model gets round-to-nearest
+        row = {**measure(cand, ctx, road.step, time.perf_counter() - t0), "road": label, "on": after}
         row["why"] = unmet(row, ctx) or ["meets the target"]
         rows.append(row)
         tried.append(row)
@@ -525,7 +529,8 @@ def closest_road(d: Deployable, ctx: Context, on: str) -> dict:
              if r.fmt == "int8" and (r.w_bits == 8 or ctx.target.packed_weights)]
     road = min(roads, key=lambda r: (predicted_bytes(r, d.model, ctx.target, d.sparse), -r.w_bits))
     t0 = time.perf_counter()
-    row = {**measure(road_deployable(road, d, ctx), ctx, road.step, time.perf_counter() - t0), "road": road.label,
+    cand = road_deployable(road, d, ctx)
+    row = {**measure(cand, ctx, road.step, time.perf_counter() - t0), "road": replace(road, method=cand.method).label,
            "on": on}
     row["why"] = unmet(row, ctx) + ["measured as the closest: no road can meet the target"]
     return row
