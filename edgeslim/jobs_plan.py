@@ -510,7 +510,8 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
         if done is not None:
             skipped[step] = f"not needed: {rows[-1]['road']} on the {rows[-1]['on']} structure meets the target"
             continue
-        d, reason = structural_step(step, d, ctx, memory_binds, rows)
+        reason = structural_skip(step, ctx, memory_binds, order)
+        d, reason = (d, reason) if reason else structural_step(step, d, ctx, memory_binds, rows)
         if reason is not None:
             skipped[step] = reason
             continue
@@ -534,6 +535,15 @@ def closest_road(d: Deployable, ctx: Context, on: str) -> dict:
            "on": on}
     row["why"] = unmet(row, ctx) + ["measured as the closest: no road can meet the target"]
     return row
+
+
+def structural_skip(step: str, ctx: Context, memory_binds: bool, order: list[str]) -> str | None:
+    """G2 is not worth its accuracy when only memory binds and G5 may run: magnitude pruning alone reaches any size
+    (its sparsity is chosen for the budget), and factorization buys MACs the target does not ask for."""
+    if step == "G2" and memory_binds and "G5" in order and ctx.requirement.max_latency_ms is None:
+        return ("skipped: only the size binds and G5's magnitude pruning reaches it alone; factorization would spend "
+                "accuracy on MACs no target asks for")
+    return None
 
 
 def structural_step(step: str, d: Deployable, ctx: Context, memory_binds: bool, rows: list[dict]):
