@@ -32,7 +32,7 @@ class Road:
         if self.fmt == "fp16":
             return "FP16"
         base = f"W{self.w_bits}A8" + (f" {self.method}" if self.method else "")
-        return f"mixed W{self.w_bits}A8+" if self.fmt == "mixed" else base
+        return f"mixed W{self.w_bits}A8+" + (f" {self.method}" if self.method else "") if self.fmt == "mixed" else base
 
 
 def quant_roads(target: Target, method: str) -> list[Road]:
@@ -41,7 +41,8 @@ def quant_roads(target: Target, method: str) -> list[Road]:
     if target.int8:
         roads.append(Road("G3", "int8", 8))
         roads += [Road("G3", "int8", b, method) for b in LOW_BITS]
-        roads.append(Road("G4", "mixed", min(LOW_BITS) if target.packed_weights else 8))
+        low = min(LOW_BITS) if target.packed_weights else 8
+        roads.append(Road("G4", "mixed", low, method if low < 8 else None))
     roads.append(Road("G4", "fp16", 16))
     return roads
 
