@@ -443,14 +443,18 @@ def _quantize(args) -> int:
                                  accumulator_bits=args.accumulator, overflow_mode=args.overflow_mode,
                                  requant=args.requant, overflow_images=args.overflow_images)
     task = _task(args, info)
-    if task != "classify" and formats != ("onnx",):
-        raise EdgeslimError(f"--formats {','.join(formats)}: TFLite files are written for classification runs only "
-                            "so far: use --formats onnx")
+    if formats != ("onnx",):  # what TFLite cannot hold is refused here, before calibration
+        from .export.tflm import check_model, check_plan, require_litert
+
+        check_plan(plan)
+        check_model(model)
+        if task != "classify":
+            require_litert()
     if getattr(args, "decoded_output", False) and task != "detect":
         raise EdgeslimError("--decoded-output writes a detector's box decoding into the graph: it needs --task detect "
                             "and a detector edgeslim can decode")
     if task == "fidelity":
-        return _quantize_fidelity(args, model, info, config, plan, analyze)
+        return _quantize_fidelity(args, model, info, config, plan, analyze, formats)
     if task == "detect":
         from .detect_task import DetectOptions
         from .jobs_detect import run_detect_quantize
@@ -460,7 +464,7 @@ def _quantize(args) -> int:
                              batch_size=min(args.batch_size, 16), threads=args.threads,
                              simulation_images=_simulate(args, 16), decoded_output=args.decoded_output)
         summary = run_detect_quantize(model, info, calib, test, config, Path(args.out), plan=plan, opts=opts,
-                                      analyze=analyze)
+                                      analyze=analyze, formats=formats)
         print_detect_summary(summary, Path(args.out))
         return 0
     calib, test = _data(args, info)
@@ -524,13 +528,13 @@ def input_spec(args, info):
     return InputSpec(size=size, channel_order=order, mean=mean, std=std, resize=args.resize or stored.get("resize", "stretch"))
 
 
-def _quantize_fidelity(args, model, info, config, plan, analyze=None) -> int:
+def _quantize_fidelity(args, model, info, config, plan, analyze=None, formats=("onnx",)) -> int:
     from .jobs_fidelity import FidelityOptions, run_fidelity_quantize
 
     calib, test, spec = _fidelity_inputs(args, model, info, calib_limit=args.calib_size)
     s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec,
                               opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
-                              plan=plan, analyze=analyze)
+                              plan=plan, analyze=analyze, formats=formats)
     print_fidelity_summary(s, Path(args.out))
     return 0
 
@@ -563,6 +567,7 @@ def print_fidelity_summary(s: dict, out: Path) -> None:
         worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
         print(f"overflow ({s['overflow']['images']} inputs): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
               f"of pixels in a filter of {worst['name']}")
+    _tflite_line(s)
     print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
 
 
@@ -916,12 +921,27 @@ def print_summary(s: dict, out: Path) -> None:
         worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
         print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
               f"of pixels in a filter of {worst['name']}; see report.html")
-    if "tflite" in s:  # --formats tflite / tflm
-        t, mcu = s["tflite"], s.get("mcu")
-        top1 = f"top-1 {t['top1']:.4f} in LiteRT, " if t.get("top1") is not None else ""
-        print(f"model_int8.tflite: {top1}{t['size_bytes'] / 1024:.1f} KiB, float ops: {', '.join(t['float_ops']) or 'none'}"
-              + (f"; TFLM arena {mcu['ram_bytes'] / 1024:.1f} KiB (model_data.h / .cc, op_resolver.txt)" if mcu else ""))
+    _tflite_line(s)
     print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
+
+
+def _tflite_line(s: dict) -> None:
+    """``--formats tflite / tflm``: the .tflite's score in LiteRT (top-1, mAP or worst SQNR), size, float ops, arena."""
+    if "tflite" not in s:
+        return
+    t, mcu = s["tflite"], s.get("mcu")
+    score = ""
+    if t.get("top1") is not None:
+        score = f"top-1 {t['top1']:.4f} in LiteRT, "
+    elif "map50" in t:
+        score = f"mAP@.5 {t['map50']:.4f}, mAP@.5:.95 {t['map50_95']:.4f} in LiteRT, "
+    elif t.get("fidelity_vs_fp32"):
+        from .eval.fidelity import headline_db
+
+        db = headline_db(t["fidelity_vs_fp32"])
+        score = f"worst SQNR vs FP32 {'exact' if db is None else format(db, '.1f') + ' dB'} in LiteRT, "
+    print(f"model_int8.tflite: {score}{t['size_bytes'] / 1024:.1f} KiB, float ops: {', '.join(t['float_ops']) or 'none'}"
+          + (f"; TFLM arena {mcu['ram_bytes'] / 1024:.1f} KiB (model_data.h / .cc, op_resolver.txt)" if mcu else ""))
 
 
 def print_detect_summary(s: dict, out: Path) -> None:
@@ -950,6 +970,7 @@ def print_detect_summary(s: dict, out: Path) -> None:
         d = s["decoded_output"]
         print(f"decoded-output files ({d['output']} {d['shape']}): mAP@.5 FP32 {d['fp32']['map50']:.4f}, INT8 "
               f"{d['int8']['map50']:.4f} (NMS only after the graph)")
+    _tflite_line(s)
     print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
     if "decoded_output" in s:
         print(f"      {', '.join(s['decoded_output']['files'].values())}")

@@ -32,21 +32,31 @@ from .report.encodings import encodings
 
 def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
                         config: PTQConfig, out: Path, *, plan: MixedPlan | None = None,
-                        opts: DetectOptions = DetectOptions(), analyze: AnalyzeOptions | None = None) -> dict:
-    """Quantize a detector on ``calib``, score FP32 / simulation / ONNX FP32 / ONNX INT8 on ``test``, write ``out``."""
+                        opts: DetectOptions = DetectOptions(), analyze: AnalyzeOptions | None = None,
+                        formats: tuple[str, ...] = ("onnx",)) -> dict:
+    """Quantize a detector on ``calib``, score FP32 / simulation / ONNX FP32 / ONNX INT8 on ``test``, write ``out``.
+    ``formats`` with ``tflite`` / ``tflm`` also writes ``model_int8.tflite`` (and the TFLM files), its mAP in LiteRT
+    (XNNPACK, 1 thread, batch 1) with the same decoder next to onnx_int8's."""
     decoder = check_detector(info, test)
     opts = fit_options(model, opts)
     def work(stage: Path) -> dict:
         x_cal = calibration_images(calib, config.calib_size, config.seed, info)
         q = api.quantize(model, x_cal, config, plan=plan, input_shape=info.input_shape, batch_size=opts.batch_size,
                          progress=True)
+        lite = None
+        if {"tflite", "tflm"} & set(formats):  # refused here, before scoring, when TFLite cannot hold the graph
+            from .export.tflm import build, litert_runner
+
+            lite = build(q.intgraph, x_cal[:256])
         fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
         int8_path = api.export_onnx(q, stage / "model_int8.onnx")
         for path in (fp32_path, int8_path):
             add_metadata(path, detector_metadata(info))
         ptq.set_mode(q.model, "quant")
-        results = evaluate_models({"onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}, test,
-                                  decoder, opts, info=info)
+        runners = {"onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}
+        if lite is not None:
+            runners["tflite_litert"] = litert_runner(lite[0])
+        results = evaluate_models(runners, test, decoder, opts, info=info)
         if opts.decoded_output:
             results["decoded_output"] = decoded_files(fp32_path, int8_path, test, decoder, opts, info)
         n_sim = len(test) if opts.simulation_images is None else min(len(test), opts.simulation_images)
@@ -90,10 +100,24 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
                     q.intgraph, (to_model_order(x, info) for x, _, _ in sub.batches(opts.batch_size,
                                                                                    desc="overflow statistics")),
                     analyze)
+        if lite is not None:
+            summary.update(_tflite_fields(lite, stage, formats, results.pop("tflite_litert"), x_cal, info))
         (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
         return summary
 
     return staged(out, work)
+
+
+def _tflite_fields(lite, stage: Path, formats: tuple[str, ...], scored: dict, x_cal, info: ModelInfo) -> dict:
+    """The ``tflite`` (and ``mcu``) summary fields: the files, the mAP of the ``.tflite`` in LiteRT, and the engine's
+    ``tflite`` mode against LiteRT / TFLM on two calibration images."""
+    from .export.tflm import agreement, write_files
+
+    fb, tg, meta = lite
+    fields = write_files(fb, tg, meta, stage, formats)
+    fields["tflite"].update(scored, scored_by="LiteRT (XNNPACK, 1 thread), batch 1, the numpy decoder",
+                            engine_vs_runtimes=agreement(tg, fb, x_cal[:2]))
+    return fields
 
 
 def run_detect_sensitivity(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,

@@ -48,11 +48,13 @@ class FidelityOptions:
 def run_fidelity_quantize(model: nn.Module, info: ModelInfo, calib: np.ndarray, test: np.ndarray,
                           config: PTQConfig, out: Path, *, spec: InputSpec | None = None,
                           opts: FidelityOptions = FidelityOptions(), plan: MixedPlan | None = None,
-                          analyze: analysis.AnalyzeOptions | None = None) -> dict:
+                          analyze: analysis.AnalyzeOptions | None = None, formats: tuple[str, ...] = ("onnx",)) -> dict:
     """Quantize ``model`` on ``calib`` (model inputs), score INT8 vs FP32 on ``test``; artifacts into ``out``.
     With ``analyze`` the integer engine also runs (``edgeslim analyze``): its agreement with onnxruntime per
-    output and overflow statistics."""
-    return staged(out, lambda stage: _run(model, info, calib, test, config, stage, spec, opts, plan, analyze))
+    output and overflow statistics. ``formats`` with ``tflite`` / ``tflm`` also writes ``model_int8.tflite``
+    (and the TFLM files), scored in LiteRT against the FP32 ONNX outputs like the INT8 ONNX file."""
+    return staged(out, lambda stage: _run(model, info, calib, test, config, stage, spec, opts, plan, analyze,
+                                          formats))
 
 
 def _metadata(info: ModelInfo, spec: InputSpec | None, config: PTQConfig) -> dict[str, str]:
@@ -94,8 +96,13 @@ def _simulate(q: api.Quantized, x: np.ndarray, batch: int) -> list[np.ndarray]:
 
 def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PTQConfig, stage: Path,
          spec: InputSpec | None, opts: FidelityOptions, plan: MixedPlan | None,
-         analyze: analysis.AnalyzeOptions | None) -> dict:
+         analyze: analysis.AnalyzeOptions | None, formats: tuple[str, ...] = ("onnx",)) -> dict:
     q = api.quantize(model, calib, config, plan=plan, input_shape=info.input_shape, progress=True)
+    lite = None
+    if {"tflite", "tflm"} & set(formats):  # refused here, before scoring, when TFLite cannot hold the graph
+        from .export.tflm import build
+
+        lite = build(q.intgraph, calib[:256])
     fixed_batch = (getattr(model, "meta", {}) or {}).get("onnx_dynamic_batch") is False
     batch = 1 if fixed_batch else opts.batch_size
     names = api.fp32_io_names(q.model, len(q.intgraph.output_names))
@@ -151,7 +158,25 @@ def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PT
         summary["plan"] = plan.to_dict()
     if analyze is not None:
         summary.update(analysis.analyze_outputs(q.intgraph, test, outs["int8"], outs["fp32"], analyze, batch))
+    if lite is not None:
+        summary.update(_tflite_fields(lite, stage, formats, test, outs["fp32"], names[1]))
     enc = encodings(q.intgraph)
     enc["preprocessing"] = summary["preprocessing"]
     (stage / "encodings.json").write_text(json.dumps(enc, indent=1))
     return summary
+
+
+def _tflite_fields(lite, stage: Path, formats: tuple[str, ...], test: np.ndarray, fp32: dict[str, np.ndarray],
+                   names: list[str]) -> dict:
+    """``model_int8.tflite`` (+ TFLM files) into ``stage``; its outputs in LiteRT (XNNPACK, 1 thread, batch 1)
+    scored against the FP32 ONNX outputs; the engine's ``tflite`` mode vs LiteRT / TFLM on the first inputs."""
+    from .export.tflm import agreement, litert_runner, write_files
+
+    fb, tg, info = lite
+    fields = write_files(fb, tg, info, stage, formats)
+    lsbs = dict(zip(names, output_lsbs(tg).values()))
+    got = dict(zip(names, litert_runner(fb)(test)))
+    fields["tflite"].update(fidelity_vs_fp32=fidelity(fp32, got, lsbs), inputs=int(len(test)),
+                            scored_by="LiteRT (XNNPACK, 1 thread), batch 1",
+                            engine_vs_runtimes=agreement(tg, fb, test[:SIMULATION_SUBSET // 4], names))
+    return fields
