@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--target", default="cpu-int8", help="cpu-int8 | vta | mcu-int8 | mcu-w4 | fp16-gpu | a target JSON")
     plan.add_argument("--lowbit-method", default="brecq", help="learned rounding of the sub-8-bit roads: brecq | adaround")
     plan.add_argument("--lowbit-iters", type=int, default=300, help="its iterations per unit")
+    plan.add_argument("--holdout-size", type=int, default=1000, help="training images kept out of fine-tuning that "
+                      "score every choice (at most a quarter of them; the test set is never used to choose)")
     plan.add_argument("--max-drop", type=float, help="accuracy budget in points of top-1 (1.0 = one point)")
     plan.add_argument("--max-latency-ms", type=float, help="onnxruntime latency per image (batch 1)")
     plan.add_argument("--max-size-kb", type=float, help="stored parameter size in KiB")

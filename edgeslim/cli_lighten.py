@@ -121,7 +121,8 @@ def plan(args) -> int:
                        budget_epochs=args.budget_epochs, finetune=cfg, calib_size=args.calib_size,
                        prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone,
                        lowbit_method=getattr(args, "lowbit_method", "brecq"),
-                       lowbit_iters=getattr(args, "lowbit_iters", 300))
+                       lowbit_iters=getattr(args, "lowbit_iters", 300),
+                       holdout_size=getattr(args, "holdout_size", 1000))
     s = run_plan(model, info, train, test, Path(args.out), target=load_target(args.target), requirement=req,
                  options=opts, train_size=args.train_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
                  resume=args.resume)

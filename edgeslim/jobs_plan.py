@@ -92,7 +92,7 @@ class PlanOptions:
     budget_epochs: float = 3.0  # fine-tuning epochs shared by the steps that change weights
     finetune: FinetuneConfig = FinetuneConfig()
     calib_size: int = 512
-    holdout_size: int = 1000  # training images that score mixed-precision candidates (G4)
+    holdout_size: int = 1000  # training images kept out of fine-tuning: every choice is scored on them
     prune_macs: float = 0.5  # G5 channel pruning: keep this fraction of MACs
     sparsity: float | None = None  # G5 magnitude pruning: fraction of weights set to zero; None: what the size needs
     factor_share: float = 0.5  # G2: factorize the heaviest convs covering this share of conv MACs
@@ -111,6 +111,8 @@ class PlanOptions:
             raise EdgeslimError(f"invalid --budget-epochs {self.budget_epochs}: use 0 or more")
         if self.lowbit_method not in ("brecq", "adaround"):
             raise EdgeslimError(f"invalid --lowbit-method {self.lowbit_method!r}: use brecq or adaround")
+        if self.holdout_size < 1:
+            raise EdgeslimError(f"invalid --holdout-size {self.holdout_size}: use 1 or more images")
         if self.lowbit_iters < 1:
             raise EdgeslimError(f"invalid --lowbit-iters {self.lowbit_iters}: use 1 or more")
         if self.sparsity is not None and not 0 < self.sparsity < 1:

@@ -148,6 +148,8 @@ def test_plan_errors_are_one_line(capsys, tmp_path, cifar_like):
     assert "give a target" in capsys.readouterr().err
     assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--steps", "G9")) == 2
     assert "invalid --steps" in capsys.readouterr().err
+    assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--lowbit-method", "gptq")) == 2
+    assert "invalid --lowbit-method" in capsys.readouterr().err
     assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--target", "tpu")) == 2
     assert "unknown target" in capsys.readouterr().err
 

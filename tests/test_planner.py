@@ -118,7 +118,8 @@ def test_w4_ptq_alone_meets_the_target_and_structure_is_skipped(tmp_path, data):
     assert [r["on"] for r in s["steps"]] == ["baseline", "baseline"]  # nothing structural ran
     assert s["skipped"]["G5"].startswith("not needed: W4A8 brecq")
     assert s["skipped"]["G1"] == s["skipped"]["G2"] == "not allowed by --steps"
-    assert s["skipped"]["G3 W8A8"] == f"stores {stored(model, 8) / 1024:.1f} KiB (int8 containers) > {req.max_size_kb:g} KiB"
+    w8 = stored(model, 8)
+    assert s["skipped"]["G3 W8A8"] == f"stores {w8 / 1024:.1f} KiB (int8 containers) > {req.max_size_kb:g} KiB"
     assert s["skipped"]["G3 W6A8 brecq"].startswith(f"stores {w6 / 1024:.1f} KiB (packed)")
     assert all(abs(w).max() <= 8 for w in onnx_int_weights(tmp_path / "model_final.onnx"))  # really 4-bit values
     assert s["size_counts"] == "packed k-bit weights"
@@ -134,7 +135,8 @@ def test_size_quantization_cannot_meet_takes_a_structural_step(tmp_path, data):
     assert s["met"], s["statement"]
     row = check_chosen_row(s, tmp_path, model, train, test)
     assert row["on"] == "G5" and any(r["step"] == "G5" and r["road"] == "FP32" for r in s["steps"])
-    assert row["method"] is None and row["road"] == "W4A8"  # pruned zeros: round-to-nearest (learned rounding could revive them)
+    # pruned zeros: round-to-nearest (learned rounding could revive them)
+    assert row["method"] is None and row["road"] == "W4A8"
     # the stored bytes of the written file's integer weights, in their smallest sparse format, plus int32 biases
     ws = onnx_int_weights(tmp_path / "model_final.onnx")
     bits = 4 if row["w_bits"] == 4 else 8
@@ -151,7 +153,8 @@ def test_impossible_target_ends_not_met_with_the_closest_row(tmp_path, data):
     assert not s["met"] and "NOT met" in s["statement"] and s["skipped"]["G5"] == "not allowed by --steps"
     rows = s["steps"]
     last = rows[-1]
-    assert last["road"] == "W4A8 brecq" and last["size_bytes"] == stored(model, 4)  # the smallest allowed, measured anyway
+    # the smallest allowed road, measured anyway
+    assert last["road"] == "W4A8 brecq" and last["size_bytes"] == stored(model, 4)
 
     def distance(r):  # recomputed here: relative overshoots of size and held-out drop
         drop = (s["fp32_holdout_top1"] - r["holdout_top1"]) * 100
@@ -161,3 +164,35 @@ def test_impossible_target_ends_not_met_with_the_closest_row(tmp_path, data):
     best = min(rows, key=distance)
     assert (s["best"]["step"], s["best"]["road"]) == (best["step"], best["road"])
     assert f"Closest: {best['road']} after {best['on']}" in s["statement"]
+
+
+def test_road_skip_reasons():
+    # the cheap decisions, each from a measured row or a size computed from the parameter count
+    from edgeslim.jobs_plan import Context, Deployable, road_skip
+    from edgeslim.plan_roads import Road
+
+    model = tiny_net()
+
+    def ctx(req, target="mcu-w4", steps=("G3", "G4", "G5")):
+        return Context(info=INFO, teacher=model, train=None, test=None, calib=None, holdout=None, config=None,
+                       target=TARGETS[target], requirement=req, options=PlanOptions(steps=steps), work=None,
+                       fp32_onnx=None, epochs_per_step=0.0, fp32_top1=1.0, fp32_holdout=1.0, float_holdout=1.0)
+
+    d = Deployable(model)
+    w8 = {"format": "int8", "road": "W8A8", "w_bits": 8, "holdout_top1": 0.95, "latency_ms": 1.0,
+          "size_bytes": stored(model, 8)}
+    w4, mixed = Road("G3", "int8", 4, "brecq"), Road("G4", "mixed", 4, "brecq")
+    slow = ctx(Requirement(max_latency_ms=0.5))
+    assert road_skip(w4, d, slow, [w8]).startswith("runs the same int8 kernels as W8A8")
+    assert road_skip(w4, d, slow, []) is None  # nothing measured yet: run it
+    inaccurate = ctx(Requirement(max_drop=1.0))
+    assert road_skip(w4, d, inaccurate, [w8]).startswith("W8A8 already misses the accuracy target")
+    containers = ctx(Requirement(max_drop=1.0), "cpu-int8")
+    assert road_skip(w4, d, containers, []).startswith("cpu-int8 stores weights in int8")
+    assert road_skip(mixed, d, ctx(Requirement(max_drop=1.0), steps=("G3", "G5")), []) == "not allowed by --steps (G4)"
+    assert road_skip(mixed, d, ctx(Requirement(max_size_kb=100)), []).startswith("no accuracy target")
+    tight = Requirement(max_drop=1.0, max_size_kb=(stored(model, 4) - 1) / 1024)
+    assert road_skip(w4, d, ctx(tight), []).startswith(f"stores {stored(model, 4) / 1024:.1f} KiB (packed)")
+    lost = ctx(Requirement(max_drop=1.0))
+    lost.float_holdout = 0.97  # the structure lost 3 held-out points already
+    assert "no precision recovers them" in road_skip(w4, d, lost, [])
