@@ -20,7 +20,6 @@ import copy
 import json
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -456,7 +455,9 @@ def run_plan(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, resume)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    from .io.staging import new_stage
+
+    stage = new_stage(out)  # .staging-<pid>-...: the next run sweeps it if this process is killed (SIGKILL)
     try:
         summary = _plan(model, info, train_ds, test_ds, stage, target, requirement, options, train_size, seed,
                         (out, checkpoint_every, resume))
