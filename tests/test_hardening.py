@@ -407,3 +407,13 @@ def test_calibration_set_larger_than_memory_is_refused_up_front(capsys, d, monke
 
     monkeypatch.setattr(limits, "machine_memory_bytes", lambda: 40 << 10)  # 40 images of 3x8x8 need 30 KiB
     expect_error(capsys, _quantize(d, "--calib-size", "40", data=d / "d.npz"), "lower --calib-size", out=d / "out")
+
+
+def test_16_bit_gray_detection_images_keep_their_precision():
+    from PIL import Image
+
+    from edgeslim.data.detection import letterbox
+
+    x, r, pad = letterbox(Image.fromarray(np.full((10, 20), 40000, np.uint16)), 32)
+    assert x.shape == (3, 32, 32) and r == 1.6 and pad == (0, 8)
+    assert x[:, 16, 16] == pytest.approx([40000 / 65535] * 3, abs=1e-6) and x[0, 0, 0] == pytest.approx(114 / 255)

@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from edgeslim.errors import EdgeslimError
+from edgeslim.data.transforms import HIGH_DEPTH_MODES, high_depth_to_unit
 from edgeslim.data.files import IMAGE_EXTENSIONS, ZipReader, hidden_path, read_file, walk_folder
 
 PAD_VALUE = 114
@@ -71,15 +72,23 @@ def letterbox_geometry(h: int, w: int, imgsz: int) -> tuple[float, tuple[int, in
 
 
 def letterbox(img: Image.Image, imgsz: int) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """PIL image -> ``(3, S, S)`` float32 RGB in [0, 1], ratio ``r`` and pad ``(dw, dh)``."""
-    if img.mode != "RGB":
+    """PIL image -> ``(3, S, S)`` float32 RGB in [0, 1], ratio ``r`` and pad ``(dw, dh)``.
+
+    16-bit grayscale images keep their precision (resized in float mode, value / 65535) instead of saturating."""
+    wide = img.mode in HIGH_DEPTH_MODES
+    if wide:
+        img = Image.fromarray(high_depth_to_unit(img)[:, :, 0] * np.float32(255.0), mode="F")
+    elif img.mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size
+    if w == 0 or h == 0:
+        raise ValueError("the image has no pixels")
     r, (nw, nh), (dw, dh) = letterbox_geometry(h, w, imgsz)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BILINEAR)
-    canvas = np.full((imgsz, imgsz, 3), PAD_VALUE, np.uint8)
-    canvas[dh : dh + nh, dw : dw + nw] = np.asarray(img, np.uint8)
+    canvas = np.full((imgsz, imgsz, 3), PAD_VALUE, np.float32 if wide else np.uint8)
+    pixels = np.asarray(img, np.float32 if wide else np.uint8)
+    canvas[dh : dh + nh, dw : dw + nw] = pixels[:, :, None] if wide else pixels
     out = np.ascontiguousarray(canvas.transpose(2, 0, 1)).astype(np.float32)
     out /= np.float32(255.0)
     return out, r, (dw, dh)
