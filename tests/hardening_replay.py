@@ -311,6 +311,18 @@ def dead_pid() -> int:
         pid -= 1
 
 
+QAT_ONE_STEP = ["qat", "{d}/usermodels.py:tiny", "--input-shape", "3,8,8", "--train-data", "{d}/d.npz", "--data",
+                "{d}/d.npz", "--max-steps", "1", "--calib-size", "8", "--w-bits", "8", "--a-bits", "8", "--out",
+                "{d}/out"]
+
+
+def _finished_qat(d: Path) -> None:
+    """A finished one-step QAT run in ``out`` (its checkpoint), for the --resume cases."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("EDGESLIM_REPLAY_ROOT", str(ROOT)))
+    subprocess.run([sys.executable, "-m", "edgeslim", *[a.replace("{d}", str(d)) for a in QAT_ONE_STEP]], cwd=d,
+                   env=env, check=True, capture_output=True, timeout=300)
+
+
 def _file_out(d: Path) -> None:
     (d / "out").write_text("an existing file")
 
@@ -406,6 +418,11 @@ CASES: list[Case] = [
         "y = run(g, np.ones((1, 3, 8, 8), np.float32))['out']\n"
         "assert y.shape == (1, 4, 8, 8) and np.isfinite(y).all()"), expect="ok"),
     Case("qdq-constant-without-value", "5", api="edgeslim.import_qdq('{d}/qdq_empty_const.onnx')"),
+    # 3 / 5. --resume from a checkpoint of another run
+    Case("resume-other-train-data", "3", [*QAT_ONE_STEP[:4], "--train-data", "{d}/big.npz",
+                                          *QAT_ONE_STEP[6:], "--resume"], prepare=_finished_qat, timeout=300),
+    Case("resume-other-model", "5", ["qat", "{d}/usermodels.py:gray", "--input-shape", "1,8,8",
+                                     *QAT_ONE_STEP[4:], "--resume"], prepare=_finished_qat, timeout=300),
     # 5. every other command
     Case("analyze-accumulator-8", "5", _quant("--accumulator", "8", verb="analyze")),
     Case("analyze-corrupt-zip", "5", _quant(verb="analyze", data=["--calib-data", "{d}/corrupt_member.zip",
