@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "fits --max-size-kb, counted with the values' deployed width)")
     plan.add_argument("--backbone", help="G1: a light backbone as NAME[:WIDTH] (shufflenet_v2:0.5, mobilenet_v2:1.0); "
                       "it starts from random weights and is distilled from the model")
+    export = sub.add_parser("export", help="LiteRT (.tflite) / TFLM files of a finished quantize run folder")
+    export.add_argument("run_dir", help="the --out folder of edgeslim quantize (model_int8.onnx, summary.json)")
+    export.add_argument("--format", required=True, choices=("tflite", "tflm"),
+                        help="tflite: model_int8.tflite; tflm: also model_data.h/.cc, op_resolver.txt, arena size")
+    export.add_argument("--io", default="float", choices=("float", "int8"), help="the .tflite's input / output type")
     return parser
 
 
@@ -313,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             _check_numbers(args)
             return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
                     "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
-                    "factorize": cli_lighten.factorize, "plan": cli_lighten.plan}[args.command](args)
+                    "factorize": cli_lighten.factorize, "plan": cli_lighten.plan,
+                    "export": _export}[args.command](args)
     except EdgeslimError as exc:
         print(f"edgeslim: error: {exc}", file=sys.stderr)
         return 2
@@ -474,6 +480,26 @@ def _quantize(args) -> int:
                            MeasureOptions(threads=args.threads, batch_size=args.batch_size,
                                           simulation_images=_simulate(args, 1000), formats=formats), analyze, plan)
     print_summary(summary, Path(args.out))
+    return 0
+
+
+def _export(args) -> int:
+    from .export.tflm import parse_formats, require_tflite
+    from .jobs_export import run_export
+
+    formats = parse_formats(args.format)
+    require_tflite(formats)
+    s = run_export(Path(args.run_dir), formats, io=args.io)
+    _tflite_line(s)
+    e = s["tflite"].get("engine_vs_runtimes")
+    if e:
+        print("engine (tflite mode) vs " + ", ".join(
+            f"{k} {min(r['identical_share'] for r in e[k].values()):.2%}" for k in ("litert_reference", "litert_xnnpack",
+                                                                                   "tflm"))
+            + f" identical outputs ({e['images']} random inputs); int8 logits range "
+            + s["tflite"]["logits_range"])
+    print(f"wrote {args.run_dir}/model_int8.tflite" + (", model_data.h, model_data.cc, op_resolver.txt"
+                                                       if "mcu" in s else "") + ", summary.json (tflite / mcu)")
     return 0
 
 

@@ -131,3 +131,78 @@ def test_detect_task_scores_the_tflite_in_litert(tmp_path, capsys, yolo_set):
     _exact(t["engine_vs_runtimes"])
     x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)
     _file_runs_as_engine((out / "model_int8.tflite").read_bytes(), x)
+
+
+# ----------------------------------------------------------------------------- edgeslim export RUN_DIR
+
+from test_tflite import tiny_job  # noqa: E402,F401  (a tiny classifier quantize command on 12 images)
+
+
+def test_export_from_a_run_rebuilds_the_file_quantize_wrote(tmp_path, capsys, tiny_job):
+    """The run's model_int8.onnx read back and written again: the same model (tensor names aside: ONNX renamed them),
+    output-equal in LiteRT, so the summary keeps quantize's LiteRT top-1; TFLM files and arena rewritten."""
+    from edgeslim.export.tflm import litert_runner
+
+    run = tmp_path / "run"
+    assert main([*tiny_job, "--formats", "tflm"]) == 0
+    wrote = (run / "model_int8.tflite").read_bytes()
+    before = json.loads((run / "summary.json").read_text())
+    for f in ("model_int8.tflite", "model_data.cc", "model_data.h", "op_resolver.txt"):
+        (run / f).unlink()
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "tflm"]) == 0
+    assert "model_int8.tflite: top-1" in capsys.readouterr().out
+    fb = (run / "model_int8.tflite").read_bytes()
+    after = json.loads((run / "summary.json").read_text())
+    t = after["tflite"]
+    assert t["content_sha256"] == before["tflite"]["content_sha256"] and t["top1"] == before["tflite"]["top1"]
+    assert t["logits_range"].startswith("recorded") and t["ops"] == before["tflite"]["ops"]
+    assert after["mcu"]["flash_bytes"] == len(fb) and after["mcu"]["ram_bytes"] == before["mcu"]["ram_bytes"]
+    assert (run / "model_data.cc").read_text().count("0x") == len(fb)
+    _exact(t["engine_vs_runtimes"])
+    x = np.random.default_rng(5).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    for reference in (True, False):
+        for a, b in zip(litert_runner(wrote, reference)(x), litert_runner(fb, reference)(x)):
+            assert np.array_equal(a, b)
+    # again over the file: the same bytes, the score kept; a tflite-only export drops the TFLM build it replaces
+    assert main(["export", str(run), "--format", "tflite"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert (run / "model_int8.tflite").read_bytes() == fb and s["tflite"]["top1"] == before["tflite"]["top1"]
+    assert "mcu" not in s and not (run / "model_data.cc").exists()
+
+
+def test_export_from_an_onnx_only_run_bounds_the_logits(tmp_path, capsys, tiny_job):
+    run = tmp_path / "run"
+    assert main(tiny_job) == 0
+    assert main(["export", str(run), "--format", "tflite"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["tflite"]["logits_range"].startswith("bounded") and "mcu" not in s
+    _exact(s["tflite"]["engine_vs_runtimes"])
+    _file_runs_as_engine((run / "model_int8.tflite").read_bytes(),
+                         np.random.default_rng(6).standard_normal((2, 3, 8, 8)).astype(np.float32))
+
+
+def test_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), "--format", "tflite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgeslim: error: ") and "is not a finished quantize run" in err[0]
+    assert main(["export", str(tmp_path / "nowhere"), "--format", "tflite"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    # a run whose INT8 model keeps a float island (PReLU) cannot be written as all-int8 TFLite (here the importer
+    # already refuses the float head reshape: either way, one line)
+    src = families.export("landmarks", tmp_path / "lm.onnx")
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((4, 3, 48, 48)).astype(np.float32))
+    assert main(["quantize", str(src), "--calib-data", str(tmp_path / "x.npz"), "--data", str(tmp_path / "x.npz"),
+                 "--out", str(tmp_path / "lm")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "lm"), "--format", "tflite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgeslim: error: ") and "Traceback" not in err[0]
+    assert "cannot be read back" in err[0] or "FloatIsland" in err[0]
+    assert not (tmp_path / "lm" / "model_int8.tflite").exists()
+    monkeypatch.setitem(sys.modules, "tflite_micro", None)
+    assert main(["export", str(tmp_path / "lm"), "--format", "tflm"]) == 2
+    assert capsys.readouterr().err.strip().endswith("needs the tflite extra: pip install -e '.[tflite]'")

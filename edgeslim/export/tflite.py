@@ -106,7 +106,8 @@ def _choose_builtins(g: IntGraph) -> None:
             n.attrs["tflite_op"] = "LOGISTIC_MUL"
 
 
-def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str = "table") -> IntGraph:
+def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str = "table",
+                  logits: list[QParams] | None = None) -> IntGraph:
     """A copy of ``g`` that TFLite can run: every float-output layer (the classifier's logits, a dequantized
     accumulator in the IntGraph) gets int8 outputs followed by DequantizeLinear, since TFLite's int8
     FULLY_CONNECTED has no float output. Their range is observed on ``calib`` (float N, C, H, W inputs; the
@@ -115,7 +116,10 @@ def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str
     ``activations``: ``table`` (default) writes every LUT activation but leaky ReLU as its int8 table (GATHER;
     exactly the simulation's table); ``builtin`` uses LOGISTIC / HARD_SWISH / LOGISTIC + MUL (SiLU), which NPU
     compilers map to their own units, at the price of TFLite's fixed output scale 1/256 for LOGISTIC and one more
-    rounding than the simulation."""
+    rounding than the simulation.
+
+    ``logits``: the int8 parameters of the float-output layers, in graph order, as ``logit_qparams`` read them
+    from a prepared graph (``edgeslim export`` rebuilds the file of a run from its recorded ones)."""
     if activations not in ACTIVATIONS:
         raise EdgeslimError(f"invalid activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
     check_graph(g)
@@ -125,23 +129,33 @@ def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str
     heads = [n for n in g.nodes if n.attrs.get("float_output")]
     if not heads:
         return g
+    if logits is not None and len(logits) != len(heads):
+        raise EdgeslimError(f"{len(logits)} recorded logit parameters for {len(heads)} float-output layers: "
+                            "the run's summary.json does not belong to its model_int8.onnx")
     observed = {}
-    if calib is not None:
+    if calib is not None and logits is None:
         from ..engine.run import run
         observed = run(g, np.asarray(calib, np.float32), requant="tflite", return_codes=True)
-    for node in heads:
+    for k, node in enumerate(heads):
         name = node.outputs[0]
-        qy = _logit_qparams(observed[name] if name in observed else _logit_bound(g, node))
+        qy = logits[k] if logits is not None else \
+            _logit_qparams(observed[name] if name in observed else _logit_bound(g, node))
         coded = f"{name}_int8"
         g.qparams[coded] = qy
         in_q = g.qparams[node.inputs[0]]
         node.arrays.update(multiplier_arrays(in_q.scale * node.arrays["w_scale"].astype(np.float64) / qy.scale))
         node.attrs.pop("float_output")
         node.attrs["clamp"] = (qy.qmin, qy.qmax)
+        node.attrs["tflite_logits"] = True
         node.outputs = [coded]
         node.name = coded
         g.nodes.insert(g.nodes.index(node) + 1, IntNode("DequantizeLinear", name, [coded], [name]))
     return g
+
+
+def logit_qparams(tg: IntGraph) -> list[QParams]:
+    """The int8 parameters ``prepare_graph`` chose for the float-output layers of ``g`` (graph order)."""
+    return [tg.qparams[n.outputs[0]] for n in tg.nodes if n.attrs.get("tflite_logits")]
 
 
 def tensor_shapes(g: IntGraph) -> dict[str, tuple[int, ...]]:
@@ -649,7 +663,7 @@ def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
 
     Returns (bytes, info): info holds ``ops`` (builtin -> count), ``op_codes`` (the TFLM resolver list),
     ``float_ops`` (ops left in float: none, the exporter refuses float islands), ``lut_as_gather`` (activations
-    written as int8 table lookups), ``input_layout`` / ``output_layout``."""
+    written as int8 table lookups), ``input_layout`` / ``output_layout``, ``content_sha256``."""
     if io not in IO_TYPES:
         raise EdgeslimError(f"invalid TFLite IO type {io!r}: use one of {', '.join(IO_TYPES)}")
     check_graph(g)
@@ -660,7 +674,13 @@ def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
         counts[op.code] = counts.get(op.code, 0) + 1
     float_ops = [op.code for op in m.ops if op.code not in ("QUANTIZE", "DEQUANTIZE") and
                  any(m.tensors[i].dtype == np.float32 for i in [*op.inputs, *op.outputs] if i >= 0)]
+    import dataclasses
+    import hashlib
+
+    unnamed = dataclasses.replace(m, tensors=[dataclasses.replace(t, name=f"t{i}") for i, t in enumerate(m.tensors)])
     info = {"ops": counts, "op_codes": m.op_codes(), "float_ops": float_ops, "lut_as_gather": ex.lut_tables,
+            # the file with its tensor names left out: equal for the same model read back from model_int8.onnx
+            "content_sha256": hashlib.sha256(to_bytes(unnamed)).hexdigest(),
             "io": io, "input_layout": "NHWC" if len(g.input_shape) == 3 else "as IntGraph",
             "output_layout": ["NHWC" if len(s) == 3 else "as IntGraph" for s in g.output_shapes]}
     return to_bytes(m), info

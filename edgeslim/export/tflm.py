@@ -163,12 +163,14 @@ def score_litert(fb: bytes, test) -> dict:
     return {"top1": correct / max(total, 1), "images": total, "scored_by": "LiteRT (XNNPACK, 1 thread), batch 1"}
 
 
-def build(g: IntGraph, calib: np.ndarray | None = None, io: str = "float") -> tuple[bytes, IntGraph, dict]:
+def build(g: IntGraph, calib: np.ndarray | None = None, io: str = "float",
+          logits: list | None = None) -> tuple[bytes, IntGraph, dict]:
     """(flatbuffer, prepared IntGraph, ``to_tflite`` info) for ``g``: raises the exporter's one-line
-    ``EdgeslimError`` for a graph TFLite cannot hold, so jobs call it right after quantizing (before scoring)."""
+    ``EdgeslimError`` for a graph TFLite cannot hold, so jobs call it right after quantizing (before scoring).
+    ``logits``: recorded int8 parameters of the float-output layers (``prepare_graph``)."""
     from .tflite import prepare_graph, to_tflite
 
-    tg = prepare_graph(g, calib)
+    tg = prepare_graph(g, calib, logits=logits)
     fb, info = to_tflite(tg, io=io)
     return fb, tg, info
 
@@ -252,9 +254,14 @@ def write_files(fb: bytes, tg: IntGraph, info: dict, folder: Path, formats: tupl
         tmp.replace(folder / name)
 
     put("model_int8.tflite", fb)
+    from .tflite import logit_qparams
+
     summary = {"tflite": {"file": "model_int8.tflite", "size_bytes": len(fb), "ops": info["ops"],
                           "float_ops": info["float_ops"], "lut_as_gather": info["lut_as_gather"], "io": io,
-                          "layout": "NHWC"}}
+                          "layout": "NHWC", "content_sha256": info["content_sha256"],
+                          # the int8 logits' parameters (edgeslim export rebuilds this very file from them)
+                          "logit_qparams": [{"scale": q.scale, "zero_point": q.zero_point}
+                                            for q in logit_qparams(tg)]}}
     if "tflm" in formats:
         header, source = c_source(fb)
         put("model_data.h", header.encode())
