@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "at or above this many dB")
     mixed.add_argument("--max-size-kb", type=float, help="stored parameter budget in KiB")
     mixed.add_argument("--max-latency-ms", type=float, help="onnxruntime latency budget per image (batch 1)")
-    _qat_args(sub.add_parser("qat", help="quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"))
+    mixed.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
+    qat = sub.add_parser("qat", help="quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)")
+    _qat_args(qat)
+    qat.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
     prune = sub.add_parser("prune", help="G5: channel pruning (speed) or magnitude pruning (memory), fine-tuned with KD")
     cli_lighten.add_args(prune)
     prune.add_argument("--method", default="channel", help="channel (physically smaller model) | magnitude (sparse)")
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     fact.add_argument("--rank", type=int, help="explicit rank / depth multiplier instead of --macs-reduction")
     plan = sub.add_parser("plan", help="the lightweighting guideline G1-G5, step by step until the target is met")
     cli_lighten.add_args(plan)
+    plan.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
     plan.add_argument("--target", default="cpu-int8", help="cpu-int8 | vta | mcu-int8 | mcu-w4 | fp16-gpu | a target JSON")
     plan.add_argument("--lowbit-method", default="brecq", help="learned rounding of the sub-8-bit roads: brecq | adaround")
     plan.add_argument("--lowbit-iters", type=int, default=300, help="its iterations per unit")
@@ -317,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             _check_out(args)
             _check_numbers(args)
             return {"demo": _demo, "inspect": _inspect, "quantize": _quantize, "analyze": _quantize,
-                    "sensitivity": _sensitivity, "mixed": _mixed, "qat": _qat, "prune": cli_lighten.prune,
-                    "factorize": cli_lighten.factorize, "plan": cli_lighten.plan,
+                    "sensitivity": _sensitivity, "mixed": _deploying(_mixed), "qat": _deploying(_qat),
+                    "prune": cli_lighten.prune, "factorize": cli_lighten.factorize,
+                    "plan": _deploying(cli_lighten.plan),
                     "export": _export}[args.command](args)
     except EdgeslimError as exc:
         print(f"edgeslim: error: {exc}", file=sys.stderr)
@@ -481,6 +486,63 @@ def _quantize(args) -> int:
                                           simulation_images=_simulate(args, 1000), formats=formats), analyze, plan)
     print_summary(summary, Path(args.out))
     return 0
+
+
+FINAL_FORMATS_HELP = ("comma-separated: onnx (always written), tflite (the final INT8 model as model_int8.tflite, "
+                      "LiteRT int8), tflm (also model_data.h/.cc, op resolver, arena size)")
+DEPLOYED = {"mixed": "model_mixed.onnx", "qat": "model_int8.onnx", "plan": "model_final.onnx"}  # the final model
+
+
+def _deployable(args) -> tuple[str, ...]:
+    """``--formats`` on mixed / qat / plan: the extras and what the final model can be, checked before any work."""
+    from .export.tflm import parse_formats, require_litert, require_tflite
+
+    formats = parse_formats(args.formats)
+    if formats == ("onnx",):
+        return formats
+    require_tflite(formats)
+    require_litert()
+    what = f"{args.command} --formats {','.join(f for f in formats if f != 'onnx')}"
+    if args.command == "mixed":
+        from .export.tflm import check_config
+
+        config = _config(args)
+        check_config(config)
+        high = _high(args, config)
+        if high.w.is_float or high.a.is_float or max(high.w.bits, high.a.bits) > 8:
+            raise EdgeslimError(f"{what}: --high {high} leaves layers TFLite's int8 kernels cannot run: pass --high "
+                                "int8 (with --w-bits / --a-bits below 8 for the other layers)")
+    elif args.command == "qat":
+        if args.w_bits > 8 or args.a_bits > 8:
+            raise EdgeslimError(f"{what} needs --w-bits / --a-bits of 8 or fewer")
+    elif getattr(args, "target", None) == "fp16-gpu":
+        raise EdgeslimError(f"{what}: the fp16-gpu target ends in FP16, which the int8 TFLite export cannot write: "
+                            "use --target mcu-int8 or cpu-int8")
+    return formats
+
+
+def _deploying(command):
+    """Run ``command`` (mixed / qat / plan); with ``--formats tflite / tflm``, write its final INT8 model (``DEPLOYED``)
+    as ``model_int8.tflite`` (+ TFLM files) into ``--out`` afterwards (``jobs_export``: int8 logits bounded from the
+    weights), summary.json's ``tflite`` / ``mcu`` fields updated."""
+    def call(args) -> int:
+        formats = _deployable(args)
+        code = command(args)
+        if code != 0 or formats == ("onnx",):
+            return code
+        from .train.dist import Dist
+
+        if not Dist.from_env().main:
+            return code
+        model_file = DEPLOYED[args.command]
+        if not (Path(args.out) / model_file).is_file():
+            raise EdgeslimError(f"--formats {args.formats}: the run wrote no {model_file} (see summary.json), so there "
+                                "is no INT8 model to write as .tflite")
+        from .jobs_export import run_export
+
+        _tflite_line(run_export(Path(args.out), formats, model_file=model_file))
+        return code
+    return call
 
 
 def _export(args) -> int:

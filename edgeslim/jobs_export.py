@@ -51,6 +51,19 @@ def _recorded_logits(summary: dict) -> list[QParams] | None:
             from None
 
 
+def _check_integer(path: Path) -> None:
+    """A float model (``plan`` may end at FP32 when it meets the target unquantized) has no int8 form to write."""
+    import onnx
+
+    try:
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    except Exception as exc:  # noqa: BLE001 - an unreadable file: one line
+        raise EdgeslimError(f"{path} cannot be read ({str(exc).splitlines()[0][:120]}): re-run the command") from None
+    if not any(op == "QuantizeLinear" or op.startswith("QLinear") or op.endswith("Integer") for op in ops):
+        raise EdgeslimError(f"{path.name} is a float model (the run kept FP32), so there is no INT8 model to write as "
+                            "TFLite: tighten the target so that the run quantizes, or run quantize --formats tflite")
+
+
 def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check_images: int = 2,
                model_file: str = "model_int8.onnx") -> dict:
     """Write the ``.tflite`` (and TFLM files) of the run in ``run_dir``; return the new ``tflite`` / ``mcu`` fields.
@@ -63,6 +76,7 @@ def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check
 
     run_dir = Path(run_dir)
     summary = _run_folder(run_dir, model_file)
+    _check_integer(run_dir / model_file)
     try:
         g = import_qdq(run_dir / model_file)
     except EdgeslimError as exc:

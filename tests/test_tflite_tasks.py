@@ -206,3 +206,56 @@ def test_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tflite_micro", None)
     assert main(["export", str(tmp_path / "lm"), "--format", "tflm"]) == 2
     assert capsys.readouterr().err.strip().endswith("needs the tflite extra: pip install -e '.[tflite]'")
+
+
+# ----------------------------------------------------------------------------- --formats on mixed / qat / plan
+
+def _tiny_many(tmp_path, n=60):
+    """tiny_job's classifier with 2 x ``n`` images (mixed / plan hold out 50 + 50)."""
+    from PIL import Image
+
+    from test_tflite import TINY
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "big" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "big" / cls / f"{i}.png")
+    (tmp_path / "usermodels.py").write_text(TINY)
+    return [f"{tmp_path / 'usermodels.py'}:tiny", "--input-shape", "3,8,8", "--data", str(tmp_path / "big"),
+            "--calib-size", "8"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["mixed", "--calib-data", "{big}", "--max-drop", "1", "--high", "fp32"], "--high fp32 leaves layers"),
+    (["plan", "--train-data", "{big}", "--max-drop", "1", "--target", "fp16-gpu"], "the fp16-gpu target ends in FP16"),
+    (["qat", "--train-data", "{big}", "--a-bits", "16"], "needs --w-bits / --a-bits of 8 or fewer")])
+def test_final_model_formats_refused_before_any_work(tmp_path, capsys, argv, needle):
+    common = _tiny_many(tmp_path, n=1)
+    argv = [a.replace("{big}", str(tmp_path / "big")) for a in argv]
+    assert main([argv[0], *common, *argv[1:], "--formats", "tflite", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edgeslim: error: ") and needle in err[-1], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv,model_file", [
+    (["mixed", "--calib-data", "{big}", "--w-bits", "4", "--high", "int8", "--max-drop", "100"], "model_mixed.onnx"),
+    (["qat", "--train-data", "{big}", "--epochs", "1", "--train-size", "16"], "model_int8.onnx"),
+    (["plan", "--train-data", "{big}", "--max-drop", "100", "--max-size-kb", "1.5", "--target", "mcu-int8"],
+     "model_final.onnx")])
+def test_final_model_is_written_as_tflite(tmp_path, capsys, argv, model_file):
+    """mixed / qat / plan --formats tflm: the run's final INT8 model as .tflite + TFLM build; engine == LiteRT / TFLM."""
+    common = _tiny_many(tmp_path)
+    argv = [a.replace("{big}", str(tmp_path / "big")) for a in argv]
+    out = tmp_path / "run"
+    assert main([argv[0], *common, *argv[1:], "--formats", "tflm", "--out", str(out)]) == 0
+    assert "model_int8.tflite: " in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["tflite"]["exported_from"].startswith(model_file) and s["tflite"]["ops"]["CONV_2D"] == 2
+    assert s["mcu"]["ram_bytes"] > 0 and (out / "model_data.cc").exists()
+    _exact(s["tflite"]["engine_vs_runtimes"])
+    if argv[0] != "qat":  # import_tflite cannot yet read QAT's MINIMUM clamp after a two-consumer op back
+        _file_runs_as_engine((out / "model_int8.tflite").read_bytes(),
+                             np.random.default_rng(8).standard_normal((2, 3, 8, 8)).astype(np.float32))
