@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="the lightweighting guideline G1-G5, step by step until the target is met")
     cli_lighten.add_args(plan)
     plan.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
+    plan.add_argument("--max-ram-kb", type=float, help="mcu targets: RAM budget in KiB, the tensor arena TFLM allocates "
+                      "for the int8 .tflite (needs the tflite extra)")
     plan.add_argument("--target", default="cpu-int8", help="cpu-int8 | vta | mcu-int8 | mcu-w4 | fp16-gpu | a target JSON")
     plan.add_argument("--lowbit-method", default="brecq", help="learned rounding of the sub-8-bit roads: brecq | adaround")
     plan.add_argument("--lowbit-iters", type=int, default=300, help="its iterations per unit")
@@ -498,6 +500,11 @@ def _deployable(args) -> tuple[str, ...]:
     from .export.tflm import parse_formats, require_litert, require_tflite
 
     formats = parse_formats(args.formats)
+    if getattr(args, "max_ram_kb", None) is not None:  # plan: TFLM's arena of every candidate
+        if not str(args.target).startswith("mcu-"):
+            raise EdgeslimError(f"--max-ram-kb is the TFLM tensor arena of a microcontroller build: use --target "
+                                f"mcu-int8 or mcu-w4 (not {args.target})")
+        require_tflite(("tflite", "tflm"))
     if formats == ("onnx",):
         return formats
     require_tflite(formats)

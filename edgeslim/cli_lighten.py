@@ -116,7 +116,7 @@ def plan(args) -> int:
 
     check_backbone(args.backbone)
     cfg, model, info, train, test = _setup(args)
-    req = Requirement(args.max_drop, args.max_latency_ms, args.max_size_kb)
+    req = Requirement(args.max_drop, args.max_latency_ms, args.max_size_kb, getattr(args, "max_ram_kb", None))
     opts = PlanOptions(steps=tuple(s.strip().upper() for s in args.steps.split(",") if s.strip()),
                        budget_epochs=args.budget_epochs, finetune=cfg, calib_size=args.calib_size,
                        prune_macs=args.prune_macs, sparsity=args.sparsity, threads=args.threads, backbone=args.backbone,

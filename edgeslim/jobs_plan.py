@@ -55,9 +55,11 @@ class Requirement:
     max_drop: float | None = None  # points of top-1 (1.0 = one point)
     max_latency_ms: float | None = None
     max_size_kb: float | None = None
+    max_ram_kb: float | None = None  # TFLM tensor arena of the int8 .tflite (mcu targets; tflm_ram_bytes)
 
     def __post_init__(self) -> None:
-        if self.max_drop is None and self.max_latency_ms is None and self.max_size_kb is None:
+        if self.max_drop is None and self.max_latency_ms is None and self.max_size_kb is None \
+                and self.max_ram_kb is None:
             raise EdgeslimError("give a target: --max-drop POINTS, --max-latency-ms MS and/or --max-size-kb KB")
         for name, v in asdict(self).items():
             if v is not None and not v >= 0:
@@ -72,6 +74,9 @@ class Requirement:
             total += max(0.0, row["latency_ms"] / max(self.max_latency_ms, 1e-9) - 1)
         if self.max_size_kb is not None:
             total += max(0.0, row["size_bytes"] / max(self.max_size_kb * 1024, 1e-9) - 1)
+        if self.max_ram_kb is not None:  # a model TFLM cannot run in int8 (FP32) is as far as it gets
+            ram = row.get("ram_bytes")
+            total += 1.0 if ram is None else max(0.0, ram / max(self.max_ram_kb * 1024, 1e-9) - 1)
         return total
 
     def failures(self, row: dict, fp32_top1: float) -> list[str]:
@@ -82,6 +87,12 @@ class Requirement:
             out.append(f"latency {row['latency_ms']:.3f} > {self.max_latency_ms:g} ms")
         if self.max_size_kb is not None and row["size_bytes"] > self.max_size_kb * 1024:
             out.append(f"size {row['size_bytes'] / 1024:.1f} > {self.max_size_kb:g} KiB")
+        if self.max_ram_kb is not None:
+            ram = row.get("ram_bytes")
+            if ram is None:
+                out.append("no int8 TFLM arena (not an all-int8 TFLite model)")
+            elif ram > self.max_ram_kb * 1024:
+                out.append(f"TFLM arena {ram / 1024:.1f} > {self.max_ram_kb:g} KiB")
         return out
 
 
@@ -233,7 +244,22 @@ def measure(d: Deployable, ctx: Context, step: str, seconds: float) -> dict:
             "method": d.method, "top1": top1, "holdout_top1": holdout_top1(path, ctx), "onnx": path.name,
             "latency_ms": statistics.median(lat["m"]), "latency_vs_fp32": ort_eval.paired_ratio(lat, "m", "fp32"),
             "size_bytes": int(size), "onnx_bytes": path.stat().st_size, "init_s": statistics.median(inits),
-            "params": _params(d.model), "step_seconds": seconds, "notes": list(d.notes)}
+            "params": _params(d.model), "step_seconds": seconds, "notes": list(d.notes), **tflm_ram_bytes(path, ctx)}
+
+
+def tflm_ram_bytes(path: Path, ctx: Context) -> dict:
+    """``{"ram_bytes": ...}`` under ``--max-ram-kb``: the tensor arena TFLM allocates for the file written as an int8
+    ``.tflite`` (``export.tflm``; logits bounded from the weights), None when it has no all-int8 form; {} otherwise."""
+    if ctx.requirement.max_ram_kb is None:
+        return {}
+    from .export.tflm import arena_bytes, build
+    from .io.onnx_qdq_import import import_qdq
+
+    try:
+        fb, tg, _ = build(import_qdq(path))
+    except EdgeslimError:
+        return {"ram_bytes": None}
+    return {"ram_bytes": arena_bytes(fb, (1, *tg.input_shape[1:], tg.input_shape[0]))}
 
 
 def step_checkpoint(ctx: Context, step: str) -> Checkpoint | None:
@@ -493,11 +519,10 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
     rng = np.random.default_rng(seed)
     cal_idx = rng.choice(len(train.y), min(options.calib_size, len(train.y)), replace=False)
     teacher = copy.deepcopy(model).eval()
-    changing = [s for s in options.steps if s in ("G2", "G5") or (s == "G1" and options.backbone)]
     ctx = Context(info, teacher, train, test_ds, train.x[cal_idx].numpy(), holdout,
                   target.ptq_config(PTQConfig(calib_size=options.calib_size, seed=seed)), target, requirement, options,
                   stage, api.export_fp32_onnx(model, info.input_shape, stage / "baseline_fp32.onnx"),
-                  options.budget_epochs / max(1, len(changing)))
+                  options.budget_epochs)
     ctx.checkpoints, ctx.checkpoint_every, ctx.resume = checkpoints
     ctx.model_digest = params_digest(model)
     d = Deployable(copy.deepcopy(model).eval())
@@ -509,6 +534,7 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
     memory_binds = requirement.max_size_kb is not None and done is None and \
         predicted_bytes(Road("G3", "int8", lowest_bits(ctx)), model, target, False) > requirement.max_size_kb * 1024
     order = [s for s in order_steps(options.steps, memory_binds) if s in ("G1", "G2", "G5")]
+    ctx.epochs_per_step = options.budget_epochs / max(1, len(runnable_steps(order, ctx, memory_binds)))
     for step in order:
         if done is not None:
             skipped[step] = f"not needed: {rows[-1]['road']} on the {rows[-1]['on']} structure meets the target"
@@ -538,6 +564,12 @@ def closest_road(d: Deployable, ctx: Context, on: str) -> dict:
            "on": on}
     row["why"] = unmet(row, ctx) + ["measured as the closest: no road can meet the target"]
     return row
+
+
+def runnable_steps(order: list[str], ctx: Context, memory_binds: bool) -> list[str]:
+    """The structural steps that will change weights if they are needed: they share the fine-tuning budget."""
+    return [s for s in order if (s != "G1" or ctx.options.backbone) and structural_skip(s, ctx, memory_binds, order)
+            is None]
 
 
 def structural_skip(step: str, ctx: Context, memory_binds: bool, order: list[str]) -> str | None:

@@ -259,3 +259,26 @@ def test_final_model_is_written_as_tflite(tmp_path, capsys, argv, model_file):
     if argv[0] != "qat":  # import_tflite cannot yet read QAT's MINIMUM clamp after a two-consumer op back
         _file_runs_as_engine((out / "model_int8.tflite").read_bytes(),
                              np.random.default_rng(8).standard_normal((2, 3, 8, 8)).astype(np.float32))
+
+
+def test_max_ram_kb_needs_an_mcu_target(tmp_path, capsys):
+    common = _tiny_many(tmp_path, n=1)
+    assert main(["plan", *common, "--train-data", str(tmp_path / "big"), "--max-ram-kb", "8",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("use --target mcu-int8 or mcu-w4 (not cpu-int8)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_plan_max_ram_kb_judges_every_row_by_the_tflm_arena(tmp_path, capsys):
+    """plan --max-ram-kb on mcu-int8: FP32 has no int8 arena (unmet), W8A8's arena is measured and meets 8 KiB; the
+    final .tflite's arena is the one the plan judged. A budget below every arena ends NOT met."""
+    common = _tiny_many(tmp_path)
+    base = ["plan", *common, "--train-data", str(tmp_path / "big"), "--target", "mcu-int8"]
+    assert main([*base, "--max-ram-kb", "8", "--formats", "tflm", "--out", str(tmp_path / "ok")]) == 0
+    s = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    rams = [r["ram_bytes"] for r in s["steps"]]
+    assert rams[0] is None and s["met"] and s["mcu"]["ram_bytes"] == rams[-1] <= 8 * 1024
+    assert main([*base, "--max-ram-kb", "0.5", "--out", str(tmp_path / "tight")]) == 0
+    s = json.loads((tmp_path / "tight" / "summary.json").read_text())
+    assert not s["met"] and "TFLM arena" in json.dumps(s)
