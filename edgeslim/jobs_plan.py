@@ -607,6 +607,7 @@ def summarize(rows, skipped, ctx: Context, met: bool, order, memory_binds, train
             "unmet": unmet(best, ctx), "best": {"step": best["step"], "road": best["road"], "unmet": unmet(best, ctx)},
             "statement": _statement(met, best, ctx), "fp32_top1": ctx.fp32_top1, "fp32_holdout_top1": ctx.fp32_holdout,
             "holdout_images": int(len(ctx.holdout[1])), "train_images": int(len(train.y)),
+            "epochs_per_step": ctx.epochs_per_step,
             "total_seconds": time.perf_counter() - t_start}
 
 

@@ -130,8 +130,10 @@ def test_size_quantization_cannot_meet_takes_a_structural_step(tmp_path, data):
     budget = 0.6 * stored(model, 4)  # below every road on the dense model
     req = Requirement(max_drop=40.0, max_size_kb=budget / 1024)
     s = run_plan(model, INFO, train, test, tmp_path, target=TARGETS["mcu-w4"], requirement=req,
-                 options=PlanOptions(**{**OPTS.__dict__, "budget_epochs": 1.0}))
+                 options=PlanOptions(**{**OPTS.__dict__, "budget_epochs": 1.0, "steps": ("G2", "G3", "G4", "G5")}))
     assert s["memory_binds"] and s["skipped"]["G3 W4A8 brecq"].startswith("stores ")
+    # only the size binds: G2 is skipped up front and G5 gets the whole fine-tuning budget
+    assert "only the size binds" in s["skipped"]["G2"] and s["epochs_per_step"] == 1.0
     assert s["met"], s["statement"]
     row = check_chosen_row(s, tmp_path, model, train, test)
     assert row["on"] == "G5" and any(r["step"] == "G5" and r["road"] == "FP32" for r in s["steps"])
