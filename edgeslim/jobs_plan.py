@@ -324,8 +324,8 @@ def int_plan(d: Deployable, ctx: Context) -> MixedPlan | None:
     return ctx.target.plan(ptq.prepare(d.model, ctx.info.input_shape, ctx.config))
 
 
-def road_deployable(road: Road, d: Deployable, ctx: Context) -> Deployable | str:
-    """``d``'s structure deployed by ``road`` (a new Deployable), or why the road cannot be taken."""
+def road_deployable(road: Road, d: Deployable, ctx: Context) -> Deployable:
+    """``d``'s structure deployed by ``road`` (a new Deployable sharing ``d``'s float model)."""
     method = None if d.sparse else road.method  # learned rounding may turn a pruned zero into one LSB
     cand = replace(d, fmt=road.fmt, w_bits=road.w_bits if road.fmt != "fp16" else 8, method=method,
                    plan=None, notes=list(d.notes))
@@ -456,10 +456,10 @@ def try_roads(d: Deployable, ctx: Context, rows: list[dict], skipped: dict, afte
         key = f"{road.step} {road.label}" + ("" if after == "baseline" else f" after {after}")
         why = road_skip(road, d, ctx, tried)
         t0 = time.perf_counter()
-        cand = road_deployable(road, d, ctx) if why is None else why
-        if isinstance(cand, str):
-            skipped[key] = cand
+        if why is not None:
+            skipped[key] = why
             continue
+        cand = road_deployable(road, d, ctx)
         label = replace(road, method=cand.method).label  # a pruned model gets round-to-nearest
         row = {**measure(cand, ctx, road.step, time.perf_counter() - t0), "road": label, "on": after}
         row["why"] = unmet(row, ctx) or ["meets the target"]
@@ -542,7 +542,7 @@ def _plan(model, info, train_ds, test_ds, stage, target, requirement, options, t
         reason = structural_skip(step, ctx, memory_binds, order)
         d, reason = (d, reason) if reason else structural_step(step, d, ctx, memory_binds, rows)
         if reason is not None:
-            skipped[step] = reason
+            skipped[step] = reason.removeprefix("skipped: ")
             continue
         done = None if unmet(rows[-1], ctx) else d
         if done is None:
@@ -576,7 +576,7 @@ def structural_skip(step: str, ctx: Context, memory_binds: bool, order: list[str
     """G2 is not worth its accuracy when only memory binds and G5 may run: magnitude pruning alone reaches any size
     (its sparsity is chosen for the budget), and factorization buys MACs the target does not ask for."""
     if step == "G2" and memory_binds and "G5" in order and ctx.requirement.max_latency_ms is None:
-        return ("skipped: only the size binds and G5's magnitude pruning reaches it alone; factorization would spend "
+        return ("only the size binds and G5's magnitude pruning reaches it alone; factorization would spend "
                 "accuracy on MACs no target asks for")
     return None
 
