@@ -35,6 +35,7 @@ from ..errors import EdgeslimError
 from ..eval.profile import profile
 from ..graph.capture import capture
 from ..graph.dependency import ChannelGroup, find_groups, remove_channels
+from ..io.atomic import atomic_write_bytes
 
 
 # ---- importance criteria: __call__(group, gm) -> one score per channel ---------------------------------
@@ -118,11 +119,7 @@ class PruneRecord:
     params_after: int = 0
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
-        return path
+        return atomic_write_bytes(path, json.dumps(asdict(self), indent=1).encode(), "pruning record")
 
     @classmethod
     def load(cls, path: str | Path) -> PruneRecord:

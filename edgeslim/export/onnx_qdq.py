@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..io.atomic import atomic_write_bytes
 from ..intgraph import ACTIVATION_OPS, FLOAT_OPS, IntGraph, IntNode, QParams
 
 OPSET_8BIT, OPSET_WIDE = 17, 21
@@ -504,9 +505,5 @@ def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> onnx.ModelPr
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
-    """Write atomically: a temporary file next to ``path``, then rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
-    return path
+    """Write atomically, through a fresh temporary file next to ``path`` (never a planted link; ``io.atomic``)."""
+    return atomic_write_bytes(path, model.SerializeToString(), "ONNX file")
