@@ -1,24 +1,28 @@
-"""ResNet-20 (CIFAR-10) as a LiteRT int8 flatbuffer: top-1 in LiteRT (reference kernels and XNNPACK) next to
-onnxruntime INT8 and the engine's tflite mode, the share of identical outputs, TFLM on a subset, latency of
-LiteRT XNNPACK (1 thread) vs onnxruntime INT8 (1 thread) paired, flash and arena bytes.
-Writes the ``tflite-export`` section of BENCHMARKS.md with ``--write``.
+"""LiteRT int8 export on real models: ResNet-20 (CIFAR-10) top-1 in LiteRT (reference kernels and XNNPACK) next to
+onnxruntime INT8 and the engine's tflite mode, the share of identical outputs, TFLM on a subset; MobileNetV2 (random
+weights, fidelity vs FP32); FastestDet and yolov5n on COCO128 val2017 (mAP of the .tflite in LiteRT next to
+onnxruntime INT8, ``quantize --task detect --formats tflm``). Latency of LiteRT XNNPACK (1 thread) vs onnxruntime INT8
+(1 thread) paired; flash and arena bytes. Writes the ``tflite-export`` section of BENCHMARKS.md with ``--write``
+(from whatever parts have finished: each part's result is kept as JSON under ``--work``).
 
-    python -m bench.tflite_export [--shared ../shared] [--test-size 10000] [--ref-size 10000] [--tflm-size 500]
+    python -m bench.tflite_export [--parts resnet20,mobilenet_v2,detect] [--test-size 10000] [--ref-size 10000]
+        [--tflm-size 500] [--work runs/bench-tflite] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench._report import ROOT, table, write_section
+from bench._report import COMMIT, ROOT, table, write_section
 from edgeslim import api
 from edgeslim.config import PTQConfig
 from edgeslim.data import Preprocess, calibration_indices, open_dataset
@@ -95,20 +99,7 @@ def _paired_latency(fb: bytes, onnx_path: Path, shape, rounds: int) -> dict:
             "litert_over_ort": ort_eval.paired_ratio(times, "litert_xnnpack", "ort_int8")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
-    ap.add_argument("--calib-size", type=int, default=512)
-    ap.add_argument("--test-size", type=int, default=10000)
-    ap.add_argument("--ref-size", type=int, default=10000, help="images run in LiteRT's reference kernels")
-    ap.add_argument("--tflm-size", type=int, default=500, help="images run in TFLM (slow reference kernels)")
-    ap.add_argument("--latency-rounds", type=int, default=300)
-    ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
-    args = ap.parse_args()
-    shared = Path(args.shared)
-    work = Path(tempfile.mkdtemp(prefix="edgeslim-tflite-"))
-    torch.set_num_threads(2)
-
+def resnet20(args, shared: Path, work: Path) -> dict:
     model, info = build_model("resnet20", shared / "models/resnet20_cifar10jpeg.pt")
     pre = Preprocess(info.input_shape, info.mean, info.std)
     train = open_dataset(shared / "data/cifar10-jpeg-train.zip", pre)
@@ -124,18 +115,22 @@ def main() -> None:
     tg = prepare_graph(q.intgraph, x_cal)
     fb, finfo = to_tflite(tg)
     (work / "model_int8.tflite").write_bytes(fb)
-    print(f"tflite: {len(fb)} bytes, ops {finfo['ops']}", file=sys.stderr)
+    print(f"tflite: {len(fb)} bytes, ops {finfo['ops']}", file=sys.stderr, flush=True)
 
     logits = {"ort_int8": ort_eval.predict(ort_eval.session(onnx_path, threads=0), x, 500)}
-    logits["engine_tflite"] = run(tg, x, requant="tflite")[tg.output_names[0]]
+    logits["engine_tflite"] = np.concatenate([run(tg, x[i:i + 500], requant="tflite")[tg.output_names[0]]
+                                              for i in range(0, len(x), 500)])
     n_ref = min(args.ref_size, len(x))
     t0 = time.perf_counter()
     logits["litert_ref"] = _invoke_all(_litert(fb, reference=True), xn[:n_ref])
     t_ref = time.perf_counter() - t0
     logits["litert_xnnpack"] = _invoke_all(_litert(fb, reference=False), xn)
     n_tflm = min(args.tflm_size, len(x))
+    t0 = time.perf_counter()
     logits["tflm"] = _tflm_all(fb, xn[:n_tflm])
-    print(f"reference kernels: {t_ref / n_ref * 1e3:.1f} ms / image", file=sys.stderr)
+    t_tflm = time.perf_counter() - t0
+    print(f"reference kernels: {t_ref / n_ref * 1e3:.1f} ms / image, TFLM {t_tflm / n_tflm * 1e3:.1f} ms / image",
+          file=sys.stderr)
 
     eng = logits["engine_tflite"]
     head = next(n for n in tg.nodes if n.outputs[0] == tg.output_names[0])
@@ -149,26 +144,194 @@ def main() -> None:
         rows.append([k, n, metrics.top1(v, y[:n]), metrics.top1(eng[:n], y[:n]), same, worst,
                      int(np.sum(v.argmax(1) != logits["ort_int8"][:n].argmax(1)))])
     lat = _paired_latency(fb, onnx_path, info.input_shape, args.latency_rounds)
-    arena = arena_bytes(fb, (1, *xn.shape[1:]))
-    body = "\n".join([
-        "## LiteRT / TFLM export (ResNet-20, CIFAR-10 JPEG)",
-        "",
-        "`export.tflite` writes the IntGraph of the default PTQ config (W8A8, per-channel symmetric weights) as an int8 "
-        "flatbuffer (float input / output). Top-1 of each runtime on its first n test images, with the engine's "
-        "`tflite` mode on the same images; identical = every logit of the image equal to the engine's.",
-        "",
-        table(["runtime", "images", "top-1", "engine top-1 (same images)", "identical to engine",
-               "max logit diff (LSB)", "argmax != ORT INT8"], rows),
-        "",
-        f"File {len(fb):,} bytes (flash), TFLM arena {arena:,} bytes; ops {finfo['ops']}.",
-        f"Latency at batch 1, one thread, paired over {args.latency_rounds} rounds: LiteRT XNNPACK "
-        f"{lat['litert_xnnpack_ms']:.3f} ms, onnxruntime INT8 {lat['ort_int8_ms']:.3f} ms, "
-        f"ratio {lat['litert_over_ort']:.2f}x.",
-    ])
+    return {"rows": rows, "bytes": len(fb), "arena": arena_bytes(fb, (1, *xn.shape[1:])), "ops": finfo["ops"],
+            "latency": lat, "ref_ms": t_ref / n_ref * 1e3, "tflm_ms": t_tflm / n_tflm * 1e3,
+            "convs": finfo["ops"].get("CONV_2D", 0), "float_ops": finfo["float_ops"]}
+
+
+def _randomize_bn(model):
+    """BN statistics and affine parameters away from their init (a fresh random network's outputs are ~0)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.6 - 0.3)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) * 0.8 + 0.6)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.4 - 0.2)
+    return model.eval()
+
+
+def mobilenet_v2(args, shared: Path, work: Path) -> dict:
+    """MobileNetV2 (random weights, 224 x 224): ``quantize --task fidelity --formats tflm`` on CIFAR-10 test images
+    upsampled to 224 (ImageNet normalization): SQNR of the .tflite in LiteRT and of the INT8 ONNX vs FP32."""
+    from edgeslim.jobs_fidelity import FidelityOptions, run_fidelity_quantize
+
+    torch.manual_seed(0)
+    model, info = build_model("mobilenet_v2")
+    model = _randomize_bn(model)
+    shape = (3, 224, 224)
+    pre = Preprocess(shape, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train = open_dataset(shared / "data/cifar10-jpeg-train.zip", pre)
+    test = open_dataset(shared / "data/cifar10-jpeg-test.zip", pre)
+    calib = train.batch(calibration_indices(len(train), 128, 0, train.labels))
+    x = test.batch(calibration_indices(len(test), args.mobilenet_size, 0, test.labels))
+    out = work / "mobilenet_v2"
+    s = run_fidelity_quantize(model, replace(info, input_shape=shape), calib, x, PTQConfig(calib_size=128), out,
+                              opts=FidelityOptions(batch_size=32), formats=("onnx", "tflite", "tflm"))
+    fb = (out / "model_int8.tflite").read_bytes()
+    return {"summary": {k: s[k] for k in ("onnx_int8", "tflite", "mcu", "inputs")},
+            "latency": _paired_latency(fb, out / "model_int8.onnx", shape, args.latency_rounds)}
+
+
+def detectors(args, shared: Path, work: Path) -> dict:
+    """``quantize --task detect --formats tflm`` for FastestDet and yolov5n on COCO128 (calibrated on train2017,
+    scored on val2017, as bench.detect_coco128's ptq runs)."""
+    import onnx
+
+    from bench.detect_coco128 import CALIB, _data, models
+    from edgeslim.detect_task import DetectOptions
+    from edgeslim.jobs_detect import run_detect_quantize
+
+    zoo = models(shared)
+    result = {}
+    for name in args.detectors.split(","):
+        out = work / f"detect-{name}"
+        if not (out / "summary.json").exists():
+            model, info = zoo[name]()
+            calib, test = _data(shared, info.input_shape[1])
+            t0 = time.perf_counter()
+            run_detect_quantize(model, info, calib, test, PTQConfig(calib_size=CALIB), out,
+                                opts=DetectOptions(batch_size=8, simulation_images=args.detect_sim),
+                                formats=("onnx", "tflite", "tflm"))
+            print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        s = json.loads((out / "summary.json").read_text())
+        fb = (out / "model_int8.tflite").read_bytes()
+        dims = onnx.load(str(out / "model_int8.onnx")).graph.input[0].type.tensor_type.shape.dim
+        shape = tuple(d.dim_value for d in dims[1:])
+        result[name] = {"summary": {k: s[k] for k in ("onnx_fp32", "onnx_int8", "tflite", "mcu", "images")},
+                        "latency": _paired_latency(fb, out / "model_int8.onnx", shape, args.detect_rounds)}
+    return result
+
+
+def _agreement_text(e: dict) -> str:
+    """min identical share / max steps over outputs, per runtime, of ``engine_vs_runtimes``."""
+    parts = []
+    for k in ("litert_reference", "tflm", "litert_xnnpack"):
+        per = e[k].values()
+        parts.append(f"{k} {100 * min(r['identical_share'] for r in per):.2f} % identical "
+                     f"(max {max(r['max_diff_steps'] for r in per):g} steps)")
+    return "; ".join(parts)
+
+
+def report(results: dict, args) -> str:
+    lines = ["## LiteRT / TFLM export", ""]
+    r = results.get("resnet20")
+    if r:
+        lat = r["latency"]
+        lines += [
+            "### ResNet-20, CIFAR-10 JPEG",
+            "",
+            "`export.tflite` writes the IntGraph of the default PTQ config (W8A8, per-channel symmetric weights) as an "
+            "int8 flatbuffer (float input / output). Top-1 of each runtime on its first n test images, with the "
+            "engine's `tflite` mode on the same images; identical = every logit of the image equal to the engine's.",
+            "",
+            table(["runtime", "images", "top-1", "engine top-1 (same images)", "identical to engine",
+                   "max logit diff (LSB)", "argmax != ORT INT8"], r["rows"]),
+            "",
+            f"File {r['bytes']:,} bytes (flash), TFLM arena {r['arena']:,} bytes; {r['convs']} CONV_2D (int8), "
+            f"float ops: {', '.join(r['float_ops']) or 'none'}; ops {r['ops']}. Reference kernels "
+            f"{r['ref_ms']:.1f} ms / image, TFLM {r['tflm_ms']:.1f} ms / image (Python interpreter).",
+            f"Latency at batch 1, one thread, paired over {args.latency_rounds} rounds: LiteRT XNNPACK "
+            f"{lat['litert_xnnpack_ms']:.3f} ms, onnxruntime INT8 {lat['ort_int8_ms']:.3f} ms, "
+            f"ratio {lat['litert_over_ort']:.2f}x.", ""]
+    m = results.get("mobilenet_v2")
+    if m:
+        s, lat = m["summary"], m["latency"]
+        t = s["tflite"]
+        rows = [[name, f"{o['sqnr_db']:.2f}", f"{t['fidelity_vs_fp32'][name]['sqnr_db']:.2f}",
+                 f"{o['cosine']:.5f}", f"{t['fidelity_vs_fp32'][name]['cosine']:.5f}"]
+                for name, o in s["onnx_int8"]["fidelity_vs_fp32"].items()]
+        lines += [
+            "### MobileNetV2 (random weights), fidelity",
+            "",
+            f"`quantize --task fidelity --formats tflm` on {s['inputs']['test']} CIFAR-10 test images upsampled to "
+            "224 x 224 (ImageNet normalization; calibrated on 128 train images), random weights with non-trivial BN "
+            "statistics: each file's outputs against the FP32 ONNX model's.",
+            "",
+            table(["output", "ONNX INT8 SQNR dB", ".tflite (LiteRT XNNPACK) SQNR dB", "ONNX INT8 cosine",
+                   ".tflite cosine"], rows),
+            "",
+            f"Engine (`tflite` mode) vs runtimes on {t['engine_vs_runtimes']['images']} images: "
+            f"{_agreement_text(t['engine_vs_runtimes'])}. File {t['size_bytes']:,} bytes, TFLM arena "
+            f"{s['mcu']['ram_bytes']:,} bytes; ops {t['ops']}.",
+            f"Latency at batch 1, one thread, paired over {args.latency_rounds} rounds: LiteRT XNNPACK "
+            f"{lat['litert_xnnpack_ms']:.2f} ms, onnxruntime INT8 {lat['ort_int8_ms']:.2f} ms, "
+            f"ratio {lat['litert_over_ort']:.2f}x.", ""]
+    d = results.get("detect")
+    if d:
+        rows, notes = [], []
+        for name, v in d.items():
+            s, lat = v["summary"], v["latency"]
+            for key, label in (("onnx_fp32", "ONNX FP32"), ("onnx_int8", "ONNX INT8 (onnxruntime)"),
+                               ("tflite", ".tflite (LiteRT XNNPACK)")):
+                rows.append([name, label, f"{s[key]['map50']:.4f}", f"{s[key]['map50_95']:.4f}",
+                             f"{s[key]['precision']:.3f}", f"{s[key]['recall']:.3f}"])
+            t = s["tflite"]
+            notes.append(f"- {name} ({s['images']['test']} val2017 images at {s['images']['imgsz']}): "
+                         f"{t['ops'].get('CONV_2D', 0)} CONV_2D + {t['ops'].get('DEPTHWISE_CONV_2D', 0)} "
+                         f"DEPTHWISE_CONV_2D (int8), float ops: {', '.join(t['float_ops']) or 'none'}; file "
+                         f"{t['size_bytes']:,} bytes, TFLM arena {s['mcu']['ram_bytes']:,} bytes; engine vs runtimes on "
+                         f"{t['engine_vs_runtimes']['images']} calibration images (raw head outputs): "
+                         f"{_agreement_text(t['engine_vs_runtimes'])}; latency batch 1, one thread, paired over "
+                         f"{args.detect_rounds} rounds: LiteRT XNNPACK {lat['litert_xnnpack_ms']:.1f} ms, "
+                         f"onnxruntime INT8 {lat['ort_int8_ms']:.1f} ms, ratio {lat['litert_over_ort']:.2f}x.")
+        lines += [
+            "### Detectors, COCO128 val2017",
+            "",
+            "`quantize --task detect --formats tflm` (W8A8 PTQ calibrated on the 128 train2017 images): the same "
+            "numpy decoder and NMS score every file.",
+            "",
+            table(["model", "file", "mAP@.5", "mAP@.5:.95", "P", "R"], rows),
+            "",
+            *notes, ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    ap.add_argument("--parts", default="resnet20,mobilenet_v2,detect")
+    ap.add_argument("--work", default=str(ROOT / "runs/bench-tflite"), help="each part's result JSON and run folders")
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--test-size", type=int, default=10000)
+    ap.add_argument("--ref-size", type=int, default=10000, help="images run in LiteRT's reference kernels")
+    ap.add_argument("--tflm-size", type=int, default=500, help="images run in TFLM (slow reference kernels)")
+    ap.add_argument("--latency-rounds", type=int, default=300)
+    ap.add_argument("--mobilenet-size", type=int, default=200, help="MobileNetV2 test images")
+    ap.add_argument("--detectors", default="fastestdet,yolov5n")
+    ap.add_argument("--detect-sim", type=int, default=16, help="detect: images the PyTorch simulation scores")
+    ap.add_argument("--detect-rounds", type=int, default=30)
+    ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    args = ap.parse_args()
+    shared = Path(args.shared)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    parts = {"resnet20": resnet20, "mobilenet_v2": mobilenet_v2, "detect": detectors}
+    for name in args.parts.split(","):
+        if not name:
+            continue
+        t0 = time.perf_counter()
+        result = parts[name](args, shared, work)
+        result["wall_s"] = time.perf_counter() - t0
+        result["code_commit"] = COMMIT
+        (work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        print(f"[{name}] done in {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    results = {k: json.loads((work / f"{k}.json").read_text()) for k in parts if (work / f"{k}.json").exists()}
+    body = report(results, args)
     print(body)
     if args.write:
         write_section("tflite-export", body)
-    print(f"artifacts in {work}", file=sys.stderr)
 
 
 if __name__ == "__main__":
