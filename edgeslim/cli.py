@@ -313,6 +313,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the reports' provenance
     import warnings
 
     warnings.showwarning = _show_warning
@@ -483,9 +484,12 @@ def _quantize(args) -> int:
         print_detect_summary(summary, Path(args.out))
         return 0
     calib, test = _data(args, info)
+    from .report.provenance import provenance
+
     summary = run_quantize(model, info, calib, test, config, Path(args.out),
                            MeasureOptions(threads=args.threads, batch_size=args.batch_size,
-                                          simulation_images=_simulate(args, 1000), formats=formats), analyze, plan)
+                                          simulation_images=_simulate(args, 1000), formats=formats), analyze, plan,
+                           provenance=provenance(args, getattr(args, "argv", None)))
     print_summary(summary, Path(args.out))
     return 0
 
@@ -637,7 +641,11 @@ def _quantize_fidelity(args, model, info, config, plan, analyze=None, formats=("
 
 
 def print_fidelity_summary(s: dict, out: Path) -> None:
+    from .report.provenance import preprocessing_line
+
     o = s["onnx_int8"]
+    if "preprocessing" in s:
+        print(preprocessing_line(s["preprocessing"]))
     print(f"\n{s['model']}: INT8 vs FP32 on {s['inputs']['test']} inputs (calibrated on {s['inputs']['calibration']}), "
           "both in onnxruntime")
     print(f"{'output':<28}{'shape':<18}{'SQNR dB':>9}{'cosine':>9}{'max err':>11}{'LSB':>7}{'top-1 agr':>10}")
@@ -998,7 +1006,11 @@ def _float_line(profile: dict | None) -> None:
 
 
 def print_summary(s: dict, out: Path) -> None:
+    from .report.provenance import preprocessing_line
+
     lat = s["latency_ms"]
+    if "preprocessing" in s:
+        print(preprocessing_line(s["preprocessing"]))
     b = next(iter(lat["fp32"]))
     print(f"\n{'':<26}{'top-1':>8}{'flips':>8}{'ONNX KiB':>10}{f'ms ({b})':>12}")
     print(f"{'FP32':<26}{s['fp32']['top1']:>8.4f}{'':>8}{s['size_bytes']['fp32'] / 1024:>10.1f}{lat['fp32'][b]:>12.3f}")
@@ -1046,7 +1058,11 @@ def _tflite_line(s: dict) -> None:
 
 
 def print_detect_summary(s: dict, out: Path) -> None:
+    from .report.provenance import preprocessing_line
+
     lat = s["latency_ms"]
+    if "preprocessing" in s:
+        print(preprocessing_line(s["preprocessing"]))
     print(f"\n{s['model']} on {s['images']['test']} images ({s['images']['test_boxes']} boxes) at {s['images']['imgsz']}")
     print(f"{'':<26}{'mAP@.5':>8}{'mAP@.5:.95':>12}{'P':>7}{'R':>7}{'F1':>7}{'ONNX KiB':>10}{'ms':>9}{'FPS':>7}")
     n_sim = s["quantized"].get("images", s["images"]["test"])

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -23,19 +24,22 @@ from .data import ImageDataset, batches, calibration_indices
 from .errors import EdgeslimError
 from .eval import metrics, ort as ort_eval
 from .eval.layer_error import layer_errors
-from .export.onnx_qdq import weight_containers
+from .export.onnx_qdq import save_onnx, set_metadata, weight_containers
 from .models import ModelInfo
 from .report.encodings import encodings
 from .report.html import write_report
+from .report.provenance import preprocessing
 
 
 def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test_ds: ImageDataset,
                  config: PTQConfig, out: Path, measure: MeasureOptions = MeasureOptions(),
-                 analyze: AnalyzeOptions | None = None, plan: MixedPlan | None = None) -> dict:
+                 analyze: AnalyzeOptions | None = None, plan: MixedPlan | None = None,
+                 provenance: dict | None = None) -> dict:
     """Quantize ``model`` on ``calib_ds``, evaluate on ``test_ds``, write artifacts into ``out``; return the summary.
 
     With ``analyze`` the integer engine also runs (``edgeslim analyze``): engine accuracy, agreement
-    with onnxruntime, overflow statistics.
+    with onnxruntime, overflow statistics. ``provenance`` (files, versions, CPU, command line) goes into the
+    summary and the report as given.
     """
     if info.num_classes and len(test_ds.classes) > info.num_classes:
         raise EdgeslimError(f"test data has {len(test_ds.classes)} classes but the model predicts {info.num_classes}: "
@@ -46,7 +50,7 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
 
     stage = new_stage(out)  # .staging-<pid>-...: the next run sweeps it if this process is killed (SIGKILL)
     try:
-        summary = _run(model, info, calib_ds, test_ds, config, stage, measure, analyze, plan)
+        summary = _run(model, info, calib_ds, test_ds, config, stage, measure, analyze, plan, provenance)
         for f in sorted(stage.iterdir(), key=lambda p: p.name == "summary.json"):
             f.replace(out / f.name)
     finally:
@@ -55,12 +59,16 @@ def run_quantize(model: nn.Module, info: ModelInfo, calib_ds: ImageDataset, test
 
 
 def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOptions,
-         analyze: AnalyzeOptions | None, plan: MixedPlan | None) -> dict:
+         analyze: AnalyzeOptions | None, plan: MixedPlan | None, provenance: dict | None = None) -> dict:
     idx = calibration_indices(len(calib_ds), config.calib_size, config.seed, calib_ds.labels)
     calib = np.concatenate([x for x, _ in batches(calib_ds, 256, idx, desc="loading calibration images")])
     q = api.quantize(model, calib, config, plan=plan, input_shape=info.input_shape, progress=True)
     fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
     int8_path = api.export_onnx(q, stage / "model_int8.onnx")
+    pre = preprocessing(test_ds.preprocess, info.channel_order)  # what whoever deploys the files must feed them
+    for path in (fp32_path, int8_path):
+        save_onnx(set_metadata(onnx.load(str(path)), {"edgeslim.model": info.name,
+                                                      "edgeslim.preprocessing": json.dumps(pre)}), path)
 
     logits, sub = _evaluate(model, q, fp32_path, int8_path, test_ds, measure)
     y = test_ds.labels
@@ -71,7 +79,9 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
     layers = layer_errors(q.model, torch.as_tensor(calib[: min(len(calib), 64)]))
     summary = {
         "model": info.name,
+        "preprocessing": pre,
         "images": {"calibration": int(len(idx)), "test": int(len(y))},
+        "chance_top1": 1.0 / max(1, len(test_ds.classes)),  # top-1 of a constant guess: reports flag scores near it
         "fp32": {"top1": metrics.top1(logits["onnx_fp32"], y), "scored_by": "onnxruntime (model_fp32.onnx), all images",
                  "pytorch_top1_on_subset": metrics.top1(logits["fp32"], y[sub])},
         "quantized": {"top1": metrics.top1(logits["fq"], y[sub]), "images": int(len(sub)),
@@ -102,6 +112,8 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
     }
     if plan is not None:
         summary["plan"] = plan.to_dict()
+    if provenance is not None:
+        summary["provenance"] = provenance
     if q.reports:  # AdaRound / BRECQ: per unit, error before / after on the calibration images, time
         summary["reconstruction"] = q.reports
     if analyze is not None:
@@ -110,7 +122,9 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
         from .export.tflm import write_deployment
         summary.update(write_deployment(q.intgraph, calib[:256], stage, measure.formats, test=batches(
             test_ds, measure.batch_size, desc="scoring model_int8.tflite (LiteRT)")))
-    (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
+    enc = encodings(q.intgraph)
+    enc["preprocessing"] = pre
+    (stage / "encodings.json").write_text(json.dumps(enc, indent=1))
     write_report(summary, stage / "report.html")
     (stage / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

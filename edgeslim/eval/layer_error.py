@@ -38,7 +38,22 @@ def layer_errors(gm: fx.GraphModule, x: torch.Tensor) -> list[dict]:
         rows.append({"tensor": producer, "quantizer": key, "bits": q.spec.bits, "scale": float(q.scale),
                      "zero_point": int(q.zero_point), "signed": q.signed,
                      "sqnr_db": sqnr_db(captured["off"][key], captured["quant"][key])})
+        w = _weight_sqnr(gm, producer)
+        if w is not None:  # the layer's own weight error, next to the activation error built up to its output
+            rows[-1]["weight_sqnr_db"] = w
     return rows
+
+
+def _weight_sqnr(gm: fx.GraphModule, name: str) -> float | None:
+    """SQNR (dB) of a quantized conv / linear's fake-quant weights vs its float weights (None: no such layer)."""
+    try:
+        mod = gm.get_submodule(name)
+    except AttributeError:
+        return None
+    if not hasattr(mod, "fq_weight") or getattr(getattr(mod, "spec", None), "is_float", True):
+        return None
+    with torch.no_grad():
+        return sqnr_db(mod.weight, mod.fq_weight())
 
 
 def _producer(gm: fx.GraphModule, node: fx.Node) -> str:

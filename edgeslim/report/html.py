@@ -63,55 +63,157 @@ def engine_section(s: dict) -> list[str]:
     if "engine" in s:
         e = s["engine_vs_onnx"]
         parts += ["<h2>Integer engine (numpy)</h2>",
-                  table([[s["engine"]["top1"], s["onnx_int8"]["top1"], s["quantized"]["top1"], e["mismatch_fraction"],
-                           e["max_abs_diff"], s["engine_options"]["requant"], s["engine_options"]["accumulator_bits"]]],
-                         ["engine top-1", "onnxruntime top-1", "fake-quant top-1", "output elements differing",
-                          "max diff (LSB)", "requantization", "accumulator bits"])]
+                  wide(table([[s["engine"]["top1"], s["onnx_int8"]["top1"], s["quantized"]["top1"], e["mismatch_fraction"],
+                                e["max_abs_diff"], s["engine_options"]["requant"], s["engine_options"]["accumulator_bits"]]],
+                              ["engine top-1", "onnxruntime top-1", "fake-quant top-1", "output elements differing",
+                               "max diff (LSB)", "requantization", "accumulator bits"]))]
+        if near_chance(s["engine"]["top1"], s.get("chance_top1")):
+            parts.append(f"<p class='warn'>The integer engine's top-1 ({s['engine']['top1']:.4f}) is near chance "
+                         f"({s['chance_top1']:.3f}): its arithmetic does not follow the model (accumulator, overflow "
+                         "mode or requantization); compare with onnxruntime's top-1.</p>")
     if "overflow" in s:
         o = s["overflow"]
         rows = [[r["name"], *(100 * r["product_int8"][k] for k in ("avg", "max", "min")),
                  *(100 * r["sum_int16"][k] for k in ("avg", "max", "min")), r["accumulator_overflows"]] for r in o["layers"]]
         parts += [f"<h2>Overflow statistics ({o['images']} images, {o['accumulator_bits']}-bit accumulator, "
                   f"{o['mode']})</h2>",
-                  "<p>Per layer, over its output filters: % of int8 x int8 products outside INT8 (seed 000, Table 1) "
-                  "and % of per-pixel sums outside INT16 (Table 2); accumulator overflow events actually hit.</p>",
-                  table(rows, ["layer", "INT8 product avg %", "max %", "min %", "INT16 sum avg %", "max %", "min %",
-                                "accumulator overflows"]),
+                  "<p>Per layer, over its output filters: % of int8 x int8 products outside INT8 "
+                  "and % of per-pixel sums outside INT16; accumulator overflow events actually hit.</p>",
+                  wide(table(rows, ["layer", "INT8 product avg %", "max %", "min %", "INT16 sum avg %", "max %", "min %",
+                                    "accumulator overflows"])),
                   overflow_heatmap(o["per_filter"], "sum_int16", "per-filter INT16 sum overflow"),
                   overflow_heatmap(o["per_filter"], "product_int8", "per-filter INT8 product overflow")]
     return parts
 
 
+def size(n) -> str:
+    """Bytes as KiB / MiB (one decimal)."""
+    if n in ("", None):
+        return ""
+    n = float(n)
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
+
+
+STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#eee}"
+         ".wide{overflow-x:auto;max-width:100%} img{max-width:100%;height:auto} tr.worst td{background:#fde2e2}"
+         ".warn{color:#a00;font-weight:bold} dl.prov dt{font-weight:bold;float:left;clear:left;width:11em}"
+         " dl.prov dd{margin-left:12em;overflow-wrap:anywhere;font-size:13px}</style>")
+FLIPS = ("<p><b>Flips</b>: test images whose predicted class differs from the FP32 model's prediction (right or wrong); "
+         "the accuracy change can be small while many predictions change.</p>")
+
+
+def wide(html_table: str) -> str:
+    """A table that scrolls sideways on its own instead of widening the page."""
+    return f'<div class="wide">{html_table}</div>'
+
+
+def near_chance(top1: float, chance: float | None) -> bool:
+    """A top-1 within a tenth of the way from chance to perfect: the model (or engine) is not working."""
+    return chance is not None and top1 <= chance + 0.1 * (1 - chance)
+
+
 def summary_rows(s: dict) -> list[list]:
-    lat, size = s["latency_ms"], s["size_bytes"]
-    rows = [["FP32 (PyTorch)", s["fp32"]["top1"], "", size["fp32"], *lat["fp32"].values()],
-            ["quantized (fake-quant, PyTorch)", s["quantized"]["top1"], s["quantized"]["flips_vs_fp32"], "", *[""] * len(lat["fp32"])],
-            ["INT8 ONNX (onnxruntime)", s["onnx_int8"]["top1"], s["onnx_int8"]["flips_vs_fp32"], size["int8"], *lat["int8"].values()]]
+    """FP32 (PyTorch on the simulation subset), FP32 ONNX, fake-quant, INT8 ONNX: top-1, change vs the FP32 ONNX
+    file (points), flips, size, latency and speed-up vs FP32 ONNX per batch size."""
+    lat, sz = s["latency_ms"], s["size_bytes"]
+    base = s.get("onnx_fp32", s["fp32"])["top1"]
+    n = len(lat["fp32"])
+    delta = lambda t: f"{100 * (t - base):+.2f}"  # noqa: E731
+    speed = lambda key: [f"{lat['fp32'][b] / lat[key][b]:.2f}x" for b in lat["fp32"]]  # noqa: E731
+    sim = s["quantized"].get("images", "")
+    rows = []
+    if "pytorch_top1_on_subset" in s["fp32"]:
+        rows.append([f"FP32 (PyTorch, {sim} images)", s["fp32"]["pytorch_top1_on_subset"], "", "", "",
+                     *[""] * (2 * n)])
+    rows += [["FP32 ONNX (onnxruntime)", base, "+0.00", "", size(sz["fp32"]),
+              *lat["fp32"].values(), *["1.00x"] * n],
+             [f"quantized (fake-quant, PyTorch, {sim} images)", s["quantized"]["top1"], delta(s["quantized"]["top1"]),
+              s["quantized"]["flips_vs_fp32"], "", *[""] * (2 * n)],
+             ["INT8 ONNX (onnxruntime)", s["onnx_int8"]["top1"], delta(s["onnx_int8"]["top1"]),
+              s["onnx_int8"]["flips_vs_fp32"], size(sz["int8"]), *lat["int8"].values(), *speed("int8")]]
     return rows
+
+
+def layer_rows(layers: list[dict], worst: int = 3) -> tuple[list[list], int]:
+    """Per-layer rows, worst activation SQNR first (the first ``worst`` highlighted), weight SQNR next to it."""
+    order = sorted(layers, key=lambda r: r["sqnr_db"])
+    rows = [[r["tensor"], r["sqnr_db"], r.get("weight_sqnr_db", ""), r["bits"], r["scale"], r["zero_point"],
+             "int" if r["signed"] else "uint"] for r in order]
+    return rows, min(worst, len(rows))
+
+
+def marked_table(rows: list[list], header: list[str], marked: int) -> str:
+    """``table`` with the first ``marked`` rows highlighted (class ``worst``)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    mark = ' class="worst"'
+    body = "".join(f"<tr{mark if i < marked else ''}>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for i, r in enumerate(rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def preprocessing_html(p) -> str:
+    if not isinstance(p, dict):
+        return f"<p><b>Preprocessing</b>: {html.escape(str(p))}</p>"
+    nums = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731
+    return (f"<p><b>Preprocessing</b> (what the ONNX files expect; also in their metadata, "
+            f"<code>edgeslim.preprocessing</code>): {'x'.join(map(str, p.get('size', [])))} pixels, "
+            f"channel order {html.escape(str(p.get('channel_order', '')))}, resize {html.escape(str(p.get('resize', '')))}, "
+            f"mean ({nums(p.get('mean', []))}), std ({nums(p.get('std', []))}); "
+            f"{html.escape(str(p.get('units', '')))}.</p>")
+
+
+def provenance_html(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    items = [("model", p.get("model")),
+             ("weights", f"{p['weights']} (sha256 {p.get('weights_sha256') or 'n/a'})" if p.get("weights") else "none"),
+             *((f"data: {k}", v) for k, v in p.get("data", {}).items()),
+             ("calibration size", p.get("calib_size")), ("seed", p.get("seed")),
+             ("packages", ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items())),
+             ("CPU", f"{p['cpu']['name']} ({p['cpu']['int8_flags']}, {p['cpu']['cores']} cores)" if p.get("cpu") else ""),
+             ("command", p.get("command"))]
+    body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items)
+    return ["<h2>Provenance</h2>", f'<dl class="prov">{body}</dl>']
 
 
 def write_report(s: dict, path: Path) -> Path:
     lat_cols = [f"latency ms ({k}, {s['latency_ms']['threads']} thread)" for k in s["latency_ms"]["fp32"]]
+    speed_cols = [f"speed-up vs FP32 ({k})" for k in s["latency_ms"]["fp32"]]
     cfg = s["config"]
+    command = "analyze" if ("engine" in s or "overflow" in s) else "quantize"
+    chance = s.get("chance_top1")
+    rows, marked = layer_rows(s["layers"])
+    warn = ""
+    if near_chance(s.get("onnx_fp32", s["fp32"])["top1"], chance):
+        warn = (f"<p class='warn'>The FP32 model scores near chance ({chance:.3f}) on this data: check the weights, "
+                "the data and the preprocessing before reading the quantization results.</p>")
     parts = [
-        "<!doctype html><meta charset='utf-8'><title>edgeslim report</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#eee}</style>",
-        f"<h1>edgeslim quantize: {html.escape(str(s['model']))}</h1>",
+        f"<!doctype html><meta charset='utf-8'><title>edgeslim {command}: {html.escape(str(s['model']))}</title>",
+        STYLE,
+        f"<h1>edgeslim {command}: {html.escape(str(s['model']))}</h1>",
         f"<p>W{cfg['w_bits']}A{cfg['a_bits']}, {cfg['granularity']} weights, {cfg['scheme']}, scale {cfg['scale']}, "
         f"calibrator {cfg['calibrator']}, fusion {'on' if cfg['fuse'] else 'off'}; "
         f"{s['images']['calibration']} calibration / {s['images']['test']} test images; "
         f"quantized in {s['time_to_quantize_s']:.2f} s.</p>",
+        preprocessing_html(s["preprocessing"]) if "preprocessing" in s else "",
+        warn,
         "<h2>Accuracy, size, latency</h2>",
-        table(summary_rows(s), ["model", "top-1", "flips vs FP32", "ONNX bytes", *lat_cols]),
+        "<p>Accuracy change in points (top-1 x 100) and speed-up against the FP32 ONNX file, both files run in "
+        "onnxruntime on every test image; the PyTorch rows use a class-balanced subset.</p>",
+        wide(table(summary_rows(s), ["model", "top-1", "change vs FP32 (points)", "flips vs FP32", "ONNX size",
+                                     *lat_cols, *speed_cols])),
+        FLIPS,
         f"<p>onnxruntime runs {s['onnx_int8']['integer_convs']} of {s['onnx_int8']['total_convs']} convolutions as "
         "integer kernels (QLinearConv). Optimized graph ops: "
         f"{html.escape(', '.join(f'{k} x{v}' for k, v in s['onnx_int8']['optimized_ops'].items()))}.</p>",
         "<h2>Per-layer quantization error</h2>",
         layer_error_plot(s["layers"]),
-        table([[r["tensor"], r["bits"], r["scale"], r["zero_point"], "int" if r["signed"] else "uint", r["sqnr_db"]]
-                for r in s["layers"]], ["tensor", "bits", "scale", "zero point", "type", "SQNR dB"]),
+        f"<p>Worst layers first (lowest activation SQNR; the {marked} worst highlighted). Activation SQNR is the "
+        "error built up to the layer's output, end to end; weight SQNR is the layer's own weight rounding.</p>",
+        wide(marked_table(rows, ["tensor", "activation SQNR dB", "weight SQNR dB", "bits", "scale", "zero point",
+                                 "type"], marked)),
         *engine_section(s),
+        *provenance_html(s.get("provenance")),
     ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")

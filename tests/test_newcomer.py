@@ -1,0 +1,105 @@
+"""What a newcomer needs to see (issue 21, items 8-11): the preprocessing in every output, plain help, progress bars
+with a total, reports that answer the obvious questions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from edgeslim.cli import main
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("data") / "images"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def zoo_run(tmp_path_factory):
+    """``quantize digits_cnn --random-init`` on 40 of scikit-learn's digits: (out folder, stdout)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("zoo") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["quantize", "digits_cnn", "--random-init", "--calib-data", "sklearn-digits", "--data",
+                     "sklearn-digits", "--calib-size", "16", "--eval-size", "40", "--simulate-size", "8",
+                     "--out", str(out)])
+    assert code == 0
+    return out, buf.getvalue()
+
+
+def test_preprocessing_in_console_summary_onnx_and_report(zoo_run):
+    from edgeslim.models import ZOO
+
+    out, stdout = zoo_run
+    info = ZOO["digits_cnn"].info
+    s = json.loads((out / "summary.json").read_text())
+    p = s["preprocessing"]
+    assert p["mean"] == list(info.mean) and p["std"] == list(info.std)
+    assert p["size"] == [8, 8] and p["channel_order"] == "GRAY" and p["resize"] == "stretch"
+    for name in ("model_fp32.onnx", "model_int8.onnx"):
+        meta = {m.key: m.value for m in onnx.load(str(out / name)).metadata_props}
+        assert json.loads(meta["edgeslim.preprocessing"]) == p
+    assert json.loads((out / "encodings.json").read_text())["preprocessing"] == p
+    line = next(x for x in stdout.splitlines() if x.startswith("preprocessing:"))
+    assert "8x8 GRAY" in line and f"mean ({info.mean[0]:g})" in line and f"std ({info.std[0]:g})" in line
+    page = (out / "report.html").read_text()
+    assert "Preprocessing" in page and f"{info.mean[0]:g}" in page and "stretch" in page
+
+
+def test_quantize_report_answers_the_obvious_questions(zoo_run):
+    out, _ = zoo_run
+    s = json.loads((out / "summary.json").read_text())
+    page = (out / "report.html").read_text()
+    assert "<h1>edgeslim quantize: digits_cnn</h1>" in page
+    assert "FP32 ONNX (onnxruntime)" in page and "change vs FP32 (points)" in page and "speed-up vs FP32" in page
+    assert " KiB</td>" in page and "ONNX bytes" not in page
+    assert "Flips</b>: test images whose predicted class differs" in page
+    # worst layers first, highlighted, weight error next to the activation error
+    assert 'class="worst"' in page and "weight SQNR dB" in page
+    worst = min(s["layers"], key=lambda r: r["sqnr_db"])["tensor"]
+    first_row = page.split('<tr class="worst">')[1]
+    assert first_row.startswith(f"<td>{worst}</td>")
+    assert any("weight_sqnr_db" in r for r in s["layers"])
+    # provenance: weights none (random init), data, calibration size, versions, CPU flags, command line
+    prov = s["provenance"]
+    assert prov["model"] == "digits_cnn" and prov["calib_size"] == 16 and "torch" in prov["versions"]
+    assert "VNNI" in prov["cpu"]["int8_flags"] or "AVX2" in prov["cpu"]["int8_flags"] \
+        or prov["cpu"]["int8_flags"] in ("flags unknown",)
+    assert prov["command"].startswith("edgeslim quantize digits_cnn --random-init")
+    assert "Provenance" in page and "onnxruntime" in page
+    # random weights on 10 classes: near chance, said in the report
+    assert s["chance_top1"] == 0.1 and "near chance" in page
+
+
+def test_weights_sha256_in_provenance(tmp_path):
+    import argparse
+    import hashlib
+
+    from edgeslim.report.provenance import provenance
+
+    w = tmp_path / "w.pt"
+    w.write_bytes(b"abc")
+    p = provenance(argparse.Namespace(model="m", weights=str(w), calib_data=str(w), data="sklearn-digits",
+                                      calib_size=4, seed=0), ["quantize", "m"])
+    assert p["weights_sha256"] == hashlib.sha256(b"abc").hexdigest() and p["data"]["calib_data_sha256"]
+    assert p["command"] == "edgeslim quantize m"
+
+
+def test_near_chance_and_sizes():
+    from edgeslim.report.html import near_chance, size
+
+    assert near_chance(0.11, 0.1) and not near_chance(0.5, 0.1) and not near_chance(0.5, None)
+    assert size(2048) == "2.0 KiB" and size(3 * 1024 * 1024) == "3.00 MiB"
