@@ -271,6 +271,8 @@ def report(results: dict, args) -> str:
     if d:
         rows, notes = [], []
         for name, v in d.items():
+            if not isinstance(v, dict):  # wall_s, code_commit
+                continue
             s, lat = v["summary"], v["latency"]
             for key, label in (("onnx_fp32", "ONNX FP32"), ("onnx_int8", "ONNX INT8 (onnxruntime)"),
                                ("tflite", ".tflite (LiteRT XNNPACK)")):

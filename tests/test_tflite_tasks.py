@@ -131,6 +131,15 @@ def test_detect_task_scores_the_tflite_in_litert(tmp_path, capsys, yolo_set):
     _exact(t["engine_vs_runtimes"])
     x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)
     _file_runs_as_engine((out / "model_int8.tflite").read_bytes(), x)
+    # edgeslim export from the detect run: its ONNX leaky ReLUs (DQ -> LeakyRelu -> Q, read back as float islands)
+    # become int8 tables (what onnxruntime computes) instead of LEAKY_RELU, so it is another model: mAP not carried
+    assert main(["export", str(out), "--format", "tflite"]) == 0
+    again = json.loads((out / "summary.json").read_text())["tflite"]
+    assert again["logits_range"].startswith("recorded") and again["ops"]["CONV_2D"] == 13
+    assert "LEAKY_RELU" not in again["ops"] and again["ops"]["GATHER"] == t["ops"]["LEAKY_RELU"]
+    assert again["content_sha256"] != t["content_sha256"] and "map50" not in again
+    _exact(again["engine_vs_runtimes"])
+    _file_runs_as_engine((out / "model_int8.tflite").read_bytes(), x)
 
 
 # ----------------------------------------------------------------------------- edgeslim export RUN_DIR

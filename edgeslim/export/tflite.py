@@ -90,6 +90,51 @@ def _logit_bound(g: IntGraph, node: IntNode) -> np.ndarray:
 
 ACTIVATIONS = ("table", "builtin")
 
+# float islands that compute one output value from one input value (ONNX op types): between an int8 input and a
+# QuantizeLinear they are a 256-entry table (what import_qdq makes of the DQ -> op -> Q activations of an INT8 ONNX file)
+ELEMENTWISE_ISLANDS = ("LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "Mish", "HardSigmoid", "HardSwish",
+                       "Softplus", "Relu", "Clip", "Exp", "Erf", "Abs", "Neg", "Identity")
+
+
+def _fold_activation_islands(g: IntGraph) -> None:
+    """Each chain of elementwise float islands (``LeakyRelu`` then ``Identity``, ...) from an integer tensor to one
+    QuantizeLinear becomes a ``LUT`` node: the chain evaluated on every input code and quantized as onnxruntime's
+    QuantizeLinear does (half to even), i.e. what the INT8 ONNX file computes on those codes."""
+    from ..engine import float_ops, ops
+
+    users: dict[str, list[IntNode]] = {}
+    for n in g.nodes:
+        for i in n.inputs:
+            users.setdefault(i, []).append(n)
+
+    def elementwise(n: IntNode) -> bool:
+        return n.op == "FloatIsland" and n.attrs.get("fn") in ELEMENTWISE_ISLANDS and len(n.inputs) == 1 \
+            and len(n.outputs) == 1 and n.outputs[0] not in g.output_names
+
+    for node in list(g.nodes):
+        if not elementwise(node) or node.inputs[0] not in g.qparams:
+            continue
+        chain = [node]
+        while len(users.get(chain[-1].outputs[0], [])) == 1 and elementwise(users[chain[-1].outputs[0]][0]):
+            chain.append(users[chain[-1].outputs[0]][0])
+        after = users.get(chain[-1].outputs[0], [])
+        if len(after) != 1 or after[0].op != "QuantizeLinear":
+            continue
+        quant = after[0]
+        qx, qy = g.qparams[node.inputs[0]], g.qparams[quant.outputs[0]]
+        env = {node.inputs[0]: np.arange(qx.qmin, qx.qmax + 1, dtype=np.int64).reshape(1, -1, 1, 1)}
+        for n in chain:
+            env[n.outputs[0]] = np.asarray(float_ops.FloatIsland(g, n, env, {}), np.float32)
+        y = env[chain[-1].outputs[0]].reshape(-1)
+        if y.size != qx.qmax - qx.qmin + 1:
+            continue
+        table = ops.QuantizeLinear(y, qy.scale, qy.zero_point, qy.qmin, qy.qmax).astype(np.int64)
+        fn = "onnx_" + "_".join(n.attrs["fn"] for n in chain if n.attrs["fn"] != "Identity")
+        g.nodes[g.nodes.index(quant)] = IntNode("LUT", quant.name, [node.inputs[0]], [quant.outputs[0]], {"fn": fn},
+                                                {"table": table})
+        for n in chain:
+            g.nodes.remove(n)
+
 
 def _choose_builtins(g: IntGraph) -> None:
     """``activations="builtin"``: sigmoid -> LOGISTIC, hard-swish -> HARD_SWISH, gated SiLU -> LOGISTIC + MUL
@@ -124,6 +169,7 @@ def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str
         raise EdgeslimError(f"invalid activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
     check_graph(g)
     g = copy.deepcopy(g)
+    _fold_activation_islands(g)
     if activations == "builtin":
         _choose_builtins(g)
     heads = [n for n in g.nodes if n.attrs.get("float_output")]
