@@ -551,7 +551,11 @@ def _deploying(command):
                                 "is no INT8 model to write as .tflite")
         from .jobs_export import run_export
 
-        _tflite_line(run_export(Path(args.out), formats, model_file=model_file))
+        try:
+            _tflite_line(run_export(Path(args.out), formats, model_file=model_file))
+        except EdgeslimError as exc:
+            raise EdgeslimError(f"{args.command} finished ({args.out} holds its results), but its {model_file} was not "
+                                f"written as TFLite: {exc}") from None
         return code
     return call
 
