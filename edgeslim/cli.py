@@ -10,20 +10,20 @@ import sys
 from pathlib import Path
 
 from . import cli_lighten
-from .cli_model import load_model, model_args
+from .cli_model import THREADS_HELP, HelpFormatter, load_model, model_args
 from .errors import EdgeslimError
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", required=True, help="ImageFolder dir / zip, CIFAR batches, .npz or sklearn-digits")
     p.add_argument("--calib-split", help="split / top-level folder of --calib-data (e.g. train)")
-    p.add_argument("--calib-size", type=int, default=512, help="calibration images, seeded subset (default 512)")
+    p.add_argument("--calib-size", type=int, default=512, help="calibration images, seeded class-balanced subset")
     p.add_argument("--data", required=True, help="evaluation data, same formats as --calib-data")
     p.add_argument("--data-split", help="split / top-level folder of --data (e.g. test)")
     p.add_argument("--eval-size", type=int, help="score on a seeded subset of this many --data inputs (class-balanced "
                    "when labelled; every task; default: all)")
-    p.add_argument("--w-bits", type=int, default=8)
-    p.add_argument("--a-bits", type=int, default=8)
+    p.add_argument("--w-bits", type=int, default=8, help="weight bits (2..16)")
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits (2..16)")
     p.add_argument("--granularity", default="channel", help="weights: channel | tensor")
     p.add_argument("--scheme", default="asymmetric", help="activations: asymmetric (default) | symmetric")
     p.add_argument("--w-scheme", default="symmetric", help="weights: symmetric (default) | asymmetric")
@@ -37,8 +37,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                         "(default 1000)")
     p.add_argument("--fisher", action="store_true", help="brecq: weight the block loss by the diagonal Fisher "
                         "(squared output gradients of the KL to the FP32 predictions)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random subset (calibration, scoring)")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--simulate-size", type=int, default=None,
                    help="score the PyTorch FP32 and fake-quant models on a subset of this many test images (the ONNX "
@@ -85,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--version", action="version", version="edgeslim (not installed)")
     sub = parser.add_subparsers(dest="command", required=True,
                                 parser_class=lambda **kw: argparse.ArgumentParser(
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw))
+                                    formatter_class=HelpFormatter, **kw))
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and quantize it (offline)")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--threads", type=int, default=1)
+    demo.add_argument("--out", default="runs/demo", help="output folder (summary.json, report.html, the ONNX files)")
+    demo.add_argument("--epochs", type=int, default=30, help="training epochs of the small CNN")
+    demo.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     inspect = sub.add_parser("inspect", help="layers, parameters, MACs and size per layer")
     model_args(inspect)
     quant = sub.add_parser("quantize", help="post-training quantization -> INT8 ONNX + report")
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--requant", default="float", help="float (onnxruntime) | fixed (m0*2^-n) | shift (pow2)")
     analyze.add_argument("--overflow-images", type=int, default=256, help="test images for overflow statistics")
     analyze.add_argument("--plan", help="mixed-precision plan JSON (float islands run in float32 in the engine)")
-    sens = sub.add_parser("sensitivity", help="per-layer sensitivity sweeps (seed 000) and the group table (seed 002)")
+    sens = sub.add_parser("sensitivity", help="per-layer sensitivity (each layer kept high / quantized alone) and the layer-group "
+                          "table (e.g. backbone / neck / head at each precision)")
     model_args(sens)
     _quant_args(sens)
     _mixed_args(sens, high_default="fp32")
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     qat = sub.add_parser("qat", help="quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)")
     _qat_args(qat)
     qat.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
-    prune = sub.add_parser("prune", help="G5: channel pruning (speed) or magnitude pruning (memory), fine-tuned with KD")
+    prune = sub.add_parser("prune", help="pruning: channel pruning (speed) or magnitude pruning (memory), fine-tuned with "
+                           "distillation")
     cli_lighten.add_args(prune)
     prune.add_argument("--method", default="channel", help="channel (physically smaller model) | magnitude (sparse)")
     prune.add_argument("--target-macs", type=float, help="channel: keep this fraction of the MACs (0.7 = remove 30%%)")
@@ -138,14 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sparsity", type=float, default=0.5, help="magnitude: fraction of weights set to zero")
     prune.add_argument("--scope", default="global", help="magnitude: global | layer")
     prune.add_argument("--one-shot", action="store_true", help="magnitude: prune at once instead of gradually")
-    fact = sub.add_parser("factorize", help="G2: depthwise-separable or bottleneck factorization, fine-tuned with KD")
+    fact = sub.add_parser("factorize", help="factorization: heavy convs -> depthwise-separable or bottleneck, fine-tuned "
+                          "with distillation")
     cli_lighten.add_args(fact)
     fact.add_argument("--method", default="separable", help="separable (depthwise + pointwise) | bottleneck (1x1 first)")
     fact.add_argument("--layers", help="comma-separated conv names (default: the heaviest, by MACs share)")
     fact.add_argument("--share", type=float, default=0.5, help="factorize the heaviest convs covering this MACs share")
     fact.add_argument("--macs-reduction", type=float, default=0.5, help="each conv keeps at most this MACs fraction")
     fact.add_argument("--rank", type=int, help="explicit rank / depth multiplier instead of --macs-reduction")
-    plan = sub.add_parser("plan", help="the lightweighting guideline G1-G5, step by step until the target is met")
+    plan = sub.add_parser("plan", help="cheapest road first: quantization (W8, low-bit, mixed, FP16), then backbone swap, "
+                          "factorization, pruning, until the target is met")
     cli_lighten.add_args(plan)
     plan.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
     plan.add_argument("--max-ram-kb", type=float, help="mcu targets: RAM budget in KiB, the tensor arena TFLM allocates "
@@ -158,13 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-drop", type=float, help="accuracy budget in points of top-1 (1.0 = one point)")
     plan.add_argument("--max-latency-ms", type=float, help="onnxruntime latency per image (batch 1)")
     plan.add_argument("--max-size-kb", type=float, help="stored parameter size in KiB")
-    plan.add_argument("--steps", default="G1,G2,G3,G4,G5", help="which guideline steps may run (in the guideline's order)")
-    plan.add_argument("--budget-epochs", type=float, default=3.0, help="fine-tuning epochs shared by G2 / G5")
-    plan.add_argument("--calib-size", type=int, default=512)
-    plan.add_argument("--prune-macs", type=float, default=0.5, help="G5 channel pruning: keep this MACs fraction")
-    plan.add_argument("--sparsity", type=float, help="G5 magnitude pruning sparsity (default: the smallest that "
+    plan.add_argument("--steps", default="G1,G2,G3,G4,G5", help="which steps may run: G1 backbone swap, G2 factorization, "
+                      "G3 uniform low-bit quantization, G4 mixed precision / FP16, G5 pruning")
+    plan.add_argument("--budget-epochs", type=float, default=3.0, help="fine-tuning epochs shared by factorization and pruning")
+    plan.add_argument("--calib-size", type=int, default=512, help="calibration images of the quantization roads")
+    plan.add_argument("--prune-macs", type=float, default=0.5, help="pruning (channel): keep this MACs fraction")
+    plan.add_argument("--sparsity", type=float, help="pruning (magnitude): sparsity (default: the smallest that "
                       "fits --max-size-kb, counted with the values' deployed width)")
-    plan.add_argument("--backbone", help="G1: a light backbone as NAME[:WIDTH] (shufflenet_v2:0.5, mobilenet_v2:1.0); "
+    plan.add_argument("--backbone", help="backbone swap: a light backbone as NAME[:WIDTH] (shufflenet_v2:0.5, mobilenet_v2:1.0); "
                       "it starts from random weights and is distilled from the model")
     export = sub.add_parser("export", help="LiteRT (.tflite) / TFLM files of a finished quantize run folder")
     export.add_argument("run_dir", help="the --out folder of edgeslim quantize (model_int8.onnx, summary.json)")
@@ -185,8 +190,8 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
                    "(the final numbers use all of --data)")
     p.add_argument("--eval-size", type=int, help="score the final numbers on a seeded class-balanced subset of this "
                    "many --data images (default: all)")
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits (2..16)")
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits (2..16)")
     p.add_argument("--quantizer", default="uniform", help="levels: uniform (default) | pot | apot (powers of two)")
     p.add_argument("--a-quantizer", help="activation levels if not --quantizer's (uniform activations export to ONNX)")
     p.add_argument("--method", default="lsq", help="gradient estimator: lsq (default) | ste | ewgs | dsq | daq")
@@ -195,16 +200,16 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.001, help="peak learning rate of the cosine schedule (default 0.001; BN is folded, "
                    "so rates that suit the float model with BN can diverge)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size, split over processes (default 128)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (weights only, not biases or scales)")
     p.add_argument("--kd", action="store_true", help="distil from the FP32 model (KL to its predictions)")
     p.add_argument("--kd-weight", type=float, default=1.0, help="with --kd: weight of the KL term (rest: labels)")
-    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="with --kd: softmax temperature of the KL term")
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     p.add_argument("--resume", action="store_true", help="continue exactly from --out/checkpoint.pt (refused if the "
                    "model, QAT / PTQ options, --plan or training data differ)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write --out/checkpoint.pt every N optimizer "
                    "steps and at every epoch end (default: every 5 minutes of training; 0: epoch ends only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random subset (calibration, scoring)")
     p.add_argument("--calib-size", type=int, default=512, help="training images that calibrate the PTQ start")
     p.add_argument("--calibrator", default="mse", help="PTQ start: mse (default) | minmax | percentile | entropy")
     p.add_argument("--algorithm", default="", help="PTQ start: extra steps as for `quantize` (cle, adaround | brecq, "
@@ -212,7 +217,9 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=1000, help="--algorithm adaround / brecq: iterations per unit")
     p.add_argument("--granularity", default="channel", help="weights: channel (default) | tensor")
     p.add_argument("--plan", help="per-layer precisions JSON (e.g. first / last layer at int8); see `edgeslim mixed`")
-    p.add_argument("--threads", type=int, help="PyTorch threads per process (default: PyTorch's choice)")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--torch-threads", type=int, help="PyTorch threads per process for training (default: PyTorch's "
+                   "choice)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--task", default="auto", choices=("auto", "classify", "detect", "fidelity"),
                    help="classify (labelled images: labels + optional --kd), detect (YOLO-format --train-data / --data; "
@@ -552,12 +559,36 @@ def _deploying(command):
         from .jobs_export import run_export
 
         try:
-            _tflite_line(run_export(Path(args.out), formats, model_file=model_file))
+            _tflite_line(run_export(Path(args.out), formats, model_file=model_file, calib=_range_inputs(args)))
         except EdgeslimError as exc:
             raise EdgeslimError(f"{args.command} finished ({args.out} holds its results), but its {model_file} was not "
                                 f"written as TFLite: {exc}") from None
         return code
     return call
+
+
+def _range_inputs(args, n: int = 256):
+    """Up to ``n`` of the command's calibration (``--calib-data``) or training (``--train-data``) inputs, preprocessed
+    as the run did, whose float logits set the int8 range of the exported final model (classify, fidelity); None
+    (the range is then bounded from the weights) for detectors or when they cannot be read."""
+    from .data import calibration_indices
+
+    try:
+        model, info = load_model(args)
+        source = "calib_data" if getattr(args, "calib_data", None) else "train_data"
+        task = _qat_task(args, info) if args.command == "qat" else \
+            (_task(args, info) if hasattr(args, "task") else "classify")
+        if task == "fidelity":
+            return _fidelity_inputs(args, model, info, calib_limit=n, source=source)[0]
+        if task != "classify":
+            return None
+        from .data import Preprocess, open_dataset
+
+        ds = open_dataset(getattr(args, source), Preprocess(info.input_shape, info.mean, info.std),
+                          split=getattr(args, source.replace("_data", "_split"), None))
+        return ds.batch(calibration_indices(len(ds), min(n, len(ds)), getattr(args, "seed", 0), ds.labels))
+    except EdgeslimError:
+        return None
 
 
 def _export(args) -> int:
@@ -882,10 +913,10 @@ def _qat(args) -> int:
     from .jobs_qat import run_qat
     from .train.dist import Dist
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
-        torch.set_num_threads(args.threads)
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise EdgeslimError(f"invalid --torch-threads {args.torch_threads}: use 1 or more")
+        torch.set_num_threads(args.torch_threads)
     epochs = args.epochs if args.epochs is not None else (None if args.max_steps else 1)
     cfg = QATConfig(w_bits=args.w_bits, a_bits=args.a_bits, quantizer=args.quantizer, a_quantizer=args.a_quantizer,
                     method=args.method, epochs=epochs, max_steps=args.max_steps, lr=args.lr,
@@ -981,7 +1012,7 @@ def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
         test = test.subset(args.eval_size, args.seed)
     info = as_detector(info, args.decoder, test.names, args.channel_order)
     s = run_detect_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
-                       train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16)),
+                       train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16), threads=args.threads),
                        resume=args.resume, checkpoint_every=args.checkpoint_every)
     for k in ("fp32", "ptq", "qat", "onnx_int8"):
         if "map50" in s.get(k, {}):

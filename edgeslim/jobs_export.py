@@ -65,9 +65,10 @@ def _check_integer(path: Path) -> None:
 
 
 def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check_images: int = 2,
-               model_file: str = "model_int8.onnx") -> dict:
+               model_file: str = "model_int8.onnx", calib: np.ndarray | None = None) -> dict:
     """Write the ``.tflite`` (and TFLM files) of the run in ``run_dir``; return the new ``tflite`` / ``mcu`` fields.
-    ``model_file``: the run's INT8 model (``model_mixed.onnx`` for ``mixed``, ``model_final.onnx`` for ``plan``).
+    ``model_file``: the run's INT8 model (``model_mixed.onnx`` for ``mixed``, ``model_final.onnx`` for ``plan``);
+    ``calib``: model inputs whose float logits set their int8 range when the run recorded none (else: the weights).
 
     ``check_images`` random normal inputs compare the engine's ``tflite`` mode with LiteRT / TFLM on the file
     (``engine_vs_runtimes``; 0 skips it)."""
@@ -83,7 +84,7 @@ def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check
         raise EdgeslimError(f"{run_dir}/{model_file} cannot be read back into an integer graph ({exc}): "
                             "quantize the model with --formats tflite instead") from None
     logits = _recorded_logits(summary)
-    fb, tg, info = build(g, None, io=io, logits=logits)
+    fb, tg, info = build(g, calib if logits is None else None, io=io, logits=logits)
     before = summary.get("tflite") or {}
     fields = write_files(fb, tg, info, run_dir, formats, io)
     if before.get("content_sha256") == info["content_sha256"] and before.get("io") == io:
@@ -91,8 +92,10 @@ def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check
         for key, value in (summary.get("tflite") or {}).items():
             fields["tflite"].setdefault(key, value)
     fields["tflite"]["exported_from"] = f"{model_file} (read back with import_qdq)"
-    fields["tflite"]["logits_range"] = ("recorded by quantize --formats tflite" if logits is not None else
-                                        "bounded from the weights (the run recorded none; no data read)")
+    fields["tflite"]["logits_range"] = (
+        "recorded by quantize --formats tflite" if logits is not None else
+        f"observed on {len(calib)} calibration inputs" if calib is not None else
+        "bounded from the weights (the run recorded none; no data read)")
     if check_images and io == "float":
         require_litert()
         x = np.random.default_rng(0).standard_normal((check_images, *tg.input_shape)).astype(np.float32)

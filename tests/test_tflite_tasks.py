@@ -263,6 +263,7 @@ def test_final_model_is_written_as_tflite(tmp_path, capsys, argv, model_file):
     assert "model_int8.tflite: " in capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
     assert s["tflite"]["exported_from"].startswith(model_file) and s["tflite"]["ops"]["CONV_2D"] == 2
+    assert s["tflite"]["logits_range"].startswith("observed on 120 calibration inputs")  # --calib-data / --train-data
     assert s["mcu"]["ram_bytes"] > 0 and (out / "model_data.cc").exists()
     _exact(s["tflite"]["engine_vs_runtimes"])
     if argv[0] != "qat":  # import_tflite cannot yet read QAT's MINIMUM clamp after a two-consumer op back
