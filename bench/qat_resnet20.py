@@ -85,7 +85,7 @@ def _cli(out: Path, shared: Path, threads: int, resume: bool = False) -> list[st
     return [sys.executable, "-m", "edgeslim", "qat", "resnet20", "--weights", str(shared / "models/resnet20_cifar10jpeg.pt"),
             "--train-data", str(shared / "data/cifar10-jpeg-train.zip"), "--data", str(shared / "data/cifar10-jpeg-test.zip"),
             "--train-size", "5000", "--val-size", "2000", "--epochs", "3", "--w-bits", "4", "--a-bits", "4",
-            "--threads", str(threads), "--seed", "0", "--out", str(out)] + (["--resume"] if resume else [])
+            "--torch-threads", str(threads), "--seed", "0", "--out", str(out)] + (["--resume"] if resume else [])
 
 
 def run_resume(shared: Path, work: Path, threads: int) -> None:

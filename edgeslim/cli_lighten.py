@@ -1,11 +1,13 @@
-"""The lightweighting commands (seed 003's guideline): ``prune`` (G5), ``factorize`` (G2), ``plan`` (G1-G5)."""
+"""The lightweighting commands (seed 003's guideline): ``prune`` (G5), ``factorize`` (G2), ``plan`` (G1-G5).
+
+User-facing help names the steps in words (pruning, factorization, backbone swap); G1-G5 are for code readers."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .cli_model import load_model, model_args
+from .cli_model import THREADS_HELP, load_model, model_args
 from .errors import EdgeslimError
 
 
@@ -20,10 +22,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(default: all)")
     p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs (fractions allowed)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate (cosine)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     p.add_argument("--no-kd", action="store_true", help="fine-tune on labels only (no distillation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subsets and of fine-tuning")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write the fine-tuning checkpoint into --out every "
                    "N optimizer steps and at every epoch end (default: every 5 minutes of training; 0: epoch ends only)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out (refused if the "

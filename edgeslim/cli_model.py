@@ -6,12 +6,27 @@ import argparse
 
 from .errors import EdgeslimError
 
-__all__ = ["model_args", "load_model"]
+__all__ = ["model_args", "load_model", "THREADS_HELP", "HelpFormatter"]
+
+# one meaning of --threads in every command
+THREADS_HELP = ("onnxruntime threads of the timed latency runs (FP32 vs INT8); accuracy scoring uses all cores")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` where there is a default to show: not for options without one (None / False) and not
+    where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower() or action.required:
+            return text
+        return super()._get_help_string(action)
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a zoo name (resnet20, mobilenet_v2, yolov5n, ...), package.module:factory, "
-                   "path/to/file.py:factory (a function or class building the nn.Module) or a float .onnx file")
+    p.add_argument("model", help="one of: a zoo name (resnet20/32/44/56, resnet18, resnet50, mobilenet_v2, digits_cnn, "
+                   "yolov5n, fastestdet, ...); package.module:factory or path/to/file.py:factory (a function or class "
+                   "building the nn.Module; needs --input-shape); a float model.onnx file")
     p.add_argument("--weights", help="checkpoint: a state_dict or {'state_dict': ...} file (torch.save)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a checkpoint that needs full unpickling (only for files you trust)")

@@ -103,3 +103,40 @@ def test_near_chance_and_sizes():
 
     assert near_chance(0.11, 0.1) and not near_chance(0.5, 0.1) and not near_chance(0.5, None)
     assert size(2048) == "2.0 KiB" and size(3 * 1024 * 1024) == "3.00 MiB"
+
+
+def _subcommands() -> dict:
+    import argparse
+
+    from edgeslim.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", [None, *_subcommands()])
+def test_help_is_plain_and_consistent(capsys, command):
+    import re
+
+    from edgeslim.cli_model import THREADS_HELP
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"] if command is None else [command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    for jargon in ("seed 0", "Table 1", "Table 2", "(default: None)", "(default: False)", "G1-G5"):
+        assert jargon not in flat, (command, jargon)
+    assert not re.search(r"\bG[1-5]:", flat), command  # steps are named in words ("backbone swap", "factorization")
+    if command is None:
+        return
+    parser = _subcommands()[command]
+    for action in parser._actions:
+        if "--threads" in action.option_strings:
+            assert action.help == THREADS_HELP and action.default == 1, command
+        elif action.option_strings and action.default not in (None, False) and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings[0]} has a default but no help"
+    if any(a.dest == "model" for a in parser._actions):
+        for form in ("zoo name", "package.module:factory", "file.py:factory", ".onnx"):
+            assert form in flat, (command, form)
