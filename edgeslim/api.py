@@ -61,6 +61,13 @@ def _as_batches(calib: Calibration, batch_size: int) -> Callable[[], Iterable[to
     return lambda: (x[i:i + batch_size] for i in range(0, len(x), batch_size))
 
 
+def batch_count(calib: Calibration, batch_size: int) -> int | None:
+    """How many batches ``_as_batches`` yields for an array / tensor (None: unknown until read)."""
+    if isinstance(calib, (torch.Tensor, np.ndarray)) and len(calib):
+        return -(-len(calib) // batch_size)
+    return None
+
+
 def _batch_tensor(item) -> torch.Tensor:
     """One calibration batch: a tensor / array, or the inputs of an ``(x, y)`` pair (what a DataLoader yields)."""
     if isinstance(item, (tuple, list)) and item and not isinstance(item[0], (int, float)):
@@ -139,7 +146,7 @@ def quantize(model: nn.Module, calib: Calibration, config: PTQConfig | None = No
         batch_size = 1  # an imported ONNX model with batch-1 reshapes (e.g. channel shuffles folded at batch 1)
     gm = ptq.prepare(model, tuple(input_shape), config, plan)
     batches = _as_batches(calib, batch_size)
-    ptq.calibrate(gm, batches, progress=progress)
+    ptq.calibrate(gm, batches, progress=progress, total=batch_count(calib, batch_size))
     ptq.freeze(gm, config)
     reports = {}
     method = next((m for m in ("adaround", "brecq") if m in config.algorithms), None)  # at most one (PTQConfig)
@@ -164,7 +171,7 @@ def calibrate(gm: fx.GraphModule, calib: Calibration, *, batch_size: int = 128, 
     if not isinstance(calib, (torch.Tensor, np.ndarray)) and not callable(calib):
         kept = list(calibration_batches(calib)())
         calib = lambda: iter(kept)  # noqa: E731
-    return ptq.calibrate(gm, _as_batches(calib, batch_size), progress=progress)
+    return ptq.calibrate(gm, _as_batches(calib, batch_size), progress=progress, total=batch_count(calib, batch_size))
 
 
 def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto", activations: str = "float",

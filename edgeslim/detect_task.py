@@ -179,7 +179,8 @@ def calibrated(model: nn.Module, info: ModelInfo, calib: DetectionDataset, confi
     x_cal = calibration_images(calib, config.calib_size, config.seed, info)
     gm = ptq.prepare(model, info.input_shape, config)
     step = opts.batch_size
-    ptq.calibrate(gm, lambda: (torch.from_numpy(x_cal[i:i + step]) for i in range(0, len(x_cal), step)), progress=True)
+    ptq.calibrate(gm, lambda: (torch.from_numpy(x_cal[i:i + step]) for i in range(0, len(x_cal), step)), progress=True,
+                  total=-(-len(x_cal) // step))
     return x_cal, gm
 
 

@@ -47,7 +47,7 @@ def calibrated(model: nn.Module, info: ModelInfo, data: Split, config: PTQConfig
     gm = ptq.prepare(model, info.input_shape, config)
     x = torch.from_numpy(data.calib)
     bs = 1 if mp.fixed_batch(model) else 128
-    ptq.calibrate(gm, lambda: (x[i:i + bs] for i in range(0, len(x), bs)), progress=True)
+    ptq.calibrate(gm, lambda: (x[i:i + bs] for i in range(0, len(x), bs)), progress=True, total=-(-len(x) // bs))
     return ptq.freeze(gm, config)
 
 

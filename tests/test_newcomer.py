@@ -140,3 +140,52 @@ def test_help_is_plain_and_consistent(capsys, command):
     if any(a.dest == "model" for a in parser._actions):
         for form in ("zoo name", "package.module:factory", "file.py:factory", ".onnx"):
             assert form in flat, (command, form)
+
+
+def _capture_bars(monkeypatch, module):
+    """Replace ``module.tqdm`` with one that records each bar's keyword arguments (and still iterates)."""
+    from tqdm import tqdm as real
+
+    bars = []
+
+    def fake(*args, **kw):
+        bars.append(kw)
+        kw = dict(kw, disable=True)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, "tqdm", fake)
+    return bars
+
+
+def test_calibration_bar_has_a_total(monkeypatch, tiny_model, tiny_calib):
+    import edgeslim
+    from edgeslim.algorithms import ptq
+
+    bars = _capture_bars(monkeypatch, ptq)
+    edgeslim.quantize(tiny_model, tiny_calib, edgeslim.PTQConfig(calibrator="entropy"), batch_size=16, progress=True)
+    cal = [b for b in bars if str(b.get("desc", "")).startswith("calibrating")]
+    assert [b["total"] for b in cal] == [4, 4]  # 64 images in batches of 16: observe pass, histogram pass
+    # a generator of unknown length: the first pass has none, the histogram pass knows the count of the first
+    bars.clear()
+    edgeslim.quantize(tiny_model, lambda: (tiny_calib[i:i + 32] for i in range(0, 64, 32)),
+                      edgeslim.PTQConfig(calibrator="entropy"), input_shape=(3, 16, 16), progress=True)
+    assert [b["total"] for b in bars if str(b.get("desc", "")).startswith("calibrating")] == [None, 2]
+
+
+def test_sensitivity_bar_counts_candidate_plans(monkeypatch, tiny_model, tiny_calib):
+    import torch
+
+    from edgeslim.algorithms import mixed_precision as mp
+    from edgeslim.algorithms import ptq
+    from edgeslim.config import MixedPlan, PTQConfig
+
+    bars = _capture_bars(monkeypatch, mp)
+    config = PTQConfig(w_bits=4, a_bits=4)
+    gm = ptq.prepare(tiny_model, (3, 16, 16), config, None)
+    ptq.calibrate(gm, lambda: iter([tiny_calib]))
+    ptq.freeze(gm, config)
+    plans = [MixedPlan((("c1", "int8"),)), MixedPlan((("c2", "int8"),)), MixedPlan((("fc", "int8"),))]
+    with torch.no_grad():
+        ref = [tiny_model(tiny_calib)]
+    mp.evaluate_plans(gm, config, None, plans, tiny_calib, np.zeros(64, dtype=np.int64), ref, desc="sensitivity")
+    assert bars and bars[-1]["total"] == 3 and bars[-1]["unit"] == "plan"

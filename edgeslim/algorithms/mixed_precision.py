@@ -236,15 +236,20 @@ def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan |
     outs: list[list[torch.Tensor]] = [[] for _ in plans]
     bs = _cache_batch_size(gm)
     starts = range(0, len(x), bs)
+    # the bar counts candidate plans (times the input batches when the inputs do not fit one cached batch)
+    bar = tqdm(total=len(plans) * len(starts), desc=desc, unit="plan", disable=desc is None, leave=False,
+               mininterval=0.5)
     with torch.no_grad():
-        for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
+        for i in starts:
             xb, cache = x[i:i + bs], {}
             ptq.apply_plan(gm, config, reference)
             _CachedRun(gm, cache, None).run(xb)
             for j, plan in enumerate(plans):
                 ptq.apply_plan(gm, config, plan)
                 outs[j].append(as_outputs(_CachedRun(gm, cache, reruns[j]).run(xb)))
+                bar.update(1)
             del cache
+    bar.close()
     ptq.apply_plan(gm, config, reference)
     return [score_outputs(_concat(chunks), ref, metric) for chunks in outs]
 

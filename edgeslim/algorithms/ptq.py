@@ -21,6 +21,7 @@ Where quantizers go (the rule the lowering and the exporter rely on):
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -241,10 +242,11 @@ def act_quants(gm: fx.GraphModule) -> list[ActQuant]:
 
 
 def calibrate(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor]], *,
-              progress: bool = False) -> fx.GraphModule:
+              progress: bool = False, total: int | None = None) -> fx.GraphModule:
     """Run the calibration images through ``gm``: a min/max pass, then a histogram pass if needed.
 
-    ``batches`` is called once per pass and yields float NCHW tensors; ``progress`` shows a bar per pass.
+    ``batches`` is called once per pass and yields float NCHW tensors; ``progress`` shows a bar per pass, with
+    ``total`` batches (else the iterable's length hint; a later pass knows the count of the first) so it has an ETA.
     Ranges are observed on the float network (weights unquantized), as onnxruntime and TensorRT calibrate.
     """
     quants = act_quants(gm)
@@ -254,27 +256,31 @@ def calibrate(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor]],
     for m in weighted:  # ranges of the FP32 network, as onnxruntime and TensorRT calibrate (measured: observing
         m.quant_enabled = False  # with fake-quant weights cost yolov5n 2.5 dB of output SQNR)
     try:
-        _calibration_passes(gm, quants, passes, batches, progress)
+        _calibration_passes(gm, quants, passes, batches, progress, total)
     finally:
         for m, on in zip(weighted, enabled):
             m.quant_enabled = on
     return gm
 
 
-def _calibration_passes(gm, quants, passes, batches, progress) -> None:
+def _calibration_passes(gm, quants, passes, batches, progress, total: int | None = None) -> None:
     for mode in passes:
         for q in quants:
             q.mode = mode
-        seen = 0
+        seen = count = 0
+        it = batches()
+        total = total or operator.length_hint(it, 0) or None
         with torch.no_grad():
-            for x in tqdm(batches(), desc=f"calibrating ({mode})", unit="batch", disable=not progress,
+            for x in tqdm(it, total=total, desc=f"calibrating ({mode})", unit="batch", disable=not progress,
                           mininterval=0.5, leave=False):
+                count += 1
                 if not torch.isfinite(x).all():
                     raise EdgeslimError("NaN/inf in the calibration images: check the data and its normalization")
                 gm(x)
                 seen += len(x)
         if seen == 0:
             raise EdgeslimError("calibration data is empty: pass a --calib-data folder with images")
+        total = count  # the next pass has as many batches
 
 
 def freeze(gm: fx.GraphModule, config: PTQConfig) -> fx.GraphModule:
