@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--budget-epochs", type=float, default=1.0)
     ap.add_argument("--lowbit-iters", type=int, default=300)
     ap.add_argument("--only", default=",".join(PLANS) + ",brecq")
+    ap.add_argument("--section", default="plan-cost", help="BENCHMARKS.md section to write (a second setting: "
+                    "another name, e.g. plan-cost-50k)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, info, train, test = resnet20_cifar(Path(args.shared))
@@ -99,7 +101,8 @@ def main() -> None:
     results = {name: plan(model, info, train, test, req, args, work / name.replace(" ", "-"))
                for name, req in PLANS.items() if name in only}
     ref = plain_brecq(model, info, train, test, args, work / "brecq") if "brecq" in only else None
-    body = ["## Planning by cost on ResNet-20: quantization roads first, structure when needed\n",
+    body = ["## Planning by cost on ResNet-20: quantization roads first, structure when needed"
+            + ("" if args.section == "plan-cost" else f" ({args.train_size} training images)") + "\n",
             f"`edgeslim plan` on `resnet20_cifar10jpeg.pt`, target `mcu-w4` (sizes: packed k-bit weights + int32 "
             f"biases, what the target stores; the ONNX files hold the same values in int8 containers). "
             f"{args.train_size} training images ({min(1000, args.train_size // 4)} held out of fine-tuning: every "
@@ -115,7 +118,7 @@ def main() -> None:
                     f"{ref['seconds']:.0f} s.\n")
     for name, s in results.items():
         body.append(section(name, PLANS[name], s))
-    write_section("plan-cost", "\n".join(body))
+    write_section(args.section, "\n".join(body))
 
 
 if __name__ == "__main__":

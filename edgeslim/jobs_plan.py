@@ -597,8 +597,7 @@ def structural_step(step: str, d: Deployable, ctx: Context, memory_binds: bool, 
 
 def summarize(rows, skipped, ctx: Context, met: bool, order, memory_binds, train, t_start) -> dict:
     req, opts, stage = ctx.requirement, ctx.options, ctx.work
-    best = next((r for r in rows if r.get("taken")), None) or \
-        min(rows, key=lambda r: (len(unmet(r, ctx)), req.excess({**r, "top1": r["holdout_top1"]}, ctx.fp32_holdout)))
+    best = next((r for r in rows if r.get("taken")), None) or closest(rows[1:] or rows, ctx)
     shutil.copy(stage / best["onnx"], stage / "model_final.onnx")
     return {"model": ctx.info.name, "target": ctx.target.to_dict(), "requirement": asdict(req),
             "options": {**asdict(replace(opts, finetune=None)), "finetune": opts.finetune.to_dict()},
@@ -609,6 +608,13 @@ def summarize(rows, skipped, ctx: Context, met: bool, order, memory_binds, train
             "holdout_images": int(len(ctx.holdout[1])), "train_images": int(len(train.y)),
             "epochs_per_step": ctx.epochs_per_step,
             "total_seconds": time.perf_counter() - t_start}
+
+
+def closest(rows: list[dict], ctx: Context) -> dict:
+    """The candidate (the baseline excluded when others exist: it is the input, not a result) with the fewest unmet
+    requirements, then the smallest sum of relative overshoots (held-out accuracy)."""
+    return min(rows, key=lambda r: (len(unmet(r, ctx)),
+                                    ctx.requirement.excess({**r, "top1": r["holdout_top1"]}, ctx.fp32_holdout)))
 
 
 def _statement(met: bool, best: dict, ctx: Context) -> str:
