@@ -486,8 +486,11 @@ def _quantize(args) -> int:
         opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
                              batch_size=min(args.batch_size, 16), threads=args.threads,
                              simulation_images=_simulate(args, 16), decoded_output=args.decoded_output)
+        from .report.provenance import provenance
+
         summary = run_detect_quantize(model, info, calib, test, config, Path(args.out), plan=plan, opts=opts,
-                                      analyze=analyze, formats=formats)
+                                      analyze=analyze, formats=formats,
+                                      provenance=provenance(args, getattr(args, "argv", None)))
         print_detect_summary(summary, Path(args.out))
         return 0
     calib, test = _data(args, info)

@@ -91,15 +91,25 @@ def detect(outputs: Sequence[np.ndarray], decoder: Decoder, opts: DetectOptions)
     return nms(decoder(outputs), conf_thres=opts.conf_thres, iou_thres=opts.iou_thres)
 
 
-def scores(dets: list[np.ndarray], targets: list, num_classes: int, opts: DetectOptions) -> dict:
-    """mAP and the confusion-matrix figures of one model's detections."""
+def scores(dets: list[np.ndarray], targets: list, num_classes: int, opts: DetectOptions,
+           detail: bool = False) -> dict:
+    """mAP and the confusion-matrix figures of one model's detections; with ``detail`` also per class (AP, AP@.5,
+    ground-truth count, tp / fp / fn, precision, recall) and the confusion matrix itself (``m[predicted, true]``,
+    the last row / column background: missed / false detections)."""
     m = evaluate_map(dets, targets, num_classes=num_classes)
     cm = confusion_matrix(dets, targets, num_classes=num_classes, iou_thres=opts.cm_iou, conf_thres=opts.cm_conf)
     prf = precision_recall_f1(cm)
-    return {"map50": m["map50"], "map50_95": m["map50_95"],
-            "precision": prf["micro"]["precision"], "recall": prf["micro"]["recall"], "f1": prf["micro"]["f1"],
-            "confusion": {"tp": prf["micro"]["tp"], "fp": prf["micro"]["fp"], "fn": prf["micro"]["fn"],
-                          "macro_f1": prf["macro"]["f1"] if "macro" in prf else None}}
+    out = {"map50": m["map50"], "map50_95": m["map50_95"],
+           "precision": prf["micro"]["precision"], "recall": prf["micro"]["recall"], "f1": prf["micro"]["f1"],
+           "confusion": {"tp": prf["micro"]["tp"], "fp": prf["micro"]["fp"], "fn": prf["micro"]["fn"],
+                         "macro_f1": prf["macro"]["f1"] if "macro" in prf else None}}
+    if detail:
+        pc = prf["per_class"]
+        out["per_class"] = {"ap50": m["per_class_ap50"], "ap50_95": m["per_class_ap"], "num_gt": m["per_class_num_gt"],
+                            "tp": pc["tp"], "fp": pc["fp"], "fn": pc["fn"], "precision": pc["precision"],
+                            "recall": pc["recall"]}
+        out["confusion_matrix"] = cm.tolist()
+    return out
 
 
 def to_model_order(x: np.ndarray, info: ModelInfo) -> np.ndarray:
@@ -109,8 +119,8 @@ def to_model_order(x: np.ndarray, info: ModelInfo) -> np.ndarray:
 
 def evaluate_models(models: dict[str, Callable[[np.ndarray], list[np.ndarray]]], data: DetectionDataset,
                     decoder: Decoder, opts: DetectOptions, desc: str = "evaluating",
-                    info: ModelInfo | None = None) -> dict[str, dict]:
-    """Run each model on the same batches (decoded once) and score its detections."""
+                    info: ModelInfo | None = None, detail: bool = False) -> dict[str, dict]:
+    """Run each model on the same batches (decoded once) and score its detections (``detail``: per class too)."""
     dets: dict[str, list[np.ndarray]] = {k: [] for k in models}
     targets: list = []
     for x, tg, _ in data.batches(opts.batch_size, desc=desc):
@@ -118,7 +128,7 @@ def evaluate_models(models: dict[str, Callable[[np.ndarray], list[np.ndarray]]],
         x = to_model_order(x, info) if info is not None else x
         for k, fn in models.items():
             dets[k] += detect(fn(x), decoder, opts)
-    return {k: scores(v, targets, max(data.num_classes, 1), opts) for k, v in dets.items()}
+    return {k: scores(v, targets, max(data.num_classes, 1), opts, detail) for k, v in dets.items()}
 
 
 def torch_runner(model: nn.Module) -> Callable[[np.ndarray], list[np.ndarray]]:

@@ -38,7 +38,7 @@ TFLITE_RANGE_IMAGES = 32
 def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
                         config: PTQConfig, out: Path, *, plan: MixedPlan | None = None,
                         opts: DetectOptions = DetectOptions(), analyze: AnalyzeOptions | None = None,
-                        formats: tuple[str, ...] = ("onnx",)) -> dict:
+                        formats: tuple[str, ...] = ("onnx",), provenance: dict | None = None) -> dict:
     """Quantize a detector on ``calib``, score FP32 / simulation / ONNX FP32 / ONNX INT8 on ``test``, write ``out``.
     ``formats`` with ``tflite`` / ``tflm`` also writes ``model_int8.tflite`` (and the TFLM files), its mAP in LiteRT
     (XNNPACK, 1 thread, batch 1) with the same decoder next to onnx_int8's."""
@@ -61,7 +61,7 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
         runners = {"onnx_fp32": ort_runner(fp32_path), "onnx_int8": ort_runner(int8_path)}
         if lite is not None:
             runners["tflite_litert"] = litert_runner(lite[0])
-        results = evaluate_models(runners, test, decoder, opts, info=info)
+        results = evaluate_models(runners, test, decoder, opts, info=info, detail=True)
         if opts.decoded_output:
             results["decoded_output"] = decoded_files(fp32_path, int8_path, test, decoder, opts, info)
         n_sim = len(test) if opts.simulation_images is None else min(len(test), opts.simulation_images)
@@ -108,7 +108,12 @@ def run_detect_quantize(model: nn.Module, info: ModelInfo, calib: DetectionDatas
                     analyze)
         if lite is not None:
             summary.update(_tflite_fields(lite, stage, formats, results.pop("tflite_litert"), x_cal, info))
+        if provenance is not None:
+            summary["provenance"] = provenance
         (stage / "encodings.json").write_text(json.dumps(encodings(q.intgraph), indent=1))
+        from .report.detect_html import write_detect_report
+
+        write_detect_report(summary, list(info.class_names), stage / "report.html")
         return summary
 
     return staged(out, work)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .html import plt, png, table
+from .html import plt, png, size, table, wide
 
 STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse;margin:1em 0}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#eee}</style>")
+         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#eee}"
+         ".wide{overflow-x:auto;max-width:100%} img{max-width:100%;height:auto} tr.best td{background:#e2f5e2}</style>")
 
 
 def sensitivity_plot(sens: dict) -> str:
@@ -70,23 +71,48 @@ def sensitivity_table(sens: dict) -> str:
         rows.append([r["name"], r["kind"], r["macs"], r["params"], kh.get("score", ""), kh.get("delta", ""),
                      kh.get("sqnr_db", ""), oq.get("score", ""), oq.get("delta", ""), oq.get("sqnr_db", "")])
     label = metric_label(sens.get("metric"))
-    return table(rows, ["op", "kind", "MACs", "params", f"keep-high {label}", "gain", "output SQNR dB",
-                        f"only-quantized {label}", "change vs all high", "output SQNR dB"])
+    return wide(table(rows, ["op", "kind", "MACs", "params", f"keep-high {label}", "gain", "output SQNR dB",
+                             f"only-quantized {label}", "change vs all high", "output SQNR dB"]))
+
+
+def best_tradeoffs(rows: list[dict]) -> set[int]:
+    """Indices of the rows no other row beats on both size and score (the trade-off frontier)."""
+    def score(r):
+        return float("inf") if r["score"] is None else r["score"]
+    return {i for i, r in enumerate(rows)
+            if not any(o["weight_bytes"] <= r["weight_bytes"] and score(o) >= score(r)
+                       and (o["weight_bytes"] < r["weight_bytes"] or score(o) > score(r)) for o in rows)}
 
 
 def group_section(g: dict, label: str = "top-1") -> list[str]:
+    """Every combination, smallest first; the rows on the size / score frontier (best trade-offs) marked."""
     names = list(g["groups"])
-    rows = [["FP32 (ONNX)", *["32"] * len(names), g["fp32_bytes"], "", g["fp32_score"], "", "", ""]]
-    for r in g["rows"]:
-        rows.append(["partial" if r["quantized"] and len(r["quantized"]) < len(names) else
+    ordered = sorted(g["rows"], key=lambda r: r["weight_bytes"])
+    best = best_tradeoffs(ordered)
+    head = ["method", *names, "weight size", "ONNX size", label, "latency ms (batch 1)", "latency vs FP32", "FPS",
+            "best trade-off"]
+    body = [["FP32 (ONNX)", *["32"] * len(names), size(g["fp32_bytes"]), "", g["fp32_score"], "", "1.00x", "", ""]]
+    for i, r in enumerate(ordered):
+        body.append(["partial" if r["quantized"] and len(r["quantized"]) < len(names) else
                      ("all quantized" if r["quantized"] else f"all {g['high']}"),
-                     *[r["precision"][n] for n in names], r["weight_bytes"], r["onnx_bytes"], r["score"],
-                     r["latency_ms"], r["latency_over_fp32"], r["fps"]])
+                     *[r["precision"][n] for n in names], size(r["weight_bytes"]), size(r["onnx_bytes"]), r["score"],
+                     r["latency_ms"], "" if r["latency_over_fp32"] is None else f"{r['latency_over_fp32']:.2f}x",
+                     r["fps"], "yes" if i in best else ""])
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    mark = ' class="best"'
+    trs = "".join(f"<tr{mark if row[-1] == 'yes' else ''}>"
+                  + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in body)
     return [f"<h2>Groups: every combination at {html.escape(g['high'])} / {html.escape(g['low'])}</h2>",
             "<p>Groups: " + html.escape("; ".join(f"{k} = {'|'.join(v)}" for k, v in g["groups"].items())) +
             f". {html.escape(label)} of the exported ONNX model in onnxruntime on the test set; latency batch 1, "
-            "paired with FP32.</p>",
-            table(rows, ["method", *names, "weight bytes", "ONNX bytes", label, "latency ms", "x FP32", "FPS"])]
+            "paired with FP32 in the same run (latency vs FP32: INT8 time / FP32 time, lower is faster). Rows are "
+            "sorted by weight size; a best trade-off (green) is a row no other row beats on both size and "
+            f"{html.escape(label)}.</p>",
+            wide(f"<table><tr>{cells}</tr>{trs}</table>")]
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
 def _num(v, fmt: str = ".4f") -> str:
@@ -144,7 +170,7 @@ def frontier_figure(s: dict):
             ax.axhline(floor, color="black", ls="--", lw=1, label="budget")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{label} (held-out)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)  # below the axes, off the points
     fig.colorbar(sc, ax=axes[1], label="latency ms")
     axes[0].set_title(f"mixed {s['low']} / {s['high']}: every evaluated plan")
     fig.tight_layout()
@@ -179,12 +205,13 @@ def write_mixed_report(s: dict, path: Path) -> Path:
              f"High-precision layers ({s['high']}): {html.escape(', '.join(m['high_precision_layers']) or 'none')} "
              f"= {m['high_precision_mac_fraction']:.1%} of MACs, {m['high_precision_param_fraction']:.1%} of weights. "
              f"Search {s['search']['seconds']:.1f} s (sensitivity {s['search']['sensitivity_seconds']:.1f} s).</p>",
-             table(rows, ["model", f"test {label} (PyTorch)", f"test {label} (onnxruntime)", f"held-out {label}",
-                          "ONNX bytes", "stored parameter bytes", "latency ms b1", "x FP32"]),
+             wide(table(rows, ["model", f"test {label} (PyTorch)", f"test {label} (onnxruntime)", f"held-out {label}",
+                               "ONNX bytes", "stored parameter bytes", "latency ms b1", "x FP32"])),
              "<h2>Quality vs size vs latency</h2>", frontier_plot(s),
-             table(front, ["frontier plan", "high-precision ops", f"held-out {label}", "bytes", "latency ms", "x FP32"]),
+             wide(table(front, ["frontier plan", "high-precision ops", f"held-out {label}", "bytes", "latency ms",
+                                "x FP32"])),
              "<h2>Search steps (greedy by sensitivity, verified)</h2>",
-             table(steps, ["step", "kept", f"held-out {label}", "output SQNR dB", "bytes", "high MAC fraction"])]
+             wide(table(steps, ["step", "kept", f"held-out {label}", "output SQNR dB", "bytes", "high MAC fraction"]))]
     return _write(parts, path)
 
 
