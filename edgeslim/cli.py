@@ -1126,7 +1126,7 @@ def print_detect_summary(s: dict, out: Path) -> None:
         print(f"decoded-output files ({d['output']} {d['shape']}): mAP@.5 FP32 {d['fp32']['map50']:.4f}, INT8 "
               f"{d['int8']['map50']:.4f} (NMS only after the graph)")
     _tflite_line(s)
-    print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
+    print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
     if "decoded_output" in s:
         print(f"      {', '.join(s['decoded_output']['files'].values())}")
 

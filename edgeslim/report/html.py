@@ -68,9 +68,12 @@ def engine_section(s: dict) -> list[str]:
                               ["engine top-1", "onnxruntime top-1", "fake-quant top-1", "output elements differing",
                                "max diff (LSB)", "requantization", "accumulator bits"]))]
         if near_chance(s["engine"]["top1"], s.get("chance_top1")):
+            why = ("so is onnxruntime's: the model itself scores near chance on this data"
+                   if near_chance(s["onnx_int8"]["top1"], s["chance_top1"]) else
+                   "onnxruntime's is not: the engine's arithmetic (accumulator bits, overflow mode, requantization) "
+                   "breaks the model")
             parts.append(f"<p class='warn'>The integer engine's top-1 ({s['engine']['top1']:.4f}) is near chance "
-                         f"({s['chance_top1']:.3f}): its arithmetic does not follow the model (accumulator, overflow "
-                         "mode or requantization); compare with onnxruntime's top-1.</p>")
+                         f"({s['chance_top1']:.3f}); {why}.</p>")
     if "overflow" in s:
         o = s["overflow"]
         rows = [[r["name"], *(100 * r["product_int8"][k] for k in ("avg", "max", "min")),
@@ -97,8 +100,8 @@ def size(n) -> str:
 STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
          "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#eee}"
          ".wide{overflow-x:auto;max-width:100%} img{max-width:100%;height:auto} tr.worst td{background:#fde2e2}"
-         ".warn{color:#a00;font-weight:bold} dl.prov dt{font-weight:bold;float:left;clear:left;width:11em}"
-         " dl.prov dd{margin-left:12em;overflow-wrap:anywhere;font-size:13px}</style>")
+         ".warn{color:#a00;font-weight:bold} table.prov{width:100%;table-layout:fixed}"
+         " table.prov th{width:11em;text-align:left} table.prov td{text-align:left;overflow-wrap:anywhere}</style>")
 FLIPS = ("<p><b>Flips</b>: test images whose predicted class differs from the FP32 model's prediction (right or wrong); "
          "the accuracy change can be small while many predictions change.</p>")
 
@@ -172,8 +175,8 @@ def provenance_html(p: dict | None) -> list[str]:
              ("packages", ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items())),
              ("CPU", f"{p['cpu']['name']} ({p['cpu']['int8_flags']}, {p['cpu']['cores']} cores)" if p.get("cpu") else ""),
              ("command", p.get("command"))]
-    body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items)
-    return ["<h2>Provenance</h2>", f'<dl class="prov">{body}</dl>']
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
+    return ["<h2>Provenance</h2>", f'<table class="prov">{body}</table>']
 
 
 def write_report(s: dict, path: Path) -> Path:

@@ -188,14 +188,14 @@ def _floor(s: dict) -> float | None:
 def write_mixed_report(s: dict, path: Path) -> Path:
     m, u, f = s["mixed"], s["uniform"], s["fp32"]
     label = metric_label(s.get("metric"))
-    rows = [["FP32", f["score"], f["onnx_score"], f["holdout_score"], f["size_bytes"], "", f["latency_ms"], 1.0],
-            [f"uniform {s['low']}", u["score"], u["onnx_score"], u["holdout_score"], u["onnx_bytes"], u["size_bytes"],
-             u["latency_ms"]["batch1"], u["latency_over_fp32"]["batch1"]],
-            ["mixed (chosen plan)", m["score"], s["onnx_mixed"]["score"], m["holdout_score"], m["onnx_bytes"],
-             m["size_bytes"], m["latency_ms"]["batch1"], m["latency_over_fp32"]["batch1"]]]
-    steps = [[c["label"], "yes" if c["accepted"] else "no", c["score"], c["sqnr_db"], c["size_bytes"],
+    rows = [["FP32", f["score"], f["onnx_score"], f["holdout_score"], size(f["size_bytes"]), "", f["latency_ms"], 1.0],
+            [f"uniform {s['low']}", u["score"], u["onnx_score"], u["holdout_score"], size(u["onnx_bytes"]),
+             size(u["size_bytes"]), u["latency_ms"]["batch1"], u["latency_over_fp32"]["batch1"]],
+            ["mixed (chosen plan)", m["score"], s["onnx_mixed"]["score"], m["holdout_score"], size(m["onnx_bytes"]),
+             size(m["size_bytes"]), m["latency_ms"]["batch1"], m["latency_over_fp32"]["batch1"]]]
+    steps = [[c["label"], "yes" if c["accepted"] else "no", c["score"], c["sqnr_db"], size(c["size_bytes"]),
               c["high_precision_mac_fraction"]] for c in s["search"]["steps"]]
-    front = [[c["label"], len(c["high_layers"]), c["score"], c["size_bytes"], c["latency_ms"], c["latency_over_fp32"]]
+    front = [[c["label"], len(c["high_layers"]), c["score"], size(c["size_bytes"]), c["latency_ms"], c["latency_over_fp32"]]
              for c in s["frontier"]]
     parts = ["<!doctype html><meta charset='utf-8'><title>edgeslim mixed</title>", STYLE,
              f"<h1>edgeslim mixed: {html.escape(str(s['model']))}</h1>",
@@ -206,12 +206,12 @@ def write_mixed_report(s: dict, path: Path) -> Path:
              f"= {m['high_precision_mac_fraction']:.1%} of MACs, {m['high_precision_param_fraction']:.1%} of weights. "
              f"Search {s['search']['seconds']:.1f} s (sensitivity {s['search']['sensitivity_seconds']:.1f} s).</p>",
              wide(table(rows, ["model", f"test {label} (PyTorch)", f"test {label} (onnxruntime)", f"held-out {label}",
-                               "ONNX bytes", "stored parameter bytes", "latency ms b1", "x FP32"])),
+                               "ONNX size", "stored parameters", "latency ms b1", "x FP32"])),
              "<h2>Quality vs size vs latency</h2>", frontier_plot(s),
-             wide(table(front, ["frontier plan", "high-precision ops", f"held-out {label}", "bytes", "latency ms",
+             wide(table(front, ["frontier plan", "high-precision ops", f"held-out {label}", "stored parameters", "latency ms",
                                 "x FP32"])),
              "<h2>Search steps (greedy by sensitivity, verified)</h2>",
-             wide(table(steps, ["step", "kept", f"held-out {label}", "output SQNR dB", "bytes", "high MAC fraction"]))]
+             wide(table(steps, ["step", "kept", f"held-out {label}", "output SQNR dB", "stored parameters", "high MAC fraction"]))]
     return _write(parts, path)
 
 
