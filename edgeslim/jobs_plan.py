@@ -192,17 +192,11 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _sparse_bytes(model: nn.Module, value_bits: int, high=()) -> int:
-    """Sparse storage bytes; the tensors of the layers named in ``high`` (a mixed plan's FP16 / FP32 layers)
-    are counted with 16-bit values instead of ``value_bits``."""
+def _sparse_bytes(model: nn.Module, value_bits: int) -> int:
+    """Bytes of the float model's tensors in their smallest sparse format, ``value_bits`` per stored value."""
     from .algorithms.pruning import sparse_size_bytes
 
-    low = sparse_size_bytes(model, value_bits=value_bits).rows
-    if not high:
-        return int(sum(r.bytes for r in low))
-    wide = sparse_size_bytes(model, value_bits=16).rows
-    prefixes = tuple(n + "." for n in high)
-    return int(sum((w if r.name.startswith(prefixes) else r).bytes for r, w in zip(low, wide)))
+    return int(sparse_size_bytes(model, value_bits=value_bits).total_bytes)
 
 
 def auto_sparsity(model: nn.Module, budget_bytes: float, value_bits: int) -> float:
