@@ -65,7 +65,7 @@ def _run(model, info, calib_ds, test_ds, config, stage: Path, measure: MeasureOp
     q = api.quantize(model, calib, config, plan=plan, input_shape=info.input_shape, progress=True)
     fp32_path = api.export_fp32_onnx(model, info.input_shape, stage / "model_fp32.onnx")
     int8_path = api.export_onnx(q, stage / "model_int8.onnx")
-    pre = preprocessing(test_ds.preprocess, info.channel_order)  # what whoever deploys the files must feed them
+    pre = preprocessing(test_ds.preprocess, info.channel_order, getattr(test_ds, "name", ""))  # what the files expect
     for path in (fp32_path, int8_path):
         save_onnx(set_metadata(onnx.load(str(path)), {"edgeslim.model": info.name,
                                                       "edgeslim.preprocessing": json.dumps(pre)}), path)

@@ -49,6 +49,7 @@ def test_preprocessing_in_console_summary_onnx_and_report(zoo_run):
     p = s["preprocessing"]
     assert p["mean"] == list(info.mean) and p["std"] == list(info.std)
     assert p["size"] == [8, 8] and p["channel_order"] == "GRAY" and p["resize"] == "stretch"
+    assert "pixel / 16" in p["units"]  # scikit-learn's digits are 0..16
     for name in ("model_fp32.onnx", "model_int8.onnx"):
         meta = {m.key: m.value for m in onnx.load(str(out / name)).metadata_props}
         assert json.loads(meta["edgeslim.preprocessing"]) == p

@@ -11,13 +11,18 @@ from pathlib import Path
 PACKAGES = ("edgeslim", "torch", "onnx", "onnxruntime", "numpy")
 
 
-def preprocessing(pp, channel_order: str = "RGB") -> dict:
-    """A classification ``Preprocess`` as the same fields the fidelity task writes (``InputSpec.to_dict``)."""
+UNITS = "mean / std apply to pixels scaled to [0, 1]: x = (pixel / 255 - mean) / std"
+DIGITS_UNITS = "scikit-learn's digits (0..16) are scaled to [0, 1]: x = (pixel / 16 - mean) / std"
+
+
+def preprocessing(pp, channel_order: str = "RGB", data_name: str = "") -> dict:
+    """A classification ``Preprocess`` as the same fields the fidelity task writes (``InputSpec.to_dict``);
+    ``data_name`` (the dataset's name) picks the pixel scale (scikit-learn's digits are 0..16)."""
     c, h, w = pp.input_shape
     resize = "stretch" if pp.resize is None else f"shorter side to {pp.resize}, center-crop"
     return {"size": [h, w], "channel_order": "GRAY" if c == 1 else channel_order,
             "mean": list(pp.mean), "std": list(pp.std), "resize": resize,
-            "units": "mean / std apply to pixels scaled to [0, 1]: x = (pixel / 255 - mean) / std"}
+            "units": DIGITS_UNITS if str(data_name).startswith("sklearn-digits") else UNITS}
 
 
 def preprocessing_line(p) -> str:
@@ -27,7 +32,8 @@ def preprocessing_line(p) -> str:
     nums = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731
     size = "x".join(str(v) for v in p.get("size", []))
     return (f"preprocessing: {size} {p.get('channel_order', '')}, resize {p.get('resize', '')}, "
-            f"mean ({nums(p.get('mean', []))}), std ({nums(p.get('std', []))}); x = (pixel / 255 - mean) / std")
+            f"mean ({nums(p.get('mean', []))}), std ({nums(p.get('std', []))}); "
+            + str(p.get("units", "x = (pixel / 255 - mean) / std")).split(": ")[-1])
 
 
 def sha256(path) -> str | None:
