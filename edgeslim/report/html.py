@@ -33,12 +33,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def layer_error_plot(layers: list[dict]) -> str:
+def layer_error_plot(layers: list[dict], worst: int = 3) -> str:
+    """Activation SQNR per layer in graph order; the ``worst`` lowest in red (the table lists them first)."""
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers)), 3.2))
-    ax.bar(range(len(layers)), [min(r["sqnr_db"], 80) for r in layers], color="#4477aa")
+    low = set(sorted(range(len(layers)), key=lambda i: layers[i]["sqnr_db"])[:worst])
+    ax.bar(range(len(layers)), [min(r["sqnr_db"], 80) for r in layers],
+           color=["#cc3311" if i in low else "#4477aa" for i in range(len(layers))])
     ax.set_xticks(range(len(layers)), [r["tensor"] for r in layers], rotation=90, fontsize=7)
     ax.set_ylabel("SQNR vs FP32 (dB)")
-    ax.set_title("Per-layer quantization error (higher is better)")
+    ax.set_title("Per-layer quantization error (higher is better; red: the worst)")
     return png(fig)
 
 
