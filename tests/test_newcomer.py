@@ -66,7 +66,7 @@ def test_quantize_report_answers_the_obvious_questions(zoo_run):
     page = (out / "report.html").read_text()
     assert "<h1>edgeslim quantize: digits_cnn</h1>" in page
     assert "FP32 ONNX (onnxruntime)" in page and "change vs FP32 (points)" in page and "speed-up vs FP32" in page
-    assert " KiB</td>" in page and "ONNX bytes" not in page
+    assert "\u00a0KiB</td>" in page and "ONNX bytes" not in page
     assert "Flips</b>: test images whose predicted class differs" in page
     # worst layers first, highlighted, weight error next to the activation error
     assert 'class="worst"' in page and "weight SQNR dB" in page
@@ -103,7 +103,7 @@ def test_near_chance_and_sizes():
     from edgeslim.report.html import near_chance, size
 
     assert near_chance(0.11, 0.1) and not near_chance(0.5, 0.1) and not near_chance(0.5, None)
-    assert size(2048) == "2.0 KiB" and size(3 * 1024 * 1024) == "3.00 MiB"
+    assert size(2048) == "2.0\u00a0KiB" and size(3 * 1024 * 1024) == "3.00\u00a0MiB"
 
 
 def _subcommands() -> dict:

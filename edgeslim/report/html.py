@@ -97,7 +97,7 @@ def size(n) -> str:
     if n in ("", None):
         return ""
     n = float(n)
-    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
+    return f"{n / 1024:.1f}\u00a0KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f}\u00a0MiB"  # no break inside
 
 
 STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
