@@ -14,17 +14,6 @@ from edgeslim.cli import main
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("data") / "images"
-    for cls in ("cats", "dogs"):
-        (root / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
 def zoo_run(tmp_path_factory):
     """``quantize digits_cnn --random-init`` on 40 of scikit-learn's digits: (out folder, stdout)."""
     import contextlib
