@@ -356,7 +356,7 @@ def test_whole_pickled_model_needs_allow_pickle_and_a_pickle_is_named_as_such(tm
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--out", "/proc/edgeslim-x"], "check the paths"),
+    (["--out", "/proc/edgeslim-x"], "pass a writable folder"),
     (["--seed", "-1"], "invalid --seed"),
     (["--eval-size", "0"], "invalid --eval-size"),
 ])
