@@ -765,6 +765,18 @@ def _fmt_score(v, key: str) -> str:
     return f"{v:.2f}" if key == "sqnr_db" else f"{v:.4f}"
 
 
+def _row_printer(key: str):
+    """Print each sensitivity row as soon as it is scored (above the progress bars)."""
+    from tqdm import tqdm
+
+    def show(sweep: str, row: dict) -> None:
+        r = row[sweep]
+        delta = "-" if r["delta"] is None else (f"{r['delta']:+.2f}" if key == "sqnr_db" else f"{r['delta']:+.4f}")
+        what = "kept high" if sweep == "keep_high" else "only quantized"
+        tqdm.write(f"  {row['name']:<28}{what:<16}{_fmt_score(r['score'], key):>10}{delta:>9}")
+    return show
+
+
 def _sensitivity(args) -> int:
     from .algorithms.mixed_precision import parse_group
     from .config import MeasureOptions
@@ -781,7 +793,7 @@ def _sensitivity(args) -> int:
     s = run_sensitivity(model, info, task, config, Path(args.out), high=high, holdout_size=args.holdout_size,
                         groups=groups, group_table=not args.no_groups, holdout_from=args.holdout_from,
                         measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size),
-                        score_with=args.score_with)
+                        score_with=args.score_with, on_row=_row_printer(task.metric_key))
     sens, key = s["sensitivity"], task.metric_key
     label = metric_label(sens["metric"])
     print(f"\n{label}: FP32 {_fmt_score(sens['fp32_score'], key)}, uniform {sens['low']} "

@@ -126,15 +126,18 @@ def json_safe(obj):
 def run_sensitivity(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, out: Path, *,
                     high: LayerPrecision, holdout_size: int = 1000, groups: dict[str, tuple[str, ...]] | None = None,
                     group_table: bool = True, holdout_from: str = "calib",
-                    measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime") -> dict:
-    """Both per-layer sweeps on the held-out subset, and the group table on the test set."""
+                    measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime",
+                    on_row=None) -> dict:
+    """Both per-layer sweeps on the held-out subset, and the group table on the test set. ``on_row(sweep, row)``
+    sees each sweep row as soon as it is scored."""
     task.check(info.num_classes)
     outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
         data, gm = _start(model, info, task, config, holdout_size, holdout_from)
-        sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, progress=True, outputs=outputs)
+        sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, progress=True, outputs=outputs,
+                              on_row=on_row)
         summary = {"model": info.name, "task": task.name, "config": config.to_dict(), "sensitivity": sens,
                    "images": _images(data), "scored_with": score_with}
         if group_table:

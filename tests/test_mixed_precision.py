@@ -300,3 +300,23 @@ def test_onnxruntime_scoring_scores_each_plan_as_its_own_exported_file(tiny_mode
     torch_scored = mp.sensitivity(gm, config, x, y, high=high, sweeps=("keep_high",))
     agree = [abs(a["keep_high"]["score"] - b["keep_high"]["score"]) for a, b in zip(s["rows"], torch_scored["rows"])]
     assert max(agree) <= 2 / 96  # the simulation and the file differ at most by rounding ties (a flip or two)
+
+
+def test_sensitivity_rows_arrive_as_soon_as_each_plan_is_scored(tiny_model, tiny_calib):
+    """With onnxruntime scoring, each row is handed out right after its plan ran (before the next plan runs), with
+    the score the final table holds."""
+    config = PTQConfig(w_bits=3, a_bits=3)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(32)
+    y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
+    events, run = [], mp.onnx_outputs(SHAPE)
+
+    def outputs(m, xb):
+        events.append("run")
+        return run(m, xb)
+
+    s = mp.sensitivity(gm, config, x, y, high=LayerPrecision.parse("int8"), sweeps=("keep_high",), outputs=outputs,
+                       on_row=lambda sweep, row: events.append((row["name"], row[sweep]["score"])))
+    rows = s["rows"]
+    assert events[0] == "run"  # the uniform model
+    assert events[1:] == [e for r in rows for e in ("run", (r["name"], r["keep_high"]["score"]))]

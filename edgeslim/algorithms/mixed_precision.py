@@ -212,7 +212,8 @@ def _cache_batch_size(gm: fx.GraphModule, budget_bytes: float = 1.5e9) -> int:
 
 def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan | None,
                    plans: list[MixedPlan], x: torch.Tensor, metric: Metric | np.ndarray, ref: list[torch.Tensor], *,
-                   desc: str | None = None, outputs: PlanOutputs | None = None) -> list[Score]:
+                   desc: str | None = None, outputs: PlanOutputs | None = None,
+                   on_score: Callable[[int, Score], None] | None = None) -> list[Score]:
     """Score many plans that each differ a little from ``reference``, reusing the reference's activations.
 
     Per batch, the reference plan runs once with every node's output kept; each plan then recomputes
@@ -221,8 +222,11 @@ def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan |
     """
     metric = as_metric(metric)
     if outputs is not None:  # each plan exported and run as a whole (no activation cache across plans)
-        scores = [evaluate_plan(gm, config, plan, x, metric, ref, outputs)
-                  for plan in tqdm(plans, desc=desc, unit="plan", disable=desc is None, leave=False)]
+        scores = []
+        for i, plan in enumerate(tqdm(plans, desc=desc, unit="plan", disable=desc is None, leave=False)):
+            scores.append(evaluate_plan(gm, config, plan, x, metric, ref, outputs))
+            if on_score is not None:  # a result as soon as it is known
+                on_score(i, scores[-1])
         ptq.apply_plan(gm, config, reference)
         return scores
     ptq.apply_plan(gm, config, reference)
@@ -251,7 +255,10 @@ def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan |
             del cache
     bar.close()
     ptq.apply_plan(gm, config, reference)
-    return [score_outputs(_concat(chunks), ref, metric) for chunks in outs]
+    scores = [score_outputs(_concat(chunks), ref, metric) for chunks in outs]
+    for i, sc in enumerate(scores if on_score is not None else ()):  # every batch is needed before any score
+        on_score(i, sc)
+    return scores
 
 
 # ----------------------------------------------------------------------------- layer costs
@@ -322,8 +329,10 @@ def _delta(value: float, base: float) -> float | None:
 
 def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metric | np.ndarray, *,
                 high: LayerPrecision = LayerPrecision(FP32, FP32), sweeps: tuple[str, ...] = ("keep_high", "only_quantized"),
-                progress: bool = False, outputs: PlanOutputs | None = None) -> dict:
+                progress: bool = False, outputs: PlanOutputs | None = None,
+                on_row: Callable[[str, dict], None] | None = None) -> dict:
     """Both per-layer sweeps on a calibrated model; returns rows, reference scores and wall times.
+    ``on_row(sweep, row)`` is called as soon as a row's score is known (to print the table as it grows).
 
     ``metric``: a ``Metric`` (or labels, for top-1). Each row: ``name``, ``macs``, ``params`` and per sweep
     ``score`` (the metric's value), ``delta`` (keep_high: gain over the uniformly quantized model;
@@ -348,10 +357,13 @@ def sensitivity(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: 
             base = fp32_score
         else:
             raise EdgeslimError(f"unknown sensitivity sweep {sweep!r}: use keep_high or only_quantized")
-        scores = evaluate_plans(gm, config, reference, plans, x, metric, ref, outputs=outputs,
-                                desc=f"sensitivity ({sweep}, {len(plans)} ops)" if progress else None)
-        for row, sc in zip(rows, scores):
-            row[sweep] = {"score": sc.value, "delta": _delta(sc.value, base), "sqnr_db": sc.sqnr_db, "mse": sc.mse}
+        def fill(i: int, sc: Score, sweep=sweep, base=base) -> None:
+            rows[i][sweep] = {"score": sc.value, "delta": _delta(sc.value, base), "sqnr_db": sc.sqnr_db, "mse": sc.mse}
+            if on_row is not None:
+                on_row(sweep, rows[i])
+
+        evaluate_plans(gm, config, reference, plans, x, metric, ref, outputs=outputs, on_score=fill,
+                       desc=f"sensitivity ({sweep}, {len(plans)} ops)" if progress else None)
         seconds[sweep] = time.perf_counter() - ts
     ptq.apply_plan(gm, config, None)
     return {"images": int(len(x)), "metric": metric.describe(), "fp32_score": fp32_score,
