@@ -777,6 +777,16 @@ def _row_printer(key: str):
     return show
 
 
+def _step_printer(key: str):
+    """Print each step of the mixed-precision search as soon as it is scored."""
+    from tqdm import tqdm
+
+    def show(c) -> None:
+        tqdm.write(f"  {c.label[:34]:<36}{_fmt_score(c.score, key):>10}{c.size_bytes / 1024:>9.1f} KiB"
+                   f"  {'kept' if c.accepted else 'not kept'}")
+    return show
+
+
 def _sensitivity(args) -> int:
     from .algorithms.mixed_precision import parse_group
     from .config import MeasureOptions
@@ -884,7 +894,8 @@ def _mixed(args) -> int:
     s = run_mixed(model, info, task, config, Path(args.out), budget=budget, high=high,
                   holdout_size=args.holdout_size, holdout_from=args.holdout_from,
                   measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size,
-                                         simulation_images=_simulate(args, 1000)), score_with=args.score_with)
+                                         simulation_images=_simulate(args, 1000)), score_with=args.score_with,
+                  on_step=_step_printer(task.metric_key))
     print_mixed_summary(s, Path(args.out))
     return 0
 

@@ -187,7 +187,7 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
 
 def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, out: Path, *, budget: mp.Budget,
               high: LayerPrecision, holdout_size: int = 1000, holdout_from: str = "calib",
-              measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime") -> dict:
+              measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime", on_step=None) -> dict:
     """Search a mixed-precision plan under ``budget`` (in the task metric's units) and verify it on the test
     set, in PyTorch and onnxruntime. ``score_with``: what runs each candidate on the held-out inputs."""
     task.check(info.num_classes)
@@ -202,7 +202,8 @@ def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, 
         with tempfile.TemporaryDirectory(dir=stage) as tmp:
             bench = OnnxBench(model, info, Path(tmp), measure)
             res = mp.search(gm, config, data.holdout, data.metric, budget, input_shape=info.input_shape,
-                            high=high, order=order, latency_of=bench.latency_of, progress=True, outputs=outputs)
+                            high=high, order=order, latency_of=bench.latency_of, progress=True, outputs=outputs,
+                            on_step=on_step)
             frontier = mp.measure_latency(gm, config, res.candidates, bench.latency_of, progress=True)
             chosen = res.chosen
             ptq.apply_plan(gm, config, chosen.plan)

@@ -195,6 +195,8 @@ def test_mixed_then_quantize_with_its_plan(capsys, tmp_path, npz_data, user_mode
     out = tmp_path / "mixed"
     code, stdout, _ = _run(capsys, *_mixed_argv("mixed", user_model, npz_data, out, "--max-drop", "0.0"))
     assert code == 0
+    steps = [ln for ln in stdout.splitlines() if ln.rstrip().endswith(("kept", "not kept"))]
+    assert steps and steps[0].split()[0] == "uniform"  # each search step printed as soon as it is scored
     s = json.loads((out / "summary.json").read_text())
     for key in ("score", "plan", "high_precision_mac_fraction", "size_bytes", "latency_ms"):
         assert key in s["mixed"]

@@ -516,7 +516,7 @@ LatencyFn = Callable[[fx.GraphModule], tuple[float, float]]  # frozen model -> (
 def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metric | np.ndarray, budget: Budget, *,
            input_shape: tuple[int, ...], high: LayerPrecision, order: list[str] | None = None,
            latency_of: LatencyFn | None = None, progress: bool = False,
-           outputs: PlanOutputs | None = None) -> SearchResult:
+           outputs: PlanOutputs | None = None, on_step: Callable[[Candidate], None] | None = None) -> SearchResult:
     """Choose per-layer precisions under ``budget`` (greedy by sensitivity, verified at every step).
 
     ``metric`` scores a plan from the model's outputs (``top1_metric(labels)``, ``sqnr_metric()``; labels alone
@@ -562,6 +562,8 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metri
 
     uniform = candidate((), "uniform")
     current, steps = uniform, [uniform]
+    if on_step is not None:
+        on_step(uniform)
     bar = tqdm(order, desc="mixed-precision search", unit="layer", disable=not progress, leave=False)
     for layer in bar:
         # Quality budget: promote in sensitivity order until it is met (a promotion that measures worse on
@@ -577,12 +579,16 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metri
         else:
             trial = replace(trial, accepted=False)
         steps.append(trial)
+        if on_step is not None:
+            on_step(trial)
         bar.set_postfix(score=f"{current.score:.4f}", high=len(current.high_layers))
     if acc_ok(current) and budget.has_quality:  # trim promotions the budget does not need
         for layer in reversed(current.high_layers):
             trial = candidate(tuple(n for n in current.high_layers if n != layer), f"-{layer}")
             keep = acc_ok(trial) and cost_ok(trial)
             steps.append(trial if keep else replace(trial, accepted=False))
+            if on_step is not None:
+                on_step(steps[-1])
             if keep:
                 current = trial
     met = acc_ok(current) and cost_ok(current)
