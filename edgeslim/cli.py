@@ -669,11 +669,13 @@ def input_spec(args, info):
 
 def _quantize_fidelity(args, model, info, config, plan, analyze=None, formats=("onnx",)) -> int:
     from .jobs_fidelity import FidelityOptions, run_fidelity_quantize
+    from .report.provenance import provenance
 
     calib, test, spec = _fidelity_inputs(args, model, info, calib_limit=args.calib_size)
     s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec,
                               opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
-                              plan=plan, analyze=analyze, formats=formats)
+                              plan=plan, analyze=analyze, formats=formats,
+                              provenance=provenance(args, getattr(args, "argv", None)))
     print_fidelity_summary(s, Path(args.out))
     return 0
 
@@ -711,7 +713,7 @@ def print_fidelity_summary(s: dict, out: Path) -> None:
         print(f"overflow ({s['overflow']['images']} inputs): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
               f"of pixels in a filter of {worst['name']}")
     _tflite_line(s)
-    print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json")
+    print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json, report.html")
 
 
 def _simulate(args, default: int) -> int | None:

@@ -31,6 +31,7 @@ from .intgraph import IntGraph
 from .io.staging import staged
 from .models import ModelInfo
 from .report.encodings import encodings
+from .report.fidelity_html import write_fidelity_report
 
 __all__ = ["FidelityOptions", "run_fidelity_quantize"]
 
@@ -48,13 +49,20 @@ class FidelityOptions:
 def run_fidelity_quantize(model: nn.Module, info: ModelInfo, calib: np.ndarray, test: np.ndarray,
                           config: PTQConfig, out: Path, *, spec: InputSpec | None = None,
                           opts: FidelityOptions = FidelityOptions(), plan: MixedPlan | None = None,
-                          analyze: analysis.AnalyzeOptions | None = None, formats: tuple[str, ...] = ("onnx",)) -> dict:
+                          analyze: analysis.AnalyzeOptions | None = None, formats: tuple[str, ...] = ("onnx",),
+                          provenance: dict | None = None) -> dict:
     """Quantize ``model`` on ``calib`` (model inputs), score INT8 vs FP32 on ``test``; artifacts into ``out``.
     With ``analyze`` the integer engine also runs (``edgeslim analyze``): its agreement with onnxruntime per
     output and overflow statistics. ``formats`` with ``tflite`` / ``tflm`` also writes ``model_int8.tflite``
     (and the TFLM files), scored in LiteRT against the FP32 ONNX outputs like the INT8 ONNX file."""
-    return staged(out, lambda stage: _run(model, info, calib, test, config, stage, spec, opts, plan, analyze,
-                                          formats))
+    def work(stage: Path) -> dict:
+        summary = _run(model, info, calib, test, config, stage, spec, opts, plan, analyze, formats)
+        if provenance is not None:
+            summary["provenance"] = provenance
+        write_fidelity_report(summary, stage / "report.html")  # the summary's provenance and preprocessing included
+        return summary
+
+    return staged(out, work)
 
 
 def _metadata(info: ModelInfo, spec: InputSpec | None, config: PTQConfig) -> dict[str, str]:

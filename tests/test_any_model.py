@@ -426,3 +426,18 @@ def test_label_free_qat_distils_every_output_and_beats_its_ptq_start(exported, t
     capsys.readouterr()
     assert main([*common, "--method", "ewgs", "--out", str(tmp_path / "e")]) == 2
     assert "--method lsq" in capsys.readouterr().err
+
+
+def test_fidelity_run_writes_a_report_with_every_output_and_provenance(exported, tmp_path):
+    src = exported[("face_detector", None)]
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((8, 3, 64, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    assert main(["analyze", str(src), "--calib-data", str(tmp_path / "x.npz"), "--data", str(tmp_path / "x.npz"),
+                 "--overflow-images", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    page = (out / "report.html").read_text()
+    assert "edgeslim analyze" in page and "Integer engine" in page and "Provenance" in page
+    for name, r in s["onnx_int8"]["fidelity_vs_fp32"].items():
+        assert f"<td>{name}</td>" in page and (f"{r['sqnr_db']:.2f}" in page or r["identical"])
+    assert s["provenance"]["model"] == str(src) and s["provenance"]["cpu"]["int8_flags"]

@@ -106,6 +106,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         out[verb] = root / verb
         assert main([verb, *tiny, "--calib-data", str(npz), "--data", str(npz), "--calib-size", "64",
                      "--holdout-size", "100", "--w-bits", "2", "--a-bits", "2", "--out", str(out[verb]), *extra]) == 0
+    unlabelled = root / "x.npz"  # no labels: the fidelity task
+    np.savez(unlabelled, x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    out["fidelity"] = root / "fidelity"
+    assert main(["quantize", *tiny, "--calib-data", str(unlabelled), "--data", str(unlabelled),
+                 "--out", str(out["fidelity"])]) == 0
     yolo = root / "yolo"
     for split in ("train", "val"):
         (yolo / "images" / split).mkdir(parents=True)
@@ -123,7 +128,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("report", ["quantize", "analyze", "sensitivity", "mixed", "detect"])
+@pytest.mark.parametrize("report", ["quantize", "analyze", "sensitivity", "mixed", "detect", "fidelity"])
 def test_report_renders_at_1280_px(runs, report, tmp_path):
     page = runs[report] / "report.html"
     before = page.read_bytes()
