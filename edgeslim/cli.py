@@ -828,6 +828,15 @@ def _sensitivity(args) -> int:
     return 0
 
 
+def _detect_row_printer():
+    from tqdm import tqdm
+
+    def show(r: dict) -> None:
+        tqdm.write(f"  {r['name']:<32} kept high: mAP@.5 {r['map50']:.4f} ({r['delta_map50']:+.4f}), "
+                   f"@.5:.95 {r['map50_95']:.4f} ({r['delta_map50_95']:+.4f})")
+    return show
+
+
 def _detect_sensitivity(args, model, info, config, high, groups) -> int:
     from .detect_task import DetectOptions
     from .jobs_detect import run_detect_sensitivity
@@ -838,7 +847,7 @@ def _detect_sensitivity(args, model, info, config, high, groups) -> int:
                          batch_size=min(args.batch_size, 16), threads=args.threads)
     s = run_detect_sensitivity(model, info, calib, test, config, Path(args.out),
                                groups=groups or model_groups(model, info), high=high,
-                               group_table=not args.no_groups, opts=opts)
+                               group_table=not args.no_groups, opts=opts, on_row=_detect_row_printer())
     print(f"\nFP32 mAP@.5 {s['fp32']['map50']:.4f} (@.5:.95 {s['fp32']['map50_95']:.4f}); all {s['low']} "
           f"{s['uniform']['map50']:.4f} ({s['uniform']['map50_95']:.4f}) on {s['images']['test']} images")
     print(f"{'layer kept ' + s['high']:<34}{'mAP@.5':>8}{'gain':>8}{'mAP@.5:.95':>12}{'gain':>8}")

@@ -134,8 +134,10 @@ def _tflite_fields(lite, stage: Path, formats: tuple[str, ...], scored: dict, x_
 def run_detect_sensitivity(model: nn.Module, info: ModelInfo, calib: DetectionDataset, test: DetectionDataset,
                            config: PTQConfig, out: Path, *, groups: dict[str, tuple[str, ...]],
                            high: LayerPrecision, layers: bool = True, group_table: bool = True,
-                           opts: DetectOptions = DetectOptions()) -> dict:
-    """Seed 000's per-layer experiment (one layer at ``high``, the rest quantized) and seed 002's Table 2 (every
+                           opts: DetectOptions = DetectOptions(), on_row=None) -> dict:
+    """``on_row(row)`` sees each per-layer row as soon as it is scored.
+
+    Seed 000's per-layer experiment (one layer at ``high``, the rest quantized) and seed 002's Table 2 (every
     backbone / neck / head combination at ``high`` or quantized), each plan exported and scored in onnxruntime.
 
     Calibrates once; each plan is re-frozen from the stored statistics (``ptq.apply_plan``).
@@ -165,6 +167,8 @@ def run_detect_sensitivity(model: nn.Module, info: ModelInfo, calib: DetectionDa
                 rows.append({"name": name, **{k: r[k] for k in ("map50", "map50_95", "precision", "recall", "f1")},
                              "delta_map50": r["map50"] - uniform["map50"],
                              "delta_map50_95": r["map50_95"] - uniform["map50_95"]})
+                if on_row is not None:
+                    on_row(rows[-1])
             summary["layers"] = rows
         if group_table:
             names, rows = list(groups), []

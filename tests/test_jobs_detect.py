@@ -121,6 +121,8 @@ def test_sensitivity_detect_one_layer_high_and_group_table(capsys, tmp_path, yol
     assert main(_args("sensitivity", "yolov3-tiny", yolo_set, tmp_path / "s")) == 0
     s = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert len(s["layers"]) == 13 and all(0.0 <= r["map50"] <= 1.0 for r in s["layers"])
+    printed = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if "kept high: mAP@.5" in ln]
+    assert printed == [r["name"] for r in s["layers"]]  # each row printed as soon as it was scored, in order
     rows = s["groups"]["rows"]
     assert len(rows) == 8  # 2^3 backbone / neck / head combinations
     all_fp32 = next(r for r in rows if not r["quantized"])
