@@ -177,10 +177,11 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
             row["score"] = scores[row["key"]]
             ms, ratio = bench.latency(paths[row["key"]])
             row.update(latency_ms=ms, latency_over_fp32=ratio, fps=1000.0 / ms)
+        fp32_ms = bench.latency(bench.fp32)[0]  # the FP32 file against itself: its own median, ratio 1
     ptq.apply_plan(gm, config, None)
     return {"groups": {g: list(p) for g, p in groups.items()}, "high": str(high), "low": str(default),
             "fp32_score": scores["fp32"], "fp32_bytes": int(4 * sum(p.numel() for p in model.parameters())),
-            "rows": rows}
+            "fp32_latency_ms": fp32_ms, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- mixed job

@@ -232,6 +232,8 @@ def test_sensitivity_sweeps_and_group_table(capsys, tmp_path, npz_data, user_mod
     all_high = next(r for r in g["rows"] if not r["quantized"])
     all_low = next(r for r in g["rows"] if len(r["quantized"]) == 2)
     assert all_high["weight_bytes"] > all_low["weight_bytes"] and all_high["precision"]["features"] == "fp32"
+    assert g["fp32_latency_ms"] > 0  # the FP32 row of the group table has its own latency
+    assert f"{g['fp32_latency_ms']:.4g}" in (out / "report.html").read_text()
 
 
 def test_mixed_bad_input_is_one_line(capsys, tmp_path, npz_data, user_model):

@@ -91,7 +91,9 @@ def group_section(g: dict, label: str = "top-1") -> list[str]:
     best = best_tradeoffs(ordered)
     head = ["method", *names, "weight size", "ONNX size", label, "latency ms (batch 1)", "latency vs FP32", "FPS",
             "best trade-off"]
-    body = [["FP32 (ONNX)", *["32"] * len(names), size(g["fp32_bytes"]), "", g["fp32_score"], "", "1.00x", "", ""]]
+    fp32_ms = g.get("fp32_latency_ms")
+    body = [["FP32 (ONNX)", *["32"] * len(names), size(g["fp32_bytes"]), "", g["fp32_score"], fp32_ms, "1.00x",
+             1000.0 / fp32_ms if fp32_ms else "", ""]]
     for i, r in enumerate(ordered):
         body.append(["partial" if r["quantized"] and len(r["quantized"]) < len(names) else
                      ("all quantized" if r["quantized"] else f"all {g['high']}"),
