@@ -10,35 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgeslim.report.provenance import cpu_flags, cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = "# edgeslim benchmarks\n\nEvery section below is written by a script in `bench/`; the command, machine and date are in it.\n"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """CPU (with the VNNI / AVX2 flags that decide onnxruntime's int8 kernels), cores and package versions."""
     import onnxruntime
     import torch
 
-    return (f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, Python {platform.python_version()}, "
+    return (f"{cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
-
-
-def cpu_flags() -> str:
-    """The flags that decide onnxruntime's int8 kernels: AVX-512 VNNI / AVX-VNNI (exact, fast u8s8) or AVX2 only."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "flags unknown"
-    vnni = sorted(f for f in flags if "vnni" in f)
-    return ("VNNI: " + ", ".join(vnni)) if vnni else ("AVX2, no VNNI" if "avx2" in flags else "no AVX2")
 
 
 def table(header: list[str], rows: list[list]) -> str:
