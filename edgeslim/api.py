@@ -174,6 +174,13 @@ def calibrate(gm: fx.GraphModule, calib: Calibration, *, batch_size: int = 128, 
     return ptq.calibrate(gm, _as_batches(calib, batch_size), progress=progress, total=batch_count(calib, batch_size))
 
 
+def convert_qat(gm: fx.GraphModule, config: PTQConfig, input_shape: tuple[int, ...]) -> Quantized:
+    """A trained fake-quant model (QAT, after ``algorithms.qat.finish``) as a ``Quantized``: lowered to its integer
+    graph, ready for ``export_onnx`` / ``export_tflite``."""
+    shape = tuple(input_shape)
+    return Quantized(gm, lower(gm, shape), config, shape, 0.0)
+
+
 def export_onnx(q: Quantized, path: str | Path, *, weight_type: str = "auto", activations: str = "float",
                 io_names: tuple[list[str], list[str]] | None = None) -> Path:
     """Write the INT8 (QDQ) ONNX model of ``q`` atomically.

@@ -26,7 +26,6 @@ from .data.detection import DetectionDataset
 from .io.staging import staged
 from .detect_task import (DetectOptions, calibration_images, check_detector, evaluate_models, fit_options,
                           ort_runner, paired_latency, to_model_order, torch_runner)
-from .lower import lower
 from .models import ModelInfo
 from .report.encodings import encodings
 from .train.checkpoint import Checkpoint, params_digest
@@ -84,9 +83,9 @@ def run_detect_qat(model: nn.Module, info: ModelInfo, train: DetectionDataset, t
             summary["qat"] = mAP(gm, "evaluating QAT")
             summary["onnx_int8"] = {"exported": False, "reason": levels["reason"]}
             return summary
-        graph = lower(gm, tuple(info.input_shape))
-        int8 = api.export_onnx(api.Quantized(gm, graph, ptq_config, tuple(info.input_shape), 0.0),
-                               stage / "model_int8.onnx")
+        q = api.convert_qat(gm, ptq_config, info.input_shape)
+        graph = q.intgraph
+        int8 = api.export_onnx(q, stage / "model_int8.onnx")
         fp32 = api.export_fp32_onnx(teacher, info.input_shape, stage / "model_fp32.onnx")
         summary.update(evaluate_models({"qat": torch_runner(gm), "onnx_int8": ort_runner(int8)}, test, decoder, opts,
                                        desc="evaluating QAT / ONNX", info=info))

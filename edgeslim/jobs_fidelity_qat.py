@@ -27,7 +27,6 @@ from .config import MixedPlan, PTQConfig
 from .eval import ort as ort_eval
 from .eval.fidelity import fidelity, headline_db
 from .io.staging import staged
-from .lower import lower
 from .models import ModelInfo
 from .report.encodings import encodings
 from .train.checkpoint import Checkpoint, params_digest
@@ -42,12 +41,6 @@ def _outputs(m: nn.Module, x: np.ndarray, batch: int) -> list[torch.Tensor]:
         return mp.outputs_of(m, torch.from_numpy(x), batch)
 
 
-def _digest(x: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
-
-
 def run_fidelity_qat(model: nn.Module, info: ModelInfo, train_x: np.ndarray, test_x: np.ndarray, cfg: qat.QATConfig,
                      ptq_config: PTQConfig, out: Path, *, plan: MixedPlan | None = None, batch_size: int = 64,
                      resume: bool = False, checkpoint_every: int | None = None, spec: dict | None = None) -> dict:
@@ -59,8 +52,7 @@ def run_fidelity_qat(model: nn.Module, info: ModelInfo, train_x: np.ndarray, tes
         batch_size = 1
     ckpt = Checkpoint(Path(out) / "checkpoint.pt", every=checkpoint_every,
                       identity={"model weights": params_digest(model), "ptq": ptq_config.to_dict(),
-                                "plan": plan.to_dict() if plan is not None else None,
-                                "training inputs": _digest(train_x)})
+                                "plan": plan.to_dict() if plan is not None else None})  # the training loop adds the data's digest
     ckpt.check_start(resume)
 
     def work(stage: Path) -> dict:
@@ -100,9 +92,9 @@ def run_fidelity_qat(model: nn.Module, info: ModelInfo, train_x: np.ndarray, tes
         if not levels["exportable"]:
             summary["onnx_int8"] = {"exported": False, "reason": levels["reason"]}
             return summary
-        graph = lower(gm, tuple(info.input_shape))
-        int8 = api.export_onnx(api.Quantized(gm, graph, ptq_config, tuple(info.input_shape), 0.0),
-                               stage / "model_int8.onnx")
+        q = api.convert_qat(gm, ptq_config, info.input_shape)
+        graph = q.intgraph
+        int8 = api.export_onnx(q, stage / "model_int8.onnx")
         fp32 = api.export_fp32_onnx(teacher, info.input_shape, stage / "model_fp32.onnx")
         outs = {k: ort_eval.predict_all(ort_eval.session(p, threads=0), test_x, batch_size)
                 for k, p in (("fp32", fp32), ("int8", int8))}

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -71,8 +72,6 @@ def plan_outputs(score_with: str, info: ModelInfo, measure: MeasureOptions):
 def simulation_subset(idx, n: int | None, seed: int):
     """The test inputs the PyTorch fake-quant model is scored on (it is slow; the files are scored on all): a
     seeded subset of ``n`` of ``idx`` in order (None: all)."""
-    import numpy as np
-
     idx = np.asarray(idx)
     if n is None or n >= len(idx):
         return idx

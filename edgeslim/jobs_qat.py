@@ -104,10 +104,9 @@ def run_qat(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds: 
     stage = new_stage(out)  # .staging-<pid>-...: the next run sweeps it if this process is killed (SIGKILL)
     try:
         if levels["exportable"]:
-            from .lower import lower
-
-            graph = lower(gm, tuple(info.input_shape))
-            path = api.export_onnx(api.Quantized(gm, graph, ptq_config, tuple(info.input_shape), 0.0), stage / "model_int8.onnx")
+            q = api.convert_qat(gm, ptq_config, info.input_shape)
+            graph = q.intgraph
+            path = api.export_onnx(q, stage / "model_int8.onnx")
             fp32 = api.export_fp32_onnx(teacher, info.input_shape, stage / "model_fp32.onnx")
             sess = ort_eval.session(path, threads=0)
             logits = np.concatenate([ort_eval.predict(sess, x, batch_size) for x, _ in batches(test_ds, batch_size,
