@@ -11,7 +11,6 @@ and INT8), on the same letterboxed batches. Metrics: COCO-style mAP@0.5 and mAP@
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,11 +195,8 @@ def calibrated(model: nn.Module, info: ModelInfo, calib: DetectionDataset, confi
 
 def paired_latency(fp32_path: Path, int8_path: Path, info: ModelInfo, opts: DetectOptions) -> dict:
     """onnxruntime latency of the two files at batch 1, interleaved: medians, FPS and the paired ratio."""
-    lat = ort_eval.latency_samples({"fp32": fp32_path, "int8": int8_path}, info.input_shape, 1,
-                                   threads=opts.threads, rounds=opts.latency_rounds, warmup=3)
-    fp32_ms, int8_ms = statistics.median(lat["fp32"]), statistics.median(lat["int8"])
-    return {"fp32": fp32_ms, "int8": int8_ms, "int8_over_fp32": ort_eval.paired_ratio(lat, "int8", "fp32"),
-            "fps_fp32": 1e3 / fp32_ms, "fps_int8": 1e3 / int8_ms, "batch": 1, "threads": opts.threads}
+    return ort_eval.fp32_int8_latency(fp32_path, int8_path, info.input_shape, threads=opts.threads,
+                                      rounds=opts.latency_rounds, warmup=3)
 
 
 def detector_metadata(info: ModelInfo) -> dict[str, str]:

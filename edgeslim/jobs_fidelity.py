@@ -10,7 +10,6 @@ deployed file on a small subset (agreement in output LSBs). Everything is writte
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +133,6 @@ def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PT
 
     integer, total = ort_eval.integer_convs(int8_path)
     islands = q.intgraph.float_islands()
-    latency = ort_eval.latency_samples({"fp32": fp32_path, "int8": int8_path}, info.input_shape, 1,
-                                       threads=opts.threads, rounds=opts.latency_rounds)
     summary = {
         "task": "fidelity",
         "model": info.name,
@@ -156,9 +153,8 @@ def _run(model, info: ModelInfo, calib: np.ndarray, test: np.ndarray, config: PT
         "simulation_vs_onnx_int8": {"images": int(len(sub)), "per_output": agreement},
         "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size,
                        "weights_quantized": q.intgraph.weight_bytes()},
-        "latency_ms": {"fp32": statistics.median(latency["fp32"]), "int8": statistics.median(latency["int8"]),
-                       "int8_over_fp32": ort_eval.paired_ratio(latency, "int8", "fp32"), "batch": 1,
-                       "threads": opts.threads},
+        "latency_ms": ort_eval.fp32_int8_latency(fp32_path, int8_path, info.input_shape, threads=opts.threads,
+                                                 rounds=opts.latency_rounds),
         "time_to_quantize_s": q.seconds,
         "config": config.to_dict(),
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -101,14 +100,11 @@ def run_fidelity_qat(model: nn.Module, info: ModelInfo, train_x: np.ndarray, tes
         lsbs = dict(zip(outs["int8"], analysis.output_steps(graph).values()))
         per_output = fidelity(dict(zip(outs["int8"], outs["fp32"].values())), outs["int8"], lsbs)
         integer, total = ort_eval.integer_convs(int8)
-        lat = ort_eval.latency_samples({"fp32": fp32, "int8": int8}, info.input_shape, 1, threads=1, rounds=50)
         summary["onnx_int8"] = {"fidelity_vs_fp32": per_output, "headline_sqnr_db": headline_db(per_output),
                                 "integer_convs": integer, "total_convs": total}
         summary["size_bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size,
                                  "weights_quantized": graph.weight_bytes()}
-        summary["latency_ms"] = {"fp32": statistics.median(lat["fp32"]), "int8": statistics.median(lat["int8"]),
-                                 "int8_over_fp32": ort_eval.paired_ratio(lat, "int8", "fp32"), "batch": 1,
-                                 "threads": 1}
+        summary["latency_ms"] = ort_eval.fp32_int8_latency(fp32, int8, info.input_shape)
         (stage / "encodings.json").write_text(json.dumps(encodings(graph), indent=1))
         torch.save(gm.state_dict(), stage / "qat_model.pt")
         return summary

@@ -134,6 +134,15 @@ def paired_ratio(samples: dict[str, list[float]], model: str, reference: str) ->
     return statistics.median(a / b for a, b in zip(samples[model], samples[reference]))
 
 
+def fp32_int8_latency(fp32: Path, int8: Path, input_shape: tuple[int, ...], *, threads: int = 1, rounds: int = 50,
+                      warmup: int = 10) -> dict:
+    """The FP32 and INT8 files at batch 1, interleaved: median ms of each, the paired INT8 / FP32 ratio, FPS."""
+    lat = latency_samples({"fp32": fp32, "int8": int8}, input_shape, 1, threads=threads, rounds=rounds, warmup=warmup)
+    fp32_ms, int8_ms = statistics.median(lat["fp32"]), statistics.median(lat["int8"])
+    return {"fp32": fp32_ms, "int8": int8_ms, "int8_over_fp32": paired_ratio(lat, "int8", "fp32"),
+            "fps_fp32": 1e3 / fp32_ms, "fps_int8": 1e3 / int8_ms, "batch": 1, "threads": threads}
+
+
 def latency_samples(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int, *, threads: int = 1,
                     rounds: int = 100, warmup: int = 10, seed: int = 0) -> dict[str, list[float]]:
     """Per-round wall times (ms) of each model, interleaved: one run of each model per round."""
