@@ -83,7 +83,7 @@ def test_family_quantizes_all_integer(exported, tmp_path, name, batch):
 
 
 def _output_lsb(q, k):
-    from edgeslim.jobs_fidelity import output_lsbs
+    from edgeslim.tasks.fidelity import output_lsbs
 
     return list(output_lsbs(q.intgraph).values())[k]
 
@@ -203,6 +203,7 @@ def test_import_qdq_reads_onnxruntime_quantized_families(exported, tmp_path, mon
     """onnxruntime's own quantize_static output of every family runs in the integer engine as onnxruntime runs it."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from edgeslim.export.onnx_qdq import exact_on_host
     from edgeslim.io.onnx_qdq_import import import_qdq
 
     monkeypatch.chdir(tmp_path)  # quantize_static leaves temporary files in the working directory
@@ -224,8 +225,11 @@ def test_import_qdq_reads_onnxruntime_quantized_families(exported, tmp_path, mon
     g = import_qdq(out)
     x = rng.standard_normal((2, *shape)).astype(np.float32)
     engine = engine_run.run(g, x, batch_size=1)
-    ort_out = ort_eval.predict_all(ort_eval.session(out), x, 1)
-    from edgeslim.jobs_fidelity import output_lsbs
+    # on x86 CPUs with AVX2 and no VNNI onnxruntime's int8-weight kernels saturate pair sums at int16, so its own
+    # file is not what it means there: the oracle runs the same real weights in uint8 containers (exact)
+    exact, _ = exact_on_host(onnx.load(str(out)))
+    ort_out = ort_eval.predict_all(ort_eval.session(exact.SerializeToString()), x, 1)
+    from edgeslim.tasks.fidelity import output_lsbs
 
     lsbs = output_lsbs(g)
     for k, y in ort_out.items():

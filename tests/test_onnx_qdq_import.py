@@ -175,3 +175,37 @@ def test_conv_transpose_and_resize_match_onnxruntime(tmp_path, depthwise):
     codes = run(g_int, x, return_codes=True)
     (ct_name,) = [n.outputs[0] for n in g_int.nodes if n.op == "QLinearConvTranspose"]
     assert codes[ct_name].shape == (2, O, 10, 10)
+
+
+def test_uint8_weight_containers_read_back_as_the_int8_weights(tiny_model, tiny_calib, tmp_path):
+    """Forced uint8 weight containers (q + 128, zero point 128: what AVX2-only CPUs get) import as the int8 codes
+    with zero point 0, and `exact_on_host` rewrites any int8-weight QDQ file into such containers with the same
+    dequantized weights (numpy) and the same imported integer graph."""
+    from edgeslim.export.onnx_qdq import exact_on_host
+
+    q = api.quantize(tiny_model, tiny_calib, PTQConfig())
+    int8_path = api.export_onnx(q, tmp_path / "int8.onnx", weight_type="int8")
+    u8_path = api.export_onnx(q, tmp_path / "u8.onnx", weight_type="uint8")
+    ref, got = import_qdq(int8_path), import_qdq(u8_path)
+    for a, b in zip([n for n in ref.nodes if "w" in n.arrays], [n for n in got.nodes if "w" in n.arrays]):
+        assert np.array_equal(a.arrays["w"], b.arrays["w"]) and not b.arrays["w_zero_point"].any()
+    rewritten, count = exact_on_host(onnx.load(str(int8_path)), "uint8")
+    assert count == sum("w" in n.arrays for n in ref.nodes)
+
+    def dequantized_weights(model):
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        out = {}
+        for n in model.graph.node:
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim >= 2:
+                w, s, z = (inits[n.input[0]].astype(np.float64), inits[n.input[1]].astype(np.float64),
+                           inits[n.input[2]].astype(np.float64))
+                shape = [-1] + [1] * (w.ndim - 1)
+                out[n.output[0]] = (w - z.reshape(shape)) * s.reshape(shape)
+        return out
+
+    before, after = dequantized_weights(onnx.load(str(int8_path))), dequantized_weights(rewritten)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    onnx.save(rewritten, str(tmp_path / "rewritten.onnx"))
+    again = import_qdq(tmp_path / "rewritten.onnx")
+    x = _x()
+    assert all(np.array_equal(run(ref, x)[k], run(again, x)[k]) for k in ref.output_names)

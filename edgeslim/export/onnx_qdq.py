@@ -94,6 +94,38 @@ def resolve_weight_type(weight_type: str) -> str:
     return host_weight_type() if weight_type == "auto" else weight_type
 
 
+def exact_on_host(model: onnx.ModelProto, weight_type: str = "auto") -> tuple[onnx.ModelProto, int]:
+    """A copy of any QDQ model whose int8 conv / matmul weights are stored as ``weight_container`` stores them
+    (uint8 codes q + 128, zero point z + 128 where this CPU's u8s8 kernels would saturate): the same real values,
+    computed exactly by onnxruntime here. Returns (model, number of weights rewritten). Used to check other
+    quantizers' files (onnxruntime's ``quantize_static`` writes int8 weights) against the integer engine."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    weight_inputs = {n.input[1] for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                     and len(n.input) > 1}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] not in weight_inputs or node.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        if w.dtype != np.int8:
+            continue
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits \
+            else np.zeros((), np.int8)
+        qw, qz = weight_container(w, zp, weight_type)
+        if qw.dtype == np.int8:
+            continue
+        inits[node.input[0]].CopyFrom(numpy_helper.from_array(qw, node.input[0]))
+        zname = node.input[0] + "_zero_point_u8"
+        graph.initializer.append(numpy_helper.from_array(qz, zname))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = zname
+        rewritten += 1
+    return model, rewritten
+
+
 def _container(q: QParams) -> tuple[int, int, np.dtype]:
     """(offset added to codes, ONNX elem type, numpy dtype) for an activation's stored codes."""
     if q.bits <= 8:

@@ -401,8 +401,14 @@ class _Importer:
         w = self.weights[name]
         if w.scale.size > 1 and (w.axis % w.q.ndim) != axis:
             raise _unsupported(node, f"per-channel weight quantization along axis {w.axis} (needs output channels)")
-        q = w.q.T if transpose else w.q
-        return _Weight(np.ascontiguousarray(q).astype(np.int32), w.scale, w.zp, 0, w.bits)
+        q = (w.q.T if transpose else w.q).astype(np.int32)
+        zp = np.asarray(w.zp).astype(np.int32)
+        if w.q.dtype == np.uint8:
+            # a uint8 weight container (u8u8: what edgeslim writes on AVX2 CPUs without VNNI, or a uint8 quantizer)
+            # holds the same real values as int8 codes q - 128 with zero point z - 128: read it as those, so a
+            # symmetric int8 weight stored as uint8 (z = 128) is symmetric again
+            q, zp = q - 128, zp - 128
+        return _Weight(np.ascontiguousarray(q), w.scale, zp, 0, w.bits)
 
     def _bias(self, p: _Pending, name: str) -> None:
         if name in self.weights and self.weights[name].bits == 32:
