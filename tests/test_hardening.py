@@ -141,11 +141,12 @@ def test_lightening_float_options_are_checked(capsys, d, verb, flag, value):
 
 
 def test_fractional_lightening_epochs_pass_the_checks():
-    from edgeslim.cli import _check_numbers, build_parser
+    from edgeslim.cli import build_parser
+    from edgeslim.cli.checks import check_numbers
 
     args = build_parser().parse_args(["prune", "m", "--train-data", "t", "--data", "t", "--out", "o",
                                       "--epochs", "0.5"])
-    _check_numbers(args)  # "fractions allowed": 0.5 epochs is not "less than 1"
+    check_numbers(args)  # "fractions allowed": 0.5 epochs is not "less than 1"
 
 
 # ------------------------------------------------------------------------------------------ item 5: --out

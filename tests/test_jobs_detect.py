@@ -230,10 +230,11 @@ def test_decoded_output_files_decode_like_the_numpy_decoder(capsys, tmp_path, yo
 
 def test_eval_size_takes_a_seeded_subset_of_the_detection_data(tmp_path, yolo_set):
     from edgeslim import cli
+    from edgeslim.cli.common import detect_data
     from edgeslim.models import build_model
 
     args = cli.build_parser().parse_args(_args("quantize", "yolov3-tiny", yolo_set, tmp_path / "e", "--eval-size", "4"))
     _, info = build_model("yolov3-tiny", None, input_shape=(3, SIZE, SIZE))
-    _, test, _ = cli._detect_data(args, info)
-    _, again, _ = cli._detect_data(args, info)
+    _, test, _ = detect_data(args, info)
+    _, again, _ = detect_data(args, info)
     assert len(test) == 4 and test.images == again.images  # seeded: the same four images every run

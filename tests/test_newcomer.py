@@ -109,7 +109,7 @@ def _subcommands() -> dict:
 def test_help_is_plain_and_consistent(capsys, command):
     import re
 
-    from edgeslim.cli_model import THREADS_HELP
+    from edgeslim.cli.args import THREADS_HELP
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"] if command is None else [command, "--help"])

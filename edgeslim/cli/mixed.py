@@ -1,0 +1,129 @@
+"""``edgeslim mixed``: search per-layer precisions under a quality / size / latency budget, for every task
+(``jobs_mixed.run_mixed``; detectors: ``jobs_detect.run_detect_mixed``); ``--formats tflite`` via ``deploy``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgeslimError
+from .args import FINAL_FORMATS_HELP, mixed_args, model_args, quant_args
+from .common import detect_data, high_precision, load_model, ptq_config, scoring_task, simulate_size, task_name
+from .deploy import deploying
+from .lines import fmt_score
+
+__all__ = ["HELP", "add_arguments", "run", "budget", "print_mixed_summary", "print_detect_mixed"]
+
+HELP = "search per-layer precisions under an accuracy / size / latency budget"
+
+
+def add_arguments(p) -> None:
+    model_args(p)
+    quant_args(p)
+    mixed_args(p, high_default=None)
+    p.add_argument("--max-drop", type=float, help="quality budget in points below FP32: top-1 points for "
+                   "classify (0.5 = half a point), mAP@0.5:0.95 points for detect")
+    p.add_argument("--min-sqnr", type=float, help="fidelity (no labels): the worst output's SQNR vs FP32 must stay "
+                   "at or above this many dB")
+    p.add_argument("--max-size-kb", type=float, help="stored parameter budget in KiB")
+    p.add_argument("--max-latency-ms", type=float, help="onnxruntime latency budget per image (batch 1)")
+    p.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
+
+
+def budget(args, task: str):
+    """``mixed``'s budget in the task's units, refusing the old fraction spelling of --max-drop."""
+    from ..algorithms.mixed_precision import Budget
+
+    if args.max_drop is not None and 0 < args.max_drop < 0.05:
+        raise EdgeslimError(f"--max-drop {args.max_drop:g} is read as points (0.5 = half a point), so this allows "
+                            f"{args.max_drop:g} points; it looks like the old fraction spelling: pass "
+                            f"{args.max_drop * 100:g} for {args.max_drop * 100:g} points")
+    if task == "fidelity" and args.max_drop is not None:
+        raise EdgeslimError("without labels the plan is scored by its SQNR against the FP32 model, whose own SQNR is "
+                            "infinite: give the floor with --min-sqnr DB (e.g. 30) instead of --max-drop")
+    if task != "fidelity" and args.min_sqnr is not None:
+        raise EdgeslimError(f"--min-sqnr is the label-free budget; the {task} task takes --max-drop (points)")
+    return Budget(args.max_drop, None if args.max_size_kb is None else int(args.max_size_kb * 1024),
+                  args.max_latency_ms, args.min_sqnr)
+
+
+def _mixed(args) -> int:
+    from ..config import MeasureOptions
+    from ..jobs_mixed import run_mixed
+
+    config = ptq_config(args)
+    high = high_precision(args, config)
+    model, info = load_model(args)
+    kind = task_name(args, info)
+    limits = budget(args, kind)
+    if kind == "detect":
+        from ..detect_task import DetectOptions
+        from ..jobs_detect import run_detect_mixed
+
+        calib, test, info = detect_data(args, info)
+        opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
+                             batch_size=min(args.batch_size, 16), threads=args.threads)
+        s = run_detect_mixed(model, info, calib, test, config, Path(args.out), budget=limits, high=high, opts=opts)
+        print_detect_mixed(s, args.out)
+        return 0
+    task = scoring_task(args, model, info)
+    s = run_mixed(model, info, task, config, Path(args.out), budget=limits, high=high,
+                  holdout_size=args.holdout_size, holdout_from=args.holdout_from,
+                  measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size,
+                                         simulation_images=simulate_size(args, 1000)), score_with=args.score_with,
+                  on_step=_step_printer(task.metric_key))
+    print_mixed_summary(s, Path(args.out))
+    return 0
+
+
+run = deploying(_mixed)
+
+
+def _step_printer(key: str):
+    """Print each step of the mixed-precision search as soon as it is scored."""
+    from tqdm import tqdm
+
+    def show(c) -> None:
+        tqdm.write(f"  {c.label[:34]:<36}{fmt_score(c.score, key):>10}{c.size_bytes / 1024:>9.1f} KiB"
+                   f"  {'kept' if c.accepted else 'not kept'}")
+    return show
+
+
+def print_detect_mixed(s: dict, out) -> None:
+    """FP32 / uniform / mixed mAP, the layers kept high, and whether the budget was met."""
+    print(f"\nmAP@0.5:0.95 FP32 {s['fp32']['map50_95']:.4f}, all {s['low']} {s['uniform']['map50_95']:.4f}, mixed "
+          f"{s['mixed']['map50_95']:.4f} ({len(s['high_precision_layers'])} layers at {s['high']}: "
+          f"{', '.join(s['high_precision_layers']) or 'none'})")
+    print(f"{'met' if s['met'] else 'NOT met'}: {s['reason']} (scored on --data)")
+    print(f"wrote {out}/summary.json, plan.json, model_mixed.onnx")
+
+
+def print_mixed_summary(s: dict, out: Path) -> None:
+    """FP32 / uniform / mixed rows (PyTorch and ONNX scores, size, latency), the budget on the held-out and the test
+    inputs, and the layers kept high."""
+    from ..report.mixed_html import metric_label
+
+    m, key = s["mixed"], s["metric"]["key"]
+    label = metric_label(s["metric"])
+    n_sim, n_test = s["images"].get("simulation", s["images"]["test"]), s["images"]["test"]
+    print(f"\nONNX: the files in onnxruntime on {n_test} test inputs; PyTorch: the simulation on {n_sim} of them")
+    print(f"\n{'':<22}{'PyTorch ' + label:>16}{'ONNX ' + label:>13}{'KiB':>9}{'ms b1':>9}")
+    for name, row, onnx in (("FP32", s["fp32"], s["fp32"]["onnx_score"]),
+                            ("uniform " + s["low"], s["uniform"], s["uniform"]["onnx_score"]),
+                            ("mixed", m, s["onnx_mixed"]["score"])):
+        ms = row["latency_ms"] if name == "FP32" else row["latency_ms"]["batch1"]
+        print(f"{name:<22}{fmt_score(row['score'], key):>16}{fmt_score(onnx, key):>13}"
+              f"{row['size_bytes'] / 1024:>9.1f}{ms:>9.3f}")
+    print(f"{'met' if s['met'] else 'NOT met'} on the {s['images']['holdout']} held-out inputs "
+          f"(from --{'calib-data' if s['images']['holdout_from'] == 'calib' else 'data'}): {s['reason']}")
+    b = s["budget"]
+    if b["max_drop"] is not None or b["min_score"] is not None:
+        per_unit, unit = s["metric"]["per_unit"], s["metric"]["unit"]
+        fp32, mixed = s["fp32"]["onnx_score"], s["onnx_mixed"]["score"]
+        have = (f"drop {(fp32 - mixed) * per_unit:.2f} {unit} (budget {b['max_drop']:.2f})"
+                if b["max_drop"] is not None else f"{label} {fmt_score(mixed, key)} (floor {b['min_score']:.2f})")
+        print(f"on the {n_test} test inputs (ONNX): {have}: " + ("within budget" if s["met_on_test"] else
+              "OVER budget (the held-out inputs are few or unlike the test data: raise --holdout-size, or "
+              "--holdout-from data when --calib-data is the training set)"))
+    print(f"high precision ({s['high']}): {', '.join(m['high_precision_layers']) or 'none'} = "
+          f"{m['high_precision_mac_fraction']:.1%} of MACs")
+    print(f"wrote {out}/summary.json, plan.json, model_mixed.onnx, report.html")

@@ -1,0 +1,141 @@
+"""``edgeslim qat``: quantization-aware training from a calibrated PTQ start, for every task (``jobs_qat``: labels and
+optional distillation; ``jobs_detect_qat``: head distillation, mAP; ``jobs_fidelity_qat``: output distillation, SQNR);
+``--formats tflite`` via ``deploy``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgeslimError
+from .args import FINAL_FORMATS_HELP, qat_args
+from .common import fidelity_inputs, load_model, qat_task_name
+from .deploy import deploying
+
+__all__ = ["HELP", "add_arguments", "run", "print_fidelity_qat", "print_detect_qat"]
+
+HELP = "quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"
+
+
+def add_arguments(p) -> None:
+    qat_args(p)
+    p.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
+
+
+def _qat(args) -> int:
+    import torch
+
+    from ..algorithms.qat import QATConfig
+    from ..config import PTQConfig
+    from ..data import Preprocess, open_dataset
+    from ..jobs_qat import run_qat
+    from ..train.dist import Dist
+
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise EdgeslimError(f"invalid --torch-threads {args.torch_threads}: use 1 or more")
+        torch.set_num_threads(args.torch_threads)
+    epochs = args.epochs if args.epochs is not None else (None if args.max_steps else 1)
+    cfg = QATConfig(w_bits=args.w_bits, a_bits=args.a_bits, quantizer=args.quantizer, a_quantizer=args.a_quantizer,
+                    method=args.method, epochs=epochs, max_steps=args.max_steps, lr=args.lr,
+                    batch_size=args.batch_size, weight_decay=args.weight_decay, kd=args.kd,
+                    kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, augment=not args.no_augment,
+                    seed=args.seed)
+    ptq_config = PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits, granularity=args.granularity,
+                           calibrator=args.calibrator, calib_size=args.calib_size, seed=args.seed,
+                           algorithms=tuple(a.strip() for a in args.algorithm.split(",") if a.strip()),
+                           iters=args.iters)
+    for name in ("train_size", "val_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v}: use a positive number of images")
+    from ..config import MixedPlan
+
+    plan = MixedPlan.load(args.plan) if args.plan else None
+    model, info = load_model(args)
+    task = qat_task_name(args, info)
+    if task == "detect":
+        return _qat_detect(args, model, info, cfg, ptq_config, plan)
+    if task == "fidelity":
+        return _qat_fidelity(args, model, info, cfg, ptq_config, plan)
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    train = open_dataset(args.train_data, pre, split=args.train_split)
+    test = open_dataset(args.data, pre, split=args.data_split)
+    if args.eval_size:
+        test = test.subset(args.eval_size, args.seed)
+    dist = Dist.from_env()
+    try:
+        s = run_qat(model, info, train, test, cfg, ptq_config, Path(args.out), resume=args.resume,
+                    train_size=args.train_size, val_size=args.val_size, plan=plan, dist=dist,
+                    checkpoint_every=args.checkpoint_every)
+    finally:
+        if dist.world > 1:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+    if dist.main:
+        print(f"wrote {args.out}/summary.json, checkpoint.pt, qat_model.pt, encodings.json"
+              + (", model_int8.onnx, model_fp32.onnx" if "top1" in s.get("onnx", {}) else ""))
+    return 0
+
+
+run = deploying(_qat)
+
+
+def _qat_fidelity(args, model, info, cfg, ptq_config, plan) -> int:
+    from ..jobs_fidelity_qat import run_fidelity_qat
+    from ..train.dist import Dist
+
+    if Dist.from_env().world > 1:
+        raise EdgeslimError("qat --task fidelity runs in one process: run it without torchrun")
+    if cfg.method == "ewgs":
+        raise EdgeslimError("qat --task fidelity distils the FP32 model's outputs; EWGS's Hessian estimate needs the "
+                            "classification loss: use --method lsq, ste, dsq or daq")
+    train, test, spec = fidelity_inputs(args, model, info, calib_limit=args.train_size, source="train_data")
+    s = run_fidelity_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
+                         batch_size=min(args.batch_size, 64), resume=args.resume,
+                         checkpoint_every=args.checkpoint_every, spec=spec.to_dict() if spec is not None else None)
+    print_fidelity_qat(s, args.out)
+    return 0
+
+
+def print_fidelity_qat(s: dict, out) -> None:
+    """Worst-output SQNR of the PTQ start and of QAT, then the INT8 file's (or why there is none)."""
+    print(f"\nworst-output SQNR vs FP32 on {s['inputs']['test']} inputs: PTQ {s['ptq']['sqnr_db']:.2f} dB, "
+          f"QAT {s['qat']['sqnr_db']:.2f} dB (PyTorch)")
+    if "fidelity_vs_fp32" in s.get("onnx_int8", {}):
+        print(f"INT8 ONNX vs FP32 ONNX in onnxruntime: {s['onnx_int8']['headline_sqnr_db']:.2f} dB; integer convs "
+              f"{s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}")
+        print(f"wrote {out}/summary.json, model_int8.onnx, model_fp32.onnx, qat_model.pt, encodings.json")
+    else:
+        print(f"wrote {out}/summary.json (not exported: {s['onnx_int8']['reason']})")
+
+
+def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
+    from ..data.detection import open_detection
+    from ..detect_task import DetectOptions
+    from ..jobs_detect_qat import run_detect_qat
+    from ..models import as_detector
+    from ..train.dist import Dist
+
+    if Dist.from_env().world > 1:
+        raise EdgeslimError("qat --task detect runs in one process: run it without torchrun")
+    size = info.input_shape[1]
+    train = open_detection(args.train_data, args.train_split, imgsz=size)
+    test = open_detection(args.data, args.data_split, imgsz=size)
+    if args.eval_size:
+        test = test.subset(args.eval_size, args.seed)
+    info = as_detector(info, args.decoder, test.names, args.channel_order)
+    s = run_detect_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
+                       train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16), threads=args.threads),
+                       resume=args.resume, checkpoint_every=args.checkpoint_every)
+    print_detect_qat(s, args.out)
+    return 0
+
+
+def print_detect_qat(s: dict, out) -> None:
+    """mAP of FP32, the PTQ start, QAT and the INT8 file (where each was scored)."""
+    for k in ("fp32", "ptq", "qat", "onnx_int8"):
+        if "map50" in s.get(k, {}):
+            print(f"{k:<10} mAP@.5 {s[k]['map50']:.4f}  mAP@.5:.95 {s[k]['map50_95']:.4f}")
+    print(f"wrote {out}/summary.json" + (", model_int8.onnx, model_fp32.onnx" if "map50" in s.get("onnx_int8", {})
+                                          else f" (not exported: {s['onnx_int8']['reason']})"))

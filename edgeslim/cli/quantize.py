@@ -1,0 +1,213 @@
+"""``edgeslim quantize``: post-training quantization of a model into an INT8 ONNX file, scored and reported, for
+every task (classify, detect, fidelity); ``analyze`` runs the same with its analysis options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgeslimError
+from .args import model_args, quant_args
+from .common import classify_data, detect_data, fidelity_inputs, load_model, mixed_plan, ptq_config, simulate_size, \
+    task_name
+from .lines import float_line, tflite_line
+
+__all__ = ["HELP", "add_arguments", "run", "quantize", "check_formats", "print_summary", "print_detect_summary",
+           "print_fidelity_summary"]
+
+HELP = "post-training quantization -> INT8 ONNX + report"
+
+
+def add_arguments(p) -> None:
+    model_args(p)
+    quant_args(p)
+    p.add_argument("--plan", help="mixed-precision plan JSON (per-layer precisions; written by `edgeslim mixed`)")
+    p.add_argument("--formats", default="onnx", help="comma-separated: onnx (always written), tflite "
+                   "(model_int8.tflite, LiteRT int8), tflm (also model_data.h/.cc, op resolver, arena size)")
+
+
+def run(args) -> int:
+    return quantize(args)
+
+
+def check_formats(args, config) -> tuple[str, ...]:
+    """``--formats`` (quantize): checked before any work, including the optional packages TFLite needs."""
+    from ..export.tflm import check_config, parse_formats, require_tflite
+
+    formats = parse_formats(getattr(args, "formats", "onnx"))
+    require_tflite(formats)
+    if formats != ("onnx",):
+        check_config(config)
+    return formats
+
+
+def quantize(args, analysis=None) -> int:
+    """Quantize, score and write ``--out`` for the task ``--task`` names; ``analysis``: ``analyze``'s function from
+    the options to its ``AnalyzeOptions`` (engine, overflow), called once the model and the plan are loaded."""
+    from ..config import MeasureOptions
+    from ..jobs import run_quantize
+
+    config = ptq_config(args)
+    formats = check_formats(args, config)
+    model, info = load_model(args)
+    plan = mixed_plan(args, model, info)
+    analyze = analysis(args) if analysis is not None else None
+    task = task_name(args, info)
+    if formats != ("onnx",):  # what TFLite cannot hold is refused here, before calibration
+        from ..export.tflm import check_model, check_plan, require_litert
+
+        check_plan(plan)
+        check_model(model)
+        if task != "classify":
+            require_litert()
+    if getattr(args, "decoded_output", False) and task != "detect":
+        raise EdgeslimError("--decoded-output writes a detector's box decoding into the graph: it needs --task detect "
+                            "and a detector edgeslim can decode")
+    if task == "fidelity":
+        return _quantize_fidelity(args, model, info, config, plan, analyze, formats)
+    if task == "detect":
+        from ..detect_task import DetectOptions
+        from ..jobs_detect import run_detect_quantize
+
+        calib, test, info = detect_data(args, info)
+        opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
+                             batch_size=min(args.batch_size, 16), threads=args.threads,
+                             simulation_images=simulate_size(args, 16), decoded_output=args.decoded_output)
+        from ..report.provenance import provenance
+
+        summary = run_detect_quantize(model, info, calib, test, config, Path(args.out), plan=plan, opts=opts,
+                                      analyze=analyze, formats=formats,
+                                      provenance=provenance(args, getattr(args, "argv", None)))
+        print_detect_summary(summary, Path(args.out))
+        return 0
+    calib, test = classify_data(args, info)
+    from ..report.provenance import provenance
+
+    summary = run_quantize(model, info, calib, test, config, Path(args.out),
+                           MeasureOptions(threads=args.threads, batch_size=args.batch_size,
+                                          simulation_images=simulate_size(args, 1000), formats=formats), analyze, plan,
+                           provenance=provenance(args, getattr(args, "argv", None)))
+    print_summary(summary, Path(args.out))
+    return 0
+
+
+def _quantize_fidelity(args, model, info, config, plan, analyze=None, formats=("onnx",)) -> int:
+    from ..jobs_fidelity import FidelityOptions, run_fidelity_quantize
+    from ..report.provenance import provenance
+
+    calib, test, spec = fidelity_inputs(args, model, info, calib_limit=args.calib_size)
+    s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec,
+                              opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
+                              plan=plan, analyze=analyze, formats=formats,
+                              provenance=provenance(args, getattr(args, "argv", None)))
+    print_fidelity_summary(s, Path(args.out))
+    return 0
+
+
+def print_summary(s: dict, out: Path) -> None:
+    """The classify summary (``quantize``, ``analyze``, ``demo``): FP32 / fake-quant / INT8 ONNX rows, then one line
+    each on the integer convs, float time, uint8 weights, the engine, overflow and the .tflite."""
+    from ..report.provenance import preprocessing_line
+
+    lat = s["latency_ms"]
+    if "preprocessing" in s:
+        print(preprocessing_line(s["preprocessing"]))
+    b = next(iter(lat["fp32"]))
+    print(f"\n{'':<26}{'top-1':>8}{'flips':>8}{'ONNX KiB':>10}{f'ms ({b})':>12}")
+    print(f"{'FP32':<26}{s['fp32']['top1']:>8.4f}{'':>8}{s['size_bytes']['fp32'] / 1024:>10.1f}{lat['fp32'][b]:>12.3f}")
+    label = f"fake-quant ({s['quantized'].get('images', '')} img)" if "images" in s["quantized"] else "fake-quant (PyTorch)"
+    print(f"{label:<26}{s['quantized']['top1']:>8.4f}{s['quantized']['flips_vs_fp32']:>8}")
+    print(f"{'INT8 ONNX (onnxruntime)':<26}{s['onnx_int8']['top1']:>8.4f}{s['onnx_int8']['flips_vs_fp32']:>8}"
+          f"{s['size_bytes']['int8'] / 1024:>10.1f}{lat['int8'][b]:>12.3f}")
+    print(f"integer convs in onnxruntime: {s['onnx_int8']['integer_convs']}/{s['onnx_int8']['total_convs']}; "
+          f"quantized in {s['time_to_quantize_s']:.2f} s; INT8/FP32 latency "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in lat["int8_over_fp32"].items()))
+    float_line(s["onnx_int8"].get("float_ops_profile"))
+    if s["onnx_int8"].get("weight_containers", {}).get("uint8"):
+        print(f"note: {s['onnx_int8']['weight_containers']['uint8']} layers store uint8 weights: onnxruntime's int8-weight "
+              "kernels saturate on this CPU (AVX2 without VNNI); uint8 is exact but not faster. --w-bits 7 keeps int8 "
+              "weights exactly (the fast kernel); an export for an ARM / VNNI target keeps int8 (docs/design.md)")
+    if "engine" in s:
+        e = s["engine_vs_onnx"]
+        print(f"integer engine top-1 {s['engine']['top1']:.4f}; vs onnxruntime: {e['mismatch_fraction']:.2%} of output "
+              f"elements differ, at most {e['max_abs_diff']:.0f} LSB")
+    if "overflow" in s:
+        worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
+        print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
+              f"of pixels in a filter of {worst['name']}; see report.html")
+    tflite_line(s)
+    print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
+
+
+def print_detect_summary(s: dict, out: Path) -> None:
+    """The detect summary: mAP, precision, recall, F1, size, latency and FPS per model, then the one-line notes."""
+    from ..report.provenance import preprocessing_line
+
+    lat = s["latency_ms"]
+    if "preprocessing" in s:
+        print(preprocessing_line(s["preprocessing"]))
+    print(f"\n{s['model']} on {s['images']['test']} images ({s['images']['test_boxes']} boxes) at {s['images']['imgsz']}")
+    print(f"{'':<26}{'mAP@.5':>8}{'mAP@.5:.95':>12}{'P':>7}{'R':>7}{'F1':>7}{'ONNX KiB':>10}{'ms':>9}{'FPS':>7}")
+    n_sim = s["quantized"].get("images", s["images"]["test"])
+    rows = [(f"FP32 (PyTorch, {n_sim} img)", "fp32", None), (f"fake-quant ({n_sim} img)", "quantized", None),
+            ("FP32 ONNX", "onnx_fp32", "fp32"), ("INT8 ONNX (onnxruntime)", "onnx_int8", "int8")]
+    if "engine" in s:
+        rows.append(("integer engine", "engine", None))
+    for label, key, size in rows:
+        r = s[key]
+        extra = (f"{s['size_bytes'][size] / 1024:>10.1f}{lat[size]:>9.2f}{lat['fps_' + size]:>7.1f}" if size else "")
+        print(f"{label:<26}{r['map50']:>8.4f}{r['map50_95']:>12.4f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
+              f"{r['f1']:>7.3f}{extra}")
+    g = s["onnx_int8_graph"]
+    print(f"integer convs in onnxruntime: {g['integer_convs']}/{g['total_convs']}; INT8/FP32 latency "
+          f"{lat['int8_over_fp32']:.2f}x (batch 1, {lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
+    float_line(g.get("float_ops_profile"))
+    if "overflow" in s:
+        worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
+        print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
+              f"of pixels in a filter of {worst['name']}")
+    if "decoded_output" in s:
+        d = s["decoded_output"]
+        print(f"decoded-output files ({d['output']} {d['shape']}): mAP@.5 FP32 {d['fp32']['map50']:.4f}, INT8 "
+              f"{d['int8']['map50']:.4f} (NMS only after the graph)")
+    tflite_line(s)
+    print(f"wrote {out}/summary.json, report.html, model_fp32.onnx, model_int8.onnx, encodings.json")
+    if "decoded_output" in s:
+        print(f"      {', '.join(s['decoded_output']['files'].values())}")
+
+
+def print_fidelity_summary(s: dict, out: Path) -> None:
+    """The fidelity summary: INT8 vs FP32 per output (SQNR, cosine, largest error, LSB, top-1 agreement), then the
+    one-line notes (integer convs, float islands, engine, overflow, .tflite)."""
+    from ..report.provenance import preprocessing_line
+
+    o = s["onnx_int8"]
+    if "preprocessing" in s:
+        print(preprocessing_line(s["preprocessing"]))
+    print(f"\n{s['model']}: INT8 vs FP32 on {s['inputs']['test']} inputs (calibrated on {s['inputs']['calibration']}), "
+          "both in onnxruntime")
+    print(f"{'output':<28}{'shape':<18}{'SQNR dB':>9}{'cosine':>9}{'max err':>11}{'LSB':>7}{'top-1 agr':>10}")
+    for name, r in o["fidelity_vs_fp32"].items():
+        db = "exact" if r["identical"] else f"{r['sqnr_db']:.1f}"
+        lsb = f"{r['max_error_lsb']:.1f}" if "max_error_lsb" in r else "-"
+        agr = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
+        print(f"{name[:27]:<28}{str(tuple(r['shape'])):<18}{db:>9}{r['cosine']:>9.5f}{r['max_abs_error']:>11.4g}"
+              f"{lsb:>7}{agr:>10}")
+    lat = s["latency_ms"]
+    print(f"integer convs in onnxruntime: {o['integer_convs']}/{o['total_convs']}; ONNX {s['size_bytes']['fp32'] / 1024:.1f}"
+          f" -> {s['size_bytes']['int8'] / 1024:.1f} KiB; INT8/FP32 latency {lat['int8_over_fp32']:.2f}x (batch 1, "
+          f"{lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
+    float_line(o.get("float_ops_profile"))
+    if o["float_islands"]:
+        ops = sorted({i["fn"] for i in o["float_islands"]})
+        print(f"float islands ({len(o['float_islands'])} ops run in FP32 between integer tensors): {', '.join(ops)}")
+    if "engine_vs_onnx" in s:
+        worst = max((r.get("max_diff_steps", 0.0) for r in s["engine_vs_onnx"].values()), default=0.0)
+        print(f"integer engine vs onnxruntime: at most {worst:.0f} output step(s) apart; engine SQNR vs FP32 "
+              + ", ".join(f"{k} {'exact' if r['identical'] else format(r['sqnr_db'], '.1f')}"
+                          for k, r in s["engine"]["fidelity_vs_fp32"].items()))
+    if "overflow" in s and s["overflow"]["layers"]:
+        worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
+        print(f"overflow ({s['overflow']['images']} inputs): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
+              f"of pixels in a filter of {worst['name']}")
+    tflite_line(s)
+    print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json, report.html")
