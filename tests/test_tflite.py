@@ -322,6 +322,106 @@ def test_softmax_runs_in_float_and_is_recorded(where):
             assert np.abs(got - _nhwc(want[i:i + 1])).max() <= tol
 
 
+class Normalize(nn.Module):
+    """exp(x) / sum(exp(x)) - 0.1 over channels: float islands (Exp, ReduceSum, Div, Sub) up to a float output;
+    ``requantized``: concatenated with an integer tensor, so the islands end in a QuantizeLinear."""
+
+    def __init__(self, requantized: bool):
+        super().__init__()
+        self.a, self.requantized = nn.Conv2d(3, 8, 3, padding=1), requantized
+
+    def forward(self, x):
+        x = self.a(x)
+        e = x.exp()
+        y = e / e.sum(1, keepdim=True)
+        return torch.cat([y, x], 1) if self.requantized else y - 0.1
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle as FastestDet.onnx writes it: a reshape folding the batch (a float island: its
+    shape is computed), a 5-D reshape and scalar-index Gathers (int8 GATHER)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.reshape(n * c // 2, 2, h * w).permute(1, 0, 2).reshape(2, -1, c // 2, h, w)
+        return torch.cat([x[0], F.relu(self.b(x[1]))], 1)
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c, self.fc = nn.Conv2d(8, 4, 1), nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        y = torch.sigmoid(self.c(F.relu(self.b(x)) + x))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+ISLAND_MODELS = {  # name: (model, mixed-precision plan or None, float output)
+    "normalize_float_out": (lambda: Normalize(False), None, True),
+    "normalize_requantized": (lambda: Normalize(True), None, False),
+    "channel_shuffle": (Shuffle, None, False),
+    "fp32_layers_float_out": (Branches, (("b", "fp32"), ("fc", "fp32")), True),
+    "fp32_layer_requantized": (Branches, (("c", "fp32"),), False),
+}
+
+
+def _float_io_outputs(rt, x: np.ndarray) -> np.ndarray:
+    """The first output of a float-IO file for each image of ``x`` (NCHW), in the IntGraph's layout."""
+    rows = []
+    for i in range(len(x)):
+        if hasattr(rt, "set_tensor"):
+            rt.set_tensor(rt.get_input_details()[0]["index"], _nhwc(x[i:i + 1]))
+            rt.invoke()
+            y = rt.get_tensor(rt.get_output_details()[0]["index"])
+        else:
+            rt.set_input(_nhwc(x[i:i + 1]), 0)
+            rt.invoke()
+            y = rt.get_output(0)
+        rows.append(y.transpose(0, 3, 1, 2) if y.ndim == 4 else y)
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("name", sorted(ISLAND_MODELS))
+def test_float_islands_run_as_float_builtins(name):
+    """Ops edgeslim keeps in float (FloatIsland ONNX graphs, FP32 layers of a mixed plan) are DEQUANTIZE, float32
+    builtins, QUANTIZE, named in ``float_nodes``. Oracle: the engine (its float islands in numpy float32) against
+    LiteRT's reference kernels and TFLM. Tolerance: a float output within 1e-5 of its largest magnitude (float32
+    sums taken in another order: n eps sum|terms|, measured <= 1e-7 here); a requantized output within 1 LSB
+    (a float value a few ulp from a rounding boundary may round the other way; 0 measured here); the integer
+    parts are exact."""
+    from edgeslim import MixedPlan
+
+    make, rules, float_out = ISLAND_MODELS[name]
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = api.quantize(make().eval(), calib, PTQConfig(), batch_size=16,
+                         plan=MixedPlan(rules) if rules else None)
+    tg = prepare_graph(q.intgraph, calib.numpy())
+    fb, info = to_tflite(tg)
+    assert info["float_nodes"] and info["float_ops"]
+    if rules:
+        assert any(n.endswith("(Conv)") for n in info["float_nodes"]) and "CONV_2D" in info["float_ops"]
+    x = np.random.default_rng(12).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    out = tg.output_names[0]
+    want = np.concatenate([run(tg, x[i:i + 1], requant="tflite")[out] for i in range(len(x))])
+    src = next(n for n in tg.nodes if n.outputs[0] == out)
+    assert float_out == (src.op != "DequantizeLinear")
+    tol = 1e-5 * float(np.abs(want).max()) if float_out else 1.001 * float(np.float32(tg.qparams[src.inputs[0]].scale))
+    for rt in _runtimes(fb):
+        got = _float_io_outputs(rt, x)
+        assert got.shape == want.shape and np.abs(got - want).max() <= tol
+
+
 def test_asymmetric_weights_are_refused_with_the_option():
     q, calib = _quantized("conv_relu", w_scheme="asymmetric", granularity="tensor")
     with pytest.raises(EdgeslimError, match="--w-scheme symmetric"):

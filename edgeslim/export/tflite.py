@@ -259,6 +259,8 @@ class _Exporter:
         self.ids: dict[str, int] = {}  # IntGraph tensor -> flatbuffer tensor
         self.count = 0
         self.lut_tables: list[str] = []
+        self.dequantized: dict[str, int] = {}  # int8 tensor -> its DEQUANTIZE output (float islands read it)
+        self.float_nodes: list[str] = []  # IntGraph nodes written as float TFLite ops
 
     # tensors ---------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -271,10 +273,55 @@ class _Exporter:
                                         zero_point=[q.zero_point - _offset(q)]))
 
     def out(self, node: IntNode) -> int:
+        """The node's output tensor: int8 with its parameters, or float32 for a float-island tensor."""
         name = node.outputs[0]
-        idx = self.act(name, self.g.qparams[name], _stored(self.shapes[name]))
+        if name in self.g.qparams:
+            idx = self.act(name, self.g.qparams[name], _stored(self.shapes[name]))
+        else:
+            idx = self.m.add_tensor(Tensor(name, _stored(self.shapes[name]), np.float32))
         self.ids[name] = idx
         return idx
+
+    def like(self, x: int, base: str, shape) -> int:
+        """A new tensor with the type and parameters of tensor ``x`` and another shape."""
+        t = self.m.tensors[x]
+        return self.m.add_tensor(Tensor(self.fresh(base), [int(v) for v in shape], t.dtype, scale=t.scale,
+                                        zero_point=t.zero_point))
+
+    def fin(self, name: str) -> int:
+        """Tensor ``name`` as float32: a float-island tensor as it is, an int8 one through DEQUANTIZE (once)."""
+        if name not in self.g.qparams:
+            return self.ids[name]
+        if name not in self.dequantized:
+            x = self.ids[name]
+            f = self.m.add_tensor(Tensor(self.fresh(f"{name}_dequantized"), self.m.tensors[x].shape, np.float32))
+            self.m.add_op("DEQUANTIZE", [x], [f])
+            self.dequantized[name] = f
+        return self.dequantized[name]
+
+    def src(self, node: IntNode) -> int:
+        """The input of a data-movement node: int8 as it is, or float32 where the node's output is a float tensor."""
+        name = node.inputs[0]
+        return self.fin(name) if node.outputs[0] not in self.g.qparams else self.ids[name]
+
+    def fconst(self, name: str, value, ndim: int) -> int:
+        """A float32 constant broadcast against a tensor of logical rank ``ndim`` (NCHW), stored as that tensor is."""
+        v = np.asarray(value, np.float32)
+        if v.ndim < ndim:
+            v = v.reshape((1,) * (ndim - v.ndim) + v.shape)
+        return self.m.const(self.fresh(name), np.ascontiguousarray(v.transpose(_layout(v.ndim))))
+
+    def logical(self, x: int, shape, name: str) -> int:
+        """Tensor ``x`` (logical ``shape``) in logical (NCHW) element order: a TRANSPOSE for 4-D tensors."""
+        if len(shape) != 4:
+            return x
+        return self._transpose(x, _inverse(NHWC), list(shape), name, None)
+
+    def stored_from_logical(self, x: int, shape, name: str) -> int:
+        """The inverse of ``logical``: a 4-D tensor held in NCHW order moved to the stored NHWC layout."""
+        if len(shape) != 4:
+            return x
+        return self._transpose(x, list(NHWC), _stored(shape), name, None)
 
     def i32(self, name: str, values) -> int:
         return self.m.const(self.fresh(name), np.asarray(values, np.int32))
@@ -335,8 +382,8 @@ class _Exporter:
         for node in g.nodes:
             handler = getattr(self, f"op_{node.op}", None)
             if handler is None:
-                raise EdgeslimError(f"op {node.op} ({node.name}) has no TFLite int8 builtin in edgeslim's exporter: "
-                                    "quantize the model without it (float islands cannot be exported to TFLite)")
+                raise EdgeslimError(f"op {node.op} ({node.name}) has no TFLite builtin in edgeslim's exporter: "
+                                    "use --formats onnx, or open an issue with the model")
             handler(node, shape_in)
         missing = [n for n in g.output_names if n not in self.ids]
         if missing:
@@ -370,22 +417,43 @@ class _Exporter:
         self.ids[node.outputs[0]] = y
 
     def op_Identity(self, node: IntNode, shape_in) -> None:
-        self.ids[node.outputs[0]] = self.ids[node.inputs[0]]
+        self.ids[node.outputs[0]] = self.src(node)
 
     def op_Softmax(self, node: IntNode, shape_in) -> None:
         """A float island TFLite runs as a float builtin: DEQUANTIZE, SOFTMAX (float32), recorded in ``float_ops``."""
-        shape = self.shapes[node.outputs[0]]
-        if node.attrs.get("axis", -1) % len(shape) != (1 if len(shape) == 4 else len(shape) - 1):
-            raise EdgeslimError(f"softmax {node.name} over axis {node.attrs.get('axis')}: TFLite's SOFTMAX reduces the "
-                                "channel (last) axis only")
-        x = self.ids[node.inputs[0]]
-        if node.inputs[0] in self.g.qparams:
-            f = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_dequantized"), self.m.tensors[x].shape, np.float32))
-            self.m.add_op("DEQUANTIZE", [x], [f])
-            x = f
-        y = self.m.add_tensor(Tensor(node.outputs[0], _stored(shape), np.float32))
-        self.m.add_op("SOFTMAX", [x], [y], ("SoftmaxOptions", {"Beta": 1.0}))
-        self.ids[node.outputs[0]] = y
+        self.float_op(node, "Softmax")
+        self._softmax(node, self.fin(node.inputs[0]), node.attrs.get("axis", -1))
+
+    def _softmax(self, node: IntNode, x: int, axis: int) -> None:
+        """SOFTMAX reduces the last stored axis: other axes are swapped to the end by TRANSPOSE and back."""
+        nd = len(self.shapes[node.outputs[0]])
+        p = _layout(nd).index(axis % nd)
+        opts = ("SoftmaxOptions", {"Beta": 1.0})
+        if p == nd - 1:
+            self.m.add_op("SOFTMAX", [x], [self.out(node)], opts)
+            return
+        perm = list(range(nd))
+        perm[p], perm[-1] = perm[-1], perm[p]
+        shape = self.m.tensors[x].shape
+        moved = self._transpose(x, perm, [shape[i] for i in perm], node.name)
+        y = self.like(moved, f"{node.name}_softmax", self.m.tensors[moved].shape)
+        self.m.add_op("SOFTMAX", [moved], [y], opts)
+        self._alias_output(node, self._transpose(y, perm, shape, node.name))
+
+    def _gather(self, node: IntNode, x: int, in_shape, axis: int, index) -> None:
+        """GATHER along a logical axis (4-D tensors in NCHW order around it, as ONNX indexes them)."""
+        out_shape = self.shapes[node.outputs[0]]
+        axis = axis % len(in_shape)
+        index = np.asarray(index, np.int64) % in_shape[axis]
+        x = self.logical(x, in_shape, node.name)
+        y = self.like(x, f"{node.name}_gather", list(out_shape))
+        positions = self.m.const(self.fresh(f"{node.name}_index"), index.astype(np.int32))
+        self.m.add_op("GATHER", [x, positions], [y], ("GatherOptions", {"Axis": axis}))
+        self._alias_output(node, self.stored_from_logical(y, out_shape, node.name))
+
+    def op_Gather(self, node: IntNode, shape_in) -> None:
+        """A scalar-index Gather (the axis is removed; channel shuffles), int8 or float: GATHER."""
+        self._gather(node, self.src(node), self.shapes[node.inputs[0]], node.attrs["axis"], node.attrs["index"])
 
     def op_Cast(self, node: IntNode, shape_in) -> None:
         if node.attrs.get("to") != "float32" or node.inputs[0] in self.g.qparams:
@@ -397,7 +465,7 @@ class _Exporter:
         """(TFLite padding, input index): SAME when it equals the IntGraph pads, else an explicit PAD / PADV2."""
         at = node.attrs
         pads = list(at.get("pads", (0, 0, 0, 0)))
-        src = self.ids[node.inputs[0]]
+        src = self.src(node)  # float32 for a float conv (DEQUANTIZE of an int8 input)
         if not any(pads):
             return 1, src  # VALID
         strides, dil = at["strides"], at.get("dilations", (1, 1))
@@ -409,16 +477,15 @@ class _Exporter:
                 (total // 2, total - total // 2) == (pads[d], pads[d + 2])
         if same:
             return 0, src
-        q = self.g.qparams[node.inputs[0]]
         padded = [int(in_shape[0]), in_shape[2] + pads[0] + pads[2], in_shape[3] + pads[1] + pads[3], in_shape[1]]
-        y = self.act(self.fresh(f"{node.name}_pad"), q, padded)
+        y = self.like(src, f"{node.name}_pad", padded)
         paddings = self.i32(f"{node.name}_paddings", [[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]])
         if pad_value is None:
-            self.m.add_op("PAD", [src, paddings], [y])
-        else:
+            self.m.add_op("PAD", [src, paddings], [y])  # int8: the zero point; float: 0.0
+        else:  # the lowest value (max pooling): -128 in int8, -inf in float
             t = self.m.tensors[src]
-            c = self.m.const(self.fresh(f"{node.name}_pad_value"), np.array([pad_value], np.int8),
-                             scale=t.scale, zero_point=t.zero_point)
+            value = np.array([pad_value], np.int8) if t.dtype == np.int8 else np.array([-np.inf], np.float32)
+            c = self.m.const(self.fresh(f"{node.name}_pad_value"), value, scale=t.scale, zero_point=t.zero_point)
             self.m.add_op("PADV2", [src, paddings, c], [y])
         return 1, y
 
@@ -562,30 +629,30 @@ class _Exporter:
         pads = node.attrs["pads"]
         nd = len(pads) // 2
         pairs = [[pads[i], pads[i + nd]] for i in _layout(nd)]
-        self.m.add_op("PAD", [self.ids[node.inputs[0]], self.i32(f"{node.name}_paddings", pairs)], [self.out(node)])
+        self.m.add_op("PAD", [self.src(node), self.i32(f"{node.name}_paddings", pairs)], [self.out(node)])
 
     def _reshape(self, x: int, in_shape, out_shape, name: str) -> int:
-        """RESHAPE in PyTorch's (NCHW) element order: 4-D tensors go through TRANSPOSE to NCHW and back."""
+        """RESHAPE in PyTorch's (NCHW) element order: 4-D tensors go through TRANSPOSE to NCHW and back (int8 or
+        float, the type of ``x``)."""
         t = self.m.tensors[x]
-        q = dict(scale=t.scale, zero_point=t.zero_point)
         if len(in_shape) == 4 and not _same_bytes(t.shape, _inverse(NHWC)):
-            x = self._transpose(x, _inverse(NHWC), list(in_shape), name, q)
+            x = self._transpose(x, _inverse(NHWC), list(in_shape), name)
         back = len(out_shape) == 4 and not _same_bytes(list(out_shape), NHWC)
         target = list(out_shape) if back or len(out_shape) != 4 else _stored(out_shape)
-        flat = self.m.add_tensor(Tensor(self.fresh(f"{name}_reshape"), [int(v) for v in target], np.int8, **q))
+        flat = self.like(x, f"{name}_reshape", target)
         self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", target)], [flat], ("ReshapeOptions", {}))
         if back:
-            flat = self._transpose(flat, list(NHWC), _stored(out_shape), name, q)
+            flat = self._transpose(flat, list(NHWC), _stored(out_shape), name)
         return flat
 
-    def _transpose(self, x: int, perm, out_shape, name: str, q: dict) -> int:
+    def _transpose(self, x: int, perm, out_shape, name: str, q: dict | None = None) -> int:
         if list(perm) == list(range(len(perm))):
             return x
         if _same_bytes(self.m.tensors[x].shape, perm):  # only size-1 axes move: a RESHAPE
-            y = self.m.add_tensor(Tensor(self.fresh(f"{name}_reshape"), [int(v) for v in out_shape], np.int8, **q))
+            y = self.like(x, f"{name}_reshape", out_shape)
             self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", list(out_shape))], [y], ("ReshapeOptions", {}))
             return y
-        y = self.m.add_tensor(Tensor(self.fresh(f"{name}_transpose"), [int(v) for v in out_shape], np.int8, **q))
+        y = self.like(x, f"{name}_transpose", out_shape)
         self.m.add_op("TRANSPOSE", [x, self.i32(f"{name}_perm", perm)], [y])
         return y
 
@@ -599,14 +666,12 @@ class _Exporter:
 
     def op_Reshape(self, node: IntNode, shape_in) -> None:
         in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
-        self._alias_output(node, self._reshape(self.ids[node.inputs[0]], in_shape, out_shape, node.name))
+        self._alias_output(node, self._reshape(self.src(node), in_shape, out_shape, node.name))
 
     def op_Transpose(self, node: IntNode, shape_in) -> None:
         in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
         perm = _then(_then(_inverse(_layout(len(in_shape))), node.attrs["perm"]), _layout(len(out_shape)))
-        t = self.m.tensors[self.ids[node.inputs[0]]]
-        y = self._transpose(self.ids[node.inputs[0]], perm, _stored(out_shape), node.name,
-                            dict(scale=t.scale, zero_point=t.zero_point))
+        y = self._transpose(self.src(node), perm, _stored(out_shape), node.name)
         self._alias_output(node, y)
 
     def op_Slice(self, node: IntNode, shape_in) -> None:
@@ -622,7 +687,7 @@ class _Exporter:
         order = _layout(nd)
         args = [self.i32(f"{node.name}_{k}", [v[i] for i in order]) for k, v in
                 (("begin", begin), ("end", end), ("strides", step))]
-        self.m.add_op("STRIDED_SLICE", [self.ids[node.inputs[0]], *args], [self.out(node)],
+        self.m.add_op("STRIDED_SLICE", [self.src(node), *args], [self.out(node)],
                       ("StridedSliceOptions", {}))
 
     def op_Resize(self, node: IntNode, shape_in) -> None:
@@ -633,7 +698,7 @@ class _Exporter:
         if not (nearest and integer and len(in_shape) == 4 and at.get("clamp") is None):
             raise EdgeslimError(f"resize {node.name}: only nearest upsampling by integer factors exports to TFLite")
         size = self.i32(f"{node.name}_size", list(out_shape[2:]))
-        self.m.add_op("RESIZE_NEAREST_NEIGHBOR", [self.ids[node.inputs[0]], size], [self.out(node)],
+        self.m.add_op("RESIZE_NEAREST_NEIGHBOR", [self.src(node), size], [self.out(node)],
                       ("ResizeNearestNeighborOptions", {"AlignCorners": False, "HalfPixelCenters": False}))
 
     def op_QLinearRelu(self, node: IntNode, shape_in) -> None:
@@ -696,7 +761,293 @@ class _Exporter:
         self.finish(node, lambda act, y: self.m.add_op("MUL", [x, gate], [y], (
             "MulOptions", {"FusedActivationFunction": _act_code(act)})))
 
+    # float islands ---------------------------------------------------------
+    # IntGraph ops that edgeslim keeps in float (between DequantizeLinear / QuantizeLinear) are written as TFLite's
+    # float32 builtins: DEQUANTIZE in front (``fin``), QUANTIZE after (the IntGraph's QuantizeLinear). They are
+    # listed in ``float_nodes``; the engine computes them in numpy float32 (``engine.float_ops``).
 
+    def float_op(self, node: IntNode, what: str | None = None) -> None:
+        self.float_nodes.append(f"{node.name} ({what or node.attrs.get('fn', node.op)})")
+
+    def _f_elementwise(self, node: IntNode, code: str, xs: list[int], options=None) -> None:
+        self.m.add_op(code, xs, [self.out(node)], options)
+
+    def _f_binary(self, node: IntNode, code: str, a: int, b: int) -> None:
+        shape = self.shapes[node.outputs[0]]
+        for t in (a, b):
+            if len(self.m.tensors[t].shape) != len(shape) and self.m.tensors[t].data is None:
+                raise EdgeslimError(f"{node.op} {node.name}: float inputs of different rank are not exportable to "
+                                    "TFLite yet")
+        opts = {"ADD": ("AddOptions", {}), "SUB": ("SubOptions", {}), "MUL": ("MulOptions", {}),
+                "DIV": ("DivOptions", {})}.get(code)
+        self._f_elementwise(node, code, [a, b], opts)
+
+    def op_Add(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        self._f_binary(node, "ADD", self.fin(node.inputs[0]), self.fin(node.inputs[1]))
+
+    def op_Mul(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        self._f_binary(node, "MUL", self.fin(node.inputs[0]), self.fin(node.inputs[1]))
+
+    def op_Concat(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        nd = len(self.shapes[node.outputs[0]])
+        axis = _layout(nd).index(node.attrs["axis"] % nd)
+        self._f_elementwise(node, "CONCATENATION", [self.fin(n) for n in node.inputs],
+                            ("ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": 0}))
+
+    def _f_clip(self, node: IntNode, x: int, lo: float, hi: float) -> None:
+        builtin = {(0.0, 6.0): "RELU6", (0.0, np.inf): "RELU", (-1.0, 1.0): "RELU_N1_TO_1", (0.0, 1.0): "RELU_0_TO_1"}
+        code = builtin.get((float(lo), float(hi)))
+        if code is not None:
+            self._f_elementwise(node, code, [x])
+            return
+        shape = self.m.tensors[x].shape
+        for op, bound in (("MAXIMUM", lo), ("MINIMUM", hi)):
+            if not np.isfinite(bound):
+                continue
+            y = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_{op.lower()}"), shape, np.float32))
+            self.m.add_op(op, [x, self.m.const(self.fresh(f"{node.name}_bound"), np.array([bound], np.float32))], [y])
+            x = y
+        self._alias_output(node, x)
+
+    def op_Relu(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        self._f_elementwise(node, "RELU", [self.fin(node.inputs[0])])
+
+    def op_Clip(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        self._f_clip(node, self.fin(node.inputs[0]), node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf))
+
+    def _f_mean(self, node: IntNode, x: int, axes, keepdims: bool, code: str = "MEAN") -> None:
+        in_shape = self.shapes[node.inputs[0]]
+        nd = len(in_shape)
+        lay = _layout(nd)
+        axes = sorted(a % nd for a in axes)
+        kept = [a for a in lay if a not in axes]
+        if not keepdims and nd == 4 and kept != sorted(kept):  # the remaining axes would be out of order
+            x, lay = self.logical(x, in_shape, node.name), tuple(range(nd))
+        stored_axes = self.i32(f"{node.name}_axes", [lay.index(a) for a in axes])
+        self._f_elementwise(node, code, [x, stored_axes], ("ReducerOptions", {"KeepDims": bool(keepdims)}))
+
+    def op_GlobalAveragePool(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        self._f_mean(node, self.fin(node.inputs[0]), [2, 3], True)
+
+    def op_ReduceMean(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        self._f_mean(node, self.fin(node.inputs[0]), node.attrs["axes"], bool(node.attrs.get("keepdims", 1)))
+
+    def op_AveragePool(self, node: IntNode, shape_in) -> None:
+        """Float AVERAGE_POOL_2D; ONNX pads with count_include_pad are an explicit zero PAD, then VALID."""
+        self.float_op(node)
+        k, s = node.attrs["kernel_shape"], node.attrs["strides"]
+        x = self.fin(node.inputs[0])
+        pads = list(node.attrs.get("pads") or (0, 0, 0, 0))
+        if any(pads):
+            in_shape = self.shapes[node.inputs[0]]
+            padded = [1, in_shape[2] + pads[0] + pads[2], in_shape[3] + pads[1] + pads[3], in_shape[1]]
+            y = self.like(x, f"{node.name}_pad", padded)
+            self.m.add_op("PAD", [x, self.i32(f"{node.name}_paddings",
+                                              [[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]])], [y])
+            x = y
+        self._f_elementwise(node, "AVERAGE_POOL_2D", [x], ("Pool2DOptions", {
+            "Padding": 1, "StrideW": s[1], "StrideH": s[0], "FilterWidth": k[1], "FilterHeight": k[0]}))
+
+    def _f_activation(self, node: IntNode, fn: str, x: int, attrs: dict) -> None:
+        if fn == "Sigmoid":
+            self._f_elementwise(node, "LOGISTIC", [x])
+        elif fn == "Tanh":
+            self._f_elementwise(node, "TANH", [x])
+        elif fn == "HardSwish":
+            self._f_elementwise(node, "HARD_SWISH", [x])
+        elif fn == "LeakyRelu":
+            self._f_elementwise(node, "LEAKY_RELU", [x], ("LeakyReluOptions", {"Alpha": float(attrs["alpha"])}))
+        elif fn == "Elu" and float(attrs.get("alpha", 1.0)) == 1.0:
+            self._f_elementwise(node, "ELU", [x])
+        elif fn == "Gelu":
+            self._f_elementwise(node, "GELU", [x], ("GeluOptions", {"Approximate": attrs.get("approximate") == "tanh"}))
+        elif fn == "Silu" and "gate_scale" not in attrs:  # x * sigmoid(x)
+            sig = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_logistic"), self.m.tensors[x].shape, np.float32))
+            self.m.add_op("LOGISTIC", [x], [sig])
+            self._f_elementwise(node, "MUL", [x, sig], ("MulOptions", {}))
+        elif fn == "HardSigmoid" and float(attrs.get("alpha", 1 / 6)) == np.float32(1 / 6) or fn == "HardSigmoid" \
+                and "alpha" not in attrs:  # clip(x / 6 + 0.5, 0, 1)
+            shape = self.m.tensors[x].shape
+            t = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_scaled"), shape, np.float32))
+            self.m.add_op("MUL", [x, self.m.const(self.fresh(f"{node.name}_sixth"), np.array([1 / 6], np.float32))],
+                          [t], ("MulOptions", {}))
+            u = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_shifted"), shape, np.float32))
+            self.m.add_op("ADD", [t, self.m.const(self.fresh(f"{node.name}_half"), np.array([0.5], np.float32))],
+                          [u], ("AddOptions", {}))
+            self._f_elementwise(node, "RELU_0_TO_1", [u])
+        else:
+            raise EdgeslimError(f"float {fn} ({node.name}) has no float TFLite builtin in edgeslim's exporter: "
+                                "quantize it (no float plan for it) or use --formats onnx")
+
+    def _float_activation(self, node: IntNode, shape_in) -> None:
+        self.float_op(node)
+        self._f_activation(node, node.op, self.fin(node.inputs[0]), node.attrs)
+
+    op_Sigmoid = op_Tanh = op_HardSwish = op_HardSigmoid = op_LeakyRelu = op_Elu = op_Gelu = op_Silu = op_Mish = \
+        _float_activation
+
+    def _float_weights(self, node: IntNode) -> tuple[np.ndarray, np.ndarray | None]:
+        """The layer's float32 weights and bias, as the engine's float path computes them."""
+        a = node.arrays
+        if "w_float" in a:
+            w = a["w_float"].astype(np.float32)
+        else:
+            shape = (-1,) + (1,) * (a["w"].ndim - 1)
+            w = ((a["w"].astype(np.float32) - a["w_zero_point"].reshape(shape)) * a["w_scale"].reshape(shape))
+        b = None
+        if "bias" in a:
+            scale = np.float32(self.g.qparams[node.inputs[0]].scale) * a["w_scale"].astype(np.float32)
+            b = a["bias"].astype(np.float32) * scale
+        elif "b_float" in a:
+            b = a["b_float"].astype(np.float32)
+        return w.astype(np.float32), None if b is None else np.asarray(b, np.float32).reshape(-1)
+
+    def op_Conv(self, node: IntNode, shape_in) -> None:
+        """A float convolution (an FP32 layer of a mixed plan): float32 CONV_2D / DEPTHWISE_CONV_2D."""
+        self.float_op(node, "Conv")
+        at = node.attrs
+        w, b = self._float_weights(node)
+        o, cg, kh, kw = w.shape
+        in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
+        padding, x = self._padding(node, (kh, kw), in_shape, out_shape, None)
+        bias = self.m.const(f"{node.name}_bias", b) if b is not None else -1
+        act = _act_code({"relu": "RELU", "relu6": "RELU6"}.get(at.get("act"), "NONE"))
+        sh, sw = at["strides"]
+        dh, dw = at["dilations"]
+        if at["group"] == 1:
+            weights = self.m.const(f"{node.name}_weights", np.ascontiguousarray(w.transpose(0, 2, 3, 1)))
+            self._f_elementwise(node, "CONV_2D", [x, weights, bias], ("Conv2DOptions", {
+                "Padding": padding, "StrideW": sw, "StrideH": sh, "DilationWFactor": dw, "DilationHFactor": dh,
+                "FusedActivationFunction": act}))
+        elif at["group"] == in_shape[1] and cg == 1:
+            weights = self.m.const(f"{node.name}_weights", np.ascontiguousarray(w.transpose(1, 2, 3, 0)))
+            self._f_elementwise(node, "DEPTHWISE_CONV_2D", [x, weights, bias], ("DepthwiseConv2DOptions", {
+                "Padding": padding, "StrideW": sw, "StrideH": sh, "DepthMultiplier": o // in_shape[1],
+                "DilationWFactor": dw, "DilationHFactor": dh, "FusedActivationFunction": act}))
+        else:
+            raise EdgeslimError(f"conv {node.name} is grouped ({at['group']} groups): TFLite has only plain and "
+                                "depthwise convolutions")
+
+    def op_Gemm(self, node: IntNode, shape_in) -> None:
+        """A float linear layer: float32 FULLY_CONNECTED."""
+        self.float_op(node, "Gemm")
+        w, b = self._float_weights(node)
+        in_shape = self.shapes[node.inputs[0]]
+        x = self.fin(node.inputs[0])
+        if len(in_shape) != 2:
+            x = self._reshape(x, in_shape, (in_shape[0], int(np.prod(in_shape[1:]))), node.name)
+        weights = self.m.const(f"{node.name}_weights", np.ascontiguousarray(w.reshape(w.shape[0], -1)))
+        bias = self.m.const(f"{node.name}_bias", b) if b is not None else -1
+        self._f_elementwise(node, "FULLY_CONNECTED", [x, weights, bias],
+                            ("FullyConnectedOptions", {"FusedActivationFunction": 0}))
+
+    def op_FloatIsland(self, node: IntNode, shape_in) -> None:
+        """A float island held as a small ONNX graph (``engine.float_ops.FloatIsland`` runs it): each ONNX node as
+        its float TFLite builtin(s); intermediate tensors get their shapes from one reference run at batch 1."""
+        import onnx
+        from onnx import helper, numpy_helper
+        from onnx.reference import ReferenceEvaluator
+
+        model = onnx.load_from_string(node.arrays["onnx"].tobytes())
+        graph = model.graph
+        if len(node.outputs) != 1 or len(graph.output) != 1:
+            raise EdgeslimError(f"float island {node.name} has {len(node.outputs)} outputs: not exportable to "
+                                "TFLite yet")
+        rename = {i.name: n for i, n in zip(graph.input, node.inputs)}
+        rename[graph.output[0].name] = node.outputs[0]
+
+        def nm(x: str) -> str:
+            return rename.get(x, f"{node.name}::{x}")
+
+        consts = {nm(i.name): numpy_helper.to_array(i) for i in graph.initializer}
+        inner = [o for n in graph.node for o in n.output if o and o != graph.output[0].name]
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend([helper.make_tensor_value_info(o, 0, None) for o in inner])
+        feeds = {i.name: np.zeros(self.shapes[n], np.float32) for i, n in zip(graph.input, node.inputs)}
+        try:
+            with np.errstate(all="ignore"):  # zeros may divide by zero: only the shapes are read
+                values = ReferenceEvaluator(probe).run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - named in the one-line error
+            raise EdgeslimError(f"float island {node.name} ({node.attrs.get('fn')}): its shapes could not be "
+                                f"computed for TFLite ({str(exc).splitlines()[0][:80]})") from None
+        for o, v in zip([graph.output[0].name, *inner], values):
+            self.shapes.setdefault(nm(o), tuple(np.shape(v)))
+        self.float_op(node)
+        for k, src in enumerate(graph.node):
+            attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
+            if src.op_type == "Constant" and "value" in attrs:
+                consts[nm(src.output[0])] = numpy_helper.to_array(attrs["value"])
+                continue
+            step = IntNode(src.op_type, f"{node.name}_{k}", [nm(i) if i else "" for i in src.input],
+                           [nm(o) for o in src.output if o])
+            if len(step.outputs) != 1:
+                raise EdgeslimError(f"float {src.op_type} in {node.name} has several outputs: not exportable to "
+                                    "TFLite yet")
+            self._onnx_float(step, attrs, consts, model.opset_import[0].version)
+
+    def _onnx_float(self, node: IntNode, attrs: dict, consts: dict, opset: int) -> None:
+        """One float ONNX node (inputs: float tensors or constants) as TFLite float builtins."""
+        fn = node.op
+        out_shape = self.shapes[node.outputs[0]]
+        nd = len(out_shape)
+
+        def operand(k: int) -> int:
+            name = node.inputs[k]
+            if name in consts:
+                return self.fconst(f"{node.name}_c{k}", consts[name], nd)
+            return self.fin(name)
+
+        def const(k: int):
+            return consts.get(node.inputs[k]) if len(node.inputs) > k and node.inputs[k] else None
+
+        unary = {"Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT", "Neg": "NEG", "Abs": "ABS", "Floor": "FLOOR",
+                 "Ceil": "CEIL", "Sin": "SIN", "Cos": "COS", "Relu": "RELU"}
+        binary = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Max": "MAXIMUM", "Min": "MINIMUM",
+                  "Pow": "POW"}
+        in_shape = self.shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] not in consts else None
+        if fn in unary:
+            self._f_elementwise(node, unary[fn], [operand(0)])
+        elif fn in binary and len(node.inputs) == 2:
+            self._f_binary(node, binary[fn], operand(0), operand(1))
+        elif fn in ("Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Gelu"):
+            self._f_activation(node, fn, operand(0), attrs)
+        elif fn == "Clip":
+            lo, hi = const(1), const(2)
+            self._f_clip(node, operand(0), -np.inf if lo is None else float(lo), np.inf if hi is None else float(hi))
+        elif fn == "Identity" or fn == "Cast" and attrs.get("to") == 1:  # TensorProto.FLOAT
+            self._alias_output(node, operand(0))
+        elif fn in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and in_shape is not None:
+            self._alias_output(node, self._reshape(operand(0), in_shape, out_shape, node.name))
+        elif fn == "Transpose" and in_shape is not None:
+            perm = attrs.get("perm", list(range(len(in_shape)))[::-1])
+            perm = _then(_then(_inverse(_layout(len(in_shape))), perm), _layout(nd))
+            self._alias_output(node, self._transpose(operand(0), perm, _stored(out_shape), node.name))
+        elif fn == "Concat":
+            self._f_elementwise(node, "CONCATENATION", [operand(k) for k in range(len(node.inputs))],
+                                ("ConcatenationOptions", {"Axis": _layout(nd).index(attrs["axis"] % nd),
+                                                          "FusedActivationFunction": 0}))
+        elif fn == "Softmax" and (attrs.get("axis", -1) % nd == nd - 1 or opset >= 13):
+            self._softmax(node, operand(0), attrs.get("axis", -1))
+        elif fn == "Gather" and const(1) is not None and in_shape is not None:
+            self._gather(node, operand(0), in_shape, attrs.get("axis", 0), const(1))
+        elif fn in ("ReduceMean", "ReduceSum", "ReduceMax") and in_shape is not None:
+            axes = attrs.get("axes", const(1))
+            axes = list(range(len(in_shape))) if axes is None else [int(a) for a in np.ravel(axes)]
+            code = {"ReduceMean": "MEAN", "ReduceSum": "SUM", "ReduceMax": "REDUCE_MAX"}[fn]
+            self._f_mean(node, operand(0), axes, bool(attrs.get("keepdims", 1)), code)
+        else:
+            raise EdgeslimError(f"float {fn} ({node.name}) has no float TFLite builtin in edgeslim's exporter: "
+                                "use --formats onnx, or open an issue with the model")
+
+DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity", "Reshape", "Transpose", "Gather", "Resize")
 ACTIVATION_CODES = {"NONE": 0, "RELU": 1, "RELU6": 3}  # schema.fbs ActivationFunctionType
 
 
@@ -708,7 +1059,8 @@ def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
     """Serialize a prepared IntGraph (``prepare_graph``) as a ``.tflite`` flatbuffer.
 
     Returns (bytes, info): info holds ``ops`` (builtin -> count), ``op_codes`` (the TFLM resolver list),
-    ``float_ops`` (ops left in float: none, the exporter refuses float islands), ``lut_as_gather`` (activations
+    ``float_ops`` (the float32 builtins in the file, QUANTIZE / DEQUANTIZE aside), ``float_nodes`` (the IntGraph's
+    float islands written as them: ``name (op)``), ``lut_as_gather`` (activations
     written as int8 table lookups), ``input_layout`` / ``output_layout``, ``content_sha256``."""
     if io not in IO_TYPES:
         raise EdgeslimError(f"invalid TFLite IO type {io!r}: use one of {', '.join(IO_TYPES)}")
@@ -724,7 +1076,8 @@ def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
     import hashlib
 
     unnamed = dataclasses.replace(m, tensors=[dataclasses.replace(t, name=f"t{i}") for i, t in enumerate(m.tensors)])
-    info = {"ops": counts, "op_codes": m.op_codes(), "float_ops": float_ops, "lut_as_gather": ex.lut_tables,
+    info = {"ops": counts, "op_codes": m.op_codes(), "float_ops": float_ops, "float_nodes": ex.float_nodes,
+            "lut_as_gather": ex.lut_tables,
             # the file with its tensor names left out: equal for the same model read back from model_int8.onnx
             "content_sha256": hashlib.sha256(to_bytes(unnamed)).hexdigest(),
             "io": io, "input_layout": "NHWC" if len(g.input_shape) == 3 else "as IntGraph",

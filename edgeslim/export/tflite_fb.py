@@ -69,7 +69,8 @@ class FlatModel:
         return len(self.tensors) - 1
 
     def const(self, name: str, value: np.ndarray, **quant) -> int:
-        value = np.ascontiguousarray(value)
+        value = np.asarray(value)
+        value = np.ascontiguousarray(value).reshape(value.shape)  # keeps a scalar 0-D (a GATHER index)
         return self.add_tensor(Tensor(name, list(value.shape), value.dtype, value, **quant))
 
     def add_op(self, code: str, inputs: list[int], outputs: list[int], options: tuple[str, dict] | None = None) -> None:

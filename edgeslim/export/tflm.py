@@ -215,7 +215,10 @@ def agreement(tg: IntGraph, fb: bytes, x: np.ndarray, names: list[str] | None = 
     from ..analysis import output_steps
     from ..engine.run import run
 
-    want = run(tg, np.asarray(x, np.float32), requant="tflite")
+    x = np.asarray(x, np.float32)
+    # one image at a time, as the file runs (models whose reshapes fold the batch take nothing else)
+    per_image = [run(tg, x[i:i + 1], requant="tflite") for i in range(len(x))]
+    want = {name: np.concatenate([r[name] for r in per_image]) for name in tg.output_names}
     steps = output_steps(tg)
     micro = tflm.Interpreter.from_bytes(fb, arena_size=max(len(fb) * 10, 1 << 20))
 
