@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgeslim.report.provenance import cpu_flags, cpu_name
+from edgeslim.cpu import cpu_flags, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"

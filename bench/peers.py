@@ -75,6 +75,7 @@ def ort_quantize_static(
     num_bins: int | None = None,
     num_quantized_bins: int | None = None,
     weight_type: str = "int8",
+    reduce_range: bool = False,
 ) -> PeerResult:
     """``onnxruntime.quantization.quantize_static`` in QDQ format (int8 weights, or ``weight_type="uint8"``).
 
@@ -96,7 +97,7 @@ def ort_quantize_static(
     sym = "" if activation_symmetric is None else ("-sym" if activation_symmetric else "-asym")
     bins = "" if num_bins is None else f"-{num_bins}b" + ("" if num_quantized_bins is None else f"{num_quantized_bins}q")
     name = (f"ort-{method}{bins}-{'pc' if per_channel else 'pt'}-"
-            f"{'u8' if activation_type == 'uint8' else 's8'}{sym}" + ("-u8w" if weight_type == "uint8" else ""))
+            f"{'u8' if activation_type == 'uint8' else 's8'}{sym}" + ("-u8w" if weight_type == "uint8" else "") + ("-rr" if reduce_range else ""))
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     try:
         from onnxruntime.quantization import (
@@ -169,6 +170,7 @@ def ort_quantize_static(
                 activation_type=getattr(QuantType, _ORT_TYPES[activation_type]),
                 weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
                 calibrate_method=cal_method,
+                reduce_range=reduce_range,  # 7-bit weights: onnxruntime's advice for x86 CPUs without VNNI
                 extra_options=extra,
                 # only when needed: the argument is new in recent onnxruntime releases
                 **({} if cache is None else {"calibration_cache_path": str(cache)}),

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .cpu import int8_weights_saturate
 from .errors import EdgeslimError
 from .quant.precision import LayerPrecision, Precision
 from .quant.primitives import check_bits
@@ -16,6 +17,7 @@ SCHEMES = ("symmetric", "asymmetric")
 SCALES = ("float", "pow2", "global")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 ALGORITHMS = ("cle", "adaround", "brecq", "bias-correction")  # PTQ steps beyond calibration, applied in this order
+WEIGHT_RANGES = ("auto", "full", "reduced")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -45,6 +47,14 @@ class PTQConfig:
       unit, BRECQ's Fisher-weighted loss with ``fisher``;
       ``bias-correction`` = empirical bias correction on the calibration images after freezing
       (``algorithms/bias_correction.py``). Whatever order they are given in, they run in ``ALGORITHMS`` order.
+    * ``weight_range``: ``reduced`` quantizes 8-bit weights on the 7-bit grid (codes in [-64, 63], what
+      onnxruntime's quantizer calls ``reduce_range``): on x86 CPUs with AVX2 and no VNNI, onnxruntime's fast
+      int8-weight kernels add pairs of uint8 x int8 products in saturating int16 (``vpmaddubsw``), which such
+      codes cannot overflow, so the file is exact *and* fast there; ``full`` keeps the 8-bit grid (exact
+      there only in slower uint8 weight containers, see ``export.onnx_qdq``). ``auto`` (the default) is
+      resolved on construction from this machine's CPU flags: ``reduced`` on AVX2-without-VNNI x86, else
+      ``full`` (ARM, VNNI, and any target other than onnxruntime on this CPU should say ``full``).
+      Weights of fewer than 8 bits are never changed.
     """
 
     w_bits: int = 8
@@ -60,8 +70,12 @@ class PTQConfig:
     algorithms: tuple[str, ...] = ()
     iters: int = 1000
     fisher: bool = False
+    weight_range: str = "auto"
 
     def __post_init__(self) -> None:
+        _one_of("--weight-range", self.weight_range, WEIGHT_RANGES)
+        if self.weight_range == "auto":
+            object.__setattr__(self, "weight_range", "reduced" if int8_weights_saturate() else "full")
         for a in self.algorithms:
             _one_of("--algorithm", a, ALGORITHMS)
         object.__setattr__(self, "algorithms", tuple(a for a in ALGORITHMS if a in self.algorithms))
@@ -94,6 +108,10 @@ class PTQConfig:
     @property
     def pow2(self) -> bool:
         return self.scale in ("pow2", "global")
+
+    def weight_bits(self, bits: int) -> int:
+        """The grid an integer weight of ``bits`` bits is quantized on (7 for 8 under ``weight_range="reduced"``)."""
+        return 7 if bits == 8 and self.weight_range == "reduced" else bits
 
     @property
     def default_precision(self) -> LayerPrecision:

@@ -10,6 +10,10 @@ Presets (``TARGETS``); a target file is JSON with the same fields::
     {"name": "my-npu", "int_ops": ["conv", "linear", "add", "relu", "maxpool"], "bits": [8],
      "scale": "pow2", "accumulator_bits": 32, "fp16": false, "int8": true, "packed_weights": false}
 
+``weight_range``: ``full`` (8-bit weights on the 8-bit grid: ARM, x86 with VNNI, NPUs, microcontrollers),
+``reduced`` (the 7-bit grid, for onnxruntime on x86 CPUs with AVX2 and no VNNI, whose fast int8 kernels
+saturate otherwise: ``PTQConfig.weight_range``) or ``auto`` (this machine's CPU decides; ``cpu-int8``).
+
 ``packed_weights``: the target's weight format stores sub-8-bit weights packed (two 4-bit weights a byte, as
 CMSIS-NN's int4 kernels); without it they sit in int8 containers (the ONNX QDQ file), so fewer bits save nothing.
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from torch import fx
 
-from .config import MixedPlan, PTQConfig
+from .config import WEIGHT_RANGES, MixedPlan, PTQConfig
 from .errors import EdgeslimError
 from .graph import ops
 
@@ -52,6 +56,8 @@ def _check_fields(t: "Target") -> None:
         raise EdgeslimError(f"target {t.name}: accumulator_bits {t.accumulator_bits!r} must be the integer 16 or 32")
     if not isinstance(t.scale, str):
         raise EdgeslimError(f"target {t.name}: scale {t.scale!r} must be \"float\" or \"pow2\"")
+    if t.weight_range not in WEIGHT_RANGES:
+        raise EdgeslimError(f"target {t.name}: weight_range {t.weight_range!r} must be one of {', '.join(WEIGHT_RANGES)}")
     for flag in ("fp16", "int8", "packed_weights"):
         if not isinstance(getattr(t, flag), bool):
             raise EdgeslimError(f"target {t.name}: {flag} {getattr(t, flag)!r} must be true or false")
@@ -67,6 +73,7 @@ class Target:
     fp16: bool = False  # has half-precision arithmetic (not just storage)
     int8: bool = True  # has integer kernels at all
     packed_weights: bool = False  # stores sub-8-bit weights packed (k bits each) instead of in int8 containers
+    weight_range: str = "full"  # "reduced": 8-bit weights on the 7-bit grid (x86 without VNNI); "auto": this CPU
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -90,7 +97,8 @@ class Target:
         base = base or PTQConfig()
         bits = 8 if 8 in self.bits else max(self.bits)
         kw = {f.name: getattr(base, f.name) for f in fields(base)}
-        kw.update(w_bits=bits, a_bits=bits, scale="pow2" if self.scale == "pow2" else base.scale)
+        kw.update(w_bits=bits, a_bits=bits, scale="pow2" if self.scale == "pow2" else base.scale,
+                  weight_range=self.weight_range)
         return PTQConfig(**kw)
 
     def unsupported(self, gm: fx.GraphModule) -> dict[str, str]:
@@ -140,9 +148,12 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
+CPU_INT_OPS = (*COMMON_INT8, "silu", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu", "tanh", "gelu", "mish", "elu",
+               "softmax")  # what onnxruntime runs as integer kernels (or exact tables)
 TARGETS: dict[str, Target] = {
-    "cpu-int8": Target("cpu-int8", int_ops=(*COMMON_INT8, "silu", "sigmoid", "hardswish", "hardsigmoid",
-                                            "leaky_relu", "tanh", "gelu", "mish", "elu", "softmax")),
+    "cpu-int8": Target("cpu-int8", int_ops=CPU_INT_OPS, weight_range="auto"),  # onnxruntime on this machine's CPU
+    "cpu-int8-vnni": Target("cpu-int8-vnni", int_ops=CPU_INT_OPS),  # onnxruntime on ARM or x86 with VNNI
+    "cpu-int8-avx2": Target("cpu-int8-avx2", int_ops=CPU_INT_OPS, weight_range="reduced"),  # x86, AVX2, no VNNI
     "vta": Target("vta", int_ops=("conv", "add", "relu", "maxpool", "linear"), scale="pow2"),  # TVM-VTA's GEMM core
     "mcu-int8": Target("mcu-int8", int_ops=(*COMMON_INT8, "sigmoid", "tanh", "softmax")),  # CMSIS-NN-like kernels
     # CMSIS-NN-like kernels that also read packed int4 weights (two a byte)
@@ -152,7 +163,8 @@ TARGETS: dict[str, Target] = {
 
 
 def load_target(spec: str) -> Target:
-    """A preset name (``cpu-int8``, ``vta``, ``mcu-int8``, ``mcu-w4``, ``fp16-gpu``) or a JSON target file."""
+    """A preset name (``cpu-int8``, ``cpu-int8-vnni``, ``cpu-int8-avx2``, ``vta``, ``mcu-int8``, ``mcu-w4``,
+    ``fp16-gpu``) or a JSON target file."""
     if spec in TARGETS:
         return TARGETS[spec]
     p = Path(spec)

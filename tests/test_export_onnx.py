@@ -113,6 +113,31 @@ def test_auto_weight_container_keeps_int8_where_it_cannot_saturate():
     assert weight_container(large, zp, "int8")[0].dtype == np.int8
 
 
+@pytest.mark.parametrize("weight_range", ["reduced", "full"])
+def test_weight_range_reduced_is_int8_and_exact_in_onnxruntime(tiny_model, tiny_calib, tmp_path, weight_range):
+    """``weight_range="reduced"`` puts 8-bit weights on the 7-bit grid, which stays in int8 containers (the fast
+    u8s8 kernels) and which onnxruntime computes exactly even where those kernels saturate pair sums at int16
+    (x86 with AVX2 and no VNNI); ``full`` keeps the 8-bit grid, stored as uint8 there. Oracle: the integer
+    engine, element for element."""
+    from edgeslim.cpu import int8_weights_saturate
+    from edgeslim.engine.run import run
+    from edgeslim.export.onnx_qdq import weight_containers
+
+    config = PTQConfig(weight_range=weight_range)
+    q = api.quantize(tiny_model, tiny_calib, config)
+    layers = q.intgraph.layers()
+    codes = np.concatenate([np.abs(n.arrays["w"]).ravel() for n in layers])
+    assert {n.attrs["w_bits"] for n in layers} == {7 if weight_range == "reduced" else 8}
+    assert codes.max() <= (64 if weight_range == "reduced" else 127) and codes.max() > 32
+    saturating = weight_range == "full" and int8_weights_saturate()
+    assert weight_containers(q.intgraph) == {("uint8" if saturating else "int8"): len(layers)}
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    x = np.random.default_rng(5).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    (name,) = q.intgraph.output_names
+    np.testing.assert_array_equal(ort_eval.predict(ort_eval.session(path), x), run(q.intgraph, x)[name])
+    assert PTQConfig().weight_range == ("reduced" if int8_weights_saturate() else "full")  # auto: this CPU
+
+
 def test_depthwise_multiplier_conv_runs_as_a_fast_depthwise_kernel_bit_exact(tmp_path):
     """A depthwise conv with 3 outputs per input channel (what separable factorization writes) is exported as a
     channel repeat on codes + an m = 1 depthwise QLinearConv; onnxruntime's result equals the engine's, which

@@ -122,7 +122,7 @@ def plan_names(gm: fx.GraphModule) -> list[str]:
 def weight_spec(config: PTQConfig, p: Precision) -> QuantSpec:
     if p.is_float:
         return QuantSpec(p.bits, True, False, False, p.kind)
-    return QuantSpec(p.bits, config.w_symmetric, config.granularity == "channel", config.pow2)
+    return QuantSpec(config.weight_bits(p.bits), config.w_symmetric, config.granularity == "channel", config.pow2)
 
 
 def act_spec(config: PTQConfig, p: Precision) -> QuantSpec:

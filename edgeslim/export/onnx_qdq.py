@@ -32,14 +32,13 @@ way to get the fast kernel exactly (BENCHMARKS.md measures both).
 
 from __future__ import annotations
 
-import platform
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..cpu import int8_weights_saturate
 from ..io.atomic import atomic_write_bytes
 from ..intgraph import ACTIVATION_OPS, FLOAT_OPS, IntGraph, IntNode, QParams
 
@@ -47,17 +46,9 @@ OPSET_8BIT, OPSET_WIDE = 17, 21
 WEIGHT_TYPES = ("auto", "int8", "uint8")
 
 
-@lru_cache(maxsize=1)
 def host_weight_type() -> str:
     """``uint8`` on x86 CPUs with AVX2 and no VNNI (where onnxruntime's u8s8 GEMM saturates), else ``int8``."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return "int8"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "int8"
-    vnni = any(f in flags for f in ("avx512_vnni", "avx_vnni", "avx512vnni"))
-    return "uint8" if ("avx2" in flags and not vnni) else "int8"
+    return "uint8" if int8_weights_saturate() else "int8"
 
 
 SATURATION_SAFE = 64  # |w| <= 64: two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 2**15

@@ -8,6 +8,8 @@ import platform
 import sys
 from pathlib import Path
 
+from ..cpu import cpu_flags, cpu_name
+
 PACKAGES = ("edgeslim", "torch", "onnx", "onnxruntime", "numpy")
 
 
@@ -48,24 +50,6 @@ def sha256(path) -> str | None:
     return h.hexdigest()
 
 
-def cpu_flags() -> str:
-    """The flags that decide onnxruntime's int8 kernels: AVX-512 VNNI / AVX-VNNI (exact, fast u8s8) or AVX2 only."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "flags unknown"
-    vnni = sorted(f for f in flags if "vnni" in f)
-    return ("VNNI: " + ", ".join(vnni)) if vnni else ("AVX2, no VNNI" if "avx2" in flags else "no AVX2")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:
