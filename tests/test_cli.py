@@ -80,6 +80,14 @@ def test_quantize_end_to_end(capsys, tmp_path, image_folder, user_model):
     enc = json.loads((out / "encodings.json").read_text())
     assert all({"scale", "zero_point", "bits"} <= set(v) for v in enc["activations"].values())
     assert "integer convs in onnxruntime: 2/2" in stdout
+    # the weight grid follows this CPU (7-bit where onnxruntime's fast int8 kernels saturate) and is said
+    from edgeslim.cpu import int8_weights_saturate
+
+    reduced = int8_weights_saturate()
+    assert s["config"]["weight_range"] == ("reduced" if reduced else "full")
+    assert {v["bits"] for k, v in enc["parameters"].items() if k.endswith(".weight")} == {7 if reduced else 8}
+    assert ("8-bit weights on the 7-bit grid" in stdout) == reduced
+    assert set(s["onnx_int8"]["weight_containers"]) == {"int8"}  # 2 convs and the classifier, all fast and exact
 
 
 def test_inspect(capsys):

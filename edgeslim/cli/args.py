@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 __all__ = ["THREADS_HELP", "FINAL_FORMATS_HELP", "HelpFormatter", "model_args", "threads_arg", "out_arg",
-           "quant_args", "preprocess_args", "qat_args", "mixed_args", "finetune_args"]
+           "quant_args", "weight_range_arg", "preprocess_args", "qat_args", "mixed_args", "finetune_args"]
 
 # one meaning of --threads in every command
 THREADS_HELP = ("onnxruntime threads of the timed latency runs (FP32 vs INT8); accuracy scoring uses all cores")
@@ -51,6 +51,13 @@ def out_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
 
 
+def weight_range_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weight-range", default="auto", choices=("auto", "full", "reduced"),
+                   help="8-bit weights on the full 8-bit grid or the 7-bit one (reduced: what onnxruntime's fast int8 "
+                   "kernels compute exactly on x86 CPUs with AVX2 and no VNNI). auto (default): reduced on such a "
+                   "CPU, full elsewhere; say full when the file is for ARM, a VNNI CPU, an NPU or a microcontroller")
+
+
 def quant_args(p: argparse.ArgumentParser) -> None:
     """The options of every command that calibrates on ``--calib-data`` and scores on ``--data`` (quantize, analyze,
     sensitivity, mixed): data, PTQ, measurement, ``--out``, the task, preprocessing and the detection options."""
@@ -66,6 +73,7 @@ def quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", default="channel", help="weights: channel | tensor")
     p.add_argument("--scheme", default="asymmetric", help="activations: asymmetric (default) | symmetric")
     p.add_argument("--w-scheme", default="symmetric", help="weights: symmetric (default) | asymmetric")
+    weight_range_arg(p)
     p.add_argument("--scale", default="float", help="float | pow2 (bit-shift requant) | global (one scale, baseline)")
     p.add_argument("--calibrator", default="minmax", help="minmax | percentile | entropy | mse")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse Conv/Add + ReLU (separate requantization)")

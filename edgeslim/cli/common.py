@@ -37,7 +37,7 @@ def ptq_config(args):
                        scale=args.scale, calibrator=args.calibrator, fuse=not args.no_fuse,
                        calib_size=args.calib_size, seed=args.seed,
                        algorithms=tuple(a.strip() for a in args.algorithm.split(",") if a.strip()),
-                       iters=args.iters, fisher=args.fisher)
+                       iters=args.iters, fisher=args.fisher, weight_range=args.weight_range)
     if args.threads < 1:
         raise EdgeslimError(f"invalid --threads {args.threads}: use 1 or more")
     return config

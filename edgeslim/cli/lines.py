@@ -3,7 +3,7 @@ and the ``.tflite`` file's line."""
 
 from __future__ import annotations
 
-__all__ = ["fmt_score", "float_line", "tflite_line"]
+__all__ = ["fmt_score", "float_line", "tflite_line", "weights_line"]
 
 
 def fmt_score(v, key: str) -> str:
@@ -23,6 +23,19 @@ def float_line(profile: dict | None) -> None:
           + (f" ({ops})" if ops else "") + f", Q/DQ {share['qdq']:.0%}, data movement {share['movement']:.0%}")
 
 
+def weights_line(s: dict, containers: dict | None) -> None:
+    """One line on how 8-bit weights are stored when this CPU's int8 kernels saturate (x86, AVX2, no VNNI)."""
+    cfg = s.get("config") or {}
+    if cfg.get("w_bits") == 8 and cfg.get("weight_range") == "reduced":
+        print("note: 8-bit weights on the 7-bit grid (--weight-range reduced, the default on this CPU: AVX2 without "
+              "VNNI), so onnxruntime's fast int8 kernels compute them exactly; --weight-range full for an ARM / VNNI / "
+              "NPU / microcontroller file")
+    elif (containers or {}).get("uint8"):
+        print(f"note: {containers['uint8']} layers store uint8 weights: onnxruntime's int8-weight kernels saturate on "
+              "this CPU (AVX2 without VNNI); uint8 is exact but not faster. --weight-range reduced (the default here) "
+              "keeps int8 weights exactly (the fast kernel)")
+
+
 def tflite_line(s: dict) -> None:
     """``--formats tflite / tflm``: the .tflite's score in LiteRT (top-1, mAP or worst SQNR), size, float ops, arena."""
     if "tflite" not in s:
@@ -38,5 +51,6 @@ def tflite_line(s: dict) -> None:
 
         db = headline_db(t["fidelity_vs_fp32"])
         score = f"worst SQNR vs FP32 {'exact' if db is None else format(db, '.1f') + ' dB'} in LiteRT, "
-    print(f"model_int8.tflite: {score}{t['size_bytes'] / 1024:.1f} KiB, float ops: {', '.join(t['float_ops']) or 'none'}"
+    floats = ", ".join(t.get("float_nodes") or t["float_ops"]) or "none"  # the float islands by name
+    print(f"model_int8.tflite: {score}{t['size_bytes'] / 1024:.1f} KiB, float ops: {floats}"
           + (f"; TFLM arena {mcu['ram_bytes'] / 1024:.1f} KiB (model_data.h / .cc, op_resolver.txt)" if mcu else ""))

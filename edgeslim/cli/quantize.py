@@ -9,7 +9,7 @@ from ..errors import EdgeslimError
 from .args import model_args, quant_args
 from .common import classify_data, detect_data, fidelity_inputs, load_model, mixed_plan, ptq_config, simulate_size, \
     task_name
-from .lines import float_line, tflite_line
+from .lines import float_line, tflite_line, weights_line
 
 __all__ = ["HELP", "add_arguments", "run", "quantize", "check_formats", "print_summary", "print_detect_summary",
            "print_fidelity_summary"]
@@ -122,10 +122,7 @@ def print_summary(s: dict, out: Path) -> None:
           f"quantized in {s['time_to_quantize_s']:.2f} s; INT8/FP32 latency "
           + ", ".join(f"{k} {v:.2f}x" for k, v in lat["int8_over_fp32"].items()))
     float_line(s["onnx_int8"].get("float_ops_profile"))
-    if s["onnx_int8"].get("weight_containers", {}).get("uint8"):
-        print(f"note: {s['onnx_int8']['weight_containers']['uint8']} layers store uint8 weights: onnxruntime's int8-weight "
-              "kernels saturate on this CPU (AVX2 without VNNI); uint8 is exact but not faster. --w-bits 7 keeps int8 "
-              "weights exactly (the fast kernel); an export for an ARM / VNNI target keeps int8 (docs/design.md)")
+    weights_line(s, s["onnx_int8"].get("weight_containers"))
     if "engine" in s:
         e = s["engine_vs_onnx"]
         print(f"integer engine top-1 {s['engine']['top1']:.4f}; vs onnxruntime: {e['mismatch_fraction']:.2%} of output "
@@ -161,6 +158,7 @@ def print_detect_summary(s: dict, out: Path) -> None:
     print(f"integer convs in onnxruntime: {g['integer_convs']}/{g['total_convs']}; INT8/FP32 latency "
           f"{lat['int8_over_fp32']:.2f}x (batch 1, {lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
     float_line(g.get("float_ops_profile"))
+    weights_line(s, g.get("weight_containers"))
     if "overflow" in s:
         worst = max(s["overflow"]["layers"], key=lambda r: r["sum_int16"]["max"])
         print(f"overflow ({s['overflow']['images']} images): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
@@ -197,6 +195,7 @@ def print_fidelity_summary(s: dict, out: Path) -> None:
           f" -> {s['size_bytes']['int8'] / 1024:.1f} KiB; INT8/FP32 latency {lat['int8_over_fp32']:.2f}x (batch 1, "
           f"{lat['threads']} thread(s)); quantized in {s['time_to_quantize_s']:.1f} s")
     float_line(o.get("float_ops_profile"))
+    weights_line(s, o.get("weight_containers"))
     if o["float_islands"]:
         ops = sorted({i["fn"] for i in o["float_islands"]})
         print(f"float islands ({len(o['float_islands'])} ops run in FP32 between integer tensors): {', '.join(ops)}")
