@@ -22,6 +22,8 @@ import numpy as np
 
 import edgeslim
 from edgeslim import api
+from edgeslim.config import PTQConfig
+from edgeslim.cpu import int8_weights_saturate
 from edgeslim.data.inputs import InputSpec, open_inputs
 from edgeslim.eval import ort as ort_eval
 from edgeslim.eval.fidelity import fidelity, headline_db
@@ -98,6 +100,16 @@ def _models(shared: Path, tmp: Path, wanted: list[str]):
         yield "anchor_free (synthetic, SiLU)", path, x, "fidelity"
 
 
+VARIANTS = {"edgeslim": "edgeslim INT8", "edgeslim-full": "edgeslim, 8-bit grid (uint8 containers)",
+            "ort": "ORT INT8", "ort-rr": "ORT INT8 reduce_range"}
+
+
+def variants(saturating: bool) -> list[str]:
+    """The INT8 files compared: on CPUs whose int8 kernels saturate (AVX2, no VNNI) also the full 8-bit grid and
+    onnxruntime's ``reduce_range`` (its advice for such CPUs)."""
+    return list(VARIANTS) if saturating else ["edgeslim", "ort"]
+
+
 def _top1(shared: Path, paths: dict[str, Path]) -> dict[str, str]:
     from edgeslim.models import build_model
 
@@ -113,22 +125,28 @@ def _top1(shared: Path, paths: dict[str, Path]) -> dict[str, str]:
     return out
 
 
-def measure(name: str, path: Path, x: np.ndarray, task: str, tmp: Path, shared: Path, rounds: int) -> list[list]:
+def measure(name: str, path: Path, x: np.ndarray, task: str, tmp: Path, shared: Path, rounds: int,
+            saturating: bool) -> list[list]:
     gm = edgeslim.import_onnx(path)
     fixed = gm.meta.get("onnx_dynamic_batch") is False
     calib = x[: len(x) // 2]
     step = 1 if fixed else 16
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = api.quantize(gm, calib, input_shape=tuple(x.shape[1:]), batch_size=step)
-    paths = {"fp32": path, "edgeslim": api.export_onnx(q, tmp / f"{path.stem}_es.onnx"),
-             "ort": tmp / f"{path.stem}_ort.onnx"}
-    peer = ort_quantize_static(path, calib, paths["ort"], calib_batch=step)
-    if not peer.ok:
-        peer = ort_quantize_static(path, calib, paths["ort"], calib_batch=step, preprocess=False)
-    if not peer.ok:
-        print(f"{name}: quantize_static failed: {peer.error}", flush=True)
-        del paths["ort"]
+        q = api.quantize(gm, calib, input_shape=tuple(x.shape[1:]), batch_size=step)  # weight_range auto
+        paths = {"fp32": path, "edgeslim": api.export_onnx(q, tmp / f"{path.stem}_es.onnx")}
+        if saturating:  # the 8-bit grid, exact here only in uint8 containers
+            full = api.quantize(gm, calib, PTQConfig(weight_range="full"), input_shape=tuple(x.shape[1:]),
+                                batch_size=step)
+            paths["edgeslim-full"] = api.export_onnx(full, tmp / f"{path.stem}_es_full.onnx")
+    for key, kw in (("ort", {}), ("ort-rr", {"reduce_range": True})) if saturating else (("ort", {}),):
+        paths[key] = tmp / f"{path.stem}_{key}.onnx"
+        peer = ort_quantize_static(path, calib, paths[key], calib_batch=step, **kw)
+        if not peer.ok:
+            peer = ort_quantize_static(path, calib, paths[key], calib_batch=step, preprocess=False, **kw)
+        if not peer.ok:
+            print(f"{name}: quantize_static {kw} failed: {peer.error}", flush=True)
+            del paths[key]
     if task == "detect":
         acc = _detector_accuracy(shared, name, paths, 1 if fixed else 8)
     elif task == "classify":
@@ -146,12 +164,12 @@ def measure(name: str, path: Path, x: np.ndarray, task: str, tmp: Path, shared: 
             lat = ort_eval.latency_samples(paths, tuple(x.shape[1:]), b, threads=threads, rounds=rounds)
             ratios = {k: ort_eval.paired_ratio(lat, k, "fp32") for k in paths if k != "fp32"}
             fp32_ms = float(np.median(lat["fp32"]))
-            rows.append([name, threads, b, f"{fp32_ms:.2f}", f"{ratios['edgeslim']:.2f}x",
-                         f"{ratios['ort']:.2f}x" if "ort" in ratios else "failed"])
+            rows.append([name, threads, b, f"{fp32_ms:.2f}"]
+                        + [f"{ratios[k]:.2f}x" if k in ratios else "failed" for k in variants(saturating)])
             print(" | ".join(map(str, rows[-1])), flush=True)
     es_ops, ort_ops = _ops(paths["edgeslim"]), _ops(paths["ort"]) if "ort" in paths else None
-    acc_row = [name, acc["fp32"], acc["edgeslim"], acc.get("ort", "failed"), f"{es_ops[0]} / {es_ops[1]} ({es_ops[2]})",
-               f"{ort_ops[0]} / {ort_ops[1]} ({ort_ops[2]})" if ort_ops else "-"]
+    acc_row = [name, acc["fp32"]] + [acc.get(k, "failed") for k in variants(saturating)] \
+        + [f"{es_ops[0]} / {es_ops[1]} ({es_ops[2]})", f"{ort_ops[0]} / {ort_ops[1]} ({ort_ops[2]})" if ort_ops else "-"]
     print(" | ".join(map(str, acc_row)), flush=True)
     return rows, acc_row
 
@@ -162,27 +180,38 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--models", default="yolov5n,fastestdet,resnet20,mobilenet_v2,anchor_free")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--section", help="BENCHMARKS.md section (default: int8-speed, or int8-speed-avx2 on x86 CPUs "
+                    "with AVX2 and no VNNI)")
     args = ap.parse_args()
+    saturating = int8_weights_saturate()
     lat_rows, acc_rows = [], []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         os.chdir(tmp)  # quantize_static leaves temporary files in the working directory
         for name, path, x, task in _models(args.shared, tmp, args.models.split(",")):
-            rows, acc = measure(name, Path(path), x, task, tmp, args.shared, args.rounds)
+            rows, acc = measure(name, Path(path), x, task, tmp, args.shared, args.rounds, saturating)
             lat_rows += rows
             acc_rows.append(acc)
-    body = ("## INT8 speed: edgeslim vs onnxruntime `quantize_static`, one thread and all threads, batch 1 and 8\n\n"
-            "Same FP32 ONNX file and calibration inputs for both (W8A8 per-channel, MinMax; half of the listed inputs "
-            "calibrate). Latency: FP32 / edgeslim INT8 / onnxruntime INT8 sessions interleaved in one process, "
+    names = [VARIANTS[k] for k in variants(saturating)]
+    cpu_note = ("This CPU has AVX2 and no VNNI: onnxruntime's int8-weight kernels add pairs of u8 x s8 products in "
+                "saturating int16. edgeslim's default (`--weight-range auto`) quantizes 8-bit weights on the 7-bit grid "
+                "here, which cannot saturate (fast and exact); the 8-bit grid is exact here only in uint8 containers "
+                "(slower). onnxruntime's `quantize_static` writes int8 weights that saturate here unless "
+                "`reduce_range=True` (its advice for such CPUs). " if saturating else "")
+    body = (("## INT8 speed on a CPU without VNNI (AVX2 only): edgeslim vs onnxruntime `quantize_static`\n\n"
+             if saturating else
+             "## INT8 speed: edgeslim vs onnxruntime `quantize_static`, one thread and all threads, batch 1 and 8\n\n")
+            + cpu_note +
+            "Same FP32 ONNX file and calibration inputs for all (W8A8 per-channel, MinMax; half of the listed inputs "
+            "calibrate). Latency: the FP32 and INT8 sessions interleaved in one process, "
             f"{args.rounds} rounds after warm-up; the ratio is the median of per-round INT8 / FP32 ratios. Files folded "
             "at batch 1 (FastestDet.onnx) run batch 1 only.\n\n"
-            + table(["model", "threads", "batch", "FP32 ms", "edgeslim INT8/FP32", "ORT INT8/FP32"], lat_rows)
+            + table(["model", "threads", "batch", "FP32 ms"] + [f"{n} / FP32" for n in names], lat_rows)
             + "\n\nAccuracy of each file in onnxruntime, and the ops onnxruntime runs (integer kernels / float compute "
               "ops in its optimized graph):\n\n"
-            + table(["model", "FP32", "edgeslim INT8", "ORT INT8", "edgeslim integer / float ops", "ORT integer / float ops"],
-                    acc_rows))
+            + table(["model", "FP32"] + names + ["edgeslim integer / float ops", "ORT integer / float ops"], acc_rows))
     if not args.no_write:
-        write_section("int8-speed", body)
+        write_section(args.section or ("int8-speed-avx2" if saturating else "int8-speed"), body)
 
 
 if __name__ == "__main__":
