@@ -9,6 +9,7 @@ FULLY_CONNECTED aside: 1 step at double-rounding ties, see ``test_tflite._assert
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,11 +103,10 @@ def grouped():
 
 
 @pytest.mark.parametrize("extra,needle", [([], "is grouped (2 groups of 4 channels)"),
-                                          (["--groups", "backbone=fp32"], "")])
-def test_grouped_conv_and_float_plans_are_refused_before_any_work(tmp_path, capsys, yolo_set, extra, needle):
-    if extra:  # a plan leaving float layers: refused before calibration
+                                          (["--groups", "backbone=fp16"], "not FP16")])
+def test_grouped_conv_and_fp16_plans_are_refused_before_any_work(tmp_path, capsys, yolo_set, extra, needle):
+    if extra:  # a plan leaving FP16 layers (TFLite has no FP16 activations): refused before calibration
         argv = _args("quantize", "yolov3-tiny", yolo_set, tmp_path / "run", "--formats", "tflite", *extra)
-        needle = "the TFLite export is all-int8"
     else:
         (tmp_path / "m.py").write_text(GROUPED)
         np.savez(tmp_path / "x.npz", x=np.zeros((2, 3, 8, 8), np.float32))
@@ -117,6 +117,21 @@ def test_grouped_conv_and_float_plans_are_refused_before_any_work(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("edgeslim: error: --formats tflite") and needle in err[-1]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fp32_groups_are_written_as_float_ops(tmp_path, capsys, yolo_set):
+    """``--groups head=fp32 --formats tflite``: the FP32 head convolutions are float32 CONV_2D between DEQUANTIZE /
+    QUANTIZE, named in ``tflite.float_nodes``; the runtimes agree with the engine (its float islands in numpy) within
+    1 step of the outputs (a float value near a rounding boundary of the final QUANTIZE / the float outputs)."""
+    out = tmp_path / "d"
+    assert main(_args("quantize", "yolov3-tiny", yolo_set, out, "--formats", "tflite", "--groups", "head=fp32")) == 0
+    t = json.loads((out / "summary.json").read_text())["tflite"]
+    assert sum(n.endswith("(Conv)") for n in t["float_nodes"]) == 2 and "CONV_2D" in t["float_ops"]
+    assert 0.0 <= t["map50"] <= 1.0
+    for key in ("litert_reference", "tflm"):
+        for per in t["engine_vs_runtimes"][key].values():
+            assert per["max_diff_steps"] <= 1.0
 
 
 def test_detect_task_scores_the_tflite_in_litert(tmp_path, capsys, yolo_set):
@@ -292,3 +307,27 @@ def test_plan_max_ram_kb_judges_every_row_by_the_tflm_arena(tmp_path, capsys):
     assert main([*base, "--max-ram-kb", "0.5", "--out", str(tmp_path / "tight")]) == 0
     s = json.loads((tmp_path / "tight" / "summary.json").read_text())
     assert not s["met"] and "TFLM arena" in json.dumps(s)
+
+
+FASTESTDET_ONNX = Path(__file__).resolve().parents[2] / "shared" / "models" / "fastestdet" / "FastestDet.onnx"
+COCO128 = FASTESTDET_ONNX.parents[2] / "data" / "coco128.zip"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FASTESTDET_ONNX.exists() and COCO128.exists()), reason="../shared absent")
+def test_published_fastestdet_onnx_exports_with_its_softmax_in_float(tmp_path, capsys):
+    """The published FastestDet.onnx (channel shuffles as batch-folding reshapes + scalar Gathers, a softmax over a
+    transposed axis): int8 GATHERs, the softmax a float SOFTMAX between DEQUANTIZE / QUANTIZE; engine == LiteRT
+    reference == TFLM on the head output (the softmax's float value requantized: 1 step allowed, 0 measured)."""
+    out = tmp_path / "fd"
+    assert main(["quantize", str(FASTESTDET_ONNX), "--task", "detect", "--decoder", "fastestdet-activated",
+                 "--channel-order", "BGR", "--calib-data", str(COCO128), "--calib-split", "train2017",
+                 "--data", str(COCO128), "--data-split", "val2017", "--calib-size", "4", "--eval-size", "2",
+                 "--formats", "tflite", "--out", str(out)]) == 0
+    assert "float ops: softmax" in capsys.readouterr().out
+    t = json.loads((out / "summary.json").read_text())["tflite"]
+    assert [n.split(" ")[1] for n in t["float_nodes"]] == ["(Softmax)"] and "SOFTMAX" in t["float_ops"]
+    assert t["ops"]["GATHER"] >= 16 and t["ops"]["CONV_2D"] + t["ops"]["DEPTHWISE_CONV_2D"] == 70
+    for key in ("litert_reference", "tflm"):
+        for per in t["engine_vs_runtimes"][key].values():
+            assert per["max_diff_steps"] <= 1.0

@@ -77,14 +77,15 @@ def require_litert() -> None:
 
 
 def check_plan(plan) -> None:
-    """Refuse, before any work, a mixed-precision plan that leaves layers TFLite's int8 kernels cannot run (float
-    islands, more than 8 bits): the exporter writes all-int8 graphs only (softmax aside)."""
+    """Refuse, before any work, a mixed-precision plan that leaves layers TFLite cannot run: FP16 (TFLite has no
+    FP16 activations) or more than 8 bits. FP32 layers are written as float32 builtins between DEQUANTIZE /
+    QUANTIZE (``export.tflite``, named in ``tflite.float_nodes``)."""
     for pattern, p in (plan.rules if plan is not None else ()):
         for what, prec in (("weights", p.w), ("activations", p.a)):
-            if prec.is_float or prec.bits > 8:
+            if (prec.is_float and prec.kind != "fp32") or (not prec.is_float and prec.bits > 8):
                 raise EdgeslimError(f"--formats tflite: the plan keeps {what} of {pattern!r} at {prec}: the TFLite "
-                                    "export is all-int8 (8 bits or fewer, no float islands): use --formats onnx, or "
-                                    "a plan of int2..int8")
+                                    "export writes int2..int8 layers and FP32 layers (as float ops), not FP16 or "
+                                    "wider integers: use --formats onnx, or a plan of int2..int8 / fp32")
 
 
 def check_model(model) -> None:
@@ -260,7 +261,8 @@ def write_files(fb: bytes, tg: IntGraph, info: dict, folder: Path, formats: tupl
     from .tflite import logit_qparams
 
     summary = {"tflite": {"file": "model_int8.tflite", "size_bytes": len(fb), "ops": info["ops"],
-                          "float_ops": info["float_ops"], "lut_as_gather": info["lut_as_gather"], "io": io,
+                          "float_ops": info["float_ops"], "float_nodes": info.get("float_nodes", []),
+                          "lut_as_gather": info["lut_as_gather"], "io": io,
                           "layout": "NHWC", "content_sha256": info["content_sha256"],
                           # the int8 logits' parameters (edgeslim export rebuilds this very file from them)
                           "logit_qparams": [{"scale": q.scale, "zero_point": q.zero_point}
