@@ -34,7 +34,9 @@ from edgeslim.config import PTQConfig
 from edgeslim.data.detection import open_detection
 from edgeslim.algorithms.qat import QATConfig
 from edgeslim.detect_task import DetectOptions
-from edgeslim.jobs_detect import run_detect_quantize, run_detect_sensitivity
+from edgeslim.jobs_detect import run_detect_sensitivity
+from edgeslim.jobs_quantize import run_quantize
+from edgeslim.tasks import Detect
 from edgeslim.jobs_detect_qat import run_detect_qat
 from edgeslim.models import as_detector, build_model, model_groups
 from edgeslim.quant.precision import LayerPrecision
@@ -89,10 +91,10 @@ def run(groups: list[str], shared: Path, work: Path) -> None:
         calib, test = _data(shared, info.input_shape[1])
         jobs = []
         if "ptq" in groups:
-            jobs.append((f"ptq-{name}", lambda out: run_detect_quantize(model, info, calib, test, cfg, out, opts=opts)))
+            jobs.append((f"ptq-{name}", lambda out: run_quantize(model, info, Detect(calib, test, opts), cfg, out)))
         if "overflow" in groups and name == "yolov5n":
-            jobs.append((f"analyze-{name}", lambda out: run_detect_quantize(
-                model, info, calib, test, cfg, out, opts=opts, analyze=AnalyzeOptions(overflow_images=16))))
+            jobs.append((f"analyze-{name}", lambda out: run_quantize(
+                model, info, Detect(calib, test, opts), cfg, out, analyze=AnalyzeOptions(overflow_images=16))))
         if ("groups" in groups or "layers" in groups) and name != "fastestdet-onnx":
             jobs.append((f"sens-{name}", lambda out: run_detect_sensitivity(
                 model, info, calib, test, cfg, out, groups=model_groups(model, info), high=LayerPrecision.parse("fp32"),

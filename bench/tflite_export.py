@@ -164,7 +164,8 @@ def _randomize_bn(model):
 def mobilenet_v2(args, shared: Path, work: Path) -> dict:
     """MobileNetV2 (random weights, 224 x 224): ``quantize --task fidelity --formats tflm`` on CIFAR-10 test images
     upsampled to 224 (ImageNet normalization): SQNR of the .tflite in LiteRT and of the INT8 ONNX vs FP32."""
-    from edgeslim.jobs_fidelity import FidelityOptions, run_fidelity_quantize
+    from edgeslim.jobs_quantize import run_quantize
+    from edgeslim.tasks import Fidelity
 
     torch.manual_seed(0)
     model, info = build_model("mobilenet_v2")
@@ -176,8 +177,8 @@ def mobilenet_v2(args, shared: Path, work: Path) -> dict:
     calib = train.batch(calibration_indices(len(train), 128, 0, train.labels))
     x = test.batch(calibration_indices(len(test), args.mobilenet_size, 0, test.labels))
     out = work / "mobilenet_v2"
-    s = run_fidelity_quantize(model, replace(info, input_shape=shape), calib, x, PTQConfig(calib_size=128), out,
-                              opts=FidelityOptions(batch_size=32), formats=("onnx", "tflite", "tflm"))
+    s = run_quantize(model, replace(info, input_shape=shape), Fidelity(calib, x, batch_size=32),
+                     PTQConfig(calib_size=128), out, formats=("onnx", "tflite", "tflm"))
     fb = (out / "model_int8.tflite").read_bytes()
     return {"summary": {k: s[k] for k in ("onnx_int8", "tflite", "mcu", "inputs")},
             "latency": _paired_latency(fb, out / "model_int8.onnx", shape, args.latency_rounds)}
@@ -190,7 +191,8 @@ def detectors(args, shared: Path, work: Path) -> dict:
 
     from bench.detect_coco128 import CALIB, _data, models
     from edgeslim.detect_task import DetectOptions
-    from edgeslim.jobs_detect import run_detect_quantize
+    from edgeslim.jobs_quantize import run_quantize
+    from edgeslim.tasks import Detect
 
     zoo = models(shared)
     result = {}
@@ -200,9 +202,9 @@ def detectors(args, shared: Path, work: Path) -> dict:
             model, info = zoo[name]()
             calib, test = _data(shared, info.input_shape[1])
             t0 = time.perf_counter()
-            run_detect_quantize(model, info, calib, test, PTQConfig(calib_size=CALIB), out,
-                                opts=DetectOptions(batch_size=8, simulation_images=args.detect_sim),
-                                formats=("onnx", "tflite", "tflm"))
+            opts = DetectOptions(batch_size=8, simulation_images=args.detect_sim)
+            run_quantize(model, info, Detect(calib, test, opts), PTQConfig(calib_size=CALIB), out,
+                         formats=("onnx", "tflite", "tflm"))
             print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         s = json.loads((out / "summary.json").read_text())
         fb = (out / "model_int8.tflite").read_bytes()

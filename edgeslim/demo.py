@@ -15,8 +15,9 @@ from tqdm import tqdm
 from .config import PTQConfig
 from .data import Preprocess, open_dataset
 from .config import MeasureOptions
-from .jobs import run_quantize
+from .jobs_quantize import run_quantize
 from .models import build_model
+from .tasks import Classify
 
 
 def train_digits_cnn(train_x: np.ndarray, train_y: np.ndarray, *, epochs: int = 30, seed: int = 0):
@@ -48,4 +49,4 @@ def run_demo(out: Path, *, epochs: int = 30, threads: int = 1) -> dict:
     test = open_dataset("sklearn-digits", pre, split="test")
     model, info = train_digits_cnn(train.batch(np.arange(len(train))), train.labels, epochs=epochs)
     config = PTQConfig(calib_size=512)
-    return run_quantize(model, info, train, test, config, out, MeasureOptions(threads=threads))
+    return run_quantize(model, info, Classify(train, test, measure=MeasureOptions(threads=threads)), config, out)

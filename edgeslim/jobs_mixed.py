@@ -129,7 +129,7 @@ def run_sensitivity(model: nn.Module, info: ModelInfo, task: Task, config: PTQCo
                     on_row=None) -> dict:
     """Both per-layer sweeps on the held-out subset, and the group table on the test set. ``on_row(sweep, row)``
     sees each sweep row as soon as it is scored."""
-    task.check(info.num_classes)
+    task.check(info)
     outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:
@@ -190,7 +190,7 @@ def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, 
               measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime", on_step=None) -> dict:
     """Search a mixed-precision plan under ``budget`` (in the task metric's units) and verify it on the test
     set, in PyTorch and onnxruntime. ``score_with``: what runs each candidate on the held-out inputs."""
-    task.check(info.num_classes)
+    task.check(info)
     outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:

@@ -9,9 +9,10 @@ import pytest
 from edgeslim.config import PTQConfig
 from edgeslim.data.detection import open_detection
 from edgeslim.detect_task import DetectOptions
-from edgeslim.jobs_detect import run_detect_quantize
+from edgeslim.jobs_quantize import run_quantize
 from edgeslim.models import as_detector, build_model
 from edgeslim.models.yolo import COCO_NAMES
+from edgeslim.tasks import Detect
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 COCO128 = SHARED / "data" / "coco128.zip"
@@ -23,8 +24,8 @@ def _run(model, info, tmp_path, calib_size=32):
     size = info.input_shape[1]
     calib = open_detection(COCO128, "train2017", imgsz=size)
     test = open_detection(COCO128, "val2017", imgsz=size)
-    return run_detect_quantize(model, info, calib, test, PTQConfig(calib_size=calib_size), tmp_path,
-                               opts=DetectOptions(latency_rounds=5))
+    return run_quantize(model, info, Detect(calib, test, DetectOptions(latency_rounds=5)),
+                        PTQConfig(calib_size=calib_size), tmp_path)
 
 
 def test_yolov5n_int8_keeps_its_map(tmp_path):

@@ -44,7 +44,7 @@ def quantize(args, analysis=None) -> int:
     """Quantize, score and write ``--out`` for the task ``--task`` names; ``analysis``: ``analyze``'s function from
     the options to its ``AnalyzeOptions`` (engine, overflow), called once the model and the plan are loaded."""
     from ..config import MeasureOptions
-    from ..jobs import run_quantize
+    from ..jobs_quantize import run_quantize
 
     config = ptq_config(args)
     formats = check_formats(args, config)
@@ -64,41 +64,38 @@ def quantize(args, analysis=None) -> int:
                             "and a detector edgeslim can decode")
     if task == "fidelity":
         return _quantize_fidelity(args, model, info, config, plan, analyze, formats)
+    from ..report.provenance import provenance
+
     if task == "detect":
         from ..detect_task import DetectOptions
-        from ..jobs_detect import run_detect_quantize
+        from ..tasks import Detect
 
         calib, test, info = detect_data(args, info)
         opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
                              batch_size=min(args.batch_size, 16), threads=args.threads,
                              simulation_images=simulate_size(args, 16), decoded_output=args.decoded_output)
-        from ..report.provenance import provenance
+        job = Detect(calib, test, opts)
+    else:
+        from ..tasks import Classify
 
-        summary = run_detect_quantize(model, info, calib, test, config, Path(args.out), plan=plan, opts=opts,
-                                      analyze=analyze, formats=formats,
-                                      provenance=provenance(args, getattr(args, "argv", None)))
-        print_detect_summary(summary, Path(args.out))
-        return 0
-    calib, test = classify_data(args, info)
-    from ..report.provenance import provenance
-
-    summary = run_quantize(model, info, calib, test, config, Path(args.out),
-                           MeasureOptions(threads=args.threads, batch_size=args.batch_size,
-                                          simulation_images=simulate_size(args, 1000), formats=formats), analyze, plan,
+        calib, test = classify_data(args, info)
+        job = Classify(calib, test, batch_size=args.batch_size,
+                       measure=MeasureOptions(threads=args.threads, simulation_images=simulate_size(args, 1000)))
+    summary = run_quantize(model, info, job, config, Path(args.out), plan=plan, analyze=analyze, formats=formats,
                            provenance=provenance(args, getattr(args, "argv", None)))
-    print_summary(summary, Path(args.out))
+    (print_detect_summary if task == "detect" else print_summary)(summary, Path(args.out))
     return 0
 
 
 def _quantize_fidelity(args, model, info, config, plan, analyze=None, formats=("onnx",)) -> int:
-    from ..jobs_fidelity import FidelityOptions, run_fidelity_quantize
+    from ..jobs_quantize import run_quantize
     from ..report.provenance import provenance
+    from ..tasks import Fidelity
 
     calib, test, spec = fidelity_inputs(args, model, info, calib_limit=args.calib_size)
-    s = run_fidelity_quantize(model, info, calib, test, config, Path(args.out), spec=spec,
-                              opts=FidelityOptions(threads=args.threads, batch_size=min(args.batch_size, 64)),
-                              plan=plan, analyze=analyze, formats=formats,
-                              provenance=provenance(args, getattr(args, "argv", None)))
+    task = Fidelity(calib, test, batch_size=min(args.batch_size, 64), spec=spec, threads=args.threads)
+    s = run_quantize(model, info, task, config, Path(args.out), plan=plan, analyze=analyze, formats=formats,
+                     provenance=provenance(args, getattr(args, "argv", None)))
     print_fidelity_summary(s, Path(args.out))
     return 0
 

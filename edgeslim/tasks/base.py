@@ -1,0 +1,133 @@
+"""The task protocol: how a job gets its data and scores a model, so that one job per verb serves every task.
+
+A task answers, for the ``quantize`` / ``analyze`` job (``jobs_quantize``):
+
+* ``check``: whether the model and the data fit this task (refused before any work);
+* ``calibration``: the calibration inputs, in the model's channel order (and ``calib_batch_size``);
+* ``preprocessing`` / ``metadata``: what the deployable files expect, written into the summary, ``encodings.json``
+  and the ONNX files' ``metadata_props``;
+* ``fp32_file``: the FP32 reference file (torch's export, or the user's own ONNX file);
+* ``evaluate``: the task's scores of the deployed files (and of the PyTorch simulation, the integer engine with
+  ``analyze``, the ``.tflite`` when written), as summary fields; ``latency``: the paired FP32 / INT8 timing;
+  ``graph_key``: the summary entry that gets the INT8 file's graph statistics; ``write_report``: report.html;
+
+and for the ``sensitivity`` and ``mixed`` jobs (``jobs_mixed``):
+
+* ``split``: which inputs calibrate, which held-out inputs score the sweeps and the search (and with which
+  ``Metric``), and which test inputs give the final numbers;
+* ``score_onnx``: the metric of exported ONNX files on the test inputs, in onnxruntime;
+* ``score_torch``: the metric of the PyTorch fake-quant model under several plans on the test inputs.
+
+The tasks: ``classify`` (top-1 on labelled images), ``detect`` (mAP of the known decoders) and ``fidelity``
+(label-free: any model, scored by agreement with its FP32 self). Adding a task is one module in this package
+plus its line in ``tasks/__init__.py`` and its branch in the CLI's task builder (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..algorithms import mixed_precision as mp
+from ..algorithms import ptq
+from ..analysis import AnalyzeOptions
+from ..config import MixedPlan, PTQConfig
+from ..errors import EdgeslimError
+from ..models import ModelInfo
+
+__all__ = ["Split", "Deployed", "Task", "HOLDOUT_SOURCES", "finite", "check_source", "fake_quant_outputs",
+           "TFLITE_RANGE_INPUTS"]
+
+HOLDOUT_SOURCES = ("calib", "data")
+TFLITE_RANGE_INPUTS = 256  # calibration inputs whose outputs set the int8 range of a .tflite's outputs
+
+
+@dataclass(frozen=True)
+class Split:
+    """The data roles of a ``sensitivity`` / ``mixed`` run (see ``jobs_mixed``'s docstring)."""
+
+    calib: np.ndarray  # model inputs that calibrate
+    holdout: torch.Tensor  # inputs that score every plan
+    metric: mp.Metric  # how the held-out outputs are scored
+    eval_idx: np.ndarray  # the test inputs the final numbers use
+    holdout_from: str = "calib"
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What the ``quantize`` job hands a task to score: the quantized model, its two ONNX files, the calibration
+    inputs, and the built ``.tflite`` (``export.tflm.build``'s result) with the formats to write, when asked."""
+
+    q: object  # api.Quantized
+    fp32: Path
+    int8: Path
+    calib: np.ndarray
+    stage: Path  # the staging folder the job's files go to
+    lite: tuple | None = None
+    formats: tuple[str, ...] = ("onnx",)
+
+
+class Task(Protocol):
+    name: str
+    metric_key: str  # what the summary calls the score: "top1", "map50_95", "sqnr_db"
+    graph_key: str  # the summary entry that holds the INT8 file's graph statistics
+    calib_batch_size: int
+    tflite_range_inputs: int
+
+    # quantize / analyze
+    def check(self, info: ModelInfo) -> None: ...
+
+    def calibration(self, config: PTQConfig, info: ModelInfo) -> np.ndarray: ...
+
+    def preprocessing(self, info: ModelInfo) -> dict | str: ...
+
+    def metadata(self, info: ModelInfo, config: PTQConfig) -> dict[str, str]: ...
+
+    def fp32_file(self, model: nn.Module, info: ModelInfo, path: Path) -> Path: ...
+
+    def evaluate(self, model: nn.Module, info: ModelInfo, d: Deployed, analyze: AnalyzeOptions | None) -> dict: ...
+
+    def latency(self, d: Deployed, info: ModelInfo) -> dict: ...
+
+    def write_report(self, summary: dict, info: ModelInfo, path: Path) -> None: ...
+
+    # sensitivity / mixed
+    def split(self, config: PTQConfig, holdout_size: int, holdout_from: str) -> Split: ...
+
+    def score_onnx(self, paths: dict[str, Path], desc: str, indices: np.ndarray | None = None) -> dict[str, float]: ...
+
+    def score_torch(self, gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
+                    indices: np.ndarray | None = None) -> dict[str, float]: ...
+
+
+def finite(v: float | None) -> float | None:
+    """JSON-safe: None for an infinite score (SQNR of identical outputs)."""
+    return v if v is None or math.isfinite(v) else None
+
+
+def check_source(holdout_size: int, holdout_from: str) -> None:
+    if holdout_size <= 0:
+        raise EdgeslimError(f"invalid --holdout-size {holdout_size}: use a positive number of inputs")
+    if holdout_from not in HOLDOUT_SOURCES:
+        raise EdgeslimError(f"invalid --holdout-from {holdout_from!r}: use calib or data")
+
+
+def fake_quant_outputs(gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
+                       batches_of) -> dict[str, list[torch.Tensor]]:
+    """Outputs of the FP32 model (key ``fp32``) and of the fake-quant model under each plan, batch by batch."""
+    chunks: dict[str, list[list[torch.Tensor]]] = {k: [] for k in ("fp32", *plans)}
+    with torch.no_grad():
+        for x in batches_of:
+            t = torch.from_numpy(x)
+            chunks["fp32"].append(mp.as_outputs(model(t)))
+            for k, plan in plans.items():
+                ptq.apply_plan(gm, config, plan)
+                ptq.set_mode(gm, "quant")
+                chunks[k].append(mp.as_outputs(gm(t)))
+    return {k: [torch.cat([c[i] for c in v]) for i in range(len(v[0]))] for k, v in chunks.items()}
