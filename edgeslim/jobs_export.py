@@ -19,7 +19,7 @@ import numpy as np
 from .errors import EdgeslimError
 from .intgraph import QParams
 
-__all__ = ["run_export"]
+__all__ = ["run_export", "without_identities"]
 
 TFLM_FILES = ("model_data.h", "model_data.cc", "op_resolver.txt")
 
@@ -64,6 +64,26 @@ def _check_integer(path: Path) -> None:
                             "TFLite: tighten the target so that the run quantizes, or run quantize --formats tflite")
 
 
+def without_identities(model):
+    """The ONNX model with its Identity nodes removed (their readers read the Identity's input; graph outputs kept):
+    edgeslim's gated SiLU ends its float product in an Identity before the QuantizeLinear, which ``import_qdq``
+    reads as DQ -> Mul -> Q only without it."""
+    outputs = {o.name for o in model.graph.output}
+    alias, keep = {}, []
+    for n in model.graph.node:
+        if n.op_type == "Identity" and len(n.input) == 1 and n.output[0] not in outputs:
+            alias[n.output[0]] = alias.get(n.input[0], n.input[0])
+            continue
+        keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
 def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check_images: int = 2,
                model_file: str = "model_int8.onnx", calib: np.ndarray | None = None) -> dict:
     """Write the ``.tflite`` (and TFLM files) of the run in ``run_dir``; return the new ``tflite`` / ``mcu`` fields.
@@ -79,7 +99,9 @@ def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check
     summary = _run_folder(run_dir, model_file)
     _check_integer(run_dir / model_file)
     try:
-        g = import_qdq(run_dir / model_file)
+        import onnx
+
+        g = import_qdq(without_identities(onnx.load(str(run_dir / model_file))))
     except EdgeslimError as exc:
         raise EdgeslimError(f"{run_dir}/{model_file} cannot be read back into an integer graph ({exc}): "
                             "quantize the model with --formats tflite instead") from None

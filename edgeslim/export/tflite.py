@@ -136,6 +136,44 @@ def _fold_activation_islands(g: IntGraph) -> None:
             g.nodes.remove(n)
 
 
+
+def _fold_gated_silu(g: IntGraph) -> None:
+    """A sigmoid table whose only reader is a QLinearMul by the table's own input (``x * Q_g(sigmoid(x))``: how
+    ``import_qdq`` reads edgeslim's gated SiLU, DQ -> Sigmoid -> Q -> DQ -> Mul -> Q) becomes one ``LUT`` silu node
+    with the gate's parameters: the product evaluated on every input code as the ONNX graph defines it (float32
+    dequantized values, QuantizeLinear half to even), so the file holds one table (or LOGISTIC + MUL) as
+    ``quantize --formats tflite`` writes it."""
+    from ..engine import ops
+
+    users: dict[str, list[IntNode]] = {}
+    made = {n.outputs[0]: n for n in g.nodes}
+    for n in g.nodes:
+        for i in n.inputs:
+            users.setdefault(i, []).append(n)
+    for mul in list(g.nodes):
+        if mul.op != "QLinearMul":
+            continue
+        for x, gate in (mul.inputs[:2], mul.inputs[1::-1]):
+            lut = made.get(gate)
+            if lut is None or lut.op != "LUT" or lut.attrs.get("fn") not in ("sigmoid", "onnx_Sigmoid") or \
+                    lut.inputs[0] != x or len(users.get(gate, [])) != 1 or gate in g.output_names:
+                continue
+            qx, qg, qy = g.qparams[x], g.qparams[gate], g.qparams[mul.outputs[0]]
+            codes = np.arange(qx.qmin, qx.qmax + 1, dtype=np.int64)
+            lo, hi = lut.attrs.get("clamp") or (qg.qmin, qg.qmax)
+            gcodes = np.clip(np.asarray(lut.arrays["table"], np.int64), max(lo, qg.qmin), min(hi, qg.qmax))
+            y = ops.DequantizeLinear(codes, qx.scale, qx.zero_point) * \
+                ops.DequantizeLinear(gcodes, qg.scale, qg.zero_point)
+            table = ops.QuantizeLinear(y, qy.scale, qy.zero_point, qy.qmin, qy.qmax).astype(np.int64)
+            attrs = {"fn": "silu", "gate_scale": qg.scale, "gate_zero_point": qg.zero_point, "gate_bits": qg.bits,
+                     "gate_signed": qg.signed}
+            if mul.attrs.get("clamp") is not None:
+                attrs["clamp"] = mul.attrs["clamp"]
+            g.nodes[g.nodes.index(mul)] = IntNode("LUT", mul.name, [x], list(mul.outputs), attrs, {"table": table})
+            g.nodes.remove(lut)
+            g.qparams.pop(gate, None)
+            break
+
 def _choose_builtins(g: IntGraph) -> None:
     """``activations="builtin"``: sigmoid -> LOGISTIC, hard-swish -> HARD_SWISH, gated SiLU -> LOGISTIC + MUL
     (``attrs['tflite_op']``, read by the exporter and the engine) where TFLite accepts the scales."""
@@ -170,6 +208,7 @@ def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str
     check_graph(g)
     g = copy.deepcopy(g)
     _fold_activation_islands(g)
+    _fold_gated_silu(g)
     if activations == "builtin":
         _choose_builtins(g)
     heads = [n for n in g.nodes if n.attrs.get("float_output")]
@@ -1011,7 +1050,7 @@ class _Exporter:
         unary = {"Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT", "Neg": "NEG", "Abs": "ABS", "Floor": "FLOOR",
                  "Ceil": "CEIL", "Sin": "SIN", "Cos": "COS", "Relu": "RELU"}
         binary = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Max": "MAXIMUM", "Min": "MINIMUM",
-                  "Pow": "POW"}
+                  "Pow": "POW", "PRelu": "PRELU"}
         in_shape = self.shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] not in consts else None
         if fn in unary:
             self._f_elementwise(node, unary[fn], [operand(0)])
