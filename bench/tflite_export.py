@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -27,11 +28,13 @@ from edgeslim import api
 from edgeslim.config import PTQConfig
 from edgeslim.data import Preprocess, calibration_indices, open_dataset
 from edgeslim.engine.run import run
+from edgeslim.errors import EdgeslimError
 from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
 from edgeslim.export.onnx_qdq import save_onnx, to_onnx
 from edgeslim.export.tflite import prepare_graph, to_tflite
 from edgeslim.export.tflm import arena_bytes
+from edgeslim.intgraph import QParams
 from edgeslim.models import build_model
 
 
@@ -211,8 +214,50 @@ def detectors(args, shared: Path, work: Path) -> dict:
         dims = onnx.load(str(out / "model_int8.onnx")).graph.input[0].type.tensor_type.shape.dim
         shape = tuple(d.dim_value for d in dims[1:])
         result[name] = {"summary": {k: s[k] for k in ("onnx_fp32", "onnx_int8", "tflite", "mcu", "images")},
-                        "latency": _paired_latency(fb, out / "model_int8.onnx", shape, args.detect_rounds)}
+                        "latency": _paired_latency(fb, out / "model_int8.onnx", shape, args.detect_rounds),
+                        "activations": _activation_variants(name, out, s, zoo, shared, args)}
     return result
+
+
+def _activation_variants(name: str, out: Path, s: dict, zoo: dict, shared: Path, args) -> dict:
+    """The run's model_int8.onnx read back (``edgeslim export``'s path) and written with each ``activations`` choice:
+    ``table`` (SiLU / sigmoid as int8 GATHER tables, the default) and ``builtin`` (LOGISTIC, LOGISTIC + MUL): mAP in
+    LiteRT XNNPACK on the same val2017 images, engine vs runtimes on 2 calibration images, paired latency vs
+    onnxruntime INT8."""
+    import onnx
+
+    from bench.detect_coco128 import _data
+    from edgeslim.detect_task import DetectOptions, calibration_images, check_detector, evaluate_models
+    from edgeslim.export.tflm import agreement, litert_runner
+    from edgeslim.io.onnx_qdq_import import import_qdq
+    from edgeslim.jobs_export import without_identities
+
+    model, info = zoo[name]()
+    calib, test = _data(shared, info.input_shape[1])
+    decoder = check_detector(info, test)
+    opts = DetectOptions(batch_size=8)
+    x_cal = calibration_images(calib, 2, 0, info)
+    try:
+        g = import_qdq(without_identities(onnx.load(str(out / "model_int8.onnx"))))
+    except EdgeslimError as exc:  # the importer's limits (FastestDet.onnx's batch-folding reshapes): said in the table
+        print(f"[{name}] activations: not read back ({exc})", file=sys.stderr, flush=True)
+        return {}
+    logits = [QParams(float(r["scale"]), int(r["zero_point"]), 8, True) for r in s["tflite"].get("logit_qparams", [])]
+    rows = {}
+    for activations in ("table", "builtin"):
+        tg = prepare_graph(g, activations=activations, logits=logits or None)
+        fb, info_fb = to_tflite(tg)
+        scored = evaluate_models({"tflite": litert_runner(fb)}, test, decoder, opts, info=info,
+                                 desc=f"{name} .tflite ({activations})")["tflite"]
+        rows[activations] = {
+            "ops": {k: info_fb["ops"].get(k, 0) for k in ("GATHER", "LOGISTIC", "MUL", "CONV_2D")},
+            "same_as_quantize_file": info_fb["content_sha256"] == s["tflite"]["content_sha256"],
+            "map50": scored["map50"], "map50_95": scored["map50_95"],
+            "engine_vs_runtimes": agreement(tg, fb, x_cal),
+            "latency": _paired_latency(fb, out / "model_int8.onnx", info.input_shape, args.detect_rounds)}
+        print(f"[{name}] activations={activations}: mAP@.5:.95 {scored['map50_95']:.4f}, XNNPACK "
+              f"{rows[activations]['latency']['litert_xnnpack_ms']:.1f} ms", file=sys.stderr, flush=True)
+    return rows
 
 
 def _agreement_text(e: dict) -> str:
@@ -289,6 +334,27 @@ def report(results: dict, args) -> str:
                          f"{_agreement_text(t['engine_vs_runtimes'])}; latency batch 1, one thread, paired over "
                          f"{args.detect_rounds} rounds: LiteRT XNNPACK {lat['litert_xnnpack_ms']:.1f} ms, "
                          f"onnxruntime INT8 {lat['ort_int8_ms']:.1f} ms, ratio {lat['litert_over_ort']:.2f}x.")
+        act_rows = []
+        for name, v in d.items():
+            for act, r in (v.get("activations", {}) if isinstance(v, dict) else {}).items():
+                e, lat = r["engine_vs_runtimes"], r["latency"]
+                same = lambda k: min(p["identical_share"] for p in e[k].values())  # noqa: E731
+                act_rows.append([name, act, r["ops"]["GATHER"], r["ops"]["LOGISTIC"], f"{r['map50']:.4f}",
+                                 f"{r['map50_95']:.4f}", f"{100 * same('litert_reference'):.2f} / "
+                                 f"{100 * same('tflm'):.2f} %", f"{100 * same('litert_xnnpack'):.2f} %",
+                                 f"{lat['litert_xnnpack_ms']:.1f}", f"{lat['ort_int8_ms']:.1f}",
+                                 f"{lat['litert_over_ort']:.2f}x", "yes" if r["same_as_quantize_file"] else "no"])
+        if act_rows:
+            notes += ["", "SiLU / sigmoid as int8 tables (`activations=\"table\"`, CAST + ADD + GATHER, the default) "
+                      "or as TFLite's builtins (`\"builtin\"`: LOGISTIC, LOGISTIC + MUL for SiLU), each file written "
+                      "from the run's model_int8.onnx read back (`edgeslim export`'s path; `same file` = equal content "
+                      "digest to the one quantize wrote). mAP in LiteRT XNNPACK on the same images; engine (`tflite` "
+                      "mode, which computes each choice's own arithmetic) vs runtimes on 2 calibration images (share "
+                      "of identical raw head outputs, worst output); latency batch 1, one thread, paired over "
+                      f"{args.detect_rounds} rounds.", "",
+                      table(["model", "activations", "GATHER", "LOGISTIC", "mAP@.5", "mAP@.5:.95",
+                             "engine = LiteRT ref / TFLM", "engine = XNNPACK", "XNNPACK ms", "ORT INT8 ms",
+                             "XNNPACK / ORT", "same file"], act_rows)]
         lines += [
             "### Detectors, COCO128 val2017",
             "",
@@ -299,6 +365,32 @@ def report(results: dict, args) -> str:
             "",
             *notes, ""]
     return "\n".join(lines)
+
+
+HEADINGS = {"resnet20": "### ResNet-20", "mobilenet_v2": "### MobileNetV2", "detect": "### Detectors"}
+
+
+def _kept_parts(results: dict) -> str:
+    """The subsections of BENCHMARKS.md's current ``tflite-export`` section for the parts not rerun now, kept with
+    the stamp of the run that measured them (so a cheap partial rerun does not erase the expensive parts)."""
+    from bench._report import BENCHMARKS
+
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+    found = re.search(r"<!-- bench:tflite-export -->(.*?)<!-- /bench:tflite-export -->", text, re.S)
+    if not found:
+        return ""
+    old = found.group(1)
+    stamp = next((ln for ln in old.splitlines() if ln.startswith("_Command:")), "")
+    kept = []
+    for part, heading in HEADINGS.items():
+        if part in results or heading not in old:
+            continue
+        block = old[old.index(heading):]
+        nxt = [block.find(h, 1) for h in (*HEADINGS.values(), "_Command:") if block.find(h, 1) > 0]
+        block = block[:min(nxt)] if nxt else block
+        note = stamp.replace("_Command:", "_Kept from the earlier run (not rerun here); its command:", 1)
+        kept.append(block.rstrip() + "\n\n" + note)
+    return "\n\n" + "\n\n".join(kept) + "\n" if kept else ""
 
 
 def main() -> None:
@@ -332,7 +424,7 @@ def main() -> None:
         (work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
         print(f"[{name}] done in {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
     results = {k: json.loads((work / f"{k}.json").read_text()) for k in parts if (work / f"{k}.json").exists()}
-    body = report(results, args)
+    body = report(results, args) + _kept_parts(results)
     print(body)
     if args.write:
         write_section("tflite-export", body)
