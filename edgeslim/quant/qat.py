@@ -28,12 +28,20 @@ function that is deployed):
 
 Every estimator but ``ste`` learns the scale with LSQ's gradient (for PoT / APoT this is APoT's clipping
 gradient: ``q/alpha - x/alpha`` inside the range, the end level outside).
+
+Training runs each quantizer as one autograd function (``_FakeQuant``): the forward pass is four whole-tensor
+passes (divide, round, clamp, scale) that keep ``x / s`` and the output; the backward pass of the straight-through
+methods is one masked copy for the input and two dot products for the scale. The plain formulas
+(``TrainableQuantizer.reference``, still used for the Hessian estimate) build a graph of about a dozen elementwise
+ops and as many in the backward pass. Values are the plain formulas' exactly, gradients equal to float rounding
+(tests/test_qat_fused.py).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -146,8 +154,11 @@ class TrainableQuantizer(nn.Module):
 
     ``scale`` is a parameter (learned unless the method is ``ste``); ``zero_point`` is fixed. ``delta``
     (EWGS) and ``alpha`` (DSQ) are set by the trainer. ``hutchinson`` switches to plain STE and keeps the
-    output so the trainer can estimate the Hessian trace with respect to it.
+    output so the trainer can estimate the Hessian trace with respect to it. ``fused`` (class-wide, default
+    True) runs ``_FakeQuant``; False runs ``reference`` everywhere (same values; for timing the two).
     """
+
+    fused = True
 
     def __init__(self, levels: LevelSet, method: str, scale: torch.Tensor, zero_point: torch.Tensor,
                  axis: int | None, *, numel: int | None = None, gamma: float = 2.0) -> None:
@@ -159,7 +170,7 @@ class TrainableQuantizer(nn.Module):
         self.register_buffer("zero_point", zero_point.detach().clone().float())
         self.register_buffer("delta", torch.zeros(()))
         self.alpha = 0.2
-        self.hutchinson = False
+        self.hutchinson = False  # plain STE through ``reference`` (twice differentiable), output kept
         self.last_output: torch.Tensor | None = None
         self.qp = max(1, abs(levels.qmax), abs(levels.qmin))
         # LSQ's gradient scale 1 / sqrt(N q_max): N = weights per scale, or features per image (activations,
@@ -173,13 +184,28 @@ class TrainableQuantizer(nn.Module):
         shape[self.axis] = -1
         return v.reshape(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale.abs().clamp_min(1e-8)
         if self.grad_scale is None:
             self.grad_scale = 1.0 / math.sqrt(max(1, x[0].numel()) * self.qp)
         if self.method != "ste" and self.training and torch.is_grad_enabled():
             s = s.detach() + (s - s.detach()) * self.grad_scale  # LSQ gradient scaling (the value is unchanged)
-        s, zp = self._shape(s, x), self._shape(self.zero_point, x)
+        return self._shape(s, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hutchinson or not self.fused:
+            return self.reference(x)
+        s, zp = self._scale(x), self._shape(self.zero_point, x)
+        if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+            if self.training:
+                return _FakeQuant.apply(x, s, zp, self)
+            return self.reference(x)  # evaluation mode with gradients (no estimator): the plain graph
+        return _fake_quant_value(x, s, zp, self.levels, bool(self.zero_point.any()))
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain formulas, one autograd op each (``fused = False``, the Hessian estimate, and the oracle of
+        the fused path): ``y = (code(x / s + zp) - zp) * s``."""
+        s, zp = self._scale(x), self._shape(self.zero_point, x)
         t = x / s + zp
         q = self.code(t)
         y = (q - zp) * s
@@ -210,3 +236,117 @@ class TrainableQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.levels!r}, method={self.method}"
+
+
+# -- the fused training path -------------------------------------------------------------------------------
+
+def _fake_quant_value(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, lv: LevelSet, shifted: bool) -> torch.Tensor:
+    """``(code(x / s + zp) - zp) * s`` without a graph, the same float operations as ``reference`` (in place)."""
+    t = x / s
+    if shifted:
+        t.add_(zp)
+    if lv.uniform:
+        t = t.round_().clamp_(lv.qmin, lv.qmax)
+    else:
+        t = lv.round(t)
+    if shifted:
+        t.sub_(zp)
+    return t.mul_(s)
+
+
+def _straight_through(q: "TrainableQuantizer") -> bool:
+    """Whether the input gradient is the clipping mask (STE, LSQ, EWGS before its first delta)."""
+    return q.method in ("ste", "lsq") or (q.method == "ewgs" and float(q.delta) == 0.0)
+
+
+def _pass_band(lv: LevelSet) -> tuple[float, float]:
+    """Open bounds ``(lo, hi)`` (float32 values) with ``lo < t < hi`` exactly where the plain graph passes the
+    input gradient: the rounded ``t`` in ``[qmin, qmax]`` for uniform grids (a tie ``k + 0.5`` rounds to the even
+    neighbour, so the end ties pass when that end is even), ``t`` itself for level sets."""
+    down = lambda v: float(np.nextafter(np.float32(v), np.float32(-np.inf)))  # noqa: E731
+    up = lambda v: float(np.nextafter(np.float32(v), np.float32(np.inf)))  # noqa: E731
+    if not lv.uniform:
+        return down(lv.qmin), up(lv.qmax)
+    lo, hi = lv.qmin - 0.5, lv.qmax + 0.5
+    return (down(lo) if lv.qmin % 2 == 0 else lo), (up(hi) if lv.qmax % 2 == 0 else hi)
+
+
+def _sum_to(v: torch.Tensor, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``sum(v * w)`` reduced to the scale's ``shape`` (a dot product for a per-tensor scale)."""
+    if len(shape) == 0 and v.is_contiguous() and w.is_contiguous():
+        return torch.dot(v.reshape(-1), w.reshape(-1))
+    return (v * w).sum_to_size(shape)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """``TrainableQuantizer.reference`` as one autograd op: ``y = (code(t) - zp) * s`` with ``t = x / s + zp``.
+
+    Straight-through methods (the hot path) keep ``t`` and ``y``. The input gradient is ``g`` where the code is
+    not clipped, one vectorized masked copy (``hardtanh_backward`` with bounds that reproduce the rounding's ties,
+    ``_pass_band``); the scale's is ``dy/ds = (code - zp) - [inside] x / s`` summed as the plain graph sums it,
+    ``sum(g y) / s - sum(g_x (t - zp))``, two dot products per tensor. The forward pass is two new tensors and two
+    in-place passes and keeps no boolean mask (``where`` / multiplying by a bool mask measured about ten times a
+    float pass here). The plain graph computes ``g_x = (g s) / s`` and sums the two scale terms in another order,
+    so the two agree to float rounding.
+    EWGS (with a delta), DSQ and DAQ keep ``t`` and the codes and evaluate the plain graph's backward formulas."""
+
+    @staticmethod
+    def forward(ctx, x, s, zp, q):
+        lv = q.levels
+        shifted = bool(q.zero_point.any())
+        t = x / s
+        if shifted:
+            t.add_(zp)
+        ctx.straight = _straight_through(q)
+        if ctx.straight:
+            y = torch.round(t).clamp_(lv.qmin, lv.qmax) if lv.uniform else lv.round(t)
+            if shifted:
+                y.sub_(zp)
+            y.mul_(s)
+            ctx.save_for_backward(t, s, zp if shifted else None)
+            ctx.band, ctx.levels = _pass_band(lv), lv
+            # the output, for the scale gradient: a detached alias (no reference cycle through grad_fn) that shares
+            # the version counter, so an in-place op on the output downstream is seen and the codes recomputed
+            ctx.y, ctx.y_version = (y.detach(), y._version) if ctx.needs_input_grad[1] else (None, None)
+            return y
+        # EWGS / DSQ / DAQ: keep what the plain graph's backward reads
+        hard = lv.round(t)
+        r = torch.round(t) if lv.uniform else t
+        inside = (r >= lv.qmin) & (r <= lv.qmax)
+        ctx.save_for_backward(x, s, zp, t, hard, inside)
+        ctx.levels = lv
+        ctx.method, ctx.delta, ctx.alpha, ctx.gamma = q.method, q.delta.detach().clone(), q.alpha, q.gamma
+        return (hard - zp) * s
+
+    @staticmethod
+    def backward(ctx, g):
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.straight:
+            t, s, zp = ctx.saved_tensors
+            gx = torch.ops.aten.hardtanh_backward(g, t, *ctx.band)
+            gs = None
+            if need_s:
+                y = ctx.y
+                if y._version != ctx.y_version:  # modified in place after this op: recompute it
+                    lv = ctx.levels
+                    y = torch.round(t).clamp_(lv.qmin, lv.qmax) if lv.uniform else lv.round(t)
+                    y = (y if zp is None else y.sub_(zp)).mul_(s)
+                gs = _sum_to(g, y, s.shape) / s - _sum_to(gx, t if zp is None else t - zp, s.shape)
+            return (gx if need_x else None), gs, None, None
+        x, s, zp, t, hard, inside = ctx.saved_tensors
+        gq = g * s
+        if ctx.method == "ewgs":
+            gt = gq * (1 + ctx.delta * torch.sign(gq) * (t - hard)) * inside  # _EWGSRound's backward
+        else:  # DSQ / DAQ: the derivative of the soft step, through the clamp
+            lv = ctx.levels
+            with torch.enable_grad():
+                tt = t.detach().requires_grad_(True)
+                clamped = tt.clamp(lv.qmin, lv.qmax)
+                lo, hi = lv.neighbours(clamped.detach())
+                soft = soft_gradient(ctx.method, clamped, lo, hi, alpha=ctx.alpha, gamma=ctx.gamma)
+                gt, = torch.autograd.grad(soft, tt, gq * inside)
+        gx = gt / s if need_x else None
+        gs = None
+        if need_s:
+            gs = (g * (hard - zp)).sum_to_size(s.shape) + (-gt * ((x / s) / s)).sum_to_size(s.shape)
+        return gx, gs, None, None
