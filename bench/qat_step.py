@@ -6,9 +6,9 @@ FP32 is the float ResNet-20 (BatchNorm in training mode) as a user fine-tunes it
 ``train.loop.fit`` does per batch: the quantizers' schedule (QAT), forward, loss, the finite check, zero_grad,
 backward, SGD with Nesterov momentum and weight decay (``train.loop.sgd``), reading the loss and the top-1 count.
 
-"before" is the plain formulas, one autograd op per elementwise step (``TrainableQuantizer.fused = False``, the
-code of commit eca52cd), "after" the fused quantizer (``quant.qat._FakeQuant``). FP32 and the QAT variants
-alternate in one process (F v1 F v2 F ..., the variant order shuffled per round); each QAT step's ratio is its
+"before" is the plain formulas, one autograd op per elementwise step (``TrainableQuantizer.fused = False``: the
+code of cebb983, the parent of 4acd58e), "after" the fused quantizer (``quant.qat._FakeQuant``). FP32 and the QAT
+variants alternate in one process (F v1 F v2 F ..., the variant order shuffled per round); each QAT step's ratio is its
 time over the mean of the FP32 steps on either side, and the table gives the median of those paired ratios, so a
 load change from other processes affects both sides of a ratio.
 
@@ -157,9 +157,9 @@ def main() -> None:
         "runs it (forward, cross-entropy, backward, SGD with Nesterov momentum and weight decay): FP32 (the float "
         "model, BatchNorm training) and W4A4 QAT (the `qat` command's model: PTQ start with MSE calibration, image "
         "input 8-bit, `algorithms.qat.attach`). *Before*: the plain fake-quant formulas (one autograd op per "
-        "elementwise step, the code of commit eca52cd, kept as `TrainableQuantizer.fused = False`); *after*: the "
-        "fused quantizer `quant.qat._FakeQuant`. FP32 and QAT steps alternate in one process; each ratio is a QAT "
-        "step over the mean of the FP32 steps beside it, median (and quartiles) over "
+        "elementwise step: the code of cebb983, the parent of 4acd58e, kept as `TrainableQuantizer.fused = False`); "
+        "*after*: the fused quantizer `quant.qat._FakeQuant`. FP32 and QAT steps alternate in one process; each "
+        "ratio is a QAT step over the mean of the FP32 steps beside it, median (and quartiles) over "
         f"{args.rounds} rounds. Step times are medians in ms. Goal (issue 19): QAT <= 1.3x FP32.\n\n"
         + table(["threads", "QAT method", "FP32 ms", "QAT before ms", "QAT after ms", "QAT / FP32 before",
                  "QAT / FP32 after", "<= 1.3x"], rows)

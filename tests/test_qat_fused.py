@@ -1,5 +1,5 @@
 """The fused fake-quantizer of QAT (``quant.qat._FakeQuant``) against a frozen copy of the plain formulas it
-replaced (``TrainableQuantizer.forward`` / ``code`` at commit eca52cd): every method and level set, per tensor and
+replaced (``TrainableQuantizer.forward`` / ``code`` at cebb983): every method and level set, per tensor and
 per channel, with a zero point, at the rounding ties of the range ends, without gradients, after an in-place op
 on the output, and through SGD steps of a small QAT model.
 
@@ -27,7 +27,7 @@ EXACT = dict(rtol=0.0, atol=0.0)
 GRAD_X = dict(rtol=2.5e-7, atol=0.0)
 
 
-# -- the plain formulas, frozen (commit eca52cd, quant/qat.py) --------------------------------------------
+# -- the plain formulas, frozen (cebb983, quant/qat.py) --------------------------------------------
 
 class _OldEWGSRound(torch.autograd.Function):
     @staticmethod
