@@ -45,7 +45,13 @@ def _common(cmd, data, out, *extra):
 # ----------------------------------------------------------------------------- targets
 
 def test_presets_and_target_files(tmp_path):
-    assert set(TARGETS) == {"cpu-int8", "vta", "mcu-int8", "mcu-w4", "fp16-gpu"}
+    assert set(TARGETS) == {"cpu-int8", "cpu-int8-vnni", "cpu-int8-avx2", "vta", "mcu-int8", "mcu-w4", "fp16-gpu"}
+    from edgeslim.cpu import int8_weights_saturate
+
+    # the CPU targets choose the weight grid onnxruntime computes exactly and fast there; devices keep 8 bits
+    assert TARGETS["cpu-int8"].ptq_config().weight_range == ("reduced" if int8_weights_saturate() else "full")
+    assert TARGETS["cpu-int8-avx2"].ptq_config().weight_range == "reduced"
+    assert {TARGETS[t].ptq_config().weight_range for t in ("cpu-int8-vnni", "vta", "mcu-int8", "mcu-w4")} == {"full"}
     assert TARGETS["mcu-w4"].packed_weights and not TARGETS["mcu-int8"].packed_weights
     assert TARGETS["vta"].ptq_config().scale == "pow2" and TARGETS["cpu-int8"].ptq_config().scale == "float"
     f = tmp_path / "npu.json"
@@ -53,6 +59,9 @@ def test_presets_and_target_files(tmp_path):
     assert load_target(str(f)) == Target("npu", int_ops=("conv", "relu"), scale="pow2")
     f.write_text(json.dumps({"name": "npu", "int_ops": ["warp"]}))
     with pytest.raises(EdgeslimError, match="unknown op kind"):
+        load_target(str(f))
+    f.write_text(json.dumps({"name": "npu", "weight_range": "7bit"}))
+    with pytest.raises(EdgeslimError, match="weight_range"):
         load_target(str(f))
     with pytest.raises(EdgeslimError, match="unknown target"):
         load_target("tpu-v9")

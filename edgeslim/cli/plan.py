@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--formats", default="onnx", help=FINAL_FORMATS_HELP)
     p.add_argument("--max-ram-kb", type=float, help="mcu targets: RAM budget in KiB, the tensor arena TFLM allocates "
                    "for the int8 .tflite (needs the tflite extra)")
-    p.add_argument("--target", default="cpu-int8", help="cpu-int8 | vta | mcu-int8 | mcu-w4 | fp16-gpu | a target JSON")
+    p.add_argument("--target", default="cpu-int8", help="cpu-int8 (this CPU) | cpu-int8-vnni | cpu-int8-avx2 | vta | mcu-int8 | mcu-w4 | fp16-gpu | a target JSON")
     p.add_argument("--lowbit-method", default="brecq", help="learned rounding of the sub-8-bit roads: brecq | adaround")
     p.add_argument("--lowbit-iters", type=int, default=300, help="its iterations per unit")
     p.add_argument("--holdout-size", type=int, default=1000, help="training images kept out of fine-tuning that "
