@@ -20,16 +20,18 @@ Mapping (schema ``tensorflow/lite/schema/schema.fbs``; kernels ``tensorflow/lite
   Transpose -> TRANSPOSE, Slice -> STRIDED_SLICE, nearest Resize -> RESIZE_NEAREST_NEIGHBOR, QLinearRelu -> RELU / RELU6,
   LUT leaky ReLU -> LEAKY_RELU, any other LUT (SiLU, sigmoid, hard-swish, tanh, ...) -> its 256-entry int8
   table as CAST + ADD (int32) + GATHER: the same table the engine and the simulation use, integer, exact
-  in every TFLite runtime; a softmax (a float op in the IntGraph) is DEQUANTIZE + float SOFTMAX (+ QUANTIZE
-  where an integer op reads it), listed in ``float_ops``;
+  in every TFLite runtime; scalar-index Gather -> GATHER (int8 or float);
+* float islands (softmax, PReLU, ``FloatIsland`` ONNX graphs, FP32 layers of a mixed plan) -> DEQUANTIZE, their
+  float32 builtins (ONNX node by ONNX node), QUANTIZE where the IntGraph quantizes again; named in
+  ``float_nodes`` (``float_ops``: the float builtins);
 * fused activations: an IntGraph clamp equal to TFLite's fused RELU / RELU6 range is fused; any other clamp
   becomes MAXIMUM / MINIMUM with an int8 constant;
 * float input / output (QUANTIZE at the input, DEQUANTIZE at outputs) by default, ``io="int8"`` for int8.
 
 Activations below 8 bits live in int8 tensors with their narrower range kept by clamps (fused activations,
 MAXIMUM / MINIMUM, or the table). Refused with one ``EdgeslimError`` naming the fix: activations wider than 8 bits,
-weights wider than 8 bits or with non-zero zero points, grouped (non-depthwise) convolutions, float islands other
-than softmax and other ops TFLite has no int8 builtin for here (Gather, ConvTranspose, FP16 nodes).
+weights wider than 8 bits or with non-zero zero points, grouped (non-depthwise) convolutions, FP16 nodes, and ops
+with no (float) builtin here (ConvTranspose, ONNX ops outside ``_onnx_float``'s list).
 """
 
 from __future__ import annotations
