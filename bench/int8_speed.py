@@ -29,7 +29,7 @@ from edgeslim.eval import ort as ort_eval
 from edgeslim.eval.fidelity import fidelity, headline_db
 
 from ._report import table, write_section
-from .peers import ort_quantize_static
+from .peers import nncf_quantize, ort_quantize_static
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -101,13 +101,20 @@ def _models(shared: Path, tmp: Path, wanted: list[str]):
 
 
 VARIANTS = {"edgeslim": "edgeslim INT8", "edgeslim-full": "edgeslim, 8-bit grid (uint8 containers)",
-            "ort": "ORT INT8", "ort-rr": "ORT INT8 reduce_range"}
+            "ort": "ORT INT8", "ort-rr": "ORT INT8 reduce_range", "nncf": "NNCF INT8"}
+
+
+def nncf_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nncf") is not None
 
 
 def variants(saturating: bool) -> list[str]:
     """The INT8 files compared: on CPUs whose int8 kernels saturate (AVX2, no VNNI) also the full 8-bit grid and
-    onnxruntime's ``reduce_range`` (its advice for such CPUs)."""
-    return list(VARIANTS) if saturating else ["edgeslim", "ort"]
+    onnxruntime's ``reduce_range`` (its advice for such CPUs); NNCF (preset performance) where it installs."""
+    keys = list(VARIANTS)[:4] if saturating else ["edgeslim", "ort"]
+    return keys + (["nncf"] if nncf_installed() else [])
 
 
 def _top1(shared: Path, paths: dict[str, Path]) -> dict[str, str]:
@@ -147,6 +154,12 @@ def measure(name: str, path: Path, x: np.ndarray, task: str, tmp: Path, shared: 
         if not peer.ok:
             print(f"{name}: quantize_static {kw} failed: {peer.error}", flush=True)
             del paths[key]
+    if nncf_installed():
+        paths["nncf"] = tmp / f"{path.stem}_nncf.onnx"
+        peer = nncf_quantize(path, calib, paths["nncf"])
+        if not peer.ok:
+            print(f"{name}: NNCF failed: {peer.error}", flush=True)
+            del paths["nncf"]
     if task == "detect":
         acc = _detector_accuracy(shared, name, paths, 1 if fixed else 8)
     elif task == "classify":
@@ -198,6 +211,11 @@ def main() -> None:
                 "here, which cannot saturate (fast and exact); the 8-bit grid is exact here only in uint8 containers "
                 "(slower). onnxruntime's `quantize_static` writes int8 weights that saturate here unless "
                 "`reduce_range=True` (its advice for such CPUs). " if saturating else "")
+    if nncf_installed():
+        import nncf
+
+        cpu_note += (f"NNCF {nncf.__version__}: `nncf.quantize` with its ONNX backend, preset performance (symmetric "
+                     "weights and activations), fast bias correction, the same calibration inputs. ")
     body = (("## INT8 speed on a CPU without VNNI (AVX2 only): edgeslim vs onnxruntime `quantize_static`\n\n"
              if saturating else
              "## INT8 speed: edgeslim vs onnxruntime `quantize_static`, one thread and all threads, batch 1 and 8\n\n")
