@@ -1,7 +1,8 @@
 """The ``sensitivity`` and ``mixed`` jobs: per-layer sweeps, group tables and the budgeted search, into one folder.
 
 One job per verb for every task (``tasks.Classify``: top-1 on labelled images; ``tasks.Fidelity``: label-free,
-the worst output's SQNR against the FP32 model): the task gives the data roles and the scores.
+the worst output's SQNR against the FP32 model; ``tasks.Detect``: mAP@0.5:0.95, ``mixed`` only so far): the task
+gives the data roles and the scores.
 
 Data roles (so the search never tunes on the inputs it reports): calibration inputs come from
 ``--calib-data`` (seeded; class-balanced when labelled); a *held-out* subset scores the sweeps and the search. By
@@ -40,14 +41,15 @@ from .report.mixed_html import write_mixed_report, write_sensitivity_report
 from .tasks import Split, Task, finite
 
 
-def calibrated(model: nn.Module, info: ModelInfo, data: Split, config: PTQConfig) -> fx.GraphModule:
+def calibrated(model: nn.Module, info: ModelInfo, data: Split, config: PTQConfig,
+               batch_size: int = 128) -> fx.GraphModule:
     per_plan = [a for a in config.algorithms if a != "cle"]
     if per_plan:  # they depend on the plan: the search re-freezes hundreds of plans from one calibration
         raise EdgeslimError(f"--algorithm {','.join(per_plan)} runs on one plan, not inside the search: search "
                             "without it, then `edgeslim quantize --plan plan.json --algorithm ...`")
     gm = ptq.prepare(model, info.input_shape, config)
     x = torch.from_numpy(data.calib)
-    bs = 1 if mp.fixed_batch(model) else 128
+    bs = 1 if mp.fixed_batch(model) else batch_size
     ptq.calibrate(gm, lambda: (x[i:i + bs] for i in range(0, len(x), bs)), progress=True, total=-(-len(x) // bs))
     return ptq.freeze(gm, config)
 
@@ -55,7 +57,7 @@ def calibrated(model: nn.Module, info: ModelInfo, data: Split, config: PTQConfig
 def _start(model, info, task: Task, config, holdout_size, holdout_from) -> tuple[Split, fx.GraphModule]:
     """Split the data and calibrate once (the common start of both jobs)."""
     data = task.split(config, holdout_size, holdout_from)
-    return data, calibrated(model, info, data, config)
+    return data, calibrated(model, info, data, config, task.calib_batch_size)
 
 
 SCORERS = ("onnxruntime", "pytorch")
@@ -211,9 +213,10 @@ def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, 
             ptq.apply_plan(gm, config, None)
             uniform_path = bench.export(gm, "model_uniform.onnx")
             fixed_batch = mp.fixed_batch(model)
-            lat = {}  # model -> (ms b1, ratio b1, ms b64, ratio b64); batch 64 only where the model takes it
+            lat = {}  # model -> (ms b1, ratio b1, ms b64, ratio b64); batch 64 where the model takes it and asked
             for key, path in (("uniform", uniform_path), ("mixed", mixed_path)):
-                lat[key] = bench.latency(path, 1) + ((None, None) if fixed_batch else bench.latency(path, 64))
+                big = not fixed_batch and 64 in measure.latency_batches
+                lat[key] = bench.latency(path, 1) + (bench.latency(path, 64) if big else (None, None))
             sim_idx = simulation_subset(data.eval_idx, measure.simulation_images, config.seed)
             sim = task.score_torch(gm, config, {"uniform": None, "mixed": chosen.plan}, model, sim_idx)
             onnx = task.score_onnx({"fp32": bench.fp32, "uniform": uniform_path, "mixed": mixed_path},

@@ -1,5 +1,5 @@
 """``edgeslim mixed``: search per-layer precisions under a quality / size / latency budget, for every task
-(``jobs_mixed.run_mixed``; detectors: ``jobs_detect.run_detect_mixed``); ``--formats tflite`` via ``deploy``."""
+(``jobs_mixed.run_mixed``); ``--formats tflite`` via ``deploy``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .common import detect_data, high_precision, load_model, ptq_config, scoring
 from .deploy import deploying
 from .lines import fmt_score
 
-__all__ = ["HELP", "add_arguments", "run", "budget", "print_mixed_summary", "print_detect_mixed"]
+__all__ = ["HELP", "add_arguments", "run", "budget", "print_mixed_summary"]
 
 HELP = "search per-layer precisions under an accuracy / size / latency budget"
 
@@ -55,22 +55,23 @@ def _mixed(args) -> int:
     model, info = load_model(args)
     kind = task_name(args, info)
     limits = budget(args, kind)
-    if kind == "detect":
+    measure = MeasureOptions(threads=args.threads, batch_size=args.batch_size,
+                             simulation_images=simulate_size(args, 1000))
+    if kind == "detect":  # detector images are large: small batches, batch-1 latency, a small simulation subset
         from ..detect_task import DetectOptions
-        from ..jobs_detect import run_detect_mixed
+        from ..tasks import Detect
 
         calib, test, info = detect_data(args, info)
         opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
                              batch_size=min(args.batch_size, 16), threads=args.threads)
-        s = run_detect_mixed(model, info, calib, test, config, Path(args.out), budget=limits, high=high, opts=opts)
-        print_detect_mixed(s, args.out)
-        return 0
-    task = scoring_task(args, model, info)
+        task = Detect(calib, test, opts, info=info)
+        measure = MeasureOptions(threads=args.threads, batch_size=opts.batch_size, latency_batches=(1,),
+                                 simulation_images=simulate_size(args, 16))
+    else:
+        task = scoring_task(args, model, info)
     s = run_mixed(model, info, task, config, Path(args.out), budget=limits, high=high,
-                  holdout_size=args.holdout_size, holdout_from=args.holdout_from,
-                  measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size,
-                                         simulation_images=simulate_size(args, 1000)), score_with=args.score_with,
-                  on_step=_step_printer(task.metric_key))
+                  holdout_size=args.holdout_size, holdout_from=args.holdout_from, measure=measure,
+                  score_with=args.score_with, on_step=_step_printer(task.metric_key))
     print_mixed_summary(s, Path(args.out))
     return 0
 
@@ -86,15 +87,6 @@ def _step_printer(key: str):
         tqdm.write(f"  {c.label[:34]:<36}{fmt_score(c.score, key):>10}{c.size_bytes / 1024:>9.1f} KiB"
                    f"  {'kept' if c.accepted else 'not kept'}")
     return show
-
-
-def print_detect_mixed(s: dict, out) -> None:
-    """FP32 / uniform / mixed mAP, the layers kept high, and whether the budget was met."""
-    print(f"\nmAP@0.5:0.95 FP32 {s['fp32']['map50_95']:.4f}, all {s['low']} {s['uniform']['map50_95']:.4f}, mixed "
-          f"{s['mixed']['map50_95']:.4f} ({len(s['high_precision_layers'])} layers at {s['high']}: "
-          f"{', '.join(s['high_precision_layers']) or 'none'})")
-    print(f"{'met' if s['met'] else 'NOT met'}: {s['reason']} (scored on --data)")
-    print(f"wrote {out}/summary.json, plan.json, model_mixed.onnx")
 
 
 def print_mixed_summary(s: dict, out: Path) -> None:

@@ -2,7 +2,8 @@
 
 The network's outputs are the raw head tensors; decoding and NMS run on the host in numpy for every model variant
 alike (``detect_task``: runners, mAP and confusion-matrix scoring, the files' metadata). The headline metric is
-COCO-style mAP@0.5:0.95 (mAP@0.5, precision / recall / F1 and per-class figures next to it).
+COCO-style mAP@0.5:0.95 (mAP@0.5, precision / recall / F1 and per-class figures next to it); ``mixed`` budgets are
+in its points (``map_metric``: 1.0 = one point), scored on held-out images disjoint from the calibration images.
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from torch import nn
+import torch
+from torch import fx, nn
 
 from .. import api
+from ..algorithms import mixed_precision as mp
+from ..algorithms import ptq
 from ..analysis import AnalyzeOptions, check_requant, overflow_summary
-from ..config import PTQConfig
-from ..data.detection import DetectionDataset
-from ..detect_task import (DetectOptions, calibration_images, check_detector, decoded_files, detector_metadata,
-                           engine_runner, evaluate_models, fit_options, ort_runner, paired_latency, to_model_order,
-                           torch_runner)
+from ..config import MixedPlan, PTQConfig
+from ..data.detection import DetectionDataset, Target
+from ..detect_task import (Decoder, DetectOptions, calibration_images, check_detector, decoded_files, detect,
+                           detector_metadata, engine_runner, evaluate_models, fit_options, ort_runner, paired_latency,
+                           scores, to_model_order, torch_runner)
+from ..errors import EdgeslimError
+from ..eval import ort as ort_eval
 from ..models import ModelInfo
-from .base import Deployed
+from .base import Deployed, Split, check_source
 
-__all__ = ["Detect", "TFLITE_RANGE_IMAGES"]
+__all__ = ["Detect", "TFLITE_RANGE_IMAGES", "map_metric"]
 
 # calibration images whose raw head outputs set the int8 range of the .tflite's heads (the engine runs them: about
 # 3 s per yolov5n image at 640 on one core)
@@ -38,8 +44,10 @@ class Detect:
     name, metric_key, graph_key = "detect", "map50_95", "onnx_int8_graph"
     tflite_range_inputs = TFLITE_RANGE_IMAGES
 
-    def __init__(self, calib: DetectionDataset, test: DetectionDataset, opts: DetectOptions = DetectOptions()) -> None:
-        self.calib, self.test, self.opts = calib, test, opts
+    def __init__(self, calib: DetectionDataset, test: DetectionDataset, opts: DetectOptions = DetectOptions(), *,
+                 info: ModelInfo | None = None) -> None:
+        """``info``: the model's (decoder, channel order); needed by ``split`` / ``score_*`` (sensitivity, mixed)."""
+        self.calib, self.test, self.opts, self.info = calib, test, opts, info
 
     @property
     def calib_batch_size(self) -> int:
@@ -121,3 +129,109 @@ class Detect:
         from ..report.detect_html import write_detect_report
 
         write_detect_report(summary, list(info.class_names), path)
+
+    # ------------------------------------------------------------------ sensitivity / mixed
+
+    def _model_info(self) -> ModelInfo:
+        if self.info is None:
+            raise ValueError("Detect(..., info=model_info) is needed to score plans")
+        return self.info
+
+    def split(self, config: PTQConfig, holdout_size: int, holdout_from: str = "calib") -> Split:
+        """Seeded: ``calib_size`` calibration images (those ``quantize`` uses), and held-out images disjoint from them
+        (the rest of ``--calib-data``, or of ``--data`` with ``holdout_from="data"``, whose other images then give
+        the final numbers); the metric is mAP@0.5:0.95 of the held-out images."""
+        check_source(holdout_size, holdout_from)
+        info = self._model_info()
+        decoder = check_detector(info, self.test)
+        n_cal = len(self.calib)
+        cal = (np.arange(n_cal) if config.calib_size >= n_cal else
+               np.sort(np.random.default_rng(config.seed).choice(n_cal, config.calib_size, replace=False)))
+        src = self.calib if holdout_from == "calib" else self.test
+        rest = np.setdiff1d(np.arange(n_cal), cal) if holdout_from == "calib" else np.arange(len(self.test))
+        spare = 1 if holdout_from == "data" else 0  # --data keeps at least one image to report on
+        if len(rest) < 1 + spare:
+            what = ("--calib-data holds no images beyond the --calib-size used for calibration"
+                    if holdout_from == "calib" else "--data has too few images")
+            raise EdgeslimError(f"{what} for a held-out subset: add images, lower --calib-size, or use "
+                                "--holdout-from data")
+        size = min(holdout_size, len(rest) - spare)
+        hold = np.sort(np.random.default_rng(config.seed + 1).choice(rest, size, replace=False))
+        eval_idx = (np.arange(len(self.test)) if holdout_from == "calib"
+                    else np.setdiff1d(np.arange(len(self.test)), hold))
+        x_cal = np.concatenate([x for x, _ in _batches(self.calib, cal, self.opts.batch_size, info)])
+        held = list(_batches(src, hold, self.opts.batch_size, info))
+        targets = [t for _, tg in held for t in tg]
+        metric = map_metric(targets, decoder, self.opts, max(self.test.num_classes, 1))
+        return Split(x_cal, torch.from_numpy(np.concatenate([x for x, _ in held])), metric, eval_idx, holdout_from)
+
+    def _score(self, runs: dict, indices: np.ndarray | None, desc: str | None = None) -> dict[str, float]:
+        """mAP@0.5:0.95 of each ``runs[k](x) -> raw head outputs`` on the test images ``indices`` (None: all)."""
+        info = self._model_info()
+        decoder = check_detector(info, self.test)
+        idx = np.arange(len(self.test)) if indices is None else np.asarray(indices)
+        dets: dict[str, list[np.ndarray]] = {k: [] for k in runs}
+        targets: list[Target] = []
+        for x, tg in _batches(self.test, idx, self.opts.batch_size, info):
+            targets += tg
+            for k, run in runs.items():
+                dets[k] += detect(run(x), decoder, self.opts)
+        return {k: scores(v, targets, max(self.test.num_classes, 1), self.opts)["map50_95"] for k, v in dets.items()}
+
+    def score_onnx(self, paths: dict[str, Path], desc: str, indices: np.ndarray | None = None) -> dict[str, float]:
+        """mAP@0.5:0.95 of each ONNX file on the test images, in onnxruntime."""
+        runs = {}
+        for k, p in paths.items():
+            sess = ort_eval.session(p, threads=0)
+            name = sess.get_inputs()[0].name
+            runs[k] = (lambda s, n: lambda x: _run_fixed(s, n, x))(sess, name)
+        return self._score(runs, indices, desc)
+
+    def score_torch(self, gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
+                    indices: np.ndarray | None = None) -> dict[str, float]:
+        """mAP@0.5:0.95 of the FP32 model and of the fake-quant model under each plan, in PyTorch."""
+        step = 1 if mp.fixed_batch(model) else self.opts.batch_size  # batch-1 reshapes: one image at a time
+
+        def under(plan: MixedPlan | None):
+            def run(x: np.ndarray) -> list[np.ndarray]:
+                ptq.apply_plan(gm, config, plan)
+                ptq.set_mode(gm, "quant")
+                with torch.no_grad():
+                    return [t.numpy() for t in mp.outputs_of(gm, torch.from_numpy(x), step)]
+            return run
+
+        fp32 = torch_runner(model)
+        runs = {"fp32": lambda x: [np.concatenate(o) for o in zip(*(fp32(x[i:i + step])
+                                                                    for i in range(0, len(x), step)))],
+                **{k: under(p) for k, p in plans.items()}}
+        return self._score(runs, indices)
+
+
+def _run_fixed(sess, name: str, x: np.ndarray) -> list[np.ndarray]:
+    """One onnxruntime session on a batch (image by image for a file whose batch dimension is fixed at 1)."""
+    shape = sess.get_inputs()[0].shape
+    if shape and shape[0] == 1 and len(x) > 1:
+        outs = [sess.run(None, {name: x[i:i + 1]}) for i in range(len(x))]
+        return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    return sess.run(None, {name: x})
+
+
+def _batches(ds: DetectionDataset, idx: np.ndarray, batch_size: int, info: ModelInfo):
+    """``(x in the model's channel order, targets)`` of the images ``idx`` of ``ds``, ``batch_size`` at a time."""
+    for a in range(0, len(idx), batch_size):
+        items = [ds[int(i)] for i in idx[a:a + batch_size]]
+        yield to_model_order(np.stack([it[0] for it in items]), info), [it[1] for it in items]
+
+
+def map_metric(targets: list[Target], decoder: Decoder, opts: DetectOptions, num_classes: int,
+               batch_size: int = 16) -> mp.Metric:
+    """mAP@0.5:0.95 of the raw head outputs of images with these ``targets`` (decoded and NMS'd ``batch_size``
+    images at a time); budgets in points (1.0 = one point of mAP)."""
+    def value(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+        n = len(outputs[0])
+        dets: list[np.ndarray] = []
+        for a in range(0, n, batch_size):
+            dets += detect([o[a:a + batch_size].numpy() for o in outputs], decoder, opts)
+        return scores(dets, targets, num_classes, opts)["map50_95"]
+
+    return mp.Metric("mAP@0.5:0.95", "points", 100.0, value)
