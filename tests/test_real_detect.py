@@ -47,3 +47,20 @@ def test_fastestdet_state_dict_and_onnx_file_agree(tmp_path):
     assert b["fp32"]["map50_95"] == pytest.approx(a["fp32"]["map50_95"], abs=2e-3)
     for s in (a, b):
         assert s["onnx_int8"]["map50"] > s["fp32"]["map50"] - 0.03
+
+
+def test_detect_task_scores_files_as_quantize_reports_them(tmp_path):
+    """``tasks.Detect.score_onnx`` (what ``mixed --task detect`` verifies its plans with) gives the mAP the
+    ``quantize`` summary reports for the same files (``detect_task.evaluate_models``), on real detections."""
+    from edgeslim.tasks import Detect
+
+    model, info = build_model("fastestdet", SHARED / "models" / "fastestdet" / "fastestdet_coco_ap05-0.2532.pth")
+    size = info.input_shape[1]
+    calib = open_detection(COCO128, "train2017", imgsz=size)
+    test = open_detection(COCO128, "val2017", imgsz=size).subset(48, 0)
+    opts = DetectOptions(latency_rounds=3, simulation_images=8)
+    s = run_quantize(model, info, Detect(calib, test, opts), PTQConfig(calib_size=32), tmp_path)
+    got = Detect(calib, test, opts, info=info).score_onnx(
+        {"fp32": tmp_path / "model_fp32.onnx", "int8": tmp_path / "model_int8.onnx"}, "scoring")
+    assert s["onnx_int8"]["map50_95"] > 0.1  # real detections, not an empty match
+    assert got == {"fp32": s["onnx_fp32"]["map50_95"], "int8": s["onnx_int8"]["map50_95"]}
