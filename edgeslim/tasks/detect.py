@@ -46,7 +46,7 @@ class Detect:
 
     def __init__(self, calib: DetectionDataset, test: DetectionDataset, opts: DetectOptions = DetectOptions(), *,
                  info: ModelInfo | None = None) -> None:
-        """``info``: the model's (decoder, channel order); needed by ``split`` / ``score_*`` (sensitivity, mixed)."""
+        """``info``: the model's (decoder, channel order); needed by ``split`` / ``score_*`` (``mixed``)."""
         self.calib, self.test, self.opts, self.info = calib, test, opts, info
 
     @property
