@@ -1,10 +1,13 @@
-"""The integer graph: the contract between lowering, the ONNX exporter and (later) the integer engine.
+"""The integer graph and its op vocabulary: the contract between lowering, the importers, the integer engine
+and the exporters.
 
-Plain dataclasses holding numpy arrays; no torch. Node ``op`` names follow ONNX / onnxruntime
-(QuantizeLinear, QLinearConv, QLinearAdd, QLinearMul, QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool,
-QGemm, QLinearRelu, MaxPool, Slice, Pad, Flatten, Reshape, Transpose, Gather, Resize, DequantizeLinear) and
-their semantics, plus ``LUT``: an elementwise activation on codes (``arrays['table']``, one output code per input
-code from ``qmin``; ``attrs['fn']`` names the function), which the exporter writes as ONNX Gather on the codes:
+Plain dataclasses holding numpy arrays; no torch. ``OP_CATEGORIES`` is the one list of node ops and what kind
+of computation each is. Node ``op`` names follow ONNX / onnxruntime (QuantizeLinear, QLinearConv,
+QLinearConvTranspose, QLinearAdd, QLinearMul, QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool, QGemm,
+QLinearRelu, MaxPool, Slice, Pad, Flatten, Reshape, Transpose, Gather, Resize, DequantizeLinear, and the float ops
+of mixed precision) and their semantics, plus ``LUT``: an elementwise activation on codes (``arrays['table']``, one
+output code per input code from ``qmin``; ``attrs['fn']`` names the function), which the ONNX exporter writes as
+DequantizeLinear -> the function -> QuantizeLinear, or as a Gather on the codes (``activations="table"``):
 
 * tensors between nodes are integer codes with a ``QParams`` (scale, zero point, bits, signedness);
 * a requantizing node (``QLinear*``, ``QGemm``) maps its int32 accumulator to the output codes with
@@ -26,9 +29,86 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-ACTIVATION_OPS = ("Silu", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh", "Gelu", "Mish", "Elu")
-FLOAT_OPS = ("Conv", "Gemm", "Add", "Mul", "Concat", "Relu", "Clip", "GlobalAveragePool", "ReduceMean", "AveragePool",
-             "Cast", "Softmax", "FloatIsland", *ACTIVATION_OPS)
+__all__ = ["OP_CATEGORIES", "CATEGORIES", "ops_in", "DATA_MOVEMENT", "ACTIVATION_OPS", "FLOAT_OPS", "LUT_ACTIVATIONS",
+           "QParams", "IntNode", "IntGraph"]
+
+# Every IntGraph op and its category, one flat table (as ``graph.ops`` names fx nodes). The engine
+# (``engine.run`` / ``engine.float_ops``), the ONNX exporter (``export.onnx_qdq.EMITTERS``) and the tests read it:
+# an op is added here first. Categories:
+# * ``boundary``: float <-> codes (QuantizeLinear, DequantizeLinear);
+# * ``weighted``: integer weights, an int32 accumulator requantized to the output codes (or dequantized:
+#   ``float_output``);
+# * ``requantizing``: integer elementwise / pooling ops whose output has its own ``QParams``;
+# * ``table``: ``LUT``, an activation on codes (one output code per input code);
+# * ``data_movement``: ops whose output values are input values; on codes they keep the input's ``QParams``, on a
+#   float tensor of a mixed-precision graph they run in float;
+# * ``float``: the float form of an integer op (mixed precision), ``Cast`` to / from FP16 and ``Softmax``;
+# * ``float_activation``: a float elementwise activation (ONNX op names; ``LUT_ACTIVATIONS``);
+# * ``float_island``: any other op, kept as a serialized ONNX model (``arrays['onnx']``).
+OP_CATEGORIES: dict[str, str] = {
+    "QuantizeLinear": "boundary",
+    "DequantizeLinear": "boundary",
+    "QLinearConv": "weighted",
+    "QLinearConvTranspose": "weighted",
+    "QGemm": "weighted",
+    "QLinearAdd": "requantizing",
+    "QLinearMul": "requantizing",
+    "QLinearConcat": "requantizing",
+    "QLinearRelu": "requantizing",
+    "QLinearGlobalAveragePool": "requantizing",
+    "QLinearAveragePool": "requantizing",
+    "LUT": "table",
+    "MaxPool": "data_movement",
+    "Slice": "data_movement",
+    "Pad": "data_movement",
+    "Flatten": "data_movement",
+    "Identity": "data_movement",
+    "Reshape": "data_movement",
+    "Transpose": "data_movement",
+    "Gather": "data_movement",
+    "Resize": "data_movement",
+    "Conv": "float",
+    "Gemm": "float",
+    "Add": "float",
+    "Mul": "float",
+    "Concat": "float",
+    "Relu": "float",
+    "Clip": "float",
+    "GlobalAveragePool": "float",
+    "ReduceMean": "float",
+    "AveragePool": "float",
+    "Cast": "float",
+    "Softmax": "float",
+    "Silu": "float_activation",
+    "Sigmoid": "float_activation",
+    "HardSwish": "float_activation",
+    "HardSigmoid": "float_activation",
+    "LeakyRelu": "float_activation",
+    "Tanh": "float_activation",
+    "Gelu": "float_activation",
+    "Mish": "float_activation",
+    "Elu": "float_activation",
+    "FloatIsland": "float_island",
+}
+CATEGORIES = ("boundary", "weighted", "requantizing", "table", "data_movement", "float", "float_activation",
+              "float_island")
+
+
+def ops_in(*categories: str) -> tuple[str, ...]:
+    """The ops of the given categories, in table order."""
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"unknown op categories {unknown}: use {CATEGORIES}")
+    return tuple(op for op, c in OP_CATEGORIES.items() if c in categories)
+
+
+DATA_MOVEMENT = ops_in("data_movement")
+ACTIVATION_OPS = ops_in("float_activation")
+FLOAT_OPS = ops_in("float", "float_activation", "float_island")  # ops that compute in float (not data movement)
+# a LUT's ``attrs['fn']`` -> the float activation op computing the same function (``graph.ops.LUT_FUNCTIONS`` names)
+LUT_ACTIVATIONS: dict[str, str] = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwish",
+                                   "hardsigmoid": "HardSigmoid", "leaky_relu": "LeakyRelu", "tanh": "Tanh",
+                                   "gelu": "Gelu", "mish": "Mish", "elu": "Elu"}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Walks the fx graph once. Every ``ActQuant`` closes one node: a QuantizeLinear when its input is float,
 or the requantizing op that produced its input (conv, linear, add, cat, pooling, ReLU with fusion off).
-Pass-through ops become data movement that shares its input's ``QParams``.
+Pass-through ops become data movement that shares its input's ``QParams``, through the tables ``PASS_MODULES`` /
+``PASS_FUNCTIONS`` / ``PASS_METHODS`` (keyed as ``graph.ops`` keys kinds); every node written is an op of
+``intgraph.OP_CATEGORIES``.
 
 Mixed precision: an op runs as an integer kernel only when its inputs, its weights and its output
 quantizer are all integer. Otherwise it becomes a float node (ONNX op name: ``Conv``, ``Gemm``, ``Add``,
@@ -14,6 +16,7 @@ Float tensors are the names absent from ``IntGraph.qparams``; ``IntGraph.float16
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,10 +26,12 @@ from torch import fx, nn
 from .errors import EdgeslimError
 from .graph import ops
 from .graph.island import node_to_onnx
-from .intgraph import IntGraph, IntNode, QParams
+from .intgraph import LUT_ACTIVATIONS, IntGraph, IntNode, QParams
 from .quant.fixed_point import multiplier_arrays
 from .quant import primitives as P
 from .quant.modules import ActQuant, QuantConv2d, QuantLinear
+
+__all__ = ["lower", "qparams_of", "PASS_MODULES", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_OPS"]
 
 
 def qparams_of(q: ActQuant) -> QParams:
@@ -202,7 +207,7 @@ def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: 
                 ("ReduceMean", {"axes": [2, 3], "keepdims": 0})
     elif k == "lut":
         fn, params = ops.lut_name(gm, src)
-        node = IntNode(ACTIVATION_OPS[fn], src.name, ins[:1], [src.name], params)
+        node = IntNode(LUT_ACTIVATIONS[fn], src.name, ins[:1], [src.name], params)
     elif k == "softmax":
         node = IntNode("Softmax", src.name, ins[:1], [src.name], {"axis": ops.softmax_axis(gm, src)})
     else:
@@ -224,10 +229,6 @@ def _island(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: set[str]
     fn = type(ops.module(gm, src)).__name__ if src.op == "call_module" else _describe(src)
     return IntNode("FloatIsland", out, [a.name for a in inputs], [out], {"fn": fn, "node": src.name},
                    {"onnx": np.frombuffer(model, np.uint8)})
-
-
-ACTIVATION_OPS = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid",
-                  "leaky_relu": "LeakyRelu", "tanh": "Tanh", "gelu": "Gelu", "mish": "Mish", "elu": "Elu"}
 
 
 def _lut_table(gm: fx.GraphModule, src: fx.Node, in_q: QParams, qmod: ActQuant) -> np.ndarray:
@@ -378,55 +379,133 @@ def _lower_pass_on_codes(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_n
     else:  # data movement on a float tensor (mixed precision): same op, float values
         float_names.add(node.name)  # FP16 values stay exact through data movement, which runs in FP32
     mod = ops.module(gm, node)
-    in_shape, out_shape = args[0].meta["shape"], node.meta["shape"]
-    if isinstance(mod, (nn.Identity, nn.Dropout)) or node.target is F.dropout:
-        g.nodes.append(IntNode("Identity", node.name, [src], [node.name]))
-    elif isinstance(mod, nn.MaxPool2d) or node.target is F.max_pool2d:
-        p = mod if mod is not None else None
-        k = _pair(p.kernel_size if p else node.args[1])
-        s = _pair((p.stride if p else node.kwargs.get("stride", node.args[2] if len(node.args) > 2 else None)) or k)
-        pad = _pair(p.padding if p else node.kwargs.get("padding", 0))
-        if (p.dilation if p else 1) not in (1, (1, 1)) or (p and p.ceil_mode):
-            raise EdgeslimError(f"max pool {node.name}: dilation / ceil_mode is not exportable yet")
-        g.nodes.append(IntNode("MaxPool", node.name, [src], [node.name],
-                               {"kernel_shape": k, "strides": s, "pads": pad * 2}))
-    elif ops.is_split(node):
-        return  # emits nothing: each getitem of it becomes a Slice of the split's input
-    elif node.target is operator.getitem and ops.is_split(args[0]):
-        piece = args[0]
-        g.nodes.append(IntNode("Slice", node.name, [ops.tensor_args(piece)[0].name], [node.name],
-                               _split_piece(piece, node.args[1])))
-    elif node.target is operator.getitem and any(isinstance(i, int) for i in _as_tuple(node.args[1])):
-        g.nodes.append(IntNode("Gather", node.name, [src], [node.name], _gather_attrs(node.args[1], node)))
-    elif node.target is torch.select:
-        g.nodes.append(IntNode("Gather", node.name, [src], [node.name], {"axis": node.args[1], "index": node.args[2]}))
-    elif node.target is operator.getitem:
-        g.nodes.append(IntNode("Slice", node.name, [src], [node.name], _slice_attrs(node.args[1], in_shape)))
-    elif isinstance(mod, nn.Upsample) or node.target is F.interpolate:
-        g.nodes.append(IntNode("Resize", node.name, [src], [node.name], _nearest_attrs(node, mod, in_shape, out_shape)))
-    elif node.target in ("permute", "transpose", torch.permute, torch.transpose):
-        g.nodes.append(IntNode("Transpose", node.name, [src], [node.name], {"perm": _perm(node, len(in_shape))}))
-    elif node.target == "contiguous":
-        g.nodes.append(IntNode("Identity", node.name, [src], [node.name]))
-    elif node.target in ("view", "reshape", torch.reshape, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze,
-                         "flatten", torch.flatten) or isinstance(mod, nn.Flatten):
-        if len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == int(np.prod(in_shape[1:])):
-            g.nodes.append(IntNode("Flatten", node.name, [src], [node.name], {"axis": 1}))
-            return
-        g.nodes.append(IntNode("Reshape", node.name, [src], [node.name], {"shape": _reshape_to(gm, node, in_shape, out_shape)}))
-    elif node.target is F.pad:
-        pad = list(node.args[1])
-        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
-        if mode != "constant" or value not in (0, 0.0, None):
-            raise EdgeslimError(f"pad {node.name}: only zero padding is exportable")
-        nd = len(in_shape)
-        begins, ends = [0] * nd, [0] * nd
-        for i in range(len(pad) // 2):
-            begins[nd - 1 - i], ends[nd - 1 - i] = pad[2 * i], pad[2 * i + 1]
-        g.nodes.append(IntNode("Pad", node.name, [src], [node.name], {"pads": begins + ends}))
-    else:
+    lowering = _pass_lowering(node, mod)
+    if lowering is None:
         raise EdgeslimError(f"operation {_describe(node)} ({node.name}) is not exportable yet")
+    int_node = lowering(gm, node, mod, src, args[0].meta["shape"], node.meta["shape"])
+    if int_node is not None:
+        g.nodes.append(int_node)
+
+
+def _pass_lowering(node: fx.Node, mod: nn.Module | None):
+    """The lowering of a data-movement node, looked up as ``graph.ops.kind`` looks up its kind."""
+    if mod is not None:
+        return PASS_MODULES.get(type(mod))
+    if node.op == "call_function":
+        return PASS_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return PASS_METHODS.get(node.target)
+    return None
+
+
+def _pass_identity(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    return IntNode("Identity", node.name, [src], [node.name])
+
+
+def _pass_max_pool(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    p = mod if mod is not None else None
+    k = _pair(p.kernel_size if p else node.args[1])
+    s = _pair((p.stride if p else node.kwargs.get("stride", node.args[2] if len(node.args) > 2 else None)) or k)
+    pad = _pair(p.padding if p else node.kwargs.get("padding", 0))
+    if (p.dilation if p else 1) not in (1, (1, 1)) or (p and p.ceil_mode):
+        raise EdgeslimError(f"max pool {node.name}: dilation / ceil_mode is not exportable yet")
+    return IntNode("MaxPool", node.name, [src], [node.name], {"kernel_shape": k, "strides": s, "pads": pad * 2})
+
+
+def _pass_split(gm, node, mod, src, in_shape, out_shape) -> None:
+    return None  # emits nothing: each getitem of it becomes a Slice of the split's input
+
+
+def _pass_getitem(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    piece = ops.tensor_args(node)[0]
+    if ops.is_split(piece):
+        return IntNode("Slice", node.name, [ops.tensor_args(piece)[0].name], [node.name],
+                       _split_piece(piece, node.args[1]))
+    if any(isinstance(i, int) for i in _as_tuple(node.args[1])):
+        return IntNode("Gather", node.name, [src], [node.name], _gather_attrs(node.args[1], node))
+    return IntNode("Slice", node.name, [src], [node.name], _slice_attrs(node.args[1], in_shape))
+
+
+def _pass_select(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    return IntNode("Gather", node.name, [src], [node.name], {"axis": node.args[1], "index": node.args[2]})
+
+
+def _pass_resize(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    return IntNode("Resize", node.name, [src], [node.name], _nearest_attrs(node, mod, in_shape, out_shape))
+
+
+def _pass_transpose(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    return IntNode("Transpose", node.name, [src], [node.name], {"perm": _perm(node, len(in_shape))})
+
+
+def _pass_reshape(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    if len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == int(np.prod(in_shape[1:])):
+        return IntNode("Flatten", node.name, [src], [node.name], {"axis": 1})
+    return IntNode("Reshape", node.name, [src], [node.name], {"shape": _reshape_to(gm, node, in_shape, out_shape)})
+
+
+def _pass_pad(gm, node, mod, src, in_shape, out_shape) -> IntNode:
+    pad = list(node.args[1])
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+    if mode != "constant" or value not in (0, 0.0, None):
+        raise EdgeslimError(f"pad {node.name}: only zero padding is exportable")
+    nd = len(in_shape)
+    begins, ends = [0] * nd, [0] * nd
+    for i in range(len(pad) // 2):
+        begins[nd - 1 - i], ends[nd - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    return IntNode("Pad", node.name, [src], [node.name], {"pads": begins + ends})
+
+
+# Data movement (``graph.ops`` kind ``pass``) on codes, keyed as ``graph.ops`` keys kinds: module type, function,
+# method name -> the lowering that writes its IntGraph node. A ``pass`` node missing here runs as a float island.
+PASS_MODULES: dict[type, Callable] = {
+    nn.Identity: _pass_identity,
+    nn.Dropout: _pass_identity,
+    nn.MaxPool2d: _pass_max_pool,
+    nn.Upsample: _pass_resize,
+    nn.Flatten: _pass_reshape,
+}
+PASS_FUNCTIONS: dict[object, Callable] = {
+    F.dropout: _pass_identity,
+    F.max_pool2d: _pass_max_pool,
+    torch.split: _pass_split,
+    torch.chunk: _pass_split,
+    operator.getitem: _pass_getitem,
+    torch.select: _pass_select,
+    F.interpolate: _pass_resize,
+    torch.permute: _pass_transpose,
+    torch.transpose: _pass_transpose,
+    torch.reshape: _pass_reshape,
+    torch.squeeze: _pass_reshape,
+    torch.unsqueeze: _pass_reshape,
+    torch.flatten: _pass_reshape,
+    F.pad: _pass_pad,
+}
+PASS_METHODS: dict[str, Callable] = {
+    "contiguous": _pass_identity,
+    "split": _pass_split,
+    "chunk": _pass_split,
+    "permute": _pass_transpose,
+    "transpose": _pass_transpose,
+    "view": _pass_reshape,
+    "reshape": _pass_reshape,
+    "squeeze": _pass_reshape,
+    "unsqueeze": _pass_reshape,
+    "flatten": _pass_reshape,
+}
+# the IntGraph ops each lowering above can write (all ``data_movement`` in ``intgraph.OP_CATEGORIES``)
+PASS_OPS: dict[Callable, tuple[str, ...]] = {
+    _pass_identity: ("Identity",),
+    _pass_max_pool: ("MaxPool",),
+    _pass_split: (),
+    _pass_getitem: ("Slice", "Gather"),
+    _pass_select: ("Gather",),
+    _pass_resize: ("Resize",),
+    _pass_transpose: ("Transpose",),
+    _pass_reshape: ("Flatten", "Reshape"),
+    _pass_pad: ("Pad",),
+}
 
 
 def _reshape_to(gm: fx.GraphModule, node: fx.Node, in_shape, out_shape) -> list[int]:

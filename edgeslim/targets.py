@@ -29,11 +29,17 @@ from torch import fx
 from .config import WEIGHT_RANGES, MixedPlan, PTQConfig
 from .errors import EdgeslimError
 from .graph import ops
+from .intgraph import LUT_ACTIVATIONS
 
+__all__ = ["Target", "TARGETS", "OP_KINDS", "GRAPH_KINDS", "COMMON_INT8", "CPU_INT_OPS", "op_kind", "load_target"]
+
+# ``graph.ops.kind`` -> the kind a target lists; ``conv`` is split into conv / depthwise and ``lut`` into its
+# activation (``intgraph.LUT_ACTIVATIONS`` names) by ``op_kind``
+GRAPH_KINDS: dict[str, str] = {"conv": "conv", "linear": "linear", "add": "add", "mul": "mul", "cat": "concat",
+                               "act": "relu", "avgpool": "avgpool", "softmax": "softmax"}
 # the operation kinds a target can list (``graph.ops.kind`` names, with activations and pooling split by name)
 OP_KINDS = ("conv", "depthwise", "conv_transpose", "linear", "add", "mul", "concat", "relu", "avgpool", "maxpool",
-            "resize", "silu", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu", "tanh", "gelu", "mish", "elu",
-            "softmax")
+            "resize", *LUT_ACTIVATIONS, "softmax")
 COMMON_INT8 = ("conv", "depthwise", "linear", "add", "mul", "concat", "relu", "avgpool", "maxpool", "resize")
 
 
@@ -129,27 +135,16 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         conv = getattr(mod, "conv", mod)
         groups = getattr(conv, "groups", 1)
         return "depthwise" if groups > 1 and groups == getattr(conv, "in_channels", 0) else "conv"
-    if k == "linear":
-        return "linear"
-    if k in ("add", "mul"):
-        return k
-    if k == "cat":
-        return "concat"
-    if k == "act":
-        return "relu"
-    if k == "avgpool":
-        return "avgpool"
     if k == "lut":
         return ops.lut_name(gm, node)[0]
-    if k == "softmax":
-        return "softmax"
+    if k in GRAPH_KINDS:
+        return GRAPH_KINDS[k]
     if type(mod).__name__ == "ConvTranspose2d":
         return "conv_transpose"
     return None
 
 
-CPU_INT_OPS = (*COMMON_INT8, "silu", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu", "tanh", "gelu", "mish", "elu",
-               "softmax")  # what onnxruntime runs as integer kernels (or exact tables)
+CPU_INT_OPS = (*COMMON_INT8, *LUT_ACTIVATIONS, "softmax")  # what onnxruntime runs as integer kernels (or exact tables)
 TARGETS: dict[str, Target] = {
     "cpu-int8": Target("cpu-int8", int_ops=CPU_INT_OPS, weight_range="auto"),  # onnxruntime on this machine's CPU
     "cpu-int8-vnni": Target("cpu-int8-vnni", int_ops=CPU_INT_OPS),  # onnxruntime on ARM or x86 with VNNI

@@ -8,15 +8,20 @@ onnxruntime (its float32 multiplier ``x_scale * w_scale / y_scale``), ``"fixed"`
 ``m0 * 2**-shift``, ``"shift"`` needs power-of-two multipliers, ``"tflite"`` computes every op as the
 LiteRT / TFLM int8 kernels do (``tflite_run``; run it on ``export.tflite.prepare_graph(g)``).
 ``accumulator_bits`` / ``overflow`` set the conv / GEMM accumulator register; ``stats`` (``OverflowStats``) collects overflow counts.
+
+One kernel per IntGraph op (``intgraph.OP_CATEGORIES``): ``OPS`` here for ops on codes, ``float_ops.OPS`` for
+``intgraph.FLOAT_OPS`` (and ``float_ops.data_movement`` for data movement on a float tensor).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..intgraph import IntGraph, IntNode, QParams
+from ..intgraph import DATA_MOVEMENT, FLOAT_OPS, IntGraph, IntNode, QParams
 from . import float_ops, ops, tflite_run
 from .overflow import OverflowStats
+
+__all__ = ["run", "OPS"]
 
 
 def _clamp(node: IntNode, q: QParams) -> tuple[int, int]:
@@ -112,10 +117,37 @@ def _pad(g, node, env, cfg):
     return ops.Pad(env[node.inputs[0]], node.attrs["pads"], g.qparams[node.inputs[0]].zero_point)
 
 
+def _conv_transpose(g, node, env, cfg):
+    """QLinearConvTranspose (exact 32-bit accumulator; the overflow stats observer does not see it)."""
+    a, at = node.arrays, node.attrs
+    in_q = g.qparams[node.inputs[0]]
+    y, _ = ops.QLinearConvTranspose(env[node.inputs[0]], in_q.zero_point, a["w"], a["w_zero_point"], a.get("bias"),
+                                    strides=at["strides"], pads=at["pads"], dilations=at["dilations"],
+                                    group=at["group"], output_padding=at.get("output_padding", (0, 0)),
+                                    requant=cfg["requant"], accumulator_bits=cfg["accumulator_bits"],
+                                    overflow=cfg["overflow"], **_weighted_kwargs(g, node, cfg["requant"]))
+    return y
+
+
+def _resize(g, node, env, cfg):
+    """Nearest Resize of codes; the batch axis is kept (``sizes[0]`` is the batch of the exported model)."""
+    x, at = env[node.inputs[0]], node.attrs
+    sizes = at.get("sizes")
+    if sizes is not None:
+        sizes = [x.shape[0], *list(sizes)[1:]]
+    y = ops.Resize(x, scales=at.get("scales"), sizes=sizes,
+                   coordinate_transformation_mode=at.get("coordinate_transformation_mode", "half_pixel"),
+                   nearest_mode=at.get("nearest_mode", "round_prefer_floor"))
+    if at.get("clamp") is not None:  # an integer Clip folded onto it
+        y = np.clip(y, *_clamp(node, g.qparams[node.outputs[0]]))
+    return y
+
+
 OPS = {
     "QuantizeLinear": _quantize,
     "DequantizeLinear": _dequantize,
     "QLinearConv": _conv,
+    "QLinearConvTranspose": _conv_transpose,
     "QGemm": _gemm,
     "QLinearAdd": _add,
     "QLinearMul": _mul,
@@ -136,18 +168,17 @@ OPS = {
     "Reshape": lambda g, n, env, cfg: ops.Reshape(env[n.inputs[0]], n.attrs["shape"]),
     "Transpose": lambda g, n, env, cfg: ops.Transpose(env[n.inputs[0]], n.attrs["perm"]),
     "Gather": lambda g, n, env, cfg: ops.Gather(env[n.inputs[0]], n.attrs["axis"], n.attrs["index"]),
+    "Resize": _resize,
     "LUT": lambda g, n, env, cfg: np.clip(ops.LUT(env[n.inputs[0]], n.arrays["table"], g.qparams[n.inputs[0]].qmin),
                                           *_clamp(n, g.qparams[n.outputs[0]])),
 }
 
 
-DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity", "Reshape", "Transpose", "Gather", "Resize")
-
-
 def _kernel(g: IntGraph, node: IntNode):
-    """The integer kernel, or the float one for a float island of a mixed-precision graph."""
-    if node.op in float_ops.OPS:
-        return float_ops.OPS[node.op]
+    """The integer kernel, or the float one for a float island of a mixed-precision graph (``intgraph.FLOAT_OPS``,
+    and data movement whose output is a float tensor)."""
+    if node.op in FLOAT_OPS:
+        return float_ops.OPS.get(node.op)
     if node.op in DATA_MOVEMENT and node.outputs[0] not in g.qparams:
         return float_ops.data_movement
     return OPS.get(node.op)
@@ -189,33 +220,3 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
     if keep is None:
         return {}
     return {name: np.concatenate(chunks[name]) for name in keep if name != g.input_name or return_codes}
-
-
-def _conv_transpose(g, node, env, cfg):
-    """QLinearConvTranspose (exact 32-bit accumulator; the overflow stats observer does not see it)."""
-    a, at = node.arrays, node.attrs
-    in_q = g.qparams[node.inputs[0]]
-    y, _ = ops.QLinearConvTranspose(env[node.inputs[0]], in_q.zero_point, a["w"], a["w_zero_point"], a.get("bias"),
-                                    strides=at["strides"], pads=at["pads"], dilations=at["dilations"],
-                                    group=at["group"], output_padding=at.get("output_padding", (0, 0)),
-                                    requant=cfg["requant"], accumulator_bits=cfg["accumulator_bits"],
-                                    overflow=cfg["overflow"], **_weighted_kwargs(g, node, cfg["requant"]))
-    return y
-
-
-def _resize(g, node, env, cfg):
-    """Nearest Resize of codes; the batch axis is kept (``sizes[0]`` is the batch of the exported model)."""
-    x, at = env[node.inputs[0]], node.attrs
-    sizes = at.get("sizes")
-    if sizes is not None:
-        sizes = [x.shape[0], *list(sizes)[1:]]
-    y = ops.Resize(x, scales=at.get("scales"), sizes=sizes,
-                   coordinate_transformation_mode=at.get("coordinate_transformation_mode", "half_pixel"),
-                   nearest_mode=at.get("nearest_mode", "round_prefer_floor"))
-    if at.get("clamp") is not None:  # an integer Clip folded onto it
-        y = np.clip(y, *_clamp(node, g.qparams[node.outputs[0]]))
-    return y
-
-
-OPS["QLinearConvTranspose"] = _conv_transpose
-OPS["Resize"] = _resize

@@ -19,6 +19,8 @@ What onnxruntime (1.18+, CPU) fuses, and therefore what we write (see ``bench/pr
 * activation ranges narrower than the uint8 container (bits < 8, or a fused ReLU whose zero point is
   not the range minimum) are enforced with an integer ``Clip`` between ``Q`` and the next ``DQ``.
 Activations wider than 8 bits use uint16 / int16 Q/DQ (opset 21); onnxruntime runs those in float.
+One writer per IntGraph op (``EMITTERS``, keyed by the op names of ``intgraph.OP_CATEGORIES``); ``NOT_EXPORTABLE``
+names the ops without one and why.
 
 Weight container (``weight_type``): 8-bit weights are stored as int8 (``u8s8``: the fast path on ARM and on x86
 with VNNI) or as uint8 codes q + 128 with zero point z + 128 (``u8u8``, the same real values). On x86 CPUs with
@@ -32,6 +34,7 @@ way to get the fast kernel exactly (BENCHMARKS.md measures both).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +43,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..cpu import int8_weights_saturate
 from ..io.atomic import atomic_write_bytes
-from ..intgraph import ACTIVATION_OPS, FLOAT_OPS, IntGraph, IntNode, QParams
+from ..intgraph import ACTIVATION_OPS, DATA_MOVEMENT, LUT_ACTIVATIONS, IntGraph, IntNode, QParams
+
+__all__ = ["to_onnx", "save_onnx", "set_io_names", "set_metadata", "depth_multiplier", "EMITTERS", "NOT_EXPORTABLE",
+           "ACTIVATION_EXPORTS", "WEIGHT_TYPES", "OPSET_8BIT", "OPSET_WIDE", "SATURATION_SAFE", "host_weight_type",
+           "weight_container", "weight_containers", "resolve_weight_type", "exact_on_host"]
 
 OPSET_8BIT, OPSET_WIDE = 17, 21
 WEIGHT_TYPES = ("auto", "int8", "uint8")
@@ -245,41 +252,64 @@ class _Writer:
         self.q(y, node.outputs[0], node.attrs.get("clamp"))
 
 
-def _emit_float(w: _Writer, node: IntNode) -> None:
-    """A float node of a mixed-precision graph: integer / FP16 inputs are brought to FP32 first."""
+def _float_inputs(w: _Writer, node: IntNode) -> list[str]:
+    """A float node of a mixed-precision graph reads FP32: integer / FP16 inputs are brought to FP32 first."""
+    return [w.as_float(i) for i in node.inputs]
+
+
+def _emit_float_weighted(w: _Writer, node: IntNode) -> None:
+    """Float Conv / Gemm: FP16 / FP32 weights, or integer weights dequantized (weight-only quantization)."""
     op, a, out = node.op, node.attrs, node.outputs[0]
-    ins = [w.as_float(i) for i in node.inputs]
-    if op in ("Conv", "Gemm"):
-        arr = node.arrays
-        weight = w.float_const(f"{node.name}_w", arr["w_float"]) if "w_float" in arr else w.weight_dq(node)
-        bias = w.bias_dq(node, node.inputs[0]) if "bias" in arr else (
-            w.float_const(f"{node.name}_b", arr["b_float"]) if "b_float" in arr else None)
-        args = [ins[0], weight] + ([bias] if bias else [])
-        act = a.get("act")
-        y = w.fresh(f"{node.name}_pre") if act else out
-        if op == "Conv":
-            w.nodes.append(helper.make_node("Conv", args, [y], strides=a["strides"], pads=a["pads"],
-                                            dilations=a["dilations"], group=a["group"],
-                                            kernel_shape=list((arr.get("w_float", arr.get("w"))).shape[2:])))
-        else:
-            w.nodes.append(helper.make_node("Gemm", args, [y], transB=1))
-        if act == "relu":
-            w.nodes.append(helper.make_node("Relu", [y], [out]))
-        elif act == "relu6":
-            w.nodes.append(helper.make_node("Clip", [y, w.const("six_lo", np.array(0.0, np.float32)),
-                                                     w.const("six_hi", np.array(6.0, np.float32))], [out]))
-    elif op == "Clip":
-        w.nodes.append(helper.make_node("Clip", [ins[0], w.const(f"{out}_lo", np.array(a["min"], np.float32)),
-                                                 w.const(f"{out}_hi", np.array(a["max"], np.float32))], [out]))
-    elif op in ACTIVATION_OPS:
-        _emit_activation(w, op, ins[0], out, a)
-    elif op == "FloatIsland":
-        _emit_island(w, node, ins)
-    elif op == "Cast":  # to FP16, or back to FP32 for a model output (as_float already widened it)
-        w.nodes.append(helper.make_node("Cast", ins, [out], to=TensorProto.FLOAT16) if a["to"] == "float16"
-                       else helper.make_node("Identity", ins, [out]))
-    else:  # Add, Concat, Relu, GlobalAveragePool, ReduceMean, AveragePool: attributes as stored
-        w.nodes.append(helper.make_node(op, ins, [out], **a))
+    ins = _float_inputs(w, node)
+    arr = node.arrays
+    weight = w.float_const(f"{node.name}_w", arr["w_float"]) if "w_float" in arr else w.weight_dq(node)
+    bias = w.bias_dq(node, node.inputs[0]) if "bias" in arr else (
+        w.float_const(f"{node.name}_b", arr["b_float"]) if "b_float" in arr else None)
+    args = [ins[0], weight] + ([bias] if bias else [])
+    act = a.get("act")
+    y = w.fresh(f"{node.name}_pre") if act else out
+    if op == "Conv":
+        w.nodes.append(helper.make_node("Conv", args, [y], strides=a["strides"], pads=a["pads"],
+                                        dilations=a["dilations"], group=a["group"],
+                                        kernel_shape=list((arr.get("w_float", arr.get("w"))).shape[2:])))
+    else:
+        w.nodes.append(helper.make_node("Gemm", args, [y], transB=1))
+    if act == "relu":
+        w.nodes.append(helper.make_node("Relu", [y], [out]))
+    elif act == "relu6":
+        w.nodes.append(helper.make_node("Clip", [y, w.const("six_lo", np.array(0.0, np.float32)),
+                                                 w.const("six_hi", np.array(6.0, np.float32))], [out]))
+
+
+def _emit_float_clip(w: _Writer, node: IntNode) -> None:
+    a, out = node.attrs, node.outputs[0]
+    ins = _float_inputs(w, node)
+    w.nodes.append(helper.make_node("Clip", [ins[0], w.const(f"{out}_lo", np.array(a["min"], np.float32)),
+                                             w.const(f"{out}_hi", np.array(a["max"], np.float32))], [out]))
+
+
+def _emit_float_activation(w: _Writer, node: IntNode) -> None:
+    ins = _float_inputs(w, node)
+    _emit_activation(w, node.op, ins[0], node.outputs[0], node.attrs)
+
+
+def _emit_float_island(w: _Writer, node: IntNode) -> None:
+    _emit_island(w, node, _float_inputs(w, node))
+
+
+def _emit_cast(w: _Writer, node: IntNode) -> None:
+    """To FP16, or back to FP32 for a model output (``as_float`` already widened it)."""
+    ins = _float_inputs(w, node)
+    out = node.outputs[0]
+    w.nodes.append(helper.make_node("Cast", ins, [out], to=TensorProto.FLOAT16) if node.attrs["to"] == "float16"
+                   else helper.make_node("Identity", ins, [out]))
+
+
+def _emit_float_as_stored(w: _Writer, node: IntNode) -> None:
+    """Add, Mul, Concat, Relu, GlobalAveragePool, ReduceMean, AveragePool, Softmax: the ONNX op, attributes as
+    stored."""
+    ins = _float_inputs(w, node)
+    w.nodes.append(helper.make_node(node.op, ins, [node.outputs[0]], **node.attrs))
 
 
 def _emit_island(w: _Writer, node: IntNode, ins: list[str]) -> None:
@@ -352,7 +382,7 @@ def _emit_lut(w: _Writer, node: IntNode) -> None:
     if qx.bits > 8 or qy.bits > 8 or w.activations == "float":  # (no 65536-entry tables) DQ -> f -> Q
         y = w.fresh(f"{out}_f")
         gated = "gate_scale" in node.attrs
-        _emit_activation(w, ACTIVATION_OF_LUT[node.attrs["fn"]], w.dq(x), y, node.attrs,
+        _emit_activation(w, LUT_ACTIVATIONS[node.attrs["fn"]], w.dq(x), y, node.attrs,
                          x_again=w.dq(x) if gated else None)
         w.q(y, out, node.attrs.get("clamp"))
         return
@@ -366,10 +396,6 @@ def _emit_lut(w: _Writer, node: IntNode) -> None:
     w.nodes.append(helper.make_node("Gather", [w.const(f"{out}_table", table), idx], [out], axis=0))
 
 
-ACTIVATION_OF_LUT = {"silu": "Silu", "sigmoid": "Sigmoid", "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid",
-                     "leaky_relu": "LeakyRelu", "tanh": "Tanh", "gelu": "Gelu", "mish": "Mish", "elu": "Elu"}
-
-
 def depth_multiplier(node: IntNode) -> int:
     """m of a depthwise conv with several outputs per input channel (groups = input channels, ``m * C`` outputs),
     else 1. onnxruntime runs QLinearConv with m > 1 as a generic grouped conv, about 30x slower than its depthwise
@@ -379,56 +405,61 @@ def depth_multiplier(node: IntNode) -> int:
     return out_channels // group if group > 1 and in_per_group == 1 and out_channels > group else 1
 
 
-def _emit(w: _Writer, node: IntNode) -> None:
-    op, a = node.op, node.attrs
-    out = node.outputs[0]
-    if op in FLOAT_OPS:  # float data movement (and FP32 aliases, Identity) goes through _emit_data_movement
-        _emit_float(w, node)
-        return
-    if op == "QuantizeLinear":
-        w.q(w.as_float(node.inputs[0]), out, a.get("clamp"))
-    elif op == "QLinearConv":
-        group, multiplier = a["group"], depth_multiplier(node)
-        if multiplier > 1:  # onnxruntime's fast int8 depthwise kernel needs one output per input channel
-            x = w.dq(node.inputs[0], codes=w.repeat_channels(node.inputs[0], group, multiplier))
-            group = node.arrays["w"].shape[0]
-        else:
-            x = w.dq(node.inputs[0])
-        ins = [x, w.weight_dq(node)]
-        b = w.bias_dq(node, node.inputs[0])
-        w.float_op("Conv", ins + ([b] if b else []), node, strides=a["strides"], pads=a["pads"],
-                   dilations=a["dilations"], group=group, kernel_shape=list(node.arrays["w"].shape[2:]))
-    elif op == "QGemm":
-        ins = [w.dq(node.inputs[0]), w.weight_dq(node)]
-        b = w.bias_dq(node, node.inputs[0])
-        w.float_op("Gemm", ins + ([b] if b else []), node, transB=1)
-    elif op == "QLinearAdd":
-        w.float_op("Add", [w.dq(i) for i in node.inputs], node)
-    elif op == "QLinearMul":
-        w.float_op("Mul", [w.dq(i) for i in node.inputs], node)
-    elif op == "QLinearConcat":
-        w.float_op("Concat", [w.dq(i) for i in node.inputs], node, axis=a["axis"])
-    elif op == "QLinearRelu":
-        w.float_op("Relu", [w.dq(node.inputs[0])], node)
-    elif op == "QLinearGlobalAveragePool":
-        if a["keepdims"]:
-            w.float_op("GlobalAveragePool", [w.dq(node.inputs[0])], node)
-        else:
-            w.float_op("ReduceMean", [w.dq(node.inputs[0])], node, axes=[2, 3], keepdims=0)
-    elif op == "QLinearAveragePool":
-        w.float_op("AveragePool", [w.dq(node.inputs[0])], node, kernel_shape=a["kernel_shape"], strides=a["strides"])
-    elif op == "LUT":
-        _emit_lut(w, node)
-    elif op in DATA_MOVEMENT:
-        _emit_data_movement(w, node)
-    elif op == "DequantizeLinear":
-        w.nodes.append(helper.make_node("DequantizeLinear", [node.inputs[0], *w.qparams_inputs(
-            node.inputs[0], w.g.qparams[node.inputs[0]])], [out]))
+def _emit_quantize(w: _Writer, node: IntNode) -> None:
+    w.q(w.as_float(node.inputs[0]), node.outputs[0], node.attrs.get("clamp"))
+
+
+def _emit_dequantize(w: _Writer, node: IntNode) -> None:
+    x = node.inputs[0]
+    w.nodes.append(helper.make_node("DequantizeLinear", [x, *w.qparams_inputs(x, w.g.qparams[x])], [node.outputs[0]]))
+
+
+def _emit_conv(w: _Writer, node: IntNode) -> None:
+    a = node.attrs
+    group, multiplier = a["group"], depth_multiplier(node)
+    if multiplier > 1:  # onnxruntime's fast int8 depthwise kernel needs one output per input channel
+        x = w.dq(node.inputs[0], codes=w.repeat_channels(node.inputs[0], group, multiplier))
+        group = node.arrays["w"].shape[0]
     else:
-        raise ValueError(f"IntGraph op {op} has no ONNX writer")
+        x = w.dq(node.inputs[0])
+    ins = [x, w.weight_dq(node)]
+    b = w.bias_dq(node, node.inputs[0])
+    w.float_op("Conv", ins + ([b] if b else []), node, strides=a["strides"], pads=a["pads"],
+               dilations=a["dilations"], group=group, kernel_shape=list(node.arrays["w"].shape[2:]))
 
 
-DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity", "Reshape", "Transpose", "Gather", "Resize")
+def _emit_gemm(w: _Writer, node: IntNode) -> None:
+    ins = [w.dq(node.inputs[0]), w.weight_dq(node)]
+    b = w.bias_dq(node, node.inputs[0])
+    w.float_op("Gemm", ins + ([b] if b else []), node, transB=1)
+
+
+def _emit_add(w: _Writer, node: IntNode) -> None:
+    w.float_op("Add", [w.dq(i) for i in node.inputs], node)
+
+
+def _emit_mul(w: _Writer, node: IntNode) -> None:
+    w.float_op("Mul", [w.dq(i) for i in node.inputs], node)
+
+
+def _emit_concat(w: _Writer, node: IntNode) -> None:
+    w.float_op("Concat", [w.dq(i) for i in node.inputs], node, axis=node.attrs["axis"])
+
+
+def _emit_relu(w: _Writer, node: IntNode) -> None:
+    w.float_op("Relu", [w.dq(node.inputs[0])], node)
+
+
+def _emit_global_average_pool(w: _Writer, node: IntNode) -> None:
+    if node.attrs["keepdims"]:
+        w.float_op("GlobalAveragePool", [w.dq(node.inputs[0])], node)
+    else:
+        w.float_op("ReduceMean", [w.dq(node.inputs[0])], node, axes=[2, 3], keepdims=0)
+
+
+def _emit_average_pool(w: _Writer, node: IntNode) -> None:
+    w.float_op("AveragePool", [w.dq(node.inputs[0])], node, kernel_shape=node.attrs["kernel_shape"],
+               strides=node.attrs["strides"])
 
 
 def _emit_data_movement(w: _Writer, node: IntNode) -> None:
@@ -466,6 +497,46 @@ def _emit_data_movement(w: _Writer, node: IntNode) -> None:
     w.nodes.append(helper.make_node(op, ins, [dst], **attrs))
     if not (on_codes or is_float):
         w.q(dst, out)
+
+
+# IntGraph op (``intgraph.OP_CATEGORIES``) -> the function writing it, one per op (as ``engine.run.OPS``). Integer
+# ops are written as DequantizeLinear -> the float op -> QuantizeLinear, which onnxruntime fuses into its integer
+# kernels; float ops read FP32 views of their inputs; data movement (on codes, or on a float tensor) has one writer.
+EMITTERS: dict[str, Callable[[_Writer, IntNode], None]] = {
+    "QuantizeLinear": _emit_quantize,
+    "DequantizeLinear": _emit_dequantize,
+    "QLinearConv": _emit_conv,
+    "QGemm": _emit_gemm,
+    "QLinearAdd": _emit_add,
+    "QLinearMul": _emit_mul,
+    "QLinearConcat": _emit_concat,
+    "QLinearRelu": _emit_relu,
+    "QLinearGlobalAveragePool": _emit_global_average_pool,
+    "QLinearAveragePool": _emit_average_pool,
+    "LUT": _emit_lut,
+    **dict.fromkeys(DATA_MOVEMENT, _emit_data_movement),
+    "Conv": _emit_float_weighted,
+    "Gemm": _emit_float_weighted,
+    "Clip": _emit_float_clip,
+    "Cast": _emit_cast,
+    **dict.fromkeys(("Add", "Mul", "Concat", "Relu", "GlobalAveragePool", "ReduceMean", "AveragePool", "Softmax"),
+                    _emit_float_as_stored),
+    **dict.fromkeys(ACTIVATION_OPS, _emit_float_activation),
+    "FloatIsland": _emit_float_island,
+}
+# IntGraph ops with no writer, and why
+NOT_EXPORTABLE: dict[str, str] = {
+    "QLinearConvTranspose": "only read from QDQ files (io.onnx_qdq_import), which already are its ONNX form; "
+                            "lowering keeps transposed convolutions in float (a float island)",
+}
+
+
+def _emit(w: _Writer, node: IntNode) -> None:
+    emitter = EMITTERS.get(node.op)
+    if emitter is None:
+        why = NOT_EXPORTABLE.get(node.op)
+        raise ValueError(f"IntGraph op {node.op} has no ONNX writer" + (f": {why}" if why else ""))
+    emitter(w, node)
 
 
 ACTIVATION_EXPORTS = ("float", "table")

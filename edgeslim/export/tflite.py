@@ -1088,7 +1088,6 @@ class _Exporter:
             raise EdgeslimError(f"float {fn} ({node.name}) has no float TFLite builtin in edgeslim's exporter: "
                                 "use --formats onnx, or open an issue with the model")
 
-DATA_MOVEMENT = ("MaxPool", "Slice", "Pad", "Flatten", "Identity", "Reshape", "Transpose", "Gather", "Resize")
 ACTIVATION_CODES = {"NONE": 0, "RELU": 1, "RELU6": 3}  # schema.fbs ActivationFunctionType
 
 
