@@ -272,6 +272,8 @@ def _agreement_text(e: dict) -> str:
 
 def report(results: dict, args) -> str:
     lines = ["## LiteRT / TFLM export", ""]
+    if args.note:
+        lines += [f"_{args.note}_", ""]
     r = results.get("resnet20")
     if r:
         lat = r["latency"]
@@ -345,8 +347,9 @@ def report(results: dict, args) -> str:
                                  f"{lat['litert_xnnpack_ms']:.1f}", f"{lat['ort_int8_ms']:.1f}",
                                  f"{lat['litert_over_ort']:.2f}x", "yes" if r["same_as_quantize_file"] else "no"])
         if act_rows:
-            notes += ["", "SiLU / sigmoid as int8 tables (`activations=\"table\"`, CAST + ADD + GATHER, the default) "
-                      "or as TFLite's builtins (`\"builtin\"`: LOGISTIC, LOGISTIC + MUL for SiLU), each file written "
+            notes += ["", "SiLU / sigmoid as int8 tables (`activations=\"table\"`, CAST + ADD + GATHER) or as "
+                      "TFLite's builtins (`\"builtin\"`: LOGISTIC, LOGISTIC + MUL for SiLU; the default since this "
+                      "measurement), each file written "
                       "from the run's model_int8.onnx read back (`edgeslim export`'s path; `same file` = equal content "
                       "digest to the one quantize wrote). mAP in LiteRT XNNPACK on the same images; engine (`tflite` "
                       "mode, which computes each choice's own arithmetic) vs runtimes on 2 calibration images (share "
@@ -407,6 +410,7 @@ def main() -> None:
     ap.add_argument("--detectors", default="fastestdet,yolov5n")
     ap.add_argument("--detect-sim", type=int, default=16, help="detect: images the PyTorch simulation scores")
     ap.add_argument("--detect-rounds", type=int, default=30)
+    ap.add_argument("--note", default="", help="a line on the conditions (e.g. other work sharing the cores)")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     args = ap.parse_args()
     shared = Path(args.shared)

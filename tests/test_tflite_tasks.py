@@ -227,22 +227,23 @@ def tiny_silu():
 
 def test_export_reads_back_edgeslims_gated_silu(tmp_path, capsys, tiny_job):
     """SiLU is written to ONNX as DQ -> Sigmoid -> Q -> DQ -> Mul -> Identity -> Q (QLinearSigmoid + QLinearMul in
-    onnxruntime); export reads it back as one silu table per SiLU: the very file quantize --formats tflite wrote
-    (equal content digest, its LiteRT score kept); engine == LiteRT reference == TFLM on the file read back."""
+    onnxruntime); export reads it back as one gated silu per SiLU: the very file quantize --formats tflite wrote
+    (LOGISTIC + MUL by default; equal content digest, its LiteRT score kept), engine == LiteRT reference == TFLM;
+    with activations="table" one GATHER table per SiLU, exact too."""
     (tmp_path / "usermodels.py").write_text(TINY_SILU)
     argv = [a.replace(":tiny", ":tiny_silu") for a in tiny_job]
     run = tmp_path / "run"
     assert main([*argv, "--formats", "tflite"]) == 0
     before = json.loads((run / "summary.json").read_text())["tflite"]
-    assert len(before["lut_as_gather"]) == 2
+    assert before["ops"]["LOGISTIC"] == 2 and not before["lut_as_gather"]
     assert main(["export", str(run), "--format", "tflite"]) == 0
     t = json.loads((run / "summary.json").read_text())["tflite"]
     assert t["content_sha256"] == before["content_sha256"] and t["top1"] == before["top1"]
-    assert [x.split(" ")[1] for x in t["lut_as_gather"]] == ["(silu)", "(silu)"] and not t["float_ops"]
+    assert t["ops"]["LOGISTIC"] == 2 and t["ops"]["MUL"] == 2 and not t["float_ops"]
     _exact(t["engine_vs_runtimes"])
     _file_runs_as_engine((run / "model_int8.tflite").read_bytes(),
                          np.random.default_rng(7).standard_normal((2, 3, 8, 8)).astype(np.float32))
-    # the read-back silu keeps its gate: activations="builtin" writes LOGISTIC + MUL, exact too
+    # activations="table": the read-back silu as one int8 table each
     import onnx
 
     from edgeslim.export.tflite import prepare_graph, to_tflite
@@ -250,9 +251,9 @@ def test_export_reads_back_edgeslims_gated_silu(tmp_path, capsys, tiny_job):
     from edgeslim.io.onnx_qdq_import import import_qdq
     from edgeslim.jobs_export import without_identities
 
-    tg = prepare_graph(import_qdq(without_identities(onnx.load(str(run / "model_int8.onnx")))), activations="builtin")
+    tg = prepare_graph(import_qdq(without_identities(onnx.load(str(run / "model_int8.onnx")))), activations="table")
     fb, info = to_tflite(tg)
-    assert info["ops"]["LOGISTIC"] == 2 and "GATHER" not in info["ops"]
+    assert [x.split(" ")[1] for x in info["lut_as_gather"]] == ["(silu)", "(silu)"] and "LOGISTIC" not in info["ops"]
     _exact(agreement(tg, fb, np.random.default_rng(8).standard_normal((2, 3, 8, 8)).astype(np.float32)))
 
 def test_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
