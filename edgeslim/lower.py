@@ -2,9 +2,10 @@
 
 Walks the fx graph once. Every ``ActQuant`` closes one node: a QuantizeLinear when its input is float,
 or the requantizing op that produced its input (conv, linear, add, cat, pooling, ReLU with fusion off).
-Pass-through ops become data movement that shares its input's ``QParams``, through the tables ``PASS_MODULES`` /
-``PASS_FUNCTIONS`` / ``PASS_METHODS`` (keyed as ``graph.ops`` keys kinds); every node written is an op of
-``intgraph.OP_CATEGORIES``.
+Pass-through ops become data movement that shares its input's ``QParams``. Dispatch is by tables: a node's
+``graph.ops`` kind picks its integer or float lowering (``INTEGER_LOWERINGS`` / ``FLOAT_LOWERINGS``), data
+movement is looked up as ``graph.ops`` looks up kinds (``PASS_MODULES`` / ``PASS_FUNCTIONS`` / ``PASS_METHODS``);
+every node written is an op of ``intgraph.OP_CATEGORIES``.
 
 Mixed precision: an op runs as an integer kernel only when its inputs, its weights and its output
 quantizer are all integer. Otherwise it becomes a float node (ONNX op name: ``Conv``, ``Gemm``, ``Add``,
@@ -31,7 +32,8 @@ from .quant.fixed_point import multiplier_arrays
 from .quant import primitives as P
 from .quant.modules import ActQuant, QuantConv2d, QuantLinear
 
-__all__ = ["lower", "qparams_of", "PASS_MODULES", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_OPS"]
+__all__ = ["lower", "qparams_of", "INTEGER_LOWERINGS", "FLOAT_LOWERINGS", "PASS_MODULES", "PASS_FUNCTIONS",
+           "PASS_METHODS", "PASS_OPS"]
 
 
 def qparams_of(q: ActQuant) -> QParams:
@@ -143,77 +145,144 @@ def _lower_quant(gm: fx.GraphModule, g: IntGraph, node: fx.Node, float_names: se
         src, k = src.args[0], "add"
     g.qparams[node.name] = out_q
     ins = [a.name for a in ops.tensor_args(src)] if src.op != "placeholder" else [src.name]
-    if k == "conv":
-        _lower_weighted(gm, g, src, node, out_q, "QLinearConv")
-    elif k == "linear":
-        _lower_weighted(gm, g, src, node, out_q, "QGemm")
-    elif k == "add":
-        g.nodes.append(IntNode("QLinearAdd", node.name, ins, [node.name], {"clamp": clamp}))
-    elif k == "mul":
-        g.nodes.append(IntNode("QLinearMul", node.name, ins, [node.name], {"clamp": clamp}))
-    elif k == "cat":
-        dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
-        g.nodes.append(IntNode("QLinearConcat", node.name, ins, [node.name], {"axis": dim, "clamp": clamp}))
-    elif k == "act":
-        g.nodes.append(IntNode("QLinearRelu", node.name, ins[:1], [node.name],
-                               {"clamp": _act_clamp(gm, src, out_q)}))
-    elif k == "avgpool":
-        g.nodes.append(_lower_avgpool(gm, src, node, ins[0], g))
-    elif k == "lut":
-        fn, params = ops.lut_name(gm, src)
-        table = _lut_table(gm, src, g.qparams[ins[0]], qmod)
-        g.nodes.append(IntNode("LUT", node.name, ins[:1], [node.name], {"fn": fn, **params, "clamp": clamp},
-                               {"table": table}))
-    else:
+    lowering = INTEGER_LOWERINGS.get(k)
+    if lowering is None:
         raise EdgeslimError(
             f"operation {_describe(src)} ({src.name}) runs in float before a quantizer; the INT8 exporter does "
             "not support float islands yet: open an issue with the model"
         )
+    lowering(gm, g, src, node, qmod, ins, clamp)
+
+
+def _int_conv(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    _lower_weighted(gm, g, src, qnode, g.qparams[qnode.name], "QLinearConv")
+
+
+def _int_linear(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    _lower_weighted(gm, g, src, qnode, g.qparams[qnode.name], "QGemm")
+
+
+def _int_add(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    g.nodes.append(IntNode("QLinearAdd", qnode.name, ins, [qnode.name], {"clamp": clamp}))
+
+
+def _int_mul(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    g.nodes.append(IntNode("QLinearMul", qnode.name, ins, [qnode.name], {"clamp": clamp}))
+
+
+def _int_concat(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
+    g.nodes.append(IntNode("QLinearConcat", qnode.name, ins, [qnode.name], {"axis": dim, "clamp": clamp}))
+
+
+def _int_relu(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    g.nodes.append(IntNode("QLinearRelu", qnode.name, ins[:1], [qnode.name],
+                           {"clamp": _act_clamp(gm, src, g.qparams[qnode.name])}))
+
+
+def _int_avgpool(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    g.nodes.append(_lower_avgpool(gm, src, qnode, ins[0], g))
+
+
+def _int_lut(gm, g, src, qnode, qmod, ins, clamp) -> None:
+    fn, params = ops.lut_name(gm, src)
+    table = _lut_table(gm, src, g.qparams[ins[0]], qmod)
+    g.nodes.append(IntNode("LUT", qnode.name, ins[:1], [qnode.name], {"fn": fn, **params, "clamp": clamp},
+                           {"table": table}))
 
 
 def _lower_float_op(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: set[str]) -> None:
     """Emit ``src`` as a float node producing float tensor ``src.name`` (inputs: integer, FP16 or FP32)."""
-    k = ops.kind(gm, src)
     ins = [a.name for a in ops.tensor_args(src)]
+    lowering = FLOAT_LOWERINGS.get(ops.kind(gm, src))
+    g.nodes.append(lowering(gm, src, ins) if lowering is not None else _island(gm, g, src, float_names))
+    float_names.add(src.name)
+
+
+def _float_weighted(gm, src: fx.Node, ins: list[str], op: str) -> IntNode:
     mod = ops.module(gm, src)
-    if k in ("conv", "linear"):
-        arrays, attrs = _float_weights(mod)
-        attrs["module"] = src.target
-        if k == "conv":
-            attrs.update(_conv_attrs(src, mod), act=mod.act)
-        node = IntNode("Conv" if k == "conv" else "Gemm", src.name, ins[:1], [src.name], attrs, arrays)
-    elif k == "add":
-        node = IntNode("Add", src.name, ins, [src.name])
-    elif k == "mul":
-        node = IntNode("Mul", src.name, ins, [src.name])
-    elif k == "cat":
-        dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
-        node = IntNode("Concat", src.name, ins, [src.name], {"axis": dim})
-    elif k == "act":
-        name = ops.act_name(gm, src)
-        node = IntNode("Relu" if name == "relu" else "Clip", src.name, ins[:1], [src.name],
-                       {} if name == "relu" else {"min": 0.0, "max": 6.0})
-    elif k == "avgpool" and _padded_avgpool(gm, src):  # float: ONNX AveragePool with its pads counted
+    arrays, attrs = _float_weights(mod)
+    attrs["module"] = src.target
+    if op == "Conv":
+        attrs.update(_conv_attrs(src, mod), act=mod.act)
+    return IntNode(op, src.name, ins[:1], [src.name], attrs, arrays)
+
+
+def _float_conv(gm, src, ins) -> IntNode:
+    return _float_weighted(gm, src, ins, "Conv")
+
+
+def _float_linear(gm, src, ins) -> IntNode:
+    return _float_weighted(gm, src, ins, "Gemm")
+
+
+def _float_add(gm, src, ins) -> IntNode:
+    return IntNode("Add", src.name, ins, [src.name])
+
+
+def _float_mul(gm, src, ins) -> IntNode:
+    return IntNode("Mul", src.name, ins, [src.name])
+
+
+def _float_concat(gm, src, ins) -> IntNode:
+    dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
+    return IntNode("Concat", src.name, ins, [src.name], {"axis": dim})
+
+
+def _float_relu(gm, src, ins) -> IntNode:
+    name = ops.act_name(gm, src)
+    return IntNode("Relu" if name == "relu" else "Clip", src.name, ins[:1], [src.name],
+                   {} if name == "relu" else {"min": 0.0, "max": 6.0})
+
+
+def _float_avgpool(gm, src, ins) -> IntNode:
+    if _padded_avgpool(gm, src):  # float: ONNX AveragePool with its pads counted
         mod = ops.module(gm, src)
         ph, pw = _pair(mod.padding)
-        node = IntNode("AveragePool", src.name, ins[:1], [src.name],
+        return IntNode("AveragePool", src.name, ins[:1], [src.name],
                        {"kernel_shape": _pair(mod.kernel_size), "strides": _pair(mod.stride or mod.kernel_size),
                         "pads": [ph, pw, ph, pw], "count_include_pad": 1})
-    elif k == "avgpool":
-        node = _lower_avgpool(gm, src, src, ins[0])
-        node.op = {"QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearAveragePool": "AveragePool"}[node.op]
-        if node.op == "GlobalAveragePool":
-            node.op, node.attrs = ("GlobalAveragePool", {}) if node.attrs["keepdims"] else \
-                ("ReduceMean", {"axes": [2, 3], "keepdims": 0})
-    elif k == "lut":
-        fn, params = ops.lut_name(gm, src)
-        node = IntNode(LUT_ACTIVATIONS[fn], src.name, ins[:1], [src.name], params)
-    elif k == "softmax":
-        node = IntNode("Softmax", src.name, ins[:1], [src.name], {"axis": ops.softmax_axis(gm, src)})
-    else:
-        node = _island(gm, g, src, float_names)
-    g.nodes.append(node)
-    float_names.add(src.name)
+    node = _lower_avgpool(gm, src, src, ins[0])
+    node.op = {"QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearAveragePool": "AveragePool"}[node.op]
+    if node.op == "GlobalAveragePool":
+        node.op, node.attrs = ("GlobalAveragePool", {}) if node.attrs["keepdims"] else \
+            ("ReduceMean", {"axes": [2, 3], "keepdims": 0})
+    return node
+
+
+def _float_lut(gm, src, ins) -> IntNode:
+    fn, params = ops.lut_name(gm, src)
+    return IntNode(LUT_ACTIVATIONS[fn], src.name, ins[:1], [src.name], params)
+
+
+def _float_softmax(gm, src, ins) -> IntNode:
+    return IntNode("Softmax", src.name, ins[:1], [src.name], {"axis": ops.softmax_axis(gm, src)})
+
+
+# ``graph.ops.kind`` -> the lowering of a node of that kind whose output an integer quantizer closes (it appends
+# its IntGraph nodes), and -> the lowering of one that runs in float (it returns the float node; a kind missing
+# here becomes a float island, ``graph.island``)
+INTEGER_LOWERINGS: dict[str, Callable] = {
+    "conv": _int_conv,
+    "linear": _int_linear,
+    "add": _int_add,
+    "mul": _int_mul,
+    "cat": _int_concat,
+    "act": _int_relu,
+    "avgpool": _int_avgpool,
+    "lut": _int_lut,
+}
+FLOAT_LOWERINGS: dict[str, Callable] = {
+    "conv": _float_conv,
+    "linear": _float_linear,
+    "add": _float_add,
+    "mul": _float_mul,
+    "cat": _float_concat,
+    "act": _float_relu,
+    "avgpool": _float_avgpool,
+    "lut": _float_lut,
+    "softmax": _float_softmax,
+}
 
 
 def _island(gm: fx.GraphModule, g: IntGraph, src: fx.Node, float_names: set[str], out: str | None = None) -> IntNode:

@@ -71,6 +71,15 @@ def test_data_movement_lowerings_write_vocabulary_ops():
     assert all(graph_ops.METHOD_KINDS[t] == "pass" for t in lower.PASS_METHODS)
 
 
+def test_kind_lowerings_are_keyed_by_graph_ops_kinds():
+    kinds = {k for table in (graph_ops.MODULE_KINDS, graph_ops.FUNCTION_KINDS, graph_ops.METHOD_KINDS)
+             for k in table.values()}
+    assert set(lower.INTEGER_LOWERINGS) | set(lower.FLOAT_LOWERINGS) <= kinds
+    assert set(lower.FLOAT_LOWERINGS) == set(lower.INTEGER_LOWERINGS) | {"softmax"}  # softmax: float only
+    # every kind a target can keep in float (``Target.plan``) has a float lowering
+    assert set(targets.GRAPH_KINDS) | {"lut"} == set(lower.FLOAT_LOWERINGS)
+
+
 def test_every_op_name_in_the_lowering_is_in_the_vocabulary():
     """Any CamelCase string in lower.py is an IntGraph op it writes: all must be in the vocabulary."""
     tree = ast.parse(Path(lower.__file__).read_text())
