@@ -370,6 +370,9 @@ ISLAND_MODELS = {  # name: (model, mixed-precision plan or None, float output)
     "channel_shuffle": (Shuffle, None, False),
     "fp32_layers_float_out": (Branches, (("b", "fp32"), ("fc", "fp32")), True),
     "fp32_layer_requantized": (Branches, (("c", "fp32"),), False),
+    "fp32_activations": (lambda: Seq(_conv(3, 8, 3, padding=1), nn.Hardsigmoid(), _conv(8, 8, 1), nn.SiLU(),
+                                     _conv(8, 8, 1), nn.Tanh(), _conv(8, 4, 1)),
+                         (("body.1", "fp32"), ("silu_body_3", "fp32"), ("body.5", "fp32")), False),
 }
 
 
@@ -398,6 +401,7 @@ def test_float_islands_run_as_float_builtins(name):
     (a float value a few ulp from a rounding boundary may round the other way; 0 measured here); the integer
     parts are exact."""
     from edgeslim import MixedPlan
+    from edgeslim.export.tflm import resolver_calls
 
     make, rules, float_out = ISLAND_MODELS[name]
     torch.manual_seed(0)
@@ -409,6 +413,7 @@ def test_float_islands_run_as_float_builtins(name):
     tg = prepare_graph(q.intgraph, calib.numpy())
     fb, info = to_tflite(tg)
     assert info["float_nodes"] and info["float_ops"]
+    assert resolver_calls(info["op_codes"])  # every float builtin has its TFLM resolver call
     if rules:
         assert any(n.endswith("(Conv)") for n in info["float_nodes"]) and "CONV_2D" in info["float_ops"]
     x = np.random.default_rng(12).standard_normal((6, 3, 8, 8)).astype(np.float32)

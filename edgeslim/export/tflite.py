@@ -843,7 +843,7 @@ class _Exporter:
                             ("ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": 0}))
 
     def _f_clip(self, node: IntNode, x: int, lo: float, hi: float) -> None:
-        builtin = {(0.0, 6.0): "RELU6", (0.0, np.inf): "RELU", (-1.0, 1.0): "RELU_N1_TO_1", (0.0, 1.0): "RELU_0_TO_1"}
+        builtin = {(0.0, 6.0): "RELU6", (0.0, np.inf): "RELU"}  # (TFLM has no RELU_0_TO_1 / RELU_N1_TO_1)
         code = builtin.get((float(lo), float(hi)))
         if code is not None:
             self._f_elementwise(node, code, [x])
@@ -900,7 +900,7 @@ class _Exporter:
         self._f_elementwise(node, "AVERAGE_POOL_2D", [x], ("Pool2DOptions", {
             "Padding": 1, "StrideW": s[1], "StrideH": s[0], "FilterWidth": k[1], "FilterHeight": k[0]}))
 
-    def _f_activation(self, node: IntNode, fn: str, x: int, attrs: dict) -> None:
+    def _f_activation(self, node: IntNode, fn: str, x: int, attrs: dict, onnx_defaults: bool = False) -> None:
         if fn == "Sigmoid":
             self._f_elementwise(node, "LOGISTIC", [x])
         elif fn == "Tanh":
@@ -913,20 +913,27 @@ class _Exporter:
             self._f_elementwise(node, "ELU", [x])
         elif fn == "Gelu":
             self._f_elementwise(node, "GELU", [x], ("GeluOptions", {"Approximate": attrs.get("approximate") == "tanh"}))
-        elif fn == "Silu" and "gate_scale" not in attrs:  # x * sigmoid(x)
-            sig = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_logistic"), self.m.tensors[x].shape, np.float32))
+        elif fn == "Silu" and ("gate_scale" not in attrs or attrs["gate_bits"] <= 8):  # x * sigmoid(x)
+            shape = self.m.tensors[x].shape
+            sig = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_logistic"), shape, np.float32))
             self.m.add_op("LOGISTIC", [x], [sig])
+            if "gate_scale" in attrs:  # a gated SiLU: the sigmoid quantized to the gate's codes and back
+                gate = gate_qparams(IntNode("LUT", node.name, [], [], attrs))
+                codes = self.act(self.fresh(f"{node.name}_gate"), gate, shape)
+                self.m.add_op("QUANTIZE", [sig], [codes])
+                sig = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_gate_float"), shape, np.float32))
+                self.m.add_op("DEQUANTIZE", [codes], [sig])
             self._f_elementwise(node, "MUL", [x, sig], ("MulOptions", {}))
-        elif fn == "HardSigmoid" and float(attrs.get("alpha", 1 / 6)) == np.float32(1 / 6) or fn == "HardSigmoid" \
-                and "alpha" not in attrs:  # clip(x / 6 + 0.5, 0, 1)
+        elif fn == "HardSigmoid":  # clip(alpha x + beta, 0, 1): torch's 1/6, 1/2; ONNX's defaults 0.2, 0.5
+            alpha = float(attrs.get("alpha", 0.2)) if onnx_defaults else 1 / 6
             shape = self.m.tensors[x].shape
             t = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_scaled"), shape, np.float32))
-            self.m.add_op("MUL", [x, self.m.const(self.fresh(f"{node.name}_sixth"), np.array([1 / 6], np.float32))],
+            self.m.add_op("MUL", [x, self.m.const(self.fresh(f"{node.name}_alpha"), np.array([alpha], np.float32))],
                           [t], ("MulOptions", {}))
             u = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_shifted"), shape, np.float32))
-            self.m.add_op("ADD", [t, self.m.const(self.fresh(f"{node.name}_half"), np.array([0.5], np.float32))],
-                          [u], ("AddOptions", {}))
-            self._f_elementwise(node, "RELU_0_TO_1", [u])
+            beta = np.array([attrs.get("beta", 0.5) if onnx_defaults else 0.5], np.float32)
+            self.m.add_op("ADD", [t, self.m.const(self.fresh(f"{node.name}_beta"), beta)], [u], ("AddOptions", {}))
+            self._f_clip(node, u, 0.0, 1.0)
         else:
             raise EdgeslimError(f"float {fn} ({node.name}) has no float TFLite builtin in edgeslim's exporter: "
                                 "quantize it (no float plan for it) or use --formats onnx")
@@ -1063,7 +1070,7 @@ class _Exporter:
         elif fn in binary and len(node.inputs) == 2:
             self._f_binary(node, binary[fn], operand(0), operand(1))
         elif fn in ("Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Gelu"):
-            self._f_activation(node, fn, operand(0), attrs)
+            self._f_activation(node, fn, operand(0), attrs, onnx_defaults=True)
         elif fn == "Clip":
             lo, hi = const(1), const(2)
             self._f_clip(node, operand(0), -np.inf if lo is None else float(lo), np.inf if hi is None else float(hi))

@@ -29,7 +29,11 @@ RESOLVER = {"CONV_2D": "AddConv2D", "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D", "
             "LOGISTIC": "AddLogistic", "HARD_SWISH": "AddHardSwish", "LEAKY_RELU": "AddLeakyRelu",
             "QUANTIZE": "AddQuantize", "DEQUANTIZE": "AddDequantize", "GATHER": "AddGather", "CAST": "AddCast",
             "MAXIMUM": "AddMaximum", "MINIMUM": "AddMinimum", "RELU": "AddRelu", "RELU6": "AddRelu6",
-            "SOFTMAX": "AddSoftmax"}
+            "SOFTMAX": "AddSoftmax",
+            # float islands' builtins
+            "EXP": "AddExp", "LOG": "AddLog", "SQRT": "AddSqrt", "NEG": "AddNeg", "ABS": "AddAbs", "FLOOR": "AddFloor",
+            "CEIL": "AddCeil", "SIN": "AddSin", "COS": "AddCos", "SUB": "AddSub", "DIV": "AddDiv", "PRELU": "AddPrelu",
+            "TANH": "AddTanh", "ELU": "AddElu", "GELU": "AddGelu", "SUM": "AddSum", "REDUCE_MAX": "AddReduceMax"}
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
