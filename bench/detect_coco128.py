@@ -37,7 +37,7 @@ from edgeslim.detect_task import DetectOptions
 from edgeslim.jobs_detect import run_detect_sensitivity
 from edgeslim.jobs_quantize import run_quantize
 from edgeslim.tasks import Detect
-from edgeslim.jobs_detect_qat import run_detect_qat
+from edgeslim.jobs_qat import run_qat
 from edgeslim.models import as_detector, build_model, model_groups
 from edgeslim.quant.precision import LayerPrecision
 
@@ -100,7 +100,7 @@ def run(groups: list[str], shared: Path, work: Path) -> None:
                 model, info, calib, test, cfg, out, groups=model_groups(model, info), high=LayerPrecision.parse("fp32"),
                 layers=name == "yolov5n", opts=opts)))
         if "qat" in groups and name == "yolov5n":
-            jobs.append((f"qat-{name}", lambda out: run_detect_qat(model, info, calib, test, QAT, cfg, out, opts=opts)))
+            jobs.append((f"qat-{name}", lambda out: run_qat(model, info, Detect(calib, test, opts), QAT, cfg, out)))
         for key, job in jobs:
             if _done(work, key):
                 continue

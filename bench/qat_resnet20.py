@@ -34,6 +34,7 @@ from bench._report import COMMIT, ROOT, table, write_section
 from edgeslim.algorithms.qat import QATConfig
 from edgeslim.config import MixedPlan, PTQConfig
 from edgeslim.jobs_qat import run_qat
+from edgeslim.tasks import Classify
 
 IMAGE_INPUT_8BIT = {"layers": {"conv1": {"w": "int4", "a": "int8"}}}  # the image stays 8-bit, conv1's weights 4-bit
 ENDS_8BIT = {"layers": {"conv1": "int8", "linear": "int8"}}  # first conv and last layer W8A8 (APoT / EWGS practice)
@@ -72,7 +73,7 @@ def run_group(group: str, shared: Path, work: Path) -> None:
         print(f"[{key}]", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         algorithms = BRECQ_START if "-brecq-" in key else ()
-        s = run_qat(model, info, train, test, cfg, PTQConfig(cfg.w_bits, cfg.a_bits, calibrator="mse", seed=cfg.seed,
+        s = run_qat(model, info, Classify(train, test), cfg, PTQConfig(cfg.w_bits, cfg.a_bits, calibrator="mse", seed=cfg.seed,
                                                              algorithms=algorithms, iters=1000),
                     work / key, plan=MixedPlan.from_dict(plan), resume=(work / key / "checkpoint.pt").exists(),
                     val_size=2000 if key.startswith("w2a2") else None)

@@ -67,12 +67,13 @@ def test_resnet20_w4a4_qat_recovers_ptq_loss(tmp_path):
     from edgeslim.algorithms.qat import QATConfig
     from edgeslim.config import MixedPlan
     from edgeslim.jobs_qat import run_qat
+    from edgeslim.tasks import Classify
 
     model, info = build_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
     pre = Preprocess(info.input_shape, info.mean, info.std)
     train = open_dataset(SHARED / "data/cifar10-jpeg-train.zip", pre)
     test = open_dataset(SHARED / "data/cifar10-jpeg-test.zip", pre)
-    s = run_qat(model, info, train, test, QATConfig(4, 4, method="lsq", epochs=None, max_steps=100, kd=True),
+    s = run_qat(model, info, Classify(train, test), QATConfig(4, 4, method="lsq", epochs=None, max_steps=100, kd=True),
                 PTQConfig(4, 4, calibrator="mse"), tmp_path / "qat", train_size=6400, val_size=1000,
                 plan=MixedPlan.from_dict({"layers": {"conv1": {"w": "int4", "a": "int8"}}}))
     assert s["qat"]["top1"] > s["ptq"]["top1"] + 0.03

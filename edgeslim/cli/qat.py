@@ -1,5 +1,5 @@
-"""``edgeslim qat``: quantization-aware training from a calibrated PTQ start, for every task (``jobs_qat``: labels and
-optional distillation; ``jobs_detect_qat``: head distillation, mAP; ``jobs_fidelity_qat``: output distillation, SQNR);
+"""``edgeslim qat``: quantization-aware training from a calibrated PTQ start, one job for every task (``jobs_qat``:
+classify with labels and optional distillation, detect by head distillation, fidelity by output distillation);
 ``--formats tflite`` via ``deploy``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from .args import FINAL_FORMATS_HELP, qat_args
 from .common import fidelity_inputs, load_model, qat_task_name
 from .deploy import deploying
 
-__all__ = ["HELP", "add_arguments", "run", "print_fidelity_qat", "print_detect_qat"]
+__all__ = ["HELP", "add_arguments", "run", "qat_task", "print_classify_qat", "print_fidelity_qat", "print_detect_qat"]
 
 HELP = "quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"
 
@@ -25,8 +25,7 @@ def _qat(args) -> int:
     import torch
 
     from ..algorithms.qat import QATConfig
-    from ..config import PTQConfig
-    from ..data import Preprocess, open_dataset
+    from ..config import MixedPlan, PTQConfig
     from ..jobs_qat import run_qat
     from ..train.dist import Dist
 
@@ -48,23 +47,15 @@ def _qat(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v}: use a positive number of images")
-    from ..config import MixedPlan
-
     plan = MixedPlan.load(args.plan) if args.plan else None
     model, info = load_model(args)
-    task = qat_task_name(args, info)
-    if task == "detect":
-        return _qat_detect(args, model, info, cfg, ptq_config, plan)
-    if task == "fidelity":
-        return _qat_fidelity(args, model, info, cfg, ptq_config, plan)
-    pre = Preprocess(info.input_shape, info.mean, info.std)
-    train = open_dataset(args.train_data, pre, split=args.train_split)
-    test = open_dataset(args.data, pre, split=args.data_split)
-    if args.eval_size:
-        test = test.subset(args.eval_size, args.seed)
+    name = qat_task_name(args, info)
+    if name != "classify" and Dist.from_env().world > 1:
+        raise EdgeslimError(f"qat --task {name} runs in one process: run it without torchrun")
+    task, info = qat_task(args, name, model, info)
     dist = Dist.from_env()
     try:
-        s = run_qat(model, info, train, test, cfg, ptq_config, Path(args.out), resume=args.resume,
+        s = run_qat(model, info, task, cfg, ptq_config, Path(args.out), resume=args.resume,
                     train_size=args.train_size, val_size=args.val_size, plan=plan, dist=dist,
                     checkpoint_every=args.checkpoint_every)
     finally:
@@ -73,29 +64,52 @@ def _qat(args) -> int:
 
             td.destroy_process_group()
     if dist.main:
-        print(f"wrote {args.out}/summary.json, checkpoint.pt, qat_model.pt, encodings.json"
-              + (", model_int8.onnx, model_fp32.onnx" if "top1" in s.get("onnx", {}) else ""))
+        PRINTERS[task.name](s, args.out)
     return 0
 
 
 run = deploying(_qat)
 
 
-def _qat_fidelity(args, model, info, cfg, ptq_config, plan) -> int:
-    from ..jobs_fidelity_qat import run_fidelity_qat
-    from ..train.dist import Dist
+def qat_task(args, name: str, model, info):
+    """The task ``name`` on ``--train-data`` (its calibration / training inputs) and ``--data`` (``--eval-size``
+    applied), and the model's ``ModelInfo`` for it (a detector's decoder and class names)."""
+    if name == "detect":
+        from ..data.detection import open_detection
+        from ..detect_task import DetectOptions
+        from ..models import as_detector
+        from ..tasks import Detect
 
-    if Dist.from_env().world > 1:
-        raise EdgeslimError("qat --task fidelity runs in one process: run it without torchrun")
-    if cfg.method == "ewgs":
-        raise EdgeslimError("qat --task fidelity distils the FP32 model's outputs; EWGS's Hessian estimate needs the "
-                            "classification loss: use --method lsq, ste, dsq or daq")
-    train, test, spec = fidelity_inputs(args, model, info, calib_limit=args.train_size, source="train_data")
-    s = run_fidelity_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
-                         batch_size=min(args.batch_size, 64), resume=args.resume,
-                         checkpoint_every=args.checkpoint_every, spec=spec.to_dict() if spec is not None else None)
-    print_fidelity_qat(s, args.out)
-    return 0
+        size = info.input_shape[1]
+        train = open_detection(args.train_data, args.train_split, imgsz=size)
+        test = open_detection(args.data, args.data_split, imgsz=size)
+        if args.eval_size:
+            test = test.subset(args.eval_size, args.seed)
+        info = as_detector(info, args.decoder, test.names, args.channel_order)
+        return Detect(train, test, DetectOptions(batch_size=min(args.batch_size, 16), threads=args.threads),
+                      info=info), info
+    if name == "fidelity":
+        from ..tasks import Fidelity
+
+        train, test, spec = fidelity_inputs(args, model, info, calib_limit=args.train_size, source="train_data")
+        return Fidelity(train, test, batch_size=min(args.batch_size, 64), spec=spec), info
+    from ..data import Preprocess, open_dataset
+    from ..tasks import Classify
+
+    pre = Preprocess(info.input_shape, info.mean, info.std)
+    train = open_dataset(args.train_data, pre, split=args.train_split)
+    test = open_dataset(args.data, pre, split=args.data_split)
+    if args.eval_size:
+        test = test.subset(args.eval_size, args.seed)
+    return Classify(train, test), info
+
+
+def print_classify_qat(s: dict, out) -> None:
+    """Top-1 of FP32, the PTQ start, QAT and the INT8 file (or why there is none), then the files written."""
+    print(f"FP32 {s['fp32']['top1']:.4f}  PTQ {s['ptq']['top1']:.4f}  QAT {s['qat']['top1']:.4f}"
+          + (f"  ONNX {s['onnx']['top1']:.4f}" if "top1" in s["onnx"] else f"  (not exported: {s['onnx']['reason']})"))
+    print(f"wrote {out}/summary.json, checkpoint.pt, qat_model.pt, encodings.json"
+          + (", model_int8.onnx, model_fp32.onnx" if "top1" in s.get("onnx", {}) else ""))
 
 
 def print_fidelity_qat(s: dict, out) -> None:
@@ -110,28 +124,6 @@ def print_fidelity_qat(s: dict, out) -> None:
         print(f"wrote {out}/summary.json (not exported: {s['onnx_int8']['reason']})")
 
 
-def _qat_detect(args, model, info, cfg, ptq_config, plan) -> int:
-    from ..data.detection import open_detection
-    from ..detect_task import DetectOptions
-    from ..jobs_detect_qat import run_detect_qat
-    from ..models import as_detector
-    from ..train.dist import Dist
-
-    if Dist.from_env().world > 1:
-        raise EdgeslimError("qat --task detect runs in one process: run it without torchrun")
-    size = info.input_shape[1]
-    train = open_detection(args.train_data, args.train_split, imgsz=size)
-    test = open_detection(args.data, args.data_split, imgsz=size)
-    if args.eval_size:
-        test = test.subset(args.eval_size, args.seed)
-    info = as_detector(info, args.decoder, test.names, args.channel_order)
-    s = run_detect_qat(model, info, train, test, cfg, ptq_config, Path(args.out), plan=plan,
-                       train_size=args.train_size, opts=DetectOptions(batch_size=min(args.batch_size, 16), threads=args.threads),
-                       resume=args.resume, checkpoint_every=args.checkpoint_every)
-    print_detect_qat(s, args.out)
-    return 0
-
-
 def print_detect_qat(s: dict, out) -> None:
     """mAP of FP32, the PTQ start, QAT and the INT8 file (where each was scored)."""
     for k in ("fp32", "ptq", "qat", "onnx_int8"):
@@ -139,3 +131,6 @@ def print_detect_qat(s: dict, out) -> None:
             print(f"{k:<10} mAP@.5 {s[k]['map50']:.4f}  mAP@.5:.95 {s[k]['map50_95']:.4f}")
     print(f"wrote {out}/summary.json" + (", model_int8.onnx, model_fp32.onnx" if "map50" in s.get("onnx_int8", {})
                                           else f" (not exported: {s['onnx_int8']['reason']})"))
+
+
+PRINTERS = {"classify": print_classify_qat, "detect": print_detect_qat, "fidelity": print_fidelity_qat}

@@ -16,7 +16,19 @@ and for the ``sensitivity`` and ``mixed`` jobs (``jobs_mixed``):
 * ``split``: which inputs calibrate, which held-out inputs score the sweeps and the search (and with which
   ``Metric``), and which test inputs give the final numbers;
 * ``score_onnx``: the metric of exported ONNX files on the test inputs, in onnxruntime;
-* ``score_torch``: the metric of the PyTorch fake-quant model under several plans on the test inputs.
+* ``score_torch``: the metric of the PyTorch fake-quant model under several plans on the test inputs;
+
+and for the ``qat`` job (``jobs_qat``), whose ``calib`` data are the training inputs:
+
+* ``qat_loss``: the training objective on (student, FP32 teacher) outputs, or None for the labels'
+  cross-entropy (with ``--kd`` distillation), and its one-line description;
+* ``qat_setup``: called first, with the FP32 teacher: the training inputs, the PTQ start's calibration inputs and
+  the summary's fields known before training (``QATSetup``); the task keeps what its scoring needs (the
+  validation subset, the teacher's outputs);
+* ``qat_score``: the score fields of a PyTorch model on the test inputs (``validation``: on the validation
+  subset, after every epoch; the job reads ``metric_key`` from them);
+* ``qat_files``: the scores of the exported FP32 / INT8 ONNX files (under ``qat_file_key``) and whatever else the
+  task reports on them (latency, the export check).
 
 The tasks: ``classify`` (top-1 on labelled images), ``detect`` (mAP of the known decoders) and ``fidelity``
 (label-free: any model, scored by agreement with its FP32 self). Adding a task is one module in this package
@@ -26,6 +38,7 @@ plus its line in ``tasks/__init__.py`` and its branch in the CLI's task builder 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,12 +49,15 @@ from torch import fx, nn
 
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
+from ..algorithms.qat import QATConfig
 from ..analysis import AnalyzeOptions
 from ..config import MixedPlan, PTQConfig
 from ..errors import EdgeslimError
+from ..intgraph import IntGraph
 from ..models import ModelInfo
+from ..train.data import TrainData
 
-__all__ = ["Split", "Deployed", "Task", "HOLDOUT_SOURCES", "finite", "check_source", "fake_quant_outputs",
+__all__ = ["Split", "Deployed", "QATSetup", "Task", "HOLDOUT_SOURCES", "finite", "check_source", "fake_quant_outputs",
            "TFLITE_RANGE_INPUTS"]
 
 HOLDOUT_SOURCES = ("calib", "data")
@@ -71,6 +87,16 @@ class Deployed:
     stage: Path  # the staging folder the job's files go to
     lite: tuple | None = None
     formats: tuple[str, ...] = ("onnx",)
+
+
+@dataclass(frozen=True)
+class QATSetup:
+    """What a task hands the ``qat`` job before training (``Task.qat_setup``)."""
+
+    data: TrainData  # training inputs in the model's order, labels (zeros without labels), the crops' pad value
+    calib: np.ndarray | torch.Tensor  # the PTQ start's calibration inputs, drawn from the training inputs
+    calib_batch_size: int
+    fields: dict  # summary fields known before training: the data's description, the FP32 model's score if any
 
 
 class Task(Protocol):
@@ -104,6 +130,18 @@ class Task(Protocol):
 
     def score_torch(self, gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
                     indices: np.ndarray | None = None) -> dict[str, float]: ...
+
+    # qat
+    qat_file_key: str  # the summary entry of the INT8 file's scores ("onnx" for classify, "onnx_int8" otherwise)
+
+    def qat_loss(self, cfg: QATConfig) -> tuple[Callable | None, str]: ...
+
+    def qat_setup(self, teacher: nn.Module, info: ModelInfo, cfg: QATConfig, ptq_config: PTQConfig,
+                  train_size: int | None, val_size: int | None, main: bool) -> QATSetup: ...
+
+    def qat_score(self, m: nn.Module, desc: str | None, validation: bool = False) -> dict: ...
+
+    def qat_files(self, gm: fx.GraphModule, graph: IntGraph, fp32: Path, int8: Path, info: ModelInfo) -> dict: ...
 
 
 def finite(v: float | None) -> float | None:

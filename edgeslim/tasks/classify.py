@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,18 @@ from torch import fx, nn
 from .. import analysis, api
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
+from ..algorithms.qat import QATConfig
 from ..analysis import AnalyzeOptions
 from ..config import MeasureOptions, MixedPlan, PTQConfig
 from ..data import ImageDataset, batches, calibration_indices
 from ..errors import EdgeslimError
 from ..eval import metrics, ort as ort_eval
 from ..eval.layer_error import layer_errors
+from ..intgraph import IntGraph
 from ..models import ModelInfo
 from ..report.provenance import preprocessing
-from .base import Deployed, Split, check_source, fake_quant_outputs
+from ..train.data import load_train
+from .base import Deployed, QATSetup, Split, check_source, fake_quant_outputs
 
 __all__ = ["Classify", "onnx_top1"]
 
@@ -49,6 +53,7 @@ class Classify:
     def __init__(self, calib: ImageDataset, test: ImageDataset, batch_size: int = 256,
                  measure: MeasureOptions = MeasureOptions()) -> None:
         self.calib, self.test, self.batch_size, self.measure = calib, test, batch_size, measure
+        self._val_idx: np.ndarray | None = None  # qat: the validation subset (``qat_setup``)
 
     def check(self, info: ModelInfo) -> None:
         if info.num_classes and len(self.test.classes) > info.num_classes:
@@ -177,3 +182,53 @@ class Classify:
         outs = fake_quant_outputs(gm, config, plans, model, xs)
         labels = self.test.labels if indices is None else self.test.labels[indices]
         return {k: metrics.top1(v[0].numpy(), labels) for k, v in outs.items()}
+
+    # ------------------------------------------------------------------ qat (``calib``: the training images)
+
+    qat_file_key = "onnx"
+
+    def qat_loss(self, cfg: QATConfig) -> tuple[Callable | None, str]:
+        """The labels' cross-entropy, or with ``cfg.kd`` distillation from the FP32 model (``qat.qat_loss``)."""
+        if cfg.kd:
+            return None, (f"distillation: {cfg.kd_weight} * T^2 * KL(FP32 || student) at T = {cfg.kd_temperature} "
+                          f"+ {1 - cfg.kd_weight} * cross-entropy on the labels")
+        return None, "cross-entropy on the labels"
+
+    def qat_setup(self, teacher: nn.Module, info: ModelInfo, cfg: QATConfig, ptq_config: PTQConfig,
+                  train_size: int | None, val_size: int | None, main: bool) -> QATSetup:
+        """The training images in memory (a seeded class-balanced subset of ``train_size``), a class-balanced
+        calibration subset of them, and a class-balanced validation subset of ``val_size`` test images (None:
+        all); the FP32 model's top-1 (main process)."""
+        if self.calib.classes != self.test.classes:
+            raise EdgeslimError(f"--train-data has classes {self.calib.classes[:4]}... but --data has "
+                                f"{self.test.classes[:4]}...: pass the training and test splits of the same data set")
+        data = load_train(self.calib, info, train_size, cfg.seed, main)
+        images = {"train": len(data.y), "test": len(self.test), "calibration": min(ptq_config.calib_size, len(data.y))}
+        fields: dict = {"images": images}
+        if main:
+            fields["fp32"] = {"top1": self._top1(teacher, "evaluating FP32")}
+        idx = calibration_indices(len(data.y), ptq_config.calib_size, ptq_config.seed, data.y.numpy())
+        self._val_idx = (calibration_indices(len(self.test), val_size, cfg.seed, self.test.labels) if val_size
+                         else None)
+        images["validation"] = len(self.test) if self._val_idx is None else len(self._val_idx)
+        return QATSetup(data, data.x[idx], self.calib_batch_size, fields)
+
+    def qat_score(self, m: nn.Module, desc: str | None, validation: bool = False) -> dict:
+        """Top-1 on every test image (``validation``: on the validation subset)."""
+        return {"top1": self._top1(m, desc, self._val_idx if validation else None)}
+
+    def _top1(self, m: nn.Module, desc: str | None, indices: np.ndarray | None = None) -> float:
+        m.eval()
+        outs = []
+        with torch.no_grad():
+            for x, _ in batches(self.test, self.batch_size, indices, desc=desc):
+                outs.append(m(torch.from_numpy(x)).numpy())
+        labels = self.test.labels if indices is None else self.test.labels[indices]
+        return metrics.top1(np.concatenate(outs), labels)
+
+    def qat_files(self, gm: fx.GraphModule, graph: IntGraph, fp32: Path, int8: Path, info: ModelInfo) -> dict:
+        """The INT8 file's top-1 on every test image in onnxruntime; the files' sizes under the names the classify
+        summary has used."""
+        top1 = onnx_top1({"int8": int8}, self.test, self.batch_size, "evaluating ONNX")["int8"]
+        return {"onnx": {"top1": top1},
+                "size_bytes": {"fp32_onnx": fp32.stat().st_size, "int8_onnx": int8.stat().st_size}}

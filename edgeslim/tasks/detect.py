@@ -9,6 +9,7 @@ in its points (``map_metric``: 1.0 = one point), scored on held-out images disjo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import fx, nn
 from .. import api
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
+from ..algorithms.qat import QATConfig
 from ..analysis import AnalyzeOptions, check_requant, overflow_summary
 from ..config import MixedPlan, PTQConfig
 from ..data.detection import DetectionDataset, Target
@@ -27,14 +29,18 @@ from ..detect_task import (Decoder, DetectOptions, calibration_images, check_det
                            scores, to_model_order, torch_runner)
 from ..errors import EdgeslimError
 from ..eval import ort as ort_eval
+from ..intgraph import IntGraph
 from ..models import ModelInfo
-from .base import Deployed, Split, check_source
+from ..train.data import TrainData
+from ..train.losses import head_distillation
+from .base import Deployed, QATSetup, Split, check_source
 
-__all__ = ["Detect", "TFLITE_RANGE_IMAGES", "map_metric"]
+__all__ = ["Detect", "TFLITE_RANGE_IMAGES", "LETTERBOX_PAD", "export_check", "map_metric"]
 
 # calibration images whose raw head outputs set the int8 range of the .tflite's heads (the engine runs them: about
 # 3 s per yolov5n image at 640 on one core)
 TFLITE_RANGE_IMAGES = 32
+LETTERBOX_PAD = 114 / 255  # the grey of the letterbox borders, in [0, 1] pixels: QAT's crops pad with it
 
 
 class Detect:
@@ -48,6 +54,8 @@ class Detect:
                  info: ModelInfo | None = None) -> None:
         """``info``: the model's (decoder, channel order); needed by ``split`` / ``score_*`` (``mixed``)."""
         self.calib, self.test, self.opts, self.info = calib, test, opts, info
+        self._qat: tuple | None = None  # qat: (info, decoder, options fitted to the model), set by ``qat_setup``
+        self._val = test  # qat: the images scored after every epoch
 
     @property
     def calib_batch_size(self) -> int:
@@ -206,6 +214,63 @@ class Detect:
                 **{k: under(p) for k, p in plans.items()}}
         return self._score(runs, indices)
 
+
+    # ------------------------------------------------------------------ qat (``calib``: the training images)
+
+    qat_file_key = "onnx_int8"
+
+    def qat_loss(self, cfg: QATConfig) -> tuple[Callable | None, str]:
+        """Head distillation (``train.losses.head_distillation``): no labels, no anchor matching, any decoder."""
+        return head_distillation, "head distillation: MSE of sigmoid(raw head outputs) to the FP32 model's (no labels)"
+
+    def qat_setup(self, teacher: nn.Module, info: ModelInfo, cfg: QATConfig, ptq_config: PTQConfig,
+                  train_size: int | None, val_size: int | None, main: bool) -> QATSetup:
+        """``train_size`` seeded training images (all by default), letterboxed, crops padded with the letterbox
+        grey; the first ``calib_size`` of them calibrate; ``val_size`` seeded test images (None: all) are scored
+        after every epoch; the FP32 model's mAP."""
+        self._qat = (info, check_detector(info, self.test), fit_options(teacher, self.opts))
+        self._val = self.test.subset(val_size, cfg.seed) if val_size else self.test
+        x = calibration_images(self.calib, train_size or len(self.calib), cfg.seed, info)
+        pad = (LETTERBOX_PAD - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
+        data = TrainData(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64),
+                         torch.from_numpy(np.broadcast_to(pad, (info.input_shape[0],)).copy()))
+        images = {"train": len(x), "calibration": min(ptq_config.calib_size, len(x)), "test": len(self.test),
+                  "test_boxes": self.test.num_boxes(), "imgsz": self.test.imgsz, "validation": len(self._val)}
+        fields = {"images": images, **({"fp32": self.qat_score(teacher, "evaluating FP32")} if main else {})}
+        return QATSetup(data, x[:ptq_config.calib_size], self._qat[2].batch_size, fields)
+
+    def qat_score(self, m: nn.Module, desc: str | None, validation: bool = False) -> dict:
+        """mAP (and P / R / F1, confusion) of ``m`` in PyTorch on the test images (``validation``: the subset)."""
+        info, decoder, opts = self._qat
+        m.eval()
+        return evaluate_models({"m": torch_runner(m)}, self._val if validation else self.test, decoder, opts,
+                               desc=desc or "", info=info)["m"]
+
+    def qat_files(self, gm: fx.GraphModule, graph: IntGraph, fp32: Path, int8: Path, info: ModelInfo) -> dict:
+        """The INT8 file's mAP in onnxruntime, how far it is from the trained model on one batch (``export_check``)
+        and the paired FP32 / INT8 latency."""
+        _, decoder, opts = self._qat
+        fields = evaluate_models({"onnx_int8": ort_runner(int8)}, self.test, decoder, opts, desc="evaluating ONNX",
+                                 info=info)
+        fields["export_check"] = export_check(gm, graph, int8, next(self.test.batches(opts.batch_size))[0], info)
+        fields["latency_ms"] = paired_latency(fp32, int8, info, opts)
+        return fields
+
+
+def export_check(gm: nn.Module, graph: IntGraph, path: Path, x: np.ndarray, info: ModelInfo) -> dict:
+    """How far onnxruntime's INT8 file is from the trained PyTorch model on one batch: the largest difference of
+    each head output, in steps (LSB) of that output's quantizer."""
+    x = to_model_order(x, info)
+    ours, theirs = torch_runner(gm)(x), ort_runner(path)(x)
+    producer = {o: n for n in graph.nodes for o in n.outputs}
+    diffs, steps = [], []
+    for name, a, b in zip(graph.output_names, ours, theirs):
+        node = producer.get(name)
+        qp = graph.qparams.get(node.inputs[0]) if node is not None and node.op == "DequantizeLinear" else None
+        d = float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        diffs.append(d)
+        steps.append(d / qp.scale if qp is not None else None)  # None: a float output (no quantizer)
+    return {"images": int(len(x)), "max_abs_diff": diffs, "max_diff_lsb": steps}
 
 def _run_fixed(sess, name: str, x: np.ndarray) -> list[np.ndarray]:
     """One onnxruntime session on a batch (image by image for a file whose batch dimension is fixed at 1)."""

@@ -10,6 +10,7 @@ the FP32 file's input / output names, and both carry the preprocessing in their 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import fx, nn
 from .. import analysis, api
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
+from ..algorithms.qat import QATConfig
 from ..analysis import AnalyzeOptions
 from ..config import MixedPlan, PTQConfig
 from ..data.inputs import InputSpec
@@ -29,7 +31,9 @@ from ..eval.fidelity import fidelity, headline_db
 from ..export.onnx_qdq import save_onnx, set_io_names
 from ..intgraph import IntGraph
 from ..models import ModelInfo
-from .base import Deployed, Split, check_source, fake_quant_outputs
+from ..train.data import TrainData
+from ..train.losses import output_distillation
+from .base import Deployed, QATSetup, Split, check_source, fake_quant_outputs
 
 __all__ = ["Fidelity", "output_lsbs", "SIMULATION_SUBSET"]
 
@@ -58,6 +62,7 @@ class Fidelity:
                  spec: InputSpec | None = None, threads: int = 1, latency_rounds: int = 50) -> None:
         self.calib_x, self.test_x, self.batch_size, self.seed = calib, test, batch_size, seed
         self.spec, self.threads, self.latency_rounds = spec, threads, latency_rounds
+        self._qat: tuple | None = None  # qat: (batch, test / validation inputs, the FP32 outputs on them)
 
     def check(self, info: ModelInfo) -> None:
         return None
@@ -186,6 +191,60 @@ class Fidelity:
                                   (x[i:i + self.batch_size] for i in range(0, len(x), self.batch_size)))
         return {k: mp.worst_sqnr(v, outs["fp32"]) for k, v in outs.items()}
 
+
+    # ------------------------------------------------------------------ qat (``calib``: the training inputs)
+
+    qat_file_key = "onnx_int8"
+
+    def qat_loss(self, cfg: QATConfig) -> tuple[Callable | None, str]:
+        """Output distillation (``train.losses.output_distillation``): the inverse of the SQNR that is scored."""
+        return (output_distillation,
+                "output distillation: per output ||student - FP32||^2 / ||FP32||^2, averaged (no labels)")
+
+    def qat_setup(self, teacher: nn.Module, info: ModelInfo, cfg: QATConfig, ptq_config: PTQConfig,
+                  train_size: int | None, val_size: int | None, main: bool) -> QATSetup:
+        """The first ``train_size`` training inputs (all by default; the CLI draws a seeded subset when it loads
+        them), crops padded with 0 in model-input units; the first ``calib_size`` of them calibrate. The FP32
+        model's outputs on the test inputs (the first ``val_size`` of them after every epoch) are the reference."""
+        batch = 1 if fixed_batch(teacher) else self.batch_size
+        x = self.calib_x[:train_size] if train_size else self.calib_x
+        sets = {"test": self.test_x, "validation": self.test_x[:val_size] if val_size else self.test_x}
+        with torch.no_grad():
+            refs = {k: mp.outputs_of(teacher, torch.from_numpy(v), batch) for k, v in sets.items() if
+                    k == "test" or val_size}
+        refs.setdefault("validation", refs["test"])
+        self._qat = (batch, sets, refs)
+        val = sets["validation"]
+        data = TrainData(torch.from_numpy(np.ascontiguousarray(x)), torch.zeros(len(x), dtype=torch.int64),
+                         torch.zeros(info.input_shape[0]))
+        fields = {"inputs": {"train": int(len(x)), "calibration": int(min(ptq_config.calib_size, len(x))),
+                             "test": int(len(self.test_x)), "shape": list(info.input_shape), "validation": int(len(val))},
+                  "preprocessing": self.preprocessing(info),
+                  "metric": "worst output SQNR vs the FP32 model (dB), PyTorch on the test inputs"}
+        return QATSetup(data, x[:ptq_config.calib_size], batch, fields)
+
+    def qat_score(self, m: nn.Module, desc: str | None, validation: bool = False) -> dict:
+        """The worst output's SQNR against the FP32 model on the test inputs (``validation``: the first
+        ``val_size``)."""
+        batch, sets, refs = self._qat
+        key = "validation" if validation else "test"
+        m.eval()
+        with torch.no_grad():
+            return {"sqnr_db": mp.worst_sqnr(mp.outputs_of(m, torch.from_numpy(sets[key]), batch), refs[key])}
+
+    def qat_files(self, gm: fx.GraphModule, graph: IntGraph, fp32: Path, int8: Path, info: ModelInfo) -> dict:
+        """Per output agreement of the INT8 file with the FP32 file on the test inputs, both in onnxruntime, as
+        ``quantize --task fidelity`` reports it; integer convs; the paired latency."""
+        batch = self._qat[0]
+        outs = {k: ort_eval.predict_all(ort_eval.session(p, threads=0), self.test_x, batch)
+                for k, p in (("fp32", fp32), ("int8", int8))}
+        lsbs = dict(zip(outs["int8"], output_lsbs(graph).values()))
+        per_output = fidelity(dict(zip(outs["int8"], outs["fp32"].values())), outs["int8"], lsbs)
+        integer, total = ort_eval.integer_convs(int8)
+        return {"onnx_int8": {"fidelity_vs_fp32": per_output, "headline_sqnr_db": headline_db(per_output),
+                              "integer_convs": integer, "total_convs": total},
+                "latency_ms": ort_eval.fp32_int8_latency(fp32, int8, info.input_shape, threads=self.threads,
+                                                         rounds=self.latency_rounds)}
 
 def _simulate(q: api.Quantized, x: np.ndarray, batch: int) -> list[np.ndarray]:
     ptq.set_mode(q.model, "quant")
