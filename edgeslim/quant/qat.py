@@ -197,9 +197,9 @@ class TrainableQuantizer(nn.Module):
             return self.reference(x)
         s, zp = self._scale(x), self._shape(self.zero_point, x)
         if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
-            if self.training:
+            if self.training and x.dtype == torch.float32:  # ``_pass_band``'s bounds are float32 values
                 return _FakeQuant.apply(x, s, zp, self)
-            return self.reference(x)  # evaluation mode with gradients (no estimator): the plain graph
+            return self.reference(x)  # evaluation mode with gradients, or another dtype: the plain graph
         return _fake_quant_value(x, s, zp, self.levels, bool(self.zero_point.any()))
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
