@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import EdgeslimError
 from .args import FINAL_FORMATS_HELP, mixed_args, model_args, quant_args
-from .common import detect_data, high_precision, load_model, ptq_config, scoring_task, simulate_size, task_name
+from .common import build_task, high_precision, load_model, ptq_config, simulate_size, task_name
 from .deploy import deploying
 from .lines import fmt_score
 
@@ -57,18 +57,10 @@ def _mixed(args) -> int:
     limits = budget(args, kind)
     measure = MeasureOptions(threads=args.threads, batch_size=args.batch_size,
                              simulation_images=simulate_size(args, 1000))
+    task, info = build_task(args, model, info, "score")
     if kind == "detect":  # detector images are large: small batches, batch-1 latency, a small simulation subset
-        from ..detect_task import DetectOptions
-        from ..tasks import Detect
-
-        calib, test, info = detect_data(args, info)
-        opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
-                             batch_size=min(args.batch_size, 16), threads=args.threads)
-        task = Detect(calib, test, opts, info=info)
-        measure = MeasureOptions(threads=args.threads, batch_size=opts.batch_size, latency_batches=(1,),
+        measure = MeasureOptions(threads=args.threads, batch_size=task.opts.batch_size, latency_batches=(1,),
                                  simulation_images=simulate_size(args, 16))
-    else:
-        task = scoring_task(args, model, info)
     s = run_mixed(model, info, task, config, Path(args.out), budget=limits, high=high,
                   holdout_size=args.holdout_size, holdout_from=args.holdout_from, measure=measure,
                   score_with=args.score_with, on_step=_step_printer(task.metric_key))

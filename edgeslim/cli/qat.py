@@ -8,10 +8,10 @@ from pathlib import Path
 
 from ..errors import EdgeslimError
 from .args import FINAL_FORMATS_HELP, qat_args
-from .common import fidelity_inputs, load_model, qat_task_name
+from .common import build_task, load_model, qat_task_name
 from .deploy import deploying
 
-__all__ = ["HELP", "add_arguments", "run", "qat_task", "print_classify_qat", "print_fidelity_qat", "print_detect_qat"]
+__all__ = ["HELP", "add_arguments", "run", "print_classify_qat", "print_fidelity_qat", "print_detect_qat"]
 
 HELP = "quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"
 
@@ -52,7 +52,7 @@ def _qat(args) -> int:
     name = qat_task_name(args, info)
     if name != "classify" and Dist.from_env().world > 1:
         raise EdgeslimError(f"qat --task {name} runs in one process: run it without torchrun")
-    task, info = qat_task(args, name, model, info)
+    task, info = build_task(args, model, info, "qat")
     dist = Dist.from_env()
     try:
         s = run_qat(model, info, task, cfg, ptq_config, Path(args.out), resume=args.resume,
@@ -69,39 +69,6 @@ def _qat(args) -> int:
 
 
 run = deploying(_qat)
-
-
-def qat_task(args, name: str, model, info):
-    """The task ``name`` on ``--train-data`` (its calibration / training inputs) and ``--data`` (``--eval-size``
-    applied), and the model's ``ModelInfo`` for it (a detector's decoder and class names)."""
-    if name == "detect":
-        from ..data.detection import open_detection
-        from ..detect_task import DetectOptions
-        from ..models import as_detector
-        from ..tasks import Detect
-
-        size = info.input_shape[1]
-        train = open_detection(args.train_data, args.train_split, imgsz=size)
-        test = open_detection(args.data, args.data_split, imgsz=size)
-        if args.eval_size:
-            test = test.subset(args.eval_size, args.seed)
-        info = as_detector(info, args.decoder, test.names, args.channel_order)
-        return Detect(train, test, DetectOptions(batch_size=min(args.batch_size, 16), threads=args.threads),
-                      info=info), info
-    if name == "fidelity":
-        from ..tasks import Fidelity
-
-        train, test, spec = fidelity_inputs(args, model, info, calib_limit=args.train_size, source="train_data")
-        return Fidelity(train, test, batch_size=min(args.batch_size, 64), spec=spec), info
-    from ..data import Preprocess, open_dataset
-    from ..tasks import Classify
-
-    pre = Preprocess(info.input_shape, info.mean, info.std)
-    train = open_dataset(args.train_data, pre, split=args.train_split)
-    test = open_dataset(args.data, pre, split=args.data_split)
-    if args.eval_size:
-        test = test.subset(args.eval_size, args.seed)
-    return Classify(train, test), info
 
 
 def print_classify_qat(s: dict, out) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from ..errors import EdgeslimError
 from .args import model_args, quant_args
-from .common import classify_data, detect_data, fidelity_inputs, load_model, mixed_plan, ptq_config, simulate_size, \
-    task_name
+from .common import build_task, load_model, mixed_plan, ptq_config, task_name
 from .lines import float_line, tflite_line, weights_line
 
 __all__ = ["HELP", "add_arguments", "run", "quantize", "check_formats", "print_summary", "print_detect_summary",
@@ -43,8 +42,8 @@ def check_formats(args, config) -> tuple[str, ...]:
 def quantize(args, analysis=None) -> int:
     """Quantize, score and write ``--out`` for the task ``--task`` names; ``analysis``: ``analyze``'s function from
     the options to its ``AnalyzeOptions`` (engine, overflow), called once the model and the plan are loaded."""
-    from ..config import MeasureOptions
     from ..jobs_quantize import run_quantize
+    from ..report.provenance import provenance
 
     config = ptq_config(args)
     formats = check_formats(args, config)
@@ -62,41 +61,10 @@ def quantize(args, analysis=None) -> int:
     if getattr(args, "decoded_output", False) and task != "detect":
         raise EdgeslimError("--decoded-output writes a detector's box decoding into the graph: it needs --task detect "
                             "and a detector edgeslim can decode")
-    if task == "fidelity":
-        return _quantize_fidelity(args, model, info, config, plan, analyze, formats)
-    from ..report.provenance import provenance
-
-    if task == "detect":
-        from ..detect_task import DetectOptions
-        from ..tasks import Detect
-
-        calib, test, info = detect_data(args, info)
-        opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
-                             batch_size=min(args.batch_size, 16), threads=args.threads,
-                             simulation_images=simulate_size(args, 16), decoded_output=args.decoded_output)
-        job = Detect(calib, test, opts)
-    else:
-        from ..tasks import Classify
-
-        calib, test = classify_data(args, info)
-        job = Classify(calib, test, batch_size=args.batch_size,
-                       measure=MeasureOptions(threads=args.threads, simulation_images=simulate_size(args, 1000)))
+    job, info = build_task(args, model, info, "quantize")
     summary = run_quantize(model, info, job, config, Path(args.out), plan=plan, analyze=analyze, formats=formats,
                            provenance=provenance(args, getattr(args, "argv", None)))
-    (print_detect_summary if task == "detect" else print_summary)(summary, Path(args.out))
-    return 0
-
-
-def _quantize_fidelity(args, model, info, config, plan, analyze=None, formats=("onnx",)) -> int:
-    from ..jobs_quantize import run_quantize
-    from ..report.provenance import provenance
-    from ..tasks import Fidelity
-
-    calib, test, spec = fidelity_inputs(args, model, info, calib_limit=args.calib_size)
-    task = Fidelity(calib, test, batch_size=min(args.batch_size, 64), spec=spec, threads=args.threads)
-    s = run_quantize(model, info, task, config, Path(args.out), plan=plan, analyze=analyze, formats=formats,
-                     provenance=provenance(args, getattr(args, "argv", None)))
-    print_fidelity_summary(s, Path(args.out))
+    PRINTERS[job.name](summary, Path(args.out))
     return 0
 
 
@@ -207,3 +175,6 @@ def print_fidelity_summary(s: dict, out: Path) -> None:
               f"of pixels in a filter of {worst['name']}")
     tflite_line(s)
     print(f"wrote {out}/summary.json, model_fp32.onnx, model_int8.onnx, encodings.json, report.html")
+
+
+PRINTERS = {"classify": print_summary, "detect": print_detect_summary, "fidelity": print_fidelity_summary}

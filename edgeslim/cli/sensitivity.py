@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .args import mixed_args, model_args, quant_args
-from .common import detect_data, high_precision, load_model, ptq_config, scoring_task, task_name
+from .common import build_task, detect_data, high_precision, load_model, ptq_config, task_name
 from .lines import fmt_score
 
 __all__ = ["HELP", "add_arguments", "run", "print_sensitivity", "print_detect_sensitivity"]
@@ -35,7 +35,7 @@ def run(args) -> int:
     model, info = load_model(args)
     if task_name(args, info) == "detect":
         return _detect_sensitivity(args, model, info, config, high, groups)
-    task = scoring_task(args, model, info)
+    task, info = build_task(args, model, info, "score")
     s = run_sensitivity(model, info, task, config, Path(args.out), high=high, holdout_size=args.holdout_size,
                         groups=groups, group_table=not args.no_groups, holdout_from=args.holdout_from,
                         measure=MeasureOptions(threads=args.threads, batch_size=args.batch_size),
