@@ -58,15 +58,13 @@ def correct_bias(gm: fx.GraphModule, batches: Callable[[], Iterable[torch.Tensor
     """Correct every integer-weight conv / linear layer in place; returns the largest |shift| removed per layer."""
     layers = [(str(n.target), ops.module(gm, n)) for n in ptq.weighted_nodes(gm)]
     layers = [(name, m) for name, m in layers if not m.spec.is_float]
-    ptq.set_mode(gm, "off")
-    float_means = _channel_means(gm, [m for _, m in layers], batches)  # the FP32 model, before any correction
-    ptq.set_mode(gm, "quant")
+    with ptq.mode(gm, "off"):
+        float_means = _channel_means(gm, [m for _, m in layers], batches)  # the FP32 model, before any correction
     shifts = {}
     for (name, mod), float_mean in tqdm(list(zip(layers, float_means)), desc="bias correction", unit="layer",
                                         disable=not progress, leave=False):
         (quant_mean,) = _channel_means(gm, [mod], batches)
         delta = (float_mean - quant_mean).detach()
-        previous = getattr(mod, "bias_delta", None)
-        mod.register_buffer("bias_delta", delta if previous is None else previous + delta)
+        mod.add_bias_correction(delta)
         shifts[name] = float(delta.abs().max())
     return shifts

@@ -143,11 +143,8 @@ def paired_drop_se(metric: Metric, ref: list[torch.Tensor], out: list[torch.Tens
 
 def fp32_outputs(gm: fx.GraphModule, x: torch.Tensor) -> list[torch.Tensor]:
     """The (BN-folded) float model's outputs: every quantizer off."""
-    ptq.set_mode(gm, "off")
-    try:
+    with ptq.mode(gm, "off"):
         return outputs_of(gm, x)
-    finally:
-        ptq.set_mode(gm, "quant")
 
 
 PlanOutputs = Callable[[fx.GraphModule, torch.Tensor], list[torch.Tensor]]  # the frozen plan's outputs on x

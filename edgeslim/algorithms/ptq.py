@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
@@ -33,7 +34,7 @@ from ..errors import EdgeslimError
 from ..graph import ops
 from ..graph.capture import annotate_shapes, capture
 from ..graph.passes import fold_bn, fuse_conv_act, fuse_gated_activations
-from ..quant.modules import ActQuant, ConvAct, GatedSiLU, QuantConv2d, QuantLinear, QuantSpec
+from ..quant.modules import MODES, ActQuant, ConvAct, GatedSiLU, QuantConv2d, QuantLinear, QuantSpec
 from ..quant.precision import Precision, highest
 from .cle import equalize
 
@@ -318,9 +319,30 @@ def input_quant(gm: fx.GraphModule, node: fx.Node) -> ActQuant:
 
 
 def set_mode(gm: fx.GraphModule, mode: str) -> None:
-    """``quant`` to simulate the integer model, ``off`` to run the (BN-folded) float model."""
+    """Switch every quantizer of ``gm`` for good: ``quant`` simulates the integer model, ``off`` runs the
+    (BN-folded) float model, ``observe`` / ``histogram`` collect activation statistics (``MODES``; weights are
+    float in ``off`` only). For a switch that ends, use ``mode``."""
+    if mode not in MODES:
+        raise EdgeslimError(f"unknown quantization mode {mode!r}: use one of {', '.join(MODES)}")
     for q in act_quants(gm):
         q.mode = mode
     for m in gm.modules():
         if isinstance(m, (QuantConv2d, QuantLinear)):
             m.quant_enabled = mode != "off"
+
+
+@contextmanager
+def mode(gm: fx.GraphModule, name: str) -> Iterator[fx.GraphModule]:
+    """``with mode(gm, "off"): ...`` runs the block with every quantizer in mode ``name`` (as ``set_mode``) and
+    puts back each quantizer's previous mode on exit, also when the block raises."""
+    quants = act_quants(gm)
+    weighted = [m for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    before = [q.mode for q in quants], [m.quant_enabled for m in weighted]
+    set_mode(gm, name)
+    try:
+        yield gm
+    finally:
+        for q, was in zip(quants, before[0]):
+            q.mode = was
+        for m, was in zip(weighted, before[1]):
+            m.quant_enabled = was

@@ -154,7 +154,7 @@ def attach(gm: fx.GraphModule, config: QATConfig) -> dict:
     """
     notes: dict[str, list[str]] = {"uniform_kept": []}
     for name, m in _layers(gm):
-        if getattr(m, "round_up", None) is not None:  # AdaRound / BRECQ start: the learned codes become the weights
+        if m.round_up is not None:  # AdaRound / BRECQ start: the learned codes become the weights
             with torch.no_grad():
                 m.weight.copy_(m._dequantized_codes())
             m.set_rounding(None)
@@ -171,8 +171,8 @@ def attach(gm: fx.GraphModule, config: QATConfig) -> dict:
             scale = m.w_scale.detach().clone()
         else:
             scale = _mse_scale(m.weight.detach(), levels, m.w_axis)
-        m.wq = TrainableQuantizer(levels, config.method, scale, m.w_zero_point.detach().float(), m.w_axis,
-                                  numel=m.weight.numel(), gamma=config.daq_gamma)
+        m.set_weight_quantizer(TrainableQuantizer(levels, config.method, scale, m.w_zero_point.detach().float(),
+                                                  m.w_axis, numel=m.weight.numel(), gamma=config.daq_gamma))
     for name, q in _acts(gm):
         kind = config.act_quantizer
         if kind != "uniform" and int(q.zero_point) != 0:
@@ -188,8 +188,8 @@ def attach(gm: fx.GraphModule, config: QATConfig) -> dict:
             levels = LevelSet(kind, q.spec.bits, q.signed)
             hi = float(q.scale) * max(abs(q.qmax), abs(q.qmin))  # the PTQ clipping range
             scale = torch.tensor(hi / max(abs(levels.qmax), abs(levels.qmin)))
-        q.aq = TrainableQuantizer(levels, config.method, scale, q.zero_point.detach().float(), None,
-                                  gamma=config.daq_gamma)
+        q.set_quantizer(TrainableQuantizer(levels, config.method, scale, q.zero_point.detach().float(), None,
+                                           gamma=config.daq_gamma))
     for name, p in gm.named_parameters():  # weights and biases train; scales unless the method is ste
         p.requires_grad_(not name.endswith(".scale") or config.method != "ste")
     return notes
@@ -209,7 +209,7 @@ def finish(gm: fx.GraphModule) -> dict:
     """
     info: dict = {"exportable": True, "reason": "", "levels": {}}
     for name, m in _layers(gm):
-        wq = getattr(m, "wq", None)
+        wq = m.wq
         if wq is None:
             continue
         s = wq.scale.detach().abs().clamp_min(1e-8)
@@ -235,14 +235,14 @@ def finish(gm: fx.GraphModule) -> dict:
                 info["exportable"] = False
                 info["reason"] = (f"{name}: {wq.levels.kind} codes up to {wq.levels.qmax} need more than int8; "
                                   "use 4 bits or fewer for PoT / APoT weights")
-        del m.wq
+        m.set_weight_quantizer(None)
     for name, q in _acts(gm):
-        aq = getattr(q, "aq", None)
+        aq = q.aq
         if aq is None:
             continue
         if aq.levels.uniform:
             q.scale.copy_(aq.scale.detach().abs().clamp_min(1e-8).reshape(()))
-            del q.aq
+            q.set_quantizer(None)
         else:
             info["exportable"] = False
             info["reason"] = (f"{name}: {aq.levels.kind} activation levels are not uniform and ONNX QuantizeLinear "

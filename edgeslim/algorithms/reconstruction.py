@@ -393,8 +393,7 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, *, method: str, setting
         p.requires_grad_(False)
     ref_logits = None
     if settings.fisher:
-        ptq.set_mode(gm, "off")
-        with torch.no_grad():
+        with ptq.mode(gm, "off"), torch.no_grad():
             ref_logits = torch.cat([gm(xb) for xb in _batches(calib, 256)])
     reports = []
     bar = tqdm(total=len(units) * settings.iters, desc=method, unit="it", disable=not progress, mininterval=0.5,
@@ -402,9 +401,8 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, *, method: str, setting
     try:
         for unit in units:
             t0 = time.perf_counter()
-            ptq.set_mode(gm, "off")
-            (target,) = _collect(runner, calib, [unit.output])
-            ptq.set_mode(gm, "quant")
+            with ptq.mode(gm, "off"):
+                (target,) = _collect(runner, calib, [unit.output])
             inputs = _collect(runner, calib, unit.inputs)
             weight = _fisher_weights(gm, runner, unit, calib, ref_logits) if settings.fisher else None
             before = _unit_error(runner, unit, inputs, target)
@@ -436,7 +434,6 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, *, method: str, setting
         bar.close()
         for p, flag in frozen:
             p.requires_grad_(flag)
-        ptq.set_mode(gm, "quant")
         ptq.refresh_input_scales(gm)
     return reports
 

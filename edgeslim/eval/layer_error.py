@@ -26,12 +26,11 @@ def layer_errors(gm: fx.GraphModule, x: torch.Tensor) -> list[dict]:
         with torch.no_grad():
             for m in ("off", "quant"):
                 mode[0] = m
-                ptq.set_mode(gm, m)
-                gm(x)
+                with ptq.mode(gm, m):
+                    gm(x)
     finally:
         for h in hooks:
             h.remove()
-        ptq.set_mode(gm, "quant")
     rows = []
     for key, producer in names.items():
         q: ActQuant = gm.get_submodule(key)

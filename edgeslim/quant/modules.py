@@ -4,6 +4,18 @@
 ``ActQuant`` sits on a graph edge and either observes (calibration) or fake-quantizes.
 The bias is simulated as the int32 value the device stores (scale = input scale x weight scale),
 so the PyTorch simulation matches the exported QDQ model.
+
+What other algorithms change is declared here, each slot set through one method (``None`` when empty, so
+an empty slot adds no ``state_dict`` key):
+
+* ``QuantConv2d`` / ``QuantLinear``: ``wq`` (a trainable weight quantizer, ``set_weight_quantizer``: QAT),
+  ``round_up`` (a learned rounding direction per weight, ``set_rounding``: AdaRound / BRECQ),
+  ``bias_delta`` (a bias shift only the quantized layer adds, ``add_bias_correction``) and
+  ``quant_enabled`` (False runs the float weights);
+* ``ActQuant``: ``aq`` (a trainable or non-uniform activation quantizer, ``set_quantizer``) and ``mode``
+  (one of ``MODES``).
+
+Modes are switched for a whole graph by ``algorithms.ptq.set_mode`` / ``algorithms.ptq.mode``.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from . import primitives as P
 from .observers import OBSERVERS, mse_weight_range
 
 ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
+MODES = ("observe", "histogram", "quant", "off")  # what an ``ActQuant`` does; weights are float in ``off`` only
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,16 @@ class ConvAct(nn.Module):
 class _QuantWeightMixin:
     """Shared weight fake-quant for conv and linear (weights are known, so qparams come at once)."""
 
+    wq: nn.Module | None
+    round_up: torch.Tensor | None
+    bias_delta: torch.Tensor | None
+
+    def _declare_slots(self) -> None:
+        self.register_module("wq", None)
+        self.register_buffer("bias_delta", None)
+        self.register_buffer("round_up", None)
+        self._fq_cache = None
+
     def _init_weight_quant(self, weight: torch.Tensor, spec: QuantSpec, use_mse: bool) -> None:
         self.spec = spec
         axis = 0 if spec.per_channel else None
@@ -91,36 +114,43 @@ class _QuantWeightMixin:
     def set_weight_spec(self, spec: QuantSpec, *, use_mse: bool = False) -> None:
         """Re-quantize the weights with another spec (mixed precision); the bias follows at ``freeze``.
         A learned rounding (``set_rounding``) belongs to the old grid and is dropped."""
-        self._buffers.pop("round_up", None)
+        self.round_up = None
         self._init_weight_quant(self.weight, spec, use_mse)
 
     def set_rounding(self, round_up: torch.Tensor | None) -> None:
         """Fix each weight's rounding direction (AdaRound / BRECQ): code = ``floor(w / s) + round_up``,
         clamped to the range; ``None`` restores round-to-nearest. Codes stay on the same grid (same scale)."""
-        if round_up is None:
-            self._buffers.pop("round_up", None)
-        else:
-            self.register_buffer("round_up", round_up.detach().to(torch.bool).clone())
+        self.round_up = None if round_up is None else round_up.detach().to(torch.bool).clone()
         self._fq_key = None
+
+    def set_weight_quantizer(self, quantizer: nn.Module | None) -> None:
+        """Fake-quantize the weights with ``quantizer(weight)`` instead of the fixed grid (quantization-aware
+        training: ``algorithms.qat.attach`` / ``finish``); the bias stays float while it is set, since the
+        scales move. ``None`` empties the slot."""
+        self.wq = quantizer
+        self._fq_key = None
+
+    def add_bias_correction(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` to the bias the quantized layer uses (``algorithms.bias_correction``); the float
+        reference (``quant_enabled=False``) never sees it."""
+        self.bias_delta = delta if self.bias_delta is None else self.bias_delta + delta
 
     def weight_int(self) -> torch.Tensor:
         if self.spec.is_float:
             raise ValueError(f"weights are {self.spec.fmt}: no integer codes")
-        round_up = getattr(self, "round_up", None)
-        if round_up is not None:
+        if self.round_up is not None:
             return P.quantize_directed(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax,
-                                       self.w_axis, round_up)
+                                       self.w_axis, self.round_up)
         return P.quantize(self.weight, self.w_scale, self.w_zero_point, self.w_qmin, self.w_qmax, self.w_axis)
 
     def fq_weight(self) -> torch.Tensor:
         if not self.quant_enabled or self.spec.fmt == "fp32":
             return self.weight
-        wq = self._modules.get("wq")
-        if wq is not None:  # quantization-aware training (``algorithms.qat``): a trainable quantizer
-            return wq(self.weight)
+        if self.wq is not None:  # quantization-aware training (``algorithms.qat``): a trainable quantizer
+            return self.wq(self.weight)
         if self.spec.fmt == "fp16":
             return round_fp16(self.weight)
-        round_up = getattr(self, "round_up", None)
+        round_up = self.round_up
         if torch.is_grad_enabled() and self.weight.requires_grad:
             if round_up is not None:  # learned rounding, straight-through to the weights
                 return self.weight + (self._dequantized_codes() - self.weight).detach()
@@ -128,7 +158,7 @@ class _QuantWeightMixin:
         # inference: weights rarely change, so reuse the fake-quant copy until they (or their scale) do
         key = (self.weight.data_ptr(), self.weight._version, self.w_scale._version, self.w_scale.data_ptr(),
                None if round_up is None else (round_up.data_ptr(), round_up._version))
-        if getattr(self, "_fq_key", None) != key:
+        if self._fq_key != key:
             if round_up is not None:
                 self._fq_cache = self._dequantized_codes()
             else:
@@ -143,7 +173,7 @@ class _QuantWeightMixin:
     def quant_bias(self) -> torch.Tensor | None:
         """The float bias of the quantized layer: the model's bias plus any bias correction
         (``algorithms.bias_correction``), which the float reference (``quant_enabled=False``) never sees."""
-        delta = getattr(self, "bias_delta", None)
+        delta = self.bias_delta
         if delta is None:
             return self.bias
         return delta if self.bias is None else self.bias + delta
@@ -158,7 +188,7 @@ class _QuantWeightMixin:
     def fq_bias(self) -> torch.Tensor | None:
         if not self.quant_enabled:
             return self.bias
-        if self._modules.get("wq") is not None:  # training: scales move, the int32 bias follows at ``qat.finish``
+        if self.wq is not None:  # training: scales move, the int32 bias follows at ``qat.finish``
             return self.quant_bias()
         q = self.bias_int()
         if q is None:
@@ -179,6 +209,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
         q.weight, q.bias, q.act = conv.weight, conv.bias, act
         q._init_weight_quant(conv.weight, spec, use_mse)
+        q._declare_slots()
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +229,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         q = cls(mod.in_features, mod.out_features, mod.bias is not None)
         q.weight, q.bias = mod.weight, mod.bias
         q._init_weight_quant(mod.weight, spec, use_mse)
+        q._declare_slots()
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +242,10 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
 
 
 class ActQuant(nn.Module):
-    """Quantizer on one activation edge. Modes: ``observe``, ``histogram``, ``quant``, ``off``."""
+    """Quantizer on one activation edge. Modes (``MODES``): ``observe`` and ``histogram`` collect statistics
+    (calibration), ``quant`` fake-quantizes, ``off`` passes the float tensor through."""
+
+    aq: nn.Module | None
 
     def __init__(self, spec: QuantSpec, calibrator: str = "minmax") -> None:
         super().__init__()
@@ -220,12 +255,17 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int64))
         self.qmin, self.qmax, self.signed = 0, 255, False
+        self.register_module("aq", None)
+
+    def set_quantizer(self, quantizer: nn.Module | None) -> None:
+        """Fake-quantize with ``quantizer(x)`` in ``quant`` mode instead of the fixed grid (quantization-aware
+        training, or non-uniform PoT / APoT levels kept after it: ``algorithms.qat``); ``None`` empties the slot."""
+        self.aq = quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
-            aq = self._modules.get("aq")
-            if aq is not None:  # quantization-aware training, or non-uniform (PoT / APoT) activation levels
-                return aq(x)
+            if self.aq is not None:  # quantization-aware training, or non-uniform (PoT / APoT) activation levels
+                return self.aq(x)
             if self.spec.is_float:
                 return float_fake_quant(x, self.spec)
             return P.fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
