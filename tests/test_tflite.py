@@ -160,6 +160,7 @@ MODELS = {
     "conv_relu": lambda: Seq(_conv(3, 8, 3, padding=1), nn.ReLU(), _conv(8, 8, 3, stride=2, padding=1), nn.ReLU6()),
     "depthwise": lambda: Seq(_conv(3, 6, 1), _conv(6, 6, 3, padding=1, groups=6), nn.ReLU(),
                              _conv(6, 12, 3, stride=2, padding=1, groups=6)),
+    "depthwise_no_bias": lambda: Seq(_conv(3, 6, 1), _conv(6, 12, 3, padding=1, groups=6, bias=False)),
     "linear": lambda: Seq(_conv(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)),
     "add": lambda: ConvPair(torch.add),
     "mul": lambda: ConvPair(torch.mul),

@@ -536,10 +536,9 @@ class _Exporter:
 
     def _bias(self, node: IntNode, in_q: QParams) -> int | None:
         a = node.arrays
-        if "bias" not in a:
-            return None
         o = a["w"].shape[0]
-        bias = np.broadcast_to(np.asarray(a["bias"], np.int64).reshape(-1), (o,))
+        # a layer without bias gets zeros: LiteRT's int8 DEPTHWISE_CONV_2D requires the tensor (TFLM crashes without)
+        bias = np.broadcast_to(np.asarray(a.get("bias", np.zeros(o, np.int64)), np.int64).reshape(-1), (o,))
         if np.abs(bias).max(initial=0) >= 1 << 31:
             raise EdgeslimError(f"layer {node.name}: bias does not fit int32: use --w-bits / --a-bits 8")
         scale = (np.float32(in_q.scale) * a["w_scale"].astype(np.float32)).astype(np.float32).reshape(-1)
@@ -969,7 +968,7 @@ class _Exporter:
         o, cg, kh, kw = w.shape
         in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
         padding, x = self._padding(node, (kh, kw), in_shape, out_shape, None)
-        bias = self.m.const(f"{node.name}_bias", b) if b is not None else -1
+        bias = self.m.const(f"{node.name}_bias", b if b is not None else np.zeros(w.shape[0], np.float32))
         act = _act_code({"relu": "RELU", "relu6": "RELU6"}.get(at.get("act"), "NONE"))
         sh, sw = at["strides"]
         dh, dw = at["dilations"]
