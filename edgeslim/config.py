@@ -54,7 +54,8 @@ class PTQConfig:
       there only in slower uint8 weight containers, see ``export.onnx_qdq``). ``auto`` (the default) is
       resolved on construction from this machine's CPU flags: ``reduced`` on AVX2-without-VNNI x86, else
       ``full`` (ARM, VNNI, and any target other than onnxruntime on this CPU should say ``full``).
-      Weights of fewer than 8 bits are never changed.
+      Depthwise convs keep the 8-bit grid (onnxruntime's depthwise kernel is exact with any int8 weight) and
+      weights of fewer than 8 bits are never changed.
     """
 
     w_bits: int = 8
@@ -109,9 +110,10 @@ class PTQConfig:
     def pow2(self) -> bool:
         return self.scale in ("pow2", "global")
 
-    def weight_bits(self, bits: int) -> int:
-        """The grid an integer weight of ``bits`` bits is quantized on (7 for 8 under ``weight_range="reduced"``)."""
-        return 7 if bits == 8 and self.weight_range == "reduced" else bits
+    def weight_bits(self, bits: int, *, depthwise: bool = False) -> int:
+        """The grid an integer weight of ``bits`` bits is quantized on: 7 for 8 under ``weight_range="reduced"``,
+        except depthwise convs, whose onnxruntime kernel does not saturate (they keep the 8-bit grid)."""
+        return 7 if bits == 8 and self.weight_range == "reduced" and not depthwise else bits
 
     @property
     def default_precision(self) -> LayerPrecision:

@@ -132,9 +132,7 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     k = ops.kind(gm, node)
     mod = ops.module(gm, node)
     if k == "conv":
-        conv = getattr(mod, "conv", mod)
-        groups = getattr(conv, "groups", 1)
-        return "depthwise" if groups > 1 and groups == getattr(conv, "in_channels", 0) else "conv"
+        return "depthwise" if ops.is_depthwise(mod) else "conv"
     if k == "lut":
         return ops.lut_name(gm, node)[0]
     if k in GRAPH_KINDS:

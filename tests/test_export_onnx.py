@@ -138,6 +138,39 @@ def test_weight_range_reduced_is_int8_and_exact_in_onnxruntime(tiny_model, tiny_
     assert PTQConfig().weight_range == ("reduced" if int8_weights_saturate() else "full")  # auto: this CPU
 
 
+@pytest.mark.parametrize("weight_range", ["reduced", "full"])
+def test_depthwise_convs_keep_int8_weights_on_the_8_bit_grid_exactly(tmp_path, weight_range):
+    """onnxruntime's depthwise int8 kernel does not add products in pairs, so depthwise convs keep the 8-bit grid in
+    int8 containers on every CPU (measured exact on AVX2 without VNNI, where a dense or grouped conv with the same
+    weights is not), while dense and grouped convs follow ``weight_range``. Oracle: the integer engine."""
+    from edgeslim.cpu import int8_weights_saturate
+    from edgeslim.engine.run import run
+    from edgeslim.export.onnx_qdq import is_depthwise, weight_containers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),  # depthwise
+                                torch.nn.Conv2d(16, 32, 3, padding=1, groups=16), torch.nn.ReLU(),  # multiplier 2
+                                torch.nn.Conv2d(32, 16, 3, padding=1, groups=4), torch.nn.ReLU(),  # grouped
+                                torch.nn.Conv2d(16, 8, 1)).eval()
+    rng = np.random.default_rng(0)
+    q = api.quantize(model, rng.standard_normal((32, 3, 16, 16)).astype(np.float32),
+                     PTQConfig(weight_range=weight_range), input_shape=(3, 16, 16))
+    layers = q.intgraph.layers()
+    dw = [is_depthwise(n) for n in layers]
+    assert dw == [False, True, True, False, False]
+    reduced = weight_range == "reduced"
+    for n, d in zip(layers, dw):
+        assert n.attrs["w_bits"] == (8 if d or not reduced else 7)
+        assert np.abs(n.arrays["w"]).max() == (127 if d or not reduced else 63)
+    saturating = int8_weights_saturate() and not reduced
+    assert weight_containers(q.intgraph) == ({"int8": 2, "uint8": 3} if saturating else {"int8": 5})
+    path = api.export_onnx(q, tmp_path / "m.onnx")
+    x = rng.standard_normal((16, 3, 16, 16)).astype(np.float32) * 2
+    (name,) = q.intgraph.output_names
+    np.testing.assert_array_equal(ort_eval.predict(ort_eval.session(path), x), run(q.intgraph, x)[name])
+
+
 def test_depthwise_multiplier_conv_runs_as_a_fast_depthwise_kernel_bit_exact(tmp_path):
     """A depthwise conv with 3 outputs per input channel (what separable factorization writes) is exported as a
     channel repeat on codes + an m = 1 depthwise QLinearConv; onnxruntime's result equals the engine's, which

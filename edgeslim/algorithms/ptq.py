@@ -120,10 +120,11 @@ def plan_names(gm: fx.GraphModule) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def weight_spec(config: PTQConfig, p: Precision) -> QuantSpec:
+def weight_spec(config: PTQConfig, p: Precision, *, depthwise: bool = False) -> QuantSpec:
     if p.is_float:
         return QuantSpec(p.bits, True, False, False, p.kind)
-    return QuantSpec(config.weight_bits(p.bits), config.w_symmetric, config.granularity == "channel", config.pow2)
+    return QuantSpec(config.weight_bits(p.bits, depthwise=depthwise), config.w_symmetric,
+                     config.granularity == "channel", config.pow2)
 
 
 def act_spec(config: PTQConfig, p: Precision) -> QuantSpec:
@@ -141,7 +142,7 @@ def assign_precisions(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | N
     plan, default = plan or MixedPlan(), config.default_precision
     for node in weighted_nodes(gm):
         mod = ops.module(gm, node)
-        spec = weight_spec(config, plan.precision_of(op_name(gm, node), default).w)
+        spec = weight_spec(config, plan.precision_of(op_name(gm, node), default).w, depthwise=ops.is_depthwise(mod))
         if mod.spec != spec:
             mod.set_weight_spec(spec, use_mse=config.calibrator == "mse")
     for node in gm.graph.nodes:
@@ -169,11 +170,11 @@ def apply_plan(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None) ->
 
 
 def _swap_weighted(gm: fx.GraphModule, config: PTQConfig) -> None:
-    spec = weight_spec(config, config.default_precision.w)
     for node in gm.graph.nodes:
         mod = ops.module(gm, node)
         make = WEIGHTED.get(type(mod))
         if make is not None:
+            spec = weight_spec(config, config.default_precision.w, depthwise=ops.is_depthwise(mod))
             parent, _, name = node.target.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, name,
                     make(mod, spec, use_mse=config.calibrator == "mse"))

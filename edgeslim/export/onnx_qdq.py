@@ -47,7 +47,7 @@ from ..intgraph import ACTIVATION_OPS, DATA_MOVEMENT, LUT_ACTIVATIONS, IntGraph,
 
 __all__ = ["to_onnx", "save_onnx", "set_io_names", "set_metadata", "depth_multiplier", "EMITTERS", "NOT_EXPORTABLE",
            "ACTIVATION_EXPORTS", "WEIGHT_TYPES", "OPSET_8BIT", "OPSET_WIDE", "SATURATION_SAFE", "host_weight_type",
-           "weight_container", "weight_containers", "resolve_weight_type", "exact_on_host"]
+           "weight_container", "weight_containers", "is_depthwise", "resolve_weight_type", "exact_on_host"]
 
 OPSET_8BIT, OPSET_WIDE = 17, 21
 WEIGHT_TYPES = ("auto", "int8", "uint8")
@@ -61,16 +61,24 @@ def host_weight_type() -> str:
 SATURATION_SAFE = 64  # |w| <= 64: two u8 x s8 products sum to at most 2 * 255 * 64 = 32640 < 2**15
 
 
-def weight_container(w: np.ndarray, zp: np.ndarray, weight_type: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def weight_container(w: np.ndarray, zp: np.ndarray, weight_type: str = "auto", *,
+                     depthwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """8-bit weight codes and zero points as stored for ``weight_type`` (uint8: q + 128, the same real values).
 
-    ``auto`` keeps int8 where it is exact on this CPU: always on VNNI / ARM, and on AVX2-only CPUs for weights
-    within [-64, 64] (7-bit weights: onnxruntime's "reduce range" advice), whose pair sums cannot saturate.
+    ``auto`` keeps int8 where it is exact on this CPU: always on VNNI / ARM; on AVX2-only CPUs for weights within
+    [-64, 64] (7-bit weights: onnxruntime's "reduce range" advice), whose pair sums cannot saturate, and for
+    depthwise convs (one input channel per group), which onnxruntime runs with its own depthwise kernel, exact
+    with any int8 weight (measured: tests/test_export_onnx.py).
     """
-    unsafe = np.abs(np.asarray(w, np.int64)).max(initial=0) > SATURATION_SAFE
+    unsafe = np.abs(np.asarray(w, np.int64)).max(initial=0) > SATURATION_SAFE and not depthwise
     if resolve_weight_type(weight_type) == "uint8" and (weight_type == "uint8" or unsafe):
         return (np.asarray(w, np.int32) + 128).astype(np.uint8), (np.asarray(zp, np.int32) + 128).astype(np.uint8)
     return np.asarray(w).astype(np.int8), np.asarray(zp).astype(np.int8)
+
+
+def is_depthwise(node: IntNode) -> bool:
+    """A conv with one input channel per group (after the export's channel repeat, any depth multiplier)."""
+    return node.op == "QLinearConv" and node.attrs.get("group", 1) > 1 and node.arrays["w"].shape[1] == 1
 
 
 def weight_containers(g: IntGraph, weight_type: str = "auto") -> dict[str, int]:
@@ -79,8 +87,8 @@ def weight_containers(g: IntGraph, weight_type: str = "auto") -> dict[str, int]:
     for node in g.nodes:
         if "w" not in node.arrays:
             continue
-        kind = "int16" if node.attrs["w_bits"] > 8 else \
-            str(weight_container(node.arrays["w"], node.arrays["w_zero_point"], weight_type)[0].dtype)
+        kind = "int16" if node.attrs["w_bits"] > 8 else str(weight_container(
+            node.arrays["w"], node.arrays["w_zero_point"], weight_type, depthwise=is_depthwise(node))[0].dtype)
         counts[kind] = counts.get(kind, 0) + 1
     return counts
 
@@ -100,7 +108,7 @@ def exact_on_host(model: onnx.ModelProto, weight_type: str = "auto") -> tuple[on
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    weight_inputs = {n.input[1] for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    weight_inputs = {n.input[1]: n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
                      and len(n.input) > 1}
     rewritten = 0
     for node in graph.node:
@@ -111,7 +119,10 @@ def exact_on_host(model: onnx.ModelProto, weight_type: str = "auto") -> tuple[on
             continue
         zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits \
             else np.zeros((), np.int8)
-        qw, qz = weight_container(w, zp, weight_type)
+        user = weight_inputs[node.output[0]]
+        group = next((a.i for a in user.attribute if a.name == "group"), 1)
+        qw, qz = weight_container(w, zp, weight_type,
+                                  depthwise=user.op_type == "Conv" and group > 1 and w.ndim == 4 and w.shape[1] == 1)
         if qw.dtype == np.int8:
             continue
         inits[node.input[0]].CopyFrom(numpy_helper.from_array(qw, node.input[0]))
@@ -217,7 +228,7 @@ class _Writer:
         if node.attrs["w_bits"] > 8:
             w, zp = a["w"].astype(np.int16), a["w_zero_point"].astype(np.int16)
         else:
-            w, zp = weight_container(a["w"], a["w_zero_point"], self.weight_type)
+            w, zp = weight_container(a["w"], a["w_zero_point"], self.weight_type, depthwise=is_depthwise(node))
         per_channel = len(a["w_scale"]) > 1
         scale = a["w_scale"] if per_channel else a["w_scale"].reshape(())
         zp = zp if per_channel else zp.reshape(())

@@ -189,6 +189,13 @@ def _indexes_non_tensor(node: fx.Node) -> bool:
     return isinstance(src, fx.Node) and not src.meta.get("is_tensor", True) and not is_split(src)
 
 
+def is_depthwise(mod: nn.Module | None) -> bool:
+    """A conv (or conv + activation) with one input channel per group: groups == input channels > 1."""
+    conv = getattr(mod, "conv", mod)
+    groups = getattr(conv, "groups", 1)
+    return isinstance(groups, int) and groups > 1 and groups == getattr(conv, "in_channels", 0)
+
+
 def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
