@@ -301,21 +301,30 @@ class _SoftWeights:
         return self.v.detach() >= 0  # h(V) >= 0.5
 
 
+class _LSQ(nn.Module):
+    """Fake quantization with a trainable step size (LSQ, Esser et al. 2020) on an activation quantizer's grid."""
+
+    def __init__(self, aq: ActQuant) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(aq.scale.detach().clone())
+        self.zero_point, self.qmin, self.qmax = aq.zero_point, aq.qmin, aq.qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return P.fake_quantize_lsq(x, self.scale.clamp_min(1e-8), self.zero_point, self.qmin, self.qmax)
+
+
 class _LearnedScale:
-    """Patches an activation quantizer so its step size is a trainable parameter (LSQ)."""
+    """Puts an LSQ quantizer in an activation quantizer's slot (``ActQuant.set_quantizer``) until ``restore``."""
 
     def __init__(self, aq: ActQuant) -> None:
         self.aq = aq
         self.original = aq.scale.detach().clone()
-        self.scale = nn.Parameter(aq.scale.detach().clone())
-        aq.forward = self.forward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.aq
-        return P.fake_quantize_lsq(x, self.scale.clamp_min(1e-8), a.zero_point, a.qmin, a.qmax)
+        self.lsq = _LSQ(aq)
+        self.scale = self.lsq.scale
+        aq.set_quantizer(self.lsq)
 
     def restore(self, keep: bool) -> None:
-        del self.aq.forward
+        self.aq.set_quantizer(None)
         self.aq.scale.copy_(self.scale.detach().clamp_min(1e-8) if keep else self.original)
 
 
@@ -439,4 +448,5 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, *, method: str, setting
 
 
 def _learnable(mod: nn.Module) -> bool:
-    return isinstance(mod, ActQuant) and not mod.spec.is_float and not mod.spec.pow2 and mod.mode == "quant"
+    return (isinstance(mod, ActQuant) and not mod.spec.is_float and not mod.spec.pow2 and mod.mode == "quant"
+            and mod.aq is None)
