@@ -1,5 +1,5 @@
 """What the integer device computes: the numpy engine's accuracy, its agreement with onnxruntime, and
-per-layer / per-filter overflow statistics (seed 000's Tables 1 and 2). Used by ``edgeslim analyze``.
+per-layer / per-filter overflow statistics (Jang et al.'s Tables 1 and 2). Used by ``edgeslim analyze``.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ class PTQConfig:
       in BENCHMARKS.md), and most NPUs take symmetric weights only.
     * ``scale``: ``float`` (any real scale, fixed-point requantization), ``pow2`` (every scale a power
       of two: shift-only requantization as on VTA), ``global`` (one power-of-two activation scale for
-      the whole model, signed, as TVM-VTA's single global scale that seed 001 improves on).
-    * ``fuse``: Conv(+BN)+ReLU and Add+ReLU share one output quantizer (seed 001's scale substitution).
+      the whole model, signed, as TVM-VTA's single global scale that Lee et al. (ETRI) improve on).
+    * ``fuse``: Conv(+BN)+ReLU and Add+ReLU share one output quantizer (Lee et al.'s scale substitution).
     * ``algorithms``: extra PTQ steps; ``cle`` = cross-layer equalization of Conv-ReLU-Conv pairs
       (``algorithms/cle.py``), run on the folded float graph before quantizers are placed;
       ``adaround`` (layer by layer) or ``brecq`` (block by block) = learned weight rounding after freezing

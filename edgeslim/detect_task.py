@@ -42,7 +42,7 @@ class DetectOptions:
 
     conf_thres: float = 0.001  # candidates for mAP (near-full recall)
     iou_thres: float = 0.6  # NMS
-    cm_conf: float = 0.25  # confusion matrix: detections above this score count (seed 000: deployed threshold)
+    cm_conf: float = 0.25  # confusion matrix: detections above this score count (Jang et al.: deployed threshold)
     cm_iou: float = 0.5
     batch_size: int = 8
     threads: int = 1

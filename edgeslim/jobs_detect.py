@@ -31,7 +31,7 @@ def run_detect_sensitivity(model: nn.Module, info: ModelInfo, calib: DetectionDa
                            opts: DetectOptions = DetectOptions(), on_row=None) -> dict:
     """``on_row(row)`` sees each per-layer row as soon as it is scored.
 
-    Seed 000's per-layer experiment (one layer at ``high``, the rest quantized) and seed 002's Table 2 (every
+    Jang et al.'s per-layer experiment (one layer at ``high``, the rest quantized) and Shin and Shin's Table 2 (every
     backbone / neck / head combination at ``high`` or quantized), each plan exported and scored in onnxruntime.
 
     Calibrates once; each plan is re-frozen from the stored statistics (``ptq.apply_plan``).

@@ -59,7 +59,7 @@ def run_factorize(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, tes
                   rank: int | None = None, share: float = 0.5, finetune_cfg: FinetuneConfig = FinetuneConfig(),
                   train_size: int | None = None, threads: int = 1, checkpoint_every: int | None = None,
                   resume: bool = False) -> dict:
-    """Seed 003's G2: factorize the heaviest convolutions (or ``layers``), fine-tune with KD, measure vs the original."""
+    """The TTA guideline's G2: factorize the heaviest convolutions (or ``layers``), fine-tune with KD, measure vs the original."""
     from .algorithms.factorize import choose_layers, factorize
 
     ckpt = job_checkpoint(out, model, {"layers": layers, "method": method, "macs_reduction": macs_reduction,
@@ -89,7 +89,7 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
               sparsity: float = 0.5, scope: str = "global", importance: str = "l1", gradual: bool = True,
               finetune_cfg: FinetuneConfig = FinetuneConfig(), train_size: int | None = None,
               threads: int = 1, checkpoint_every: int | None = None, resume: bool = False) -> dict:
-    """Seed 003's G5: channel pruning (a smaller dense model: speed) or magnitude pruning (zeros stored sparse:
+    """The TTA guideline's G5: channel pruning (a smaller dense model: speed) or magnitude pruning (zeros stored sparse:
     memory), fine-tuned with KD, measured against the dense original in the same run."""
     from .algorithms import pruning
 

@@ -1,4 +1,4 @@
-"""``edgeslim plan``: seed 003's lightweighting guideline, planned by cost: stop at the cheapest road that meets the target.
+"""``edgeslim plan``: the TTA lightweighting guideline, planned by cost: stop at the cheapest road that meets the target.
 
 First the quantization roads that leave the structure alone, cheapest first (``plan_roads``): W8A8 (G3), fewer
 weight bits with BRECQ / AdaRound where the target packs them (G3), mixed precision by sensitivity (G4), FP16
@@ -373,7 +373,7 @@ def mp_calibrated(d: Deployable, ctx: Context):
 def step_g5(d: Deployable, ctx: Context, memory_binds: bool) -> str | None:
     from .algorithms import pruning
 
-    if memory_binds:  # magnitude pruning: memory (seed 003 G5)
+    if memory_binds:  # magnitude pruning: memory (the TTA guideline G5)
         sparsity, how = ctx.options.sparsity, "given"
         if sparsity is None:  # just enough for the size budget, counted in the format the model will be deployed in
             bits = lowest_bits(ctx)

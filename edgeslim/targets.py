@@ -1,9 +1,9 @@
 """Deployment targets as data: which operations a device runs in integer / half precision, which bit widths,
 which scale rule, how wide its accumulator is.
 
-Every lightweighting step checks the target (seed 003: "check the requirement after each step"); operations the
+Every lightweighting step checks the target (the TTA guideline: "check the requirement after each step"); operations the
 target cannot run in integer stay FP32 with quantize / dequantize around them (a float island of a
-``MixedPlan``), and the report lists them, as seed 003 notes for transposed convolutions on its NPU.
+``MixedPlan``), and the report lists them, as the TTA guideline notes for transposed convolutions on its NPU.
 
 Presets (``TARGETS``); a target file is JSON with the same fields::
 

@@ -1,6 +1,6 @@
-"""Replace a classifier's feature extractor by a light backbone (seed 003, guideline G1).
+"""Replace a classifier's feature extractor by a light backbone (TTA guideline G1).
 
-The TTA report (seed 003, section 6.1.1, G1) recommends, when a network's backbone was chosen for accuracy
+The TTA report (section 6.1.1, G1) recommends, when a network's backbone was chosen for accuracy
 first, replacing it by a light network such as MobileNet or ShuffleNet, with two cautions: the new backbone's
 output must have the tensor size the rest of the network expects (add Conv / DWConv layers where it does
 not), and every operation of the light network must be supported by the target (else prefer another light
@@ -31,7 +31,7 @@ PCKh 81.4 -> 77.7 after retraining).
 **The new backbone is randomly initialized**: no pretrained weights can be downloaded here. Only the head keeps
 trained weights, so the new model is useless until trained: fine-tune the whole model with distillation from
 the original (Hinton et al. 2015), ``finetune(new, data, FinetuneConfig(epochs=...), teacher=original)``. The
-accuracy it reaches depends on that training budget (seed 003's case study retrains the whole network).
+accuracy it reaches depends on that training budget (the TTA guideline's case study retrains the whole network).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Factorize heavy convolutions into cheaper ones, initialized by SVD (seed 003, guideline G2).
+"""Factorize heavy convolutions into cheaper ones, initialized by SVD (TTA guideline G2).
 
-The TTA report (seed 003, section 6.1.2, G2) recommends, for a convolution that dominates the MACs,
+The TTA report (section 6.1.2, G2) recommends, for a convolution that dominates the MACs,
 factorizing along the channel dimension (a 1x1 "bottleneck" before the heavy conv or transposed conv; its case
 study puts a 1x1 conv before every deconv of PoseResNet) or across kernel and channel dimensions (a
 depthwise-separable replacement), and *not* along the kernel dimension (3x3 kernels are what embedded
@@ -96,7 +96,7 @@ def _check(conv: nn.Module, method: str) -> None:
                             "pick a conv with a kxk kernel (k > 1)")
     if method == "separable" and isinstance(conv, nn.ConvTranspose2d):
         raise EdgeslimError("depthwise-separable replacement supports nn.Conv2d only: use method='bottleneck' "
-                            "for a ConvTranspose2d (a 1x1 reduction before the deconv, as in seed 003 G2)")
+                            "for a ConvTranspose2d (a 1x1 reduction before the deconv, as in the TTA guideline G2)")
 
 
 def _check_rank(rank: object) -> int:
@@ -342,7 +342,7 @@ def _output_sqnr(old: nn.Module, new: nn.Module, in_shape: tuple[int, ...], seed
 def factorize(model: nn.Module, input_shape: tuple[int, ...], *, layers: list[str] | None = None,
               method: str = "separable", macs_reduction: float = 0.5,
               rank: int | None = None) -> tuple[nn.Module, FactorizeRecord]:
-    """Replace the chosen convs of a deep copy of ``model`` by SVD-initialized factorizations (seed 003 G2).
+    """Replace the chosen convs of a deep copy of ``model`` by SVD-initialized factorizations (the TTA guideline G2).
 
     ``layers`` are module paths (``layer3.0.conv2``); None picks ``choose_layers(model, input_shape)``.
     ``rank`` (the bottleneck width, or the depth multiplier for "separable") applies to every layer; without it

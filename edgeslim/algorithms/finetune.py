@@ -1,7 +1,7 @@
 """Fine-tuning a float model after a structural change (pruning, factorization, a new backbone), with
 distillation from the original model.
 
-Seed 003 fine-tunes after every lightweighting step; distilling from the unchanged model (Hinton et al. 2015,
+The TTA guideline fine-tunes after every lightweighting step; distilling from the unchanged model (Hinton et al. 2015,
 "Distilling the knowledge in a neural network") needs no labels beyond the training images and recovers most of
 what the change cost. The run is the shared training loop (``train.loop``: SGD with Nesterov momentum, a cosine
 schedule, the random crop / flip augmentation, BN in training mode, checkpoints with exact resume).

@@ -13,7 +13,7 @@ The score is a ``Metric``, so the same sweeps and search serve every task: top-1
   precision, the rest quantized) and its mirror (one layer quantized, the rest high precision), with the
   metric, output SQNR and MSE per layer.
 * ``default_groups`` / ``group_table``: named groups of layers by module-name patterns and every
-  FP32 / INT8 combination of them (seed 002's Table 2 over backbone / neck / head).
+  FP32 / INT8 combination of them (Shin and Shin's Table 2 over backbone / neck / head).
 * ``search``: greedy by sensitivity with verification: layers are promoted to the high precision in
   sensitivity order and every step is evaluated, until the budget holds; a trimming pass then tries to
   drop each promotion again (least sensitive first) and keeps the drop when the budget still holds.
@@ -214,7 +214,7 @@ def evaluate_plans(gm: fx.GraphModule, config: PTQConfig, reference: MixedPlan |
     """Score many plans that each differ a little from ``reference``, reusing the reference's activations.
 
     Per batch, the reference plan runs once with every node's output kept; each plan then recomputes
-    only the nodes downstream of the quantizers and layers it changes (seed 000's sweep changes one
+    only the nodes downstream of the quantizers and layers it changes (Jang et al.'s sweep changes one
     layer, so most of the network is reused). Exactly the same outputs as ``evaluate_plan``.
     """
     metric = as_metric(metric)
@@ -310,7 +310,7 @@ def _default(config: PTQConfig) -> LayerPrecision:
 
 
 def keep_high_plan(layer: str, high: LayerPrecision) -> MixedPlan:
-    """Seed 000: ``layer`` at high precision, everything else at the config's bits."""
+    """Jang et al.: ``layer`` at high precision, everything else at the config's bits."""
     return MixedPlan(((layer, high),))
 
 
@@ -413,7 +413,7 @@ def group_plan(groups: dict[str, tuple[str, ...]], precisions: dict[str, LayerPr
 
 
 def group_combinations(names: list[str], max_groups: int = 6) -> list[tuple[str, ...]]:
-    """Which groups are quantized, for every row of seed 002's Table 2: all subsets (up to 2^6), else
+    """Which groups are quantized, for every row of Shin and Shin's Table 2: all subsets (up to 2^6), else
     none / each one alone / all but one / all."""
     k = len(names)
     if k <= max_groups:
@@ -517,7 +517,7 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metri
     """Choose per-layer precisions under ``budget`` (greedy by sensitivity, verified at every step).
 
     ``metric`` scores a plan from the model's outputs (``top1_metric(labels)``, ``sqnr_metric()``; labels alone
-    mean top-1). ``order`` is the promotion order (most sensitive first); without it seed 000's keep-high sweep
+    mean top-1). ``order`` is the promotion order (most sensitive first); without it Jang et al.'s keep-high sweep
     is run here. Scores are measured on ``x`` (a held-out subset); the caller verifies the chosen plan on the
     test set.
     """

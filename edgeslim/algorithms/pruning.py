@@ -1,4 +1,4 @@
-"""Pruning (seed 003, guideline G5): channel pruning for speed, magnitude pruning for memory.
+"""Pruning (TTA guideline G5): channel pruning for speed, magnitude pruning for memory.
 
 The report's advice: unstructured weight pruning only saves memory (the zeros are still multiplied on
 dense hardware), so use it when storage is the problem, and set the rate before training since fine-tuning
@@ -417,7 +417,7 @@ def _formats(t: torch.Tensor, value_bits: float) -> dict[str, int]:
 def sparse_size_bytes(model_or_state_dict, *, value_bits: int | None = None) -> SparseSize:
     """Bytes to store each tensor in its smallest format: dense, bitmask, or CSR (int16 / int32 column
     indices, int32 row pointers). ``value_bits=None`` uses each tensor's dtype (what ``write_sparse``
-    writes); 8 asks what int8 weights would take. Seed 003 G5: zeros save memory only when stored so."""
+    writes); 8 asks what int8 weights would take. The TTA guideline G5: zeros save memory only when stored so."""
     rows = []
     for name, t in _state(model_or_state_dict).items():
         bits = value_bits if value_bits is not None else t.element_size() * 8

@@ -9,7 +9,7 @@ Where quantizers go (the rule the lowering and the exporter rely on):
 * the output of every conv, linear, add, cat and average pool gets its own quantizer (residual adds and
   concatenations *requantize* their inputs to a fresh output scale, as QLinearAdd / QLinearConcat do);
 * with fusion on, a ReLU right after a conv or an add is absorbed: the quantizer goes after the ReLU
-  and its scale replaces the producer's (seed 001). With fusion off, both get a quantizer;
+  and its scale replaces the producer's (Lee et al., ETRI). With fusion off, both get a quantizer;
 * any other elementwise activation (SiLU, sigmoid, leaky ReLU, ...) is a table on codes: its input and its
   output each get a quantizer (the conv before a SiLU keeps its own output quantizer);
 * max pooling, slicing, zero padding, flatten, reshape / transpose, splits and nearest upsampling keep their
@@ -136,7 +136,7 @@ def act_spec(config: PTQConfig, p: Precision) -> QuantSpec:
 def assign_precisions(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None) -> None:
     """Set every weighted layer's weight spec and every activation quantizer's spec from ``plan``.
 
-    A quantizer takes the highest precision asked for by the layers that read it (seed 000 keeps a
+    A quantizer takes the highest precision asked for by the layers that read it (Jang et al. keeps a
     layer in FP32 by running it on FP32 inputs; its output is quantized again for the next layer).
     """
     plan, default = plan or MixedPlan(), config.default_precision

@@ -251,7 +251,7 @@ def confusion_matrix(
     to ``m[det_cls, gt_cls]`` (off-diagonal: right place, wrong class); an unmatched ground
     truth to ``m[nc, gt_cls]`` (last row: missed); an unmatched detection to ``m[det_cls, nc]``
     (last column: false positive). ``m[nc, nc]`` stays 0: detection has no true negatives.
-    Seed 000 scores its yolov3-tiny variants this way, detected objects against labels at IoU 0.5.
+    Jang et al. scores its yolov3-tiny variants this way, detected objects against labels at IoU 0.5.
     """
     m = np.zeros((num_classes + 1, num_classes + 1), np.int64)
     for db, ds, dc, gb, gc in _check(detections, targets, num_classes):
@@ -282,7 +282,7 @@ def precision_recall_f1(matrix: np.ndarray) -> dict:
     FN = column c minus TP (true c: predicted as another class or missed). P = TP/(TP+FP),
     R = TP/(TP+FN), F1 = 2PR/(P+R), with 0/0 read as 0. Classes with no TP, FP or FN are NaN
     and left out of the macro means. Micro sums TP/FP/FN over classes. ``accuracy`` is
-    TP/(TP+FP+FN): seed 000 reports a single "accuracy" from its confusion matrix without
+    TP/(TP+FP+FN): Jang et al. reports a single "accuracy" from its confusion matrix without
     defining it, and with no true negatives in detection this is the fraction of correct
     outcomes among all of them.
     """

@@ -1,6 +1,6 @@
 """Channel dependency groups: which channels of which layers must be removed together.
 
-Channel pruning (seed 003, G5: structured pruning is the kind that buys speed, He et al. 2017; Li et al.
+Channel pruning (TTA guideline G5: structured pruning is the kind that buys speed, He et al. 2017; Li et al.
 2017) deletes whole output filters. Deleting filter ``i`` of a conv also deletes channel ``i`` of the BN
 after it, and input channel ``i`` of every layer that reads it; a residual add ties the channels of all of
 its inputs together (index by index), a concatenation shifts them by the preceding inputs' widths, a

@@ -48,7 +48,7 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
 def fuse_conv_act(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace Conv2d -> ReLU/ReLU6 by one ``ConvAct`` so a single quantizer follows the activation.
 
-    This is seed 001's scale substitution: the activation's output scale replaces the conv's output
+    This is Lee et al.'s scale substitution: the activation's output scale replaces the conv's output
     scale, removing one quantize step (and the precision it loses).
     """
     for node in list(gm.graph.nodes):

@@ -1,7 +1,7 @@
 """ShuffleNetV2 feature extractor (Ma et al., "ShuffleNet V2: Practical Guidelines for Efficient CNN
 Architecture Design", ECCV 2018) with a width multiplier and a chosen number of stride-2 layers.
 
-Used by ``edgeslim.algorithms.backbone`` as a light replacement backbone (seed 003, G1). The layout follows
+Used by ``edgeslim.algorithms.backbone`` as a light replacement backbone (TTA guideline G1). The layout follows
 the reference implementation (megvii ``ShuffleNetV2``, also what ``fastestdet.ShuffleNetV2`` loads):
 ``first_conv`` 3x3 conv-BN-ReLU (-> 24 channels), a 3x3/2 max pool, then ``stage2..4`` of (4, 8, 4) units.
 

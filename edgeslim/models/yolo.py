@@ -11,7 +11,7 @@ concat / nearest upsample / max pool (and zero padding for YOLOv3-tiny), so ``to
 the integer engine can run all of it; the sigmoid and grid decoding happen afterwards in numpy
 (``YoloV5Decoder`` / ``YoloV3Decoder``), in float, where they cost nothing on the device budget.
 
-Groups for partial quantization (seed 002): ``backbone`` = the layer list's backbone rows, ``neck`` = its
+Groups for partial quantization (Shin and Shin): ``backbone`` = the layer list's backbone rows, ``neck`` = its
 head rows except ``Detect``, ``head`` = ``Detect`` (the output convs); see ``detection_groups``.
 """
 

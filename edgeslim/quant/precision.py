@@ -1,7 +1,7 @@
 """Precisions a tensor or a layer's weights can take: integer 2..16 bits, FP16, FP32.
 
 Written as short tokens in plan files and on the command line: ``int8``, ``int4``, ``int16`` (or just
-``8``), ``fp16``, ``fp32`` (or ``32``, seed 002's notation). They are ordered by how much information they keep
+``8``), ``fp16``, ``fp32`` (or ``32``, Shin and Shin's notation). They are ordered by how much information they keep
 (``int2 < ... < int16 < fp16 < fp32``), so a tensor read by several layers takes the highest precision
 any of them asks for (``highest``).
 
@@ -39,7 +39,7 @@ class Precision:
         text = str(token).strip().lower()
         if text in FLOAT_KINDS:
             return cls(text, 16 if text == "fp16" else 32)
-        if text == "32":  # seed 002's notation (B,N,H = 8/32): there is no int32 precision, 32 means FP32
+        if text == "32":  # Shin and Shin's notation (B,N,H = 8/32): there is no int32 precision, 32 means FP32
             return cls("fp32", 32)
         digits = text[3:] if text.startswith("int") else text
         if digits.isascii() and digits.isdigit():  # ASCII only: int() reads other scripts' digits

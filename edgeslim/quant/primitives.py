@@ -44,7 +44,7 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 def pow2_scale(scale: torch.Tensor) -> torch.Tensor:
     """Round a scale *up* to the next power of two so the calibrated range still fits.
 
-    Power-of-two scales turn every requantization into a bit shift (VTA, seed 001).
+    Power-of-two scales turn every requantization into a bit shift (VTA, Lee et al., ETRI).
     """
     return torch.exp2(torch.ceil(torch.log2(scale.clamp_min(_EPS))))
 
@@ -62,7 +62,7 @@ def choose_qparams(
 
     Works per tensor (0-d inputs) or per channel (1-d inputs).
 
-    * symmetric: zero point 0; ``scale = max(|min|, |max|) / qmax`` (seed 001, eq. 1). With
+    * symmetric: zero point 0; ``scale = max(|min|, |max|) / qmax`` (Lee et al., ETRI, eq. 1). With
       ``signed=False`` (a non-negative tensor such as a ReLU output) the whole unsigned range is used.
     * asymmetric: the range is widened to include 0 (so zero padding and ReLU are exact), then
       ``scale = (max - min) / (qmax - qmin)`` and ``zero_point = qmin - round(min / scale)``.

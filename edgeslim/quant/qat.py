@@ -5,7 +5,7 @@ of integers:
 
 * ``uniform``: every integer in ``[qmin, qmax]`` (the PTQ grid of the previous stages);
 * ``pot``: zero and signed powers of two, ``{0, 2^0, 2^1, ..., 2^E}`` (Miyashita et al. 2016);
-* ``apot``: additive powers of two (Li et al. 2020, seed 004 eq. 4): sums of ``n`` terms, term ``i`` taking
+* ``apot``: additive powers of two (Li et al. 2020, Kim et al. eq. 4): sums of ``n`` terms, term ``i`` taking
   ``0`` or ``2^-(i + j n)``; the exponents of different terms never collide, so every sum is distinct.
 
 Non-uniform levels are kept as *integers* (each a power of two or a sum of ``n`` of them, times a common
