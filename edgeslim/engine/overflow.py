@@ -34,6 +34,9 @@ class _Layer:
         self.events = np.zeros(out_channels, dtype=np.int64)
 
 
+_HIST_CHUNK = 1 << 16  # input values per bincount call of count_products_out_of_int8
+
+
 def count_products_out_of_int8(cols: np.ndarray, wk: np.ndarray) -> np.ndarray:
     """cols (G, M, K) zero-point-corrected inputs, wk (G, O, K) weights -> (G, O) counts of
     products outside [-128, 127]."""
@@ -41,11 +44,18 @@ def count_products_out_of_int8(cols: np.ndarray, wk: np.ndarray) -> np.ndarray:
     out = np.zeros(wk.shape[:2], dtype=np.int64)
     if M == 0:
         return out
+    step = max(1, _HIST_CHUNK // max(K, 1))
     for g in range(G):
-        c = cols[g].astype(np.int64)
+        c = cols[g]
         dmin, dmax = int(c.min()), int(c.max())
         V = dmax - dmin + 1
-        hist = np.bincount((c - dmin + np.arange(K, dtype=np.int64) * V).ravel(), minlength=K * V).reshape(K, V)
+        offsets = np.arange(K, dtype=np.intp) * V - dmin      # tap k's values in bins [k V, (k + 1) V)
+        hist = np.zeros(K * V, dtype=np.int64)
+        for m0 in range(0, M, step):                          # rows in chunks: small temporaries, in cache
+            idx = c[m0:m0 + step].astype(np.intp)
+            idx += offsets
+            hist += np.bincount(idx.ravel(), minlength=K * V)
+        hist = hist.reshape(K, V)
         cum = np.concatenate([np.zeros((K, 1), np.int64), np.cumsum(hist, axis=1)], axis=1)  # cum[k, j]: d < dmin + j
         w = wk[g].astype(np.int64)
         a = np.abs(w)
