@@ -66,6 +66,7 @@ def _weighted(q):
     return [(str(n.target), ops.module(q.model, n)) for n in ptq.weighted_nodes(q.model)]
 
 
+@pytest.mark.slow  # 17-23 s each: the fast suite's two slowest tests
 @pytest.mark.parametrize("method", ["adaround", "brecq"])
 def test_learned_codes_stay_within_floor_and_ceil(net, calib, method):
     q = api.quantize(net, calib, PTQConfig(w_bits=3, a_bits=8, algorithms=(method,), iters=60))

@@ -44,26 +44,22 @@ def ptq_config(args):
     return config
 
 
-def task_name(args, info) -> str:
-    """The task ``--task auto`` stands for: detect for detectors, classify for labelled data, else fidelity."""
+def task_name(args, info, sources: tuple | None = None) -> str:
+    """The task ``--task auto`` stands for: detect for detectors, classify when every data source (default
+    ``--data`` and ``--calib-data``) is labelled, else fidelity."""
     from ..data.inputs import has_labels
 
     if args.task != "auto":
         return args.task
     if info.task == "detect":
         return "detect"
-    return "classify" if has_labels(args.data) and has_labels(args.calib_data) else "fidelity"
+    sources = (args.data, args.calib_data) if sources is None else sources
+    return "classify" if all(has_labels(s) for s in sources) else "fidelity"
 
 
 def qat_task_name(args, info) -> str:
-    """``qat --task auto``: detect for detectors, classify when both data sets are labelled, else fidelity."""
-    from ..data.inputs import has_labels
-
-    if args.task != "auto":
-        return args.task
-    if info.task == "detect":
-        return "detect"
-    return "classify" if has_labels(args.train_data) and has_labels(args.data) else "fidelity"
+    """``qat --task auto``: as ``task_name``, over ``--train-data`` and ``--data``."""
+    return task_name(args, info, (args.train_data, args.data))
 
 
 def classify_data(args, info):
