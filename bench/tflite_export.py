@@ -33,6 +33,7 @@ from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
 from edgeslim.export.onnx_qdq import save_onnx, to_onnx
 from edgeslim.export.tflite import prepare_graph, to_tflite
+from edgeslim.export.tflite_gap import isolated_differences, output_agreement
 from edgeslim.export.tflm import arena_bytes
 from edgeslim.intgraph import QParams
 from edgeslim.models import build_model
@@ -102,6 +103,55 @@ def _paired_latency(fb: bytes, onnx_path: Path, shape, rounds: int) -> dict:
             "litert_over_ort": ort_eval.paired_ratio(times, "litert_xnnpack", "ort_int8")}
 
 
+def _gap(onnx_path: Path, fb: bytes, x: np.ndarray, logits: list | None = None) -> dict:
+    """The INT8 ONNX file in onnxruntime against the .tflite (LiteRT reference kernels and XNNPACK) on the same float
+    inputs ``x``, one image at a time: per output, SQNR and (for outputs dequantized from int8 codes) the share of
+    identical outputs; and each layer alone (``isolated_differences``, on ``x[:1]``) for both activation forms, on
+    the file read back (``import_qdq``)."""
+    import onnx
+
+    from edgeslim.analysis import output_steps
+    from edgeslim.export.tflm import litert_runner
+    from edgeslim.io.onnx_qdq_import import import_qdq
+    from edgeslim.jobs_export import without_identities
+
+    sess = ort_eval.session(onnx_path, threads=1)
+    names = [o.name for o in sess.get_outputs()]
+    ort = [np.concatenate(c) for c in zip(*[sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})
+                                             for i in range(len(x))])]
+    try:
+        g = import_qdq(without_identities(onnx.load(str(onnx_path))))
+        steps = output_steps(g)
+    except EdgeslimError as exc:  # the importer's limits (FastestDet.onnx's batch-folding reshapes)
+        print(f"[gap] {onnx_path}: not read back ({exc})", file=sys.stderr, flush=True)
+        g, steps = None, {}
+    result: dict = {"images": int(len(x))}
+    for key, reference in (("litert_reference", True), ("litert_xnnpack", False)):
+        got = litert_runner(fb, reference=reference)(x)
+        result[key] = {n: output_agreement(a, b, steps.get(n)) for n, a, b in zip(names, ort, got)}
+    if g is not None:
+        result["isolated"] = {act: isolated_differences(g, prepare_graph(g, activations=act, logits=logits), x[:1])
+                              for act in ("table", "builtin")}
+    return result
+
+
+def _gap_text(gap: dict) -> str:
+    parts = []
+    for key in ("litert_reference", "litert_xnnpack"):
+        per = gap[key].values()
+        sq = min(r["sqnr_db"] for r in per)
+        same = [r["identical_share"] for r in per if "identical_share" in r]
+        parts.append(f"{key} " + (f"{100 * min(same):.2f} % identical outputs (max "
+                                  f"{max(r['max_diff_steps'] for r in per if 'max_diff_steps' in r):g} steps), "
+                                  if same else "") + f"SQNR {sq:.1f} dB")
+    text = f"onnxruntime INT8 vs .tflite on {gap['images']} images (worst output): {'; '.join(parts)}"
+    for act, rows in gap.get("isolated", {}).items():
+        diff = [f"{op} {100 * r['share']:.3f} % (max {r['max_diff']})" for op, r in rows.items() if r["different"]]
+        text += (f"; each layer alone, fed onnxruntime's codes, `{act}` activations: "
+                 f"{', '.join(diff) or 'no difference'}, other ops identical")
+    return text
+
+
 def resnet20(args, shared: Path, work: Path) -> dict:
     model, info = build_model("resnet20", shared / "models/resnet20_cifar10jpeg.pt")
     pre = Preprocess(info.input_shape, info.mean, info.std)
@@ -145,10 +195,13 @@ def resnet20(args, shared: Path, work: Path) -> dict:
         same = f"{100 * float(np.mean(np.all(v == eng[:n], axis=1))):.2f} %" if integer else "-"
         worst = f"{float(np.abs(v - eng[:n]).max() / lsb):.0f}" if integer else "-"
         rows.append([k, n, metrics.top1(v, y[:n]), metrics.top1(eng[:n], y[:n]), same, worst,
-                     int(np.sum(v.argmax(1) != logits["ort_int8"][:n].argmax(1)))])
+                     int(np.sum(v.argmax(1) != logits["ort_int8"][:n].argmax(1))),
+                     "-" if k == "ort_int8" else f"{output_agreement(logits['ort_int8'][:n], v)['sqnr_db']:.1f}"])
+    gap = _gap(onnx_path, fb, x[:args.gap_images], logits=[tg.qparams[o] for o in
+                                                           (n.outputs[0] for n in tg.nodes if n.attrs.get("tflite_logits"))])
     lat = _paired_latency(fb, onnx_path, info.input_shape, args.latency_rounds)
     return {"rows": rows, "bytes": len(fb), "arena": arena_bytes(fb, (1, *xn.shape[1:])), "ops": finfo["ops"],
-            "latency": lat, "ref_ms": t_ref / n_ref * 1e3, "tflm_ms": t_tflm / n_tflm * 1e3,
+            "latency": lat, "gap": gap, "ref_ms": t_ref / n_ref * 1e3, "tflm_ms": t_tflm / n_tflm * 1e3,
             "convs": finfo["ops"].get("CONV_2D", 0), "float_ops": finfo["float_ops"]}
 
 
@@ -183,7 +236,9 @@ def mobilenet_v2(args, shared: Path, work: Path) -> dict:
     s = run_quantize(model, replace(info, input_shape=shape), Fidelity(calib, x, batch_size=32),
                      PTQConfig(calib_size=128), out, formats=("onnx", "tflite", "tflm"))
     fb = (out / "model_int8.tflite").read_bytes()
+    logits = [QParams(float(r["scale"]), int(r["zero_point"]), 8, True) for r in s["tflite"].get("logit_qparams", [])]
     return {"summary": {k: s[k] for k in ("onnx_int8", "tflite", "mcu", "inputs")},
+            "gap": _gap(out / "model_int8.onnx", fb, x[:args.gap_images], logits=logits or None),
             "latency": _paired_latency(fb, out / "model_int8.onnx", shape, args.latency_rounds)}
 
 
@@ -193,6 +248,7 @@ def detectors(args, shared: Path, work: Path) -> dict:
     import onnx
 
     from bench.detect_coco128 import CALIB, _data, models
+    from edgeslim.detect_task import calibration_images
     from edgeslim.detect_task import DetectOptions
     from edgeslim.jobs_quantize import run_quantize
     from edgeslim.tasks import Detect
@@ -213,7 +269,12 @@ def detectors(args, shared: Path, work: Path) -> dict:
         fb = (out / "model_int8.tflite").read_bytes()
         dims = onnx.load(str(out / "model_int8.onnx")).graph.input[0].type.tensor_type.shape.dim
         shape = tuple(d.dim_value for d in dims[1:])
+        model, info = zoo[name]()
+        x_gap = calibration_images(_data(shared, info.input_shape[1])[1], args.gap_images, 0, info)
+        logits = [QParams(float(r["scale"]), int(r["zero_point"]), 8, True)
+                  for r in s["tflite"].get("logit_qparams", [])]
         result[name] = {"summary": {k: s[k] for k in ("onnx_fp32", "onnx_int8", "tflite", "mcu", "images")},
+                        "gap": _gap(out / "model_int8.onnx", fb, x_gap, logits=logits or None),
                         "latency": _paired_latency(fb, out / "model_int8.onnx", shape, args.detect_rounds),
                         "activations": _activation_variants(name, out, s, zoo, shared, args)}
     return result
@@ -285,14 +346,14 @@ def report(results: dict, args) -> str:
             "engine's `tflite` mode on the same images; identical = every logit of the image equal to the engine's.",
             "",
             table(["runtime", "images", "top-1", "engine top-1 (same images)", "identical to engine",
-                   "max logit diff (LSB)", "argmax != ORT INT8"], r["rows"]),
+                   "max logit diff (LSB)", "argmax != ORT INT8", "logits SQNR vs ORT INT8 dB"], r["rows"]),
             "",
             f"File {r['bytes']:,} bytes (flash), TFLM arena {r['arena']:,} bytes; {r['convs']} CONV_2D (int8), "
             f"float ops: {', '.join(r['float_ops']) or 'none'}; ops {r['ops']}. Reference kernels "
             f"{r['ref_ms']:.1f} ms / image, TFLM {r['tflm_ms']:.1f} ms / image (Python interpreter).",
             f"Latency at batch 1, one thread, paired over {args.latency_rounds} rounds: LiteRT XNNPACK "
             f"{lat['litert_xnnpack_ms']:.3f} ms, onnxruntime INT8 {lat['ort_int8_ms']:.3f} ms, "
-            f"ratio {lat['litert_over_ort']:.2f}x.", ""]
+            f"ratio {lat['litert_over_ort']:.2f}x.", *([_gap_text(r["gap"]) + ".", ""] if "gap" in r else [""])]
     m = results.get("mobilenet_v2")
     if m:
         s, lat = m["summary"], m["latency"]
@@ -315,7 +376,7 @@ def report(results: dict, args) -> str:
             f"{s['mcu']['ram_bytes']:,} bytes; ops {t['ops']}.",
             f"Latency at batch 1, one thread, paired over {args.latency_rounds} rounds: LiteRT XNNPACK "
             f"{lat['litert_xnnpack_ms']:.2f} ms, onnxruntime INT8 {lat['ort_int8_ms']:.2f} ms, "
-            f"ratio {lat['litert_over_ort']:.2f}x.", ""]
+            f"ratio {lat['litert_over_ort']:.2f}x.", *([_gap_text(m["gap"]) + ".", ""] if "gap" in m else [""])]
     d = results.get("detect")
     if d:
         rows, notes = [], []
@@ -335,7 +396,8 @@ def report(results: dict, args) -> str:
                          f"{t['engine_vs_runtimes']['images']} calibration images (raw head outputs): "
                          f"{_agreement_text(t['engine_vs_runtimes'])}; latency batch 1, one thread, paired over "
                          f"{args.detect_rounds} rounds: LiteRT XNNPACK {lat['litert_xnnpack_ms']:.1f} ms, "
-                         f"onnxruntime INT8 {lat['ort_int8_ms']:.1f} ms, ratio {lat['litert_over_ort']:.2f}x.")
+                         f"onnxruntime INT8 {lat['ort_int8_ms']:.1f} ms, ratio {lat['litert_over_ort']:.2f}x"
+                         + (f"; {_gap_text(v['gap'])} (val2017)." if "gap" in v else "."))
         act_rows = []
         for name, v in d.items():
             for act, r in (v.get("activations", {}) if isinstance(v, dict) else {}).items():
@@ -410,6 +472,7 @@ def main() -> None:
     ap.add_argument("--detectors", default="fastestdet,yolov5n")
     ap.add_argument("--detect-sim", type=int, default=16, help="detect: images the PyTorch simulation scores")
     ap.add_argument("--detect-rounds", type=int, default=30)
+    ap.add_argument("--gap-images", type=int, default=4, help="images for onnxruntime INT8 vs .tflite agreement")
     ap.add_argument("--note", default="", help="a line on the conditions (e.g. other work sharing the cores)")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     args = ap.parse_args()

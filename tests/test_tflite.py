@@ -768,6 +768,42 @@ def test_import_refuses_unknown_ops_by_name():
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def test_onnx_int8_and_tflite_differ_only_where_their_roundings_do(tmp_path):
+    """One conv + ReLU (default config: this CPU's weight grid) as the INT8 ONNX file in onnxruntime and as the
+    .tflite in LiteRT's reference kernels, on the same inputs: the files hold the same codes and scales, so the
+    outputs differ only where onnxruntime's one float rounding and TFLite's two fixed-point roundings part: by one
+    step, at exactly the outputs where the engine's ``float`` and ``tflite`` forms part (each the oracle-checked
+    twin of one runtime), as many as ``isolated_differences`` counts, under 1 % of them."""
+    from edgeslim.analysis import output_steps
+    from edgeslim.eval import ort as ort_eval
+    from edgeslim.export.onnx_qdq import save_onnx, to_onnx
+    from edgeslim.export.tflite_gap import isolated_differences, output_agreement
+    from edgeslim.export.tflm import litert_runner
+
+    torch.manual_seed(0)
+    model = Seq(_conv(3, 32, 3, padding=1), nn.ReLU()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = api.quantize(model, torch.randn(24, 3, 16, 16), PTQConfig(), batch_size=24)
+    g = q.intgraph
+    x = np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    sess = ort_eval.session(save_onnx(to_onnx(g), tmp_path / "m.onnx"), threads=1)
+    ort = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    tg = prepare_graph(g)
+    fb, _ = to_tflite(tg)
+    lite = litert_runner(fb, reference=True)(x)[0]
+    step = float(np.float32(output_steps(g)[g.output_names[0]]))
+    steps = np.rint(np.abs(ort.astype(np.float64) - lite) / step)
+    assert steps.max() <= 1
+    conv = next(n for n in g.nodes if n.op == "QLinearConv").outputs[0]
+    apart = run(g, x, return_codes=True)[conv] != run(tg, x, requant="tflite", return_codes=True)[conv]
+    assert np.array_equal(steps > 0, apart)
+    assert isolated_differences(g, tg, x)["QLinearConv"]["different"] == int(apart.sum())
+    agree = output_agreement(ort, lite, step)
+    assert agree["identical_share"] == float(np.mean(~apart)) >= 0.99
+
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "models/resnet20_cifar10jpeg.pt").exists(), reason="../shared absent")
 def test_resnet20_tflite_keeps_onnx_accuracy_and_is_exact(tmp_path):
