@@ -23,9 +23,10 @@ def float_line(profile: dict | None) -> None:
           + (f" ({ops})" if ops else "") + f", Q/DQ {share['qdq']:.0%}, data movement {share['movement']:.0%}")
 
 
-def weights_line(s: dict, containers: dict | None) -> None:
-    """One line on how 8-bit weights are stored when this CPU's int8 kernels saturate (x86, AVX2, no VNNI)."""
-    cfg = s.get("config") or {}
+def weights_line(config: dict | None, containers: dict | None) -> None:
+    """One line on how 8-bit weights are stored when this CPU's int8 kernels saturate (x86, AVX2, no VNNI):
+    ``config``: the summary's PTQ config; ``containers``: the INT8 graph's weight containers."""
+    cfg = config or {}
     if cfg.get("w_bits") == 8 and cfg.get("weight_range") == "reduced":
         print("note: 8-bit weights on the 7-bit grid (--weight-range reduced, the default on this CPU: AVX2 without "
               "VNNI), so onnxruntime's fast int8 kernels compute them exactly; --weight-range full for an ARM / VNNI / "
@@ -36,11 +37,12 @@ def weights_line(s: dict, containers: dict | None) -> None:
               "keeps int8 weights exactly (the fast kernel)")
 
 
-def tflite_line(s: dict) -> None:
-    """``--formats tflite / tflm``: the .tflite's score in LiteRT (top-1, mAP or worst SQNR), size, float ops, arena."""
-    if "tflite" not in s:
+def tflite_line(s) -> None:
+    """``--formats tflite / tflm``: the .tflite's score in LiteRT (top-1, mAP or worst SQNR), size, float ops, arena.
+    ``s``: a summary dict, or a ``QuantizeResult``."""
+    t, mcu = (s.get("tflite"), s.get("mcu")) if isinstance(s, dict) else (s.tflite, s.mcu)
+    if t is None:
         return
-    t, mcu = s["tflite"], s.get("mcu")
     score = ""
     if t.get("top1") is not None:
         score = f"top-1 {t['top1']:.4f} in LiteRT, "

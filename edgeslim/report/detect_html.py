@@ -10,36 +10,38 @@ from pathlib import Path
 import numpy as np
 
 from .html import STYLE, plt, png, preprocessing_html, provenance_html, size, table, wide
+from .results import DetectResult
 
 
 def _f(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def model_rows(s: dict) -> list[list]:
+def model_rows(r: DetectResult) -> list[list]:
     """One row per scored model: mAP, P / R / F1, its change vs the FP32 ONNX file, size, latency, speed-up."""
-    lat, sz = s["latency_ms"], s["size_bytes"]
-    base = s["onnx_fp32"]["map50_95"]
-    n_sim = s["quantized"].get("images", s["images"]["test"])
+    lat, sz = r.latency_ms, r.size_bytes
+    base = r.onnx_fp32.map50_95
+    n_sim = r.images["test"] if r.quantized.images is None else r.quantized.images
     rows = []
     for label, key, file in ((f"FP32 (PyTorch, {n_sim} images)", "fp32", None),
                              (f"quantized (fake-quant, PyTorch, {n_sim} images)", "quantized", None),
                              ("FP32 ONNX (onnxruntime)", "onnx_fp32", "fp32"), ("INT8 ONNX (onnxruntime)", "onnx_int8", "int8"),
                              ("integer engine (numpy)", "engine", None)):
-        if key not in s:
+        m = getattr(r, key)
+        if m is None:
             continue
-        r = s[key]
-        delta = f"{100 * (r['map50_95'] - base):+.2f}" if file else ""
-        speed = f"{lat['fp32'] / lat[file]:.2f}x" if file else ""
-        rows.append([label, _f(r["map50"]), _f(r["map50_95"]), delta, _f(r["precision"]), _f(r["recall"]), _f(r["f1"]),
-                     size(sz[file]) if file else "", f"{lat[file]:.2f}" if file else "", speed])
+        ms = getattr(lat, file) if file else None
+        delta = f"{100 * (m.map50_95 - base):+.2f}" if file else ""
+        speed = f"{lat.fp32 / ms:.2f}x" if file else ""
+        rows.append([label, _f(m.map50), _f(m.map50_95), delta, _f(m.precision), _f(m.recall), _f(m.f1),
+                     size(getattr(sz, file)) if file else "", f"{ms:.2f}" if file else "", speed])
     return rows
 
 
-def class_rows(s: dict, names: list[str]) -> list[list]:
+def class_rows(r: DetectResult, names: list[str]) -> list[list]:
     """Per class with ground truth in the test set: boxes, AP@.5 / AP@.5:.95 of FP32 and INT8 ONNX, the change, and
     the INT8 file's tp / fp / fn, precision, recall (at the confusion-matrix score threshold). Worst change first."""
-    f, q = s["onnx_fp32"].get("per_class"), s["onnx_int8"].get("per_class")
+    f, q = r.onnx_fp32.per_class, r.onnx_int8.per_class
     if not f or not q:
         return []
     rows = []
@@ -88,22 +90,25 @@ def confusion_figure(matrix: list[list[int]], names: list[str], max_classes: int
                        "at the right place with the wrong class.</p>")
 
 
-def write_detect_report(s: dict, names: list[str], path: Path) -> Path:
-    cfg, o = s["config"], s["detect_options"]
-    rows = class_rows(s, names)
+def write_detect_report(s, names: list[str], path: Path) -> Path:
+    """``report.html`` of ``quantize --task detect``: ``s`` a ``DetectResult`` or its summary; ``names``: the class
+    names."""
+    r = DetectResult.of(s)
+    cfg, o, images = r.config, r.detect_options, r.images
+    rows = class_rows(r, names)
     parts = [
-        f"<!doctype html><meta charset='utf-8'><title>edgeslim quantize (detect): {html.escape(str(s['model']))}</title>",
+        f"<!doctype html><meta charset='utf-8'><title>edgeslim quantize (detect): {html.escape(str(r.model))}</title>",
         STYLE,
-        f"<h1>edgeslim quantize (detect): {html.escape(str(s['model']))}</h1>",
+        f"<h1>edgeslim quantize (detect): {html.escape(str(r.model))}</h1>",
         f"<p>W{cfg['w_bits']}A{cfg['a_bits']}, {cfg['granularity']} weights, calibrator {cfg['calibrator']}; "
-        f"{s['images']['calibration']} calibration / {s['images']['test']} test images ({s['images']['test_boxes']} "
-        f"boxes) at {s['images']['imgsz']} pixels; quantized in {s['time_to_quantize_s']:.1f} s.</p>",
-        preprocessing_html(s["preprocessing"]) if "preprocessing" in s else "",
+        f"{images['calibration']} calibration / {images['test']} test images ({images['test_boxes']} "
+        f"boxes) at {images['imgsz']} pixels; quantized in {r.time_to_quantize_s:.1f} s.</p>",
+        preprocessing_html(r.preprocessing) if r.has("preprocessing") else "",
         "<h2>mAP, size, latency</h2>",
         f"<p>mAP change in points against the FP32 ONNX file; both files run in onnxruntime on every test image. "
         f"Precision / recall / F1 count detections scored above {o['cm_conf']} matched at IoU {o['cm_iou']}. "
-        f"Latency batch 1, {s['latency_ms']['threads']} thread(s), paired with FP32.</p>",
-        wide(table(model_rows(s), ["model", "mAP@.5", "mAP@.5:.95", "change (points)", "precision", "recall", "F1",
+        f"Latency batch 1, {r.latency_ms.threads} thread(s), paired with FP32.</p>",
+        wide(table(model_rows(r), ["model", "mAP@.5", "mAP@.5:.95", "change (points)", "precision", "recall", "F1",
                                    "ONNX size", "latency ms", "speed-up vs FP32"])),
         "<h2>Per class</h2>",
         "<p>Classes of the test set, largest mAP@.5:.95 loss first; tp / fp / fn, precision and recall of the INT8 "
@@ -111,10 +116,10 @@ def write_detect_report(s: dict, names: list[str], path: Path) -> Path:
         wide(table(rows, ["class", "boxes", "AP@.5 FP32", "AP@.5 INT8", "AP@.5:.95 FP32", "AP@.5:.95 INT8",
                           "change (points)", "tp", "fp", "fn", "precision", "recall"])) if rows else "",
     ]
-    if "confusion_matrix" in s["onnx_int8"]:
+    if r.onnx_int8.confusion_matrix is not None:
         parts += ["<h2>Confusion matrix per class (INT8 ONNX)</h2>",
-                  confusion_figure(s["onnx_int8"]["confusion_matrix"], names)]
-    parts += provenance_html(s.get("provenance"))
+                  confusion_figure(r.onnx_int8.confusion_matrix, names)]
+    parts += provenance_html(r.provenance)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
     tmp.replace(path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..io.atomic import atomic_write_bytes
 from .html import STYLE, plt, png, preprocessing_html, provenance_html, size, table, wide
+from .results import FidelityResult
 
 __all__ = ["write_fidelity_report"]
 
@@ -38,44 +39,46 @@ def sqnr_figure(per_output: dict) -> str:
     return png(fig)
 
 
-def _engine(s: dict) -> list[str]:
-    if "engine_vs_onnx" not in s:
+def _engine(r: FidelityResult) -> list[str]:
+    if r.engine_vs_onnx is None:
         return []
-    rows = [[name, f"{r.get('max_diff_steps', 0.0):.0f}", _db(s["engine"]["fidelity_vs_fp32"][name])]
-            for name, r in s["engine_vs_onnx"].items()]
+    rows = [[name, f"{e.get('max_diff_steps', 0.0):.0f}", _db(r.engine["fidelity_vs_fp32"][name])]
+            for name, e in r.engine_vs_onnx.items()]
     return ["<h2>Integer engine (numpy)</h2>",
             "<p>The engine runs the integer graph; per output, its largest distance from onnxruntime's INT8 result in "
             "output steps (0 = the same codes) and its SQNR against the FP32 file.</p>",
             wide(table(rows, ["output", "steps from onnxruntime", "engine SQNR dB vs FP32"]))]
 
 
-def write_fidelity_report(s: dict, path: Path) -> Path:
-    o, lat, sz = s["onnx_int8"], s["latency_ms"], s["size_bytes"]
-    command = "analyze" if "engine_vs_onnx" in s or "overflow" in s else "quantize"
-    islands = sorted({i["fn"] for i in o.get("float_islands", [])})
-    profile = o.get("float_ops_profile") or {}
+def write_fidelity_report(s, path: Path) -> Path:
+    """``report.html`` of ``quantize`` / ``analyze`` without labels: ``s`` a ``FidelityResult`` or its summary."""
+    r = FidelityResult.of(s)
+    o, lat, sz = r.onnx_int8, r.latency_ms, r.size_bytes
+    command = "analyze" if r.engine_vs_onnx is not None or r.overflow is not None else "quantize"
+    islands = sorted({i["fn"] for i in o.float_islands or []})
+    profile = o.float_ops_profile or {}
     shares = profile.get("time_share", {}) if isinstance(profile, dict) else {}
     parts = [
-        f"<!doctype html><meta charset='utf-8'><title>edgeslim {command}: {html.escape(str(s['model']))}</title>", STYLE,
-        f"<h1>edgeslim {command}: {html.escape(str(s['model']))} (no labels: INT8 vs FP32)</h1>",
-        f"<p>Headline: the worst output's SQNR, <b>{s['headline']['value'] if s['headline']['value'] is not None else 'identical'}"
-        f"</b> dB, on {s['inputs']['test']} inputs (calibrated on {s['inputs']['calibration']}). SQNR is "
+        f"<!doctype html><meta charset='utf-8'><title>edgeslim {command}: {html.escape(str(r.model))}</title>", STYLE,
+        f"<h1>edgeslim {command}: {html.escape(str(r.model))} (no labels: INT8 vs FP32)</h1>",
+        f"<p>Headline: the worst output's SQNR, <b>{r.headline['value'] if r.headline['value'] is not None else 'identical'}"
+        f"</b> dB, on {r.inputs['test']} inputs (calibrated on {r.inputs['calibration']}). SQNR is "
         "10 log10(signal / error) of the INT8 file's output against the FP32 file's; each extra 6 dB halves the error. "
         "LSB: the largest error in steps of the output's quantizer.</p>",
-        sqnr_figure(o["fidelity_vs_fp32"]),
-        wide(table(output_rows(o["fidelity_vs_fp32"]),
+        sqnr_figure(o.fidelity_vs_fp32),
+        wide(table(output_rows(o.fidelity_vs_fp32),
                    ["output", "shape", "SQNR dB", "cosine", "max error", "max error (LSB)", "top-1 agreement"])),
         "<h2>Size and speed</h2>",
-        wide(table([["FP32 ONNX", size(sz["fp32"]), f"{lat['fp32']:.3f}", "1.00x"],
-                    ["INT8 ONNX", size(sz["int8"]), f"{lat['int8']:.3f}", f"{1 / lat['int8_over_fp32']:.2f}x"]],
-                   ["file", "size", f"latency ms (batch {lat['batch']}, {lat['threads']} thread)", "speed-up"])),
-        f"<p>Integer convolutions in onnxruntime's optimized graph: {o['integer_convs']} of {o['total_convs']}. "
+        wide(table([["FP32 ONNX", size(sz.fp32), f"{lat.fp32:.3f}", "1.00x"],
+                    ["INT8 ONNX", size(sz.int8), f"{lat.int8:.3f}", f"{1 / lat.int8_over_fp32:.2f}x"]],
+                   ["file", "size", f"latency ms (batch {lat.batch}, {lat.threads} thread)", "speed-up"])),
+        f"<p>Integer convolutions in onnxruntime's optimized graph: {o.integer_convs} of {o.total_convs}. "
         + (f"Ops kept in float between integer tensors (float islands): {html.escape(', '.join(islands))}. "
            if islands else "No float islands. ")
         + (f"Kernel time by kind: {html.escape(', '.join(f'{k} {v:.0%}' for k, v in shares.items()))}."
            if shares else "") + "</p>",
-        *_engine(s),
-        preprocessing_html(s.get("preprocessing")),
-        *provenance_html(s.get("provenance")),
+        *_engine(r),
+        preprocessing_html(r.preprocessing),
+        *provenance_html(r.provenance),
     ]
     return atomic_write_bytes(path, "\n".join(parts).encode("utf-8"), "report")

@@ -10,6 +10,8 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from .results import ClassifyResult
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -60,25 +62,25 @@ def overflow_heatmap(per_filter: dict, key: str, title: str) -> str:
     return png(fig)
 
 
-def engine_section(s: dict) -> list[str]:
+def engine_section(r: ClassifyResult) -> list[str]:
     """Integer engine and overflow tables (``edgeslim analyze``)."""
     parts = []
-    if "engine" in s:
-        e = s["engine_vs_onnx"]
+    if r.engine is not None:
+        e, opts = r.engine_vs_onnx, r.engine_options
         parts += ["<h2>Integer engine (numpy)</h2>",
-                  wide(table([[s["engine"]["top1"], s["onnx_int8"]["top1"], s["quantized"]["top1"], e["mismatch_fraction"],
-                                e["max_abs_diff"], s["engine_options"]["requant"], s["engine_options"]["accumulator_bits"]]],
+                  wide(table([[r.engine.top1, r.onnx_int8.top1, r.quantized.top1, e["mismatch_fraction"],
+                                e["max_abs_diff"], opts["requant"], opts["accumulator_bits"]]],
                               ["engine top-1", "onnxruntime top-1", "fake-quant top-1", "output elements differing",
                                "max diff (LSB)", "requantization", "accumulator bits"]))]
-        if near_chance(s["engine"]["top1"], s.get("chance_top1")):
+        if near_chance(r.engine.top1, r.chance_top1):
             why = ("so is onnxruntime's: the model itself scores near chance on this data"
-                   if near_chance(s["onnx_int8"]["top1"], s["chance_top1"]) else
+                   if near_chance(r.onnx_int8.top1, r.chance_top1) else
                    "onnxruntime's is not: the engine's arithmetic (accumulator bits, overflow mode, requantization) "
                    "breaks the model")
-            parts.append(f"<p class='warn'>The integer engine's top-1 ({s['engine']['top1']:.4f}) is near chance "
-                         f"({s['chance_top1']:.3f}); {why}.</p>")
-    if "overflow" in s:
-        o = s["overflow"]
+            parts.append(f"<p class='warn'>The integer engine's top-1 ({r.engine.top1:.4f}) is near chance "
+                         f"({r.chance_top1:.3f}); {why}.</p>")
+    if r.overflow is not None:
+        o = r.overflow
         rows = [[r["name"], *(100 * r["product_int8"][k] for k in ("avg", "max", "min")),
                  *(100 * r["sum_int16"][k] for k in ("avg", "max", "min")), r["accumulator_overflows"]] for r in o["layers"]]
         parts += [f"<h2>Overflow statistics ({o['images']} images, {o['accumulator_bits']}-bit accumulator, "
@@ -119,25 +121,29 @@ def near_chance(top1: float, chance: float | None) -> bool:
     return chance is not None and top1 <= chance + 0.1 * (1 - chance)
 
 
-def summary_rows(s: dict) -> list[list]:
+def base_top1(r: ClassifyResult) -> float:
+    """The FP32 model's top-1 every change is measured against: the FP32 ONNX file's (older summaries: ``fp32``)."""
+    return (r.onnx_fp32 if r.onnx_fp32 is not None else r.fp32).top1
+
+
+def summary_rows(r: ClassifyResult) -> list[list]:
     """FP32 (PyTorch on the simulation subset), FP32 ONNX, fake-quant, INT8 ONNX: top-1, change vs the FP32 ONNX
     file (points), flips, size, latency and speed-up vs FP32 ONNX per batch size."""
-    lat, sz = s["latency_ms"], s["size_bytes"]
-    base = s.get("onnx_fp32", s["fp32"])["top1"]
-    n = len(lat["fp32"])
+    lat, sz, q, o = r.latency_ms, r.size_bytes, r.quantized, r.onnx_int8
+    base = base_top1(r)
+    n = len(lat.fp32)
     delta = lambda t: f"{100 * (t - base):+.2f}"  # noqa: E731
-    speed = lambda key: [f"{lat['fp32'][b] / lat[key][b]:.2f}x" for b in lat["fp32"]]  # noqa: E731
-    sim = s["quantized"].get("images", "")
+    sim = "" if q.images is None else q.images
     rows = []
-    if "pytorch_top1_on_subset" in s["fp32"]:
-        rows.append([f"FP32 (PyTorch, {sim} images)", s["fp32"]["pytorch_top1_on_subset"], "", "", "",
+    if r.fp32.pytorch_top1_on_subset is not None:
+        rows.append([f"FP32 (PyTorch, {sim} images)", r.fp32.pytorch_top1_on_subset, "", "", "",
                      *[""] * (2 * n)])
-    rows += [["FP32 ONNX (onnxruntime)", base, "+0.00", "", size(sz["fp32"]),
-              *lat["fp32"].values(), *["1.00x"] * n],
-             [f"quantized (fake-quant, PyTorch, {sim} images)", s["quantized"]["top1"], delta(s["quantized"]["top1"]),
-              s["quantized"]["flips_vs_fp32"], "", *[""] * (2 * n)],
-             ["INT8 ONNX (onnxruntime)", s["onnx_int8"]["top1"], delta(s["onnx_int8"]["top1"]),
-              s["onnx_int8"]["flips_vs_fp32"], size(sz["int8"]), *lat["int8"].values(), *speed("int8")]]
+    rows += [["FP32 ONNX (onnxruntime)", base, "+0.00", "", size(sz.fp32),
+              *lat.fp32.values(), *["1.00x"] * n],
+             [f"quantized (fake-quant, PyTorch, {sim} images)", q.top1, delta(q.top1), q.flips_vs_fp32, "",
+              *[""] * (2 * n)],
+             ["INT8 ONNX (onnxruntime)", o.top1, delta(o.top1), o.flips_vs_fp32, size(sz.int8), *lat.int8.values(),
+              *[f"{lat.fp32[b] / lat.int8[b]:.2f}x" for b in lat.fp32]]]
     return rows
 
 
@@ -182,44 +188,47 @@ def provenance_html(p: dict | None) -> list[str]:
     return ["<h2>Provenance</h2>", f'<table class="prov">{body}</table>']
 
 
-def write_report(s: dict, path: Path) -> Path:
-    lat_cols = [f"latency ms ({k}, {s['latency_ms']['threads']} thread)" for k in s["latency_ms"]["fp32"]]
-    speed_cols = [f"speed-up vs FP32 ({k})" for k in s["latency_ms"]["fp32"]]
-    cfg = s["config"]
-    command = "analyze" if ("engine" in s or "overflow" in s) else "quantize"
-    chance = s.get("chance_top1")
-    rows, marked = layer_rows(s["layers"])
+def write_report(s, path: Path) -> Path:
+    """``report.html`` of ``quantize`` / ``analyze`` for a classifier: ``s`` a ``ClassifyResult`` or its summary."""
+    r = ClassifyResult.of(s)
+    lat = r.latency_ms
+    lat_cols = [f"latency ms ({k}, {lat.threads} thread)" for k in lat.fp32]
+    speed_cols = [f"speed-up vs FP32 ({k})" for k in lat.fp32]
+    cfg, o = r.config, r.onnx_int8
+    command = "analyze" if (r.engine is not None or r.overflow is not None) else "quantize"
+    chance = r.chance_top1
+    rows, marked = layer_rows(r.layers)
     warn = ""
-    if near_chance(s.get("onnx_fp32", s["fp32"])["top1"], chance):
+    if near_chance(base_top1(r), chance):
         warn = (f"<p class='warn'>The FP32 model scores near chance ({chance:.3f}) on this data: check the weights, "
                 "the data and the preprocessing before reading the quantization results.</p>")
     parts = [
-        f"<!doctype html><meta charset='utf-8'><title>edgeslim {command}: {html.escape(str(s['model']))}</title>",
+        f"<!doctype html><meta charset='utf-8'><title>edgeslim {command}: {html.escape(str(r.model))}</title>",
         STYLE,
-        f"<h1>edgeslim {command}: {html.escape(str(s['model']))}</h1>",
+        f"<h1>edgeslim {command}: {html.escape(str(r.model))}</h1>",
         f"<p>W{cfg['w_bits']}A{cfg['a_bits']}, {cfg['granularity']} weights, {cfg['scheme']}, scale {cfg['scale']}, "
         f"calibrator {cfg['calibrator']}, fusion {'on' if cfg['fuse'] else 'off'}; "
-        f"{s['images']['calibration']} calibration / {s['images']['test']} test images; "
-        f"quantized in {s['time_to_quantize_s']:.2f} s.</p>",
-        preprocessing_html(s["preprocessing"]) if "preprocessing" in s else "",
+        f"{r.images['calibration']} calibration / {r.images['test']} test images; "
+        f"quantized in {r.time_to_quantize_s:.2f} s.</p>",
+        preprocessing_html(r.preprocessing) if r.has("preprocessing") else "",
         warn,
         "<h2>Accuracy, size, latency</h2>",
         "<p>Accuracy change in points (top-1 x 100) and speed-up against the FP32 ONNX file, both files run in "
         "onnxruntime on every test image; the PyTorch rows use a class-balanced subset.</p>",
-        wide(table(summary_rows(s), ["model", "top-1", "change vs FP32 (points)", "flips vs FP32", "ONNX size",
+        wide(table(summary_rows(r), ["model", "top-1", "change vs FP32 (points)", "flips vs FP32", "ONNX size",
                                      *lat_cols, *speed_cols])),
         FLIPS,
-        f"<p>onnxruntime runs {s['onnx_int8']['integer_convs']} of {s['onnx_int8']['total_convs']} convolutions as "
+        f"<p>onnxruntime runs {o.integer_convs} of {o.total_convs} convolutions as "
         "integer kernels (QLinearConv). Optimized graph ops: "
-        f"{html.escape(', '.join(f'{k} x{v}' for k, v in s['onnx_int8']['optimized_ops'].items()))}.</p>",
+        f"{html.escape(', '.join(f'{k} x{v}' for k, v in o.optimized_ops.items()))}.</p>",
         "<h2>Per-layer quantization error</h2>",
-        layer_error_plot(s["layers"]),
+        layer_error_plot(r.layers),
         f"<p>Worst layers first (lowest activation SQNR; the {marked} worst highlighted). Activation SQNR is the "
         "error built up to the layer's output, end to end; weight SQNR is the layer's own weight rounding.</p>",
         wide(marked_table(rows, ["tensor", "activation SQNR dB", "weight SQNR dB", "bits", "scale", "zero point",
                                  "type"], marked)),
-        *engine_section(s),
-        *provenance_html(s.get("provenance")),
+        *engine_section(r),
+        *provenance_html(r.provenance),
     ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
