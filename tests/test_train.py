@@ -20,8 +20,8 @@ from torch import nn
 import edgeslim
 from edgeslim import api
 from edgeslim.algorithms import pruning, qat
-from edgeslim.algorithms.finetune import FinetuneConfig, finetune
-from edgeslim.config import PTQConfig
+from edgeslim.algorithms.finetune import finetune
+from edgeslim.config import FinetuneConfig, PTQConfig, QATConfig
 from edgeslim.errors import EdgeslimError
 from edgeslim.train.checkpoint import Checkpoint, params_digest, save_atomic
 from edgeslim.train.data import TrainData, epoch_order
@@ -41,7 +41,7 @@ def _tensors_equal(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _no_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")} for row in history]
 
 
 # -- the loss ----------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def images() -> TrainData:
     return TrainData(x, torch.arange(64) % 5, torch.zeros(3))
 
 
-def _qat_model(cfg: qat.QATConfig, x: torch.Tensor):
+def _qat_model(cfg: QATConfig, x: torch.Tensor):
     gm = api.quantize(make_tiny_resnet(), x, PTQConfig(w_bits=cfg.w_bits, a_bits=cfg.a_bits)).model
     qat.attach(gm, cfg)
     return gm
@@ -75,7 +75,7 @@ def test_qat_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(images, t
     # EWGS with distillation: Hessian probes from the step generators, deltas in buffers, the teacher every step;
     # 4 steps per epoch, 10 steps; checkpoints every 3 steps; killed inside step 8, i.e. after the checkpoint of
     # step 6 (the middle of epoch 2): steps 7 and 8 are lost and redone.
-    cfg = qat.QATConfig(4, 4, method="ewgs", epochs=None, max_steps=10, batch_size=16, lr=0.01, kd=True,
+    cfg = QATConfig(4, 4, method="ewgs", epochs=None, max_steps=10, batch_size=16, lr=0.01, kd=True,
                         kd_weight=0.5, ewgs_every=3)
     teacher = make_tiny_resnet().eval()
     whole = _qat_model(cfg, images.x)
@@ -205,10 +205,10 @@ def test_resume_names_what_differs(images, tmp_path):
 
 
 def test_qat_resume_refuses_other_bits(images, tmp_path):
-    cfg = qat.QATConfig(4, 4, method="lsq", epochs=None, max_steps=2, batch_size=32)
+    cfg = QATConfig(4, 4, method="lsq", epochs=None, max_steps=2, batch_size=32)
     qat.train(_qat_model(cfg, images.x), None, images, cfg, evaluate=lambda m: 0.0, progress=False,
               checkpoint=Checkpoint(tmp_path / "q.pt"))
-    other = qat.QATConfig(3, 4, method="lsq", epochs=None, max_steps=2, batch_size=32)
+    other = QATConfig(3, 4, method="lsq", epochs=None, max_steps=2, batch_size=32)
     with pytest.raises(EdgeslimError, match=r"differs in config \(w_bits 4 -> 3\)"):
         qat.train(_qat_model(other, images.x), None, images, other, evaluate=lambda m: 0.0, progress=False,
                   checkpoint=Checkpoint(tmp_path / "q.pt"), resume=True)

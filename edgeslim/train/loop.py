@@ -121,12 +121,13 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, state: dict, path) ->
 
 def _close_epoch(p: Progress, epoch: int, model: nn.Module, on_epoch, dist: Dist) -> None:
     """The epoch's row in ``p.history``: loss and train top-1 (averaged over processes), the loss per 25 steps,
-    what ``on_epoch(row, model)`` adds, and the seconds (training, then with ``on_epoch``'s evaluation)."""
+    what ``on_epoch(row, model)`` adds, and the seconds (``train_seconds``: the steps alone; ``seconds``: with
+    ``on_epoch``'s evaluation)."""
     row = {"epoch": epoch + 1, "steps": p.step, "loss": p.epoch_loss_sum / max(1, p.epoch_seen),
            "train_top1": p.epoch_correct / max(1, p.epoch_seen),
            "loss_curve": [float(np.mean(p.curve[i:i + 25])) for i in range(0, len(p.curve), 25)]}
     row["loss"], row["train_top1"] = dist.mean(torch.tensor([row["loss"], row["train_top1"]], dtype=torch.float64)).tolist()
-    row["seconds"] = p.epoch_seconds
+    row["seconds"] = row["train_seconds"] = p.epoch_seconds
     t0 = time.perf_counter()
     if on_epoch is not None:
         on_epoch(row, model)
@@ -248,6 +249,7 @@ def fit(model: nn.Module, data: TrainData, recipe: Recipe, *, loss: Loss, teache
     model.eval()
     result = {"history": p.history, "steps": p.step, "steps_per_epoch": spe,
               "seconds": sum(r["seconds"] for r in p.history),
+              "train_seconds": sum(r.get("train_seconds", r["seconds"]) for r in p.history),
               "loss": p.loss_sum / max(1, p.seen), "train_top1": p.correct / max(1, p.seen),
               "resumed_from_step": resumed, "diverged": diverged}
     if dist.world > 1:
