@@ -31,11 +31,15 @@ def setup(args):
     return cfg, model, info, open_dataset(args.train_data, pre, split=args.train_split), test
 
 
-def print_pair(s: dict, a: str, b: str) -> None:
-    """Top-1, MACs, parameters, size and latency of model ``a`` (before) and ``b`` (after), and their latency ratio."""
+def print_pair(s, a: str, b: str) -> None:
+    """Top-1, MACs, parameters, size and latency of model ``a`` (before) and ``b`` (after), and their latency ratio;
+    ``s``: a ``LightenResult`` or its summary dict."""
+    from ..report.results import LightenResult
+
+    res = LightenResult.of(s)
     print(f"\n{'':<14}{'top-1':>8}{'MACs':>14}{'params':>10}{'KiB':>9}{'ms':>9}")
     for k in (a, b):
-        r = s[k]
-        print(f"{k:<14}{r['top1']:>8.4f}{r['macs']:>14,}{r['params']:>10,}{r['size_bytes'] / 1024:>9.1f}"
-              f"{r['latency_ms']:>9.3f}")
-    print(f"latency {b}/{a}: {s[b]['latency_vs_' + a]:.2f}x (batch 1, {s[b]['threads']} thread(s), same run)")
+        r = res.row(k)
+        print(f"{k:<14}{r.top1:>8.4f}{r.macs:>14,}{r.params:>10,}{r.size_bytes / 1024:>9.1f}{r.latency_ms:>9.3f}")
+    after = res.row(b)
+    print(f"latency {b}/{a}: {after.latency_vs(a):.2f}x (batch 1, {after.threads} thread(s), same run)")

@@ -49,6 +49,7 @@ def budget(args, task: str):
 def _mixed(args) -> int:
     from ..config import MeasureOptions
     from ..jobs_mixed import run_mixed
+    from ..report.results import MixedResult
 
     config = ptq_config(args)
     high = high_precision(args, config)
@@ -64,7 +65,7 @@ def _mixed(args) -> int:
     s = run_mixed(model, info, task, config, Path(args.out), budget=limits, high=high,
                   holdout_size=args.holdout_size, holdout_from=args.holdout_from, measure=measure,
                   score_with=args.score_with, on_step=_step_printer(task.metric_key))
-    print_mixed_summary(s, Path(args.out))
+    print_mixed_summary(MixedResult.from_summary(s), Path(args.out))
     return 0
 
 
@@ -81,33 +82,34 @@ def _step_printer(key: str):
     return show
 
 
-def print_mixed_summary(s: dict, out: Path) -> None:
+def print_mixed_summary(s, out: Path) -> None:
     """FP32 / uniform / mixed rows (PyTorch and ONNX scores, size, latency), the budget on the held-out and the test
-    inputs, and the layers kept high."""
+    inputs, and the layers kept high; ``s``: a ``MixedResult`` or its summary dict."""
     from ..report.mixed_html import metric_label
+    from ..report.results import MixedResult
 
-    m, key = s["mixed"], s["metric"]["key"]
-    label = metric_label(s["metric"])
-    n_sim, n_test = s["images"].get("simulation", s["images"]["test"]), s["images"]["test"]
+    r = MixedResult.of(s)
+    m, key, images = r.mixed, r.metric["key"], r.images
+    label = metric_label(r.metric)
+    n_sim, n_test = images.get("simulation", images["test"]), images["test"]
+    mixed_onnx = r.onnx_mixed["score"]
     print(f"\nONNX: the files in onnxruntime on {n_test} test inputs; PyTorch: the simulation on {n_sim} of them")
     print(f"\n{'':<22}{'PyTorch ' + label:>16}{'ONNX ' + label:>13}{'KiB':>9}{'ms b1':>9}")
-    for name, row, onnx in (("FP32", s["fp32"], s["fp32"]["onnx_score"]),
-                            ("uniform " + s["low"], s["uniform"], s["uniform"]["onnx_score"]),
-                            ("mixed", m, s["onnx_mixed"]["score"])):
-        ms = row["latency_ms"] if name == "FP32" else row["latency_ms"]["batch1"]
-        print(f"{name:<22}{fmt_score(row['score'], key):>16}{fmt_score(onnx, key):>13}"
-              f"{row['size_bytes'] / 1024:>9.1f}{ms:>9.3f}")
-    print(f"{'met' if s['met'] else 'NOT met'} on the {s['images']['holdout']} held-out inputs "
-          f"(from --{'calib-data' if s['images']['holdout_from'] == 'calib' else 'data'}): {s['reason']}")
-    b = s["budget"]
+    for name, row, onnx in (("FP32", r.fp32, r.fp32.onnx_score), ("uniform " + r.low, r.uniform, r.uniform.onnx_score),
+                            ("mixed", m, mixed_onnx)):
+        print(f"{name:<22}{fmt_score(row.score, key):>16}{fmt_score(onnx, key):>13}"
+              f"{row.size_bytes / 1024:>9.1f}{row.batch1_ms:>9.3f}")
+    print(f"{'met' if r.met else 'NOT met'} on the {images['holdout']} held-out inputs "
+          f"(from --{'calib-data' if images['holdout_from'] == 'calib' else 'data'}): {r.reason}")
+    b = r.budget
     if b["max_drop"] is not None or b["min_score"] is not None:
-        per_unit, unit = s["metric"]["per_unit"], s["metric"]["unit"]
-        fp32, mixed = s["fp32"]["onnx_score"], s["onnx_mixed"]["score"]
-        have = (f"drop {(fp32 - mixed) * per_unit:.2f} {unit} (budget {b['max_drop']:.2f})"
-                if b["max_drop"] is not None else f"{label} {fmt_score(mixed, key)} (floor {b['min_score']:.2f})")
-        print(f"on the {n_test} test inputs (ONNX): {have}: " + ("within budget" if s["met_on_test"] else
+        per_unit, unit = r.metric["per_unit"], r.metric["unit"]
+        fp32 = r.fp32.onnx_score
+        have = (f"drop {(fp32 - mixed_onnx) * per_unit:.2f} {unit} (budget {b['max_drop']:.2f})"
+                if b["max_drop"] is not None else f"{label} {fmt_score(mixed_onnx, key)} (floor {b['min_score']:.2f})")
+        print(f"on the {n_test} test inputs (ONNX): {have}: " + ("within budget" if r.met_on_test else
               "OVER budget (the held-out inputs are few or unlike the test data: raise --holdout-size, or "
               "--holdout-from data when --calib-data is the training set)"))
-    print(f"high precision ({s['high']}): {', '.join(m['high_precision_layers']) or 'none'} = "
-          f"{m['high_precision_mac_fraction']:.1%} of MACs")
+    print(f"high precision ({r.high}): {', '.join(m.high_precision_layers) or 'none'} = "
+          f"{m.high_precision_mac_fraction:.1%} of MACs")
     print(f"wrote {out}/summary.json, plan.json, model_mixed.onnx, report.html")

@@ -77,8 +77,11 @@ def _plan(args) -> int:
     s = run_plan(model, info, train, test, Path(args.out), target=load_target(args.target), requirement=req,
                  options=opts, train_size=args.train_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
                  resume=args.resume)
-    print_plan(s)
-    print(s["statement"])
+    from ..report.results import PlanResult
+
+    r = PlanResult.from_summary(s)
+    print_plan(r)
+    print(r.statement)
     print(f"wrote {args.out}/summary.json, model_final.onnx")
     return 0
 
@@ -86,14 +89,17 @@ def _plan(args) -> int:
 run = deploying(_plan)
 
 
-def print_plan(s: dict) -> None:
+def print_plan(s) -> None:
     """Every measured candidate (structure, road, held-out / test top-1, latency, size, seconds, why), then every
-    skipped step with its reason."""
+    skipped step with its reason; ``s``: a ``PlanResult`` or its summary dict."""
+    from ..report.results import PlanResult
+
+    r = PlanResult.of(s)
     print(f"\n{'on':<9}{'road':<16}{'held-out':>9}{'test':>8}{'ms':>8}{'x FP32':>7}{'KiB':>8}{'s':>7}  why")
-    for r in s["steps"]:
-        print(f"{r['on']:<9}{r['road']:<16}{r['holdout_top1']:>9.4f}{r['top1']:>8.4f}{r['latency_ms']:>8.3f}"
-              f"{r['latency_vs_fp32']:>7.2f}{r['size_bytes'] / 1024:>8.1f}{r['step_seconds']:>7.0f}  "
-              + ("TAKEN: " if r.get("taken") else "") + "; ".join(r.get("why", ["reference"])))
-    print(f"(sizes: {s['size_counts']})")
-    for step, why in s["skipped"].items():
+    for c in r.steps:
+        print(f"{c.on:<9}{c.road:<16}{c.holdout_top1:>9.4f}{c.top1:>8.4f}{c.latency_ms:>8.3f}"
+              f"{c.latency_vs_fp32:>7.2f}{c.size_bytes / 1024:>8.1f}{c.step_seconds:>7.0f}  "
+              + ("TAKEN: " if c.taken else "") + "; ".join(c.why if c.has("why") else ["reference"]))
+    print(f"(sizes: {r.size_counts})")
+    for step, why in r.skipped.items():
         print(f"skipped {step}: {why}")

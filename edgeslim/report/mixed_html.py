@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 
 from .html import plt, png, size, table, wide
+from .results import MixedResult
 
 STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse;margin:1em 0}"
          "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#eee}"
@@ -139,14 +140,16 @@ def write_sensitivity_report(s: dict, path: Path) -> Path:
     return _write(parts, path)
 
 
-def frontier_plot(s: dict) -> str:
+def frontier_plot(s) -> str:
     return png(frontier_figure(s))
 
 
-def frontier_figure(s: dict):
-    """Every evaluated plan: held-out score against stored size and against onnxruntime latency."""
-    cands, front = s["candidates"], s["frontier"]
-    label = metric_label(s.get("metric"))
+def frontier_figure(s):
+    """Every evaluated plan: held-out score against stored size and against onnxruntime latency; ``s``: a
+    ``MixedResult`` or its summary dict."""
+    r = MixedResult.of(s)
+    cands, front = r.candidates, r.frontier
+    label = metric_label(r.metric)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lat = [c["latency_ms"] for c in cands]
     for ax, key, xlabel in ((axes[0], "size_bytes", "stored parameters (KiB)"),
@@ -164,52 +167,54 @@ def frontier_figure(s: dict):
                 stair.append((px, py))
                 best = py
         ax.step([p[0] for p in stair], [p[1] for p in stair], where="post", color="#cc3311", lw=1.0)
-        fp32 = s["fp32"]["holdout_score"]
+        fp32 = r.fp32.holdout_score
         if fp32 is not None:
             ax.axhline(fp32, color="green", ls=":", lw=1, label="FP32")
-        floor = _floor(s)
+        floor = _floor(r)
         if floor is not None:
             ax.axhline(floor, color="black", ls="--", lw=1, label="budget")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{label} (held-out)")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)  # below the axes, off the points
     fig.colorbar(sc, ax=axes[1], label="latency ms")
-    axes[0].set_title(f"mixed {s['low']} / {s['high']}: every evaluated plan")
+    axes[0].set_title(f"mixed {r.low} / {r.high}: every evaluated plan")
     fig.tight_layout()
     return fig
 
 
-def _floor(s: dict) -> float | None:
+def _floor(r: MixedResult) -> float | None:
     """The held-out score the budget asks for (the larger of FP32 - max_drop and the floor), in score units."""
-    b, per_unit, fp32 = s["budget"], (s.get("metric") or {}).get("per_unit", 100.0), s["fp32"]["holdout_score"]
+    b, per_unit, fp32 = r.budget, (r.metric or {}).get("per_unit", 100.0), r.fp32.holdout_score
     floors = [v for v in ((fp32 - b["max_drop"] / per_unit) if b.get("max_drop") is not None and fp32 is not None
                           else None, b.get("min_score")) if v is not None]
     return max(floors) if floors else None
 
 
-def write_mixed_report(s: dict, path: Path) -> Path:
-    m, u, f = s["mixed"], s["uniform"], s["fp32"]
-    label = metric_label(s.get("metric"))
-    rows = [["FP32", f["score"], f["onnx_score"], f["holdout_score"], size(f["size_bytes"]), "", f["latency_ms"], 1.0],
-            [f"uniform {s['low']}", u["score"], u["onnx_score"], u["holdout_score"], size(u["onnx_bytes"]),
-             size(u["size_bytes"]), u["latency_ms"]["batch1"], u["latency_over_fp32"]["batch1"]],
-            ["mixed (chosen plan)", m["score"], s["onnx_mixed"]["score"], m["holdout_score"], size(m["onnx_bytes"]),
-             size(m["size_bytes"]), m["latency_ms"]["batch1"], m["latency_over_fp32"]["batch1"]]]
+def write_mixed_report(s, path: Path) -> Path:
+    """``report.html`` of ``mixed``: ``s`` a ``MixedResult`` or its summary dict."""
+    r = MixedResult.of(s)
+    m, u, f = r.mixed, r.uniform, r.fp32
+    label = metric_label(r.metric)
+    rows = [["FP32", f.score, f.onnx_score, f.holdout_score, size(f.size_bytes), "", f.latency_ms, 1.0],
+            [f"uniform {r.low}", u.score, u.onnx_score, u.holdout_score, size(u.onnx_bytes),
+             size(u.size_bytes), u.latency_ms["batch1"], u.latency_over_fp32["batch1"]],
+            ["mixed (chosen plan)", m.score, r.onnx_mixed["score"], m.holdout_score, size(m.onnx_bytes),
+             size(m.size_bytes), m.latency_ms["batch1"], m.latency_over_fp32["batch1"]]]
     steps = [[c["label"], "yes" if c["accepted"] else "no", c["score"], c["sqnr_db"], size(c["size_bytes"]),
-              c["high_precision_mac_fraction"]] for c in s["search"]["steps"]]
+              c["high_precision_mac_fraction"]] for c in r.search["steps"]]
     front = [[c["label"], len(c["high_layers"]), c["score"], size(c["size_bytes"]), c["latency_ms"], c["latency_over_fp32"]]
-             for c in s["frontier"]]
+             for c in r.frontier]
     parts = ["<!doctype html><meta charset='utf-8'><title>edgeslim mixed</title>", STYLE,
-             f"<h1>edgeslim mixed: {html.escape(str(s['model']))}</h1>",
-             f"<p>Task {html.escape(str(s.get('task', 'classify')))}, scored by {html.escape(label)} "
+             f"<h1>edgeslim mixed: {html.escape(str(r.model))}</h1>",
+             f"<p>Task {html.escape(str(r.task))}, scored by {html.escape(label)} "
              "(an empty cell: identical to FP32).</p>",
-             f"<p><b>{'Budget met' if s['met'] else 'Budget NOT met'}</b>: {html.escape(s['reason'])}. "
-             f"High-precision layers ({s['high']}): {html.escape(', '.join(m['high_precision_layers']) or 'none')} "
-             f"= {m['high_precision_mac_fraction']:.1%} of MACs, {m['high_precision_param_fraction']:.1%} of weights. "
-             f"Search {s['search']['seconds']:.1f} s (sensitivity {s['search']['sensitivity_seconds']:.1f} s).</p>",
+             f"<p><b>{'Budget met' if r.met else 'Budget NOT met'}</b>: {html.escape(r.reason)}. "
+             f"High-precision layers ({r.high}): {html.escape(', '.join(m.high_precision_layers) or 'none')} "
+             f"= {m.high_precision_mac_fraction:.1%} of MACs, {m.high_precision_param_fraction:.1%} of weights. "
+             f"Search {r.search['seconds']:.1f} s (sensitivity {r.search['sensitivity_seconds']:.1f} s).</p>",
              wide(table(rows, ["model", f"test {label} (PyTorch)", f"test {label} (onnxruntime)", f"held-out {label}",
                                "ONNX size", "stored parameters", "latency ms b1", "x FP32"])),
-             "<h2>Quality vs size vs latency</h2>", frontier_plot(s),
+             "<h2>Quality vs size vs latency</h2>", frontier_plot(r),
              wide(table(front, ["frontier plan", "high-precision ops", f"held-out {label}", "stored parameters", "latency ms",
                                 "x FP32"])),
              "<h2>Search steps (greedy by sensitivity, verified)</h2>",

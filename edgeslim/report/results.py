@@ -454,8 +454,8 @@ class PlanStep(Record):
     latency_vs_fp32: float
     size_bytes: int
     step_seconds: float
-    on: str | None = None
-    road: str | None = None
+    on: str
+    road: str
     taken: bool | None = None
     why: list | None = None
 
