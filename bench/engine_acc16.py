@@ -2,7 +2,7 @@
 (issue 19, "faster engine paths"). Writes the ``engine-acc16`` section of BENCHMARKS.md.
 
 * images/s of the integer engine with a 16-bit accumulator (saturate and wrap) with the old code (the
-  tap-by-tap loop, copied below from commit eca52cd and patched in) and the new ``ops.gemm_acc``, on the
+  tap-by-tap loop, copied below from commit eca52cd and patched in) and the new ``narrow.gemm_acc``, on the
   same test images in the same process, with the 32-bit engine next to them; outputs identical;
 * per-filter overflow events (``OverflowStats``) of both on the first images: identical;
 * wall seconds of ``edgeslim analyze resnet20 ... --accumulator 16`` on ``--eval-size`` test images with this
@@ -31,14 +31,14 @@ from bench._report import ROOT, table, write_section
 from edgeslim import api
 from edgeslim.config import PTQConfig
 from edgeslim.data import calibration_indices
-from edgeslim.engine import ops
+from edgeslim.engine import narrow
 from edgeslim.engine.overflow import OverflowStats
 from edgeslim.engine.run import run
 from edgeslim.eval import metrics
 
 
 def gemm_acc_tap_by_tap(cols, wk, bias=None, *, accumulator_bits=32, overflow="saturate"):
-    """``ops.gemm_acc`` as it was at commit eca52cd (narrow registers: one full (G, M, O) step per tap)."""
+    """``narrow.gemm_acc`` as it was at commit eca52cd (narrow registers: one full (G, M, O) step per tap)."""
     G, M, K = cols.shape
     O = wk.shape[1]
     b = None if bias is None else np.asarray(bias, dtype=np.int64).reshape(G, 1, O)
@@ -47,7 +47,7 @@ def gemm_acc_tap_by_tap(cols, wk, bias=None, *, accumulator_bits=32, overflow="s
         acc = np.matmul(cols.astype(ftype, copy=False), wk.astype(ftype).transpose(0, 2, 1)).astype(np.int64)
         if b is not None:
             acc = acc + b
-        acc, over = ops._register(acc, accumulator_bits, overflow)
+        acc, over = narrow.register(acc, accumulator_bits, overflow)
         return acc, over.sum(axis=1)
     lo, hi = -(1 << (accumulator_bits - 1)), (1 << (accumulator_bits - 1)) - 1
     events = np.zeros((G, O), dtype=np.int64)
@@ -56,30 +56,30 @@ def gemm_acc_tap_by_tap(cols, wk, bias=None, *, accumulator_bits=32, overflow="s
     for k in range(K):
         reg = reg + c[:, :, k:k + 1] * w[:, None, :, k]
         events += ((reg < lo) | (reg > hi)).sum(axis=1)
-        reg, _ = ops._register(reg, accumulator_bits, overflow)
+        reg, _ = narrow.register(reg, accumulator_bits, overflow)
     if b is not None:
         reg = reg + b
         events += ((reg < lo) | (reg > hi)).sum(axis=1)
-        reg, _ = ops._register(reg, accumulator_bits, overflow)
+        reg, _ = narrow.register(reg, accumulator_bits, overflow)
     return reg, events
 
 
 def _engine(g, x, gemm, **kw):
-    """(outputs, wall seconds, CPU seconds) of the engine with ``gemm`` as ``ops.gemm_acc``."""
-    new = ops.gemm_acc
-    ops.gemm_acc = gemm
+    """(outputs, wall seconds, CPU seconds) of the engine with ``gemm`` as ``narrow.gemm_acc``."""
+    new = narrow.gemm_acc
+    narrow.gemm_acc = gemm
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         y = run(g, x, **kw)
         return y, time.perf_counter() - t0, time.process_time() - c0
     finally:
-        ops.gemm_acc = new
+        narrow.gemm_acc = new
 
 
 def _stats_equal(g, x, mode: str) -> tuple[bool, int]:
     """Every OverflowStats number of the old and new GEMM equal; the number of 16-bit overflow events."""
     per = []
-    for gemm in (gemm_acc_tap_by_tap, ops.gemm_acc):
+    for gemm in (gemm_acc_tap_by_tap, narrow.gemm_acc):
         st = OverflowStats()
         _engine(g, x, gemm, accumulator_bits=16, overflow=mode, stats=st)
         per.append({r["name"]: st.per_filter(r["name"]) for r in st.layers()})
@@ -143,12 +143,12 @@ def main() -> None:
     n_old = min(args.old_images, args.images)
     out = g.output_names[0]
     rows, checks = [], []
-    _, t32, _ = _engine(g, x, ops.gemm_acc, accumulator_bits=32)
+    _, t32, _ = _engine(g, x, narrow.gemm_acc, accumulator_bits=32)
     for mode in ("saturate", "wrap"):
         kw = {"accumulator_bits": 16, "overflow": mode}
         y_old, t_old, c_old = _engine(g, x[:n_old], gemm_acc_tap_by_tap, **kw)
-        y_new, t_new, c_new = _engine(g, x[:n_old], ops.gemm_acc, **kw)
-        y_all, t_all, c_all = _engine(g, x, ops.gemm_acc, **kw)
+        y_new, t_new, c_new = _engine(g, x[:n_old], narrow.gemm_acc, **kw)
+        y_all, t_all, c_all = _engine(g, x, narrow.gemm_acc, **kw)
         same = bool(np.array_equal(y_old[out], y_new[out]) and np.array_equal(y_all[out][:n_old], y_new[out]))
         stats_same, events = _stats_equal(g, x[:args.stats_images], mode)
         rows.append([f"16-bit {mode}", f"{n_old / t_old:.2f}", f"{n_old / t_new:.1f}", f"{t_old / t_new:.1f}x",
@@ -165,7 +165,7 @@ def main() -> None:
         f"ResNet-20 W8A8 (default PTQ: weight range `{config.weight_range}` on this CPU; 512 calibration images), "
         "the integer engine (`engine.run`, batch 256) with a "
         "16-bit accumulator. Old: the tap-by-tap loop of commit eca52cd (every tap a full (G, M, O) int64 update "
-        f"and overflow count), patched into the engine; new: `ops.gemm_acc` by blocks of {ops.NARROW_BLOCK} taps (a "
+        f"and overflow count), patched into the engine; new: `narrow.gemm_acc` by blocks of {narrow.NARROW_BLOCK} taps (a "
         "GEMM gives each block's sum and sum of positive terms; only outputs whose partial sums may leave the "
         "register walk that block tap by tap). Old and new run the same first "
         f"{n_old} test images in one process (images/s wall, and the ratio of wall and of CPU seconds); the new "

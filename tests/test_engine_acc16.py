@@ -1,6 +1,6 @@
 """The narrow-accumulator (16 / 12-bit, saturate / wrap) GEMM of the engine is exactly the tap-by-tap register.
 
-``ops.gemm_acc`` computes it by blocks of taps (``ops._narrow_acc``); the oracle below is the loop it replaced,
+``narrow.gemm_acc`` computes it by blocks of taps (``narrow.narrow_acc``); the oracle below is the loop it replaced,
 written out plainly: one step per tap over every output, the register fitted after each step, one event per
 step whose partial sum left the range, the bias added as one more step. Results must be identical integers.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeslim.engine import ops
+from edgeslim.engine import narrow
 from edgeslim.engine.overflow import OverflowStats
 from edgeslim.engine.run import run
 
@@ -73,7 +73,7 @@ def test_gemm_acc_equals_tap_by_tap(shape, bits, overflow):
         cols, w = _operands(rng, G, M, O, K, signed=signed)
         for bias in (None, rng.integers(-40000, 40000, (G, O))):
             want_acc, want_ev = tap_by_tap(cols, w, bias, accumulator_bits=bits, overflow=overflow)
-            acc, ev = ops.gemm_acc(cols, w, bias, accumulator_bits=bits, overflow=overflow)
+            acc, ev = narrow.gemm_acc(cols, w, bias, accumulator_bits=bits, overflow=overflow)
             assert acc.dtype == np.int64 and ev.dtype == np.int64
             np.testing.assert_array_equal(acc, want_acc)
             np.testing.assert_array_equal(ev, want_ev)
@@ -82,15 +82,15 @@ def test_gemm_acc_equals_tap_by_tap(shape, bits, overflow):
 @pytest.mark.parametrize("overflow", ["saturate", "wrap"])
 def test_gemm_acc_small_steps_and_threads(monkeypatch, overflow):
     """Many row steps (the last one split unevenly over BLAS calls), several walks per block: same result."""
-    monkeypatch.setattr(ops, "NARROW_GEMM", 700)
-    monkeypatch.setattr(ops, "NARROW_CHUNK", 100)
-    monkeypatch.setattr(ops, "NARROW_WALK", 40)
+    monkeypatch.setattr(narrow, "NARROW_GEMM", 700)
+    monkeypatch.setattr(narrow, "NARROW_CHUNK", 100)
+    monkeypatch.setattr(narrow, "NARROW_WALK", 40)
     rng = np.random.default_rng(11)
     for G, M, O, K, signed in ((1, 301, 6, 64, False), (2, 157, 5, 27, True)):
         cols, w = _operands(rng, G, M, O, K, signed=signed)
         bias = rng.integers(-40000, 40000, (G, O))
         want = tap_by_tap(cols, w, bias, accumulator_bits=16, overflow=overflow)
-        got = ops.gemm_acc(cols, w, bias, accumulator_bits=16, overflow=overflow)
+        got = narrow.gemm_acc(cols, w, bias, accumulator_bits=16, overflow=overflow)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
 
@@ -114,7 +114,7 @@ def test_gemm_acc_int_operands_and_float64_range(overflow):
     for cols, w in cases:
         for bits in (16, 24):
             want = tap_by_tap(cols, w, None, accumulator_bits=bits, overflow=overflow)
-            got = ops.gemm_acc(cols, w, None, accumulator_bits=bits, overflow=overflow)
+            got = narrow.gemm_acc(cols, w, None, accumulator_bits=bits, overflow=overflow)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
 
@@ -122,19 +122,19 @@ def test_gemm_acc_int_operands_and_float64_range(overflow):
 def test_gemm_acc_no_overflow_and_empty():
     rng = np.random.default_rng(3)
     cols, w = rng.integers(0, 4, (1, 30, 10)).astype(np.float32), rng.integers(-3, 4, (1, 5, 10))
-    acc, ev = ops.gemm_acc(cols, w, np.full((1, 5), 7), accumulator_bits=16)
+    acc, ev = narrow.gemm_acc(cols, w, np.full((1, 5), 7), accumulator_bits=16)
     np.testing.assert_array_equal(acc, cols.astype(np.int64) @ w[0].T + 7)
     assert not ev.any()
     for G, M, O, K in ((1, 0, 4, 9), (1, 5, 0, 9), (1, 5, 4, 0)):
         cols, w = np.zeros((G, M, K), np.float32), np.ones((G, O, K), np.int64)
         bias = np.full((G, O), 40000)
         for overflow in ("saturate", "wrap"):
-            got = ops.gemm_acc(cols, w, bias, accumulator_bits=16, overflow=overflow)
+            got = narrow.gemm_acc(cols, w, bias, accumulator_bits=16, overflow=overflow)
             want = tap_by_tap(cols, w, bias, accumulator_bits=16, overflow=overflow)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
     with pytest.raises(ValueError):
-        ops.gemm_acc(np.ones((1, 2, 3), np.float32), np.ones((1, 2, 3)), accumulator_bits=16, overflow="clamp")
+        narrow.gemm_acc(np.ones((1, 2, 3), np.float32), np.ones((1, 2, 3)), accumulator_bits=16, overflow="clamp")
 
 
 def test_product_counts_in_row_chunks(monkeypatch):
@@ -167,7 +167,8 @@ def tiny_graph():
 def test_engine_and_overflow_stats_identical_to_the_tap_by_tap_path(tiny_graph, monkeypatch):
     """``analyze``-style runs (engine outputs, and ``overflow_summary`` with its per-filter counts) with 16 and
     12-bit accumulators give the same numbers with the new GEMM as with the tap-by-tap one."""
-    from edgeslim.analysis import AnalyzeOptions, overflow_summary
+    from edgeslim.analysis import overflow_summary
+    from edgeslim.config import AnalyzeOptions
 
     g = tiny_graph
     x = 3 * np.random.default_rng(5).standard_normal((12, 3, 16, 16)).astype(np.float32)  # large codes: overflow
@@ -183,7 +184,7 @@ def test_engine_and_overflow_stats_identical_to_the_tap_by_tap_path(tiny_graph, 
         return out
 
     new = everything()
-    monkeypatch.setattr(ops, "gemm_acc", tap_by_tap)
+    monkeypatch.setattr(narrow, "gemm_acc", tap_by_tap)
     old = everything()
     events = 0
     for key in new:

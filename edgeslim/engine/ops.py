@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import narrow
+
 ACC_MODES = ("float", "fixed", "shift", "tflite")
 
 
@@ -77,186 +79,7 @@ def requantize(acc: np.ndarray, multiplier, m0, shift, zp: int, lo: int, hi: int
     return np.clip(y + int(zp), lo, hi)
 
 
-# ----------------------------------------------------------------------------- accumulation
-
-def _register(acc: np.ndarray, bits: int, overflow: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fit a (wide) partial sum into a ``bits`` register: (value, overflowed mask)."""
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    over = (acc < lo) | (acc > hi)
-    if overflow == "saturate":
-        return np.clip(acc, lo, hi), over
-    if overflow == "wrap":
-        return ((acc - lo) & ((1 << bits) - 1)) + lo, over
-    raise ValueError(f"unknown overflow mode {overflow!r}: use 'saturate' or 'wrap'")
-
-
-def gemm_acc(cols: np.ndarray, wk: np.ndarray, bias: np.ndarray | None = None, *, accumulator_bits: int = 32,
-             overflow: str = "saturate") -> tuple[np.ndarray, np.ndarray]:
-    """Integer GEMM of zero-point-corrected operands: ``cols`` (G, M, K), ``wk`` (G, O, K) -> (G, M, O).
-
-    Returns (accumulator with bias, per-(G, O) count of register overflow events). 32 bits: exact int64
-    sum (float64 GEMM, exact below 2**53) then fitted once into the register. Fewer bits: the result of
-    accumulating the receptive field tap by tap in that register (saturating or wrapping at each step,
-    one event per step whose partial sum left the range), then adding the bias (one more step); see
-    ``_narrow_acc`` for how that is computed without a Python step per tap.
-    """
-    G, M, K = cols.shape
-    O = wk.shape[1]
-    b = None if bias is None else np.asarray(bias, dtype=np.int64).reshape(G, 1, O)
-    if accumulator_bits >= 32:
-        ftype = cols.dtype if cols.dtype in (np.float32, np.float64) else np.float64  # caller checked exactness
-        acc = np.matmul(cols.astype(ftype, copy=False), wk.astype(ftype).transpose(0, 2, 1)).astype(np.int64)
-        if b is not None:
-            acc = acc + b
-        acc, over = _register(acc, accumulator_bits, overflow)
-        return acc, over.sum(axis=1)
-    if overflow not in ("saturate", "wrap"):
-        raise ValueError(f"unknown overflow mode {overflow!r}: use 'saturate' or 'wrap'")
-    reg, events = _narrow_acc(cols, np.asarray(wk, dtype=np.int64), accumulator_bits, overflow)
-    if b is not None:
-        lo, hi = -(1 << (accumulator_bits - 1)), (1 << (accumulator_bits - 1)) - 1
-        reg = reg + b
-        events += ((reg < lo) | (reg > hi)).sum(axis=1)
-        reg, _ = _register(reg, accumulator_bits, overflow)
-    return reg, events
-
-
-NARROW_BLOCK = 16  # taps per block of the narrow-accumulator simulation (``_narrow_acc``)
-# multiply-adds per GEMM call of its block loop: small enough for its arrays to stay in cache and for OpenBLAS to
-# run it on the calling thread (it spreads a GEMM over threads from m * n * k = 2**18 on; waking them for
-# thousands of small calls costs more than the calls, and much more on a busy machine)
-NARROW_GEMM = (1 << 18) - 1
-NARROW_CHUNK = 1 << 15  # outputs per vectorized step of the block loop (its float32 arrays stay in cache)
-NARROW_WALK = 1 << 17  # flagged outputs walked tap by tap at once (bounds the memory of that step)
-
-
-def _narrow_acc(cols: np.ndarray, w: np.ndarray, bits: int, overflow: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ``bits``-wide register after the taps of ``cols`` (G, M, K) x ``w`` (G, O, K) int64, accumulated in
-    order (k = 0 .. K-1) with saturation or wrap-around at every step, bias not included: ((G, M, O) int64,
-    (G, O) overflow events). Identical, values and event counts, to a loop over the taps.
-
-    By blocks of ``NARROW_BLOCK`` taps: one GEMM gives, per output, the block's sum ``d`` and the sum ``u`` of its
-    positive terms (``l = u - d``: minus the sum of its negative terms). Every partial sum inside the block lies
-    in ``[r - l, r + u]`` (``r``: the register before it), so an output with ``r + u <= hi`` and ``r - l >= lo``
-    has no event in the block and ends it at ``r + d``, exactly, saturating or wrapping. Only the outputs that
-    fail the test (a few percent of the blocks of ResNet-20 at 16 bits) walk the block tap by tap, vectorized
-    over those outputs.
-    """
-    G, M, K = cols.shape
-    O = w.shape[1]
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    out = np.zeros((G, M, O), dtype=np.int64)
-    events = np.zeros((G, O), dtype=np.int64)
-    if not (G and M and O and K):
-        return out, events
-    amax = max(abs(float(cols.min())), abs(float(cols.max())))
-    wabs = np.abs(w)
-    reach = amax * float(wabs.sum(axis=2).max())  # bound on every partial sum
-    if reach >= 1 << 52:
-        raise ValueError("narrow accumulator: operands too large for exact float arithmetic")
-    if reach <= hi:  # no partial sum can leave the register: the plain sum (exact in float32 below 2**24)
-        ftype = np.float32 if cols.dtype == np.float32 and reach < 1 << 24 else np.float64
-        acc = np.matmul(cols.astype(ftype, copy=False), w.astype(ftype).transpose(0, 2, 1))
-        return acc.astype(np.int64), events
-    B = min(NARROW_BLOCK, K)
-    nb = -(-K // B)
-    wpad = np.zeros((G, O, nb * B), dtype=np.int64)
-    wpad[:, :, :K] = w  # zero taps leave the register (in range) unchanged: no event
-    wblock = float(np.abs(wpad).reshape(G, O, nb, B).sum(axis=3).max())
-    # float32 holds every integer below 2**24 exactly: block sums, registers and products are exact there
-    ftype = np.float32 if amax * wblock + (1 << bits) < 1 << 24 else np.float64
-    stype = np.float32 if amax * float(wabs.max()) + (1 << bits) < 1 << 24 else np.float64
-    for g in range(G):
-        if nb * B == K:
-            c = np.ascontiguousarray(cols[g], dtype=ftype)
-        else:
-            c = np.zeros((M, nb * B), dtype=ftype)
-            c[:, :K] = cols[g]
-        out[g], events[g] = _narrow_rows(c, wpad[g], lo, hi, bits, overflow, B, ftype, stype)
-    return out, events
-
-
-def _narrow_rows(c: np.ndarray, w: np.ndarray, lo: int, hi: int, bits: int, overflow: str, B: int,
-                 ftype, stype) -> tuple[np.ndarray, np.ndarray]:
-    """``_narrow_acc`` for one group: c (M, K), K a multiple of ``B``; w (O, K) int64."""
-    M, K = c.shape
-    O = w.shape[0]
-    nb = K // B
-    below = np.full((M, O), -lo, dtype=ftype)      # register - lo (exact until a block test fails, then rewritten)
-    events = np.zeros(O, dtype=np.int64)
-    wf = w.astype(ftype).T                         # (K, O)
-    wpos = np.maximum(wf, 0)
-    signed = bool(c.min() < 0)
-    if signed:  # GEMM on (max(c, 0), max(-c, 0)) interleaved per tap: u = c+ w+ + c- w-, d = c+ w - c- w
-        cg = np.empty((M, K, 2), dtype=ftype)
-        np.maximum(c, 0, out=cg[:, :, 0])
-        np.maximum(-c, 0, out=cg[:, :, 1])
-        cg = cg.reshape(M, 2 * K)
-    kg = 2 * B if signed else B
-    sub = max(1, NARROW_GEMM // (2 * O * kg))     # rows per BLAS call
-    rows = sub * max(1, NARROW_CHUNK // (sub * O))  # rows per vectorized step
-    c_rows = c.reshape(M * nb, B)                  # row m * nb + j: the taps of block j of output row m
-    w_rows = np.ascontiguousarray(w.reshape(O * nb, B), dtype=stype)
-
-    def walk(flagged: list, terms: list) -> None:
-        """The flagged outputs (flat indices) through their block's terms (B, n each), tap by tap."""
-        idx = np.concatenate(flagged)
-        t = np.concatenate(terms, axis=1, out=np.empty((B, len(idx)), dtype=stype))  # C order: rows are taps
-        seen = np.empty_like(t)                    # partial sum before it is fitted into the register
-        reg = np.empty_like(t)
-        prev = (below.reshape(-1)[idx] - t.sum(axis=0, dtype=ftype) + lo).astype(stype)  # register before the block
-        for k in range(B):
-            np.add(prev, t[k], out=seen[k])
-            if overflow == "saturate":
-                np.clip(seen[k], lo, hi, out=reg[k])
-            else:  # seen - 2**bits * floor((seen - lo) / 2**bits), exact (np.remainder is ~25x slower)
-                np.subtract(seen[k], lo, out=reg[k])
-                reg[k] *= 1.0 / (1 << bits)
-                np.floor(reg[k], out=reg[k])
-                reg[k] *= -(1 << bits)
-                reg[k] += seen[k]
-            prev = reg[k]
-        below.reshape(-1)[idx] = prev - lo
-        n_ev = np.count_nonzero(seen != reg, axis=0)
-        events[:] += np.bincount(idx % O, weights=n_ev, minlength=O).astype(np.int64)
-        flagged.clear()
-        terms.clear()
-
-    for j in range(nb):
-        s, e = j * B, (j + 1) * B
-        if signed:
-            wt = np.empty((B, 2, 2 * O), dtype=ftype)
-            wt[:, 0, :O], wt[:, 0, O:] = wpos[s:e], wf[s:e]
-            wt[:, 1, :O], wt[:, 1, O:] = wpos[s:e] - wf[s:e], -wf[s:e]
-            wt, cs = wt.reshape(2 * B, 2 * O), cg[:, 2 * s:2 * e]
-        else:
-            wt, cs = np.concatenate([wpos[s:e], wf[s:e]], axis=1), c[:, s:e]
-        flagged, terms, pending = [], [], 0
-        for m0 in range(0, M, rows):
-            m1 = min(M, m0 + rows)
-            if (m1 - m0) % sub == 0:               # one numpy call, one BLAS call per ``sub`` rows
-                ud = np.matmul(cs[m0:m1].reshape(-1, sub, kg), wt).reshape(m1 - m0, 2 * O)
-            else:
-                ud = np.concatenate([cs[q:min(m1, q + sub)] @ wt for q in range(m0, m1, sub)])
-            u, d = ud[:, :O], ud[:, O:]            # block sum of the positive terms, block sum
-            bl = below[m0:m1]
-            room = (hi - lo) - bl                  # r + u > hi  <=>  u > hi - r
-            bl += d                                # r - l < lo  <=>  u > r + d - lo
-            f = np.flatnonzero(u > np.minimum(room, bl, out=room))
-            if len(f):
-                mi, oi = np.divmod(f, O)
-                flagged.append(f + m0 * O)
-                t = np.take(c_rows, (mi + m0) * nb + j, axis=0).astype(stype, copy=False)  # rows still in cache
-                t *= np.take(w_rows, oi * nb + j, axis=0)
-                terms.append(t.T)
-                pending += len(f)
-                if pending >= NARROW_WALK:
-                    walk(flagged, terms)
-                    pending = 0
-        if flagged:
-            walk(flagged, terms)
-    return below.astype(np.int64) + lo, events
-
+# ----------------------------------------------------------------------------- convolution
 
 def im2col(x: np.ndarray, kernel: tuple[int, int], strides, pads, dilations, group: int) -> tuple[np.ndarray, tuple]:
     """(N, C, H, W) zero-point-corrected input -> (G, N*Ho*Wo, kh*kw*Cg) float columns.
@@ -270,42 +93,18 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], strides, pads, dilations, gro
 
 
 def _cols(xp: np.ndarray, kernel, strides, dilations, group: int):
+    """(N, Hp, Wp, C) padded NHWC input -> ((G, N*Ho*Wo, kh*kw*Cg) contiguous columns, (N, Ho, Wo)): one copy
+    of a strided view of the receptive fields, columns ordered (kh, kw, channel)."""
     N, Hp, Wp, C = xp.shape
     kh, kw = kernel
     sh, sw = strides
     dh, dw = dilations
-    Ho, Wo = (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
+    v = np.lib.stride_tricks.sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(1, 2))
+    v = v[:, ::sh, ::sw, :, ::dh, ::dw]                  # (N, Ho, Wo, C, kh, kw), no copy
+    Ho, Wo = v.shape[1], v.shape[2]
     Cg = C // group
-    cols = np.empty((N, Ho, Wo, group, kh * kw, Cg), dtype=xp.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            view = xp[:, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw, :]
-            cols[:, :, :, :, i * kw + j, :] = view.reshape(N, Ho, Wo, group, Cg)
-    cols = cols.reshape(N * Ho * Wo, group, kh * kw * Cg).transpose(1, 0, 2)
-    return cols, (N, Ho, Wo)
-
-
-def _conv_by_taps(xp: np.ndarray, wk: np.ndarray, kernel, strides, dilations, group: int):
-    """Exact conv as a sum over kernel taps of (M, Cg) x (Cg, Og) GEMMs (no im2col matrix): (G, M, Og) int64."""
-    N, Hp, Wp, C = xp.shape
-    kh, kw = kernel
-    sh, sw = strides
-    dh, dw = dilations
-    Ho, Wo = (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
-    G, Og, _ = wk.shape
-    Cg = C // group
-    wt = wk.reshape(G, Og, kh * kw, Cg).transpose(2, 0, 3, 1).astype(xp.dtype)  # (taps, G, Cg, Og)
-    M = N * Ho * Wo
-    acc = np.zeros((G, M, Og), dtype=xp.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            view = xp[:, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw, :]
-            tap = np.ascontiguousarray(view).reshape(M, G, Cg)
-            if G == 1:
-                acc[0] += tap[:, 0, :] @ wt[i * kw + j, 0]
-            else:
-                acc += np.matmul(tap.transpose(1, 0, 2), wt[i * kw + j])
-    return acc.astype(np.int64), (N, Ho, Wo)
+    v = v.reshape(N, Ho, Wo, group, Cg, kh, kw).transpose(3, 0, 1, 2, 5, 6, 4)  # (G, N, Ho, Wo, kh, kw, Cg)
+    return np.ascontiguousarray(v).reshape(group, N * Ho * Wo, kh * kw * Cg), (N, Ho, Wo)
 
 
 def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias=None, *, strides=(1, 1),
@@ -313,47 +112,56 @@ def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias
              overflow: str = "saturate", observer=None, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
     """Exact integer convolution: sum((x - zx) * (w - zw)) + bias, (N, O, Ho, Wo) int64, plus overflow events (O,).
 
+    im2col (``_cols``) by chunks of images, then one GEMM per chunk in the narrowest exact type (``narrow.gemm_type``
+    of the bound ``max|x - zx| * max_o sum_k |w_ok - zw| + max|bias|``); a narrow accumulator goes through
+    ``narrow.gemm_acc``. The result is an (N, O, Ho, Wo) view of NHWC memory (what the next convolution reads).
     ``observer(cols, wk, acc_without_bias, events)`` (G-batched) is called per chunk of images (overflow stats).
     """
     x = np.asarray(x)
     w = np.asarray(w, dtype=np.int64)
     O, Cg, kh, kw = w.shape
+    G, Og = group, O // group
     zw = np.asarray(w_zero_point, dtype=np.int64).reshape(-1)
     wc = w - (zw.reshape(-1, 1, 1, 1) if zw.size > 1 else zw.reshape(()))
-    wk = wc.reshape(group, O // group, Cg, kh * kw).transpose(0, 1, 3, 2).reshape(group, O // group, kh * kw * Cg)
-    b = None if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (O,)).reshape(group, O // group)
-    # float32 is exact when no partial sum can reach 2**24 (integers below it are exact, whatever the
-    # summation order); float64 otherwise (exact below 2**53)
-    dmax = int(np.abs(x.astype(np.int64) - int(x_zero_point)).max()) if x.size else 0
-    bound = dmax * int(np.abs(wk).sum(axis=2).max()) + (0 if b is None else int(np.abs(b).max()))
-    ftype = np.float32 if bound < 1 << 24 else np.float64
-    xp = np.pad((x.astype(ftype) - ftype(x_zero_point)).transpose(0, 2, 3, 1),
-                ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
-    N = x.shape[0]
-    outs, events = [], np.zeros(O, dtype=np.int64)
+    wk = wc.reshape(G, Og, Cg, kh * kw).transpose(0, 1, 3, 2).reshape(G, Og, kh * kw * Cg)
+    b = None if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (O,)).reshape(G, Og)
+    zx = int(x_zero_point)
+    dmax = max(int(x.max()) - zx, zx - int(x.min()), 0) if x.size else 0
+    bound = dmax * int(np.abs(wk).sum(axis=2).max(initial=0)) + (0 if b is None else int(np.abs(b).max()))
+    ftype = narrow.gemm_type(bound)
+    N, _, H, W = x.shape
+    xp = np.zeros((N, H + pads[0] + pads[2], W + pads[1] + pads[3], x.shape[1]), dtype=ftype)
+    np.subtract(x.transpose(0, 2, 3, 1), np.int64(zx), out=xp[:, pads[0]:pads[0] + H, pads[1]:pads[1] + W],
+                casting="unsafe")                    # exact: |x - zx| <= bound
+    Ho = (xp.shape[1] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    Wo = (xp.shape[2] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    out = np.empty((N, max(Ho, 0), max(Wo, 0), O), dtype=np.int64)
+    events = np.zeros(O, dtype=np.int64)
     per_image = max(1, xp[0].size * kh * kw * xp.itemsize)  # im2col bytes of one image (upper bound)
     step = max(1, min(N, chunk_bytes // per_image)) if N else 1
     fast = observer is None and accumulator_bits >= 32
+    wt = wk.astype(ftype).transpose(0, 2, 1)         # (G, K, Og)
     for i in range(0, N, step):
+        cols, (n, _, _) = _cols(xp[i:i + step], (kh, kw), strides, dilations, G)
+        dst = out[i:i + n].reshape(-1, G, Og)
         if fast:
-            acc, (n, Ho, Wo) = _conv_by_taps(xp[i:i + step], wk, (kh, kw), strides, dilations, group)
-            if b is not None:
-                acc = acc + b[:, None, :]
-            if bound >= 1 << (accumulator_bits - 1):  # else no accumulator value can overflow
-                acc, over = _register(acc, accumulator_bits, overflow)
-                ev = over.sum(axis=1)
+            if G == 1:
+                np.copyto(dst[:, 0], cols[0] @ wt[0], casting="unsafe")  # exact integers
             else:
-                ev = np.zeros((group, O // group), dtype=np.int64)
-        else:
-            cols, (n, Ho, Wo) = _cols(xp[i:i + step], (kh, kw), strides, dilations, group)
-            acc, ev = gemm_acc(cols, wk, b, accumulator_bits=accumulator_bits, overflow=overflow)
+                np.copyto(dst, np.matmul(cols, wt).transpose(1, 0, 2), casting="unsafe")
+            continue
+        acc, ev = narrow.gemm_acc(cols, wk, b, accumulator_bits=accumulator_bits, overflow=overflow)
         events += ev.reshape(O)
         if observer is not None:
             observer(cols, wk, acc - (0 if b is None else b[:, None, :]), ev.reshape(O))
-        outs.append(acc.transpose(1, 0, 2).reshape(n, Ho, Wo, O).transpose(0, 3, 1, 2))
-    if not outs:
-        return np.zeros((0, O, 0, 0), np.int64), events
-    return np.ascontiguousarray(np.concatenate(outs)), events
+        dst[...] = acc.transpose(1, 0, 2)
+    if fast:
+        if b is not None:
+            out += b.reshape(O)
+        if bound >= 1 << (accumulator_bits - 1):  # else no accumulator value can overflow
+            out, over = narrow.register(out, accumulator_bits, overflow)
+            events = over.sum(axis=(0, 1, 2))
+    return out.transpose(0, 3, 1, 2), events
 
 
 def shift_terms(w: np.ndarray) -> int:
@@ -411,7 +219,7 @@ def gemm_int(x, x_zero_point, w, w_zero_point, bias=None, *, accumulator_bits: i
     zw = np.asarray(w_zero_point, dtype=np.int64).reshape(-1)
     wk = (w - (zw.reshape(-1, 1) if zw.size > 1 else zw.reshape(())))[None]
     b = None if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (w.shape[0],))[None]
-    acc, ev = gemm_acc(x[None], wk, b, accumulator_bits=accumulator_bits, overflow=overflow)
+    acc, ev = narrow.gemm_acc(x[None], wk, b, accumulator_bits=accumulator_bits, overflow=overflow)
     if observer is not None:
         observer(x[None], wk, acc - (0 if b is None else b[:, None, :]), ev.reshape(-1))
     return acc[0], ev.reshape(-1)
@@ -648,7 +456,7 @@ def conv_transpose_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_p
     acc = full[:, pads[0]:pads[0] + Ho, pads[1]:pads[1] + Wo].reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)
     if bias is not None:
         acc = acc + np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (O,)).reshape(1, O, 1, 1)
-    acc, over = _register(acc, accumulator_bits, overflow)
+    acc, over = narrow.register(acc, accumulator_bits, overflow)
     return np.ascontiguousarray(acc), over.sum(axis=(0, 2, 3))
 
 
