@@ -64,12 +64,13 @@ class Record:
     WHAT: ClassVar[str] = "summary"
 
     @classmethod
-    def from_summary(cls, d: Any, source: str = "summary.json", where: str = ""):
-        """The object of the dict ``d`` (a ``summary.json``, or a part at ``where`` of one); a missing key or a value
-        of the wrong kind is an ``EdgeslimError`` naming ``source`` and the key."""
+    def from_summary(cls, d: Any, source: str = "summary.json", where: str = "", what: str | None = None):
+        """The object of the dict ``d`` (a ``summary.json``, or the part at ``where`` of the summary of the command
+        ``what``); a missing key or a value of the wrong kind is an ``EdgeslimError`` naming ``source`` and the key."""
+        what = what or cls.WHAT
         if not isinstance(d, dict):
             raise EdgeslimError(f"{source}: {f'{where!r} ' if where else ''}is not a JSON object: it is not an edgeslim "
-                                f"{cls.WHAT} summary.json")
+                                f"{what} summary.json")
         hints, values = _hints(cls), {}
         named = set()
         for f in fields(cls):
@@ -80,7 +81,7 @@ class Record:
             path = f"{where}.{key}" if where else key
             if key not in d:
                 if f.default is MISSING and f.default_factory is MISSING:
-                    raise EdgeslimError(f"{source} has no {path!r}: it is not the summary.json of an edgeslim {cls.WHAT} "
+                    raise EdgeslimError(f"{source} has no {path!r}: it is not the summary.json of an edgeslim {what} "
                                         "run of this version (rerun the command to write it again)")
                 continue
             rec, many = _record_type(hints[f.name])
@@ -88,11 +89,11 @@ class Record:
             if rec is not None and v is not None:
                 if many:
                     if not isinstance(v, list):
-                        raise EdgeslimError(f"{source}: {path!r} is not a list: it is not an edgeslim {cls.WHAT} "
+                        raise EdgeslimError(f"{source}: {path!r} is not a list: it is not an edgeslim {what} "
                                             "summary.json")
-                    v = tuple(rec.from_summary(x, source, f"{path}[{i}]") for i, x in enumerate(v))
+                    v = tuple(rec.from_summary(x, source, f"{path}[{i}]", what) for i, x in enumerate(v))
                 else:
-                    v = rec.from_summary(v, source, path)
+                    v = rec.from_summary(v, source, path, what)
             values[f.name] = v
         return cls(**values, extra={k: v for k, v in d.items() if k not in named}, keys=tuple(d))
 
@@ -179,7 +180,7 @@ class GraphStats(Record):
 class ClassifyScore(Record):
     """A classifier's top-1 where it was scored, and how many test images changed class against FP32."""
 
-    top1: float | None = None
+    top1: float
     flips_vs_fp32: int | None = None
     images: int | None = None
     pytorch_top1_on_subset: float | None = None
@@ -240,7 +241,7 @@ class QuantizeResult(Record):
     """``quantize`` / ``analyze`` (``jobs_quantize.run_quantize``): what every task has. ``from_summary`` on this
     class gives the task's own (``ClassifyResult``, ``DetectResult``, ``FidelityResult``) by the summary's ``task``."""
 
-    WHAT: ClassVar[str] = "quantize"
+    WHAT: ClassVar[str] = "quantize / analyze"
     TASK: ClassVar[str] = ""
 
     model: str
@@ -258,14 +259,14 @@ class QuantizeResult(Record):
     mcu: dict | None = None
 
     @classmethod
-    def from_summary(cls, d: Any, source: str = "summary.json", where: str = ""):
+    def from_summary(cls, d: Any, source: str = "summary.json", where: str = "", what: str | None = None):
         if cls is QuantizeResult and isinstance(d, dict):
             sub = {c.TASK: c for c in (ClassifyResult, DetectResult, FidelityResult)}
             if d.get("task") not in sub:
                 raise EdgeslimError(f"{source} has no 'task' of classify, detect or fidelity "
                                     f"({d.get('task')!r}): it is not the summary.json of an edgeslim quantize run")
-            return sub[d["task"]].from_summary(d, source, where)
-        return super().from_summary(d, source, where)
+            return sub[d["task"]].from_summary(d, source, where, what)
+        return super().from_summary(d, source, where, what)
 
     @property
     def command(self) -> str:
