@@ -34,8 +34,9 @@ from edgeslim.config import PTQConfig
 from edgeslim.data.detection import open_detection
 from edgeslim.algorithms.qat import QATConfig
 from edgeslim.detect_task import DetectOptions
-from edgeslim.jobs_detect import run_detect_sensitivity
+from edgeslim.jobs_mixed import run_sensitivity
 from edgeslim.jobs_quantize import run_quantize
+from edgeslim.config import MeasureOptions
 from edgeslim.tasks import Detect
 from edgeslim.jobs_qat import run_qat
 from edgeslim.models import as_detector, build_model, model_groups
@@ -96,9 +97,12 @@ def run(groups: list[str], shared: Path, work: Path) -> None:
             jobs.append((f"analyze-{name}", lambda out: run_quantize(
                 model, info, Detect(calib, test, opts), cfg, out, analyze=AnalyzeOptions(overflow_images=16))))
         if ("groups" in groups or "layers" in groups) and name != "fastestdet-onnx":
-            jobs.append((f"sens-{name}", lambda out: run_detect_sensitivity(
-                model, info, calib, test, cfg, out, groups=model_groups(model, info), high=LayerPrecision.parse("fp32"),
-                layers=name == "yolov5n", opts=opts)))
+            # the one sensitivity job: yolov5n's keep-FP32 sweep over its weighted layers, then the group table,
+            # every plan's file scored on all val2017 images
+            jobs.append((f"sens-{name}", lambda out: run_sensitivity(
+                model, info, Detect(calib, test, opts, info=info), cfg, out, high=LayerPrecision.parse("fp32"),
+                groups=model_groups(model, info), measure=MeasureOptions(threads=1),
+                sweeps=("keep_high",) if name == "yolov5n" else (), layers_only=True)))
         if "qat" in groups and name == "yolov5n":
             jobs.append((f"qat-{name}", lambda out: run_qat(model, info, Detect(calib, test, opts), QAT, cfg, out)))
         for key, job in jobs:
@@ -153,7 +157,7 @@ def relatency(shared: Path, work: Path, rounds: int = 30) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = api.export_fp32_onnx(model, info.input_shape, Path(tmp) / "fp32.onnx")
             for i, r in enumerate(s["groups"]["rows"]):
-                precisions = {g: LayerPrecision.parse(v) for g, v in r["precisions"].items()}
+                precisions = {g: LayerPrecision.parse(v) for g, v in r["precision"].items()}
                 ptq.apply_plan(gm, cfg, mp.group_plan(groups, precisions))
                 path = save_onnx(to_onnx(lower(gm, info.input_shape)), Path(tmp) / f"g{i}.onnx")
                 med, lat = paired({"fp32": fp32, "m": path}, info.input_shape)
@@ -221,8 +225,8 @@ def report(work: Path) -> None:
         rows = []
         for k, s in sens.items():
             for r in s["groups"]["rows"]:
-                rows.append([k] + [r["precisions"][g] for g in ("backbone", "neck", "head")]
-                            + [r["map50"], r["map50_95"], f"{r['weight_bytes'] / 2**20:.2f}",
+                rows.append([k] + [r["precision"][g] for g in ("backbone", "neck", "head")]
+                            + [r["scores"]["map50"], r["scores"]["map50_95"], f"{r['weight_bytes'] / 2**20:.2f}",
                                f"{r['onnx_bytes'] / 2**20:.2f}", f"{r['latency_ms']:.1f}", f"{r['fps']:.1f}",
                                f"{r['latency_over_fp32']:.2f}"])
         body = ("## Partial quantization: every backbone / neck / head FP32 / INT8 combination (seed 002's Table 2)\n\n"
@@ -237,13 +241,15 @@ def report(work: Path) -> None:
                          "ms", "FPS", "vs FP32 latency"], rows) + "\n\n" + _commits(sens.values()))
         write_section("detect-groups", body)
     s = sens.get("yolov5n")
-    if s and s.get("layers"):
-        ranked = sorted(s["layers"], key=lambda r: -r["delta_map50_95"])
+    if s and any("keep_high" in r for r in s["sensitivity"]["rows"]):
+        layers = [r["keep_high"] | {"name": r["name"]} for r in s["sensitivity"]["rows"]]
+        ranked = sorted(layers, key=lambda r: -r["delta_map50_95"])
         rows = [[r["name"], r["map50"], r["delta_map50"] * 100, r["map50_95"], r["delta_map50_95"] * 100, r["f1"]]
                 for r in ranked]
+        fp32, uniform = s["sensitivity"]["fp32"], s["sensitivity"]["uniform"]
         body = ("## yolov5n: one layer FP32, the rest INT8 (seed 000's per-layer experiment)\n\n"
-                f"FP32 mAP@0.5 {s['fp32']['map50']:.4f} / @0.5:0.95 {s['fp32']['map50_95']:.4f}; all INT8 "
-                f"{s['uniform']['map50']:.4f} / {s['uniform']['map50_95']:.4f} (onnxruntime, val2017). Each row keeps "
+                f"FP32 mAP@0.5 {fp32['map50']:.4f} / @0.5:0.95 {fp32['map50_95']:.4f}; all INT8 "
+                f"{uniform['map50']:.4f} / {uniform['map50_95']:.4f} (onnxruntime, val2017). Each row keeps "
                 "one conv in FP32 (its input read in float, its output re-quantized), sorted by the mAP@0.5:0.95 it "
                 "recovers (points vs all INT8).\n\n"
                 + table(["layer kept FP32", "mAP@0.5", "gain (pts)", "mAP@0.5:0.95", "gain (pts)", "F1"], rows)

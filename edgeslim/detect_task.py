@@ -1,6 +1,6 @@
 """The detect task's shared parts (``--task detect``): options, data checks, runners, mAP scoring and the
 deployable files' metadata, used by the ``detect`` task (``tasks.detect``: quantize / analyze through
-``jobs_quantize``), the detector ``sensitivity`` / ``mixed`` jobs (``jobs_detect``), ``qat`` (``jobs_qat``) and the
+``jobs_quantize``), ``sensitivity`` / ``mixed`` (``jobs_mixed``), ``qat`` (``jobs_qat``) and the
 benchmarks.
 
 The network's outputs are the raw head tensors (``models.yolo``): decoding (sigmoid, grid, anchors) and NMS run

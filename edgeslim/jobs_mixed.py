@@ -1,8 +1,12 @@
 """The ``sensitivity`` and ``mixed`` jobs: per-layer sweeps, group tables and the budgeted search, into one folder.
 
 One job per verb for every task (``tasks.Classify``: top-1 on labelled images; ``tasks.Fidelity``: label-free,
-the worst output's SQNR against the FP32 model; ``tasks.Detect``: mAP@0.5:0.95, ``mixed`` only so far): the task
-gives the data roles and the scores.
+the worst output's SQNR against the FP32 model; ``tasks.Detect``: mAP@0.5:0.95, with mAP@0.5 and P / R / F1 beside
+it): the task gives the data roles and the scores.
+
+``sensitivity``'s per-layer sweeps are scored where the task says (``Task.sweep_inputs``, or ``sweep_on``): on the
+held-out inputs, as below (classify, fidelity), or on every test input, each plan exported and scored in
+onnxruntime with all of the task's score fields, as the group table is (detect).
 
 Data roles (so the search never tunes on the inputs it reports): calibration inputs come from
 ``--calib-data`` (seeded; class-balanced when labelled); a *held-out* subset scores the sweeps and the search. By
@@ -16,6 +20,7 @@ last), as ``quantize`` does.
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 import tempfile
@@ -38,17 +43,22 @@ from .lower import lower
 from .models import ModelInfo
 from .quant.precision import LayerPrecision
 from .report.mixed_html import write_mixed_report, write_sensitivity_report
+from .models import model_groups
 from .tasks import Split, Task, finite
+from .tasks.base import SWEEP_INPUTS
+
+__all__ = ["calibrated", "SCORERS", "plan_outputs", "simulation_subset", "OnnxBench", "json_safe", "run_sensitivity",
+           "sweeps_on_test", "layer_groups", "run_group_table", "run_mixed"]
 
 
-def calibrated(model: nn.Module, info: ModelInfo, data: Split, config: PTQConfig,
+def calibrated(model: nn.Module, info: ModelInfo, calib: np.ndarray, config: PTQConfig,
                batch_size: int = 128) -> fx.GraphModule:
     per_plan = [a for a in config.algorithms if a != "cle"]
     if per_plan:  # they depend on the plan: the search re-freezes hundreds of plans from one calibration
         raise EdgeslimError(f"--algorithm {','.join(per_plan)} runs on one plan, not inside the search: search "
                             "without it, then `edgeslim quantize --plan plan.json --algorithm ...`")
     gm = ptq.prepare(model, info.input_shape, config)
-    x = torch.from_numpy(data.calib)
+    x = torch.from_numpy(calib)
     bs = 1 if mp.fixed_batch(model) else batch_size
     ptq.calibrate(gm, lambda: (x[i:i + bs] for i in range(0, len(x), bs)), progress=True, total=-(-len(x) // bs))
     return ptq.freeze(gm, config)
@@ -57,7 +67,7 @@ def calibrated(model: nn.Module, info: ModelInfo, data: Split, config: PTQConfig
 def _start(model, info, task: Task, config, holdout_size, holdout_from) -> tuple[Split, fx.GraphModule]:
     """Split the data and calibrate once (the common start of both jobs)."""
     data = task.split(config, holdout_size, holdout_from)
-    return data, calibrated(model, info, data, config, task.calib_batch_size)
+    return data, calibrated(model, info, data.calib, config, task.calib_batch_size)
 
 
 SCORERS = ("onnxruntime", "pytorch")
@@ -128,22 +138,41 @@ def run_sensitivity(model: nn.Module, info: ModelInfo, task: Task, config: PTQCo
                     high: LayerPrecision, holdout_size: int = 1000, groups: dict[str, tuple[str, ...]] | None = None,
                     group_table: bool = True, holdout_from: str = "calib",
                     measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime",
-                    on_row=None) -> dict:
-    """Both per-layer sweeps on the held-out subset, and the group table on the test set. ``on_row(sweep, row)``
-    sees each sweep row as soon as it is scored."""
+                    on_row=None, sweep_on: str | None = None,
+                    sweeps: tuple[str, ...] = ("keep_high", "only_quantized"), layers_only: bool = False) -> dict:
+    """The per-layer sweeps (Jang et al.: each layer kept at ``high``; the mirror: each quantized alone) and the
+    group table (every combination of ``groups``, default the model's declared groups or its top-level modules) on
+    the test set. ``sweep_on``: ``holdout`` or ``test`` (None: ``task.sweep_inputs``); ``layers_only``: sweep the
+    weighted layers, not the other ops (``test`` only). ``on_row(sweep, row)`` sees each sweep row as soon as it
+    is scored."""
     task.check(info)
+    sweep_on = sweep_on or task.sweep_inputs
+    if sweep_on not in SWEEP_INPUTS:
+        raise EdgeslimError(f"invalid sweep inputs {sweep_on!r}: use holdout or test")
+    if sweep_on == "test" and score_with != "onnxruntime":
+        raise EdgeslimError(f"--score-with {score_with}: {task.name} sensitivity scores every plan's file on the test "
+                            "inputs, in onnxruntime")
+    if sweep_on == "holdout" and layers_only:
+        raise EdgeslimError(f"--layers-only applies to sweeps scored on the test inputs, not to {task.name}'s "
+                            "held-out sweeps")
     outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:
         t0 = time.perf_counter()
-        data, gm = _start(model, info, task, config, holdout_size, holdout_from)
-        sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, progress=True, outputs=outputs,
-                              on_row=on_row)
+        if sweep_on == "holdout":
+            data, gm = _start(model, info, task, config, holdout_size, holdout_from)
+            sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, sweeps=sweeps, progress=True,
+                                  outputs=outputs, on_row=on_row)
+            images, eval_idx = _images(data), data.eval_idx
+        else:
+            x_cal = task.calibration(config, info)
+            gm = calibrated(model, info, x_cal, config, task.calib_batch_size)
+            sens = sweeps_on_test(gm, model, info, task, config, stage, high, sweeps, layers_only, on_row)
+            images, eval_idx = {"calibration": int(len(x_cal)), "test": task.test_size}, None
         summary = {"model": info.name, "task": task.name, "config": config.to_dict(), "sensitivity": sens,
-                   "images": _images(data), "scored_with": score_with}
+                   "images": images, "scored_with": score_with}
         if group_table:
-            summary["groups"] = run_group_table(gm, model, info, config, task, stage, groups, high, measure,
-                                                data.eval_idx)
+            summary["groups"] = run_group_table(gm, model, info, config, task, stage, groups, high, measure, eval_idx)
         summary["total_seconds"] = time.perf_counter() - t0
         summary = json_safe(summary)
         write_sensitivity_report(summary, stage / "report.html")
@@ -152,12 +181,66 @@ def run_sensitivity(model: nn.Module, info: ModelInfo, task: Task, config: PTQCo
     return staged(out, work)
 
 
+def _change(value: float, base: float) -> float | None:
+    d = value - base
+    return d if math.isfinite(d) else None  # e.g. SQNR against the FP32 file, which is infinite
+
+
+def sweeps_on_test(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, stage: Path,
+                high: LayerPrecision, sweeps: tuple[str, ...], layers_only: bool = False, on_row=None) -> dict:
+    """The per-layer sweeps on every test input: each plan re-frozen from the one calibration, exported and scored
+    in onnxruntime with all of the task's score fields (``task.score_fields``). Rows as ``mp.sensitivity``'s, each
+    sweep's entry holding ``score`` (the metric), ``delta`` and every field with its change ``delta_<field>``
+    (keep_high: from the uniformly quantized file; only_quantized: from the FP32 file)."""
+    t0 = time.perf_counter()
+    default, key = config.default_precision, task.metric_key
+    rows = [r for r in mp.unit_rows(gm) if r["kind"] == "layer" or not layers_only]
+    seconds = {}
+    with tempfile.TemporaryDirectory(dir=stage) as tmp:
+        fp32 = api.export_fp32_onnx(model, info.input_shape, Path(tmp) / "model_fp32.onnx")
+        ref = {"fp32": fp32} if task.scores_against_fp32 else {}
+
+        def scored(plan, desc: str) -> dict[str, float]:
+            ptq.apply_plan(gm, config, plan)
+            path = save_onnx(to_onnx(lower(gm, info.input_shape)), Path(tmp) / "plan.onnx")
+            return task.score_fields({**ref, "plan": path}, desc)["plan"]
+
+        fp32_fields = task.score_fields({"fp32": fp32}, "FP32")["fp32"]
+        uniform = scored(None, f"all {default}")
+        for sweep in sweeps:
+            ts = time.perf_counter()
+            if sweep == "keep_high":
+                plan_of, base = (lambda n: mp.keep_high_plan(n, high)), uniform
+            elif sweep == "only_quantized":
+                plan_of, base = (lambda n: mp.only_quantized_plan(n, high, default)), fp32_fields
+            else:
+                raise EdgeslimError(f"unknown sensitivity sweep {sweep!r}: use keep_high or only_quantized")
+            for r in rows:
+                f = scored(plan_of(r["name"]), f"{sweep} {r['name']}")
+                r[sweep] = {"score": f[key], "delta": _change(f[key], base[key]), **f,
+                            **{f"delta_{k}": _change(v, base[k]) for k, v in f.items()}}
+                if on_row is not None:
+                    on_row(sweep, r)
+            seconds[sweep] = time.perf_counter() - ts
+    ptq.apply_plan(gm, config, None)
+    return {"inputs": "test", "images": task.test_size, "metric": dict(task.metric_description),
+            "fp32_score": fp32_fields[key], "fp32": fp32_fields, "uniform": {"score": uniform[key], **uniform},
+            "rows": rows, "high": high.to_json(), "low": default.to_json(), "seconds": seconds,
+            "total_seconds": time.perf_counter() - t0}
+
+
+def layer_groups(model: nn.Module, info: ModelInfo, gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """The groups a model declares (a detector's backbone / neck / head), else one per top-level module."""
+    return model_groups(model, info) if getattr(model, "groups", None) is not None else mp.default_groups(gm)
+
+
 def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, config: PTQConfig, task: Task,
                     stage: Path, groups: dict[str, tuple[str, ...]] | None, high: LayerPrecision,
                     measure: MeasureOptions, indices=None) -> dict:
-    """Table 2 of the group study: each combination of groups at high precision (the rest quantized) exported to
-    ONNX, with the task's test score (onnxruntime), stored size and paired latency vs FP32."""
-    groups = groups or mp.default_groups(gm)
+    """Table 2 of the group study (Shin and Shin): each combination of groups at high precision (the rest
+    quantized) exported to ONNX, with the task's test score (onnxruntime; ``scores``: all of its score fields),
+    stored size and paired latency vs FP32."""
+    groups = groups or layer_groups(model, info, gm)
     mp.check_groups(gm, groups)
     names = list(groups)
     default = config.default_precision
@@ -167,21 +250,22 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
         for quantized in mp.group_combinations(names):
             precisions = {g: (default if g in quantized else high) for g in names}
             ptq.apply_plan(gm, config, mp.group_plan(groups, precisions))
-            key = "q:" + ",".join(quantized)
-            paths[key] = bench.export(gm, f"groups_{len(rows)}.onnx")
+            key, ir = "q:" + ",".join(quantized), lower(gm, info.input_shape)
+            paths[key] = save_onnx(to_onnx(ir), Path(tmp) / f"groups_{len(rows)}.onnx")
             rows.append({"quantized": list(quantized),
                          "precision": {g: str(precisions[g]) for g in names},
-                         "weight_bytes": lower(gm, info.input_shape).weight_bytes(),
+                         "weight_bytes": ir.weight_bytes(),
                          "onnx_bytes": paths[key].stat().st_size, "key": key})
-        scores = task.score_onnx(paths, f"evaluating {len(paths)} group combinations", indices)
+        fields = task.score_fields(paths, f"evaluating {len(paths)} group combinations", indices)
         for row in rows:
-            row["score"] = scores[row["key"]]
+            row.update(score=fields[row["key"]][task.metric_key], scores=fields[row["key"]])
             ms, ratio = bench.latency(paths[row["key"]])
             row.update(latency_ms=ms, latency_over_fp32=ratio, fps=1000.0 / ms)
         fp32_ms = bench.latency(bench.fp32)[0]  # the FP32 file against itself: its own median, ratio 1
     ptq.apply_plan(gm, config, None)
     return {"groups": {g: list(p) for g, p in groups.items()}, "high": str(high), "low": str(default),
-            "fp32_score": scores["fp32"], "fp32_bytes": int(4 * sum(p.numel() for p in model.parameters())),
+            "fp32_score": fields["fp32"][task.metric_key], "fp32_scores": fields["fp32"],
+            "fp32_bytes": int(4 * sum(p.numel() for p in model.parameters())),
             "fp32_latency_ms": fp32_ms, "rows": rows}
 
 

@@ -118,17 +118,74 @@ def test_unlabelled_test_data_is_refused(capsys, tmp_path, yolo_set):
 
 
 def test_sensitivity_detect_one_layer_high_and_group_table(capsys, tmp_path, yolo_set):
-    assert main(_args("sensitivity", "yolov3-tiny", yolo_set, tmp_path / "s")) == 0
+    """``sensitivity --task detect`` is the one sensitivity job: the sweep on every test image (mAP@0.5:0.95 as
+    the score, mAP@0.5 and P / R / F1 beside it), then the backbone / neck / head table."""
+    assert main(_args("sensitivity", "yolov3-tiny", yolo_set, tmp_path / "s", "--sweep", "keep_high",
+                      "--layers-only")) == 0
     s = json.loads((tmp_path / "s" / "summary.json").read_text())
-    assert len(s["layers"]) == 13 and all(0.0 <= r["map50"] <= 1.0 for r in s["layers"])
-    printed = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if "kept high: mAP@.5" in ln]
-    assert printed == [r["name"] for r in s["layers"]]  # each row printed as soon as it was scored, in order
+    sens = s["sensitivity"]
+    assert s["task"] == "detect" and sens["inputs"] == "test" and sens["images"] == 6
+    assert list(sens["seconds"]) == ["keep_high"] and all("only_quantized" not in r for r in sens["rows"])
+    assert len(sens["rows"]) == 13 and all(r["kind"] == "layer" and 0.0 <= r["keep_high"]["map50"] <= 1.0
+                                           for r in sens["rows"])
+    for r in sens["rows"]:
+        kh = r["keep_high"]
+        assert kh["score"] == kh["map50_95"]
+        assert kh["delta_map50"] == pytest.approx(kh["map50"] - sens["uniform"]["map50"], abs=1e-12)
+    printed = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if "kept high" in ln and "mAP@.5" in ln]
+    assert printed == [r["name"] for r in sens["rows"]]  # each row printed as soon as it was scored, in order
     rows = s["groups"]["rows"]
-    assert len(rows) == 8  # 2^3 backbone / neck / head combinations
+    assert len(rows) == 8 and set(s["groups"]["groups"]) == {"backbone", "neck", "head"}  # 2^3 combinations
     all_fp32 = next(r for r in rows if not r["quantized"])
-    assert all_fp32["map50"] == pytest.approx(s["fp32"]["map50"], abs=1e-6)
+    assert all_fp32["scores"]["map50"] == pytest.approx(sens["fp32"]["map50"], abs=1e-6)
+    assert s["groups"]["fp32_scores"] == sens["fp32"]
     sizes = {tuple(r["quantized"]): r["weight_bytes"] for r in rows}
     assert sizes[("backbone", "neck", "head")] < sizes[()] / 3
+    assert (tmp_path / "s" / "report.html").exists()
+
+
+def test_sensitivity_job_detect_rows_are_the_map_of_each_plans_file(tmp_path, yolo_set):
+    """The job's per-layer rows with ``tasks.Detect``: each row's figures are those of its plan's file (re-exported
+    here from the same calibration) run image by image in onnxruntime and scored by ``detect_task.scores``."""
+    import onnxruntime as ort
+
+    from edgeslim.algorithms import mixed_precision as mp, ptq
+    from edgeslim.config import PTQConfig
+    from edgeslim.data.detection import open_detection
+    from edgeslim.detect_task import DetectOptions, detect, scores
+    from edgeslim.export.onnx_qdq import save_onnx, to_onnx
+    from edgeslim.jobs_mixed import calibrated, run_sensitivity
+    from edgeslim.lower import lower
+    from edgeslim.models import build_model
+    from edgeslim.quant.precision import LayerPrecision
+    from edgeslim.tasks import Detect
+
+    model, info = build_model("yolov3-tiny", None, input_shape=(3, SIZE, SIZE))
+    calib, test = (open_detection(yolo_set, split, imgsz=SIZE) for split in ("train", "val"))
+    opts, config, high = DetectOptions(batch_size=4), PTQConfig(calib_size=4), LayerPrecision.parse("fp32")
+    task = Detect(calib, test, opts, info=info)
+    s = run_sensitivity(model, info, task, config, tmp_path / "s", high=high, sweeps=("keep_high",),
+                        layers_only=True, group_table=False)
+    sens = s["sensitivity"]
+    assert [r["name"] for r in sens["rows"]] == ptq.layer_names(ptq.prepare(model, info.input_shape, config))
+
+    def file_scores(path: Path) -> dict:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        dets, targets = [], []
+        for i in range(len(test)):
+            x, t, _ = test[i]
+            dets += detect(sess.run(None, {sess.get_inputs()[0].name: x[None]}), info.decoder, opts)
+            targets.append(t)
+        return scores(dets, targets, len(COCO_NAMES), opts)
+
+    gm = calibrated(model, info, task.calibration(config, info), config, opts.batch_size)
+    for row in (None, *sens["rows"][::6]):  # the uniform file, then every sixth layer kept FP32
+        ptq.apply_plan(gm, config, None if row is None else mp.keep_high_plan(row["name"], high))
+        want = file_scores(save_onnx(to_onnx(lower(gm, info.input_shape)), tmp_path / "plan.onnx"))
+        got = sens["uniform"] if row is None else row["keep_high"]
+        for k in ("map50", "map50_95", "precision", "recall", "f1"):
+            assert got[k] == pytest.approx(want[k], abs=1e-12), (row and row["name"], k)
+        assert got["score"] == got["map50_95"]
 
 
 def test_mixed_detect_searches_under_a_map_budget_on_held_out_images(capsys, tmp_path, yolo_set):

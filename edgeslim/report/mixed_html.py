@@ -129,7 +129,7 @@ def write_sensitivity_report(s: dict, path: Path) -> Path:
              f"<h1>edgeslim sensitivity: {html.escape(str(s['model']))}</h1>",
              f"<p>Task {html.escape(str(s.get('task', 'classify')))}, scored by {html.escape(label)}. "
              f"Low precision {html.escape(sens['low'] if isinstance(sens['low'], str) else str(sens['low']))}, "
-             f"high {html.escape(str(sens['high']))}; {sens['images']} held-out inputs (disjoint from the "
+             f"high {html.escape(str(sens['high']))}; {sens['images']} {sens.get('inputs', 'held-out')} inputs (disjoint from the "
              f"{s['images']['calibration']} calibration inputs). FP32 {html.escape(label)} {_num(sens['fp32_score'])}, "
              f"uniformly quantized {_num(sens['uniform']['score'])}. Wall time: "
              + ", ".join(f"{k} {v:.1f} s" for k, v in sens["seconds"].items()) + f" (total {sens['total_seconds']:.1f} s; "

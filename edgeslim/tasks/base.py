@@ -15,7 +15,13 @@ and for the ``sensitivity`` and ``mixed`` jobs (``jobs_mixed``):
 
 * ``split``: which inputs calibrate, which held-out inputs score the sweeps and the search (and with which
   ``Metric``), and which test inputs give the final numbers;
-* ``score_onnx``: the metric of exported ONNX files on the test inputs, in onnxruntime;
+* ``score_onnx``: the metric of exported ONNX files on the test inputs, in onnxruntime; ``score_fields``: every
+  score the task reports of each file (top-1; SQNR; mAP@0.5, mAP@0.5:0.95, precision / recall / F1), the metric
+  among them under ``metric_key``; ``scores_against_fp32``: whether those need the FP32 file next to the others;
+* ``sweep_inputs``: what ``sensitivity``'s per-layer sweeps are scored on by default: ``holdout`` (the held-out
+  inputs, ``Metric`` of the PyTorch or onnxruntime outputs) or ``test`` (every test input, each plan's file in
+  onnxruntime through ``score_fields``, as the group table is); ``test_size``: how many test inputs there are;
+  ``metric_description``: the metric's name, unit and budget units per unit (``Metric.describe``);
 * ``score_torch``: the metric of the PyTorch fake-quant model under several plans on the test inputs;
 
 and for the ``qat`` job (``jobs_qat``), whose ``calib`` data are the training inputs:
@@ -57,10 +63,11 @@ from ..intgraph import IntGraph
 from ..models import ModelInfo
 from ..train.data import TrainData
 
-__all__ = ["Split", "Deployed", "QATSetup", "Task", "HOLDOUT_SOURCES", "finite", "check_source", "fake_quant_outputs",
+__all__ = ["Split", "Deployed", "QATSetup", "Task", "HOLDOUT_SOURCES", "SWEEP_INPUTS", "finite", "check_source", "fake_quant_outputs",
            "TFLITE_RANGE_INPUTS"]
 
 HOLDOUT_SOURCES = ("calib", "data")
+SWEEP_INPUTS = ("holdout", "test")  # what sensitivity sweeps are scored on (Task.sweep_inputs)
 TFLITE_RANGE_INPUTS = 256  # calibration inputs whose outputs set the int8 range of a .tflite's outputs
 
 
@@ -105,6 +112,10 @@ class Task(Protocol):
     graph_key: str  # the summary entry that holds the INT8 file's graph statistics
     calib_batch_size: int
     tflite_range_inputs: int
+    sweep_inputs: str  # "holdout" or "test": what sensitivity sweeps are scored on by default (SWEEP_INPUTS)
+    scores_against_fp32: bool  # score_fields needs the FP32 file (key "fp32") among the files it scores
+    metric_description: dict  # {"name", "unit", "per_unit"}, as Metric.describe()
+    test_size: int
 
     # quantize / analyze
     def check(self, info: ModelInfo) -> None: ...
@@ -127,6 +138,9 @@ class Task(Protocol):
     def split(self, config: PTQConfig, holdout_size: int, holdout_from: str) -> Split: ...
 
     def score_onnx(self, paths: dict[str, Path], desc: str, indices: np.ndarray | None = None) -> dict[str, float]: ...
+
+    def score_fields(self, paths: dict[str, Path], desc: str,
+                     indices: np.ndarray | None = None) -> dict[str, dict[str, float]]: ...
 
     def score_torch(self, gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
                     indices: np.ndarray | None = None) -> dict[str, float]: ...

@@ -49,6 +49,8 @@ class Classify:
     name, metric_key, graph_key = "classify", "top1", "onnx_int8"
     calib_batch_size = 128
     tflite_range_inputs = 256
+    sweep_inputs, scores_against_fp32 = "holdout", False
+    metric_description = {"name": "top-1", "unit": "points", "per_unit": 100.0}
 
     def __init__(self, calib: ImageDataset, test: ImageDataset, batch_size: int = 256,
                  measure: MeasureOptions = MeasureOptions()) -> None:
@@ -172,8 +174,17 @@ class Classify:
         xh = np.concatenate([x for x, _ in batches(src, 256, hold, desc="loading held-out images")])
         return Split(calib, torch.from_numpy(xh), mp.top1_metric(src.labels[hold]), eval_idx, holdout_from)
 
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
+
     def score_onnx(self, paths: dict[str, Path], desc: str, indices: np.ndarray | None = None) -> dict[str, float]:
         return onnx_top1(paths, self.test, self.batch_size, desc, indices)
+
+    def score_fields(self, paths: dict[str, Path], desc: str,
+                     indices: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+        """Top-1 of each file (its only score)."""
+        return {k: {"top1": v} for k, v in self.score_onnx(paths, desc, indices).items()}
 
     def score_torch(self, gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
                     indices: np.ndarray | None = None) -> dict[str, float]:

@@ -35,11 +35,12 @@ from ..train.data import TrainData
 from ..train.losses import head_distillation
 from .base import Deployed, QATSetup, Split, check_source
 
-__all__ = ["Detect", "TFLITE_RANGE_IMAGES", "LETTERBOX_PAD", "export_check", "map_metric"]
+__all__ = ["Detect", "TFLITE_RANGE_IMAGES", "LETTERBOX_PAD", "SCORE_FIELDS", "export_check", "map_metric"]
 
 # calibration images whose raw head outputs set the int8 range of the .tflite's heads (the engine runs them: about
 # 3 s per yolov5n image at 640 on one core)
 TFLITE_RANGE_IMAGES = 32
+SCORE_FIELDS = ("map50", "map50_95", "precision", "recall", "f1")  # what a scored file reports (score_fields)
 LETTERBOX_PAD = 114 / 255  # the grey of the letterbox borders, in [0, 1] pixels: QAT's crops pad with it
 
 
@@ -49,6 +50,10 @@ class Detect:
 
     name, metric_key, graph_key = "detect", "map50_95", "onnx_int8_graph"
     tflite_range_inputs = TFLITE_RANGE_IMAGES
+    # sensitivity sweeps on every test image: mAP of a few dozen held-out images is too noisy to rank layers by,
+    # and detection sets rarely hold images beyond the calibration ones; no search tunes on these tables
+    sweep_inputs, scores_against_fp32 = "test", False
+    metric_description = {"name": "mAP@0.5:0.95", "unit": "points", "per_unit": 100.0}
 
     def __init__(self, calib: DetectionDataset, test: DetectionDataset, opts: DetectOptions = DetectOptions(), *,
                  info: ModelInfo | None = None) -> None:
@@ -173,8 +178,13 @@ class Detect:
         metric = map_metric(targets, decoder, self.opts, max(self.test.num_classes, 1))
         return Split(x_cal, torch.from_numpy(np.concatenate([x for x, _ in held])), metric, eval_idx, holdout_from)
 
-    def _score(self, runs: dict, indices: np.ndarray | None, desc: str | None = None) -> dict[str, float]:
-        """mAP@0.5:0.95 of each ``runs[k](x) -> raw head outputs`` on the test images ``indices`` (None: all)."""
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
+
+    def _score(self, runs: dict, indices: np.ndarray | None, desc: str | None = None) -> dict[str, dict[str, float]]:
+        """The score fields (``SCORE_FIELDS``) of each ``runs[k](x) -> raw head outputs`` on the test images
+        ``indices`` (None: all)."""
         info = self._model_info()
         decoder = check_detector(info, self.test)
         idx = np.arange(len(self.test)) if indices is None else np.asarray(indices)
@@ -184,16 +194,23 @@ class Detect:
             targets += tg
             for k, run in runs.items():
                 dets[k] += detect(run(x), decoder, self.opts)
-        return {k: scores(v, targets, max(self.test.num_classes, 1), self.opts)["map50_95"] for k, v in dets.items()}
+        n = max(self.test.num_classes, 1)
+        return {k: _fields(scores(v, targets, n, self.opts)) for k, v in dets.items()}
 
-    def score_onnx(self, paths: dict[str, Path], desc: str, indices: np.ndarray | None = None) -> dict[str, float]:
-        """mAP@0.5:0.95 of each ONNX file on the test images, in onnxruntime."""
+    def score_fields(self, paths: dict[str, Path], desc: str,
+                     indices: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+        """mAP@0.5, mAP@0.5:0.95 and the confusion-matrix precision / recall / F1 of each ONNX file on the test
+        images, in onnxruntime."""
         runs = {}
         for k, p in paths.items():
             sess = ort_eval.session(p, threads=0)
             name = sess.get_inputs()[0].name
             runs[k] = (lambda s, n: lambda x: _run_fixed(s, n, x))(sess, name)
         return self._score(runs, indices, desc)
+
+    def score_onnx(self, paths: dict[str, Path], desc: str, indices: np.ndarray | None = None) -> dict[str, float]:
+        """mAP@0.5:0.95 of each ONNX file on the test images, in onnxruntime."""
+        return {k: v[self.metric_key] for k, v in self.score_fields(paths, desc, indices).items()}
 
     def score_torch(self, gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
                     indices: np.ndarray | None = None) -> dict[str, float]:
@@ -212,7 +229,7 @@ class Detect:
         runs = {"fp32": lambda x: [np.concatenate(o) for o in zip(*(fp32(x[i:i + step])
                                                                     for i in range(0, len(x), step)))],
                 **{k: under(p) for k, p in plans.items()}}
-        return self._score(runs, indices)
+        return {k: v[self.metric_key] for k, v in self._score(runs, indices).items()}
 
 
     # ------------------------------------------------------------------ qat (``calib``: the training images)
@@ -271,6 +288,10 @@ def export_check(gm: nn.Module, graph: IntGraph, path: Path, x: np.ndarray, info
         diffs.append(d)
         steps.append(d / qp.scale if qp is not None else None)  # None: a float output (no quantizer)
     return {"images": int(len(x)), "max_abs_diff": diffs, "max_diff_lsb": steps}
+
+def _fields(s: dict) -> dict[str, float]:
+    return {f: s[f] for f in SCORE_FIELDS}
+
 
 def _run_fixed(sess, name: str, x: np.ndarray) -> list[np.ndarray]:
     """One onnxruntime session on a batch (image by image for a file whose batch dimension is fixed at 1)."""

@@ -57,6 +57,8 @@ class Fidelity:
     name, metric_key, graph_key = "fidelity", "sqnr_db", "onnx_int8"
     calib_batch_size = 128
     tflite_range_inputs = 256
+    sweep_inputs, scores_against_fp32 = "holdout", True
+    metric_description = {"name": "SQNR", "unit": "dB", "per_unit": 1.0}
 
     def __init__(self, calib: np.ndarray, test: np.ndarray, batch_size: int = 64, seed: int = 0, *,
                  spec: InputSpec | None = None, threads: int = 1, latency_rounds: int = 50) -> None:
@@ -182,6 +184,15 @@ class Fidelity:
         outs = {k: ort_eval.predict_all(ort_eval.session(p, threads=0), x, self.batch_size) for k, p in paths.items()}
         ref = [torch.from_numpy(v) for v in outs["fp32"].values()]
         return {k: mp.worst_sqnr([torch.from_numpy(v) for v in o.values()], ref) for k, o in outs.items()}
+
+    def score_fields(self, paths: dict[str, Path], desc: str,
+                     indices: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+        """The worst output's SQNR of each file (its only score), against the ``fp32`` one."""
+        return {k: {"sqnr_db": v} for k, v in self.score_onnx(paths, desc, indices).items()}
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test_x)
 
     def score_torch(self, gm: fx.GraphModule, config: PTQConfig, plans: dict[str, MixedPlan | None], model: nn.Module,
                     indices: np.ndarray | None = None) -> dict[str, float]:
