@@ -56,9 +56,11 @@ def requantize(acc: np.ndarray, multiplier, m0, shift, zp: int, lo: int, hi: int
         return v.reshape(shape)
 
     if mode == "float":
-        y = np.rint(acc.astype(np.float32) * chan(multiplier, np.float32))
+        y = acc.astype(np.float32)  # in place from here: one float32 array
+        y *= chan(multiplier, np.float32)
+        np.rint(y, out=y)
         y += np.float32(zp)  # inexact only far outside [lo, hi], where the clip below decides anyway
-        return np.clip(y, np.float32(lo), np.float32(hi)).astype(np.int64)
+        return np.clip(y, np.float32(lo), np.float32(hi), out=y).astype(np.int64)
     elif mode == "fixed":
         m, s = chan(m0, np.int64), chan(shift, np.int64)
         if np.any(np.asarray(shift) < 1) or np.any(np.asarray(shift) > 62):
@@ -238,9 +240,14 @@ def QGemm(x, x_zero_point, w, w_zero_point, bias=None, *, x_scale=None, w_scale=
     return requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1), ev
 
 
-def _fma32(x, y, z) -> np.ndarray:
-    """float32 fused multiply-add, emulated in float64 (x * y is exact there: float32 times a code)."""
-    return (np.float64(x) * np.asarray(y, dtype=np.float64) + np.asarray(z, dtype=np.float64)).astype(np.float32)
+def _fma32(x, y, z, offset: int = 0) -> np.ndarray:
+    """float32 fused multiply-add ``x * (y + offset) + z``, emulated in float64 (the product is exact there:
+    float32 times a code)."""
+    t = np.add(y, offset, dtype=np.float64)  # exact: integer codes
+    t *= np.float64(x)
+    z = np.asarray(z, dtype=np.float64)
+    t = np.add(t, z, out=t if np.broadcast_shapes(t.shape, z.shape) == t.shape else None)
+    return t.astype(np.float32)
 
 
 def QLinearAdd(a, a_scale: float, a_zero_point: int, b, b_scale: float, b_zero_point: int, y_scale: float,
@@ -259,10 +266,10 @@ def QLinearAdd(a, a_scale: float, a_zero_point: int, b, b_scale: float, b_zero_p
         ra, rb = f32(f32(a_scale) / f32(y_scale)), f32(f32(b_scale) / f32(y_scale))
         za, zb, zy = int(a_zero_point) + oa, int(b_zero_point) + ob, int(y_zero_point) + oy
         k = f32(zy) - (ra * f32(za) + rb * f32(zb))
-        ac = np.asarray(a, dtype=np.int64) + oa
-        bc = np.asarray(b, dtype=np.int64) + ob
-        y = np.rint(_fma32(ra, ac, _fma32(rb, bc, k))).astype(np.int64) - oy
-        return np.clip(y, clamp[0], clamp[1])
+        y = _fma32(ra, np.asarray(a, dtype=np.int64), _fma32(rb, np.asarray(b, dtype=np.int64), k, ob), oa)
+        y = np.rint(y, out=y).astype(np.int64)
+        y -= oy
+        return np.clip(y, clamp[0], clamp[1], out=y)
     da = np.asarray(a, dtype=np.int64) - int(a_zero_point)
     db = np.asarray(b, dtype=np.int64) - int(b_zero_point)
     ra, rb = float(a_scale) / float(y_scale), float(b_scale) / float(y_scale)

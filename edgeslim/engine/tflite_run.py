@@ -2,9 +2,9 @@
 ``export.tflite`` writes for it compute them (``tflite_ops``), on the engine's natural codes.
 
 Natural codes differ from TFLite's int8 codes by a constant (128 for unsigned 8-bit tensors); every kernel
-here depends only on ``code - zero_point`` except AVERAGE_POOL_2D, whose rounding (half away from zero) sees
-the sign of the raw int8 sum, so the pool moves to int8 codes and back. Ops not listed here (data movement,
-LUT tables) are the same in every mode (``run.OPS``).
+here depends only on ``code - zero_point``; average pools (global ones too) are the unit-weight depthwise
+convolutions ``pool_as_depthwise`` describes. Ops not listed here (data movement, LUT tables) are the same in every
+mode (``run.OPS``).
 """
 
 from __future__ import annotations
@@ -75,23 +75,58 @@ def _concat(g: IntGraph, node: IntNode, env, cfg):
     return np.clip(np.concatenate(parts, axis=node.attrs.get("axis", 1)), *_clamp(node, qy))
 
 
-def _avgpool(g: IntGraph, node: IntNode, x, kernel, strides, keepdims: bool = True):
+def pool_as_depthwise(channels: int, kernel) -> dict[str, np.ndarray]:
+    """The depthwise convolution an average pool over ``kernel`` is written as: every weight the int8 code ``u``
+    (64, less where 255 * u * kh * kw would leave int32) with the per-channel scale float32(1 / (kh * kw * u)),
+    zero bias: the same real weights 1 / (kh * kw). Its DEPTHWISE_CONV_2D rounds the window's sum once
+    (``MultiplyByQuantizedMultiplier``), where AVERAGE_POOL_2D + QUANTIZE round twice (the mean on the input's
+    scale, then the requantization) and MEAN rounds the requantized sum before dividing; onnxruntime's
+    QLinearAveragePool / QLinearGlobalAveragePool round once. ``u`` > 1 gives the fixed-point product
+    ``log2(u)`` more fraction bits before its last rounding, so TFLite's two roundings part from one rounding
+    ``u`` times less often."""
+    kh, kw = (int(k) for k in kernel)
+    n = kh * kw
+    unit = max(1, min(64, ((1 << 31) - 1) // (255 * n)))
+    return {"w": np.full((channels, 1, kh, kw), unit, np.int64),
+            "w_scale": np.full(channels, np.float32(1.0 / (n * unit)), np.float32),
+            "w_zero_point": np.zeros(channels, np.int64), "bias": np.zeros(channels, np.int64)}
+
+
+def _pool_conv(g: IntGraph, node: IntNode, x, kernel, strides, cfg) -> np.ndarray:
+    """An average pool as ``pool_as_depthwise``'s DEPTHWISE_CONV_2D computes it (VALID)."""
     qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
-    off = _offset(qx)
-    pooled = tflite_ops.average_pool(np.asarray(x, np.int64) - off, kernel, strides) + off
-    y = np.clip(_requant_to(pooled, qx, qy), *_clamp(node, qy))
-    return y if keepdims else y.reshape(y.shape[0], -1)
+    x = np.asarray(x)
+    a = pool_as_depthwise(x.shape[1], kernel)
+    m, s = tflite_ops.conv_multipliers(qx.scale, a["w_scale"], qy.scale)
+    return ops.QLinearConv(x, qx.zero_point, a["w"], a["w_zero_point"], a["bias"], strides=tuple(strides),
+                           group=x.shape[1], m0=m, shift=s, y_zero_point=qy.zero_point, clamp=_clamp(node, qy),
+                           requant="tflite", accumulator_bits=cfg.get("accumulator_bits", 32),
+                           overflow=cfg.get("overflow", "saturate"))[0]
 
 
 def _average_pool(g, node, env, cfg):
-    return _avgpool(g, node, env[node.inputs[0]], node.attrs["kernel_shape"], node.attrs["strides"])
+    """A pool read from a file's AVERAGE_POOL_2D (``attrs['tflite_op']``, set by ``io.tflite_import``): that
+    kernel, on the input's scale (rounding half away from zero sees the sign of the raw int8 sum, so it runs on int8
+    codes), then QUANTIZE; any other: ``pool_as_depthwise``."""
+    if node.attrs.get("tflite_op") != "AVERAGE_POOL_2D":
+        return _pool_conv(g, node, env[node.inputs[0]], node.attrs["kernel_shape"], node.attrs["strides"], cfg)
+    qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
+    off = _offset(qx)
+    pooled = tflite_ops.average_pool(np.asarray(env[node.inputs[0]], np.int64) - off, node.attrs["kernel_shape"],
+                                     node.attrs["strides"]) + off
+    return np.clip(_requant_to(pooled, qx, qy), *_clamp(node, qy))
 
 
 def _global_average_pool(g, node, env, cfg):
-    """MEAN over H, W (one requantization; ``export.tflite`` writes MEAN)."""
-    qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
-    return tflite_ops.mean(env[node.inputs[0]], qx.scale, qx.zero_point, qy.scale, qy.zero_point, *_clamp(node, qy),
-                           keepdims=bool(node.attrs.get("keepdims", True)))
+    """The mean over H, W: a file's MEAN (``attrs['tflite_op']``, from ``io.tflite_import``) as that kernel computes
+    it, any other as one unit-weight DEPTHWISE_CONV_2D over the whole map (``pool_as_depthwise``)."""
+    x = np.asarray(env[node.inputs[0]])
+    keep = bool(node.attrs.get("keepdims", True))
+    if node.attrs.get("tflite_op") == "MEAN":
+        qx, qy = g.qparams[node.inputs[0]], g.qparams[node.outputs[0]]
+        return tflite_ops.mean(x, qx.scale, qx.zero_point, qy.scale, qy.zero_point, *_clamp(node, qy), keepdims=keep)
+    y = _pool_conv(g, node, x, x.shape[2:], (1, 1), cfg)
+    return y if keep else y.reshape(y.shape[0], -1)
 
 
 def _relu(g, node, env, cfg):

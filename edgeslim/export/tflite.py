@@ -14,8 +14,9 @@ Mapping (schema ``tensorflow/lite/schema/schema.fbs``; kernels ``tensorflow/lite
 * QLinearConv -> CONV_2D / DEPTHWISE_CONV_2D (padding SAME where it equals PyTorch's, else PAD + VALID),
   QGemm -> FULLY_CONNECTED, QLinearAdd -> ADD, QLinearMul -> MUL, QLinearConcat -> QUANTIZE (int8 -> int8, for
   inputs with other scales: TFLite's int8 CONCATENATION needs equal parameters) + CONCATENATION,
-  QLinearAveragePool -> AVERAGE_POOL_2D (on the input's scale, as TFLite requires) + QUANTIZE,
-  QLinearGlobalAveragePool -> MEAN (one requantization),
+  QLinearAveragePool / QLinearGlobalAveragePool -> DEPTHWISE_CONV_2D with weights 1 / (kh * kw) (code 64)
+  (``tflite_run.pool_as_depthwise``: one rounding, as onnxruntime's pools; AVERAGE_POOL_2D + QUANTIZE and MEAN
+  round twice and part from the INT8 ONNX file on up to half the outputs; pools read from a file keep their op),
   MaxPool -> MAX_POOL_2D (explicit pads: PADV2 with -128), Pad -> PAD, Flatten / Reshape -> RESHAPE,
   Transpose -> TRANSPOSE, Slice -> STRIDED_SLICE, nearest Resize -> RESIZE_NEAREST_NEIGHBOR, QLinearRelu -> RELU / RELU6,
   LUT leaky ReLU -> LEAKY_RELU, any other LUT (SiLU, sigmoid, hard-swish, tanh, ...) -> its 256-entry int8
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import tflite_ops
-from ..engine.tflite_run import LOGISTIC_Q, gate_qparams
+from ..engine.tflite_run import LOGISTIC_Q, gate_qparams, pool_as_depthwise
 from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
 from ..quant.fixed_point import multiplier_arrays
@@ -641,10 +642,38 @@ class _Exporter:
         clamp = (max(lo, out_q.qmin) - off, min(hi, out_q.qmax) - off)
         self.ids[node.outputs[0]] = self.clamp_ops(y, node.outputs[0], None if clamp == (-128, 127) else clamp)
 
+    def _pool_conv(self, node: IntNode, kernel, strides, emit_to=None) -> None:
+        """An average pool as ``tflite_run.pool_as_depthwise``'s DEPTHWISE_CONV_2D (VALID, unit weights): one
+        rounding, as onnxruntime's pools round. ``emit_to``: (int8 tensor index) instead of the node's output."""
+        c = self.shapes[node.inputs[0]][1]
+        a = pool_as_depthwise(c, kernel)
+        in_q = self.g.qparams[node.inputs[0]]
+        w = self.m.const(f"{node.name}_weights", a["w"].transpose(1, 2, 3, 0).astype(np.int8),
+                         scale=[float(v) for v in a["w_scale"]], zero_point=[0] * c, quantized_dimension=3)
+        bias = self.m.const(f"{node.name}_bias", a["bias"].astype(np.int32), zero_point=[0] * c,
+                            scale=[float(v) for v in (np.float32(in_q.scale) * a["w_scale"]).astype(np.float32)])
+        x = self.ids[node.inputs[0]]
+
+        def emit(act, y):
+            self.m.add_op("DEPTHWISE_CONV_2D", [x, w, bias], [y], (
+                "DepthwiseConv2DOptions", {"Padding": 1, "StrideW": int(strides[1]), "StrideH": int(strides[0]),
+                                           "DepthMultiplier": 1, "DilationWFactor": 1, "DilationHFactor": 1,
+                                           "FusedActivationFunction": _act_code(act)}))
+        if emit_to is None:
+            self.finish(node, emit)
+        else:
+            emit("NONE", emit_to)
+
     def op_QLinearAveragePool(self, node: IntNode, shape_in) -> None:
-        self._avgpool(node, node.attrs["kernel_shape"], node.attrs["strides"])
+        if node.attrs.get("tflite_op") == "AVERAGE_POOL_2D":  # read from a file (io.tflite_import): kept as it was
+            self._avgpool(node, node.attrs["kernel_shape"], node.attrs["strides"])
+        else:
+            self._pool_conv(node, node.attrs["kernel_shape"], node.attrs["strides"])
 
     def op_QLinearGlobalAveragePool(self, node: IntNode, shape_in) -> None:
+        if node.attrs.get("tflite_op") != "MEAN":
+            self._global_pool_conv(node)
+            return
         out_shape = self.shapes[node.outputs[0]]
         axes = self.i32(f"{node.name}_axes", [1, 2])
         x = self.ids[node.inputs[0]]
@@ -657,6 +686,20 @@ class _Exporter:
         q = self.g.qparams[node.outputs[0]]
         pooled = self.act(self.fresh(f"{node.name}_mean"), q, [out_shape[0], 1, 1, out_shape[1]])
         self.m.add_op("MEAN", [x, axes], [pooled], ("ReducerOptions", {"KeepDims": True}))
+        y = self._reshape(pooled, (out_shape[0], out_shape[1], 1, 1), out_shape, node.name)
+        lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
+        clamp = (max(lo, q.qmin) - _offset(q), min(hi, q.qmax) - _offset(q))
+        self.ids[node.outputs[0]] = self.clamp_ops(y, node.outputs[0], None if clamp == (-128, 127) else clamp)
+
+    def _global_pool_conv(self, node: IntNode) -> None:
+        in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
+        kernel = in_shape[2:]
+        if len(out_shape) == 4:
+            self._pool_conv(node, kernel, (1, 1))
+            return
+        q = self.g.qparams[node.outputs[0]]  # keepdims=False: N,1,1,C then RESHAPE (the same bytes)
+        pooled = self.act(self.fresh(f"{node.name}_mean"), q, [out_shape[0], 1, 1, out_shape[1]])
+        self._pool_conv(node, kernel, (1, 1), emit_to=pooled)
         y = self._reshape(pooled, (out_shape[0], out_shape[1], 1, 1), out_shape, node.name)
         lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
         clamp = (max(lo, q.qmin) - _offset(q), min(hi, q.qmax) - _offset(q))

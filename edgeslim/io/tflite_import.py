@@ -369,7 +369,7 @@ class _Importer:
             raise EdgeslimError(f"AVERAGE_POOL_2D {self.t(o)['name']}: input and output parameters differ")
         self.node("QLinearAveragePool", [self.names[i]], o, {
             "kernel_shape": [opt.FilterHeight(), opt.FilterWidth()], "strides": [opt.StrideH(), opt.StrideW()],
-            "clamp": self.clamp(opt.FusedActivationFunction(), o)})
+            "clamp": self.clamp(opt.FusedActivationFunction(), o), "tflite_op": "AVERAGE_POOL_2D"})
 
     def op_MAX_POOL_2D(self, k, op):
         (i,), (o,) = op["inputs"], op["outputs"]
@@ -389,7 +389,7 @@ class _Importer:
         if axes != [1, 2] or len(self.t(x_i)["shape"]) != 4:
             raise EdgeslimError(f"MEAN {self.t(o)['name']} over axes {axes}: only the spatial mean (1, 2) imports")
         keep = len(self.t(o)["shape"]) == 4
-        self.node("QLinearGlobalAveragePool", [self.names[x_i]], o, {"keepdims": keep})
+        self.node("QLinearGlobalAveragePool", [self.names[x_i]], o, {"keepdims": keep, "tflite_op": "MEAN"})
 
     def _paddings(self, i: int, pads_i: int) -> list[int]:
         p = np.asarray(self.const(pads_i)).reshape(-1, 2)
