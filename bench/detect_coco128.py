@@ -29,11 +29,8 @@ import torch
 from bench._report import COMMIT, ROOT, table, write_section
 from edgeslim import api
 from edgeslim.algorithms import ptq
-from edgeslim.analysis import AnalyzeOptions
-from edgeslim.config import PTQConfig
+from edgeslim.config import AnalyzeOptions, DetectOptions, PTQConfig, QATConfig
 from edgeslim.data.detection import open_detection
-from edgeslim.algorithms.qat import QATConfig
-from edgeslim.detect_task import DetectOptions
 from edgeslim.jobs_mixed import run_sensitivity
 from edgeslim.jobs_quantize import run_quantize
 from edgeslim.config import MeasureOptions

@@ -21,9 +21,9 @@ import torch
 
 from bench._data import resnet20_cifar
 from bench._report import COMMIT, ROOT, table, write_section
-from edgeslim.algorithms.finetune import FinetuneConfig
+from edgeslim.config import FinetuneConfig, PlanOptions, Requirement
 from edgeslim.jobs_lighten import run_factorize, run_prune
-from edgeslim.jobs_plan import PlanOptions, Requirement, run_plan
+from edgeslim.jobs_plan import run_plan
 from edgeslim.targets import TARGETS
 
 EPOCHS = 2.0  # fine-tuning budget per single-step run (epochs of the 50,000 training images)

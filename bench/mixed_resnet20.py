@@ -19,12 +19,11 @@ import torch
 from bench._data import resnet20_cifar
 from bench._report import ROOT, table, write_section
 from edgeslim import api
-from edgeslim.algorithms import mixed_precision as mp
 from edgeslim.config import MixedPlan, PTQConfig
 from edgeslim.data import calibration_indices
 from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
-from edgeslim.config import MeasureOptions
+from edgeslim.config import Budget, MeasureOptions
 from edgeslim.jobs_mixed import run_mixed, run_sensitivity
 from edgeslim.tasks import Classify
 from edgeslim.quant.precision import LayerPrecision
@@ -75,7 +74,7 @@ def search(model, info, train, test, args, work: Path) -> None:
     rows, notes = [], []
     for high in args.high.split(","):
         s = run_mixed(model, info, Classify(train, test), config, work / f"mixed_{high}_{args.holdout_from}",
-                      budget=mp.Budget(max_drop=0.5), high=LayerPrecision.parse(high), holdout_size=args.holdout,
+                      budget=Budget(max_drop=0.5), high=LayerPrecision.parse(high), holdout_size=args.holdout,
                       holdout_from=args.holdout_from, measure=MeasureOptions())
         m, u, f = s["mixed"], s["uniform"], s["fp32"]
         if not rows:

@@ -25,10 +25,9 @@ import torch
 from bench._data import resnet20_cifar
 from bench._report import ROOT, table, write_section
 from edgeslim import api
-from edgeslim.algorithms.finetune import FinetuneConfig
-from edgeslim.config import PTQConfig
+from edgeslim.config import FinetuneConfig, PlanOptions, PTQConfig, Requirement
 from edgeslim.eval import ort as ort_eval
-from edgeslim.jobs_plan import PlanOptions, Requirement, run_plan, split_holdout
+from edgeslim.jobs_plan import run_plan, split_holdout
 from edgeslim.plan_roads import graph_bytes
 from edgeslim.targets import TARGETS
 from edgeslim.tasks import onnx_top1

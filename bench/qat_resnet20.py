@@ -31,8 +31,7 @@ import torch
 
 from bench._data import resnet20_cifar
 from bench._report import COMMIT, ROOT, table, write_section
-from edgeslim.algorithms.qat import QATConfig
-from edgeslim.config import MixedPlan, PTQConfig
+from edgeslim.config import MixedPlan, PTQConfig, QATConfig
 from edgeslim.jobs_qat import run_qat
 from edgeslim.tasks import Classify
 

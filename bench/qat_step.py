@@ -29,7 +29,7 @@ import torch
 
 from edgeslim import api
 from edgeslim.algorithms import qat
-from edgeslim.config import MixedPlan, PTQConfig
+from edgeslim.config import MixedPlan, PTQConfig, QATConfig
 from edgeslim.models import build_model
 from edgeslim.quant.qat import TrainableQuantizer
 from edgeslim.train.dist import Dist
@@ -44,7 +44,7 @@ BATCH = 128
 class Runner:
     """One model with its optimizer and loss, stepped as ``train.loop.fit`` steps it."""
 
-    def __init__(self, model: torch.nn.Module, cfg: qat.QATConfig, fused: bool | None) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: QATConfig, fused: bool | None) -> None:
         self.model, self.fused = model.train(), fused
         self.recipe = cfg.recipe(50_000)
         self.opt = sgd(model, self.recipe)
@@ -82,9 +82,9 @@ def build(shared: Path, methods: list[str]) -> tuple[dict[str, Runner], str]:
     ptq_config = PTQConfig(4, 4, calibrator="mse")
     q = api.quantize(copy.deepcopy(model).eval(), calib, ptq_config, plan=MixedPlan.from_dict(IMAGE_INPUT_8BIT),
                      input_shape=info.input_shape)
-    runners = {"fp32": Runner(copy.deepcopy(model), qat.QATConfig(4, 4), None)}
+    runners = {"fp32": Runner(copy.deepcopy(model), QATConfig(4, 4), None)}
     for method in methods:
-        cfg = qat.QATConfig(4, 4, method=method)
+        cfg = QATConfig(4, 4, method=method)
         for fused in (False, True):
             gm = copy.deepcopy(q.model)
             qat.attach(gm, cfg)

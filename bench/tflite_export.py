@@ -249,7 +249,7 @@ def detectors(args, shared: Path, work: Path) -> dict:
 
     from bench.detect_coco128 import CALIB, _data, models
     from edgeslim.detect_task import calibration_images
-    from edgeslim.detect_task import DetectOptions
+    from edgeslim.config import DetectOptions
     from edgeslim.jobs_quantize import run_quantize
     from edgeslim.tasks import Detect
 
@@ -288,7 +288,8 @@ def _activation_variants(name: str, out: Path, s: dict, zoo: dict, shared: Path,
     import onnx
 
     from bench.detect_coco128 import _data
-    from edgeslim.detect_task import DetectOptions, calibration_images, check_detector, evaluate_models
+    from edgeslim.config import DetectOptions
+    from edgeslim.detect_task import calibration_images, check_detector, evaluate_models
     from edgeslim.export.tflm import agreement, litert_runner
     from edgeslim.io.onnx_qdq_import import import_qdq
     from edgeslim.jobs_export import without_identities

@@ -4,42 +4,17 @@ per-layer / per-filter overflow statistics (Jang et al.'s Tables 1 and 2). Used 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
+from .config import AnalyzeOptions
 from .data import ImageDataset, batches
 from .engine.overflow import OverflowStats
 from .engine.run import run
 from .errors import EdgeslimError
 from .eval import metrics
 from .intgraph import IntGraph
-
-REQUANT_MODES = ("float", "fixed", "shift")
-
-
-@dataclass(frozen=True)
-class AnalyzeOptions:
-    """``requant``: ``float`` (onnxruntime's float multiplier), ``fixed`` (gemmlowp m0 * 2^-shift) or
-    ``shift`` (pure bit shift; needs power-of-two scales, ``--scale pow2``)."""
-
-    engine: bool = True
-    overflow: bool = True
-    accumulator_bits: int = 32
-    overflow_mode: str = "saturate"
-    requant: str = "float"
-    overflow_images: int = 256
-
-    def __post_init__(self) -> None:
-        if self.accumulator_bits not in (16, 32):
-            raise EdgeslimError(f"invalid --accumulator {self.accumulator_bits}: use 16 or 32")
-        if self.overflow_mode not in ("saturate", "wrap"):
-            raise EdgeslimError(f"invalid --overflow-mode {self.overflow_mode!r}: use saturate or wrap")
-        if self.requant not in REQUANT_MODES:
-            raise EdgeslimError(f"invalid --requant {self.requant!r}: use one of {', '.join(REQUANT_MODES)}")
-        if self.overflow_images <= 0:
-            raise EdgeslimError(f"invalid --overflow-images {self.overflow_images}: use a positive number")
-
 
 def check_requant(g: IntGraph, requant: str) -> None:
     if requant == "shift" and any("m0" in n.arrays and np.any(n.arrays["m0"] != 2**30) for n in g.nodes):

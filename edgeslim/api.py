@@ -21,8 +21,8 @@ from torch import fx, nn
 
 from .algorithms import ptq
 from .algorithms.bias_correction import correct_bias
-from .algorithms.reconstruction import Reconstruction, reconstruct
-from .config import MixedPlan, PTQConfig
+from .algorithms.reconstruction import reconstruct
+from .config import MixedPlan, PTQConfig, Reconstruction
 from .errors import EdgeslimError
 from .export.onnx_qdq import set_io_names, to_onnx
 from .intgraph import IntGraph

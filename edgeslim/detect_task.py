@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from .algorithms import mixed_precision as mp, ptq
-from .analysis import AnalyzeOptions
-from .config import MixedPlan, PTQConfig
+from .config import AnalyzeOptions, DetectOptions, MixedPlan, PTQConfig
 from .data.detection import DetectionDataset
 from .engine.run import run as run_engine
 from .errors import EdgeslimError
@@ -31,35 +30,9 @@ from .eval.detection import confusion_matrix, evaluate_map, nms, precision_recal
 from .models import ModelInfo
 from .quant.precision import LayerPrecision
 
-__all__ = ["Decoder", "DetectOptions", "parse_groups", "group_plan", "flat_outputs", "detect", "scores", "to_model_order", "evaluate_models", "torch_runner", "engine_runner", "ort_runner", "check_detector", "calibration_images", "fit_options", "calibrated", "paired_latency", "detector_metadata", "add_metadata", "decoded_files"]
+__all__ = ["Decoder", "parse_groups", "group_plan", "flat_outputs", "detect", "scores", "to_model_order", "evaluate_models", "torch_runner", "engine_runner", "ort_runner", "check_detector", "calibration_images", "fit_options", "calibrated", "paired_latency", "detector_metadata", "add_metadata", "decoded_files"]
 
 Decoder = Callable[[Sequence[np.ndarray]], np.ndarray]  # raw head outputs -> (N, A, 4 + nc) xyxy + scores
-
-
-@dataclass(frozen=True)
-class DetectOptions:
-    """Post-processing and measurement settings (the usual mAP-evaluation thresholds by default)."""
-
-    conf_thres: float = 0.001  # candidates for mAP (near-full recall)
-    iou_thres: float = 0.6  # NMS
-    cm_conf: float = 0.25  # confusion matrix: detections above this score count (Jang et al.: deployed threshold)
-    cm_iou: float = 0.5
-    batch_size: int = 8
-    threads: int = 1
-    latency_rounds: int = 30
-    # the ONNX files are scored on every test image; the PyTorch float and fake-quant models (about 3 s per
-    # yolov5n image for the simulation) on the first this many (None: all)
-    simulation_images: int | None = 16
-    # also write model_fp32_decoded.onnx / model_int8_decoded.onnx: the box decoding in the graph (export.decoded)
-    decoded_output: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("conf_thres", "iou_thres", "cm_conf", "cm_iou"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise EdgeslimError(f"{name.replace('_', '-')} {v} is outside [0, 1]")
-        if self.batch_size <= 0:
-            raise EdgeslimError(f"batch size {self.batch_size} is not positive: pass e.g. 8")
 
 
 def parse_groups(groups: dict[str, tuple[str, ...]], spec: str) -> dict[str, LayerPrecision]:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from . import api
-from .algorithms.finetune import FinetuneConfig, finetune
+from .algorithms.finetune import finetune
+from .config import FinetuneConfig
 from .data import ImageDataset
 from .errors import EdgeslimError
 from .eval import ort as ort_eval

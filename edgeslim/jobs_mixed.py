@@ -34,7 +34,7 @@ from torch import fx, nn
 from . import api
 from .algorithms import mixed_precision as mp
 from .algorithms import ptq
-from .config import MeasureOptions, PTQConfig
+from .config import Budget, MeasureOptions, PTQConfig
 from .errors import EdgeslimError
 from .eval import ort as ort_eval
 from .export.onnx_qdq import save_onnx, to_onnx
@@ -271,7 +271,7 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
 
 # ----------------------------------------------------------------------------- mixed job
 
-def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, out: Path, *, budget: mp.Budget,
+def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, out: Path, *, budget: Budget,
               high: LayerPrecision, holdout_size: int = 1000, holdout_from: str = "calib",
               measure: MeasureOptions = MeasureOptions(), score_with: str = "onnxruntime", on_step=None) -> dict:
     """Search a mixed-precision plan under ``budget`` (in the task metric's units) and verify it on the test

@@ -30,8 +30,8 @@ from torch import nn
 
 from . import api
 from .algorithms import mixed_precision as mp, ptq
-from .algorithms.finetune import FinetuneConfig, finetune
-from .config import MixedPlan, PTQConfig
+from .algorithms.finetune import finetune
+from .config import PLAN_STEPS as STEPS, Budget, MixedPlan, PlanOptions, PTQConfig, Requirement
 from .data import ImageDataset
 from .errors import EdgeslimError
 from .eval import ort as ort_eval
@@ -43,90 +43,8 @@ from .targets import Target
 from .train.checkpoint import Checkpoint, params_digest
 from .train.data import TrainData, load_train
 
-STEPS = ("G1", "G2", "G3", "G4", "G5")
 STEP_NAMES = {"G1": "lighter backbone", "G2": "factorize heavy convs", "G3": "post-training quantization",
               "G4": "reduced / mixed precision", "G5": "pruning"}
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """What the user needs: accuracy drop in points, latency per image (onnxruntime, batch 1), stored size."""
-
-    max_drop: float | None = None  # points of top-1 (1.0 = one point)
-    max_latency_ms: float | None = None
-    max_size_kb: float | None = None
-    max_ram_kb: float | None = None  # TFLM tensor arena of the int8 .tflite (mcu targets; tflm_ram_bytes)
-
-    def __post_init__(self) -> None:
-        if self.max_drop is None and self.max_latency_ms is None and self.max_size_kb is None \
-                and self.max_ram_kb is None:
-            raise EdgeslimError("give a target: --max-drop POINTS, --max-latency-ms MS and/or --max-size-kb KB")
-        for name, v in asdict(self).items():
-            if v is not None and not v >= 0:
-                raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v}: use a non-negative number")
-
-    def excess(self, row: dict, fp32_top1: float) -> float:
-        """How far ``row`` is from the requirement: the sum of relative overshoots (0 when it holds)."""
-        total = 0.0
-        if self.max_drop is not None:
-            total += max(0.0, (fp32_top1 - row["top1"]) * 100 - self.max_drop) / max(self.max_drop, 0.1)
-        if self.max_latency_ms is not None:
-            total += max(0.0, row["latency_ms"] / max(self.max_latency_ms, 1e-9) - 1)
-        if self.max_size_kb is not None:
-            total += max(0.0, row["size_bytes"] / max(self.max_size_kb * 1024, 1e-9) - 1)
-        if self.max_ram_kb is not None:  # a model TFLM cannot run in int8 (FP32) is as far as it gets
-            ram = row.get("ram_bytes")
-            total += 1.0 if ram is None else max(0.0, ram / max(self.max_ram_kb * 1024, 1e-9) - 1)
-        return total
-
-    def failures(self, row: dict, fp32_top1: float) -> list[str]:
-        out = []
-        if self.max_drop is not None and (fp32_top1 - row["top1"]) * 100 > self.max_drop + 1e-9:
-            out.append(f"accuracy drop {(fp32_top1 - row['top1']) * 100:.2f} > {self.max_drop:g} points")
-        if self.max_latency_ms is not None and row["latency_ms"] > self.max_latency_ms:
-            out.append(f"latency {row['latency_ms']:.3f} > {self.max_latency_ms:g} ms")
-        if self.max_size_kb is not None and row["size_bytes"] > self.max_size_kb * 1024:
-            out.append(f"size {row['size_bytes'] / 1024:.1f} > {self.max_size_kb:g} KiB")
-        if self.max_ram_kb is not None:
-            ram = row.get("ram_bytes")
-            if ram is None:
-                out.append("no int8 TFLM arena (not an all-int8 TFLite model)")
-            elif ram > self.max_ram_kb * 1024:
-                out.append(f"TFLM arena {ram / 1024:.1f} > {self.max_ram_kb:g} KiB")
-        return out
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    steps: tuple[str, ...] = STEPS
-    budget_epochs: float = 3.0  # fine-tuning epochs shared by the steps that change weights
-    finetune: FinetuneConfig = FinetuneConfig()
-    calib_size: int = 512
-    holdout_size: int = 1000  # training images kept out of fine-tuning: every choice is scored on them
-    prune_macs: float = 0.5  # G5 channel pruning: keep this fraction of MACs
-    sparsity: float | None = None  # G5 magnitude pruning: fraction of weights set to zero; None: what the size needs
-    factor_share: float = 0.5  # G2: factorize the heaviest convs covering this share of conv MACs
-    factor_reduction: float = 0.5  # G2: each factorized conv keeps at most this fraction of its MACs
-    backbone: str | None = None  # G1: "shufflenet_v2:0.5" / "mobilenet_v2:1.0" (name:width); None skips G1
-    threads: int = 1
-    latency_rounds: int = 100
-    lowbit_method: str = "brecq"  # learned rounding of the sub-8-bit roads: "brecq" or "adaround"
-    lowbit_iters: int = 300  # its iterations per unit
-
-    def __post_init__(self) -> None:
-        bad = [s for s in self.steps if s not in STEPS]
-        if bad or not self.steps:
-            raise EdgeslimError(f"invalid --steps {','.join(self.steps)}: use a comma list of {', '.join(STEPS)}")
-        if self.budget_epochs < 0:
-            raise EdgeslimError(f"invalid --budget-epochs {self.budget_epochs}: use 0 or more")
-        if self.lowbit_method not in ("brecq", "adaround"):
-            raise EdgeslimError(f"invalid --lowbit-method {self.lowbit_method!r}: use brecq or adaround")
-        if self.holdout_size < 1:
-            raise EdgeslimError(f"invalid --holdout-size {self.holdout_size}: use 1 or more images")
-        if self.lowbit_iters < 1:
-            raise EdgeslimError(f"invalid --lowbit-iters {self.lowbit_iters}: use 1 or more")
-        if self.sparsity is not None and not 0 < self.sparsity < 1:
-            raise EdgeslimError(f"invalid --sparsity {self.sparsity}: use a fraction between 0 and 1")
 
 
 @dataclass
@@ -261,7 +179,7 @@ def step_checkpoint(ctx: Context, step: str) -> Checkpoint | None:
     target, the requirement and the plan options that shape the model (not threads or latency rounds)."""
     if ctx.checkpoints is None:
         return None
-    settings = {k: v for k, v in asdict(replace(ctx.options, finetune=None)).items()
+    settings = {k: None if k == "finetune" else v for k, v in ctx.options.to_dict().items()
                 if k not in ("threads", "latency_rounds")}
     plan = {"step": step, "target": ctx.target.name, "requirement": asdict(ctx.requirement), **settings}
     return Checkpoint(ctx.checkpoints / f"checkpoint_{step}.pt", every=ctx.checkpoint_every,
@@ -348,7 +266,7 @@ def mixed_search(d: Deployable, ctx: Context) -> Deployable:
     size = None if d.sparse or req.max_size_kb is None else int(req.max_size_kb * 1024)
     gm = mp_calibrated(d, ctx)
     res = mp.search(gm, replace(ctx.config, w_bits=d.w_bits), ctx.holdout[0], mp.top1_metric(ctx.holdout[1]),
-                    mp.Budget(max_drop=max(budget, 0.0), max_size_bytes=size), input_shape=ctx.info.input_shape,
+                    Budget(max_drop=max(budget, 0.0), max_size_bytes=size), input_shape=ctx.info.input_shape,
                     high=high, progress=True)
     d.plan = MixedPlan(tuple(d.plan.rules if d.plan else ()) + tuple(res.chosen.plan.rules))
     d.notes.append(f"G4: W{d.w_bits}A8 with {len(res.chosen.high_layers)} layer(s) raised to {high} by sensitivity "
@@ -594,7 +512,7 @@ def summarize(rows, skipped, ctx: Context, met: bool, order, memory_binds, train
     best = next((r for r in rows if r.get("taken")), None) or closest(rows[1:] or rows, ctx)
     shutil.copy(stage / best["onnx"], stage / "model_final.onnx")
     return {"model": ctx.info.name, "target": ctx.target.to_dict(), "requirement": asdict(req),
-            "options": {**asdict(replace(opts, finetune=None)), "finetune": opts.finetune.to_dict()},
+            "options": opts.to_dict(),
             "size_counts": "packed k-bit weights" if ctx.target.packed_weights else "int8 containers (ONNX QDQ)",
             "order": order, "memory_binds": memory_binds, "steps": rows, "skipped": skipped, "met": met,
             "unmet": unmet(best, ctx), "best": {"step": best["step"], "road": best["road"], "unmet": unmet(best, ctx)},

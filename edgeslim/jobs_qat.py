@@ -29,7 +29,7 @@ from torch import nn
 from . import api
 from .algorithms import mixed_precision as mp
 from .algorithms import ptq, qat
-from .config import MixedPlan, PTQConfig
+from .config import MixedPlan, PTQConfig, QATConfig
 from .errors import EdgeslimError
 from .io.staging import staged
 from .models import ModelInfo
@@ -41,7 +41,7 @@ from .train.dist import Dist
 __all__ = ["run_qat"]
 
 
-def run_qat(model: nn.Module, info: ModelInfo, task: Task, cfg: qat.QATConfig, ptq_config: PTQConfig, out: Path, *,
+def run_qat(model: nn.Module, info: ModelInfo, task: Task, cfg: QATConfig, ptq_config: PTQConfig, out: Path, *,
             resume: bool = False, train_size: int | None = None, val_size: int | None = None,
             plan: MixedPlan | None = None, dist: Dist = Dist(), checkpoint_every: int | None = None) -> dict:
     """Train ``model`` quantization-aware on the task's training inputs, score it with the task, write ``out``;

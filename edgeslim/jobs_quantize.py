@@ -17,8 +17,7 @@ import onnx
 from torch import nn
 
 from . import api
-from .analysis import AnalyzeOptions
-from .config import MixedPlan, PTQConfig
+from .config import AnalyzeOptions, MixedPlan, PTQConfig
 from .eval import ort as ort_eval
 from .export.onnx_qdq import save_onnx, set_metadata, weight_containers
 from .io.staging import staged

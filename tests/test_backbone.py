@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.algorithms.backbone import SwappedModel, downsample_plan, swap_backbone
-from edgeslim.algorithms.finetune import FinetuneConfig, finetune
+from edgeslim.algorithms.finetune import finetune
 from edgeslim.api import export_fp32_onnx
+from edgeslim.config import FinetuneConfig
 from edgeslim.errors import EdgeslimError
 from edgeslim.eval.profile import profile
 from edgeslim.graph.capture import capture

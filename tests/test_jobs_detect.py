@@ -152,7 +152,8 @@ def test_sensitivity_job_detect_rows_are_the_map_of_each_plans_file(tmp_path, yo
     from edgeslim.algorithms import mixed_precision as mp, ptq
     from edgeslim.config import PTQConfig
     from edgeslim.data.detection import open_detection
-    from edgeslim.detect_task import DetectOptions, detect, scores
+    from edgeslim.config import DetectOptions
+    from edgeslim.detect_task import detect, scores
     from edgeslim.export.onnx_qdq import save_onnx, to_onnx
     from edgeslim.jobs_mixed import calibrated, run_sensitivity
     from edgeslim.lower import lower
@@ -194,7 +195,8 @@ def test_mixed_detect_searches_under_a_map_budget_on_held_out_images(capsys, tmp
     import onnxruntime as ort
 
     from edgeslim.data.detection import open_detection
-    from edgeslim.detect_task import DetectOptions, detect, scores
+    from edgeslim.config import DetectOptions
+    from edgeslim.detect_task import detect, scores
     from edgeslim.models import build_model
 
     assert main(_args("mixed", "yolov3-tiny", yolo_set, tmp_path / "m", "--max-drop", "0")) == 0
@@ -243,6 +245,7 @@ def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4  # resumable (train.checkpoint)
     # the exported INT8 file is the trained model: onnxruntime reproduces both head outputs to 1 LSB
     from edgeslim.algorithms import qat
+    from edgeslim.config import QATConfig
     from edgeslim.train.data import TrainData
     from edgeslim.train.losses import head_distillation
 
@@ -256,7 +259,7 @@ def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
     assert "exists from an earlier run: add --resume" in capsys.readouterr().err
     with pytest.raises(Exception):
         qat.train(None, None, TrainData(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.int64)),
-                  qat.QATConfig(method="ewgs"), evaluate=lambda m: 0.0, objective=head_distillation)
+                  QATConfig(method="ewgs"), evaluate=lambda m: 0.0, objective=head_distillation)
 
 
 def test_head_distillation_by_hand():

@@ -8,8 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgeslim.algorithms.qat import QATConfig
-from edgeslim.config import PTQConfig
+from edgeslim.config import PTQConfig, QATConfig
 from edgeslim.errors import EdgeslimError
 from edgeslim.jobs_qat import run_qat
 from edgeslim.models import ModelInfo

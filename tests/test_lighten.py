@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from edgeslim.algorithms.finetune import FinetuneConfig, finetune
+from edgeslim.algorithms.finetune import finetune
 from edgeslim.cli import main
+from edgeslim.config import FinetuneConfig, Requirement
 from edgeslim.errors import EdgeslimError
 from edgeslim.graph.capture import capture
-from edgeslim.jobs_plan import Requirement, order_steps
+from edgeslim.jobs_plan import order_steps
 from edgeslim.targets import TARGETS, Target, load_target
 from edgeslim.train.data import TrainData
 
@@ -220,7 +221,8 @@ def test_g4_raises_layers_when_ptq_drops_too_much(tmp_path):
     # argmax on the held-out inputs, re-scored here through a fresh prepare / calibrate / freeze)
     from edgeslim.algorithms import ptq
     from edgeslim.config import PTQConfig
-    from edgeslim.jobs_plan import Context, Deployable, PlanOptions, mixed_search, mp_calibrated
+    from edgeslim.config import PlanOptions
+    from edgeslim.jobs_plan import Context, Deployable, mixed_search, mp_calibrated
     from edgeslim.models import ModelInfo
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 from edgeslim import api
 from edgeslim.algorithms import mixed_precision as mp
 from edgeslim.algorithms import ptq
-from edgeslim.config import MixedPlan, PTQConfig
+from edgeslim.config import Budget, MixedPlan, PTQConfig
 from edgeslim.errors import EdgeslimError
 from edgeslim.eval import ort as ort_eval
 from edgeslim.graph import ops
@@ -193,7 +193,7 @@ def test_search_meets_an_accuracy_budget_and_verifies_it(tiny_model, tiny_calib)
     gm = _calibrated(tiny_model, tiny_calib, config)
     x = _x(128)
     y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
-    res = mp.search(gm, config, x, y, mp.Budget(max_drop=2.0), input_shape=SHAPE, high=LayerPrecision.parse("fp32"))
+    res = mp.search(gm, config, x, y, Budget(max_drop=2.0), input_shape=SHAPE, high=LayerPrecision.parse("fp32"))
     assert res.met and res.uniform.score < 0.98  # 2.0 points below FP32's 1.0
     again = mp.evaluate_plan(gm, config, res.chosen.plan, x, y, mp.fp32_outputs(gm, x))
     assert again.value == res.chosen.score >= 0.98
@@ -211,7 +211,7 @@ def test_label_free_search_meets_an_sqnr_floor_on_every_output(tiny_model, tiny_
     ref = mp.fp32_outputs(gm, x)
     uniform = mp.evaluate_plan(gm, config, None, x, metric, ref)
     floor = uniform.value + 6.0  # four times less noise than uniform 2-bit
-    res = mp.search(gm, config, x, metric, mp.Budget(min_score=floor), input_shape=SHAPE,
+    res = mp.search(gm, config, x, metric, Budget(min_score=floor), input_shape=SHAPE,
                     high=LayerPrecision.parse("int8"))
     assert res.met and res.chosen.high_layers and res.fp32_score == float("inf")
     ptq.apply_plan(gm, config, res.chosen.plan)
@@ -222,7 +222,7 @@ def test_label_free_search_meets_an_sqnr_floor_on_every_output(tiny_model, tiny_
     db = 10 * np.log10(float(ref0.pow(2).sum()) / float((ref0 - out.double()).pow(2).sum()))
     assert res.chosen.score == pytest.approx(db, abs=1e-9) and db >= floor
     with pytest.raises(EdgeslimError, match="--min-sqnr"):
-        mp.search(gm, config, x, metric, mp.Budget(max_drop=1.0), input_shape=SHAPE, high=LayerPrecision.parse("int8"))
+        mp.search(gm, config, x, metric, Budget(max_drop=1.0), input_shape=SHAPE, high=LayerPrecision.parse("int8"))
 
 
 def test_search_under_a_size_budget_never_exceeds_it(tiny_model, tiny_calib):
@@ -231,20 +231,20 @@ def test_search_under_a_size_budget_never_exceeds_it(tiny_model, tiny_calib):
     x = _x(64)
     y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
     uniform_bytes = mp.plan_size_bytes(gm, SHAPE)
-    budget = mp.Budget(max_size_bytes=uniform_bytes + 300)
+    budget = Budget(max_size_bytes=uniform_bytes + 300)
     res = mp.search(gm, config, x, y, budget, input_shape=SHAPE, high=LayerPrecision.parse("int8"))
     assert res.met and res.chosen.size_bytes <= uniform_bytes + 300
     assert all(c.size_bytes <= uniform_bytes + 300 for c in res.steps if c.accepted)
-    impossible = mp.search(gm, config, x, y, mp.Budget(max_size_bytes=10), input_shape=SHAPE,
+    impossible = mp.search(gm, config, x, y, Budget(max_size_bytes=10), input_shape=SHAPE,
                            high=LayerPrecision.parse("int8"))
     assert not impossible.met and "size" in impossible.reason
 
 
 def test_budget_needs_a_target():
     with pytest.raises(EdgeslimError, match="give a budget"):
-        mp.Budget()
+        Budget()
     with pytest.raises(EdgeslimError, match="non-negative"):
-        mp.Budget(max_drop=-1.0)
+        Budget(max_drop=-1.0)
 
 
 def test_groups_default_to_top_level_modules_and_build_plans(tiny_model, tiny_calib):

@@ -20,8 +20,9 @@ from torch import nn
 
 from edgeslim.algorithms.pruning import sparse_size_bytes
 from edgeslim.data import Preprocess, open_dataset
+from edgeslim.config import PlanOptions, Requirement
 from edgeslim.eval import ort as ort_eval
-from edgeslim.jobs_plan import PlanOptions, Requirement, run_plan, split_holdout
+from edgeslim.jobs_plan import run_plan, split_holdout
 from edgeslim.models import ModelInfo
 from edgeslim.targets import TARGETS
 from edgeslim.train.data import load_train

@@ -15,7 +15,7 @@ import torch
 
 from edgeslim import api
 from edgeslim.algorithms import ptq, qat
-from edgeslim.config import PTQConfig
+from edgeslim.config import PTQConfig, QATConfig
 from edgeslim.engine import ops as eops
 from edgeslim.engine import run as erun
 from edgeslim.eval import ort as ort_eval
@@ -173,7 +173,7 @@ def _trained(tiny_model, tiny_calib, cfg, plan=None, steps=4):
 
 
 def test_finish_uniform_keeps_the_function_and_exports_within_one_lsb(tiny_model, tiny_calib, tmp_path):
-    cfg = qat.QATConfig(4, 4, method="lsq", epochs=None, max_steps=4, batch_size=16, lr=0.01)
+    cfg = QATConfig(4, 4, method="lsq", epochs=None, max_steps=4, batch_size=16, lr=0.01)
     gm = _trained(tiny_model, tiny_calib, cfg)
     gm.eval()
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_qat_starts_from_the_adaround_model(tiny_model, tiny_calib):
     with torch.no_grad():
         ref = gm(tiny_calib)
     codes = {n: m.weight_int() for n, m in gm.named_modules() if isinstance(m, QuantConv2d)}
-    qat.attach(gm, qat.QATConfig(3, 8, method="lsq"))
+    qat.attach(gm, QATConfig(3, 8, method="lsq"))
     gm.eval()
     assert all(getattr(m, "round_up", None) is None for m in gm.modules())
     for n, m in gm.named_modules():
@@ -213,8 +213,8 @@ def test_qat_starts_from_the_adaround_model(tiny_model, tiny_calib):
 
 
 def test_pot_weights_export_as_level_codes_and_run_as_shifts(tiny_model, tiny_calib, tmp_path):
-    cfg = qat.QATConfig(4, 8, quantizer="pot", a_quantizer="uniform", method="lsq", epochs=None, max_steps=3,
-                        batch_size=16, lr=0.01)
+    cfg = QATConfig(4, 8, quantizer="pot", a_quantizer="uniform", method="lsq", epochs=None, max_steps=3,
+                    batch_size=16, lr=0.01)
     gm = _trained(tiny_model, tiny_calib, cfg)
     info = qat.finish(gm)
     assert info["exportable"], info["reason"]
@@ -251,7 +251,7 @@ def test_shift_add_conv_equals_integer_conv():
 
 
 def test_nonuniform_activations_are_not_exported(tiny_model, tiny_calib):
-    cfg = qat.QATConfig(2, 2, quantizer="apot", method="ste", epochs=None, max_steps=2, batch_size=16)
+    cfg = QATConfig(2, 2, quantizer="apot", method="ste", epochs=None, max_steps=2, batch_size=16)
     gm = _trained(tiny_model, tiny_calib, cfg)
     info = qat.finish(gm)
     assert not info["exportable"] and "--a-quantizer uniform" in info["reason"]
@@ -262,7 +262,7 @@ def test_nonuniform_activations_are_not_exported(tiny_model, tiny_calib):
 # -- training, resuming, replicas ---------------------------------------------------------------------------
 
 def test_resume_after_a_crash_gives_the_same_weights(tiny_model, tiny_calib, tmp_path):
-    cfg = qat.QATConfig(4, 4, method="ewgs", epochs=3, batch_size=16, lr=0.01, ewgs_every=2)
+    cfg = QATConfig(4, 4, method="ewgs", epochs=3, batch_size=16, lr=0.01, ewgs_every=2)
     data = TrainData(tiny_calib, torch.arange(len(tiny_calib)) % 5, torch.zeros(3))
 
     def fresh():

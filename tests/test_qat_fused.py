@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeslim.algorithms import ptq, qat
-from edgeslim.config import PTQConfig
+from edgeslim.config import PTQConfig, QATConfig
 from edgeslim.quant.qat import METHODS, QUANTIZERS, LevelSet, TrainableQuantizer, _pass_band, soft_gradient
 
 EXACT = dict(rtol=0.0, atol=0.0)
@@ -256,7 +256,7 @@ def test_sgd_steps_of_a_small_qat_model_match_the_plain_path(frozen_tiny, method
     """Three gradient steps of a W4A4 QAT model (``qat.attach`` on the frozen PTQ graph) with the fused and the plain
     quantizers: same losses and parameters to float rounding."""
     start = copy.deepcopy(frozen_tiny)
-    qat.attach(start, qat.QATConfig(4, 4, method=method))
+    qat.attach(start, QATConfig(4, 4, method=method))
     runs = []
     for fused in (True, False):
         model = copy.deepcopy(start).train()

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeslim.config import PTQConfig
+from edgeslim.config import DetectOptions, PTQConfig
 from edgeslim.data.detection import open_detection
-from edgeslim.detect_task import DetectOptions
 from edgeslim.jobs_quantize import run_quantize
 from edgeslim.models import as_detector, build_model
 from edgeslim.models.yolo import COCO_NAMES

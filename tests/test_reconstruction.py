@@ -11,9 +11,9 @@ from torch import nn
 from edgeslim import api
 from edgeslim.algorithms import ptq
 from edgeslim.algorithms.reconstruction import (
-    Reconstruction, _collect, _Runner, _unit_error, beta_at, block_units, init_rounding_variable, layer_units,
+    _collect, _Runner, _unit_error, beta_at, block_units, init_rounding_variable, layer_units,
     rectified_sigmoid)
-from edgeslim.config import MixedPlan, PTQConfig
+from edgeslim.config import MixedPlan, PTQConfig, Reconstruction
 from edgeslim.errors import EdgeslimError
 from edgeslim.eval import ort as ort_eval
 from edgeslim.graph import ops

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from edgeslim.config import DetectOptions
 from edgeslim.data.detection import Target
-from edgeslim.detect_task import DetectOptions
 from edgeslim.tasks.detect import map_metric
 
 # two images, one ground-truth box each: class 0 in the first, class 1 in the second (pixels, xyxy)

@@ -76,7 +76,7 @@ def test_qat_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(images, t
     # 4 steps per epoch, 10 steps; checkpoints every 3 steps; killed inside step 8, i.e. after the checkpoint of
     # step 6 (the middle of epoch 2): steps 7 and 8 are lost and redone.
     cfg = QATConfig(4, 4, method="ewgs", epochs=None, max_steps=10, batch_size=16, lr=0.01, kd=True,
-                        kd_weight=0.5, ewgs_every=3)
+                    kd_weight=0.5, ewgs_every=3)
     teacher = make_tiny_resnet().eval()
     whole = _qat_model(cfg, images.x)
     straight = qat.train(whole, teacher, images, cfg, evaluate=lambda m: 0.0, progress=False,

@@ -10,52 +10,18 @@ schedule, the random crop / flip augmentation, BN in training mode, checkpoints 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ..config import FinetuneConfig
 from ..errors import EdgeslimError
 from ..train.checkpoint import Checkpoint
 from ..train.data import TrainData
-from ..train.loop import Recipe, fit
+from ..train.loop import fit
 from ..train.losses import distillation_loss
 
-__all__ = ["FinetuneConfig", "finetune"]
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    epochs: float = 1.0  # may be fractional: the step budget is epochs x steps per epoch
-    lr: float = 0.01
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    kd: bool = True  # distil from the teacher (KL to its softened predictions)
-    kd_weight: float = 1.0  # weight of the KL term; the rest (1 - kd_weight) is cross-entropy on the labels
-    temperature: float = 1.0
-    augment: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.epochs > 0:
-            raise EdgeslimError(f"invalid fine-tuning epochs {self.epochs}: use a positive number (e.g. 1 or 0.5)")
-        if not self.lr > 0:
-            raise EdgeslimError(f"invalid learning rate {self.lr}: use a positive number")
-        if self.batch_size < 1:
-            raise EdgeslimError(f"invalid batch size {self.batch_size}: use 1 or more")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise EdgeslimError(f"invalid KD weight {self.kd_weight}: use a number in [0, 1]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def total_steps(self, n_images: int) -> int:
-        """Optimizer steps for ``n_images`` training images: ``epochs`` x steps per epoch, at least one."""
-        return max(1, round(self.epochs * math.ceil(n_images / self.batch_size)))
-
-    def recipe(self, n_images: int) -> Recipe:
-        return Recipe(self.total_steps(n_images), self.lr, self.batch_size, self.weight_decay, self.augment, self.seed)
+__all__ = ["finetune"]
 
 
 def finetune(model: nn.Module, data: TrainData, cfg: FinetuneConfig, *, teacher: nn.Module | None = None,

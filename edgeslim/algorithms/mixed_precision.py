@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from ..config import MixedPlan, PTQConfig
+from ..config import Budget, MixedPlan, PTQConfig
 from ..errors import EdgeslimError
 from ..eval import ort as ort_eval
 from ..eval.profile import profile
@@ -423,52 +423,6 @@ def group_combinations(names: list[str], max_groups: int = 6) -> list[tuple[str,
 
 
 # ----------------------------------------------------------------------------- search
-
-@dataclass(frozen=True)
-class Budget:
-    """What the search must meet, in the metric's budget units (``Metric.unit``).
-
-    ``max_drop``: how far below the FP32 model's score the plan may fall (points of top-1 or mAP: 0.5 = half a
-    point); ``min_score``: a floor in the metric's own value (dB for SQNR, the label-free metric, whose FP32
-    value is infinite); ``max_size_bytes`` / ``max_latency_ms``: costs.
-    """
-
-    max_drop: float | None = None
-    max_size_bytes: int | None = None
-    max_latency_ms: float | None = None
-    min_score: float | None = None
-
-    def __post_init__(self) -> None:
-        if all(v is None for v in (self.max_drop, self.min_score, self.max_size_bytes, self.max_latency_ms)):
-            raise EdgeslimError("give a budget: --max-drop (accuracy), --min-sqnr (label-free), --max-size-kb or "
-                                "--max-latency-ms")
-        for name, v in (("--max-drop", self.max_drop), ("--max-size-kb", self.max_size_bytes),
-                        ("--max-latency-ms", self.max_latency_ms)):
-            if v is not None and (not math.isfinite(v) or v < 0):
-                raise EdgeslimError(f"invalid {name} {v!r}: use a non-negative number")
-        if self.min_score is not None and not math.isfinite(self.min_score):
-            raise EdgeslimError(f"invalid --min-sqnr {self.min_score!r}: use a finite number of dB")
-
-    @property
-    def has_quality(self) -> bool:
-        return self.max_drop is not None or self.min_score is not None
-
-    def floor(self, metric: Metric, fp32_score: float) -> float:
-        """The lowest metric value that meets the budget (-inf without a quality budget)."""
-        floors = [-math.inf]
-        if self.max_drop is not None:
-            if not math.isfinite(fp32_score):
-                raise EdgeslimError(f"--max-drop is a drop from the FP32 model's {metric.name}, which is infinite for "
-                                    f"a label-free model: give the floor instead (--min-sqnr DB)")
-            floors.append(fp32_score - self.max_drop / metric.per_unit)
-        if self.min_score is not None:
-            floors.append(self.min_score)
-        return max(floors)
-
-    def to_dict(self) -> dict:
-        return {"max_drop": self.max_drop, "min_score": self.min_score, "max_size_bytes": self.max_size_bytes,
-                "max_latency_ms": self.max_latency_ms}
-
 
 @dataclass
 class Candidate:

@@ -14,102 +14,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import fx, nn
 from tqdm import tqdm
 
+from ..config import QATConfig
 from ..errors import EdgeslimError
 from ..quant.modules import ActQuant, QuantConv2d, QuantLinear, QuantSpec
-from ..quant.qat import METHODS, QUANTIZERS, LevelSet, TrainableQuantizer
+from ..quant.qat import LevelSet, TrainableQuantizer
 from ..train.checkpoint import Checkpoint
 from ..train.data import TrainData
 from ..train.dist import Dist
-from ..train.loop import Batch, Recipe, fit
+from ..train.loop import Batch, fit
 from ..train.losses import distillation_loss
 from . import ptq
 
-__all__ = ["NON_UNIFORM_MAX_BITS", "QATConfig", "QuantizerSchedule", "attach", "finish", "hutchinson_deltas",
+__all__ = ["NON_UNIFORM_MAX_BITS", "QuantizerSchedule", "attach", "finish", "hutchinson_deltas",
            "hutchinson_trace", "qat_loss", "quantizers", "train"]
-
-
-@dataclass(frozen=True)
-class QATConfig:
-    """How to train. ``epochs`` or ``max_steps`` bounds the run (``max_steps`` wins when both are given).
-
-    * ``quantizer`` / ``a_quantizer``: level sets of weights / activations (``a_quantizer`` defaults to
-      ``quantizer``); ``method``: the gradient estimator (``quant.qat``).
-    * ``lr`` is the peak of a cosine schedule over the whole run (per step, no warm-up); SGD with Nesterov
-      momentum 0.9, ``weight_decay`` on weights only (not on biases or scales). The default 0.001 is low
-      because BN is folded: the shared ResNet-20 diverged within 10 steps at 0.01 and trained at 0.001.
-    * ``kd``: distil from the FP32 model: ``kd_weight * T^2 * KL(teacher || student)`` at temperature
-      ``kd_temperature`` plus ``(1 - kd_weight)`` times the label cross-entropy.
-    * ``dsq_alpha``: DSQ's alpha, annealed linearly from the first value to the second over the run.
-    * ``daq_gamma``: DAQ's temperature constant (Kim et al. 2021, "Distance-aware quantization", use 2).
-    * ``ewgs_every``: steps between Hessian-trace updates of EWGS's delta (default: one epoch, at most a
-      fifth of the run); delta is 0 (plain STE) until the first update (Lee et al. 2021, sec. 3.3).
-    """
-
-    w_bits: int = 4
-    a_bits: int = 4
-    quantizer: str = "uniform"
-    a_quantizer: str | None = None
-    method: str = "lsq"
-    epochs: int | None = 1
-    max_steps: int | None = None
-    lr: float = 0.001
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    kd: bool = False
-    kd_weight: float = 1.0
-    kd_temperature: float = 1.0
-    dsq_alpha: tuple[float, float] = (0.2, 0.01)
-    daq_gamma: float = 2.0
-    ewgs_every: int | None = None
-    augment: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("w_bits", "a_bits"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or not 2 <= v <= 8:
-                raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v!r}: QAT trains 2 to 8 bits")
-        for name in ("quantizer", "a_quantizer"):
-            v = getattr(self, name)
-            if v is not None and v not in QUANTIZERS:
-                raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v!r}: use one of {', '.join(QUANTIZERS)}")
-        if self.method not in METHODS:
-            raise EdgeslimError(f"invalid --method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.epochs is None and self.max_steps is None:
-            raise EdgeslimError("give --epochs N or --max-steps N")
-        for name in ("epochs", "max_steps", "batch_size", "ewgs_every"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise EdgeslimError(f"invalid --{name.replace('_', '-')} {v!r}: use a positive integer")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise EdgeslimError(f"invalid --lr {self.lr!r}: use a positive learning rate such as 0.01")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise EdgeslimError(f"invalid kd weight {self.kd_weight}: use a value in [0, 1]")
-        a0, a1 = self.dsq_alpha
-        if not (0 < a1 <= a0 < 1):
-            raise EdgeslimError(f"invalid DSQ alpha schedule {self.dsq_alpha}: use 0 < end <= start < 1")
-
-    @property
-    def act_quantizer(self) -> str:
-        return self.a_quantizer or self.quantizer
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["dsq_alpha"] = list(self.dsq_alpha)
-        return d
-
-    def recipe(self, n_images: int) -> Recipe:
-        """The loop's recipe for ``n_images`` training images: ``max_steps``, else ``epochs`` full epochs."""
-        spe = math.ceil(n_images / self.batch_size)
-        steps = self.max_steps if self.max_steps is not None else self.epochs * spe
-        return Recipe(steps, self.lr, self.batch_size, self.weight_decay, self.augment, self.seed)
 
 
 NON_UNIFORM_MAX_BITS = 4

@@ -40,6 +40,7 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
+from ..config import Reconstruction
 from ..errors import EdgeslimError
 from ..graph import ops
 from ..quant import primitives as P
@@ -48,28 +49,6 @@ from . import ptq
 
 ZETA, GAMMA = 1.1, -0.1
 MAX_GROUP_LAYERS = 4  # a plain (non-residual) module holding more weighted layers is reconstructed layer by layer
-
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """Settings of one AdaRound / BRECQ run (defaults follow the papers, with fewer iterations)."""
-
-    iters: int = 1000  # per unit (the papers use 10-20k; BENCHMARKS.md measures what fewer give)
-    batch_size: int = 32
-    lr: float = 1e-3  # Adam, rounding variables
-    act_lr: float = 4e-5  # Adam, activation step sizes (BRECQ)
-    reg_weight: float = 0.01  # lambda
-    warmup: float = 0.2  # fraction of iterations without the rounding regularizer
-    beta: tuple[float, float] = (20.0, 2.0)
-    learn_act: bool = True  # BRECQ: learn the block's activation step sizes when they are integer
-    fisher: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.iters, int) or self.iters < 1:
-            raise EdgeslimError(f"invalid --iters {self.iters!r}: use a positive number of iterations per unit")
-        if self.batch_size < 1:
-            raise EdgeslimError(f"invalid reconstruction batch size {self.batch_size!r}: use 1 or more")
 
 
 @dataclass

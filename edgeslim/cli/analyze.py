@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
 
 def analyze_options(args):
     """The ``AnalyzeOptions`` of the options: neither --engine nor --overflow means both."""
-    from ..analysis import AnalyzeOptions
+    from ..config import AnalyzeOptions
 
     both = not (args.engine or args.overflow)
     return AnalyzeOptions(engine=args.engine or both, overflow=args.overflow or both,

@@ -171,7 +171,7 @@ def build_task(args, model, info, verb: str):
         raise ValueError(f"verb {verb!r}: use one of {VERBS}")
     name = qat_task_name(args, info) if verb == "qat" else task_name(args, info)
     if name == "detect":  # detector images are large: small batches
-        from ..detect_task import DetectOptions
+        from ..config import DetectOptions
         from ..tasks import Detect
 
         if verb == "qat":

@@ -15,7 +15,7 @@ __all__ = ["setup", "print_pair"]
 
 def setup(args):
     """``(FinetuneConfig, model, ModelInfo, training set, test set)`` with the model's own preprocessing."""
-    from ..algorithms.finetune import FinetuneConfig
+    from ..config import FinetuneConfig
     from ..data import Preprocess, open_dataset
 
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, kd=not args.no_kd, seed=args.seed)

@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
 
 def budget(args, task: str):
     """``mixed``'s budget in the task's units, refusing the old fraction spelling of --max-drop."""
-    from ..algorithms.mixed_precision import Budget
+    from ..config import Budget
 
     if args.max_drop is not None and 0 < args.max_drop < 0.05:
         raise EdgeslimError(f"--max-drop {args.max_drop:g} is read as points (0.5 = half a point), so this allows "

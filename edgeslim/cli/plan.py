@@ -63,7 +63,8 @@ def check_backbone(spec: str | None) -> None:
 
 
 def _plan(args) -> int:
-    from ..jobs_plan import PlanOptions, Requirement, run_plan
+    from ..config import PlanOptions, Requirement
+    from ..jobs_plan import run_plan
     from ..targets import load_target
 
     check_backbone(args.backbone)

@@ -24,8 +24,7 @@ def add_arguments(p) -> None:
 def _qat(args) -> int:
     import torch
 
-    from ..algorithms.qat import QATConfig
-    from ..config import MixedPlan, PTQConfig
+    from ..config import MixedPlan, PTQConfig, QATConfig
     from ..jobs_qat import run_qat
     from ..train.dist import Dist
 

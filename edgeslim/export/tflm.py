@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import FORMATS
 from ..errors import EdgeslimError
 from ..intgraph import IntGraph
-
-FORMATS = ("onnx", "tflite", "tflm")
 
 RESOLVER = {"CONV_2D": "AddConv2D", "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D", "FULLY_CONNECTED": "AddFullyConnected",
             "ADD": "AddAdd", "MUL": "AddMul", "CONCATENATION": "AddConcatenation",

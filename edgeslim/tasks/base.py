@@ -55,9 +55,7 @@ from torch import fx, nn
 
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
-from ..algorithms.qat import QATConfig
-from ..analysis import AnalyzeOptions
-from ..config import MixedPlan, PTQConfig
+from ..config import AnalyzeOptions, MixedPlan, PTQConfig, QATConfig
 from ..errors import EdgeslimError
 from ..intgraph import IntGraph
 from ..models import ModelInfo

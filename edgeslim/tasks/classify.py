@@ -14,9 +14,7 @@ from torch import fx, nn
 from .. import analysis, api
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
-from ..algorithms.qat import QATConfig
-from ..analysis import AnalyzeOptions
-from ..config import MeasureOptions, MixedPlan, PTQConfig
+from ..config import AnalyzeOptions, MeasureOptions, MixedPlan, PTQConfig, QATConfig
 from ..data import ImageDataset, batches, calibration_indices
 from ..errors import EdgeslimError
 from ..eval import metrics, ort as ort_eval

@@ -20,11 +20,10 @@ from torch import fx, nn
 from .. import api
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
-from ..algorithms.qat import QATConfig
-from ..analysis import AnalyzeOptions, check_requant, overflow_summary
-from ..config import MixedPlan, PTQConfig
+from ..analysis import check_requant, overflow_summary
+from ..config import AnalyzeOptions, DetectOptions, MixedPlan, PTQConfig, QATConfig
 from ..data.detection import DetectionDataset, Target
-from ..detect_task import (Decoder, DetectOptions, calibration_images, check_detector, decoded_files, detect,
+from ..detect_task import (Decoder, calibration_images, check_detector, decoded_files, detect,
                            detector_metadata, engine_runner, evaluate_models, fit_options, ort_runner, paired_latency,
                            scores, to_model_order, torch_runner)
 from ..errors import EdgeslimError

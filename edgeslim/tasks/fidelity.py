@@ -21,9 +21,7 @@ from torch import fx, nn
 from .. import analysis, api
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
-from ..algorithms.qat import QATConfig
-from ..analysis import AnalyzeOptions
-from ..config import MixedPlan, PTQConfig
+from ..config import AnalyzeOptions, MixedPlan, PTQConfig, QATConfig
 from ..data.inputs import InputSpec
 from ..errors import EdgeslimError
 from ..eval import ort as ort_eval

@@ -1,16 +1,21 @@
-"""Small frozen configs, validated on construction and round-trippable to JSON."""
+"""Quantization settings: ``PTQConfig`` (the ``quantize`` verb), ``Reconstruction`` (one AdaRound / BRECQ run) and
+``MixedPlan`` (per-layer precisions), with the small JSON readers plans and targets share."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from .cpu import int8_weights_saturate
-from .errors import EdgeslimError
-from .quant.precision import LayerPrecision, Precision
-from .quant.primitives import check_bits
+from ..cpu import int8_weights_saturate
+from ..errors import EdgeslimError
+from ..quant.precision import LayerPrecision, Precision
+from ..quant.primitives import check_bits
+from .checks import Config, check_flag, check_int, check_number, one_of
+
+__all__ = ["ALGORITHMS", "CALIBRATORS", "GRANULARITIES", "MAX_JSON_BYTES", "MixedPlan", "PTQConfig", "Reconstruction",
+           "SCALES", "SCHEMES", "WEIGHT_RANGES", "check_precision_value", "load_json"]
 
 GRANULARITIES = ("channel", "tensor")
 SCHEMES = ("symmetric", "asymmetric")
@@ -20,13 +25,8 @@ ALGORITHMS = ("cle", "adaround", "brecq", "bias-correction")  # PTQ steps beyond
 WEIGHT_RANGES = ("auto", "full", "reduced")
 
 
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise EdgeslimError(f"invalid {name} {value!r}: use one of {', '.join(allowed)}")
-
-
 @dataclass(frozen=True)
-class PTQConfig:
+class PTQConfig(Config):
     """Post-training quantization settings (the ``quantize`` verb).
 
     * ``granularity`` applies to weights (activations are always per tensor).
@@ -73,12 +73,14 @@ class PTQConfig:
     fisher: bool = False
     weight_range: str = "auto"
 
+    KIND = "PTQ config"
+
     def __post_init__(self) -> None:
-        _one_of("--weight-range", self.weight_range, WEIGHT_RANGES)
+        one_of("--weight-range", self.weight_range, WEIGHT_RANGES)
         if self.weight_range == "auto":
             object.__setattr__(self, "weight_range", "reduced" if int8_weights_saturate() else "full")
         for a in self.algorithms:
-            _one_of("--algorithm", a, ALGORITHMS)
+            one_of("--algorithm", a, ALGORITHMS)
         object.__setattr__(self, "algorithms", tuple(a for a in ALGORITHMS if a in self.algorithms))
         if {"adaround", "brecq"} <= set(self.algorithms):
             raise EdgeslimError("--algorithm adaround and brecq both learn the rounding: choose one")
@@ -90,13 +92,16 @@ class PTQConfig:
             raise EdgeslimError("--algorithm cle equalizes fused Conv+ReLU pairs: drop --no-fuse")
         check_bits(self.w_bits, "--w-bits")
         check_bits(self.a_bits, "--a-bits")
-        _one_of("--granularity", self.granularity, GRANULARITIES)
-        _one_of("--scheme", self.scheme, SCHEMES)
-        _one_of("--w-scheme", self.w_scheme, SCHEMES)
-        _one_of("--scale", self.scale, SCALES)
-        _one_of("--calibrator", self.calibrator, CALIBRATORS)
+        one_of("--granularity", self.granularity, GRANULARITIES)
+        one_of("--scheme", self.scheme, SCHEMES)
+        one_of("--w-scheme", self.w_scheme, SCHEMES)
+        one_of("--scale", self.scale, SCALES)
+        one_of("--calibrator", self.calibrator, CALIBRATORS)
         if not isinstance(self.calib_size, int) or self.calib_size <= 0:
             raise EdgeslimError(f"invalid --calib-size {self.calib_size!r}: use a positive number of images")
+        check_flag("--fuse", self.fuse)
+        check_flag("--fisher", self.fisher)
+        check_int("--seed", self.seed, minimum=0)
 
     @property
     def symmetric(self) -> bool:
@@ -119,16 +124,42 @@ class PTQConfig:
     def default_precision(self) -> LayerPrecision:
         return LayerPrecision(Precision("int", self.w_bits), Precision("int", self.a_bits))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PTQConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise EdgeslimError(f"unknown PTQ config keys {unknown}: allowed keys are {sorted(known)}")
-        return cls(**d)
+@dataclass(frozen=True)
+class Reconstruction(Config):
+    """Settings of one AdaRound / BRECQ run (``algorithms.reconstruction``; defaults follow the papers, with fewer
+    iterations)."""
+
+    iters: int = 1000  # per unit (the papers use 10-20k; BENCHMARKS.md measures what fewer give)
+    batch_size: int = 32
+    lr: float = 1e-3  # Adam, rounding variables
+    act_lr: float = 4e-5  # Adam, activation step sizes (BRECQ)
+    reg_weight: float = 0.01  # lambda
+    warmup: float = 0.2  # fraction of iterations without the rounding regularizer
+    beta: tuple[float, float] = (20.0, 2.0)  # annealed from the first to the second
+    learn_act: bool = True  # BRECQ: learn the block's activation step sizes when they are integer
+    fisher: bool = False
+    seed: int = 0
+
+    KIND = "reconstruction config"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise EdgeslimError(f"invalid --iters {self.iters!r}: use a positive number of iterations per unit")
+        check_int("reconstruction batch_size", self.batch_size)
+        check_number("reconstruction lr", self.lr, low=0, open_low=True)
+        check_number("reconstruction act_lr", self.act_lr, low=0, open_low=True)
+        check_number("reconstruction reg_weight", self.reg_weight, low=0)
+        check_number("reconstruction warmup", self.warmup, low=0, high=1, open_high=True)
+        b = self.beta
+        if not isinstance(b, (tuple, list)) or len(b) != 2 \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b) or not b[0] >= b[1] > 0:
+            raise EdgeslimError(f"invalid reconstruction beta {b!r}: use (start, end) with start >= end > 0, "
+                                "e.g. (20.0, 2.0)")
+        object.__setattr__(self, "beta", tuple(b))
+        check_flag("reconstruction learn_act", self.learn_act)
+        check_flag("--fisher", self.fisher)
+        check_int("--seed", self.seed, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -191,7 +222,7 @@ class MixedPlan:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
-        from .io.atomic import atomic_write_bytes
+        from ..io.atomic import atomic_write_bytes
 
         return atomic_write_bytes(Path(path), json.dumps(self.to_dict(), indent=1).encode())
 
@@ -226,18 +257,3 @@ def check_precision_value(pattern, value) -> None:
         ok = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip() and v.isascii())
         if not ok:
             raise EdgeslimError(f"plan entry {pattern!r}: precision {v!r} is not valid: {_PRECISION_HELP}")
-
-
-@dataclass(frozen=True)
-class MeasureOptions:
-    """How a job measures: onnxruntime threads and batches for latency, evaluation batch size, how many test
-    images the PyTorch models are scored on, and which deployment formats it writes."""
-
-    threads: int = 1
-    latency_batches: tuple[int, ...] = (1, 64)
-    latency_rounds: int = 200
-    batch_size: int = 256
-    # the FP32 and INT8 files are scored on every test image in onnxruntime (all cores); the PyTorch models
-    # (float and fake-quant simulation) on a seeded class-balanced subset of this many (None: all)
-    simulation_images: int | None = 1000
-    formats: tuple[str, ...] = ("onnx",)  # + "tflite" / "tflm": LiteRT and microcontroller files (export.tflm)
