@@ -104,6 +104,51 @@ def test_conv_accumulator_is_exact_against_brute_force():
     assert ev.sum() == 0
 
 
+def _conv_int64(x, zx, w, bias):
+    """Brute force in int64 (no padding, stride 1): numpy's integer einsum, exact below 2**63."""
+    win = np.lib.stride_tricks.sliding_window_view(x.astype(np.int64) - zx, w.shape[2:], axis=(2, 3))
+    return np.einsum("nchwij,ocij->nohw", win, w.astype(np.int64)) + bias.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("target, ftype, lower", [((1 << 24) - 101, np.float32, None),
+                                                   (1 << 25, np.float64, np.float32),
+                                                   (1 << 54, np.int64, np.float64)],
+                         ids=["float32-edge", "float64", "int64"])
+def test_conv_and_gemm_exact_at_the_float_bounds(target, ftype, lower):
+    """The BLAS GEMMs run in float32 / float64 only where every partial sum is an exactly representable integer
+    (below 2**24 / 2**53, ``narrow.gemm_type`` of ``max|x - zx| * max sum|w| + max|bias|``); codes whose sums
+    come near that bound equal an int64 brute force, and the next narrower float type would not (the sums do
+    need the wider type)."""
+    from edgeslim.engine import narrow
+
+    rng = np.random.default_rng(target % 997)
+    C, O, k, zx = 3, 4, 3, 5
+    dmax = (1 << 20) if ftype is np.int64 else 127
+    wmax = target // (dmax * C * k * k)
+    w = rng.integers(-wmax, wmax + 1, (O, C, k, k))
+    w[0] = rng.integers(wmax - 3, wmax + 1, (C, k, k))            # filter 0: near the largest sums
+    x = rng.integers(-dmax, dmax + 1, (2, C, 5, 5)) + zx
+    x[0] = zx + rng.integers(dmax - 3, dmax + 1, (C, 5, 5))      # image 0: near the largest codes
+    x[0, 0, 0, 0] = zx + dmax
+    bias = rng.integers(-100, 101, O)
+    bound = dmax * int(np.abs(w).reshape(O, -1).sum(axis=1).max()) + int(np.abs(bias).max())
+    assert narrow.gemm_type(bound) is ftype and bound > 0.99 * target
+    ref = _conv_int64(x, zx, w, bias)
+    assert (ref - bias.reshape(1, -1, 1, 1)).max() > 0.9 * bound
+    for observer in (None, lambda *args: None):                    # the GEMM of conv_acc / of narrow.gemm_acc
+        acc, ev = ops.conv_acc(x, zx, w, 0, bias, observer=observer, accumulator_bits=64)
+        np.testing.assert_array_equal(acc, ref)
+        assert acc.dtype == np.int64 and not ev.any()
+    xg, wg = x[:, :, :k, :k].reshape(2, -1), w.reshape(O, -1)     # QGemm: one receptive field per row
+    acc, _ = ops.gemm_int(xg, zx, wg, 0, bias, accumulator_bits=64)
+    np.testing.assert_array_equal(acc, ref[:, :, 0, 0])
+    if lower is not None:
+        win = np.lib.stride_tricks.sliding_window_view(x - zx, (k, k), axis=(2, 3)).transpose(0, 2, 3, 1, 4, 5)
+        narrower = win.reshape(-1, C * k * k).astype(lower) @ wg.T.astype(lower)
+        exact = (ref - bias.reshape(1, -1, 1, 1)).transpose(0, 2, 3, 1).reshape(-1, O)
+        assert not np.array_equal(narrower.astype(np.int64), exact)
+
+
 def _ort_qlinearadd(a, b, sa, za, sb, zb, sy, zy):
     node = helper.make_node("QLinearAdd", ["a", "sa", "za", "b", "sb", "zb", "sy", "zy"], ["y"], domain="com.microsoft")
     (ref,) = _ort_run([node], {"a": a, "b": b}, ["y"], {"sa": _f32(sa), "za": np.uint8(za), "sb": _f32(sb),

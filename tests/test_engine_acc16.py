@@ -119,6 +119,24 @@ def test_gemm_acc_int_operands_and_float64_range(overflow):
             np.testing.assert_array_equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("overflow", ["saturate", "wrap"])
+def test_gemm_acc_rows_inside_and_outside_the_register(overflow):
+    """Rows whose partial sums all stay in the register (settled by the whole-field bound) next to rows that
+    overflow, in one call: each row equals the tap-by-tap register."""
+    rng = np.random.default_rng(12)
+    for signed in (False, True):
+        cols, w = _operands(rng, 2, 90, 7, 75, signed=signed)
+        cols[:, ::3] = np.trunc(cols[:, ::3] / 40)           # small rows: no event
+        cols[:, 1::7] = 0                                      # empty rows
+        bias = rng.integers(-40000, 40000, (2, 7))
+        want = tap_by_tap(cols, w, bias, accumulator_bits=16, overflow=overflow)
+        got = narrow.gemm_acc(cols, w, bias, accumulator_bits=16, overflow=overflow)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        _, small_events = tap_by_tap(cols[:, ::3], w, None, accumulator_bits=16, overflow=overflow)
+        assert small_events.sum() == 0 and want[1].sum() > 100  # both kinds of rows are there
+
+
 def test_gemm_acc_no_overflow_and_empty():
     rng = np.random.default_rng(3)
     cols, w = rng.integers(0, 4, (1, 30, 10)).astype(np.float32), rng.integers(-3, 4, (1, 5, 10))
