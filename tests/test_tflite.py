@@ -748,6 +748,34 @@ def test_import_round_trip_runs_as_tflm(name, activations):
             assert np.array_equal(_nhwc(got[out][i:i + 1]), micro.get_output(k)), (name, out)
 
 
+@pytest.mark.parametrize("name", ["channel_shuffle", "softmax_inside", "softmax_output"])
+def test_import_reads_float_islands_and_gathers(name):
+    """Files with float islands (DEQUANTIZE, float RESHAPE folding the batch / TRANSPOSE / SOFTMAX, QUANTIZE) and
+    int8 GATHER at constant positions (FastestDet's channel shuffle) read back into an IntGraph whose ``tflite`` mode
+    computes what LiteRT's reference kernels and TFLM compute on the file: integer outputs within 1 LSB (a float
+    softmax value a few ulp from a rounding boundary), float outputs within 1e-6 of their largest magnitude."""
+    import edgeslim
+
+    make = ISLAND_MODELS[name][0] if name in ISLAND_MODELS else SOFTMAX_MODELS[name.split("_")[1]]
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = api.quantize(make().eval(), calib, PTQConfig(), batch_size=16)
+    fb, info = to_tflite(prepare_graph(q.intgraph, calib.numpy()))
+    assert info["float_ops"] and (name != "channel_shuffle" or "GATHER" in info["ops"])
+    g = edgeslim.import_tflite(fb)
+    x = np.random.default_rng(13).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    out = g.output_names[0]
+    want = np.concatenate([run(g, x[i:i + 1], requant="tflite")[out] for i in range(len(x))])
+    src = next(n for n in g.nodes if n.outputs[0] == out)
+    tol = 1.001 * float(np.float32(g.qparams[src.inputs[0]].scale)) if src.op == "DequantizeLinear" else \
+        1e-6 * float(np.abs(want).max())
+    for rt in _runtimes(fb):
+        got = _float_io_outputs(rt, x)
+        assert got.shape == want.shape and np.abs(got - want).max() <= tol
+
+
 def test_import_refuses_unknown_ops_by_name():
     from edgeslim.export.tflite_fb import FlatModel, Tensor, to_bytes
     from edgeslim.io.tflite_import import import_tflite

@@ -14,7 +14,9 @@ DEQUANTIZE, CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, MUL, CONCATENATION
 MAX_POOL_2D (a PADV2 with -128 before it folds into its pads), MEAN over H, W, PAD, RESHAPE, TRANSPOSE,
 STRIDED_SLICE (no masks), RESIZE_NEAREST_NEIGHBOR (no align_corners / half-pixel centres), RELU / RELU6,
 LEAKY_RELU / LOGISTIC / HARD_SWISH (as LUT nodes whose table the TFLite kernel computes), MAXIMUM / MINIMUM with a
-constant after a single-consumer op (folded into its clamp), and edgeslim's table lookup (CAST, ADD 128, GATHER).
+constant after a single-consumer op (folded into its clamp), edgeslim's table lookup (CAST, ADD 128, GATHER),
+GATHER at constant positions (int8 or float: channel shuffles), and float islands: DEQUANTIZE, float RESHAPE /
+TRANSPOSE / GATHER, float SOFTMAX (a ``Softmax`` node), QUANTIZE back to int8.
 Anything else ends in one ``EdgeslimError`` naming the op. Checked on files edgeslim writes (round trip:
 ``tests/test_tflite.py``); files from TensorFlow's converter use the same builtins but were not available here.
 """
@@ -285,10 +287,51 @@ class _Importer:
         add = next((p for p in self.r.ops if idx_i in p["outputs"] and p["code"] == "ADD"), None)
         cast = add and next((p for p in self.r.ops if add["inputs"][0] in p["outputs"] and p["code"] == "CAST"), None)
         table = self.t(table_i)["data"]
-        if cast is None or table is None or table.shape != (256,) or \
-                int(np.asarray(self.const(add["inputs"][1])).reshape(-1)[0]) != 128:
-            raise EdgeslimError("TFLite op GATHER is supported only as edgeslim's table lookup (CAST, ADD 128, GATHER)")
-        self._lut(op["outputs"][0], cast["inputs"][0], table.astype(np.int64), "table", {})
+        if cast is not None and table is not None and table.shape == (256,) and \
+                int(np.asarray(self.const(add["inputs"][1])).reshape(-1)[0]) == 128:
+            self._lut(op["outputs"][0], cast["inputs"][0], table.astype(np.int64), "table", {})
+            return
+        self._gather(op)
+
+    def _gather(self, op):
+        """GATHER of a tensor (int8 or float) at constant positions: an IntGraph Gather along the axis as the
+        importer sees it (4-D tensors NCHW), then the Transpose that puts the result in the order the file stores
+        the output in (a scalar index removes the axis, so a 4-D input can give a 3-D output and back)."""
+        x_i, idx_i = op["inputs"]
+        o = op["outputs"][0]
+        index = np.asarray(self.const(idx_i)).astype(np.int64)
+        in_nd, out_nd = len(self.t(x_i)["shape"]), len(self.t(o)["shape"])
+        axis = int(_options(self.r.tflite, op["op"], "GatherOptions").Axis()) % in_nd
+        if index.ndim > 1:
+            raise EdgeslimError(f"GATHER {self.t(o)['name']} with {index.ndim}-D indices does not import")
+        p_in = TO_NCHW if in_nd == 4 else tuple(range(in_nd))
+        p_out = TO_NCHW if out_nd == 4 else tuple(range(out_nd))
+        # stored input axes in the order the IntGraph Gather leaves them, and in the order the file stores them
+        kept = [a for a in p_in if a != axis] if index.ndim == 0 else list(p_in)
+        stored = sorted(kept) if index.ndim == 0 else list(range(in_nd))
+        perm = [kept.index(stored[p_out[k]]) for k in range(out_nd)]
+        q = self.qparams(x_i) if self.t(x_i)["type"] == "INT8" else None
+        attrs = {"axis": p_in.index(axis), "index": int(index) if index.ndim == 0 else index.tolist()}
+        if perm == list(range(out_nd)):
+            self.node("Gather", [self.names[x_i]], o, attrs)
+            return
+        mid = self.fresh(f"{self.t(o)['name']}_gathered")
+        if q is not None:
+            self.g.qparams[mid] = q
+        self.g.nodes.append(IntNode("Gather", mid, [self.names[x_i]], [mid], attrs))
+        self.node("Transpose", [mid], o, {"perm": perm})
+
+    def op_SOFTMAX(self, k, op):
+        """Float SOFTMAX (a float island of the file) over the last stored axis."""
+        (x_i,), (o,) = op["inputs"], op["outputs"]
+        if self.t(x_i)["type"] != "FLOAT32":
+            raise EdgeslimError(f"SOFTMAX {self.t(o)['name']} on {self.t(x_i)['type']}: only float SOFTMAX imports")
+        beta = float(_options(self.r.tflite, op["op"], "SoftmaxOptions").Beta())
+        if beta != 1.0:
+            raise EdgeslimError(f"SOFTMAX {self.t(o)['name']} with beta {beta}: only beta 1 imports")
+        nd = len(self.t(x_i)["shape"])
+        axis = (TO_NCHW if nd == 4 else tuple(range(nd))).index(nd - 1)
+        self.node("Softmax", [self.names[x_i]], o, {"axis": axis})
 
     def _lut(self, o: int, x_i: int, table: np.ndarray, fn: str, extra: dict):
         """An elementwise int8 op as an IntGraph LUT: one output code per input code -128..127."""
@@ -417,18 +460,21 @@ class _Importer:
 
     def op_RESHAPE(self, k, op):
         x_i, o = op["inputs"][0], op["outputs"][0]
-        q = self.qparams(x_i)
+        q = self.qparams(x_i) if self.t(x_i)["type"] == "INT8" else None  # float: a float island's reshape
         src = self.names[x_i]
         if len(self.t(x_i)["shape"]) == 4:
             src = self.transpose(src, TO_NHWC, q, f"{src}_nhwc")
-        out_shape = self.t(o)["shape"]
+        out_shape = [int(v) for v in self.t(o)["shape"]]
+        # the batch dimension follows the input's unless the reshape folds it (FastestDet's channel shuffle)
+        shape = [0, *out_shape[1:]] if out_shape[0] == self.t(x_i)["shape"][0] else out_shape
         if len(out_shape) == 4:
             flat = self.fresh(f"{self.t(o)['name']}_nhwc")
-            self.g.qparams[flat] = q
-            self.g.nodes.append(IntNode("Reshape", flat, [src], [flat], {"shape": [0, *out_shape[1:]]}))
+            if q is not None:
+                self.g.qparams[flat] = q
+            self.g.nodes.append(IntNode("Reshape", flat, [src], [flat], {"shape": shape}))
             self.node("Transpose", [flat], o, {"perm": list(TO_NCHW)})
         else:
-            self.node("Reshape", [src], o, {"shape": [0, *out_shape[1:]]})
+            self.node("Reshape", [src], o, {"shape": shape})
 
     def op_TRANSPOSE(self, k, op):
         x_i, p_i = op["inputs"]
