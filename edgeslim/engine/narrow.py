@@ -93,11 +93,12 @@ def narrow_acc(cols: np.ndarray, w: np.ndarray, bits: int, overflow: str) -> tup
     G, M, K = cols.shape
     O = w.shape[1]
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    out = np.zeros((G, M, O), dtype=np.int64)
+    out = np.empty((G, M, O), dtype=np.int64)
     events = np.zeros((G, O), dtype=np.int64)
     if not (G and M and O and K):
-        return out, events
-    amax = max(abs(float(cols.min())), abs(float(cols.max())))
+        return np.zeros_like(out), events
+    cmin, cmax = float(cols.min()), float(cols.max())
+    amax = max(abs(cmin), abs(cmax))
     wabs = np.abs(w)
     reach = amax * float(wabs.sum(axis=2).max())  # bound on every partial sum
     if reach >= 1 << 52:
@@ -116,9 +117,10 @@ def narrow_acc(cols: np.ndarray, w: np.ndarray, bits: int, overflow: str) -> tup
     stype = np.float32 if amax * float(wabs.max()) + (1 << bits) < 1 << 24 else np.float64
     gtype = gemm_type(int(reach))
     for g in range(G):
-        u, d = _field_sums(cols[g], w[g], gtype)
-        out[g] = d
-        rows = np.flatnonzero(((u > hi) | (u - d > -lo)).any(axis=1))  # some partial sum may leave the register
+        u, l = _field_sums(cols[g], w[g], gtype, cmin < 0)
+        np.subtract(u, l, out=out[g], casting="unsafe")  # exact integers
+        # rows where [-l, u] is not inside the register, tested as max(u, l) > hi (so l = -lo too: walked, exact)
+        rows = np.flatnonzero(np.maximum(u, l, out=u).max(axis=1) > hi)
         if not len(rows):
             continue
         c = np.zeros((len(rows), nb * B), dtype=ftype)
@@ -127,19 +129,20 @@ def narrow_acc(cols: np.ndarray, w: np.ndarray, bits: int, overflow: str) -> tup
     return out, events
 
 
-def _field_sums(c: np.ndarray, w: np.ndarray, gtype) -> tuple[np.ndarray, np.ndarray]:
-    """Over the whole receptive field of ``c`` (M, K) x ``w`` (O, K): the sum ``u`` of the positive terms and the
-    sum ``d`` of all terms, (M, O) each, by GEMMs in ``gtype`` (exact: every sum is within the caller's bound).
-    Every partial sum of an output lies in ``[d - u, u]``."""
+def _field_sums(c: np.ndarray, w: np.ndarray, gtype, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Over the whole receptive field of ``c`` (M, K) x ``w`` (O, K): the sum ``u`` of the positive terms and
+    the sum ``l`` of the magnitudes of the negative terms, (M, O) each, by GEMMs in ``gtype`` (exact: every sum
+    is within the caller's bound); ``signed``: ``c`` may hold negative codes. Every partial sum of an output
+    lies in ``[-l, u]``; the full sum is ``u - l``."""
     O = w.shape[0]
     wf = w.astype(gtype).T
-    wpos = np.maximum(wf, 0)
-    if c.min() >= 0:
-        ud = c.astype(gtype, copy=False) @ np.concatenate([wpos, wf], axis=1)
-    else:  # c w = c+ w - c- w; its positive part is c+ w+ + c- w-, with w- = w+ - w
-        ud = np.maximum(c, 0).astype(gtype) @ np.concatenate([wpos, wf], axis=1)
-        ud += np.maximum(-c, 0).astype(gtype) @ np.concatenate([wpos - wf, -wf], axis=1)
-    return ud[:, :O], ud[:, O:]
+    wpn = np.concatenate([np.maximum(wf, 0), np.maximum(-wf, 0)], axis=1)  # (K, 2 O): w+, w-
+    if not signed:
+        ul = c.astype(gtype, copy=False) @ wpn
+    else:  # c = c+ - c-: positive terms c+ w+ + c- w-, negative ones c+ w- + c- w+
+        ul = np.maximum(c, 0).astype(gtype) @ wpn
+        ul += np.maximum(-c, 0).astype(gtype) @ np.concatenate([wpn[:, O:], wpn[:, :O]], axis=1)
+    return ul[:, :O], ul[:, O:]
 
 
 def _narrow_rows(c: np.ndarray, w: np.ndarray, lo: int, hi: int, bits: int, overflow: str, B: int,
