@@ -5,7 +5,8 @@ Sections of BENCHMARKS.md:
 * ``detect-ptq``: yolov5n, FastestDet from its state_dict and FastestDet from its published ONNX file: FP32 vs
   INT8 PTQ (per-channel weights) mAP@0.5 and @0.5:0.95, confusion-matrix P / R / F1, size, onnxruntime latency, FPS;
 * ``detect-groups``: every backbone / neck / head FP32 / INT8 combination (yolov5n, FastestDet);
-* ``detect-layers``: yolov5n with one layer kept FP32 and the rest INT8 (seed 000's Table 3 form);
+* ``detect-layers``: yolov5n with one layer kept FP32 and the rest INT8 (seed 000's Table 3 form); ``layers``
+  adds this sweep to yolov5n's ``sens-`` run, so ask for it the first time that run is made;
 * ``detect-overflow``: yolov5n's INT8 products and INT16 sums out of range, per layer (seed 000's Tables 1, 2).
 
 Each run writes its job folder under ``--work`` and is skipped when its ``summary.json`` exists; ``--report``
@@ -29,11 +30,10 @@ import torch
 from bench._report import COMMIT, ROOT, table, write_section
 from edgeslim import api
 from edgeslim.algorithms import ptq
-from edgeslim.config import AnalyzeOptions, DetectOptions, PTQConfig, QATConfig
+from edgeslim.config import AnalyzeOptions, DetectOptions, MeasureOptions, PTQConfig, QATConfig
 from edgeslim.data.detection import open_detection
 from edgeslim.jobs_mixed import run_sensitivity
 from edgeslim.jobs_quantize import run_quantize
-from edgeslim.config import MeasureOptions
 from edgeslim.tasks import Detect
 from edgeslim.jobs_qat import run_qat
 from edgeslim.models import as_detector, build_model, model_groups
@@ -94,12 +94,13 @@ def run(groups: list[str], shared: Path, work: Path) -> None:
             jobs.append((f"analyze-{name}", lambda out: run_quantize(
                 model, info, Detect(calib, test, opts), cfg, out, analyze=AnalyzeOptions(overflow_images=16))))
         if ("groups" in groups or "layers" in groups) and name != "fastestdet-onnx":
-            # the one sensitivity job: yolov5n's keep-FP32 sweep over its weighted layers, then the group table,
-            # every plan's file scored on all val2017 images
-            jobs.append((f"sens-{name}", lambda out: run_sensitivity(
+            # the one sensitivity job: with `layers`, yolov5n's keep-FP32 sweep over its weighted layers; then the
+            # group table; every plan's file scored on all val2017 images
+            sweeps = ("keep_high",) if "layers" in groups and name == "yolov5n" else ()
+            jobs.append((f"sens-{name}", lambda out, sweeps=sweeps: run_sensitivity(
                 model, info, Detect(calib, test, opts, info=info), cfg, out, high=LayerPrecision.parse("fp32"),
-                groups=model_groups(model, info), measure=MeasureOptions(threads=1),
-                sweeps=("keep_high",) if name == "yolov5n" else (), layers_only=True)))
+                groups=model_groups(model, info), measure=MeasureOptions(threads=1), sweeps=sweeps,
+                layers_only=True)))
         if "qat" in groups and name == "yolov5n":
             jobs.append((f"qat-{name}", lambda out: run_qat(model, info, Detect(calib, test, opts), QAT, cfg, out)))
         for key, job in jobs:
