@@ -25,6 +25,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,8 @@ def sweeps_on_test(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, task: 
 
 def layer_groups(model: nn.Module, info: ModelInfo, gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     """The groups a model declares (a detector's backbone / neck / head), else one per top-level module."""
-    return model_groups(model, info) if getattr(model, "groups", None) is not None else mp.default_groups(gm)
+    declared = isinstance(getattr(model, "groups", None), Mapping)  # not a Conv2d's int ``groups``
+    return model_groups(model, info) if declared else mp.default_groups(gm)
 
 
 def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, config: PTQConfig, task: Task,
