@@ -111,13 +111,17 @@ def _cols(xp: np.ndarray, kernel, strides, dilations, group: int):
 
 def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias=None, *, strides=(1, 1),
              pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, accumulator_bits: int = 32,
-             overflow: str = "saturate", observer=None, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+             overflow: str = "saturate", observer=None, chunk_bytes: int = 1 << 26,
+             count_events: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Exact integer convolution: sum((x - zx) * (w - zw)) + bias, (N, O, Ho, Wo) int64, plus overflow events (O,).
 
     im2col (``_cols``) by chunks of images, then one GEMM per chunk in the narrowest exact type (``narrow.gemm_type``
     of the bound ``max|x - zx| * max_o sum_k |w_ok - zw| + max|bias|``); a narrow accumulator goes through
     ``narrow.gemm_acc``. The result is an (N, O, Ho, Wo) view of NHWC memory (what the next convolution reads).
     ``observer(cols, wk, acc_without_bias, events)`` (G-batched) is called per chunk of images (overflow stats).
+    ``count_events=False`` (no observer): the events are not wanted (``None`` is returned for them), so a
+    wrapping narrow register is the exact sum wrapped once (wrap-around is addition modulo ``2**bits``: the
+    register after every tap and the bias is the full sum modulo ``2**bits``, in any order).
     """
     x = np.asarray(x)
     w = np.asarray(w, dtype=np.int64)
@@ -141,7 +145,7 @@ def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias
     events = np.zeros(O, dtype=np.int64)
     per_image = max(1, xp[0].size * kh * kw * xp.itemsize)  # im2col bytes of one image (upper bound)
     step = max(1, min(N, chunk_bytes // per_image)) if N else 1
-    fast = observer is None and accumulator_bits >= 32
+    fast = observer is None and (accumulator_bits >= 32 or (overflow == "wrap" and not count_events))
     wt = wk.astype(ftype).transpose(0, 2, 1)         # (G, K, Og)
     for i in range(0, N, step):
         cols, (n, _, _) = _cols(xp[i:i + step], (kh, kw), strides, dilations, G)
@@ -163,6 +167,8 @@ def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias
         if bound >= 1 << (accumulator_bits - 1):  # else no accumulator value can overflow
             out, over = narrow.register(out, accumulator_bits, overflow)
             events = over.sum(axis=(0, 1, 2))
+        if accumulator_bits < 32:  # the wrapped sum: its events (one per step that left the range) not counted
+            events = None
     return out.transpose(0, 3, 1, 2), events
 
 
@@ -201,15 +207,17 @@ def conv_acc_shift(x: np.ndarray, x_zero_point: int, w: np.ndarray, bias=None, *
 def QLinearConv(x, x_zero_point, w, w_zero_point, bias=None, *, multiplier=None, m0=None, shift=None,
                 y_zero_point: int, clamp: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
                 group: int = 1, requant: str = "float", accumulator_bits: int = 32, overflow: str = "saturate",
-                observer=None, shift_add: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Integer convolution + requantization -> (output codes, accumulator overflow events per filter).
-    ``shift_add`` computes the accumulator with ``conv_acc_shift`` (symmetric weights, 32-bit accumulator)."""
+                observer=None, shift_add: bool = False, count_events: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Integer convolution + requantization -> (output codes, accumulator overflow events per filter; ``None``
+    where ``count_events=False`` let ``conv_acc`` skip them). ``shift_add`` computes the accumulator with
+    ``conv_acc_shift`` (symmetric weights, 32-bit accumulator)."""
     if shift_add and observer is None and accumulator_bits >= 32 and not np.any(np.asarray(w_zero_point)):
         acc = conv_acc_shift(x, x_zero_point, w, bias, strides=strides, pads=pads, dilations=dilations, group=group)
         return (requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1),
                 np.zeros(np.asarray(w).shape[0], np.int64))
     acc, events = conv_acc(x, x_zero_point, w, w_zero_point, bias, strides=strides, pads=pads, dilations=dilations,
-                           group=group, accumulator_bits=accumulator_bits, overflow=overflow, observer=observer)
+                           group=group, accumulator_bits=accumulator_bits, overflow=overflow, observer=observer,
+                           count_events=count_events)
     return requantize(acc, multiplier, m0, shift, y_zero_point, clamp[0], clamp[1], requant, axis=1), events
 
 

@@ -47,7 +47,8 @@ def _conv(g, node, env, cfg):
                            strides=at["strides"], pads=at["pads"], dilations=at["dilations"], group=at["group"],
                            requant=cfg["requant"], accumulator_bits=cfg["accumulator_bits"],
                            overflow=cfg["overflow"], observer=_observer(cfg, node),
-                           shift_add=cfg.get("shift_add", False), **_weighted_kwargs(g, node, cfg["requant"]))
+                           shift_add=cfg.get("shift_add", False), count_events=False,
+                           **_weighted_kwargs(g, node, cfg["requant"]))
     return y
 
 
