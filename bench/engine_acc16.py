@@ -1,21 +1,24 @@
-"""The engine's narrow-accumulator simulation on the shared ResNet-20, before and after its vectorization
-(issue 19, "faster engine paths"). Writes the ``engine-acc16`` section of BENCHMARKS.md.
+"""The integer engine on the shared ResNet-20 with a 32-bit and a 16-bit (saturate / wrap) accumulator, this
+checkout against an earlier commit (issue 19, "faster engine paths"). Writes the ``engine-acc16`` section of
+BENCHMARKS.md.
 
-* images/s of the integer engine with a 16-bit accumulator (saturate and wrap) with the old code (the
-  tap-by-tap loop, copied below from commit eca52cd and patched in) and the new ``narrow.gemm_acc``, on the
-  same test images in the same process, with the 32-bit engine next to them; outputs identical;
-* per-filter overflow events (``OverflowStats``) of both on the first images: identical;
-* wall seconds of ``edgeslim analyze resnet20 ... --accumulator 16`` on ``--eval-size`` test images with this
-  checkout (after) and a git worktree of ``--before`` (before: the commit before the vectorization; on fewer
-  images, ``--before-images``, as the old code is slow), and with this checkout on those images too.
+* images/s of the engine of ``--before`` (a git worktree, imported as package ``edgeslim_before``) and of this
+  checkout, alternated in one process on the same test images (wall and CPU seconds), outputs identical; the
+  tap-by-tap loop of commit eca52cd (the original narrow accumulator, copied below) patched into this engine on
+  the first ``--old-images``; this checkout on ``--images`` test images (top-1);
+* per-filter overflow events (``OverflowStats``) of the tap-by-tap loop and this engine on the first images:
+  identical;
+* wall seconds of ``edgeslim analyze resnet20 ... --accumulator 16`` with ``--before`` and this checkout.
 
-    python -m bench.engine_acc16 [--shared ../shared] [--images 1000] [--old-images 64] [--before COMMIT]
-                                 [--before-images 200] [--skip-cli]
+    python -m bench.engine_acc16 [--shared ../shared] [--images 1000] [--paired-images 256] [--rounds 2]
+                                 [--old-images 64] [--before COMMIT] [--before-images 200] [--skip-cli]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import subprocess
 import sys
@@ -102,32 +105,59 @@ def _time_cli(cmd: list[str], cwd: Path) -> str:
     return f"{time.perf_counter() - t0:.0f}" + ("" if rc == 0 else f" (exit {rc})")
 
 
-def _cli_rows(shared: Path, images: int, before: str, before_images: int) -> list[list]:
-    rows = []
+@contextlib.contextmanager
+def _worktree(commit: str):
+    """A detached git worktree of ``commit`` (removed afterwards)."""
     with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        tree = tmp / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), before], cwd=ROOT, check=True,
+        tree = Path(tmpdir) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            for n in sorted({before_images, images}):
-                b = _time_cli(_analyze_cmd(shared, tmp / f"b{n}", n), tree) if n == before_images else "-"
-                a = _time_cli(_analyze_cmd(shared, tmp / f"a{n}", n), ROOT)
-                rows.append([f"analyze resnet20 --accumulator 16 --eval-size {n}", b, a])
-                print(" | ".join(map(str, rows[-1])), flush=True)
+            yield tree
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+def _before_run(tree: Path, tmp: Path):
+    """``engine.run.run`` of the worktree ``tree``, imported as package ``edgeslim_before`` (the engine's modules
+    import each other relatively, so they all come from the worktree)."""
+    alias = tmp / "alias"
+    alias.mkdir()
+    (alias / "edgeslim_before").symlink_to(tree / "edgeslim")
+    sys.path.insert(0, str(alias))
+    return importlib.import_module("edgeslim_before.engine.run").run
+
+
+def _cli_rows(shared: Path, images: int, tree: Path, before_images: int, tmp: Path) -> list[list]:
+    rows = []
+    for n in sorted({before_images, images}):
+        b = _time_cli(_analyze_cmd(shared, tmp / f"b{n}", n), tree) if n == before_images else "-"
+        a = _time_cli(_analyze_cmd(shared, tmp / f"a{n}", n), ROOT)
+        rows.append([f"analyze resnet20 --accumulator 16 --eval-size {n}", b, a])
+        print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
+
+
+def _timed(fn, g, x, **kw):
+    t0, c0 = time.perf_counter(), time.process_time()
+    y = fn(g, x, **kw)
+    return y, time.perf_counter() - t0, time.process_time() - c0
+
+
+MODES = [("32-bit", {"accumulator_bits": 32}), ("16-bit saturate", {"accumulator_bits": 16, "overflow": "saturate"}),
+         ("16-bit wrap", {"accumulator_bits": 16, "overflow": "wrap"})]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--images", type=int, default=1000, help="test images for the new code and the 32-bit engine")
-    ap.add_argument("--old-images", type=int, default=64, help="the first test images, run by old and new code")
+    ap.add_argument("--images", type=int, default=1000, help="test images for this checkout alone (top-1)")
+    ap.add_argument("--paired-images", type=int, default=256, help="test images run by --before and this checkout")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of --before and this checkout (best kept)")
+    ap.add_argument("--old-images", type=int, default=64, help="test images for the tap-by-tap loop of eca52cd")
     ap.add_argument("--stats-images", type=int, default=16, help="images for the overflow-statistics comparison")
-    ap.add_argument("--before", default="HEAD", help="commit with the old narrow accumulator (for the CLI)")
-    ap.add_argument("--before-images", type=int, default=200, help="--eval-size of the CLI run with the old code")
+    ap.add_argument("--before", default="HEAD", help="the commit to compare with")
+    ap.add_argument("--before-images", type=int, default=200, help="--eval-size of the CLI run with --before")
     ap.add_argument("--skip-cli", action="store_true")
     args = ap.parse_args()
     shared = args.shared.resolve()
@@ -137,50 +167,67 @@ def main() -> None:
     model, info, train, test = resnet20_cifar(shared)
     x_cal = train.batch(calibration_indices(len(train), 512, 0, train.labels))
     config = PTQConfig()
-    q = api.quantize(model, x_cal, config)
-    g = q.intgraph
+    g = api.quantize(model, x_cal, config).intgraph
     x, y = test.batch(np.arange(args.images)), test.labels[:args.images]
-    n_old = min(args.old_images, args.images)
+    xp, n_old = x[:args.paired_images], min(args.old_images, args.images)
     out = g.output_names[0]
     rows, checks = [], []
-    _, t32, _ = _engine(g, x, narrow.gemm_acc, accumulator_bits=32)
-    for mode in ("saturate", "wrap"):
-        kw = {"accumulator_bits": 16, "overflow": mode}
-        y_old, t_old, c_old = _engine(g, x[:n_old], gemm_acc_tap_by_tap, **kw)
-        y_new, t_new, c_new = _engine(g, x[:n_old], narrow.gemm_acc, **kw)
-        y_all, t_all, c_all = _engine(g, x, narrow.gemm_acc, **kw)
-        same = bool(np.array_equal(y_old[out], y_new[out]) and np.array_equal(y_all[out][:n_old], y_new[out]))
-        stats_same, events = _stats_equal(g, x[:args.stats_images], mode)
-        rows.append([f"16-bit {mode}", f"{n_old / t_old:.2f}", f"{n_old / t_new:.1f}", f"{t_old / t_new:.1f}x",
-                     f"{c_old / c_new:.1f}x", f"{args.images / t_all:.1f}", f"{metrics.top1(y_all[out], y):.4f}"])
-        checks.append(f"{mode}: outputs identical {'yes' if same else 'NO'}; overflow statistics of the first "
-                      f"{args.stats_images} images identical {'yes' if stats_same else 'NO'} ({events} events)")
-        print(rows[-1], checks[-1], flush=True)
-    rows.append(["32-bit (reference)", "", "", "", "", f"{args.images / t32:.1f}", ""])
-    load1 = os.getloadavg()
-    cli = [] if args.skip_cli else _cli_rows(shared, args.images, before, args.before_images)
+    with _worktree(args.before) as tree, tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        run_before = _before_run(tree, tmp)
+        for label, kw in MODES:
+            best = {"before": (np.inf, np.inf), "after": (np.inf, np.inf)}
+            ys = {}
+            for _ in range(args.rounds):
+                for name, fn in (("before", run_before), ("after", run)):
+                    ys[name], wall, cpu = _timed(fn, g, xp, **kw)
+                    best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+            same = np.array_equal(ys["before"][out], ys["after"][out])
+            y_all, t_all, _ = _timed(run, g, x, **kw)
+            old = ["", ""]
+            if kw["accumulator_bits"] < 32:
+                y_old, t_old, _ = _engine(g, x[:n_old], gemm_acc_tap_by_tap, **kw)
+                same &= np.array_equal(y_old[out], y_all[out][:n_old])
+                old = [f"{n_old / t_old:.2f}", f"{t_old / n_old / (best['after'][0] / len(xp)):.0f}x"]
+                stats_same, events = _stats_equal(g, x[:args.stats_images], kw["overflow"])
+                checks.append(f"{label}: overflow statistics of the first {args.stats_images} images identical "
+                              f"(tap-by-tap loop and this engine) {'yes' if stats_same else 'NO'} ({events} events)")
+            (wb, cb), (wa, ca) = best["before"], best["after"]
+            rows.append([label, *old[:1], f"{len(xp) / wb:.1f}", f"{len(xp) / wa:.1f}", f"{wb / wa:.2f}x",
+                         f"{cb / ca:.2f}x", f"{len(xp) / cb:.0f} / {len(xp) / ca:.0f}", old[1],
+                         f"{args.images / t_all:.1f}", f"{metrics.top1(y_all[out], y):.4f}",
+                         "yes" if same else "NO"])
+            print(rows[-1], flush=True)
+        load1 = os.getloadavg()
+        cli = [] if args.skip_cli else _cli_rows(shared, args.images, tree, args.before_images, tmp)
     load2 = os.getloadavg()
     body = [
-        "## Narrow (16-bit) accumulator simulation in the integer engine: before and after vectorizing it\n",
+        "## Integer engine on ResNet-20: 32-bit and 16-bit (saturate / wrap) accumulators\n",
         f"ResNet-20 W8A8 (default PTQ: weight range `{config.weight_range}` on this CPU; 512 calibration images), "
-        "the integer engine (`engine.run`, batch 256) with a "
-        "16-bit accumulator. Old: the tap-by-tap loop of commit eca52cd (every tap a full (G, M, O) int64 update "
-        f"and overflow count), patched into the engine; new: `narrow.gemm_acc` by blocks of {narrow.NARROW_BLOCK} taps (a "
-        "GEMM gives each block's sum and sum of positive terms; only outputs whose partial sums may leave the "
-        "register walk that block tap by tap). Old and new run the same first "
-        f"{n_old} test images in one process (images/s wall, and the ratio of wall and of CPU seconds); the new "
-        f"code and the 32-bit engine then run the first {args.images} test images.\n",
-        table(["accumulator", f"old images/s ({n_old})", f"new images/s ({n_old})", "speed-up (wall)",
-               "speed-up (CPU time)", f"new images/s ({args.images})", f"engine top-1 ({args.images})"], rows),
+        f"the integer engine (`engine.run`, batch 256). Before: commit {before}, imported from a git worktree into "
+        f"the same process; after: this commit. Before and after alternate {args.rounds} times on the first "
+        f"{len(xp)} test images (best of each: images/s wall, speed-up in wall and in CPU seconds, and images/s "
+        "per CPU second, which a busy machine disturbs less). Conv / QGemm are one im2col GEMM per chunk of "
+        "images in the narrowest exact float type (float32 where every partial sum is below 2^24, float64 below "
+        "2^53, else int64); the 16-bit accumulator settles every output row whose partial sums provably stay in "
+        f"the register with one GEMM, the other rows by blocks of {narrow.NARROW_BLOCK} taps. The original "
+        "narrow accumulator (the tap-by-tap loop of commit eca52cd, every tap a full (G, M, O) int64 update) is "
+        f"patched into this engine on the first {n_old} images; the last columns are this commit alone on "
+        f"{args.images} images.\n",
+        table(["accumulator", f"eca52cd tap loop images/s ({n_old})", f"before images/s ({len(xp)})",
+               f"after images/s ({len(xp)})", "speed-up (wall)", "speed-up (CPU)", "images per CPU s before / after",
+               "after vs tap loop", f"after images/s ({args.images})", f"engine top-1 ({args.images})",
+               "outputs identical"], rows),
         "\n" + "; ".join(checks) + ".\n",
     ]
     if cli:
         body += [f"\n`edgeslim analyze resnet20 ... --accumulator 16` end to end (quantize, onnxruntime and PyTorch "
                  "scoring, engine on every --eval-size image, overflow statistics on the first 256), wall seconds, "
-                 f"with commit {before} (before: the old tap-by-tap accumulator) and this checkout (after):\n",
+                 f"with commit {before} (before) and this checkout (after):\n",
                  table(["command", "before s", "after s"], cli)]
-    body.append(f"\nOther work was running on this 2-core machine: 1-min load average {load0[0]:.1f} at the start, "
-                f"{load1[0]:.1f} after the engine runs, {load2[0]:.1f} at the end.")
+    body.append(f"\nOther work was running on this 2-core machine (OpenBLAS with its default threads): 1-min load "
+                f"average {load0[0]:.1f} at the start, {load1[0]:.1f} after the engine runs, {load2[0]:.1f} at the "
+                "end; wall numbers are what this load left, the paired ratios are the claim.")
     write_section("engine-acc16", "\n".join(body))
 
 
