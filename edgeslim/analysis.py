@@ -16,6 +16,9 @@ from .errors import EdgeslimError
 from .eval import metrics
 from .intgraph import IntGraph
 
+__all__ = ["check_requant", "output_lsb", "analyze", "overflow_summary", "output_steps", "analyze_outputs"]
+
+
 def check_requant(g: IntGraph, requant: str) -> None:
     if requant == "shift" and any("m0" in n.arrays and np.any(n.arrays["m0"] != 2**30) for n in g.nodes):
         raise EdgeslimError("--requant shift needs power-of-two scales: add --scale pow2 (or use --requant fixed)")

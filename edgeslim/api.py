@@ -29,6 +29,9 @@ from .intgraph import IntGraph
 from .io.atomic import atomic_path, check_destination
 from .lower import lower
 
+__all__ = ["FloatIslandWarning", "Quantized", "Calibration", "batch_count", "calibration_batches", "quantize",
+           "calibrate", "convert_qat", "export_onnx", "fp32_io_names", "export_fp16_onnx", "export_fp32_onnx"]
+
 
 class FloatIslandWarning(UserWarning):
     """Some ops of the model run in float in the INT8 model (listed in the message and in ``summary.json``)."""

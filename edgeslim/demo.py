@@ -19,6 +19,8 @@ from .jobs_quantize import run_quantize
 from .models import build_model
 from .tasks import Classify
 
+__all__ = ["train_digits_cnn", "run_demo"]
+
 
 def train_digits_cnn(train_x: np.ndarray, train_y: np.ndarray, *, epochs: int = 30, seed: int = 0):
     torch.manual_seed(seed)

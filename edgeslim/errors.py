@@ -5,6 +5,8 @@ message must name the problem *and* the fix, e.g.
 ``checkpoint 'w.pt' is not a zip or pickle file: pass a file saved with torch.save``.
 """
 
+__all__ = ["EdgeslimError"]
+
 
 class EdgeslimError(Exception):
     """A problem with the user's input (file, model, data, option) that they can fix."""

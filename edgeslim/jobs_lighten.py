@@ -33,6 +33,8 @@ from .models import ModelInfo
 from .train.checkpoint import Checkpoint, params_digest
 from .train.data import TrainData, load_train
 
+__all__ = ["macs", "compare", "run_factorize", "run_prune", "job_checkpoint", "IMPORTANCE", "weight_sparsity"]
+
 
 def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(sum(r.macs for r in profile(capture(copy.deepcopy(model).eval(), input_shape))))

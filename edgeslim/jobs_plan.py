@@ -43,6 +43,13 @@ from .targets import Target
 from .train.checkpoint import Checkpoint, params_digest
 from .train.data import TrainData, load_train
 
+__all__ = ["STEP_NAMES", "Deployable", "Context", "export", "auto_sparsity", "holdout_top1", "measure",
+           "tflm_ram_bytes", "step_checkpoint", "step_g1", "step_g2", "int_plan", "road_deployable", "mixed_search",
+           "structural_drop", "mp_calibrated", "step_g5", "order_steps", "lowest_bits", "unmet", "road_skip",
+           "try_roads", "run_plan", "check_resume", "split_holdout", "closest_road", "runnable_steps",
+           "structural_skip", "structural_step", "summarize", "closest"]
+
+
 STEP_NAMES = {"G1": "lighter backbone", "G2": "factorize heavy convs", "G3": "post-training quantization",
               "G4": "reduced / mixed precision", "G5": "pruning"}
 

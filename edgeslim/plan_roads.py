@@ -17,6 +17,10 @@ from torch import nn
 
 from .targets import Target
 
+__all__ = ["LOW_BITS", "Road", "quant_roads", "container_bits", "weight_layers", "int_weight_bytes", "graph_bytes",
+           "predicted_bytes"]
+
+
 LOW_BITS = (6, 4)  # weight widths below 8 tried in this order (activations stay 8-bit)
 
 

@@ -115,3 +115,65 @@ def test_the_cycle_finder_finds_a_cycle(monkeypatch):
 def test_no_job_imports_another_job(job):
     others = sorted({t for t, _ in GRAPH[job] if t != job and t.split(".")[-1].startswith("jobs")})
     assert not others, f"{job} imports {others}: shared parts belong in tasks / eval / config"
+
+
+def _bound_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level (also inside top-level ``if`` / ``try``): defs, classes, assignments,
+    imports."""
+    names: set[str] = set()
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, ast.If):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for h in node.handlers:
+                    visit(h.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+
+    visit(tree.body)
+    return names
+
+
+def _all_problems(name: str, path: Path) -> list[str]:
+    """What is wrong with module ``name``'s ``__all__``: missing, not a literal list of strings, or naming something
+    the module (or, for a package, its submodules) does not define."""
+    tree = ast.parse(path.read_text())
+    declared = None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            try:
+                declared = ast.literal_eval(node.value)
+            except ValueError:
+                return [f"{name}: __all__ is not a literal list of names"]
+    if declared is None:
+        return [f"{name} has no __all__"]
+    bound = _bound_names(tree)
+    subs = {p.stem for p in path.parent.glob("*.py")} | {p.name for p in path.parent.iterdir() if p.is_dir()} \
+        if path.name == "__init__.py" else set()
+    return [f"{name}.__all__ names {n!r}, which it does not define" for n in declared if n not in bound | subs]
+
+
+def test_every_module_has_an_all_naming_what_it_defines():
+    problems = [p for name, path in sorted(MODULES.items()) if path.name != "__main__.py"
+                for p in _all_problems(name, path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_all_check_finds_a_missing_all_and_a_missing_name(tmp_path):
+    """The check above can fail: a module without ``__all__`` and one naming an undefined function are reported."""
+    (tmp_path / "a.py").write_text("def f():\n    pass\n")
+    (tmp_path / "b.py").write_text("from os import path\n\n__all__ = ['f', 'path']\n")
+    assert _all_problems("a", tmp_path / "a.py") == ["a has no __all__"]
+    assert _all_problems("b", tmp_path / "b.py") == ["b.__all__ names 'f', which it does not define"]

@@ -55,6 +55,10 @@ from ..models.shufflenet_v2 import shufflenet_v2_backbone
 from ..targets import Target
 from . import ptq
 
+__all__ = ["BACKBONES", "MAX_DOWNSAMPLE", "ACTIVATIONS", "Adapter", "SwapRecord", "SwappedModel", "find_split",
+           "extract_head", "downsample_plan", "swap_backbone"]
+
+
 # name -> builder(in_channels=, width=, downsample=) returning a randomly initialized feature extractor
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2": mobilenet_v2_backbone,

@@ -22,6 +22,8 @@ from ..graph import ops
 from ..quant.modules import QuantConv2d
 from . import ptq
 
+__all__ = ["correct_bias"]
+
 
 def _pre_activation(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, QuantConv2d):

@@ -19,6 +19,8 @@ from torch import fx, nn
 from ..graph import ops
 from ..quant.modules import ConvAct
 
+__all__ = ["equalizable_pairs", "equalize"]
+
 
 def equalizable_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """(first conv, second conv) module names joined by a ReLU with no other reader of the middle tensor."""

@@ -43,6 +43,10 @@ from ..errors import EdgeslimError
 from ..graph.capture import capture
 from ..quant.primitives import sqnr_db
 
+__all__ = ["METHODS", "CONV_TYPES", "FactorizedLayer", "FactorizeRecord", "conv_macs", "factorized_macs", "full_rank",
+           "rank_for", "depthwise_separable", "bottleneck", "composed_weight", "choose_layers", "factorize"]
+
+
 METHODS = ("separable", "bottleneck")
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
 

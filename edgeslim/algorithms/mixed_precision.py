@@ -44,6 +44,13 @@ from ..quant.precision import FP32, LayerPrecision
 from ..quant.primitives import sqnr_db
 from . import ptq
 
+__all__ = ["Metric", "top1_metric", "worst_sqnr", "sqnr_metric", "as_metric", "Score", "as_outputs", "fixed_batch",
+           "outputs_of", "score_outputs", "score", "paired_drop_se", "fp32_outputs", "PlanOutputs", "onnx_outputs",
+           "evaluate_plan", "evaluate_plans", "LayerCost", "layer_costs", "unit_rows", "high_fractions",
+           "plan_size_bytes", "keep_high_plan", "only_quantized_plan", "sensitivity", "promotion_order",
+           "default_groups", "parse_group", "check_groups", "group_plan", "group_combinations", "Candidate",
+           "SearchResult", "LatencyFn", "search", "measure_latency", "pareto"]
+
 
 # ----------------------------------------------------------------------------- evaluation
 

@@ -37,6 +37,10 @@ from ..graph.capture import capture
 from ..graph.dependency import ChannelGroup, find_groups, remove_channels
 from ..io.atomic import atomic_write_bytes
 
+__all__ = ["L1Importance", "L2Importance", "BNScaleImportance", "TaylorImportance", "accumulate_gradients",
+           "PruneRecord", "prune_channels", "replay", "WeightMask", "magnitude_prune", "remove_masks",
+           "GradualSchedule", "TensorSize", "SparseSize", "sparse_size_bytes", "write_sparse", "read_sparse"]
+
 
 # ---- importance criteria: __call__(group, gm) -> one score per channel ---------------------------------
 def _rows(group: ChannelGroup, gm: fx.GraphModule, roles=("out", "dw")) -> list[tuple[str, torch.Tensor]]:

@@ -38,6 +38,11 @@ from ..quant.modules import MODES, ActQuant, ConvAct, GatedSiLU, QuantConv2d, Qu
 from ..quant.precision import Precision, highest
 from .cle import equalize
 
+__all__ = ["WEIGHTED", "REQUANTIZING", "prepare", "op_name", "weighted_nodes", "layer_names", "plan_names",
+           "weight_spec", "act_spec", "assign_precisions", "apply_plan", "act_quants", "calibrate", "freeze",
+           "refresh_input_scales", "input_quant", "set_mode", "mode"]
+
+
 WEIGHTED: dict[type, Callable] = {
     nn.Conv2d: QuantConv2d.from_float,
     ConvAct: QuantConv2d.from_float,

@@ -47,6 +47,10 @@ from ..quant import primitives as P
 from ..quant.modules import ActQuant, QuantConv2d, QuantLinear
 from . import ptq
 
+__all__ = ["ZETA", "GAMMA", "MAX_GROUP_LAYERS", "Unit", "UnitReport", "layer_units", "block_units", "rectified_sigmoid",
+           "init_rounding_variable", "beta_at", "reconstruct"]
+
+
 ZETA, GAMMA = 1.1, -0.1
 MAX_GROUP_LAYERS = 4  # a plain (non-residual) module holding more weighted layers is reconstructed layer by layer
 

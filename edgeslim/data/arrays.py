@@ -30,6 +30,10 @@ from edgeslim.data.transforms import (
     unit_float_to_chw,
 )
 
+__all__ = ["ARCHIVE_ERRORS", "CIFAR10_TRAIN", "CIFAR_NAMES", "CIFAR_SUBDIRS", "ArraySource", "is_cifar_dir",
+           "cifar_source", "npz_source", "digits_source"]
+
+
 # what reading a damaged zip / npz member raises: a bad CRC, a broken deflate stream, an unknown compression
 # method or an encrypted member, a truncated file
 ARCHIVE_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,

@@ -19,6 +19,9 @@ from edgeslim.data.arrays import cifar_source, digits_source, is_cifar_dir, npz_
 from edgeslim.data.files import folder_source, zip_source
 from edgeslim.data.transforms import Preprocess
 
+__all__ = ["DEFAULT_CACHE_BYTES", "DIGITS", "ImageDataset", "open_dataset"]
+
+
 DEFAULT_CACHE_BYTES = 2 << 30  # 2 GiB
 DIGITS = "sklearn-digits"
 _KINDS = (

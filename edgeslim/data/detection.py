@@ -40,6 +40,10 @@ from edgeslim.errors import EdgeslimError
 from edgeslim.data.transforms import HIGH_DEPTH_MODES, high_depth_to_unit
 from edgeslim.data.files import IMAGE_EXTENSIONS, ZipReader, hidden_path, read_file, walk_folder
 
+__all__ = ["PAD_VALUE", "Target", "ImageMeta", "letterbox_geometry", "letterbox", "to_original", "label_path",
+           "parse_labels", "DetectionDataset", "MAX_YAML_BYTES", "MAX_YAML_NODES", "load_small_yaml", "open_detection"]
+
+
 PAD_VALUE = 114
 _EXT_TEXT = "/".join(IMAGE_EXTENSIONS)
 _YAML_FIRST = ("config.yaml", "data.yaml")

@@ -30,6 +30,11 @@ from edgeslim.data.transforms import (
     unit_float_resized,
 )
 
+__all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "hidden_path", "image_folder_layout", "walk_folder", "ZipReader",
+           "zip_member", "open_zip", "read_file", "decode_image", "default_workers", "FileSource", "folder_source",
+           "zip_source"]
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _EXT_TEXT = "/".join(IMAGE_EXTENSIONS)
 # Top-level folder names that mean "several splits in one archive", not classes.

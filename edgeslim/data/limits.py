@@ -13,6 +13,10 @@ import numpy as np
 
 from ..errors import EdgeslimError
 
+__all__ = ["ACTIVATION_FACTOR", "machine_memory_bytes", "human_bytes", "check_fits", "array_header", "array_nbytes",
+           "check_array_header", "check_input_shape"]
+
+
 ACTIVATION_FACTOR = 16  # a forward pass holds several activations of the input's size at once
 
 

@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from edgeslim.errors import EdgeslimError
 
+__all__ = ["batches", "calibration_indices", "check_finite"]
+
 
 class _Batchable(Protocol):
     labels: np.ndarray

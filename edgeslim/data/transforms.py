@@ -17,6 +17,11 @@ from PIL import Image
 
 from edgeslim.errors import EdgeslimError
 
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "Preprocess", "needs_resize", "resize_crop",
+           "normalize_uint8", "normalize_unit", "pil_to_uint8", "pil_to_chw", "unit_float_to_chw", "unit_float_resized",
+           "HIGH_DEPTH_MODES", "high_depth_to_unit", "convert_channels_float", "convert_channels_uint8"]
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -4,3 +4,5 @@ requantization variants (float / fixed-point / shift) and accumulator-overflow a
 Import the submodules directly: ``edgeslim.engine.ops``, ``edgeslim.engine.run``,
 ``edgeslim.engine.overflow``.
 """
+
+__all__: list[str] = []

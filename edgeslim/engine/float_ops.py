@@ -13,6 +13,8 @@ import numpy as np
 from ..intgraph import IntGraph, IntNode
 from . import ops
 
+__all__ = ["as_float", "Conv", "Gemm", "data_movement", "ACTIVATIONS", "FloatIsland", "OPS"]
+
 
 def as_float(g: IntGraph, name: str, env: dict) -> np.ndarray:
     x = env[name]

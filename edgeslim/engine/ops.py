@@ -31,6 +31,13 @@ import numpy as np
 
 from . import narrow
 
+__all__ = ["ACC_MODES", "ort_multiplier", "requantize", "im2col", "conv_acc", "shift_terms", "conv_acc_shift",
+           "QLinearConv", "gemm_int", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearRelu",
+           "QLinearGlobalAveragePool", "QLinearAveragePool", "MaxPool", "Slice", "Pad", "Flatten", "Identity",
+           "Reshape", "Transpose", "Gather", "LUT", "QuantizeLinear", "DequantizeLinear", "conv_transpose_acc",
+           "QLinearConvTranspose", "RESIZE_COORD_MODES", "RESIZE_NEAREST_MODES", "Resize"]
+
+
 ACC_MODES = ("float", "fixed", "shift", "tflite")
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["count_products_out_of_int8", "OverflowStats"]
+
 
 def _below(cum: np.ndarray, dmin: int, v: np.ndarray) -> np.ndarray:
     """Number of inputs d < v per (filter, tap), from the cumulative histogram ``cum`` (K, V + 1)."""

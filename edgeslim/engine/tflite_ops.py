@@ -22,6 +22,14 @@ import math
 
 import numpy as np
 
+__all__ = ["INT32_MIN", "INT32_MAX", "ADD_LEFT_SHIFT", "quantize_multiplier",
+           "quantize_multiplier_smaller_than_one_exp", "saturating_rounding_doubling_high_mul",
+           "rounding_divide_by_pot", "multiply_by_quantized_multiplier",
+           "multiply_by_quantized_multiplier_smaller_than_one_exp", "conv_multipliers", "requantize_acc", "requantize",
+           "quantize", "dequantize", "add", "mul", "average_pool", "mean_multiplier", "mean", "leaky_relu", "relu",
+           "activation_range", "LOGISTIC_OUT", "logistic", "hard_swish_params", "hard_swish"]
+
+
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 ADD_LEFT_SHIFT = 20  # add.cc: data->left_shift for int8 (15 for int16)
 

@@ -14,6 +14,8 @@ import numpy as np
 from ..intgraph import IntGraph, IntNode, QParams
 from . import ops, tflite_ops
 
+__all__ = ["pool_as_depthwise", "LOGISTIC_Q", "gate_qparams", "OPS"]
+
 
 def _clamp(node: IntNode, q: QParams) -> tuple[int, int]:
     lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)

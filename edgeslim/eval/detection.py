@@ -25,6 +25,10 @@ import numpy as np
 
 from edgeslim.errors import EdgeslimError
 
+__all__ = ["IOU_THRESHOLDS", "RECALL_POINTS", "COCO_MAX_DETS", "BOX_FORMATS", "box_iou", "cxcywh_to_xyxy",
+           "from_decoded", "DecodedLayout", "nms", "evaluate_map", "confusion_matrix", "precision_recall_f1"]
+
+
 # The exact arrays COCOeval builds (same linspace calls), so thresholds compare bit for bit.
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_POINTS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)

@@ -10,6 +10,8 @@ from ..graph import ops
 from ..quant.modules import ActQuant
 from ..quant.primitives import sqnr_db
 
+__all__ = ["layer_errors"]
+
 
 def layer_errors(gm: fx.GraphModule, x: torch.Tensor) -> list[dict]:
     """One row per activation quantizer, in graph order: the producing layer, qparams and SQNR (dB).

@@ -18,6 +18,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+__all__ = ["INTEGER_CONV_OPS", "FLOAT_CONV_OPS", "session", "predict", "predict_all", "optimized_op_counts", "QDQ_OPS",
+           "MOVEMENT_OPS", "op_category", "float_ops_profile", "integer_convs", "latency_ms", "paired_ratio",
+           "fp32_int8_latency", "latency_samples"]
+
+
 INTEGER_CONV_OPS = ("QLinearConv", "NhwcQLinearConv")
 FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv", "ConvInteger")
 

@@ -9,6 +9,8 @@ from torch import fx, nn
 
 from ..graph import ops
 
+__all__ = ["LayerProfile", "profile"]
+
 
 @dataclass(frozen=True)
 class LayerProfile:

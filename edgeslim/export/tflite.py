@@ -49,6 +49,10 @@ from ..intgraph import IntGraph, IntNode, QParams
 from ..quant.fixed_point import multiplier_arrays
 from .tflite_fb import FlatModel, Tensor, to_bytes
 
+__all__ = ["IO_TYPES", "NHWC", "check_graph", "ACTIVATIONS", "ELEMENTWISE_ISLANDS", "prepare_graph", "logit_qparams",
+           "tensor_shapes", "ACTIVATION_CODES", "to_tflite", "export_tflite"]
+
+
 IO_TYPES = ("float", "int8")
 NHWC = (0, 2, 3, 1)  # stored = logical.transpose(NHWC) for 4-D tensors
 

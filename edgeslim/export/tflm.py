@@ -20,6 +20,11 @@ from ..config import FORMATS
 from ..errors import EdgeslimError
 from ..intgraph import IntGraph
 
+__all__ = ["RESOLVER", "parse_formats", "require_tflite", "check_config", "require_litert", "check_plan", "check_model",
+           "c_source", "resolver_calls", "arena_bytes", "score_litert", "build", "litert_runner", "agreement",
+           "write_files", "write_deployment"]
+
+
 RESOLVER = {"CONV_2D": "AddConv2D", "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D", "FULLY_CONNECTED": "AddFullyConnected",
             "ADD": "AddAdd", "MUL": "AddMul", "CONCATENATION": "AddConcatenation",
             "AVERAGE_POOL_2D": "AddAveragePool2D", "MAX_POOL_2D": "AddMaxPool2D", "MEAN": "AddMean",

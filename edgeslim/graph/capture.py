@@ -11,6 +11,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import EdgeslimError
 
+__all__ = ["capture", "annotate_shapes"]
+
 
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """Symbolically trace ``model`` and annotate every node with its output shape.

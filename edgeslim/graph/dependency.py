@@ -40,6 +40,10 @@ from ..errors import EdgeslimError
 from . import ops
 from .capture import annotate_shapes
 
+__all__ = ["MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "ROLES", "Member", "ChannelGroup", "find_groups",
+           "remove_channels"]
+
+
 # How each op maps channels (style rule 7: one flat table per kind of fx target).
 MODULE_RULES: dict[type, str] = {
     nn.Conv2d: "conv", nn.Linear: "linear", nn.BatchNorm2d: "bn", nn.BatchNorm1d: "bn",

@@ -28,6 +28,10 @@ from torch import fx, nn
 
 from ..quant.modules import ActQuant, ConvAct, GatedSiLU, QuantConv2d, QuantLinear
 
+__all__ = ["MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS", "kind", "is_depthwise", "module", "tensor_args",
+           "is_split", "act_name", "LUT_FUNCTIONS", "lut_name", "call_node", "softmax_axis"]
+
+
 MODULE_KINDS: dict[type, str] = {
     nn.Conv2d: "conv",
     ConvAct: "conv",

@@ -13,6 +13,8 @@ from torch import fx, nn
 from ..quant.modules import ConvAct
 from . import ops
 
+__all__ = ["fold_bn", "fuse_conv_act", "MULTIPLY", "GATES", "fuse_gated_activations"]
+
 
 def _single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)

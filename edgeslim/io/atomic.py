@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..errors import EdgeslimError
 
+__all__ = ["check_destination", "atomic_path", "atomic_write_bytes"]
+
 
 def check_destination(path: str | Path, what: str = "output file") -> Path:
     """``path`` must name a file in an existing folder, not a folder."""

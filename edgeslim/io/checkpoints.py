@@ -23,6 +23,9 @@ from torch import nn
 
 from edgeslim.errors import EdgeslimError
 
+__all__ = ["WRAPPER_KEYS", "STRIP_PREFIXES", "load_state_dict", "load_weights", "check_compatible", "load_torch_file"]
+
+
 # Keys under which training scripts commonly nest the state_dict, most specific first.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes added by DataParallel / DistributedDataParallel and by torch.compile.

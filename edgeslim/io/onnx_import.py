@@ -43,6 +43,8 @@ from ..errors import EdgeslimError
 from .onnx_import_fold import BatchDependent, Val, attrs_of, as_tensor, torch_dtype
 from .onnx_import_ops import OPS
 
+__all__ = ["import_onnx", "Importer"]
+
 
 _RESERVED = {"meta", "training", "graph", "code", "forward"}  # GraphModule attributes a submodule must not shadow
 

@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import fx
 
+__all__ = ["Val", "BatchDependent", "attrs_of", "as_tensor", "torch_dtype", "norm_axis", "torch_pads", "fold_reshape",
+           "fold_flatten", "fold_transpose", "fold_depth_to_space", "fold_space_to_depth", "fold_squeeze",
+           "fold_unsqueeze", "fold_concat", "fold_split", "fold_slice", "fold_gather", "fold_pad", "fold_resize",
+           "fold_identity", "fold_constant", "fold_shape", "fold_size", "fold_cast", "fold_constant_of_shape",
+           "fold_range", "fold_expand", "fold_where"]
+
 
 @dataclass(eq=False)
 class Val:

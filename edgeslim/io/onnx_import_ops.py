@@ -24,6 +24,9 @@ from .onnx_import_fold import (
     fold_depth_to_space, fold_reshape, fold_resize, fold_space_to_depth, fold_shape, fold_size, fold_slice, fold_split, fold_squeeze, torch_pads, fold_transpose, fold_unsqueeze, fold_where,
 )
 
+__all__ = ["OPS"]
+
+
 if TYPE_CHECKING:
     from .onnx_import import Importer
 

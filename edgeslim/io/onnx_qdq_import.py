@@ -38,6 +38,9 @@ from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
 from ..quant.fixed_point import multiplier_arrays
 
+__all__ = ["import_qdq"]
+
+
 _INT_TYPES = {np.dtype(np.uint8): (8, False), np.dtype(np.int8): (8, True),
               np.dtype(np.uint16): (16, False), np.dtype(np.int16): (16, True)}
 _PASS_OPS = ("MaxPool", "Slice", "Pad", "Flatten", "Reshape", "Identity", "Gather")

@@ -23,6 +23,10 @@ from pathlib import Path
 
 from ..errors import EdgeslimError
 
+__all__ = ["STAGE_PREFIX", "new_stage", "staged", "process_alive", "sweep_stale", "check_out_folder",
+           "untouched_on_failure", "sigterm_as_interrupt"]
+
+
 STAGE_PREFIX = ".staging-"
 _OWNED = re.compile(r"^\.staging-(\d+)-")
 

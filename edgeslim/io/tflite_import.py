@@ -32,6 +32,9 @@ from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
 from ..quant.fixed_point import multiplier_arrays
 
+__all__ = ["TO_NCHW", "TO_NHWC", "ACTIVATIONS", "import_tflite"]
+
+
 TO_NCHW = (0, 3, 1, 2)  # logical = stored.transpose(TO_NCHW) for 4-D tensors
 TO_NHWC = (0, 2, 3, 1)
 ACTIVATIONS = {0: "NONE", 1: "RELU", 3: "RELU6"}

@@ -35,6 +35,10 @@ from ..errors import EdgeslimError
 from ..models.yolo import YoloNet
 from .checkpoints import check_compatible
 
+__all__ = ["ALLOWED_GLOBALS", "STAND_IN_PREFIXES", "RefusedGlobal", "PickledObject", "RestrictedUnpickler",
+           "read_restricted", "load_yolov5"]
+
+
 # (module, name) -> object. Only constructors of plain data (what YOLOv5 checkpoints hold: tensors and
 # parameters, OrderedDict, set, dtypes, numpy scalars such as best_fitness); none can call into the file.
 ALLOWED_GLOBALS: dict[tuple[str, str], object] = {

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+__all__ = ["DigitsCNN", "digits_cnn"]
+
 
 def _conv_bn(in_ch: int, out_ch: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     return nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch)

@@ -38,6 +38,10 @@ from torch import nn
 
 from ..errors import EdgeslimError
 
+__all__ = ["STAGE_REPEATS", "STAGE_CHANNELS", "ShuffleV2Block", "ShuffleNetV2", "Conv1x1", "PyramidConcat", "SPP",
+           "Head", "DetectHead", "FastestDet", "fastestdet", "FastestDetDecoder", "FastestDetDecode"]
+
+
 STAGE_REPEATS = (4, 8, 4)
 STAGE_CHANNELS = (-1, 24, 48, 96, 192)
 

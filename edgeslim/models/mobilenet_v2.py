@@ -15,6 +15,9 @@ from torch import nn
 
 from ..errors import EdgeslimError
 
+__all__ = ["ConvBNReLU6", "InvertedResidual", "MobileNetV2", "mobilenet_v2", "MAX_DOWNSAMPLE", "mobilenet_v2_backbone"]
+
+
 # (expansion t, output channels c, repeats n, first stride s), from table 2 of the paper.
 _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))

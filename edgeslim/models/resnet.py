@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50"]
+
 
 def _conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)

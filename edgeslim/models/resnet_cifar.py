@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["CIFAR_DEPTHS", "OptionAShortcut", "CifarBasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44",
+           "resnet56"]
+
+
 CIFAR_DEPTHS = (20, 32, 44, 56)
 
 

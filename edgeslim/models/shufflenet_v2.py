@@ -28,6 +28,10 @@ from torch import nn
 
 from ..errors import EdgeslimError
 
+__all__ = ["STAGE_REPEATS", "STEM_CHANNELS", "WIDTH_CHANNELS", "MAX_DOWNSAMPLE", "ShuffleUnit", "stage_channels",
+           "shufflenet_v2_backbone"]
+
+
 STAGE_REPEATS = (4, 8, 4)
 STEM_CHANNELS = 24
 # output channels of stage2..4 for the published width multipliers (table 5 of the paper)

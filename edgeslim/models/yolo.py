@@ -27,6 +27,12 @@ from torch import nn
 
 from ..errors import EdgeslimError
 
+__all__ = ["YOLOV5_BACKBONE", "YOLOV5_HEAD", "YOLOV5_ANCHORS", "YOLOV5_SIZES", "YOLOV3_TINY_BACKBONE",
+           "YOLOV3_TINY_HEAD", "YOLOV3_TINY_ANCHORS", "COCO_NAMES", "Conv", "dark_conv", "Bottleneck", "C3", "SPPF",
+           "MaxPoolSame", "Concat", "Detect", "YoloNet", "yolov5_cfg", "yolov5", "yolov3_tiny", "detection_groups",
+           "YoloV5Decoder", "YoloDecode", "YoloV3Decoder"]
+
+
 # YOLOv5 v6.x P3-P5 layer list (Jocher et al., ultralytics/yolov5 release 6.0): n/s/m/l/x differ only in
 # the depth / width multiples. Rows are (from, repeats, module, args); channel counts are for width 1.0.
 YOLOV5_BACKBONE = (

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+__all__ = ["quantize_multiplier", "multiplier_arrays"]
+
 
 def quantize_multiplier(real: float) -> tuple[int, int]:
     """Represent a positive real multiplier as ``m0 * 2**-shift`` with a 31-bit ``m0`` (gemmlowp / TFLite).

@@ -29,6 +29,10 @@ from torch import nn
 from . import primitives as P
 from .observers import OBSERVERS, mse_weight_range
 
+__all__ = ["ACTIVATIONS", "MODES", "QuantSpec", "round_fp16", "float_fake_quant", "ConvAct", "QuantConv2d",
+           "QuantLinear", "ActQuant", "GatedSiLU"]
+
+
 ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
 MODES = ("observe", "histogram", "quant", "off")  # what an ``ActQuant`` does; weights are float in ``off`` only
 

@@ -22,6 +22,10 @@ import torch
 from ..errors import EdgeslimError
 from . import primitives as P
 
+__all__ = ["HIST_BINS", "PERCENTILE", "Observer", "MinMaxObserver", "HistogramObserver", "PercentileObserver",
+           "EntropyObserver", "MSEObserver", "mse_weight_range", "OBSERVERS"]
+
+
 HIST_BINS = 2048
 PERCENTILE = 99.99
 

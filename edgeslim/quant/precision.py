@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from ..errors import EdgeslimError
 from .primitives import MAX_BITS, MIN_BITS
 
+__all__ = ["FLOAT_KINDS", "Precision", "FP32", "FP16", "highest", "LayerPrecision"]
+
+
 FLOAT_KINDS = ("fp16", "fp32")
 
 

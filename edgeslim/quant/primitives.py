@@ -21,6 +21,11 @@ import torch
 from ..errors import EdgeslimError
 from .fixed_point import quantize_multiplier  # noqa: F401  (re-exported: all quantization math is reachable here)
 
+__all__ = ["MIN_BITS", "MAX_BITS", "INT32_MIN", "INT32_MAX", "check_bits", "qrange", "pow2_scale", "choose_qparams",
+           "activation_signed", "quantize", "dequantize", "fake_quantize", "grid_floor", "quantize_directed",
+           "fake_quantize_soft", "fake_quantize_lsq", "quantize_bias", "sqnr_db"]
+
+
 MIN_BITS, MAX_BITS = 2, 16
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _EPS = torch.finfo(torch.float32).eps

@@ -47,6 +47,9 @@ from torch import nn
 
 from ..errors import EdgeslimError
 
+__all__ = ["QUANTIZERS", "METHODS", "LevelSet", "soft_gradient", "TrainableQuantizer"]
+
+
 QUANTIZERS = ("uniform", "pot", "apot")
 METHODS = ("ste", "lsq", "ewgs", "dsq", "daq")
 

@@ -12,6 +12,8 @@ import numpy as np
 from .html import STYLE, plt, png, preprocessing_html, provenance_html, size, table, wide
 from .results import DetectResult
 
+__all__ = ["model_rows", "class_rows", "confusion_figure", "write_detect_report"]
+
 
 def _f(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"

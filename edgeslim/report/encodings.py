@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..intgraph import IntGraph
 
+__all__ = ["encodings"]
+
 
 def encodings(g: IntGraph) -> dict:
     acts = {name: q.to_dict() for name, q in g.qparams.items()}

@@ -12,6 +12,11 @@ import numpy as np
 
 from .results import ClassifyResult
 
+__all__ = ["png", "table", "layer_error_plot", "overflow_heatmap", "engine_section", "size", "STYLE", "FLIPS", "wide",
+           "near_chance", "base_top1", "summary_rows", "layer_rows", "marked_table", "preprocessing_html",
+           "provenance_html", "write_report"]
+
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 

@@ -10,6 +10,10 @@ from pathlib import Path
 from .html import plt, png, size, table, wide
 from .results import MixedResult
 
+__all__ = ["STYLE", "sensitivity_plot", "metric_label", "sensitivity_figure", "sensitivity_table", "best_tradeoffs",
+           "group_section", "write_sensitivity_report", "frontier_plot", "frontier_figure", "write_mixed_report"]
+
+
 STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse;margin:1em 0}"
          "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right} th{background:#eee}"
          ".wide{overflow-x:auto;max-width:100%} img{max-width:100%;height:auto} tr.best td{background:#e2f5e2}</style>")

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from ..cpu import cpu_flags, cpu_name
 
+__all__ = ["PACKAGES", "UNITS", "DIGITS_UNITS", "preprocessing", "preprocessing_line", "sha256", "versions",
+           "provenance"]
+
+
 PACKAGES = ("edgeslim", "torch", "onnx", "onnxruntime", "numpy")
 
 
