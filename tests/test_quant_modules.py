@@ -29,7 +29,7 @@ class Eighths(nn.Module):
 
 def _conv() -> QuantConv2d:
     torch.manual_seed(0)
-    return QuantConv2d.from_float(ConvAct(nn.Conv2d(3, 4, 3, padding=1), "relu"), QuantSpec(4, per_channel=True))
+    return QuantConv2d.from_float(ConvAct(nn.Conv2d(3, 4, 3, padding=1), "relu"), QuantSpec(bits=4, per_channel=True))
 
 
 def _net() -> nn.Module:

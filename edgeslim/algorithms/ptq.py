@@ -127,15 +127,15 @@ def plan_names(gm: fx.GraphModule) -> list[str]:
 
 def weight_spec(config: PTQConfig, p: Precision, *, depthwise: bool = False) -> QuantSpec:
     if p.is_float:
-        return QuantSpec(p.bits, True, False, False, p.kind)
-    return QuantSpec(config.weight_bits(p.bits, depthwise=depthwise), config.w_symmetric,
-                     config.granularity == "channel", config.pow2)
+        return QuantSpec(bits=p.bits, fmt=p.kind)
+    return QuantSpec(bits=config.weight_bits(p.bits, depthwise=depthwise), symmetric=config.w_symmetric,
+                     per_channel=config.granularity == "channel", pow2=config.pow2)
 
 
 def act_spec(config: PTQConfig, p: Precision) -> QuantSpec:
     if p.is_float:
-        return QuantSpec(p.bits, True, False, False, p.kind)
-    return QuantSpec(p.bits, config.symmetric, False, config.pow2)
+        return QuantSpec(bits=p.bits, fmt=p.kind)
+    return QuantSpec(bits=p.bits, symmetric=config.symmetric, pow2=config.pow2)
 
 
 def assign_precisions(gm: fx.GraphModule, config: PTQConfig, plan: MixedPlan | None) -> None:

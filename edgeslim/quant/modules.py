@@ -37,11 +37,12 @@ ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
 MODES = ("observe", "histogram", "quant", "off")  # what an ``ActQuant`` does; weights are float in ``off`` only
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantSpec:
-    """How one tensor is quantized. ``fmt`` ``fp16`` / ``fp32`` keeps it floating point (mixed precision):
-    FP16 rounds the values to half precision (storage precision; the arithmetic stays FP32, as
-    onnxruntime's CPU kernels do), FP32 leaves them untouched."""
+    """How one tensor is quantized, by keyword only (``QuantSpec(bits=4, per_channel=True)``: no positional
+    booleans). ``fmt`` ``fp16`` / ``fp32`` keeps it floating point (mixed precision): FP16 rounds the values to
+    half precision (storage precision; the arithmetic stays FP32, as onnxruntime's CPU kernels do), FP32 leaves
+    them untouched."""
 
     bits: int = 8
     symmetric: bool = True
