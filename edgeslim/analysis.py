@@ -4,8 +4,6 @@ per-layer / per-filter overflow statistics (Jang et al.'s Tables 1 and 2). Used 
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 
 from .config import AnalyzeOptions
@@ -36,7 +34,7 @@ def analyze(g: IntGraph, test_ds: ImageDataset, onnx_logits: np.ndarray, options
             batch_size: int = 256) -> dict:
     """Engine accuracy and agreement with onnxruntime on ``test_ds``; overflow on its first images."""
     check_requant(g, options.requant)
-    result: dict = {"engine_options": asdict(options)}
+    result: dict = {"engine_options": options.to_dict()}
     y = test_ds.labels
     if options.engine:
         logits = np.concatenate([
@@ -89,7 +87,7 @@ def analyze_outputs(g: IntGraph, x: np.ndarray, onnx_outputs: dict[str, np.ndarr
     from .eval.fidelity import fidelity
 
     check_requant(g, options.requant)
-    result: dict = {"engine_options": asdict(options)}
+    result: dict = {"engine_options": options.to_dict()}
     if options.engine:
         chunks = [run(g, x[i:i + batch_size], requant=options.requant, accumulator_bits=options.accumulator_bits,
                       overflow=options.overflow_mode) for i in range(0, len(x), batch_size)]
