@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import subprocess
@@ -34,7 +35,7 @@ from bench._report import ROOT, table, write_section
 from edgeslim import api
 from edgeslim.config import PTQConfig
 from edgeslim.data import calibration_indices
-from edgeslim.engine import narrow
+from edgeslim.engine import narrow, ops
 from edgeslim.engine.overflow import OverflowStats
 from edgeslim.engine.run import run
 from edgeslim.eval import metrics
@@ -69,14 +70,15 @@ def gemm_acc_tap_by_tap(cols, wk, bias=None, *, accumulator_bits=32, overflow="s
 
 def _engine(g, x, gemm, **kw):
     """(outputs, wall seconds, CPU seconds) of the engine with ``gemm`` as ``narrow.gemm_acc``."""
-    new = narrow.gemm_acc
+    new, conv = narrow.gemm_acc, ops.conv_acc
     narrow.gemm_acc = gemm
+    ops.conv_acc = functools.partial(conv, count_events=True)  # every conv through gemm (wrap too)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         y = run(g, x, **kw)
         return y, time.perf_counter() - t0, time.process_time() - c0
     finally:
-        narrow.gemm_acc = new
+        narrow.gemm_acc, ops.conv_acc = new, conv
 
 
 def _stats_equal(g, x, mode: str) -> tuple[bool, int]:

@@ -121,8 +121,8 @@ def test_gemm_acc_int_operands_and_float64_range(overflow):
 
 @pytest.mark.parametrize("overflow", ["saturate", "wrap"])
 def test_gemm_acc_rows_inside_and_outside_the_register(overflow):
-    """Rows whose partial sums all stay in the register (settled by the whole-field bound) next to rows that
-    overflow, in one call: each row equals the tap-by-tap register."""
+    """Rows whose partial sums all stay in the register next to rows that overflow, in one call: each row
+    equals the tap-by-tap register."""
     rng = np.random.default_rng(12)
     for signed in (False, True):
         cols, w = _operands(rng, 2, 90, 7, 75, signed=signed)
