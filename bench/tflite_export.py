@@ -122,9 +122,12 @@ def _gap(onnx_path: Path, fb: bytes, x: np.ndarray, logits: list | None = None) 
     try:
         g = import_qdq(without_identities(onnx.load(str(onnx_path))))
         steps = output_steps(g)
-    except EdgeslimError as exc:  # the importer's limits (FastestDet.onnx's batch-folding reshapes)
+    except EdgeslimError as exc:  # the ONNX importer's limits (FastestDet.onnx's batch-folding reshapes)
         print(f"[gap] {onnx_path}: not read back ({exc})", file=sys.stderr, flush=True)
-        g, steps = None, {}
+        from edgeslim.io.tflite_import import import_tflite
+
+        lite = import_tflite(fb)  # the output steps of the .tflite, which the ONNX file shares, in output order
+        g, steps = None, dict(zip(names, output_steps(lite).values()))
     result: dict = {"images": int(len(x))}
     for key, reference in (("litert_reference", True), ("litert_xnnpack", False)):
         got = litert_runner(fb, reference=reference)(x)
