@@ -22,6 +22,9 @@ class MeasureOptions(Config):
     threads: int = 1
     latency_batches: tuple[int, ...] = (1, 64)
     latency_rounds: int = 200
+    # each batch size's paired FP32 / INT8 timing stops after this many seconds once 20 rounds are done (None:
+    # every round)
+    latency_seconds: float | None = 4.0
     batch_size: int = 256
     # the FP32 and INT8 files are scored on every test image in onnxruntime (all cores); the PyTorch models
     # (float and fake-quant simulation) on a seeded class-balanced subset of this many (None: all)
@@ -39,6 +42,7 @@ class MeasureOptions(Config):
             check_int("latency batch", b)
         object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
         check_int("latency rounds", self.latency_rounds)
+        check_number("latency seconds", self.latency_seconds, low=0, open_low=True, optional=True)
         check_int("--batch-size", self.batch_size)
         check_int("--simulate-size", self.simulation_images, optional=True)
         if isinstance(self.formats, (str, bytes)) or not isinstance(self.formats, (tuple, list)):

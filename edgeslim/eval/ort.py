@@ -149,14 +149,24 @@ def fp32_int8_latency(fp32: Path, int8: Path, input_shape: tuple[int, ...], *, t
 
 
 def latency_samples(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int, *, threads: int = 1,
-                    rounds: int = 100, warmup: int = 10, seed: int = 0) -> dict[str, list[float]]:
-    """Per-round wall times (ms) of each model, interleaved: one run of each model per round."""
+                    rounds: int = 100, warmup: int = 10, seed: int = 0, seconds: float | None = None,
+                    min_rounds: int = 20) -> dict[str, list[float]]:
+    """Per-round wall times (ms) of each model, interleaved: one run of each model per round.
+
+    ``seconds``: stop early once the measured rounds took this long and at least ``min_rounds`` are done (a
+    large batch on one thread needs fewer rounds for a stable paired median than a 1-ms model)."""
     sessions = {k: session(p, threads=threads) for k, p in paths.items()}
     x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     keys = list(sessions)
+    start = None
     for i in range(warmup + rounds):
+        if i == warmup:
+            start = time.perf_counter()
+        elif start is not None and seconds is not None and i - warmup >= min_rounds \
+                and time.perf_counter() - start > seconds:
+            break
         for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotate who goes first each round
             s = sessions[k]
             t0 = time.perf_counter()

@@ -139,12 +139,13 @@ class Classify:
         """Paired FP32 / INT8 latency at each of ``measure.latency_batches``: medians and the paired ratio."""
         m = self.measure
         lat = {f"batch{b}": ort_eval.latency_samples({"fp32": d.fp32, "int8": d.int8}, info.input_shape, b,
-                                                      threads=m.threads, rounds=m.latency_rounds)
+                                                      threads=m.threads, rounds=m.latency_rounds,
+                                                      seconds=m.latency_seconds)
                for b in m.latency_batches}
         return {"fp32": {k: statistics.median(v["fp32"]) for k, v in lat.items()},
                 "int8": {k: statistics.median(v["int8"]) for k, v in lat.items()},
                 "int8_over_fp32": {k: ort_eval.paired_ratio(v, "int8", "fp32") for k, v in lat.items()},
-                "threads": m.threads}
+                "threads": m.threads, "rounds": {k: len(v["int8"]) for k, v in lat.items()}}
 
     def write_report(self, summary: dict, info: ModelInfo, path: Path) -> None:
         from ..report.html import write_report
