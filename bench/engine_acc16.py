@@ -210,8 +210,11 @@ def main() -> None:
         f"{len(xp)} test images (best of each: images/s wall, speed-up in wall and in CPU seconds, and images/s "
         "per CPU second, which a busy machine disturbs less). Conv / QGemm are one im2col GEMM per chunk of "
         "images in the narrowest exact float type (float32 where every partial sum is below 2^24, float64 below "
-        "2^53, else int64); the 16-bit accumulator settles every output row whose partial sums provably stay in "
-        f"the register with one GEMM, the other rows by blocks of {narrow.NARROW_BLOCK} taps. The original "
+        f"2^53, else int64). A saturating 16-bit register goes by blocks of {narrow.NARROW_BLOCK} taps (one GEMM per "
+        "block gives each output's block sum and sum of positive terms; only outputs whose partial sums may leave "
+        "the register walk the block tap by tap); a wrapping one, when no overflow statistics are asked for (these "
+        "runs), is the exact sum wrapped once (addition modulo 2^16), with statistics it takes the blocks too (the "
+        "statistics comparison below). The original "
         "narrow accumulator (the tap-by-tap loop of commit eca52cd, every tap a full (G, M, O) int64 update) is "
         f"patched into this engine on the first {n_old} images; the last columns are this commit alone on "
         f"{args.images} images.\n",
