@@ -171,11 +171,15 @@ def conv_acc(x: np.ndarray, x_zero_point: int, w: np.ndarray, w_zero_point, bias
     if fast:
         if b is not None:
             out += b.reshape(O)
-        if bound >= 1 << (accumulator_bits - 1):  # else no accumulator value can overflow
+        if accumulator_bits < 32:  # the wrapped sum, in place; its events (steps that left the range) not counted
+            lo = -(1 << (accumulator_bits - 1))
+            out -= lo
+            out &= (1 << accumulator_bits) - 1
+            out += lo
+            events = None
+        elif bound >= 1 << (accumulator_bits - 1):  # else no accumulator value can overflow
             out, over = narrow.register(out, accumulator_bits, overflow)
             events = over.sum(axis=(0, 1, 2))
-        if accumulator_bits < 32:  # the wrapped sum: its events (one per step that left the range) not counted
-            events = None
     return out.transpose(0, 3, 1, 2), events
 
 
