@@ -114,7 +114,8 @@ class OnnxBench:
 
     def latency(self, path: Path, batch: int = 1) -> tuple[float, float]:
         s = ort_eval.latency_samples({"fp32": self.fp32, "m": path}, self.info.input_shape, batch,
-                                     threads=self.measure.threads, rounds=self.rounds)
+                                     threads=self.measure.threads, rounds=self.rounds,
+                                     seconds=self.measure.latency_seconds)
         return statistics.median(s["m"]), ort_eval.paired_ratio(s, "m", "fp32")
 
     def latency_of(self, gm: fx.GraphModule) -> tuple[float, float]:

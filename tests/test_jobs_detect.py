@@ -117,6 +117,7 @@ def test_unlabelled_test_data_is_refused(capsys, tmp_path, yolo_set):
     assert "no labels" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~10-22 s on an idle 2-core machine: over the fast suite's budget
 def test_sensitivity_detect_one_layer_high_and_group_table(capsys, tmp_path, yolo_set):
     """``sensitivity --task detect`` is the one sensitivity job: the sweep on every test image (mAP@0.5:0.95 as
     the score, mAP@0.5 and P / R / F1 beside it), then the backbone / neck / head table."""
@@ -189,6 +190,7 @@ def test_sensitivity_job_detect_rows_are_the_map_of_each_plans_file(tmp_path, yo
         assert got["score"] == got["map50_95"]
 
 
+@pytest.mark.slow  # ~10-22 s on an idle 2-core machine: over the fast suite's budget
 def test_mixed_detect_searches_under_a_map_budget_on_held_out_images(capsys, tmp_path, yolo_set):
     """``mixed --task detect`` is the one mixed job: budget in mAP@0.5:0.95 points, plans scored on the calibration
     images not used to calibrate, the final numbers on --data; the scores are the files' mAP, recomputed here."""
@@ -227,6 +229,7 @@ def test_mixed_detect_searches_under_a_map_budget_on_held_out_images(capsys, tmp
     assert s["mixed"]["holdout_score"] == pytest.approx(file_map(mixed, "train", held_out), abs=1e-12)
 
 
+@pytest.mark.slow  # ~10-22 s on an idle 2-core machine: over the fast suite's budget
 def test_qat_detect_distils_heads_and_exports(capsys, tmp_path, yolo_set):
     import onnxruntime as ort
     import torch

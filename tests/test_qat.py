@@ -328,6 +328,7 @@ def test_qat_cli_errors(capsys, tmp_path, argv, match):
                                      "--max-steps", "1", "--out", tmp_path / "run", *argv], match)
 
 
+@pytest.mark.slow  # ~10-22 s on an idle 2-core machine: over the fast suite's budget
 def test_torchrun_two_processes_keep_identical_replicas(tmp_path, image_folder, user_model):  # noqa: F811
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(user_model.parent))
