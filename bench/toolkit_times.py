@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._report import ROOT, table, write_section
+from ._report import COMMIT, ROOT, table, write_section
 
 ROWS = ("quantize-r20", "quantize-y5n", "sens-mixed", "analyze16", "qat-epoch", "suite")
 # what the issue was filed with (its text; loaded VNNI machine): not rerun as "before"
@@ -109,7 +109,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--before", default="6268c68")
+    ap.add_argument("--keep-before", action="store_true",
+                    help="do not rerun 'before': keep each row's cached before figure (same machine, earlier run)")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgeslim-toolkit-times.json",
+                    help="each measured row is kept here with its commit; the table shows every row measured so far")
     ap.add_argument("--fp32-epoch", type=Path, help=argparse.SUPPRESS)  # internal: one FP32 epoch, result JSON
     args = ap.parse_args()
     shared = args.shared.resolve()
@@ -121,35 +125,39 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
     em = ["-m", "edgeslim"]
-    rows, goals = [], []
+    cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         tree = tmp / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        def before(cmd: list[str]) -> str:
+        def before(cmd: list[str], key: str) -> str:
+            if args.keep_before and key in cache:
+                return cache[key]["cells"][1]
             return _secs(*_time(cmd, tree))
 
-        def add(name: str, b: str, t: float, rc: int, alone: str, goal: str) -> None:
-            rows.append([name, b, _secs(t, rc), alone, goal])
-            print(" | ".join(rows[-1]), flush=True)
+        def add(key: str, name: str, b: str, t: float, rc: int, alone: str, goal: str) -> None:
+            cells = [name, b, _secs(t, rc), alone, goal]
+            cache[key] = {"cells": cells, "commit": COMMIT, "load": [round(v, 1) for v in os.getloadavg()]}
+            args.cache.write_text(json.dumps(cache, indent=1))
+            print(" | ".join(cells), flush=True)
 
         try:
             if "quantize-r20" in rows_wanted:
                 cmd = [*em, "quantize", *_r20(shared)]
-                b = before([*cmd, "--out", str(tmp / "r20b")])
+                b = before([*cmd, "--out", str(tmp / "r20b")], "quantize-r20")
                 t, rc = _time([*cmd, "--out", str(tmp / "r20")], ROOT)
                 alone = ort_alone([tmp / "r20/model_fp32.onnx", tmp / "r20/model_int8.onnx"], 10_000, 250)
                 ok = rc == 0 and t <= min(30.0, 3 * alone)
-                add("quantize resnet20 (10,000 test images)", b, t, rc, f"{alone:.1f}",
+                add("quantize-r20", "quantize resnet20 (10,000 test images)", b, t, rc, f"{alone:.1f}",
                     f"<= 3x alone and < 30 s: {'met' if ok else 'not met'} ({t / alone:.1f}x)")
             if "quantize-y5n" in rows_wanted:
                 cmd = [*em, "quantize", *_y5(shared)]
-                b = before([*cmd, "--out", str(tmp / "y5b")])
+                b = before([*cmd, "--out", str(tmp / "y5b")], "quantize-y5n")
                 t, rc = _time([*cmd, "--out", str(tmp / "y5")], ROOT)
                 alone = ort_alone([tmp / "y5/model_fp32.onnx", tmp / "y5/model_int8.onnx"], 128, 8)
-                add("quantize yolov5n --task detect (128 images)", b, t, rc, f"{alone:.1f}",
+                add("quantize-y5n", "quantize yolov5n --task detect (128 images)", b, t, rc, f"{alone:.1f}",
                     f"< 60 s: {'met' if rc == 0 and t < 60 else 'not met'}")
             if "sens-mixed" in rows_wanted:
                 w4a4 = ["--w-bits", "4", "--a-bits", "4"]
@@ -157,14 +165,14 @@ def main() -> None:
                 t2, rc2 = _time([*em, "mixed", *_r20(shared), *w4a4, "--max-drop", "0.5", "--out", str(tmp / "mixed")],
                                 ROOT)
                 t, rc = t1 + t2, rc1 or rc2
-                add(f"sensitivity ({t1:.0f} s) + mixed --max-drop 0.5 ({t2:.0f} s), ResNet-20 W4A4", FILED["sens-mixed"],
+                add("sens-mixed", f"sensitivity ({t1:.0f} s) + mixed --max-drop 0.5 ({t2:.0f} s), ResNet-20 W4A4", FILED["sens-mixed"],
                     t, rc, "-", f"< 120 s: {'met' if rc == 0 and t < 120 else 'not met'}")
             if "analyze16" in rows_wanted:
                 t, rc = _time([*em, "analyze", *_r20(shared), "--accumulator", "16", "--eval-size", "1000",
                                "--out", str(tmp / "a16")], ROOT)
-                add("analyze resnet20 --accumulator 16 (1,000 test images)", FILED["analyze16"], t, rc, "-", "-")
+                add("analyze16", "analyze resnet20 --accumulator 16 (1,000 test images)", FILED["analyze16"], t, rc, "-", "-")
             if "qat-epoch" in rows_wanted:
-                t, rc = _time([*em, "qat", *_r20(shared)[:4], "--train-data", str(shared / "data/cifar10-jpeg-train.zip"),
+                t, rc = _time([*em, "qat", *_r20(shared)[:3], "--train-data", str(shared / "data/cifar10-jpeg-train.zip"),
                                "--data", str(shared / "data/cifar10-jpeg-test.zip"), "--w-bits", "4", "--a-bits", "4",
                                "--method", "lsq", "--epochs", "1", "--val-size", "1000", "--eval-size", "1000",
                                "--out", str(tmp / "qat")], ROOT)
@@ -179,24 +187,26 @@ def main() -> None:
                     goal = f"step <= 1.3x FP32: {'met' if ratio <= 1.3 else 'not met'} ({ratio:.2f}x)"
                 else:
                     detail, goal = f"FP32 epoch exit {rc_f}", "not measured"
-                add(f"qat resnet20 W4A4 LSQ, 1 epoch of 50,000 images (command; {detail})", FILED["qat-epoch"], t, rc,
+                add("qat-epoch", f"qat resnet20 W4A4 LSQ, 1 epoch of 50,000 images (command; {detail})", FILED["qat-epoch"], t, rc,
                     "-", goal)
             if "suite" in rows_wanted:
                 cmd = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
-                b = before(cmd)
+                b = before(cmd, "suite")
                 t, rc = _time(cmd, ROOT)
-                add("fast test suite (pytest -q)", b, t, rc, "-", f"< 240 s: {'met' if rc == 0 and t < 240 else 'not met'}")
+                add("suite", "fast test suite (pytest -q)", b, t, rc, "-", f"< 240 s: {'met' if rc == 0 and t < 240 else 'not met'}")
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-    load = os.getloadavg()
+    rows = [[*cache[k]["cells"], cache[k]["commit"], " / ".join(map(str, cache[k]["load"]))] for k in ROWS if k in cache]
     write_section("toolkit-times", "## How long the commands take, before and after (wall seconds)\n\n"
-                  f"Each command run once, one after the other on the same machine (load average at the end "
-                  f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}). before: the code of commit {args.before} (only "
+                  "Each command run once, one after the other on the same machine with nothing else running (the "
+                  "load average after each row is in the table; rows measured in different runs name their commit). "
+                  f"before: the code of commit {args.before} (only "
                   "the commands it had; 'filed' figures are the issue's, from a loaded VNNI machine, not rerun). "
                   "after: this commit; ONNX files scored on every image in onnxruntime (all cores), the PyTorch "
                   "float / fake-quant models on a subset (`--simulate-size`). onnxruntime alone: the run's FP32 + "
                   "INT8 files on as many inputs, all cores (see the script's docstring).\n\n"
-                  + table(["command", "before s", "after s", "onnxruntime alone s", "goal"], rows))
+                  + table(["command", "before s", "after s", "onnxruntime alone s", "goal", "after: commit",
+                           "load average (1 / 5 / 15 min)"], rows))
 
 
 if __name__ == "__main__":
