@@ -373,7 +373,7 @@ ISLAND_MODELS = {  # name: (model, mixed-precision plan or None, float output)
     "fp32_layer_requantized": (Branches, (("c", "fp32"),), False),
     "fp32_activations": (lambda: Seq(_conv(3, 8, 3, padding=1), nn.Hardsigmoid(), _conv(8, 8, 1), nn.SiLU(),
                                      _conv(8, 8, 1), nn.Tanh(), _conv(8, 4, 1)),
-                         (("body.1", "fp32"), ("silu_body_3", "fp32"), ("body.5", "fp32")), False),
+                         (("body.1", "fp32"), ("body.3", "fp32"), ("body.5", "fp32")), False),
 }
 
 

@@ -373,6 +373,10 @@ def test_group_plan_quantizes_backbone_only(name: str) -> None:
         assert ops.module(q.model, node).spec.is_float is not in_backbone
         n_int += in_backbone
     assert 0 < n_int < len(ptq.weighted_nodes(q.model))
+    # every plan unit (gated SiLUs included) lies in one of the groups: all groups FP32 is the FP32 model
+    patterns = [p for g in groups.values() for p in g]
+    outside = [n for n in ptq.plan_names(q.model) if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    assert outside == []
 
 
 def test_detectors_are_registered() -> None:

@@ -186,10 +186,22 @@ def _swap_weighted(gm: fx.GraphModule, config: PTQConfig) -> None:
 
 
 def _gate_silu(gm: fx.GraphModule, config: PTQConfig) -> None:
-    """Every SiLU becomes ``GatedSiLU`` (its sigmoid gate quantized on its own, as integer runtimes run it)."""
+    """Every SiLU becomes ``GatedSiLU`` (its sigmoid gate quantized on its own, as integer runtimes run it).
+
+    An ``nn.SiLU`` module called once is swapped in place, so plans and layer groups name it by the model's own
+    path (``model.2.cv1.act``, inside ``model.2.*``); a functional or shared SiLU gets a module of its own,
+    ``silu_<node>``."""
     spec = act_spec(config, config.default_precision.a)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     for node in list(gm.graph.nodes):
         if ops.kind(gm, node) != "lut" or ops.lut_name(gm, node)[0] != "silu" or isinstance(ops.module(gm, node), GatedSiLU):
+            continue
+        if node.op == "call_module" and calls[str(node.target)] == 1:
+            parent, _, attr = str(node.target).rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, GatedSiLU(spec, config.calibrator))
             continue
         name = f"silu_{node.name}"
         gm.add_submodule(name, GatedSiLU(spec, config.calibrator))
