@@ -226,3 +226,36 @@ def test_precision_recall_f1_by_hand():
     assert r5["macro"]["f1"] == pytest.approx(4 / 9)
     with pytest.raises(EdgeslimError, match="shape"):
         precision_recall_f1(np.zeros((3, 2)))
+
+
+def _nms_row_by_row(boxes, scores, iou_thres):
+    """Greedy NMS written plainly (the reference): best box first, drop the rest whose IoU with it is not <= thres."""
+    from edgeslim.eval.detection import box_iou
+
+    order, keep = np.argsort(-scores, kind="stable"), []
+    while order.size:
+        keep.append(order[0])
+        order = order[1:][box_iou(boxes[order[0]], boxes[order[1:]])[0] <= iou_thres]
+    return np.asarray(keep, np.int64)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("matrix", [True, False])
+def test_greedy_nms_keeps_what_the_row_by_row_loop_keeps(monkeypatch, seed, matrix):
+    """Clustered boxes (many overlaps near every threshold), exact duplicates, tied scores, degenerate and NaN
+    boxes: the IoU-matrix path and the row-per-kept-box path keep exactly the reference's indices."""
+    from edgeslim.eval import detection
+
+    if not matrix:
+        monkeypatch.setattr(detection, "_NMS_MATRIX_MAX", 0)
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 100, (6, 2))
+    xy = centres[rng.integers(0, 6, 300)] + rng.normal(0, 4, (300, 2))
+    wh = rng.uniform(5, 30, (300, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    boxes[10:20] = boxes[0:10]  # duplicates
+    boxes[20:25, 2:] = boxes[20:25, :2]  # zero-area boxes
+    boxes[25, :] = np.nan
+    scores = np.round(rng.uniform(0, 1, 300), 2)  # ties
+    for thres in (0.3, 0.45, 0.6, 0.9):
+        np.testing.assert_array_equal(detection.greedy_nms(boxes, scores, thres), _nms_row_by_row(boxes, scores, thres))

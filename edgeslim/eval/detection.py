@@ -26,7 +26,7 @@ import numpy as np
 from edgeslim.errors import EdgeslimError
 
 __all__ = ["IOU_THRESHOLDS", "RECALL_POINTS", "COCO_MAX_DETS", "BOX_FORMATS", "box_iou", "cxcywh_to_xyxy",
-           "from_decoded", "DecodedLayout", "nms", "evaluate_map", "confusion_matrix", "precision_recall_f1"]
+           "from_decoded", "DecodedLayout", "greedy_nms", "nms", "evaluate_map", "confusion_matrix", "precision_recall_f1"]
 
 
 # The exact arrays COCOeval builds (same linspace calls), so thresholds compare bit for bit.
@@ -77,9 +77,25 @@ class DecodedLayout:
         return from_decoded(outputs[0])
 
 
-def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
-    """Indices kept by greedy NMS: take the best box, drop those overlapping it by IoU > thres, repeat."""
+_NMS_MATRIX_MAX = 2048  # candidates up to which greedy NMS reads one IoU matrix (2048^2 float64: 32 MiB)
+
+
+def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
+    """Indices kept by greedy NMS: take the best box, drop those overlapping it by IoU > thres, repeat.
+
+    Up to ``_NMS_MATRIX_MAX`` boxes the IoUs come from one ``box_iou(boxes, boxes)`` (each entry the same
+    float64 arithmetic as one row of it, so the same boxes are kept) and the loop only ORs suppression masks;
+    above it, one ``box_iou`` row per kept box."""
     order = np.argsort(-scores, kind="stable")
+    if len(order) <= _NMS_MATRIX_MAX:
+        over = box_iou(boxes, boxes) > iou_thres
+        suppressed = np.zeros(len(order), bool)
+        keep = []
+        for i in order:
+            if not suppressed[i]:
+                keep.append(i)
+                suppressed |= over[i]
+        return np.asarray(keep, np.int64)
     keep = []
     while order.size:
         i = order[0]
@@ -134,10 +150,10 @@ def nms(
             ai, ci, s = ai[top], ci[top], s[top]
         b = boxes[ai]
         if agnostic:
-            keep = _greedy_nms(b, s, iou_thres)
+            keep = greedy_nms(b, s, iou_thres)
         else:
             keep = np.concatenate(
-                [np.nonzero(ci == c)[0][_greedy_nms(b[ci == c], s[ci == c], iou_thres)] for c in np.unique(ci)]
+                [np.nonzero(ci == c)[0][greedy_nms(b[ci == c], s[ci == c], iou_thres)] for c in np.unique(ci)]
                 or [np.zeros(0, np.int64)]
             )
         keep = keep[np.argsort(-s[keep], kind="stable")][:max_det]
