@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,10 @@ from edgeslim.errors import EdgeslimError
 from edgeslim.report.results import (ClassifyResult, DetectResult, FidelityResult, LightenResult, MixedResult,
                                      PlanResult, QATResult, QuantizeResult, read_result)
 
-USER_MODEL = textwrap.dedent('''
-    import torch
-    from torch import nn
+from test_cli import USER_MODEL  # noqa: E402  (the tiny user model file the CLI tests write)
+from test_jobs_detect import yolo_set  # noqa: E402,F401  (the tiny YOLO data set fixture)
+from test_train import three_colours  # noqa: E402,F401  (three colour classes, 32x32)
 
-    def tiny():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten(), nn.Linear(8, 2))
-''')
 
 
 @pytest.fixture(scope="module")
@@ -206,44 +199,13 @@ def test_other_files_are_refused_with_their_name(runs, tmp_path):
 
 # ----------------------------------------------------------------------------- slow: detect, QAT, ResNet-20 jobs
 
-@pytest.fixture(scope="module")
-def yolo(tmp_path_factory) -> Path:
-    from edgeslim.models.yolo import COCO_NAMES
-
-    root = tmp_path_factory.mktemp("yolo")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(6):
-            img = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
-            img[10:30, 12:32] = 230
-            Image.fromarray(img).save(root / "images" / split / f"{i:03d}.jpg")
-            (root / "labels" / split / f"{i:03d}.txt").write_text(f"{i % 3} 0.34 0.31 0.31 0.31\n")
-    (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(COCO_NAMES)))
-    return root
-
-
-@pytest.fixture(scope="module")
-def cifar_like(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("cifar")
-    for cls in ("a", "b", "c"):
-        (root / cls).mkdir()
-        for i in range(8):
-            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            img[:, :, "abc".index(cls)] = 250
-            Image.fromarray(img).save(root / cls / f"{i}.png")
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("verb, cls", [("quantize", DetectResult), ("qat", QATResult)])
-def test_round_trip_detect(tmp_path, yolo, verb, cls):
-    det = ["yolov3-tiny", "--random-init", "--input-shape", "3,64,64", "--task", "detect", "--data", yolo,
+def test_round_trip_detect(tmp_path, yolo_set, verb, cls):
+    det = ["yolov3-tiny", "--random-init", "--input-shape", "3,64,64", "--task", "detect", "--data", yolo_set,
            "--data-split", "val", "--calib-size", "4"]
-    extra = (["--calib-data", yolo, "--calib-split", "train"] if verb == "quantize" else
-             ["--train-data", yolo, "--train-split", "train", "--max-steps", "2", "--batch-size", "2"])
+    extra = (["--calib-data", yolo_set, "--calib-split", "train"] if verb == "quantize" else
+             ["--train-data", yolo_set, "--train-split", "train", "--max-steps", "2", "--batch-size", "2"])
     out = tmp_path / "run"
     _check_round_trip(out, _run([verb, *det, *extra], out), cls)
 
@@ -273,8 +235,8 @@ def test_round_trip_tiny_slow(tmp_path, data, name):
     ("prune", ["--method", "magnitude"], LightenResult),
     ("factorize", ["--share", "0.3"], LightenResult),
 ])
-def test_round_trip_lightweighting(tmp_path, cifar_like, verb, extra, cls):
-    argv = [verb, "resnet20", "--random-init", "--train-data", cifar_like, "--data", cifar_like, "--epochs", "1",
+def test_round_trip_lightweighting(tmp_path, three_colours, verb, extra, cls):
+    argv = [verb, "resnet20", "--random-init", "--train-data", three_colours, "--data", three_colours, "--epochs", "1",
             "--batch-size", "8", *extra]
     out = tmp_path / "run"
     _check_round_trip(out, _run(argv, out), cls)
