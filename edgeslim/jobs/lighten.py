@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import api
-from .algorithms.finetune import finetune
-from .config import FinetuneConfig
-from .data import ImageDataset
-from .errors import EdgeslimError
-from .eval import ort as ort_eval
-from .io.staging import staged
-from .eval.profile import profile
-from .graph.capture import capture
-from .tasks import onnx_top1
-from .models import ModelInfo
-from .train.checkpoint import Checkpoint, params_digest
-from .train.data import TrainData, load_train
+from .. import api
+from ..algorithms.finetune import finetune
+from ..config import FinetuneConfig
+from ..data import ImageDataset
+from ..errors import EdgeslimError
+from ..eval import ort as ort_eval
+from ..io.staging import staged
+from ..eval.profile import profile
+from ..graph.capture import capture
+from ..tasks import onnx_top1
+from ..models import ModelInfo
+from ..train.checkpoint import Checkpoint, params_digest
+from ..train.data import TrainData, load_train
 
 __all__ = ["macs", "compare", "run_factorize", "run_prune", "job_checkpoint", "IMPORTANCE", "weight_sparsity"]
 
@@ -63,7 +63,7 @@ def run_factorize(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, tes
                   train_size: int | None = None, threads: int = 1, checkpoint_every: int | None = None,
                   resume: bool = False) -> dict:
     """The TTA guideline's G2: factorize the heaviest convolutions (or ``layers``), fine-tune with KD, measure vs the original."""
-    from .algorithms.factorize import choose_layers, factorize
+    from ..algorithms.factorize import choose_layers, factorize
 
     ckpt = job_checkpoint(out, model, {"layers": layers, "method": method, "macs_reduction": macs_reduction,
                                        "rank": rank, "share": share}, checkpoint_every, resume)
@@ -94,7 +94,7 @@ def run_prune(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds
               threads: int = 1, checkpoint_every: int | None = None, resume: bool = False) -> dict:
     """The TTA guideline's G5: channel pruning (a smaller dense model: speed) or magnitude pruning (zeros stored sparse:
     memory), fine-tuned with KD, measured against the dense original in the same run."""
-    from .algorithms import pruning
+    from ..algorithms import pruning
 
     ckpt = job_checkpoint(out, model, {"method": method, "target_macs": target_macs, "ratio": ratio,
                                        "sparsity": sparsity, "scope": scope, "importance": importance,

@@ -28,20 +28,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import api
-from .algorithms import mixed_precision as mp, ptq
-from .algorithms.finetune import finetune
-from .config import PLAN_STEPS as STEPS, Budget, MixedPlan, PlanOptions, PTQConfig, Requirement
-from .data import ImageDataset
-from .errors import EdgeslimError
-from .eval import ort as ort_eval
-from .tasks import onnx_top1
-from .models import ModelInfo
-from .quant.precision import LayerPrecision
+from .. import api
+from ..algorithms import mixed_precision as mp, ptq
+from ..algorithms.finetune import finetune
+from ..config import PLAN_STEPS as STEPS, Budget, MixedPlan, PlanOptions, PTQConfig, Requirement
+from ..data import ImageDataset
+from ..errors import EdgeslimError
+from ..eval import ort as ort_eval
+from ..tasks import onnx_top1
+from ..models import ModelInfo
+from ..quant.precision import LayerPrecision
 from .plan_roads import LOW_BITS, Road, container_bits, graph_bytes, int_weight_bytes, predicted_bytes, quant_roads
-from .targets import Target
-from .train.checkpoint import Checkpoint, params_digest
-from .train.data import TrainData, load_train
+from ..targets import Target
+from ..train.checkpoint import Checkpoint, params_digest
+from ..train.data import TrainData, load_train
 
 __all__ = ["STEP_NAMES", "Deployable", "Context", "export", "auto_sparsity", "holdout_top1", "measure",
            "tflm_ram_bytes", "step_checkpoint", "step_g1", "step_g2", "int_plan", "road_deployable", "mixed_search",
@@ -119,7 +119,7 @@ def _params(model: nn.Module) -> int:
 
 def _sparse_bytes(model: nn.Module, value_bits: int) -> int:
     """Bytes of the float model's tensors in their smallest sparse format, ``value_bits`` per stored value."""
-    from .algorithms.pruning import sparse_size_bytes
+    from ..algorithms.pruning import sparse_size_bytes
 
     return int(sparse_size_bytes(model, value_bits=value_bits).total_bytes)
 
@@ -127,7 +127,7 @@ def _sparse_bytes(model: nn.Module, value_bits: int) -> int:
 def auto_sparsity(model: nn.Module, budget_bytes: float, value_bits: int) -> float:
     """The smallest sparsity (0.05 steps, at most 0.95) whose sparse storage fits ``budget_bytes``: integer
     widths (<= 8) counted as the quantized model stores them (BN folded, int32 biases), else the float tensors."""
-    from .algorithms import pruning
+    from ..algorithms import pruning
 
     for sp in np.arange(0.05, 0.951, 0.05):
         trial = copy.deepcopy(model)
@@ -171,8 +171,8 @@ def tflm_ram_bytes(path: Path, ctx: Context) -> dict:
     ``.tflite`` (``export.tflm``; logits bounded from the weights), None when it has no all-int8 form; {} otherwise."""
     if ctx.requirement.max_ram_kb is None:
         return {}
-    from .export.tflm import arena_bytes, build
-    from .io.onnx_qdq_import import import_qdq
+    from ..export.tflm import arena_bytes, build
+    from ..io.onnx_qdq_import import import_qdq
 
     try:
         fb, tg, _ = build(import_qdq(path))
@@ -208,7 +208,7 @@ def step_g1(d: Deployable, ctx: Context) -> str | None:
     if ctx.options.backbone is None:
         return ("skipped: no --backbone given (a swap starts the new backbone from random weights here, with no "
                 "pretrained light backbones offline, so it needs a long distillation budget; see docs/design.md)")
-    from .algorithms.backbone import swap_backbone
+    from ..algorithms.backbone import swap_backbone
 
     name, _, width = ctx.options.backbone.partition(":")
     model, record = swap_backbone(d.model, ctx.info.input_shape, backbone=name, width=float(width or 1.0),
@@ -224,7 +224,7 @@ def step_g1(d: Deployable, ctx: Context) -> str | None:
 
 
 def step_g2(d: Deployable, ctx: Context) -> str | None:
-    from .algorithms.factorize import choose_layers, factorize
+    from ..algorithms.factorize import choose_layers, factorize
 
     layers = choose_layers(d.model, ctx.info.input_shape, share=ctx.options.factor_share)
     if not layers:
@@ -296,7 +296,7 @@ def mp_calibrated(d: Deployable, ctx: Context):
 
 
 def step_g5(d: Deployable, ctx: Context, memory_binds: bool) -> str | None:
-    from .algorithms import pruning
+    from ..algorithms import pruning
 
     if memory_binds:  # magnitude pruning: memory (the TTA guideline G5)
         sparsity, how = ctx.options.sparsity, "given"
@@ -400,7 +400,7 @@ def run_plan(model: nn.Module, info: ModelInfo, train_ds: ImageDataset, test_ds:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, resume)
-    from .io.staging import new_stage
+    from ..io.staging import new_stage
 
     stage = new_stage(out)  # .staging-<pid>-...: the next run sweeps it if this process is killed (SIGKILL)
     try:

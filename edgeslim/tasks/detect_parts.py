@@ -1,6 +1,6 @@
 """The detect task's shared parts (``--task detect``): options, data checks, runners, mAP scoring and the
 deployable files' metadata, used by the ``detect`` task (``tasks.detect``: quantize / analyze through
-``jobs_quantize``), ``sensitivity`` / ``mixed`` (``jobs_mixed``), ``qat`` (``jobs_qat``) and the
+``jobs.quantize``), ``sensitivity`` / ``mixed`` (``jobs.mixed``), ``qat`` (``jobs.qat``) and the
 benchmarks.
 
 The network's outputs are the raw head tensors (``models.yolo``): decoding (sigmoid, grid, anchors) and NMS run
@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .algorithms import mixed_precision as mp, ptq
-from .config import AnalyzeOptions, DetectOptions, MixedPlan, PTQConfig
-from .data.detection import DetectionDataset
-from .engine.run import run as run_engine
-from .errors import EdgeslimError
-from .eval import ort as ort_eval
-from .eval.detection import confusion_matrix, evaluate_map, nms, precision_recall_f1
-from .models import ModelInfo
-from .quant.precision import LayerPrecision
+from ..algorithms import mixed_precision as mp, ptq
+from ..config import AnalyzeOptions, DetectOptions, MixedPlan, PTQConfig
+from ..data.detection import DetectionDataset
+from ..engine.run import run as run_engine
+from ..errors import EdgeslimError
+from ..eval import ort as ort_eval
+from ..eval.detection import confusion_matrix, evaluate_map, nms, precision_recall_f1
+from ..models import ModelInfo
+from ..quant.precision import LayerPrecision
 
 __all__ = ["Decoder", "parse_groups", "group_plan", "flat_outputs", "detect", "scores", "to_model_order", "evaluate_models", "torch_runner", "engine_runner", "ort_runner", "check_detector", "calibration_images", "fit_options", "calibrated", "paired_latency", "detector_metadata", "add_metadata", "decoded_files"]
 
@@ -193,7 +193,7 @@ def detector_metadata(info: ModelInfo) -> dict[str, str]:
 def add_metadata(path: Path, values: dict[str, str]) -> None:
     import onnx
 
-    from .export.onnx_qdq import save_onnx, set_metadata
+    from ..export.onnx_qdq import save_onnx, set_metadata
 
     save_onnx(set_metadata(onnx.load(str(path)), values), path)
 
@@ -204,9 +204,9 @@ def decoded_files(fp32_path: Path, int8_path: Path, test: DetectionDataset, deco
     (only NMS after the graph): the same mAP as the raw files through the numpy decoder, to float rounding."""
     import onnx
 
-    from .eval.detection import DecodedLayout
-    from .export.decoded import DECODED_OUTPUT, with_decoder
-    from .export.onnx_qdq import save_onnx
+    from ..eval.detection import DecodedLayout
+    from ..export.decoded import DECODED_OUTPUT, with_decoder
+    from ..export.onnx_qdq import save_onnx
 
     paths = {}
     for key, path in (("fp32", fp32_path), ("int8", int8_path)):

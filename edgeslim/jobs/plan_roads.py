@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .targets import Target
+from ..targets import Target
 
 __all__ = ["LOW_BITS", "Road", "quant_roads", "container_bits", "weight_layers", "int_weight_bytes", "graph_bytes",
            "predicted_bytes"]
@@ -65,7 +65,7 @@ def weight_layers(model: nn.Module) -> list[nn.Module]:
 def int_weight_bytes(model: nn.Module, bits: int, sparse: bool = False) -> int:
     """Stored bytes of ``model`` quantized with ``bits`` per weight (BN folded: one int32 bias per output channel),
     dense or in the smallest exact sparse format; computed from the float model before quantizing."""
-    from .algorithms.pruning import sparse_size_bytes
+    from ..algorithms.pruning import sparse_size_bytes
 
     total = 0
     for m in weight_layers(model):
@@ -81,7 +81,7 @@ def int_weight_bytes(model: nn.Module, bits: int, sparse: bool = False) -> int:
 def graph_bytes(graph, target: Target, sparse: bool = False) -> int:
     """Stored bytes of a lowered ``IntGraph`` on ``target``: integer weights at their container width (sparse
     formats counted on the integer values themselves), int32 biases, float weights of FP16 / FP32 layers."""
-    from .algorithms.pruning import sparse_size_bytes
+    from ..algorithms.pruning import sparse_size_bytes
 
     total = 0
     for node in graph.nodes:
@@ -104,7 +104,7 @@ def predicted_bytes(road: Road, model: nn.Module, target: Target, sparse: bool) 
     if road.fmt == "mixed":
         return None
     if road.fmt == "fp16":
-        from .algorithms.pruning import sparse_size_bytes
+        from ..algorithms.pruning import sparse_size_bytes
 
         if sparse:
             return int(sum(r.bytes for r in sparse_size_bytes(model, value_bits=16).rows))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeslimError
-from .intgraph import QParams
+from ..errors import EdgeslimError
+from ..intgraph import QParams
 
 __all__ = ["run_export", "without_identities"]
 
@@ -92,8 +92,8 @@ def run_export(run_dir: Path, formats: tuple[str, ...], io: str = "float", check
 
     ``check_images`` random normal inputs compare the engine's ``tflite`` mode with LiteRT / TFLM on the file
     (``engine_vs_runtimes``; 0 skips it)."""
-    from .export.tflm import agreement, build, require_litert, write_files
-    from .io.onnx_qdq_import import import_qdq
+    from ..export.tflm import agreement, build, require_litert, write_files
+    from ..io.onnx_qdq_import import import_qdq
 
     run_dir = Path(run_dir)
     summary = _run_folder(run_dir, model_file)

@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import api
-from .algorithms import mixed_precision as mp
-from .algorithms import ptq, qat
-from .config import MixedPlan, PTQConfig, QATConfig
-from .errors import EdgeslimError
-from .io.staging import staged
-from .models import ModelInfo
-from .report.encodings import encodings
-from .tasks import Task
-from .train.checkpoint import Checkpoint, params_digest
-from .train.dist import Dist
+from .. import api
+from ..algorithms import mixed_precision as mp
+from ..algorithms import ptq, qat
+from ..config import MixedPlan, PTQConfig, QATConfig
+from ..errors import EdgeslimError
+from ..io.staging import staged
+from ..models import ModelInfo
+from ..report.encodings import encodings
+from ..tasks import Task
+from ..train.checkpoint import Checkpoint, params_digest
+from ..train.dist import Dist
 
 __all__ = ["run_qat"]
 

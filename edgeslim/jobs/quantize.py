@@ -16,14 +16,14 @@ from pathlib import Path
 import onnx
 from torch import nn
 
-from . import api
-from .config import AnalyzeOptions, MixedPlan, PTQConfig
-from .eval import ort as ort_eval
-from .export.onnx_qdq import save_onnx, set_metadata, weight_containers
-from .io.staging import staged
-from .models import ModelInfo
-from .report.encodings import encodings
-from .tasks import Deployed, Task
+from .. import api
+from ..config import AnalyzeOptions, MixedPlan, PTQConfig
+from ..eval import ort as ort_eval
+from ..export.onnx_qdq import save_onnx, set_metadata, weight_containers
+from ..io.staging import staged
+from ..models import ModelInfo
+from ..report.encodings import encodings
+from ..tasks import Deployed, Task
 
 __all__ = ["run_quantize"]
 
@@ -43,7 +43,7 @@ def run_quantize(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfi
                          batch_size=task.calib_batch_size, progress=True)
         lite = None
         if {"tflite", "tflm"} & set(formats):  # refused here, before scoring, when TFLite cannot hold the graph
-            from .export.tflm import build
+            from ..export.tflm import build
 
             lite = build(q.intgraph, calib[:task.tflite_range_inputs])
         metadata = task.metadata(info, config)

@@ -32,21 +32,21 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from . import api
-from .algorithms import mixed_precision as mp
-from .algorithms import ptq
-from .config import Budget, MeasureOptions, PTQConfig
-from .errors import EdgeslimError
-from .eval import ort as ort_eval
-from .export.onnx_qdq import save_onnx, to_onnx
-from .io.staging import staged
-from .lower import lower
-from .models import ModelInfo
-from .quant.precision import LayerPrecision
-from .report.mixed_html import write_mixed_report, write_sensitivity_report
-from .models import model_groups
-from .tasks import Split, Task, finite
-from .tasks.base import SWEEP_INPUTS
+from .. import api
+from ..algorithms import mixed_precision as mp
+from ..algorithms import ptq
+from ..config import Budget, MeasureOptions, PTQConfig
+from ..errors import EdgeslimError
+from ..eval import ort as ort_eval
+from ..export.onnx_qdq import save_onnx, to_onnx
+from ..io.staging import staged
+from ..lower import lower
+from ..models import ModelInfo
+from ..quant.precision import LayerPrecision
+from ..report.mixed_html import write_mixed_report, write_sensitivity_report
+from ..models import model_groups
+from ..tasks import Split, Task, finite
+from ..tasks.base import SWEEP_INPUTS
 
 __all__ = ["calibrated", "SCORERS", "plan_outputs", "simulation_subset", "OnnxBench", "json_safe", "run_sensitivity",
            "sweeps_on_test", "layer_groups", "run_group_table", "run_mixed"]
