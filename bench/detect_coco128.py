@@ -32,10 +32,10 @@ from edgeslim import api
 from edgeslim.algorithms import ptq
 from edgeslim.config import AnalyzeOptions, DetectOptions, MeasureOptions, PTQConfig, QATConfig
 from edgeslim.data.detection import open_detection
-from edgeslim.jobs_mixed import run_sensitivity
-from edgeslim.jobs_quantize import run_quantize
+from edgeslim.jobs.mixed import run_sensitivity
+from edgeslim.jobs.quantize import run_quantize
 from edgeslim.tasks import Detect
-from edgeslim.jobs_qat import run_qat
+from edgeslim.jobs.qat import run_qat
 from edgeslim.models import as_detector, build_model, model_groups
 from edgeslim.quant.precision import LayerPrecision
 
@@ -125,7 +125,7 @@ def relatency(shared: Path, work: Path, rounds: int = 30) -> None:
     from edgeslim.algorithms import mixed_precision as mp
     from edgeslim.eval import ort as ort_eval
     from edgeslim.export.onnx_qdq import save_onnx, to_onnx
-    from edgeslim.detect_task import calibrated, fit_options
+    from edgeslim.tasks.detect_parts import calibrated, fit_options
     from edgeslim.lower import lower
 
     def paired(paths: dict, shape) -> dict:

@@ -23,7 +23,7 @@ from edgeslim import api
 from edgeslim.data.detection import open_detection
 from edgeslim.data.inputs import InputSpec, open_inputs
 from edgeslim.config import DetectOptions
-from edgeslim.detect_task import evaluate_models, ort_runner
+from edgeslim.tasks.detect_parts import evaluate_models, ort_runner
 from edgeslim.models import as_detector, build_model
 
 from ._report import ROOT, table, write_section

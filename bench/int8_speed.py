@@ -45,7 +45,7 @@ def _ops(path: Path) -> tuple[int, int, str]:
 def _detector_accuracy(shared: Path, name: str, paths: dict[str, Path], batch: int) -> dict[str, str]:
     from edgeslim.data.detection import open_detection
     from edgeslim.config import DetectOptions
-    from edgeslim.detect_task import evaluate_models, ort_runner
+    from edgeslim.tasks.detect_parts import evaluate_models, ort_runner
     from edgeslim.models import as_detector, build_model
 
     spec = {"yolov5n": ("yolov5n", shared / "models/yolov5n.pt", None, None),

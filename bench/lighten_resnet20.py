@@ -22,8 +22,8 @@ import torch
 from bench._data import resnet20_cifar
 from bench._report import COMMIT, ROOT, table, write_section
 from edgeslim.config import FinetuneConfig, PlanOptions, Requirement
-from edgeslim.jobs_lighten import run_factorize, run_prune
-from edgeslim.jobs_plan import run_plan
+from edgeslim.jobs.lighten import run_factorize, run_prune
+from edgeslim.jobs.plan import run_plan
 from edgeslim.targets import TARGETS
 
 EPOCHS = 2.0  # fine-tuning budget per single-step run (epochs of the 50,000 training images)

@@ -24,7 +24,7 @@ from edgeslim.data import calibration_indices
 from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
 from edgeslim.config import Budget, MeasureOptions
-from edgeslim.jobs_mixed import run_mixed, run_sensitivity
+from edgeslim.jobs.mixed import run_mixed, run_sensitivity
 from edgeslim.tasks import Classify
 from edgeslim.quant.precision import LayerPrecision
 from edgeslim.report.mixed_html import frontier_figure, sensitivity_figure

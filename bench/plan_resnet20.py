@@ -27,8 +27,8 @@ from bench._report import ROOT, table, write_section
 from edgeslim import api
 from edgeslim.config import FinetuneConfig, PlanOptions, PTQConfig, Requirement
 from edgeslim.eval import ort as ort_eval
-from edgeslim.jobs_plan import run_plan, split_holdout
-from edgeslim.plan_roads import graph_bytes
+from edgeslim.jobs.plan import run_plan, split_holdout
+from edgeslim.jobs.plan_roads import graph_bytes
 from edgeslim.targets import TARGETS
 from edgeslim.tasks import onnx_top1
 from edgeslim.train.data import load_train

@@ -32,7 +32,7 @@ import torch
 from bench._data import resnet20_cifar
 from bench._report import COMMIT, ROOT, table, write_section
 from edgeslim.config import MixedPlan, PTQConfig, QATConfig
-from edgeslim.jobs_qat import run_qat
+from edgeslim.jobs.qat import run_qat
 from edgeslim.tasks import Classify
 
 IMAGE_INPUT_8BIT = {"layers": {"conv1": {"w": "int4", "a": "int8"}}}  # the image stays 8-bit, conv1's weights 4-bit

@@ -113,7 +113,7 @@ def _gap(onnx_path: Path, fb: bytes, x: np.ndarray, logits: list | None = None) 
     from edgeslim.analysis import output_steps
     from edgeslim.export.tflm import litert_runner
     from edgeslim.io.onnx_qdq_import import import_qdq
-    from edgeslim.jobs_export import without_identities
+    from edgeslim.jobs.export import without_identities
 
     sess = ort_eval.session(onnx_path, threads=1)
     names = [o.name for o in sess.get_outputs()]
@@ -223,7 +223,7 @@ def _randomize_bn(model):
 def mobilenet_v2(args, shared: Path, work: Path) -> dict:
     """MobileNetV2 (random weights, 224 x 224): ``quantize --task fidelity --formats tflm`` on CIFAR-10 test images
     upsampled to 224 (ImageNet normalization): SQNR of the .tflite in LiteRT and of the INT8 ONNX vs FP32."""
-    from edgeslim.jobs_quantize import run_quantize
+    from edgeslim.jobs.quantize import run_quantize
     from edgeslim.tasks import Fidelity
 
     torch.manual_seed(0)
@@ -251,9 +251,9 @@ def detectors(args, shared: Path, work: Path) -> dict:
     import onnx
 
     from bench.detect_coco128 import CALIB, _data, models
-    from edgeslim.detect_task import calibration_images
+    from edgeslim.tasks.detect_parts import calibration_images
     from edgeslim.config import DetectOptions
-    from edgeslim.jobs_quantize import run_quantize
+    from edgeslim.jobs.quantize import run_quantize
     from edgeslim.tasks import Detect
 
     zoo = models(shared)
@@ -292,10 +292,10 @@ def _activation_variants(name: str, out: Path, s: dict, zoo: dict, shared: Path,
 
     from bench.detect_coco128 import _data
     from edgeslim.config import DetectOptions
-    from edgeslim.detect_task import calibration_images, check_detector, evaluate_models
+    from edgeslim.tasks.detect_parts import calibration_images, check_detector, evaluate_models
     from edgeslim.export.tflm import agreement, litert_runner
     from edgeslim.io.onnx_qdq_import import import_qdq
-    from edgeslim.jobs_export import without_identities
+    from edgeslim.jobs.export import without_identities
 
     model, info = zoo[name]()
     calib, test = _data(shared, info.input_shape[1])

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .config import PTQConfig
 from .data import Preprocess, open_dataset
 from .config import MeasureOptions
-from .jobs_quantize import run_quantize
+from .jobs.quantize import run_quantize
 from .models import build_model
 from .tasks import Classify
 

@@ -147,16 +147,16 @@ def test_sensitivity_detect_one_layer_high_and_group_table(capsys, tmp_path, yol
 
 def test_sensitivity_job_detect_rows_are_the_map_of_each_plans_file(tmp_path, yolo_set):
     """The job's per-layer rows with ``tasks.Detect``: each row's figures are those of its plan's file (re-exported
-    here from the same calibration) run image by image in onnxruntime and scored by ``detect_task.scores``."""
+    here from the same calibration) run image by image in onnxruntime and scored by ``tasks.detect_parts.scores``."""
     import onnxruntime as ort
 
     from edgeslim.algorithms import mixed_precision as mp, ptq
     from edgeslim.config import PTQConfig
     from edgeslim.data.detection import open_detection
     from edgeslim.config import DetectOptions
-    from edgeslim.detect_task import detect, scores
+    from edgeslim.tasks.detect_parts import detect, scores
     from edgeslim.export.onnx_qdq import save_onnx, to_onnx
-    from edgeslim.jobs_mixed import calibrated, run_sensitivity
+    from edgeslim.jobs.mixed import calibrated, run_sensitivity
     from edgeslim.lower import lower
     from edgeslim.models import build_model
     from edgeslim.quant.precision import LayerPrecision
@@ -198,7 +198,7 @@ def test_mixed_detect_searches_under_a_map_budget_on_held_out_images(capsys, tmp
 
     from edgeslim.data.detection import open_detection
     from edgeslim.config import DetectOptions
-    from edgeslim.detect_task import detect, scores
+    from edgeslim.tasks.detect_parts import detect, scores
     from edgeslim.models import build_model
 
     assert main(_args("mixed", "yolov3-tiny", yolo_set, tmp_path / "m", "--max-drop", "0")) == 0

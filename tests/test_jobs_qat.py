@@ -1,4 +1,4 @@
-"""The one ``qat`` job (``jobs_qat.run_qat``) with a task as parameter, through its Python API."""
+"""The one ``qat`` job (``jobs.qat.run_qat``) with a task as parameter, through its Python API."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from edgeslim.config import PTQConfig, QATConfig
 from edgeslim.errors import EdgeslimError
-from edgeslim.jobs_qat import run_qat
+from edgeslim.jobs.qat import run_qat
 from edgeslim.models import ModelInfo
 from edgeslim.tasks import Fidelity
 

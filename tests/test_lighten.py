@@ -20,7 +20,7 @@ from edgeslim.cli import main
 from edgeslim.config import FinetuneConfig, Requirement
 from edgeslim.errors import EdgeslimError
 from edgeslim.graph.capture import capture
-from edgeslim.jobs_plan import order_steps
+from edgeslim.jobs.plan import order_steps
 from edgeslim.targets import TARGETS, Target, load_target
 from edgeslim.train.data import TrainData
 
@@ -222,7 +222,7 @@ def test_g4_raises_layers_when_ptq_drops_too_much(tmp_path):
     from edgeslim.algorithms import ptq
     from edgeslim.config import PTQConfig
     from edgeslim.config import PlanOptions
-    from edgeslim.jobs_plan import Context, Deployable, mixed_search, mp_calibrated
+    from edgeslim.jobs.plan import Context, Deployable, mixed_search, mp_calibrated
     from edgeslim.models import ModelInfo
 
     torch.manual_seed(0)
@@ -260,9 +260,9 @@ def test_auto_sparsity_is_the_smallest_that_fits():
     # int32 biases); auto_sparsity predicts them from the float model
     from edgeslim import api
     from edgeslim.algorithms import pruning
-    from edgeslim.jobs_plan import auto_sparsity
+    from edgeslim.jobs.plan import auto_sparsity
     from edgeslim.models.resnet_cifar import resnet20
-    from edgeslim.plan_roads import graph_bytes
+    from edgeslim.jobs.plan_roads import graph_bytes
 
     model = resnet20()
     budget = 60 * 1024

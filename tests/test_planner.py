@@ -22,7 +22,7 @@ from edgeslim.algorithms.pruning import sparse_size_bytes
 from edgeslim.data import Preprocess, open_dataset
 from edgeslim.config import PlanOptions, Requirement
 from edgeslim.eval import ort as ort_eval
-from edgeslim.jobs_plan import run_plan, split_holdout
+from edgeslim.jobs.plan import run_plan, split_holdout
 from edgeslim.models import ModelInfo
 from edgeslim.targets import TARGETS
 from edgeslim.train.data import load_train
@@ -171,8 +171,8 @@ def test_impossible_target_ends_not_met_with_the_closest_row(tmp_path, data):
 
 def test_road_skip_reasons():
     # the cheap decisions, each from a measured row or a size computed from the parameter count
-    from edgeslim.jobs_plan import Context, Deployable, road_skip
-    from edgeslim.plan_roads import Road
+    from edgeslim.jobs.plan import Context, Deployable, road_skip
+    from edgeslim.jobs.plan_roads import Road
 
     model = tiny_net()
 

@@ -8,7 +8,7 @@ import pytest
 
 from edgeslim.config import DetectOptions, PTQConfig
 from edgeslim.data.detection import open_detection
-from edgeslim.jobs_quantize import run_quantize
+from edgeslim.jobs.quantize import run_quantize
 from edgeslim.models import as_detector, build_model
 from edgeslim.models.yolo import COCO_NAMES
 from edgeslim.tasks import Detect
@@ -50,7 +50,7 @@ def test_fastestdet_state_dict_and_onnx_file_agree(tmp_path):
 
 def test_detect_task_scores_files_as_quantize_reports_them(tmp_path):
     """``tasks.Detect.score_onnx`` (what ``mixed --task detect`` verifies its plans with) gives the mAP the
-    ``quantize`` summary reports for the same files (``detect_task.evaluate_models``), on real detections."""
+    ``quantize`` summary reports for the same files (``tasks.detect_parts.evaluate_models``), on real detections."""
     from edgeslim.tasks import Detect
 
     model, info = build_model("fastestdet", SHARED / "models" / "fastestdet" / "fastestdet_coco_ap05-0.2532.pth")

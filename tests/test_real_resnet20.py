@@ -66,7 +66,7 @@ def test_resnet20_w4a4_qat_recovers_ptq_loss(tmp_path):
     """100 LSQ + KD steps on 6,400 training images lift W4A4 (8-bit image input) well above round-to-nearest PTQ."""
     from edgeslim.config import QATConfig
     from edgeslim.config import MixedPlan
-    from edgeslim.jobs_qat import run_qat
+    from edgeslim.jobs.qat import run_qat
     from edgeslim.tasks import Classify
 
     model, info = build_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")

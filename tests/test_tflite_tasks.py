@@ -249,7 +249,7 @@ def test_export_reads_back_edgeslims_gated_silu(tmp_path, capsys, tiny_job):
     from edgeslim.export.tflite import prepare_graph, to_tflite
     from edgeslim.export.tflm import agreement
     from edgeslim.io.onnx_qdq_import import import_qdq
-    from edgeslim.jobs_export import without_identities
+    from edgeslim.jobs.export import without_identities
 
     tg = prepare_graph(import_qdq(without_identities(onnx.load(str(run / "model_int8.onnx")))), activations="table")
     fb, info = to_tflite(tg)

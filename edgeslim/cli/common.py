@@ -217,7 +217,7 @@ def mixed_plan(args, model, info):
     if args.plan and getattr(args, "groups", None):
         raise EdgeslimError("pass either --plan or --groups, not both")
     if getattr(args, "groups", None):
-        from ..detect_task import group_plan
+        from ..tasks.detect_parts import group_plan
         from ..models import model_groups
 
         return group_plan(model_groups(model, info), args.groups)

@@ -49,7 +49,7 @@ def deployable(args) -> tuple[str, ...]:
 
 def deploying(command):
     """Run ``command`` (mixed / qat / plan); with ``--formats tflite / tflm``, write its final INT8 model (``DEPLOYED``)
-    as ``model_int8.tflite`` (+ TFLM files) into ``--out`` afterwards (``jobs_export``; the int8 logits' range observed
+    as ``model_int8.tflite`` (+ TFLM files) into ``--out`` afterwards (``jobs.export``; the int8 logits' range observed
     on ``range_inputs``, or bounded from the weights without them), summary.json's ``tflite`` / ``mcu`` fields
     updated."""
     def call(args) -> int:
@@ -65,7 +65,7 @@ def deploying(command):
         if not (Path(args.out) / model_file).is_file():
             raise EdgeslimError(f"--formats {args.formats}: the run wrote no {model_file} (see summary.json), so there "
                                 "is no INT8 model to write as .tflite")
-        from ..jobs_export import run_export
+        from ..jobs.export import run_export
 
         try:
             tflite_line(run_export(Path(args.out), formats, model_file=model_file, calib=range_inputs(args)))

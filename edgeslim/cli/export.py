@@ -1,5 +1,5 @@
 """``edgeslim export``: the LiteRT (.tflite) / TFLM files of a finished ``quantize`` run folder
-(``jobs_export.run_export``)."""
+(``jobs.export.run_export``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..export.tflm import parse_formats, require_tflite
-    from ..jobs_export import run_export
+    from ..jobs.export import run_export
 
     formats = parse_formats(args.format)
     require_tflite(formats)

@@ -1,5 +1,5 @@
 """``edgeslim factorize``: heavy convolutions replaced by depthwise-separable or bottleneck pairs initialized by SVD,
-fine-tuned with distillation (``jobs_lighten.run_factorize``)."""
+fine-tuned with distillation (``jobs.lighten.run_factorize``)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..jobs_lighten import run_factorize
+    from ..jobs.lighten import run_factorize
 
     cfg, model, info, train, test = setup(args)
     layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None

@@ -1,5 +1,5 @@
 """``edgeslim mixed``: search per-layer precisions under a quality / size / latency budget, for every task
-(``jobs_mixed.run_mixed``); ``--formats tflite`` via ``deploy``."""
+(``jobs.mixed.run_mixed``); ``--formats tflite`` via ``deploy``."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def budget(args, task: str):
 
 def _mixed(args) -> int:
     from ..config import MeasureOptions
-    from ..jobs_mixed import run_mixed
+    from ..jobs.mixed import run_mixed
     from ..report.results import MixedResult
 
     config = ptq_config(args)

@@ -1,4 +1,4 @@
-"""``edgeslim plan``: the lightweighting guideline planned by cost (``jobs_plan.run_plan``): the cheapest road first
+"""``edgeslim plan``: the lightweighting guideline planned by cost (``jobs.plan.run_plan``): the cheapest road first
 (quantization: W8, low-bit, mixed, FP16), then backbone swap, factorization and pruning, until the target's
 requirement is met; ``--formats tflite`` via ``deploy``."""
 
@@ -64,7 +64,7 @@ def check_backbone(spec: str | None) -> None:
 
 def _plan(args) -> int:
     from ..config import PlanOptions, Requirement
-    from ..jobs_plan import run_plan
+    from ..jobs.plan import run_plan
     from ..targets import load_target
 
     check_backbone(args.backbone)

@@ -1,5 +1,5 @@
 """``edgeslim prune``: channel pruning (a physically smaller, faster model) or magnitude pruning (sparse weights,
-less memory), fine-tuned with distillation (``jobs_lighten.run_prune``)."""
+less memory), fine-tuned with distillation (``jobs.lighten.run_prune``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..jobs_lighten import run_prune
+    from ..jobs.lighten import run_prune
 
     cfg, model, info, train, test = setup(args)
     if args.method not in ("channel", "magnitude"):

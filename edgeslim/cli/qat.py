@@ -1,4 +1,4 @@
-"""``edgeslim qat``: quantization-aware training from a calibrated PTQ start, one job for every task (``jobs_qat``:
+"""``edgeslim qat``: quantization-aware training from a calibrated PTQ start, one job for every task (``jobs.qat``:
 classify with labels and optional distillation, detect by head distillation, fidelity by output distillation);
 ``--formats tflite`` via ``deploy``."""
 
@@ -25,7 +25,7 @@ def _qat(args) -> int:
     import torch
 
     from ..config import MixedPlan, PTQConfig, QATConfig
-    from ..jobs_qat import run_qat
+    from ..jobs.qat import run_qat
     from ..train.dist import Dist
 
     if args.torch_threads is not None:

@@ -42,7 +42,7 @@ def check_formats(args, config) -> tuple[str, ...]:
 def quantize(args, analysis=None) -> int:
     """Quantize, score and write ``--out`` for the task ``--task`` names; ``analysis``: ``analyze``'s function from
     the options to its ``AnalyzeOptions`` (engine, overflow), called once the model and the plan are loaded."""
-    from ..jobs_quantize import run_quantize
+    from ..jobs.quantize import run_quantize
     from ..report.provenance import provenance
     from ..report.results import QuantizeResult
 

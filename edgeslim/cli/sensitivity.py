@@ -1,5 +1,5 @@
 """``edgeslim sensitivity``: per-layer sensitivity (each layer kept high, or quantized alone) and the layer-group
-table, for every task (``jobs_mixed.run_sensitivity``)."""
+table, for every task (``jobs.mixed.run_sensitivity``)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..algorithms.mixed_precision import parse_group
     from ..config import MeasureOptions
-    from ..jobs_mixed import run_sensitivity
+    from ..jobs.mixed import run_sensitivity
 
     config = ptq_config(args)
     high = high_precision(args, config)

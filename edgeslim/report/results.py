@@ -1,6 +1,6 @@
 """Typed results: what the jobs write as ``summary.json``, read back as frozen dataclasses.
 
-Each job (``jobs_quantize``, ``jobs_mixed``, ``jobs_qat``, ``jobs_plan``, ``jobs_lighten``) returns its summary as a
+Each job (``jobs.quantize``, ``jobs.mixed``, ``jobs.qat``, ``jobs.plan``, ``jobs.lighten``) returns its summary as a
 plain dict and writes it as ``summary.json``; the keys of that file are the interface users, tests and bench scripts
 read. The classes here are the same content with names: ``QuantizeResult.from_summary(d)`` (or ``read_result(path)``
 for a run folder) gives the CLI printers, the HTML reports and any script attributes instead of string keys, and
@@ -238,7 +238,7 @@ class FileLatency(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeResult(Record):
-    """``quantize`` / ``analyze`` (``jobs_quantize.run_quantize``): what every task has. ``from_summary`` on this
+    """``quantize`` / ``analyze`` (``jobs.quantize.run_quantize``): what every task has. ``from_summary`` on this
     class gives the task's own (``ClassifyResult``, ``DetectResult``, ``FidelityResult``) by the summary's ``task``."""
 
     WHAT: ClassVar[str] = "quantize / analyze"
@@ -356,7 +356,7 @@ class MixedRow(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class MixedResult(Record):
-    """``mixed`` (``jobs_mixed.run_mixed``): the budget, the FP32 / uniform / mixed rows, whether the budget was met
+    """``mixed`` (``jobs.mixed.run_mixed``): the budget, the FP32 / uniform / mixed rows, whether the budget was met
     on the held-out inputs and on the test inputs, the search's steps, frontier and candidates (dicts)."""
 
     WHAT: ClassVar[str] = "mixed"
@@ -409,7 +409,7 @@ class QATScore(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class QATResult(Record):
-    """``qat`` (``jobs_qat.run_qat``): the scores of FP32, the PTQ start and QAT in PyTorch and of the exported INT8
+    """``qat`` (``jobs.qat.run_qat``): the scores of FP32, the PTQ start and QAT in PyTorch and of the exported INT8
     file (``onnx`` for classify, ``onnx_int8`` for detect / fidelity: ``file``), the training history, the configs."""
 
     WHAT: ClassVar[str] = "qat"
@@ -463,7 +463,7 @@ class PlanStep(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class PlanResult(Record):
-    """``plan`` (``jobs_plan.run_plan``): every measured step, the skipped steps with their reasons, whether the
+    """``plan`` (``jobs.plan.run_plan``): every measured step, the skipped steps with their reasons, whether the
     target was met and the one-paragraph statement."""
 
     WHAT: ClassVar[str] = "plan"
@@ -502,7 +502,7 @@ class PairRow(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class LightenResult(Record):
-    """``prune`` (rows ``dense`` / ``pruned``) and ``factorize`` (``original`` / ``factorized``) from ``jobs_lighten``:
+    """``prune`` (rows ``dense`` / ``pruned``) and ``factorize`` (``original`` / ``factorized``) from ``jobs.lighten``:
     the two models measured side by side, the step, the fine-tuning record."""
 
     WHAT: ClassVar[str] = "prune / factorize"

@@ -1,6 +1,6 @@
 """The task protocol: how a job gets its data and scores a model, so that one job per verb serves every task.
 
-A task answers, for the ``quantize`` / ``analyze`` job (``jobs_quantize``):
+A task answers, for the ``quantize`` / ``analyze`` job (``jobs.quantize``):
 
 * ``check``: whether the model and the data fit this task (refused before any work);
 * ``calibration``: the calibration inputs, in the model's channel order (and ``calib_batch_size``);
@@ -11,7 +11,7 @@ A task answers, for the ``quantize`` / ``analyze`` job (``jobs_quantize``):
   ``analyze``, the ``.tflite`` when written), as summary fields; ``latency``: the paired FP32 / INT8 timing;
   ``graph_key``: the summary entry that gets the INT8 file's graph statistics; ``write_report``: report.html;
 
-and for the ``sensitivity`` and ``mixed`` jobs (``jobs_mixed``):
+and for the ``sensitivity`` and ``mixed`` jobs (``jobs.mixed``):
 
 * ``split``: which inputs calibrate, which held-out inputs score the sweeps and the search (and with which
   ``Metric``), and which test inputs give the final numbers;
@@ -24,7 +24,7 @@ and for the ``sensitivity`` and ``mixed`` jobs (``jobs_mixed``):
   ``metric_description``: the metric's name, unit and budget units per unit (``Metric.describe``);
 * ``score_torch``: the metric of the PyTorch fake-quant model under several plans on the test inputs;
 
-and for the ``qat`` job (``jobs_qat``), whose ``calib`` data are the training inputs:
+and for the ``qat`` job (``jobs.qat``), whose ``calib`` data are the training inputs:
 
 * ``qat_loss``: the training objective on (student, FP32 teacher) outputs, or None for the labels'
   cross-entropy (with ``--kd`` distillation), and its one-line description;
@@ -71,7 +71,7 @@ TFLITE_RANGE_INPUTS = 256  # calibration inputs whose outputs set the int8 range
 
 @dataclass(frozen=True)
 class Split:
-    """The data roles of a ``sensitivity`` / ``mixed`` run (see ``jobs_mixed``'s docstring)."""
+    """The data roles of a ``sensitivity`` / ``mixed`` run (see ``jobs.mixed``'s docstring)."""
 
     calib: np.ndarray  # model inputs that calibrate
     holdout: torch.Tensor  # inputs that score every plan

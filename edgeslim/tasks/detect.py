@@ -1,7 +1,7 @@
 """The ``detect`` task: the detectors edgeslim can decode, scored by mAP.
 
 The network's outputs are the raw head tensors; decoding and NMS run on the host in numpy for every model variant
-alike (``detect_task``: runners, mAP and confusion-matrix scoring, the files' metadata). The headline metric is
+alike (``tasks.detect_parts``: runners, mAP and confusion-matrix scoring, the files' metadata). The headline metric is
 COCO-style mAP@0.5:0.95 (mAP@0.5, precision / recall / F1 and per-class figures next to it); ``mixed`` budgets are
 in its points (``map_metric``: 1.0 = one point), scored on held-out images disjoint from the calibration images.
 """
@@ -23,7 +23,7 @@ from ..algorithms import ptq
 from ..analysis import check_requant, overflow_summary
 from ..config import AnalyzeOptions, DetectOptions, MixedPlan, PTQConfig, QATConfig
 from ..data.detection import DetectionDataset, Target
-from ..detect_task import (Decoder, calibration_images, check_detector, decoded_files, detect,
+from .detect_parts import (Decoder, calibration_images, check_detector, decoded_files, detect,
                            detector_metadata, engine_runner, evaluate_models, fit_options, ort_runner, paired_latency,
                            scores, to_model_order, torch_runner)
 from ..errors import EdgeslimError
