@@ -105,7 +105,7 @@ def main() -> None:
         "factorization writes depthwise convs with several outputs per input channel (depth multiplier m > 1); "
         "onnxruntime runs such a QLinearConv as a generic grouped convolution, so the export repeats the input "
         "channels on the codes (a Gather) and writes an m = 1 depthwise conv, which onnxruntime's int8 depthwise "
-        "kernel runs (bit-exact: tests/test_export_onnx.py). The last column, with `--legacy-depthwise`, is the "
+        "kernel runs (bit-exact: tests/export/test_export_onnx.py). The last column, with `--legacy-depthwise`, is the "
         "same INT8 file without that repeat, as exported before."
         + (" This CPU has AVX2 and no VNNI: the INT8 column uses the default `--weight-range auto` (8-bit weights "
            "on the 7-bit grid, int8 containers, exact here); the last column is the 8-bit grid, exact here only in "

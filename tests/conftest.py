@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+
+from edgeslim.models.yolo import COCO_NAMES
+from helpers import TINY, USER_MODEL
 
 
 class TinyResNet(nn.Module):
@@ -48,3 +54,67 @@ def tiny_model() -> nn.Module:
 def tiny_calib() -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32))
 
+
+# -- data sets and user-model files of the CLI and job tests --------------------------------------------------
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def user_model(tmp_path):
+    path = tmp_path / "usermodels.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+@pytest.fixture(scope="module")
+def yolo_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("yolo")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(6):
+            w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            img[y0:y0 + h // 3, x0:x0 + w // 3] = 230
+            Image.fromarray(img).save(root / "images" / split / f"{i:03d}.jpg")
+            (root / "labels" / split / f"{i:03d}.txt").write_text(
+                f"{i % 3} {(x0 + w / 6) / w:.4f} {(y0 + h / 6) / h:.4f} {1 / 3:.4f} {1 / 3:.4f}\n")
+    (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(COCO_NAMES)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def three_colours(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("colours")
+    for cls in ("a", "b", "c"):
+        (root / cls).mkdir()
+        for i in range(8):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            img[:, :, "abc".index(cls)] = 250
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_job(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+    (tmp_path / "usermodels.py").write_text(TINY)
+    return ["quantize", f"{tmp_path / 'usermodels.py'}:tiny", "--input-shape", "3,8,8", "--calib-data",
+            str(tmp_path / "images"), "--data", str(tmp_path / "images"), "--calib-size", "8",
+            "--out", str(tmp_path / "run")]

@@ -3,7 +3,7 @@ files write them: face detectors that decode boxes in the graph, a landmark regr
 anchor-free detector with SiLU spelled ``x * sigmoid(x)``, a channel-shuffle network, a pixel-shuffle
 super-resolution net, and a head with bilinear resizing and several outputs.
 
-Shared by the fast tests (``tests/test_any_model.py``) and the bench (``bench/any_model.py``).
+Shared by the fast tests (``tests/cli/test_any_model.py``) and the bench (``bench/any_model.py``).
 """
 
 from __future__ import annotations

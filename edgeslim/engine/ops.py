@@ -3,7 +3,7 @@
 Tensors are integer *codes* in the IntGraph's natural form (signed codes for signed ``QParams``), held
 as int64 arrays; everything stays integer until an explicit requantization. Ops that onnxruntime
 computes in float (QuantizeLinear, QLinearAdd, QLinearAveragePool, QLinearConcat, DequantizeLinear) mirror
-its float32 arithmetic (measured bit-exact, see tests/test_engine.py). onnxruntime stores a signed
+its float32 arithmetic (measured bit-exact, see tests/engine/test_engine.py). onnxruntime stores a signed
 8-bit code ``q`` as uint8 ``q + 128`` with zero point ``z + 128``; the integer ops only use ``q - z`` so
 they are container independent (QLinearAdd / QLinearAveragePool take the offsets).
 

@@ -254,7 +254,7 @@ def logistic(x, sx: float, zx: int) -> np.ndarray:
     """int8 LOGISTIC, output scale 1/256, zero point -128: ``round(256 / (1 + exp(-s_x (x - z_x)))) - 128`` in
     float32, rounding half away from zero (the lookup table LiteRT builds in ``activations.cc``; LiteRT's reference
     and optimized kernels and TFLM gave exactly this on 150 random input scales x 256 codes,
-    ``tests/test_tflite.py``)."""
+    ``tests/export/test_tflite.py``)."""
     d = np.float32(sx) * (np.asarray(x, dtype=np.int64) - int(zx)).astype(np.float32)
     with np.errstate(over="ignore"):  # exp(88+) = inf: the sigmoid is 0 there, as in C
         f = (np.float32(1) / (np.float32(1) + np.exp(-d, dtype=np.float32))).astype(np.float32)

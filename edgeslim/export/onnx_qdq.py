@@ -68,7 +68,7 @@ def weight_container(w: np.ndarray, zp: np.ndarray, weight_type: str = "auto", *
     ``auto`` keeps int8 where it is exact on this CPU: always on VNNI / ARM; on AVX2-only CPUs for weights within
     [-64, 64] (7-bit weights: onnxruntime's "reduce range" advice), whose pair sums cannot saturate, and for
     depthwise convs (one input channel per group), which onnxruntime runs with its own depthwise kernel, exact
-    with any int8 weight (measured: tests/test_export_onnx.py).
+    with any int8 weight (measured: tests/export/test_export_onnx.py).
     """
     unsafe = np.abs(np.asarray(w, np.int64)).max(initial=0) > SATURATION_SAFE and not depthwise
     if resolve_weight_type(weight_type) == "uint8" and (weight_type == "uint8" or unsafe):

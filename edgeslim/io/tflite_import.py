@@ -18,7 +18,7 @@ constant after a single-consumer op (folded into its clamp), edgeslim's table lo
 GATHER at constant positions (int8 or float: channel shuffles), and float islands: DEQUANTIZE, float RESHAPE /
 TRANSPOSE / GATHER, float SOFTMAX (a ``Softmax`` node), QUANTIZE back to int8.
 Anything else ends in one ``EdgeslimError`` naming the op. Checked on files edgeslim writes (round trip:
-``tests/test_tflite.py``); files from TensorFlow's converter use the same builtins but were not available here.
+``tests/export/test_tflite.py``); files from TensorFlow's converter use the same builtins but were not available here.
 """
 
 from __future__ import annotations

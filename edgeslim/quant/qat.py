@@ -34,7 +34,7 @@ passes (divide, round, clamp, scale) that keep ``x / s`` and the output; the bac
 methods is one masked copy for the input and two dot products for the scale. The plain formulas
 (``TrainableQuantizer.reference``, still used for the Hessian estimate) build a graph of about a dozen elementwise
 ops and as many in the backward pass. Values are the plain formulas' exactly, gradients equal to float rounding
-(tests/test_qat_fused.py).
+(tests/algorithms/test_qat_fused.py).
 """
 
 from __future__ import annotations

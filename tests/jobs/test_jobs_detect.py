@@ -19,32 +19,7 @@ from PIL import Image
 from edgeslim.cli import main
 from edgeslim.models.yolo import COCO_NAMES
 
-SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def yolo_set(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("yolo")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(6):
-            w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-            img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-            img[y0:y0 + h // 3, x0:x0 + w // 3] = 230
-            Image.fromarray(img).save(root / "images" / split / f"{i:03d}.jpg")
-            (root / "labels" / split / f"{i:03d}.txt").write_text(
-                f"{i % 3} {(x0 + w / 6) / w:.4f} {(y0 + h / 6) / h:.4f} {1 / 3:.4f} {1 / 3:.4f}\n")
-    (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(COCO_NAMES)))
-    return root
-
-
-def _args(cmd, model, data, out, *extra):
-    return [cmd, model, "--random-init", "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detect", "--data", str(data),
-            "--data-split", "val", "--calib-data", str(data), "--calib-split", "train", "--calib-size", "4",
-            "--out", str(out), *extra]
+from helpers import SIZE, detect_args as _args
 
 
 def test_quantize_detect_writes_map_and_confusion_figures(capsys, tmp_path, yolo_set):

@@ -35,7 +35,7 @@ from tests.hardening_replay import (
     zip_with,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

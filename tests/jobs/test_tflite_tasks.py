@@ -19,7 +19,7 @@ pytest.importorskip("tflite")
 pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
 
 import families  # noqa: E402
-from test_jobs_detect import _args, yolo_set  # noqa: E402,F401  (the tiny YOLO data set fixture)
+from helpers import detect_args as _args  # noqa: E402
 
 from edgeslim.cli import main  # noqa: E402
 
@@ -166,7 +166,6 @@ def test_detect_task_scores_the_tflite_in_litert(tmp_path, capsys, yolo_set):
 
 # ----------------------------------------------------------------------------- edgeslim export RUN_DIR
 
-from test_tflite import tiny_job  # noqa: E402,F401  (a tiny classifier quantize command on 12 images)
 
 
 def test_export_from_a_run_rebuilds_the_file_quantize_wrote(tmp_path, capsys, tiny_job):
@@ -287,7 +286,7 @@ def _tiny_many(tmp_path, n=60):
     """tiny_job's classifier with 2 x ``n`` images (mixed / plan hold out 50 + 50)."""
     from PIL import Image
 
-    from test_tflite import TINY
+    from helpers import TINY
 
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs"):
@@ -358,7 +357,7 @@ def test_plan_max_ram_kb_judges_every_row_by_the_tflm_arena(tmp_path, capsys):
     assert not s["met"] and "TFLM arena" in json.dumps(s)
 
 
-FASTESTDET_ONNX = Path(__file__).resolve().parents[2] / "shared" / "models" / "fastestdet" / "FastestDet.onnx"
+FASTESTDET_ONNX = Path(__file__).resolve().parents[3] / "shared" / "models" / "fastestdet" / "FastestDet.onnx"
 COCO128 = FASTESTDET_ONNX.parents[2] / "data" / "coco128.zip"
 
 

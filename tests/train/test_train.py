@@ -272,21 +272,6 @@ def test_training_modules_sit_below_the_algorithms_and_jobs():
 
 # -- the commands -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def three_colours(tmp_path_factory):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("colours")
-    for cls in ("a", "b", "c"):
-        (root / cls).mkdir()
-        for i in range(8):
-            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            img[:, :, "abc".index(cls)] = 250
-            Image.fromarray(img).save(root / cls / f"{i}.png")
-    return root
-
-
 def _prune(data, out, *extra):
     return ["prune", "resnet20", "--random-init", "--train-data", str(data), "--data", str(data), "--epochs", "2",
             "--batch-size", "8", "--method", "magnitude", "--sparsity", "0.5", "--checkpoint-every", "2",
@@ -296,7 +281,7 @@ def _prune(data, out, *extra):
 def test_prune_killed_and_resumed_matches_the_uninterrupted_run(capsys, monkeypatch, tmp_path, three_colours):
     from edgeslim.cli import main
 
-    from test_cli import _expect_error
+    from helpers import expect_error as _expect_error
 
     torch.manual_seed(0)  # --random-init
     assert main(_prune(three_colours, tmp_path / "a")) == 0
@@ -333,7 +318,7 @@ def test_prune_killed_and_resumed_matches_the_uninterrupted_run(capsys, monkeypa
 def test_plan_resumes_its_fine_tuning_steps(capsys, tmp_path, three_colours):
     from edgeslim.cli import main
 
-    from test_cli import _expect_error
+    from helpers import expect_error as _expect_error
 
     def plan(out, *extra):
         torch.manual_seed(0)

@@ -36,7 +36,7 @@ from edgeslim.models.yolo import (COCO_NAMES, YOLOV5_ANCHORS, YoloNet, YoloV3Dec
                                   detection_groups, yolov5, yolov5_cfg)
 from edgeslim.quant.precision import LayerPrecision
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 YOLOV5N = SHARED / "models" / "yolov5n.pt"
 FASTESTDET_PTH = SHARED / "models" / "fastestdet" / "fastestdet_coco_ap05-0.2532.pth"
 FASTESTDET_ONNX = SHARED / "models" / "fastestdet" / "FastestDet.onnx"

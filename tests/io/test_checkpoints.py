@@ -13,7 +13,7 @@ from edgeslim.io.checkpoints import load_state_dict, load_weights
 from edgeslim.models import ZOO, build_model
 from edgeslim.models.resnet_cifar import resnet20
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+SHARED_MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 
 
 def _tiny() -> nn.Module:

@@ -13,7 +13,7 @@ from edgeslim.models import as_detector, build_model
 from edgeslim.models.yolo import COCO_NAMES
 from edgeslim.tasks import Detect
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 COCO128 = SHARED / "data" / "coco128.zip"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not COCO128.exists(), reason="needs ../shared/data/coco128.zip")]

@@ -26,7 +26,7 @@ from edgeslim.quant.qat import LevelSet, TrainableQuantizer, soft_gradient
 from edgeslim.train.checkpoint import Checkpoint, params_digest
 from edgeslim.train.data import TrainData
 
-from test_cli import _expect_error, _run, image_folder, user_model  # noqa: F401  (fixtures)
+from helpers import expect_error as _expect_error, run_cli as _run
 
 
 # -- level sets -------------------------------------------------------------------------------------------

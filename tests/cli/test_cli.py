@@ -10,53 +10,7 @@ from PIL import Image
 
 from edgeslim.cli import main
 
-USER_MODEL = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-    def tiny():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten(), nn.Linear(8, 2))
-
-    class NaNModel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.fc = nn.Linear(4, 2)
-        def forward(self, x):
-            x = torch.log(self.conv(x) - 1e6)  # NaN everywhere
-            return self.fc(x.mean(dim=(2, 3)))
-
-    def nan_model():
-        return NaNModel()
-''')
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for cls in ("cats", "dogs"):
-        (root / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
-    return root
-
-
-@pytest.fixture
-def user_model(tmp_path):
-    path = tmp_path / "usermodels.py"
-    path.write_text(USER_MODEL)
-    return path
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
+from helpers import USER_MODEL, expect_error as _expect_error, run_cli as _run
 
 def _tiny_job(capsys, verb, out, image_folder, user_model):
     """Run ``verb`` (quantize / analyze) on the tiny user model; return (summary, stdout)."""
@@ -93,17 +47,6 @@ def test_quantize_end_to_end(capsys, tmp_path, image_folder, user_model):
 def test_inspect(capsys):
     code, out, _ = _run(capsys, "inspect", "resnet20")
     assert code == 0 and "layer1.0.conv1" in out and "269,722" in out
-
-
-def _expect_error(capsys, tmp_path, argv, match):
-    code, out, err = _run(capsys, *argv)
-    assert code == 2
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("edgeslim")]
-    assert len(lines) == 1 and lines[0].startswith("edgeslim: error:"), err
-    assert err.rstrip().endswith(lines[0])
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in err
-    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def _quant_argv(tmp_path, image_folder, model="resnet20", *extra):

@@ -13,7 +13,7 @@ from edgeslim.eval import metrics
 from edgeslim.eval import ort as ort_eval
 from edgeslim.models import build_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (SHARED / "models/resnet20_cifar10jpeg.pt").exists(), reason="../shared absent")]
 

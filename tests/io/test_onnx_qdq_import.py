@@ -107,7 +107,7 @@ def test_matmul_float_bias_relu_matches_onnxruntime():
 
 def test_unsupported_op_is_one_line_error():
     """An op that cannot run even as a float island (here: a custom domain) is named in one line; a standard op
-    without an integer kernel (Sigmoid) becomes a float island instead (tests/test_any_model.py)."""
+    without an integer kernel (Sigmoid) becomes a float island instead (tests/cli/test_any_model.py)."""
     model = _qdq_model([helper.make_node("Sigmoid", ["xd"], ["f"], name="sig", domain="com.example")], [], [8])
     with pytest.raises(EdgeslimError) as err:
         import_qdq(model)

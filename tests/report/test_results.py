@@ -23,9 +23,7 @@ from edgeslim.errors import EdgeslimError
 from edgeslim.report.results import (ClassifyResult, DetectResult, FidelityResult, LightenResult, MixedResult,
                                      PlanResult, QATResult, QuantizeResult, read_result)
 
-from test_cli import USER_MODEL  # noqa: E402  (the tiny user model file the CLI tests write)
-from test_jobs_detect import yolo_set  # noqa: E402,F401  (the tiny YOLO data set fixture)
-from test_train import three_colours  # noqa: E402,F401  (three colour classes, 32x32)
+from helpers import USER_MODEL  # noqa: E402  (the tiny user model file the CLI tests write)
 
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from edgeslim.data.detection import PAD_VALUE, label_path, letterbox_geometry, open_detection, to_original
 from edgeslim.errors import EdgeslimError
 
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128.zip"
+COCO128 = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128.zip"
 NAMES = {0: "square", 1: "bar", 2: "dot"}
 # name: (width, height, mode, [(cls, x0, y0, x1, y1) solid rectangles in pixels, x1/y1 exclusive])
 IMAGES = {

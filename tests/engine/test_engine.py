@@ -18,7 +18,7 @@ from edgeslim.engine.overflow import OverflowStats, count_products_out_of_int8
 from edgeslim.engine.run import run
 from edgeslim.export.onnx_qdq import host_weight_type, weight_container as host_safe_weights
 
-ENGINE = Path(__file__).resolve().parents[1] / "edgeslim" / "engine"
+ENGINE = Path(__file__).resolve().parents[2] / "edgeslim" / "engine"
 
 
 U8, F32 = TensorProto.UINT8, TensorProto.FLOAT

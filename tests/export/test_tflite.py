@@ -644,33 +644,6 @@ def test_whole_networks_are_exact(name):
 
 # ----------------------------------------------------------------------------- the CLI (--formats)
 
-TINY = '''
-import torch
-from torch import nn
-
-def tiny():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 2))
-'''
-
-
-@pytest.fixture
-def tiny_job(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for cls in ("cats", "dogs"):
-        (tmp_path / "images" / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
-    (tmp_path / "usermodels.py").write_text(TINY)
-    return ["quantize", f"{tmp_path / 'usermodels.py'}:tiny", "--input-shape", "3,8,8", "--calib-data",
-            str(tmp_path / "images"), "--data", str(tmp_path / "images"), "--calib-size", "8",
-            "--out", str(tmp_path / "run")]
-
-
 def test_cli_formats_tflm_writes_the_microcontroller_build(capsys, tmp_path, tiny_job):
     import json
 
@@ -793,7 +766,7 @@ def test_import_refuses_unknown_ops_by_name():
 
 # ----------------------------------------------------------------------------- real data (opt-in: pytest -m slow)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 
 ONE_LAYER = {"conv": lambda: Seq(_conv(3, 32, 3, padding=1), nn.ReLU()),

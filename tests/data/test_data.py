@@ -27,7 +27,7 @@ from edgeslim.errors import EdgeslimError
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
 CLASSES = ["ant", "bee", "cat"]  # written out of order below; labels must follow sorted names
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _pixels(seed: int, h: int = 10, w: int = 12) -> np.ndarray:

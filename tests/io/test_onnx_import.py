@@ -20,7 +20,7 @@ from edgeslim import api
 from edgeslim.errors import EdgeslimError
 from edgeslim.models import build_model
 
-FASTESTDET = Path(__file__).resolve().parents[2] / "shared" / "models" / "fastestdet" / "FastestDet.onnx"
+FASTESTDET = Path(__file__).resolve().parents[3] / "shared" / "models" / "fastestdet" / "FastestDet.onnx"
 
 
 def _rand(*shape: int, seed: int = 0) -> np.ndarray:
