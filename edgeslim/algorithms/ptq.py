@@ -35,6 +35,7 @@ from ..graph import ops
 from ..graph.capture import annotate_shapes, capture
 from ..graph.passes import fold_bn, fuse_conv_act, fuse_gated_activations
 from ..quant.modules import MODES, ActQuant, ConvAct, GatedSiLU, QuantConv2d, QuantLinear, QuantSpec
+from ..quant.observers import all_finite
 from ..quant.precision import Precision, highest
 from .cle import equalize
 
@@ -293,7 +294,7 @@ def _calibration_passes(gm, quants, passes, batches, progress, total: int | None
             for x in tqdm(it, total=total, desc=f"calibrating ({mode})", unit="batch", disable=not progress,
                           mininterval=0.5, leave=False):
                 count += 1
-                if not torch.isfinite(x).all():
+                if not all_finite(x):
                     raise EdgeslimError("NaN/inf in the calibration images: check the data and its normalization")
                 gm(x)
                 seen += len(x)

@@ -22,7 +22,7 @@ import torch
 from ..errors import EdgeslimError
 from . import primitives as P
 
-__all__ = ["HIST_BINS", "PERCENTILE", "Observer", "MinMaxObserver", "HistogramObserver", "PercentileObserver",
+__all__ = ["HIST_BINS", "PERCENTILE", "Observer", "all_finite", "finite_min_max", "MinMaxObserver", "HistogramObserver", "PercentileObserver",
            "EntropyObserver", "MSEObserver", "mse_weight_range", "OBSERVERS"]
 
 
@@ -40,6 +40,34 @@ class Observer(Protocol):
     def real_range(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def _min_max(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if axis is None:
+        return torch.aminmax(x)
+    return torch.aminmax(x.transpose(0, axis).reshape(x.shape[axis], -1), dim=1)
+
+
+def finite_min_max(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` (per slice along ``axis``), refused with an ``EdgeslimError`` if ``x`` holds NaN / inf.
+
+    One pass (``torch.aminmax``) instead of ``isfinite(x).all()`` plus a min and a max pass: a NaN anywhere makes
+    its slice's min and max NaN (torch's reductions propagate NaN, IEEE 754 ``minimum`` / ``maximum``) and an
+    infinity is the min or the max of its slice, so the range is finite exactly when ``x`` is."""
+    lo, hi = _min_max(x, axis)
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        raise EdgeslimError(
+            "NaN/inf activations during calibration: check the input normalization and the model weights"
+        )
+    return lo, hi
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(x).all())`` in one ``aminmax`` pass (see ``finite_min_max``); True when empty."""
+    if x.numel() == 0 or not x.is_floating_point():
+        return bool(torch.isfinite(x).all())
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 class MinMaxObserver:
     """Running min / max, per tensor or per output channel (``axis``)."""
 
@@ -52,15 +80,7 @@ class MinMaxObserver:
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
-        if not torch.isfinite(x).all():
-            raise EdgeslimError(
-                "NaN/inf activations during calibration: check the input normalization and the model weights"
-            )
-        if self.axis is None:
-            lo, hi = x.min(), x.max()
-        else:
-            flat = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
-            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        lo, hi = finite_min_max(x, self.axis)
         self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
         self.max_val = hi if self.max_val is None else torch.maximum(self.max_val, hi)
         return x
