@@ -26,7 +26,7 @@ import numpy as np
 from edgeslim.errors import EdgeslimError
 
 __all__ = ["IOU_THRESHOLDS", "RECALL_POINTS", "COCO_MAX_DETS", "BOX_FORMATS", "box_iou", "cxcywh_to_xyxy",
-           "from_decoded", "DecodedLayout", "greedy_nms", "nms", "evaluate_map", "confusion_matrix", "precision_recall_f1"]
+           "from_decoded", "DecodedLayout", "greedy_nms", "nms", "nms_rows", "evaluate_map", "confusion_matrix", "precision_recall_f1"]
 
 
 # The exact arrays COCOeval builds (same linspace calls), so thresholds compare bit for bit.
@@ -77,7 +77,9 @@ class DecodedLayout:
         return from_decoded(outputs[0])
 
 
-_NMS_MATRIX_MAX = 2048  # candidates up to which greedy NMS reads one IoU matrix (2048^2 float64: 32 MiB)
+# candidates up to which greedy NMS reads one IoU matrix; above it, the boxes in score order go this many at a time
+# (about a fifth of the candidates survive NMS at the mAP settings: the kept-by-block rows cost less than N^2)
+_NMS_MATRIX_MAX = _NMS_BLOCK = 256
 
 
 def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
@@ -85,7 +87,7 @@ def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.nd
 
     Up to ``_NMS_MATRIX_MAX`` boxes the IoUs come from one ``box_iou(boxes, boxes)`` (each entry the same
     float64 arithmetic as one row of it, so the same boxes are kept) and the loop only ORs suppression masks;
-    above it, one ``box_iou`` row per kept box."""
+    above it, the boxes in score order go in blocks of ``_NMS_BLOCK`` (``_blocked_nms``)."""
     order = np.argsort(-scores, kind="stable")
     if len(order) <= _NMS_MATRIX_MAX:
         over = box_iou(boxes, boxes) > iou_thres
@@ -96,13 +98,24 @@ def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.nd
                 keep.append(i)
                 suppressed |= over[i]
         return np.asarray(keep, np.int64)
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        order = rest[box_iou(boxes[i], boxes[rest])[0] <= iou_thres]
-    return np.asarray(keep, np.int64)
+    return order[_blocked_nms(boxes[order], iou_thres)]
+
+
+def _blocked_nms(boxes: np.ndarray, iou_thres: float) -> np.ndarray:
+    """Greedy NMS of boxes already in score order, a block at a time: a block's boxes are first suppressed by the
+    boxes kept in earlier blocks (one ``box_iou(kept, block)``), then greedily among themselves (one
+    ``box_iou(block, block)``). A box is dropped exactly when an earlier kept box overlaps it by IoU > thres, as in
+    the plain loop; each IoU entry is the same float64 arithmetic (``box_iou`` is elementwise and symmetric)."""
+    kept: list[int] = []
+    for a in range(0, len(boxes), _NMS_BLOCK):
+        block = boxes[a:a + _NMS_BLOCK]
+        suppressed = (box_iou(boxes[kept], block) > iou_thres).any(axis=0)
+        over = box_iou(block, block) > iou_thres
+        for j in range(len(block)):
+            if not suppressed[j]:
+                kept.append(a + j)
+                suppressed |= over[j]
+    return np.asarray(kept, np.int64)
 
 
 def nms(
@@ -131,34 +144,53 @@ def nms(
         pred = pred[None]
     if pred.ndim != 3 or pred.shape[-1] < 5:
         raise EdgeslimError(f"predictions have shape {pred.shape}: pass (N, A, 4 + classes)")
-    out = []
-    for x in pred:
-        boxes = x[:, :4].astype(np.float64)
-        if box_format == "cxcywh":
-            boxes = cxcywh_to_xyxy(boxes)
-        scores = x[:, 4:].astype(np.float64)
-        if multi_label:
-            ai, ci = np.nonzero(scores > conf_thres)
-            s = scores[ai, ci]
-        else:
-            ci = scores.argmax(axis=1)
-            s = scores[np.arange(len(scores)), ci]
-            ai = np.nonzero(s > conf_thres)[0]
-            ci, s = ci[ai], s[ai]
-        if s.size > _MAX_CANDIDATES:
-            top = np.argsort(-s, kind="stable")[:_MAX_CANDIDATES]
-            ai, ci, s = ai[top], ci[top], s[top]
-        b = boxes[ai]
-        if agnostic:
-            keep = greedy_nms(b, s, iou_thres)
-        else:
-            keep = np.concatenate(
-                [np.nonzero(ci == c)[0][greedy_nms(b[ci == c], s[ci == c], iou_thres)] for c in np.unique(ci)]
-                or [np.zeros(0, np.int64)]
-            )
-        keep = keep[np.argsort(-s[keep], kind="stable")][:max_det]
-        out.append(np.concatenate([b[keep], s[keep, None], ci[keep, None]], axis=1).astype(np.float32))
-    return out
+    return [nms_rows(x[:, :4], x[:, 4:], conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
+                     multi_label=multi_label, agnostic=agnostic, box_format=box_format) for x in pred]
+
+
+def nms_rows(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    *,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 300,
+    multi_label: bool = False,
+    agnostic: bool = False,
+    box_format: str = "xyxy",
+) -> np.ndarray:
+    """One image of :func:`nms`: boxes (A, 4) and per-class scores (A, nc) -> (k, 6) float32.
+
+    Rows that cannot be candidates may be left out beforehand (the rest kept in their order): the result is the
+    same, ties included. The best class is found on the scores as given (float32 -> float64 is exact: the same
+    order, ties and NaN); only the chosen scores and the candidates' boxes are widened to float64."""
+    scores = np.asarray(scores)
+    if scores.dtype.kind != "f":
+        scores = scores.astype(np.float64)
+    if multi_label:
+        wide = scores.astype(np.float64)
+        ai, ci = np.nonzero(wide > conf_thres)
+        s = wide[ai, ci]
+    else:
+        ci = scores.argmax(axis=1)
+        s = scores[np.arange(len(scores)), ci].astype(np.float64)
+        ai = np.nonzero(s > conf_thres)[0]
+        ci, s = ci[ai], s[ai]
+    if s.size > _MAX_CANDIDATES:
+        top = np.argsort(-s, kind="stable")[:_MAX_CANDIDATES]
+        ai, ci, s = ai[top], ci[top], s[top]
+    b = np.asarray(boxes)[ai].astype(np.float64)
+    if box_format == "cxcywh":
+        b = cxcywh_to_xyxy(b)
+    if agnostic:
+        keep = greedy_nms(b, s, iou_thres)
+    else:
+        keep = np.concatenate(
+            [np.nonzero(ci == c)[0][greedy_nms(b[ci == c], s[ci == c], iou_thres)] for c in np.unique(ci)]
+            or [np.zeros(0, np.int64)]
+        )
+    keep = keep[np.argsort(-s[keep], kind="stable")][:max_det]
+    return np.concatenate([b[keep], s[keep, None], ci[keep, None]], axis=1).astype(np.float32)
 
 
 def _check(detections: Sequence, targets: Sequence, num_classes: int) -> list[tuple]:
