@@ -7,6 +7,7 @@ never extracted: data sets stay read-only and nothing is left behind on disk.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -31,8 +32,8 @@ from edgeslim.data.transforms import (
 )
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "hidden_path", "image_folder_layout", "walk_folder", "ZipReader",
-           "zip_member", "open_zip", "read_file", "decode_image", "default_workers", "FileSource", "folder_source",
-           "zip_source"]
+           "parent_folders", "zip_names", "zip_member", "open_zip", "read_file", "decode_image", "default_workers",
+           "FileSource", "folder_source", "zip_source"]
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -141,10 +142,7 @@ class ZipReader:
             infos = self._zip().infolist()
         files = sorted(i.filename for i in infos if not i.is_dir())
         dirs = {i.filename.rstrip("/") for i in infos if i.is_dir()}
-        for f in files:
-            parts = f.split("/")[:-1]
-            dirs.update("/".join(parts[: k + 1]) for k in range(len(parts)))
-        return files, dirs
+        return files, dirs | parent_folders(files)
 
     def read(self, name: str) -> bytes:
         with self._lock:
@@ -161,6 +159,32 @@ class ZipReader:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
+
+
+def parent_folders(files: list[str]) -> set[str]:
+    """Every folder above each ``a/b/c.jpg`` (``a``, ``a/b``), each distinct parent walked up once."""
+    dirs: set[str] = set()
+    for parent in {f.rpartition("/")[0] for f in files if "/" in f}:
+        parts = parent.split("/")
+        for k in range(len(parts), 0, -1):
+            d = "/".join(parts[:k])
+            if d in dirs:
+                break
+            dirs.add(d)
+    return dirs
+
+
+@functools.lru_cache(maxsize=8)
+def _listing(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    with zipfile.ZipFile(path) as zf:
+        return tuple(zf.namelist())
+
+
+def zip_names(path: Path) -> tuple[str, ...]:
+    """The member names of a zip, read once per version of the file (path, size, modification time) in a process:
+    deciding the task reads them for each data source before the data sets open. Raises what ``zipfile`` raises."""
+    st = Path(path).stat()
+    return _listing(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def zip_member(zf: zipfile.ZipFile, name: str, path) -> bytes:

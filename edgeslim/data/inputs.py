@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..errors import EdgeslimError
 from .arrays import ARCHIVE_ERRORS
-from .files import zip_member
+from .files import zip_member, zip_names
 from .limits import check_array_header
 from .transforms import HIGH_DEPTH_MODES, high_depth_to_unit
 
@@ -270,8 +270,7 @@ def has_labels(path: str | Path) -> bool:
             names = [(e.name + "/") if e.is_dir() else e.name for e in tops]
     elif p.suffix.lower() == ".zip":
         try:
-            with zipfile.ZipFile(p) as zf:
-                entries = [n for n in zf.namelist() if not n.startswith(("__MACOSX", "."))]
+            entries = [n for n in zip_names(p) if not n.startswith(("__MACOSX", "."))]
         except (OSError, zipfile.BadZipFile):
             return False
         tops = sorted({n.split("/")[0] + ("/" if "/" in n else "") for n in entries})
