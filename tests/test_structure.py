@@ -185,3 +185,20 @@ def test_the_all_check_finds_a_missing_all_and_a_missing_name(tmp_path):
     (tmp_path / "b.py").write_text("from os import path\n\n__all__ = ['f', 'path']\n")
     assert _all_problems("a", tmp_path / "a.py") == ["a has no __all__"]
     assert _all_problems("b", tmp_path / "b.py") == ["b.__all__ names 'f', which it does not define"]
+
+
+def test_every_task_is_registered_on_both_sides():
+    """A task is one module in ``edgeslim.tasks`` (the protocol) and one in ``edgeslim.cli.tasks`` (options and console
+    lines); both tables name the same tasks, each CLI module has the three entry points, and ``--task`` offers them."""
+    from edgeslim.cli.main import build_parser
+    from edgeslim.cli.tasks import CLI_TASKS
+    from edgeslim.tasks import TASKS
+
+    assert set(CLI_TASKS) == set(TASKS)
+    for name, module in CLI_TASKS.items():
+        assert all(callable(getattr(module, f, None)) for f in ("build", "print_quantize", "print_qat")), name
+    quantize = ["quantize", "m", "--calib-data", "c", "--data", "d", "--out", "o"]
+    qat = ["qat", "m", "--train-data", "t", "--data", "d", "--out", "o"]
+    for argv in (quantize, qat):
+        for name in TASKS:
+            assert build_parser().parse_args([*argv, "--task", name]).task == name

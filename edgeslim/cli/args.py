@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .tasks import CLI_TASKS
+
 __all__ = ["THREADS_HELP", "FINAL_FORMATS_HELP", "HelpFormatter", "model_args", "threads_arg", "out_arg",
            "quant_args", "weight_range_arg", "preprocess_args", "qat_args", "mixed_args", "finetune_args"]
 
@@ -91,7 +93,7 @@ def quant_args(p: argparse.ArgumentParser) -> None:
                    help="score the PyTorch FP32 and fake-quant models on a subset of this many test images (the ONNX "
                    "files are scored on all of them, in onnxruntime); 0 = all (default: 1000 classify, 16 detect)")
     out_arg(p)
-    p.add_argument("--task", default="auto", choices=("auto", "classify", "detect", "fidelity"),
+    p.add_argument("--task", default="auto", choices=("auto", *CLI_TASKS),
                    help="classify (labelled images: top-1), detect (YOLO-format data: mAP, confusion matrix; see "
                    "--groups), fidelity (no labels: INT8 vs FP32 per output, SQNR / cosine / LSB) or auto "
                    "(default: detect for detectors, classify when the data has labels, else fidelity)")
@@ -166,7 +168,7 @@ def qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, help="PyTorch threads per process for training (default: PyTorch's "
                    "choice)")
     out_arg(p)
-    p.add_argument("--task", default="auto", choices=("auto", "classify", "detect", "fidelity"),
+    p.add_argument("--task", default="auto", choices=("auto", *CLI_TASKS),
                    help="classify (labelled images: labels + optional --kd), detect (YOLO-format --train-data / --data; "
                    "the loss is distillation of the FP32 model's head outputs, no labels, mAP scored every epoch), "
                    "fidelity (no labels, any model: distillation of every output, SQNR vs FP32 scored every epoch), "

@@ -1,5 +1,5 @@
 """What several commands read from their parsed options: the model, the PTQ config, the task ``--task auto`` stands
-for, the data of each task and the task object each verb runs (``build_task``), the preprocessing of image inputs,
+for, the data of each task, the preprocessing of image inputs,
 the precision plan and the high precision."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from ..errors import EdgeslimError
 
 __all__ = ["load_model", "ptq_config", "task_name", "qat_task_name", "classify_data", "detect_data", "input_spec",
-           "fidelity_inputs", "VERBS", "build_task", "mixed_plan", "high_precision", "simulate_size"]
+           "fidelity_inputs", "VERBS", "mixed_plan", "high_precision", "simulate_size"]
 
 
 def load_model(args):
@@ -159,55 +159,6 @@ def fidelity_inputs(args, model, info, calib_limit: int | None = None, source: s
 
 VERBS = ("quantize", "score", "qat")
 
-
-def build_task(args, model, info, verb: str):
-    """The ``tasks.Task`` the options name (``--task``; ``auto`` as ``task_name`` / ``qat_task_name`` resolve it),
-    built for ``verb``: ``quantize`` (``quantize`` / ``analyze``), ``score`` (``sensitivity`` / ``mixed``) or
-    ``qat`` (``--train-data`` gives the task's calibration / training inputs); with the model's ``ModelInfo`` for it
-    (a detector's decoder and class names). The one place the CLI builds tasks: a new task is one branch here."""
-    from ..config import MeasureOptions
-
-    if verb not in VERBS:
-        raise ValueError(f"verb {verb!r}: use one of {VERBS}")
-    name = qat_task_name(args, info) if verb == "qat" else task_name(args, info)
-    if name == "detect":  # detector images are large: small batches
-        from ..config import DetectOptions
-        from ..tasks import Detect
-
-        if verb == "qat":
-            calib, test, info = detect_data(args, info, source="train_data")
-            opts = DetectOptions(batch_size=min(args.batch_size, 16), threads=args.threads)
-        else:
-            calib, test, info = detect_data(args, info)
-            extra = ({"simulation_images": simulate_size(args, 16), "decoded_output": args.decoded_output}
-                     if verb == "quantize" else {})
-            opts = DetectOptions(conf_thres=args.conf_thres, iou_thres=args.iou_thres, cm_conf=args.cm_conf,
-                                 batch_size=min(args.batch_size, 16), threads=args.threads, **extra)
-        return Detect(calib, test, opts, info=info), info
-    if name == "fidelity":
-        from ..tasks import Fidelity
-
-        # quantize: --calib-size inputs; score: all (the held-out ones lie beyond --calib-size); qat: --train-size
-        limit = args.calib_size if verb == "quantize" else (args.train_size if verb == "qat" else None)
-        calib, test, spec = fidelity_inputs(args, model, info, calib_limit=limit,
-                                            source="train_data" if verb == "qat" else "calib_data")
-        fixed_batch = (getattr(model, "meta", {}) or {}).get("onnx_dynamic_batch") is False
-        return Fidelity(calib, test, batch_size=1 if fixed_batch else min(args.batch_size, 64), seed=args.seed,
-                        spec=spec, threads=args.threads), info
-    from ..tasks import Classify
-
-    if verb == "qat":  # --batch-size is the training batch; evaluation keeps the task's default
-        from ..data import Preprocess, open_dataset
-
-        pre = Preprocess(info.input_shape, info.mean, info.std)
-        train = open_dataset(args.train_data, pre, split=args.train_split)
-        test = open_dataset(args.data, pre, split=args.data_split)
-        if args.eval_size:
-            test = test.subset(args.eval_size, args.seed)
-        return Classify(train, test), info
-    calib, test = classify_data(args, info)
-    return Classify(calib, test, batch_size=args.batch_size,
-                    measure=MeasureOptions(threads=args.threads, simulation_images=simulate_size(args, 1000))), info
 
 
 def mixed_plan(args, model, info):

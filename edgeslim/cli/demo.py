@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .args import threads_arg
-from .quantize import print_summary
+from .tasks.classify import print_quantize
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -22,5 +22,5 @@ def run(args) -> int:
     from ..demo import run_demo
 
     summary = run_demo(Path(args.out), epochs=args.epochs, threads=args.threads)
-    print_summary(summary, Path(args.out))
+    print_quantize(summary, Path(args.out))
     return 0

@@ -1,9 +1,9 @@
 """Console lines several commands print: a score in its metric's format, what still runs in float in onnxruntime,
-and the ``.tflite`` file's line."""
+the weights' grid, the worst INT16 overflow and the ``.tflite`` file's line."""
 
 from __future__ import annotations
 
-__all__ = ["fmt_score", "float_line", "tflite_line", "weights_line"]
+__all__ = ["fmt_score", "float_line", "tflite_line", "weights_line", "overflow_line"]
 
 
 def fmt_score(v, key: str) -> str:
@@ -56,3 +56,12 @@ def tflite_line(s) -> None:
     floats = ", ".join(t.get("float_nodes") or t["float_ops"]) or "none"  # the float islands by name
     print(f"model_int8.tflite: {score}{t['size_bytes'] / 1024:.1f} KiB, float ops: {floats}"
           + (f"; TFLM arena {mcu['ram_bytes'] / 1024:.1f} KiB (model_data.h / .cc, op_resolver.txt)" if mcu else ""))
+
+
+def overflow_line(overflow: dict | None, what: str, tail: str = "") -> None:
+    """The worst layer's INT16 sum overflow (``analyze``), when the statistics ran over some layers."""
+    if overflow is None or not overflow["layers"]:
+        return
+    worst = max(overflow["layers"], key=lambda r: r["sum_int16"]["max"])
+    print(f"overflow ({overflow['images']} {what}): worst INT16 sum overflow {worst['sum_int16']['max']:.2%} "
+          f"of pixels in a filter of {worst['name']}{tail}")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import EdgeslimError
 from .args import FINAL_FORMATS_HELP, mixed_args, model_args, quant_args
-from .common import build_task, high_precision, load_model, ptq_config, simulate_size, task_name
+from .common import high_precision, load_model, ptq_config, simulate_size, task_name
+from .tasks import build_task
 from .deploy import deploying
 from .lines import fmt_score
 

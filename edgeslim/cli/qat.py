@@ -8,10 +8,11 @@ from pathlib import Path
 
 from ..errors import EdgeslimError
 from .args import FINAL_FORMATS_HELP, qat_args
-from .common import build_task, load_model, qat_task_name
+from .common import load_model, qat_task_name
 from .deploy import deploying
+from .tasks import CLI_TASKS, build_task
 
-__all__ = ["HELP", "add_arguments", "run", "print_classify_qat", "print_fidelity_qat", "print_detect_qat"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "quantization-aware training (STE, LSQ, EWGS, DSQ, DAQ; uniform, PoT, APoT)"
 
@@ -65,54 +66,8 @@ def _qat(args) -> int:
     if dist.main:
         from ..report.results import QATResult
 
-        PRINTERS[task.name](QATResult.from_summary(s), args.out)
+        CLI_TASKS[task.name].print_qat(QATResult.from_summary(s), args.out)
     return 0
 
 
 run = deploying(_qat)
-
-
-def print_classify_qat(s, out) -> None:
-    """Top-1 of FP32, the PTQ start, QAT and the INT8 file (or why there is none), then the files written; ``s``: a
-    ``QATResult`` or its summary dict."""
-    from ..report.results import QATResult
-
-    r = QATResult.of(s)
-    f = r.onnx
-    print(f"FP32 {r.fp32.top1:.4f}  PTQ {r.ptq.top1:.4f}  QAT {r.qat.top1:.4f}"
-          + (f"  ONNX {f.top1:.4f}" if f.top1 is not None else f"  (not exported: {f.reason})"))
-    print(f"wrote {out}/summary.json, checkpoint.pt, qat_model.pt, encodings.json"
-          + (", model_int8.onnx, model_fp32.onnx" if f.top1 is not None else ""))
-
-
-def print_fidelity_qat(s, out) -> None:
-    """Worst-output SQNR of the PTQ start and of QAT, then the INT8 file's (or why there is none)."""
-    from ..report.results import QATResult
-
-    r = QATResult.of(s)
-    f = r.onnx_int8
-    print(f"\nworst-output SQNR vs FP32 on {r.inputs['test']} inputs: PTQ {r.ptq.sqnr_db:.2f} dB, "
-          f"QAT {r.qat.sqnr_db:.2f} dB (PyTorch)")
-    if f.fidelity_vs_fp32 is not None:
-        print(f"INT8 ONNX vs FP32 ONNX in onnxruntime: {f.headline_sqnr_db:.2f} dB; integer convs "
-              f"{f.integer_convs}/{f.total_convs}")
-        print(f"wrote {out}/summary.json, model_int8.onnx, model_fp32.onnx, qat_model.pt, encodings.json")
-    else:
-        print(f"wrote {out}/summary.json (not exported: {f.reason})")
-
-
-def print_detect_qat(s, out) -> None:
-    """mAP of FP32, the PTQ start, QAT and the INT8 file (where each was scored)."""
-    from ..report.results import QATResult
-
-    r = QATResult.of(s)
-    for k in ("fp32", "ptq", "qat", "onnx_int8"):
-        m = getattr(r, k)
-        if m is not None and m.map50 is not None:
-            print(f"{k:<10} mAP@.5 {m.map50:.4f}  mAP@.5:.95 {m.map50_95:.4f}")
-    f = r.onnx_int8
-    print(f"wrote {out}/summary.json" + (", model_int8.onnx, model_fp32.onnx" if f.map50 is not None
-                                          else f" (not exported: {f.reason})"))
-
-
-PRINTERS = {"classify": print_classify_qat, "detect": print_detect_qat, "fidelity": print_fidelity_qat}

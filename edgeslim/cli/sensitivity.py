@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .args import mixed_args, model_args, quant_args
-from .common import build_task, high_precision, load_model, ptq_config
+from .common import high_precision, load_model, ptq_config
+from .tasks import build_task
 from .lines import fmt_score
 
 __all__ = ["HELP", "add_arguments", "run", "print_sensitivity"]

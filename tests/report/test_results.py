@@ -83,16 +83,17 @@ TYPES = {"quantize": ClassifyResult, "analyze_fidelity": FidelityResult, "mixed"
 
 def _printed(r) -> str:
     """What the CLI's printer prints for the typed result ``r``."""
-    from edgeslim.cli import lighten, mixed, plan, qat, quantize
+    from edgeslim.cli import lighten, mixed, plan
+    from edgeslim.cli.tasks import CLI_TASKS
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         if isinstance(r, QuantizeResult):
-            quantize.PRINTERS[r.task](r, Path("OUT"))
+            CLI_TASKS[r.task].print_quantize(r, Path("OUT"))
         elif isinstance(r, MixedResult):
             mixed.print_mixed_summary(r, Path("OUT"))
         elif isinstance(r, QATResult):
-            qat.PRINTERS[r.task](r, "OUT")
+            CLI_TASKS[r.task].print_qat(r, "OUT")
         elif isinstance(r, PlanResult):
             plan.print_plan(r)
             print(r.statement)
@@ -138,7 +139,7 @@ def test_typed_fields_are_the_files_values(runs):
 
 
 def test_printers_take_the_summary_dict_too(runs):
-    from edgeslim.cli.quantize import print_summary
+    from edgeslim.cli.tasks.classify import print_quantize as print_summary
 
     folder = runs["quantize"][0]
     s = json.loads((folder / "summary.json").read_text())
@@ -167,10 +168,11 @@ def test_a_summary_missing_a_key_is_one_clear_error(runs, tmp_path, name, drop, 
     with pytest.raises(EdgeslimError) as e:
         read_result(tmp_path)
     assert str(bad) in str(e.value) and repr(where) in str(e.value)
-    from edgeslim.cli import mixed, quantize
+    from edgeslim.cli import mixed
+    from edgeslim.cli.tasks import CLI_TASKS
 
-    printer = {"quantize": lambda: quantize.print_summary(s, tmp_path), "mixed": lambda: mixed.print_mixed_summary(
-        s, tmp_path), "analyze_fidelity": lambda: quantize.print_fidelity_summary(s, tmp_path)}[name]
+    printer = {"quantize": lambda: CLI_TASKS["classify"].print_quantize(s, tmp_path), "mixed": lambda: mixed.print_mixed_summary(
+        s, tmp_path), "analyze_fidelity": lambda: CLI_TASKS["fidelity"].print_quantize(s, tmp_path)}[name]
     with pytest.raises(EdgeslimError, match=repr(where)):  # a printer handed the dict says the same, no KeyError
         printer()
 
