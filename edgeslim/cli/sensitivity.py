@@ -72,26 +72,28 @@ def _extra(r: dict, key: str) -> str:
     return f"  mAP@.5 {r['map50']:.4f} ({_delta(r.get('delta_map50'), key)})" if "map50" in r else ""
 
 
-def print_sensitivity(s: dict, key: str, out) -> None:
-    """The FP32 / uniform line, one row per layer (kept high, only quantized), then the group table."""
+def print_sensitivity(s, key: str, out) -> None:
+    """The FP32 / uniform line, one row per layer (kept high, only quantized), then the group table; ``s``: a
+    ``SensitivityResult`` or its summary dict."""
     from ..report.mixed_html import metric_label
+    from ..report.results import SensitivityResult
 
-    sens = s["sensitivity"]
-    label = metric_label(sens["metric"])
-    print(f"\n{label}: FP32 {fmt_score(sens['fp32_score'], key)}, uniform {sens['low']} "
-          f"{fmt_score(sens['uniform']['score'], key)} on {sens['images']} {sens.get('inputs', 'held-out')} inputs; "
+    r = SensitivityResult.of(s)
+    sens = r.sensitivity
+    label = metric_label(sens.metric)
+    print(f"\n{label}: FP32 {fmt_score(sens.fp32_score, key)}, uniform {sens.low} "
+          f"{fmt_score(sens.uniform['score'], key)} on {sens.images} {sens.inputs or 'held-out'} inputs; "
           "sweeps took "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in sens["seconds"].items()))
-    print(f"{'op':<24}{'keep ' + str(sens['high']):>16}{'gain':>8}{'only ' + str(sens['low']):>16}{'change':>8}")
-    for r in sens["rows"]:
-        kh, oq = r.get("keep_high") or {}, r.get("only_quantized") or {}
-        print(f"{r['name']:<24}{fmt_score(kh['score'], key) if kh else '-':>16}{_delta(kh.get('delta'), key):>8}"
+          + ", ".join(f"{k} {v:.1f} s" for k, v in sens.seconds.items()))
+    print(f"{'op':<24}{'keep ' + str(sens.high):>16}{'gain':>8}{'only ' + str(sens.low):>16}{'change':>8}")
+    for row in sens.rows:
+        kh, oq = row.get("keep_high") or {}, row.get("only_quantized") or {}
+        print(f"{row['name']:<24}{fmt_score(kh['score'], key) if kh else '-':>16}{_delta(kh.get('delta'), key):>8}"
               f"{fmt_score(oq['score'], key) if oq else '-':>16}{_delta(oq.get('delta'), key):>8}")
-    if "groups" in s:
-        g = s["groups"]
-        print(f"\ngroups ({', '.join(g['groups'])}) at {g['high']} / {g['low']}: {len(g['rows'])} combinations")
-        for r in g["rows"]:
-            prec = ",".join(r["precision"][n] for n in g["groups"])
-            print(f"  {prec:<40} {label} {fmt_score(r['score'], key)}  {r['weight_bytes'] / 1024:8.1f} KiB  "
-                  f"{r['latency_ms']:.3f} ms ({r['latency_over_fp32']:.2f}x FP32)")
-    print(f"wrote {out}/summary.json, report.html")
+    g = r.groups
+    if g is not None:
+        print(f"\ngroups ({', '.join(g.groups)}) at {g.high} / {g.low}: {len(g.rows)} combinations")
+        for row in g.rows:
+            prec = ",".join(row["precision"][n] for n in g.groups)
+            print(f"  {prec:<40} {label} {fmt_score(row['score'], key)}  {row['weight_bytes'] / 1024:8.1f} KiB  "
+                  f"{row['latency_ms']:.3f} ms ({row['latency_over_fp32']:.2f}x FP32)")

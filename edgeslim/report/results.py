@@ -1,6 +1,6 @@
 """Typed results: what the jobs write as ``summary.json``, read back as frozen dataclasses.
 
-Each job (``jobs.quantize``, ``jobs.mixed``, ``jobs.qat``, ``jobs.plan``, ``jobs.lighten``) returns its summary as a
+Each job (``jobs.quantize``, ``jobs.mixed`` (sensitivity and mixed), ``jobs.qat``, ``jobs.plan``, ``jobs.lighten``) returns its summary as a
 plain dict and writes it as ``summary.json``; the keys of that file are the interface users, tests and bench scripts
 read. The classes here are the same content with names: ``QuantizeResult.from_summary(d)`` (or ``read_result(path)``
 for a run folder) gives the CLI printers, the HTML reports and any script attributes instead of string keys, and
@@ -28,6 +28,7 @@ from ..errors import EdgeslimError
 __all__ = ["Record", "Sizes", "GraphStats", "ClassifyScore", "ClassifyInt8", "DetectScore", "FidelityInt8",
            "ClassifyLatency", "FileLatency",
            "QuantizeResult", "ClassifyResult", "DetectResult", "FidelityResult", "MixedRow", "MixedResult",
+           "SensitivityTable", "GroupTable", "SensitivityResult",
            "QATScore", "QATResult", "PlanStep", "PlanResult", "PairRow", "LightenResult", "read_summary", "read_result"]
 
 
@@ -382,6 +383,53 @@ class MixedResult(Record):
     total_seconds: float | None = None
 
 
+# ----------------------------------------------------------------------------- sensitivity
+
+@dataclass(frozen=True, kw_only=True)
+class SensitivityTable(Record):
+    """``sensitivity``'s per-unit table: the metric, FP32 and uniform scores, one row per plan unit (dicts: ``name``
+    and, per sweep, ``keep_high`` / ``only_quantized`` with ``score`` and ``delta``), the precisions, seconds per
+    sweep; ``inputs`` is ``test`` for sweeps scored on the test inputs (detect; absent for held-out sweeps)."""
+
+    images: int
+    metric: dict
+    fp32_score: float | None
+    uniform: dict
+    rows: list
+    high: str
+    low: str
+    seconds: dict
+    inputs: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupTable(Record):
+    """``sensitivity``'s group table: the groups, the high / low precisions and one row per combination (dicts:
+    ``precision`` per group, ``score``, ``weight_bytes``, ``latency_ms``, ``latency_over_fp32``)."""
+
+    groups: dict
+    high: str
+    low: str
+    rows: list
+
+
+@dataclass(frozen=True, kw_only=True)
+class SensitivityResult(Record):
+    """``sensitivity`` (``jobs.mixed.run_sensitivity``): the per-unit table and, unless ``--no-groups``, the group
+    table."""
+
+    WHAT: ClassVar[str] = "sensitivity"
+
+    model: str
+    task: str
+    config: dict
+    sensitivity: SensitivityTable
+    images: dict
+    scored_with: str
+    groups: GroupTable | None = None
+    total_seconds: float | None = None
+
+
 # ----------------------------------------------------------------------------- qat
 
 @dataclass(frozen=True, kw_only=True)
@@ -531,8 +579,8 @@ def read_result(path: str | Path) -> Record:
     if "time_to_quantize_s" in d:
         return QuantizeResult.from_summary(d, source)
     for cls, key in ((MixedResult, "frontier"), (QATResult, "history"), (PlanResult, "statement"),
-                     (LightenResult, "step")):
+                     (LightenResult, "step"), (SensitivityResult, "sensitivity")):
         if key in d:
             return cls.from_summary(d, source)
-    raise EdgeslimError(f"{source} is not the summary.json of an edgeslim quantize, analyze, mixed, qat, plan, prune or "
-                        "factorize run")
+    raise EdgeslimError(f"{source} is not the summary.json of an edgeslim quantize, analyze, sensitivity, mixed, qat, "
+                        "plan, prune or factorize run")

@@ -21,7 +21,8 @@ from PIL import Image
 from edgeslim.cli import main
 from edgeslim.errors import EdgeslimError
 from edgeslim.report.results import (ClassifyResult, DetectResult, FidelityResult, LightenResult, MixedResult,
-                                     PlanResult, QATResult, QuantizeResult, read_result)
+                                     PlanResult, QATResult, QuantizeResult, SensitivityResult, read_result)
+from edgeslim.tasks import TASKS
 
 from helpers import USER_MODEL  # noqa: E402  (the tiny user model file the CLI tests write)
 
@@ -51,6 +52,8 @@ def _argv(name: str, d: dict[str, Path]) -> list[str]:
     return {
         "quantize": ["quantize", *tiny, "--calib-data", d["images"], "--data", d["images"], "--calib-size", "8"],
         "analyze_fidelity": ["analyze", *tiny, "--calib-data", d["arrays"], "--data", d["arrays"]],
+        "sensitivity": ["sensitivity", *tiny, "--calib-data", d["npz"], "--data", d["npz"], *small, "--w-bits", "4",
+                        "--a-bits", "4"],
         "mixed": ["mixed", *tiny, "--calib-data", d["npz"], "--data", d["npz"], *small, "--w-bits", "2", "--a-bits",
                   "2", "--max-drop", "0.0"],
         "mixed_fidelity": ["mixed", *tiny, "--calib-data", d["arrays240"], "--data", d["arrays240"], *small,
@@ -72,18 +75,19 @@ def _run(argv: list, out: Path) -> str:
 def runs(data) -> dict[str, tuple[Path, str]]:
     """The tiny runs, once per module: name -> (out folder, stdout)."""
     out = {}
-    for name in ("quantize", "analyze_fidelity", "mixed"):
+    for name in ("quantize", "analyze_fidelity", "mixed", "sensitivity"):
         folder = data["root"] / name
         out[name] = folder, _run(_argv(name, data), folder)
     return out
 
 
-TYPES = {"quantize": ClassifyResult, "analyze_fidelity": FidelityResult, "mixed": MixedResult}
+TYPES = {"quantize": ClassifyResult, "analyze_fidelity": FidelityResult, "mixed": MixedResult,
+         "sensitivity": SensitivityResult}
 
 
 def _printed(r) -> str:
     """What the CLI's printer prints for the typed result ``r``."""
-    from edgeslim.cli import lighten, mixed, plan
+    from edgeslim.cli import lighten, mixed, plan, sensitivity
     from edgeslim.cli.tasks import CLI_TASKS
 
     buf = io.StringIO()
@@ -92,6 +96,8 @@ def _printed(r) -> str:
             CLI_TASKS[r.task].print_quantize(r, Path("OUT"))
         elif isinstance(r, MixedResult):
             mixed.print_mixed_summary(r, Path("OUT"))
+        elif isinstance(r, SensitivityResult):
+            sensitivity.print_sensitivity(r, TASKS[r.task].metric_key, Path("OUT"))
         elif isinstance(r, QATResult):
             CLI_TASKS[r.task].print_qat(r, "OUT")
         elif isinstance(r, PlanResult):
