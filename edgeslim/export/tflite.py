@@ -37,7 +37,6 @@ with no (float) builtin here (ConvTranspose, ONNX ops outside ``_onnx_float``'s 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -46,261 +45,23 @@ from ..engine import tflite_ops
 from ..engine.tflite_run import LOGISTIC_Q, gate_qparams, pool_as_depthwise
 from ..errors import EdgeslimError
 from ..intgraph import IntGraph, IntNode, QParams
-from ..quant.fixed_point import multiplier_arrays
 from .tflite_fb import FlatModel, Tensor, to_bytes
+from .tflite_float import FloatIslands
+from .tflite_layout import (ACTIVATION_CODES, NHWC, act_code, inverse, int8_offset, layout, same_bytes, same_stored,
+                            stored, then)
+from .tflite_prepare import (ACTIVATIONS, ELEMENTWISE_ISLANDS, check_graph, logit_qparams, prepare_graph,
+                             tensor_shapes)
 
 __all__ = ["IO_TYPES", "NHWC", "check_graph", "ACTIVATIONS", "ELEMENTWISE_ISLANDS", "prepare_graph", "logit_qparams",
            "tensor_shapes", "ACTIVATION_CODES", "to_tflite", "export_tflite"]
 
 
 IO_TYPES = ("float", "int8")
-NHWC = (0, 2, 3, 1)  # stored = logical.transpose(NHWC) for 4-D tensors
 
 
-# ----------------------------------------------------------------------------- graph preparation
-
-def check_graph(g: IntGraph) -> None:
-    """Refuse what TFLite's int8 kernels cannot represent, naming the option that avoids it."""
-    for name, q in g.qparams.items():
-        if q.bits > 8:
-            raise EdgeslimError(f"tensor {name} has {q.bits}-bit activations: TFLite int8 export needs --a-bits 8 "
-                                "or fewer")
-    for n in g.nodes:
-        if "w" not in n.arrays:
-            continue
-        if n.attrs.get("w_bits", 8) > 8:
-            raise EdgeslimError(f"layer {n.name} has {n.attrs['w_bits']}-bit weights: TFLite int8 export needs "
-                                "--w-bits 8 or fewer")
-        if np.any(np.asarray(n.arrays["w_zero_point"]) != 0):
-            raise EdgeslimError(f"layer {n.name} has asymmetric weights (non-zero zero points): TFLite int8 "
-                                "export needs --w-scheme symmetric")
-
-
-def _logit_qparams(values: np.ndarray) -> QParams:
-    """Asymmetric int8 parameters covering ``values`` (and 0), as the calibrators choose them."""
-    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
-    scale = (hi - lo) / 255.0 if hi > lo else 1.0
-    zp = int(np.clip(-128 - round(lo / scale), -128, 127))
-    return QParams(float(np.float32(scale)), zp, 8, True)
-
-
-def _logit_bound(g: IntGraph, node: IntNode) -> np.ndarray:
-    """The largest |real output| a float-output layer can produce for any input code (no data needed)."""
-    q = g.qparams[node.inputs[0]]
-    a = node.arrays
-    dx = max(abs(q.qmin - q.zero_point), abs(q.qmax - q.zero_point))
-    acc = np.abs(a["w"].astype(np.int64)).reshape(a["w"].shape[0], -1).sum(axis=1) * dx
-    if "bias" in a:
-        acc = acc + np.abs(np.asarray(a["bias"], np.int64).reshape(-1))
-    return np.array([-1.0, 1.0]) * float((acc * np.float64(q.scale) * a["w_scale"].astype(np.float64)).max())
-
-
-ACTIVATIONS = ("table", "builtin")
-
-# float islands that compute one output value from one input value (ONNX op types): between an int8 input and a
-# QuantizeLinear they are a 256-entry table (what import_qdq makes of the DQ -> op -> Q activations of an INT8 ONNX file)
-ELEMENTWISE_ISLANDS = ("LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "Mish", "HardSigmoid", "HardSwish",
-                       "Softplus", "Relu", "Clip", "Exp", "Erf", "Abs", "Neg", "Identity")
-
-
-def _fold_activation_islands(g: IntGraph) -> None:
-    """Each chain of elementwise float islands (``LeakyRelu`` then ``Identity``, ...) from an integer tensor to one
-    QuantizeLinear becomes a ``LUT`` node: the chain evaluated on every input code and quantized as onnxruntime's
-    QuantizeLinear does (half to even), i.e. what the INT8 ONNX file computes on those codes."""
-    from ..engine import float_ops, ops
-
-    users: dict[str, list[IntNode]] = {}
-    for n in g.nodes:
-        for i in n.inputs:
-            users.setdefault(i, []).append(n)
-
-    def elementwise(n: IntNode) -> bool:
-        return n.op == "FloatIsland" and n.attrs.get("fn") in ELEMENTWISE_ISLANDS and len(n.inputs) == 1 \
-            and len(n.outputs) == 1 and n.outputs[0] not in g.output_names
-
-    for node in list(g.nodes):
-        if not elementwise(node) or node.inputs[0] not in g.qparams:
-            continue
-        chain = [node]
-        while len(users.get(chain[-1].outputs[0], [])) == 1 and elementwise(users[chain[-1].outputs[0]][0]):
-            chain.append(users[chain[-1].outputs[0]][0])
-        after = users.get(chain[-1].outputs[0], [])
-        if len(after) != 1 or after[0].op != "QuantizeLinear":
-            continue
-        quant = after[0]
-        qx, qy = g.qparams[node.inputs[0]], g.qparams[quant.outputs[0]]
-        env = {node.inputs[0]: np.arange(qx.qmin, qx.qmax + 1, dtype=np.int64).reshape(1, -1, 1, 1)}
-        with np.errstate(all="ignore"):  # every code, extreme ones too (exp overflows to inf: sigmoid 0 / 1)
-            for n in chain:
-                env[n.outputs[0]] = np.asarray(float_ops.FloatIsland(g, n, env, {}), np.float32)
-        y = env[chain[-1].outputs[0]].reshape(-1)
-        if y.size != qx.qmax - qx.qmin + 1:
-            continue
-        table = ops.QuantizeLinear(y, qy.scale, qy.zero_point, qy.qmin, qy.qmax).astype(np.int64)
-        fn = "onnx_" + "_".join(n.attrs["fn"] for n in chain if n.attrs["fn"] != "Identity")
-        g.nodes[g.nodes.index(quant)] = IntNode("LUT", quant.name, [node.inputs[0]], [quant.outputs[0]], {"fn": fn},
-                                                {"table": table})
-        for n in chain:
-            g.nodes.remove(n)
-
-
-
-def _fold_gated_silu(g: IntGraph) -> None:
-    """A sigmoid table whose only reader is a QLinearMul by the table's own input (``x * Q_g(sigmoid(x))``: how
-    ``import_qdq`` reads edgeslim's gated SiLU, DQ -> Sigmoid -> Q -> DQ -> Mul -> Q) becomes one ``LUT`` silu node
-    with the gate's parameters: the product evaluated on every input code as the ONNX graph defines it (float32
-    dequantized values, QuantizeLinear half to even), so the file holds one table (or LOGISTIC + MUL) as
-    ``quantize --formats tflite`` writes it."""
-    from ..engine import ops
-
-    users: dict[str, list[IntNode]] = {}
-    made = {n.outputs[0]: n for n in g.nodes}
-    for n in g.nodes:
-        for i in n.inputs:
-            users.setdefault(i, []).append(n)
-    for mul in list(g.nodes):
-        if mul.op != "QLinearMul":
-            continue
-        for x, gate in (mul.inputs[:2], mul.inputs[1::-1]):
-            lut = made.get(gate)
-            if lut is None or lut.op != "LUT" or lut.attrs.get("fn") not in ("sigmoid", "onnx_Sigmoid") or \
-                    lut.inputs[0] != x or len(users.get(gate, [])) != 1 or gate in g.output_names:
-                continue
-            qx, qg, qy = g.qparams[x], g.qparams[gate], g.qparams[mul.outputs[0]]
-            codes = np.arange(qx.qmin, qx.qmax + 1, dtype=np.int64)
-            lo, hi = lut.attrs.get("clamp") or (qg.qmin, qg.qmax)
-            gcodes = np.clip(np.asarray(lut.arrays["table"], np.int64), max(lo, qg.qmin), min(hi, qg.qmax))
-            y = ops.DequantizeLinear(codes, qx.scale, qx.zero_point) * \
-                ops.DequantizeLinear(gcodes, qg.scale, qg.zero_point)
-            table = ops.QuantizeLinear(y, qy.scale, qy.zero_point, qy.qmin, qy.qmax).astype(np.int64)
-            attrs = {"fn": "silu", "gate_scale": qg.scale, "gate_zero_point": qg.zero_point, "gate_bits": qg.bits,
-                     "gate_signed": qg.signed}
-            if mul.attrs.get("clamp") is not None:
-                attrs["clamp"] = mul.attrs["clamp"]
-            g.nodes[g.nodes.index(mul)] = IntNode("LUT", mul.name, [x], list(mul.outputs), attrs, {"table": table})
-            g.nodes.remove(lut)
-            g.qparams.pop(gate, None)
-            break
-
-
-def _choose_builtins(g: IntGraph) -> None:
-    """``activations="builtin"``: sigmoid -> LOGISTIC, hard-swish -> HARD_SWISH, gated SiLU -> LOGISTIC + MUL
-    (``attrs['tflite_op']``, read by the exporter and the engine) where TFLite accepts the scales."""
-    for n in g.nodes:
-        if n.op != "LUT":
-            continue
-        fn, qx, qy = n.attrs.get("fn"), g.qparams[n.inputs[0]], g.qparams[n.outputs[0]]
-        if fn == "sigmoid":
-            n.attrs["tflite_op"] = "LOGISTIC"
-        elif fn == "hardswish" and tflite_ops.hard_swish_params(qx.scale, qy.scale) is not None:
-            n.attrs["tflite_op"] = "HARD_SWISH"
-        elif fn == "silu" and n.attrs.get("gate_bits") == 8:
-            n.attrs["tflite_op"] = "LOGISTIC_MUL"
-
-
-def prepare_graph(g: IntGraph, calib: np.ndarray | None = None, activations: str = "builtin",
-                  logits: list[QParams] | None = None) -> IntGraph:
-    """A copy of ``g`` that TFLite can run: every float-output layer (the classifier's logits, a dequantized
-    accumulator in the IntGraph) gets int8 outputs followed by DequantizeLinear, since TFLite's int8
-    FULLY_CONNECTED has no float output. Their range is observed on ``calib`` (float N, C, H, W inputs; the
-    engine runs them) or, without it, bounded from the weights (wider: coarser logits).
-
-    ``activations``: ``builtin`` (default) uses LOGISTIC / HARD_SWISH / LOGISTIC + MUL (gated SiLU) where TFLite
-    accepts the scales, which XNNPACK runs and NPU compilers map to their own units, at the price of TFLite's fixed
-    output scale 1/256 for LOGISTIC and one more rounding than the simulation (yolov5n on COCO128: XNNPACK 2.1x
-    faster than ``table``, mAP@.5:.95 0.3129 vs 0.3133; BENCHMARKS.md ``tflite-export``); ``table`` writes every LUT
-    activation but leaky ReLU as its int8 table (CAST + ADD + GATHER; exactly the simulation's table), which
-    XNNPACK does not delegate. The engine's ``tflite`` mode computes either exactly.
-
-    ``logits``: the int8 parameters of the float-output layers, in graph order, as ``logit_qparams`` read them
-    from a prepared graph (``edgeslim export`` rebuilds the file of a run from its recorded ones)."""
-    if activations not in ACTIVATIONS:
-        raise EdgeslimError(f"invalid activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
-    check_graph(g)
-    g = copy.deepcopy(g)
-    _fold_activation_islands(g)
-    _fold_gated_silu(g)
-    if activations == "builtin":
-        _choose_builtins(g)
-    heads = [n for n in g.nodes if n.attrs.get("float_output")]
-    if not heads:
-        return g
-    if logits is not None and len(logits) != len(heads):
-        raise EdgeslimError(f"{len(logits)} recorded logit parameters for {len(heads)} float-output layers: "
-                            "the run's summary.json does not belong to its model_int8.onnx")
-    observed = {}
-    if calib is not None and logits is None:
-        from ..engine.run import run
-        observed = run(g, np.asarray(calib, np.float32), requant="tflite", return_codes=True)
-    for k, node in enumerate(heads):
-        name = node.outputs[0]
-        qy = logits[k] if logits is not None else \
-            _logit_qparams(observed[name] if name in observed else _logit_bound(g, node))
-        coded = f"{name}_int8"
-        g.qparams[coded] = qy
-        in_q = g.qparams[node.inputs[0]]
-        node.arrays.update(multiplier_arrays(in_q.scale * node.arrays["w_scale"].astype(np.float64) / qy.scale))
-        node.attrs.pop("float_output")
-        node.attrs["clamp"] = (qy.qmin, qy.qmax)
-        node.attrs["tflite_logits"] = True
-        node.outputs = [coded]
-        node.name = coded
-        g.nodes.insert(g.nodes.index(node) + 1, IntNode("DequantizeLinear", name, [coded], [name]))
-    return g
-
-
-def logit_qparams(tg: IntGraph) -> list[QParams]:
-    """The int8 parameters ``prepare_graph`` chose for the float-output layers of ``g`` (graph order)."""
-    return [tg.qparams[n.outputs[0]] for n in tg.nodes if n.attrs.get("tflite_logits")]
-
-
-def tensor_shapes(g: IntGraph) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape at batch 1 (NCHW, as the IntGraph computes), from one engine run on zeros."""
-    from ..engine.run import run
-    env = run(g, np.zeros((1, *g.input_shape), np.float32), requant="tflite", return_codes=True)
-    return {k: tuple(np.shape(v)) for k, v in env.items()}
-
-
-# ----------------------------------------------------------------------------- layout helpers
-
-def _layout(ndim: int) -> tuple[int, ...]:
-    return NHWC if ndim == 4 else tuple(range(ndim))
-
-
-def _inverse(p) -> list[int]:
-    inv = [0] * len(p)
-    for i, v in enumerate(p):
-        inv[v] = i
-    return inv
-
-
-def _then(p, q) -> list[int]:
-    """``a.transpose(p).transpose(q) == a.transpose(_then(p, q))``."""
-    return [p[i] for i in q]
-
-
-def _same_bytes(shape, perm) -> bool:
-    """True when ``transpose(perm)`` of a tensor of ``shape`` keeps its bytes in order (only size-1 axes move)."""
-    moved = [p for p in perm if shape[p] != 1]
-    return moved == sorted(moved)
-
-
-def _same_stored(a: QParams, b: QParams) -> bool:
-    """Equal int8 parameters in the file (float32 scale, int8 zero point)."""
-    return bool(np.float32(a.scale) == np.float32(b.scale)) and a.zero_point - _offset(a) == b.zero_point - _offset(b)
-
-
-def _stored(shape) -> list[int]:
-    return [int(shape[i]) for i in _layout(len(shape))]
-
-
-def _offset(q: QParams) -> int:
-    """int8 code = natural code - offset (unsigned 8-bit codes move by 128)."""
-    return 0 if q.signed else 128
-
-
-class _Exporter:
-    """Walks the IntGraph once and appends the TFLite tensors and operators of each node."""
+class Exporter(FloatIslands):
+    """Walks the IntGraph once and appends the TFLite tensors and operators of each node (the float islands'
+    writers in ``FloatIslands``)."""
 
     def __init__(self, g: IntGraph, io: str) -> None:
         self.g, self.io = g, io
@@ -320,15 +81,15 @@ class _Exporter:
     def act(self, name: str, q: QParams, shape) -> int:
         """A new int8 activation tensor (stored layout) with ``q`` moved to the int8 container."""
         return self.m.add_tensor(Tensor(name, list(shape), np.int8, scale=[float(np.float32(q.scale))],
-                                        zero_point=[q.zero_point - _offset(q)]))
+                                        zero_point=[q.zero_point - int8_offset(q)]))
 
     def out(self, node: IntNode) -> int:
         """The node's output tensor: int8 with its parameters, or float32 for a float-island tensor."""
         name = node.outputs[0]
         if name in self.g.qparams:
-            idx = self.act(name, self.g.qparams[name], _stored(self.shapes[name]))
+            idx = self.act(name, self.g.qparams[name], stored(self.shapes[name]))
         else:
-            idx = self.m.add_tensor(Tensor(name, _stored(self.shapes[name]), np.float32))
+            idx = self.m.add_tensor(Tensor(name, stored(self.shapes[name]), np.float32))
         self.ids[name] = idx
         return idx
 
@@ -359,19 +120,19 @@ class _Exporter:
         v = np.asarray(value, np.float32)
         if v.ndim < ndim:
             v = v.reshape((1,) * (ndim - v.ndim) + v.shape)
-        return self.m.const(self.fresh(name), np.ascontiguousarray(v.transpose(_layout(v.ndim))))
+        return self.m.const(self.fresh(name), np.ascontiguousarray(v.transpose(layout(v.ndim))))
 
     def logical(self, x: int, shape, name: str) -> int:
         """Tensor ``x`` (logical ``shape``) in logical (NCHW) element order: a TRANSPOSE for 4-D tensors."""
         if len(shape) != 4:
             return x
-        return self._transpose(x, _inverse(NHWC), list(shape), name, None)
+        return self._transpose(x, inverse(NHWC), list(shape), name, None)
 
     def stored_from_logical(self, x: int, shape, name: str) -> int:
         """The inverse of ``logical``: a 4-D tensor held in NCHW order moved to the stored NHWC layout."""
         if len(shape) != 4:
             return x
-        return self._transpose(x, list(NHWC), _stored(shape), name, None)
+        return self._transpose(x, list(NHWC), stored(shape), name, None)
 
     def i32(self, name: str, values) -> int:
         return self.m.const(self.fresh(name), np.asarray(values, np.int32))
@@ -380,7 +141,7 @@ class _Exporter:
     def fused(self, node: IntNode, name: str, fusable: bool = True) -> tuple[str, tuple[int, int] | None]:
         """(fused activation, leftover clamp in int8 codes or None) for the node's IntGraph clamp."""
         q = self.g.qparams[name]
-        off = _offset(q)
+        off = int8_offset(q)
         lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
         lo, hi = max(int(lo), q.qmin) - off, min(int(hi), q.qmax) - off
         for act in ("NONE", "RELU", "RELU6") if fusable else ("NONE",):
@@ -413,13 +174,13 @@ class _Exporter:
             emit(act, self.out(node))
             return
         q = self.g.qparams[name]
-        tmp = self.act(self.fresh(name), q, _stored(self.shapes[name]))
+        tmp = self.act(self.fresh(name), q, stored(self.shapes[name]))
         emit(act, tmp)
         self.ids[name] = self.clamp_ops(tmp, name, rest)
 
     def requant(self, idx: int, src_q: QParams, dst_q: QParams, shape, name: str) -> int:
         """int8 -> int8 QUANTIZE to ``dst_q`` (no op when the stored parameters are equal)."""
-        if _same_stored(src_q, dst_q):
+        if same_stored(src_q, dst_q):
             return idx
         y = self.act(self.fresh(name), dst_q, shape)
         self.m.add_op("QUANTIZE", [idx], [y])
@@ -428,7 +189,7 @@ class _Exporter:
     # nodes -----------------------------------------------------------------
     def run(self) -> FlatModel:
         g = self.g
-        shape_in = _stored((1, *g.input_shape))
+        shape_in = stored((1, *g.input_shape))
         for node in g.nodes:
             handler = getattr(self, f"op_{node.op}", None)
             if handler is None:
@@ -462,7 +223,7 @@ class _Exporter:
         if self.io == "int8" and node.outputs[0] in self.g.output_names:
             self.ids[node.outputs[0]] = src
             return
-        y = self.m.add_tensor(Tensor(node.outputs[0], _stored(self.shapes[node.outputs[0]]), np.float32))
+        y = self.m.add_tensor(Tensor(node.outputs[0], stored(self.shapes[node.outputs[0]]), np.float32))
         self.m.add_op("DEQUANTIZE", [src], [y])
         self.ids[node.outputs[0]] = y
 
@@ -477,7 +238,7 @@ class _Exporter:
     def _softmax(self, node: IntNode, x: int, axis: int) -> None:
         """SOFTMAX reduces the last stored axis: other axes are swapped to the end by TRANSPOSE and back."""
         nd = len(self.shapes[node.outputs[0]])
-        p = _layout(nd).index(axis % nd)
+        p = layout(nd).index(axis % nd)
         opts = ("SoftmaxOptions", {"Beta": 1.0})
         if p == nd - 1:
             self.m.add_op("SOFTMAX", [x], [self.out(node)], opts)
@@ -583,7 +344,7 @@ class _Exporter:
                                 "export supports regular and depthwise convolutions only")
 
         def emit(act, y):
-            opts[1]["FusedActivationFunction"] = _act_code(act)
+            opts[1]["FusedActivationFunction"] = act_code(act)
             self.m.add_op(code, ins, [y], opts)
         self.finish(node, emit)
 
@@ -600,7 +361,7 @@ class _Exporter:
 
         def emit(act, y):
             self.m.add_op("FULLY_CONNECTED", [x, w, bias if bias is not None else -1], [y],
-                          ("FullyConnectedOptions", {"FusedActivationFunction": _act_code(act)}))
+                          ("FullyConnectedOptions", {"FusedActivationFunction": act_code(act)}))
         self.finish(node, emit)
 
     def _binary(self, node: IntNode, code: str) -> None:
@@ -609,7 +370,7 @@ class _Exporter:
             if len(self.shapes[n]) != len(self.shapes[node.outputs[0]]):
                 raise EdgeslimError(f"{node.op} {node.name}: inputs of different rank are not exportable to TFLite yet")
         self.finish(node, lambda act, y: self.m.add_op(code, [a, b], [y], (f"{code.capitalize()}Options",
-                                                                          {"FusedActivationFunction": _act_code(act)})))
+                                                                          {"FusedActivationFunction": act_code(act)})))
 
     def op_QLinearAdd(self, node: IntNode, shape_in) -> None:
         self._binary(node, "ADD")
@@ -625,11 +386,11 @@ class _Exporter:
             return
         parts = []
         for n in node.inputs:
-            parts.append(self.requant(self.ids[n], self.g.qparams[n], qy, _stored(self.shapes[n]), f"{node.name}_in"))
+            parts.append(self.requant(self.ids[n], self.g.qparams[n], qy, stored(self.shapes[n]), f"{node.name}_in"))
         ndim = len(self.shapes[node.outputs[0]])
-        axis = _layout(ndim).index(node.attrs.get("axis", 1) % ndim)
+        axis = layout(ndim).index(node.attrs.get("axis", 1) % ndim)
         self.finish(node, lambda act, y: self.m.add_op("CONCATENATION", parts, [y], (
-            "ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": _act_code(act)})))
+            "ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": act_code(act)})))
 
     def _avgpool(self, node: IntNode, k, s) -> None:
         in_q, out_q = self.g.qparams[node.inputs[0]], self.g.qparams[node.outputs[0]]
@@ -642,7 +403,7 @@ class _Exporter:
                               "FilterHeight": k[0]}))
         y = self.requant(pooled, in_q, out_q, pooled_shape, node.name)
         lo, hi = node.attrs.get("clamp") or (out_q.qmin, out_q.qmax)
-        off = _offset(out_q)
+        off = int8_offset(out_q)
         clamp = (max(lo, out_q.qmin) - off, min(hi, out_q.qmax) - off)
         self.ids[node.outputs[0]] = self.clamp_ops(y, node.outputs[0], None if clamp == (-128, 127) else clamp)
 
@@ -662,7 +423,7 @@ class _Exporter:
             self.m.add_op("DEPTHWISE_CONV_2D", [x, w, bias], [y], (
                 "DepthwiseConv2DOptions", {"Padding": 1, "StrideW": int(strides[1]), "StrideH": int(strides[0]),
                                            "DepthMultiplier": 1, "DilationWFactor": 1, "DilationHFactor": 1,
-                                           "FusedActivationFunction": _act_code(act)}))
+                                           "FusedActivationFunction": act_code(act)}))
         if emit_to is None:
             self.finish(node, emit)
         else:
@@ -692,7 +453,7 @@ class _Exporter:
         self.m.add_op("MEAN", [x, axes], [pooled], ("ReducerOptions", {"KeepDims": True}))
         y = self._reshape(pooled, (out_shape[0], out_shape[1], 1, 1), out_shape, node.name)
         lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
-        clamp = (max(lo, q.qmin) - _offset(q), min(hi, q.qmax) - _offset(q))
+        clamp = (max(lo, q.qmin) - int8_offset(q), min(hi, q.qmax) - int8_offset(q))
         self.ids[node.outputs[0]] = self.clamp_ops(y, node.outputs[0], None if clamp == (-128, 127) else clamp)
 
     def _global_pool_conv(self, node: IntNode) -> None:
@@ -706,7 +467,7 @@ class _Exporter:
         self._pool_conv(node, kernel, (1, 1), emit_to=pooled)
         y = self._reshape(pooled, (out_shape[0], out_shape[1], 1, 1), out_shape, node.name)
         lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
-        clamp = (max(lo, q.qmin) - _offset(q), min(hi, q.qmax) - _offset(q))
+        clamp = (max(lo, q.qmin) - int8_offset(q), min(hi, q.qmax) - int8_offset(q))
         self.ids[node.outputs[0]] = self.clamp_ops(y, node.outputs[0], None if clamp == (-128, 127) else clamp)
 
     def op_MaxPool(self, node: IntNode, shape_in) -> None:
@@ -719,27 +480,27 @@ class _Exporter:
     def op_Pad(self, node: IntNode, shape_in) -> None:
         pads = node.attrs["pads"]
         nd = len(pads) // 2
-        pairs = [[pads[i], pads[i + nd]] for i in _layout(nd)]
+        pairs = [[pads[i], pads[i + nd]] for i in layout(nd)]
         self.m.add_op("PAD", [self.src(node), self.i32(f"{node.name}_paddings", pairs)], [self.out(node)])
 
     def _reshape(self, x: int, in_shape, out_shape, name: str) -> int:
         """RESHAPE in PyTorch's (NCHW) element order: 4-D tensors go through TRANSPOSE to NCHW and back (int8 or
         float, the type of ``x``)."""
         t = self.m.tensors[x]
-        if len(in_shape) == 4 and not _same_bytes(t.shape, _inverse(NHWC)):
-            x = self._transpose(x, _inverse(NHWC), list(in_shape), name)
-        back = len(out_shape) == 4 and not _same_bytes(list(out_shape), NHWC)
-        target = list(out_shape) if back or len(out_shape) != 4 else _stored(out_shape)
+        if len(in_shape) == 4 and not same_bytes(t.shape, inverse(NHWC)):
+            x = self._transpose(x, inverse(NHWC), list(in_shape), name)
+        back = len(out_shape) == 4 and not same_bytes(list(out_shape), NHWC)
+        target = list(out_shape) if back or len(out_shape) != 4 else stored(out_shape)
         flat = self.like(x, f"{name}_reshape", target)
         self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", target)], [flat], ("ReshapeOptions", {}))
         if back:
-            flat = self._transpose(flat, list(NHWC), _stored(out_shape), name)
+            flat = self._transpose(flat, list(NHWC), stored(out_shape), name)
         return flat
 
     def _transpose(self, x: int, perm, out_shape, name: str, q: dict | None = None) -> int:
         if list(perm) == list(range(len(perm))):
             return x
-        if _same_bytes(self.m.tensors[x].shape, perm):  # only size-1 axes move: a RESHAPE
+        if same_bytes(self.m.tensors[x].shape, perm):  # only size-1 axes move: a RESHAPE
             y = self.like(x, f"{name}_reshape", out_shape)
             self.m.add_op("RESHAPE", [x, self.i32(f"{name}_shape", list(out_shape))], [y], ("ReshapeOptions", {}))
             return y
@@ -761,8 +522,8 @@ class _Exporter:
 
     def op_Transpose(self, node: IntNode, shape_in) -> None:
         in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
-        perm = _then(_then(_inverse(_layout(len(in_shape))), node.attrs["perm"]), _layout(len(out_shape)))
-        y = self._transpose(self.src(node), perm, _stored(out_shape), node.name)
+        perm = then(then(inverse(layout(len(in_shape))), node.attrs["perm"]), layout(len(out_shape)))
+        y = self._transpose(self.src(node), perm, stored(out_shape), node.name)
         self._alias_output(node, y)
 
     def op_Slice(self, node: IntNode, shape_in) -> None:
@@ -775,7 +536,7 @@ class _Exporter:
             begin[a], end[a], step[a] = slice(st, en, (at.get("steps") or [1] * len(at["axes"]))[i]).indices(in_shape[a])
             if step[a] < 1:
                 raise EdgeslimError(f"slice {node.name}: negative steps are not exportable to TFLite")
-        order = _layout(nd)
+        order = layout(nd)
         args = [self.i32(f"{node.name}_{k}", [v[i] for i in order]) for k, v in
                 (("begin", begin), ("end", end), ("strides", step))]
         self.m.add_op("STRIDED_SLICE", [self.src(node), *args], [self.out(node)],
@@ -794,7 +555,7 @@ class _Exporter:
 
     def op_QLinearRelu(self, node: IntNode, shape_in) -> None:
         q = self.g.qparams[node.outputs[0]]
-        off = _offset(q)
+        off = int8_offset(q)
         lo, hi = node.attrs.get("clamp") or (q.qmin, q.qmax)
         clamp = (max(int(lo), q.qmin) - off, min(int(hi), q.qmax) - off)
         act = next((a for a in ("RELU", "RELU6") if
@@ -821,9 +582,9 @@ class _Exporter:
         qx, qy = self.g.qparams[node.inputs[0]], self.g.qparams[node.outputs[0]]
         lo, hi = node.attrs.get("clamp") or (qy.qmin, qy.qmax)
         # 256 entries indexed by int8 code + 128; codes outside a narrower (< 8-bit) input range never occur
-        natural = np.clip(np.arange(-128, 128) + _offset(qx), qx.qmin, qx.qmax)
+        natural = np.clip(np.arange(-128, 128) + int8_offset(qx), qx.qmin, qx.qmax)
         table = np.asarray(node.arrays["table"], np.int64)[natural - qx.qmin]
-        table = np.clip(table, max(lo, qy.qmin), min(hi, qy.qmax)) - _offset(qy)
+        table = np.clip(table, max(lo, qy.qmin), min(hi, qy.qmax)) - int8_offset(qy)
         shape = self.m.tensors[x].shape
         as_i32 = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_codes"), shape, np.int32))
         index = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_index"), shape, np.int32))
@@ -840,7 +601,7 @@ class _Exporter:
         """LOGISTIC (output 1/256, -128, as TFLite requires), then QUANTIZE to the IntGraph's parameters; for a
         gated SiLU to the gate's, then MUL by the input (``x * Q_g(sigmoid(x))``)."""
         shape = self.m.tensors[x].shape
-        if op == "LOGISTIC" and _same_stored(LOGISTIC_Q, self.g.qparams[node.outputs[0]]):
+        if op == "LOGISTIC" and same_stored(LOGISTIC_Q, self.g.qparams[node.outputs[0]]):
             self.finish(node, lambda act, y: self.m.add_op("LOGISTIC", [x], [y]), fusable=False)
             return
         sig = self.act(self.fresh(f"{node.name}_logistic"), LOGISTIC_Q, shape)
@@ -850,306 +611,7 @@ class _Exporter:
             return
         gate = self.requant(sig, LOGISTIC_Q, gate_qparams(node), shape, f"{node.name}_gate")
         self.finish(node, lambda act, y: self.m.add_op("MUL", [x, gate], [y], (
-            "MulOptions", {"FusedActivationFunction": _act_code(act)})))
-
-    # float islands ---------------------------------------------------------
-    # IntGraph ops that edgeslim keeps in float (between DequantizeLinear / QuantizeLinear) are written as TFLite's
-    # float32 builtins: DEQUANTIZE in front (``fin``), QUANTIZE after (the IntGraph's QuantizeLinear). They are
-    # listed in ``float_nodes``; the engine computes them in numpy float32 (``engine.float_ops``).
-
-    def float_op(self, node: IntNode, what: str | None = None) -> None:
-        self.float_nodes.append(f"{node.name} ({what or node.attrs.get('fn', node.op)})")
-
-    def _f_elementwise(self, node: IntNode, code: str, xs: list[int], options=None) -> None:
-        self.m.add_op(code, xs, [self.out(node)], options)
-
-    def _f_binary(self, node: IntNode, code: str, a: int, b: int) -> None:
-        shape = self.shapes[node.outputs[0]]
-        for t in (a, b):
-            if len(self.m.tensors[t].shape) != len(shape) and self.m.tensors[t].data is None:
-                raise EdgeslimError(f"{node.op} {node.name}: float inputs of different rank are not exportable to "
-                                    "TFLite yet")
-        opts = {"ADD": ("AddOptions", {}), "SUB": ("SubOptions", {}), "MUL": ("MulOptions", {}),
-                "DIV": ("DivOptions", {})}.get(code)
-        self._f_elementwise(node, code, [a, b], opts)
-
-    def op_Add(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        self._f_binary(node, "ADD", self.fin(node.inputs[0]), self.fin(node.inputs[1]))
-
-    def op_Mul(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        self._f_binary(node, "MUL", self.fin(node.inputs[0]), self.fin(node.inputs[1]))
-
-    def op_Concat(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        nd = len(self.shapes[node.outputs[0]])
-        axis = _layout(nd).index(node.attrs["axis"] % nd)
-        self._f_elementwise(node, "CONCATENATION", [self.fin(n) for n in node.inputs],
-                            ("ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": 0}))
-
-    def _f_clip(self, node: IntNode, x: int, lo: float, hi: float) -> None:
-        builtin = {(0.0, 6.0): "RELU6", (0.0, np.inf): "RELU"}  # (TFLM has no RELU_0_TO_1 / RELU_N1_TO_1)
-        code = builtin.get((float(lo), float(hi)))
-        if code is not None:
-            self._f_elementwise(node, code, [x])
-            return
-        shape = self.m.tensors[x].shape
-        for op, bound in (("MAXIMUM", lo), ("MINIMUM", hi)):
-            if not np.isfinite(bound):
-                continue
-            y = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_{op.lower()}"), shape, np.float32))
-            self.m.add_op(op, [x, self.m.const(self.fresh(f"{node.name}_bound"), np.array([bound], np.float32))], [y])
-            x = y
-        self._alias_output(node, x)
-
-    def op_Relu(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        self._f_elementwise(node, "RELU", [self.fin(node.inputs[0])])
-
-    def op_Clip(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        self._f_clip(node, self.fin(node.inputs[0]), node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf))
-
-    def _f_mean(self, node: IntNode, x: int, axes, keepdims: bool, code: str = "MEAN") -> None:
-        in_shape = self.shapes[node.inputs[0]]
-        nd = len(in_shape)
-        lay = _layout(nd)
-        axes = sorted(a % nd for a in axes)
-        kept = [a for a in lay if a not in axes]
-        if not keepdims and nd == 4 and kept != sorted(kept):  # the remaining axes would be out of order
-            x, lay = self.logical(x, in_shape, node.name), tuple(range(nd))
-        stored_axes = self.i32(f"{node.name}_axes", [lay.index(a) for a in axes])
-        self._f_elementwise(node, code, [x, stored_axes], ("ReducerOptions", {"KeepDims": bool(keepdims)}))
-
-    def op_GlobalAveragePool(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        self._f_mean(node, self.fin(node.inputs[0]), [2, 3], True)
-
-    def op_ReduceMean(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        self._f_mean(node, self.fin(node.inputs[0]), node.attrs["axes"], bool(node.attrs.get("keepdims", 1)))
-
-    def op_AveragePool(self, node: IntNode, shape_in) -> None:
-        """Float AVERAGE_POOL_2D; ONNX pads with count_include_pad are an explicit zero PAD, then VALID."""
-        self.float_op(node)
-        k, s = node.attrs["kernel_shape"], node.attrs["strides"]
-        x = self.fin(node.inputs[0])
-        pads = list(node.attrs.get("pads") or (0, 0, 0, 0))
-        if any(pads):
-            in_shape = self.shapes[node.inputs[0]]
-            padded = [1, in_shape[2] + pads[0] + pads[2], in_shape[3] + pads[1] + pads[3], in_shape[1]]
-            y = self.like(x, f"{node.name}_pad", padded)
-            self.m.add_op("PAD", [x, self.i32(f"{node.name}_paddings",
-                                              [[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]])], [y])
-            x = y
-        self._f_elementwise(node, "AVERAGE_POOL_2D", [x], ("Pool2DOptions", {
-            "Padding": 1, "StrideW": s[1], "StrideH": s[0], "FilterWidth": k[1], "FilterHeight": k[0]}))
-
-    def _f_activation(self, node: IntNode, fn: str, x: int, attrs: dict, onnx_defaults: bool = False) -> None:
-        if fn == "Sigmoid":
-            self._f_elementwise(node, "LOGISTIC", [x])
-        elif fn == "Tanh":
-            self._f_elementwise(node, "TANH", [x])
-        elif fn == "HardSwish":
-            self._f_elementwise(node, "HARD_SWISH", [x])
-        elif fn == "LeakyRelu":
-            self._f_elementwise(node, "LEAKY_RELU", [x], ("LeakyReluOptions", {"Alpha": float(attrs["alpha"])}))
-        elif fn == "Elu" and float(attrs.get("alpha", 1.0)) == 1.0:
-            self._f_elementwise(node, "ELU", [x])
-        elif fn == "Gelu":
-            self._f_elementwise(node, "GELU", [x], ("GeluOptions", {"Approximate": attrs.get("approximate") == "tanh"}))
-        elif fn == "Silu" and ("gate_scale" not in attrs or attrs["gate_bits"] <= 8):  # x * sigmoid(x)
-            shape = self.m.tensors[x].shape
-            sig = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_logistic"), shape, np.float32))
-            self.m.add_op("LOGISTIC", [x], [sig])
-            if "gate_scale" in attrs:  # a gated SiLU: the sigmoid quantized to the gate's codes and back
-                gate = gate_qparams(IntNode("LUT", node.name, [], [], attrs))
-                codes = self.act(self.fresh(f"{node.name}_gate"), gate, shape)
-                self.m.add_op("QUANTIZE", [sig], [codes])
-                sig = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_gate_float"), shape, np.float32))
-                self.m.add_op("DEQUANTIZE", [codes], [sig])
-            self._f_elementwise(node, "MUL", [x, sig], ("MulOptions", {}))
-        elif fn == "HardSigmoid":  # clip(alpha x + beta, 0, 1): torch's 1/6, 1/2; ONNX's defaults 0.2, 0.5
-            alpha = float(attrs.get("alpha", 0.2)) if onnx_defaults else 1 / 6
-            shape = self.m.tensors[x].shape
-            t = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_scaled"), shape, np.float32))
-            self.m.add_op("MUL", [x, self.m.const(self.fresh(f"{node.name}_alpha"), np.array([alpha], np.float32))],
-                          [t], ("MulOptions", {}))
-            u = self.m.add_tensor(Tensor(self.fresh(f"{node.name}_shifted"), shape, np.float32))
-            beta = np.array([attrs.get("beta", 0.5) if onnx_defaults else 0.5], np.float32)
-            self.m.add_op("ADD", [t, self.m.const(self.fresh(f"{node.name}_beta"), beta)], [u], ("AddOptions", {}))
-            self._f_clip(node, u, 0.0, 1.0)
-        else:
-            raise EdgeslimError(f"float {fn} ({node.name}) has no float TFLite builtin in edgeslim's exporter: "
-                                "quantize it (no float plan for it) or use --formats onnx")
-
-    def _float_activation(self, node: IntNode, shape_in) -> None:
-        self.float_op(node)
-        self._f_activation(node, node.op, self.fin(node.inputs[0]), node.attrs)
-
-    op_Sigmoid = op_Tanh = op_HardSwish = op_HardSigmoid = op_LeakyRelu = op_Elu = op_Gelu = op_Silu = op_Mish = \
-        _float_activation
-
-    def _float_weights(self, node: IntNode) -> tuple[np.ndarray, np.ndarray | None]:
-        """The layer's float32 weights and bias, as the engine's float path computes them."""
-        a = node.arrays
-        if "w_float" in a:
-            w = a["w_float"].astype(np.float32)
-        else:
-            shape = (-1,) + (1,) * (a["w"].ndim - 1)
-            w = ((a["w"].astype(np.float32) - a["w_zero_point"].reshape(shape)) * a["w_scale"].reshape(shape))
-        b = None
-        if "bias" in a:
-            scale = np.float32(self.g.qparams[node.inputs[0]].scale) * a["w_scale"].astype(np.float32)
-            b = a["bias"].astype(np.float32) * scale
-        elif "b_float" in a:
-            b = a["b_float"].astype(np.float32)
-        return w.astype(np.float32), None if b is None else np.asarray(b, np.float32).reshape(-1)
-
-    def op_Conv(self, node: IntNode, shape_in) -> None:
-        """A float convolution (an FP32 layer of a mixed plan): float32 CONV_2D / DEPTHWISE_CONV_2D."""
-        self.float_op(node, "Conv")
-        at = node.attrs
-        w, b = self._float_weights(node)
-        o, cg, kh, kw = w.shape
-        in_shape, out_shape = self.shapes[node.inputs[0]], self.shapes[node.outputs[0]]
-        padding, x = self._padding(node, (kh, kw), in_shape, out_shape, None)
-        bias = self.m.const(f"{node.name}_bias", b if b is not None else np.zeros(w.shape[0], np.float32))
-        act = _act_code({"relu": "RELU", "relu6": "RELU6"}.get(at.get("act"), "NONE"))
-        sh, sw = at["strides"]
-        dh, dw = at["dilations"]
-        if at["group"] == 1:
-            weights = self.m.const(f"{node.name}_weights", np.ascontiguousarray(w.transpose(0, 2, 3, 1)))
-            self._f_elementwise(node, "CONV_2D", [x, weights, bias], ("Conv2DOptions", {
-                "Padding": padding, "StrideW": sw, "StrideH": sh, "DilationWFactor": dw, "DilationHFactor": dh,
-                "FusedActivationFunction": act}))
-        elif at["group"] == in_shape[1] and cg == 1:
-            weights = self.m.const(f"{node.name}_weights", np.ascontiguousarray(w.transpose(1, 2, 3, 0)))
-            self._f_elementwise(node, "DEPTHWISE_CONV_2D", [x, weights, bias], ("DepthwiseConv2DOptions", {
-                "Padding": padding, "StrideW": sw, "StrideH": sh, "DepthMultiplier": o // in_shape[1],
-                "DilationWFactor": dw, "DilationHFactor": dh, "FusedActivationFunction": act}))
-        else:
-            raise EdgeslimError(f"conv {node.name} is grouped ({at['group']} groups): TFLite has only plain and "
-                                "depthwise convolutions")
-
-    def op_Gemm(self, node: IntNode, shape_in) -> None:
-        """A float linear layer: float32 FULLY_CONNECTED."""
-        self.float_op(node, "Gemm")
-        w, b = self._float_weights(node)
-        in_shape = self.shapes[node.inputs[0]]
-        x = self.fin(node.inputs[0])
-        if len(in_shape) != 2:
-            x = self._reshape(x, in_shape, (in_shape[0], int(np.prod(in_shape[1:]))), node.name)
-        weights = self.m.const(f"{node.name}_weights", np.ascontiguousarray(w.reshape(w.shape[0], -1)))
-        bias = self.m.const(f"{node.name}_bias", b) if b is not None else -1
-        self._f_elementwise(node, "FULLY_CONNECTED", [x, weights, bias],
-                            ("FullyConnectedOptions", {"FusedActivationFunction": 0}))
-
-    def op_FloatIsland(self, node: IntNode, shape_in) -> None:
-        """A float island held as a small ONNX graph (``engine.float_ops.FloatIsland`` runs it): each ONNX node as
-        its float TFLite builtin(s); intermediate tensors get their shapes from one reference run at batch 1."""
-        import onnx
-        from onnx import helper, numpy_helper
-        from onnx.reference import ReferenceEvaluator
-
-        model = onnx.load_from_string(node.arrays["onnx"].tobytes())
-        graph = model.graph
-        if len(node.outputs) != 1 or len(graph.output) != 1:
-            raise EdgeslimError(f"float island {node.name} has {len(node.outputs)} outputs: not exportable to "
-                                "TFLite yet")
-        rename = {i.name: n for i, n in zip(graph.input, node.inputs)}
-        rename[graph.output[0].name] = node.outputs[0]
-
-        def nm(x: str) -> str:
-            return rename.get(x, f"{node.name}::{x}")
-
-        consts = {nm(i.name): numpy_helper.to_array(i) for i in graph.initializer}
-        inner = [o for n in graph.node for o in n.output if o and o != graph.output[0].name]
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        probe.graph.output.extend([helper.make_tensor_value_info(o, 0, None) for o in inner])
-        feeds = {i.name: np.zeros(self.shapes[n], np.float32) for i, n in zip(graph.input, node.inputs)}
-        try:
-            with np.errstate(all="ignore"):  # zeros may divide by zero: only the shapes are read
-                values = ReferenceEvaluator(probe).run(None, feeds)
-        except Exception as exc:  # noqa: BLE001 - named in the one-line error
-            raise EdgeslimError(f"float island {node.name} ({node.attrs.get('fn')}): its shapes could not be "
-                                f"computed for TFLite ({str(exc).splitlines()[0][:80]})") from None
-        for o, v in zip([graph.output[0].name, *inner], values):
-            self.shapes.setdefault(nm(o), tuple(np.shape(v)))
-        self.float_op(node)
-        for k, src in enumerate(graph.node):
-            attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
-            if src.op_type == "Constant" and "value" in attrs:
-                consts[nm(src.output[0])] = numpy_helper.to_array(attrs["value"])
-                continue
-            step = IntNode(src.op_type, f"{node.name}_{k}", [nm(i) if i else "" for i in src.input],
-                           [nm(o) for o in src.output if o])
-            if len(step.outputs) != 1:
-                raise EdgeslimError(f"float {src.op_type} in {node.name} has several outputs: not exportable to "
-                                    "TFLite yet")
-            self._onnx_float(step, attrs, consts, model.opset_import[0].version)
-
-    def _onnx_float(self, node: IntNode, attrs: dict, consts: dict, opset: int) -> None:
-        """One float ONNX node (inputs: float tensors or constants) as TFLite float builtins."""
-        fn = node.op
-        out_shape = self.shapes[node.outputs[0]]
-        nd = len(out_shape)
-
-        def operand(k: int) -> int:
-            name = node.inputs[k]
-            if name in consts:
-                return self.fconst(f"{node.name}_c{k}", consts[name], nd)
-            return self.fin(name)
-
-        def const(k: int):
-            return consts.get(node.inputs[k]) if len(node.inputs) > k and node.inputs[k] else None
-
-        unary = {"Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT", "Neg": "NEG", "Abs": "ABS", "Floor": "FLOOR",
-                 "Ceil": "CEIL", "Sin": "SIN", "Cos": "COS", "Relu": "RELU"}
-        binary = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Max": "MAXIMUM", "Min": "MINIMUM",
-                  "Pow": "POW", "PRelu": "PRELU"}
-        in_shape = self.shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] not in consts else None
-        if fn in unary:
-            self._f_elementwise(node, unary[fn], [operand(0)])
-        elif fn in binary and len(node.inputs) == 2:
-            self._f_binary(node, binary[fn], operand(0), operand(1))
-        elif fn in ("Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Gelu"):
-            self._f_activation(node, fn, operand(0), attrs, onnx_defaults=True)
-        elif fn == "Clip":
-            lo, hi = const(1), const(2)
-            self._f_clip(node, operand(0), -np.inf if lo is None else float(lo), np.inf if hi is None else float(hi))
-        elif fn == "Identity" or fn == "Cast" and attrs.get("to") == 1:  # TensorProto.FLOAT
-            self._alias_output(node, operand(0))
-        elif fn in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and in_shape is not None:
-            self._alias_output(node, self._reshape(operand(0), in_shape, out_shape, node.name))
-        elif fn == "Transpose" and in_shape is not None:
-            perm = attrs.get("perm", list(range(len(in_shape)))[::-1])
-            perm = _then(_then(_inverse(_layout(len(in_shape))), perm), _layout(nd))
-            self._alias_output(node, self._transpose(operand(0), perm, _stored(out_shape), node.name))
-        elif fn == "Concat":
-            self._f_elementwise(node, "CONCATENATION", [operand(k) for k in range(len(node.inputs))],
-                                ("ConcatenationOptions", {"Axis": _layout(nd).index(attrs["axis"] % nd),
-                                                          "FusedActivationFunction": 0}))
-        elif fn == "Softmax" and (attrs.get("axis", -1) % nd == nd - 1 or opset >= 13):
-            self._softmax(node, operand(0), attrs.get("axis", -1))
-        elif fn == "Gather" and const(1) is not None and in_shape is not None:
-            self._gather(node, operand(0), in_shape, attrs.get("axis", 0), const(1))
-        elif fn in ("ReduceMean", "ReduceSum", "ReduceMax") and in_shape is not None:
-            axes = attrs.get("axes", const(1))
-            axes = list(range(len(in_shape))) if axes is None else [int(a) for a in np.ravel(axes)]
-            code = {"ReduceMean": "MEAN", "ReduceSum": "SUM", "ReduceMax": "REDUCE_MAX"}[fn]
-            self._f_mean(node, operand(0), axes, bool(attrs.get("keepdims", 1)), code)
-        else:
-            raise EdgeslimError(f"float {fn} ({node.name}) has no float TFLite builtin in edgeslim's exporter: "
-                                "use --formats onnx, or open an issue with the model")
-
-ACTIVATION_CODES = {"NONE": 0, "RELU": 1, "RELU6": 3}  # schema.fbs ActivationFunctionType
-
-
-def _act_code(act: str) -> int:
-    return ACTIVATION_CODES[act]
+            "MulOptions", {"FusedActivationFunction": act_code(act)})))
 
 
 def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
@@ -1162,7 +624,7 @@ def to_tflite(g: IntGraph, *, io: str = "float") -> tuple[bytes, dict]:
     if io not in IO_TYPES:
         raise EdgeslimError(f"invalid TFLite IO type {io!r}: use one of {', '.join(IO_TYPES)}")
     check_graph(g)
-    ex = _Exporter(g, io)
+    ex = Exporter(g, io)
     m = ex.run()
     counts: dict[str, int] = {}
     for op in m.ops:
