@@ -281,13 +281,17 @@ class DetectionDataset:
             if bar is not None:
                 bar.close()
 
-    def subset(self, n: int, seed: int = 0) -> "DetectionDataset":
-        """A seeded random ``n`` images (kept in file order); ``n >= len`` keeps all. Shares the reader."""
+    def subset_indices(self, n: int, seed: int = 0) -> np.ndarray:
+        """The indices ``subset(n, seed)`` keeps, in file order."""
         if isinstance(n, bool) or int(n) != n or n <= 0:
             raise EdgeslimError(f"subset size {n!r} is not a positive integer: pass e.g. 64")
-        idx = np.arange(len(self))
-        if n < len(self):
-            idx = np.sort(np.random.default_rng(seed).choice(len(self), int(n), replace=False))
+        if n >= len(self):
+            return np.arange(len(self))
+        return np.sort(np.random.default_rng(seed).choice(len(self), int(n), replace=False))
+
+    def subset(self, n: int, seed: int = 0) -> "DetectionDataset":
+        """A seeded random ``n`` images (kept in file order); ``n >= len`` keeps all. Shares the reader."""
+        idx = self.subset_indices(n, seed)
         return DetectionDataset(
             self._reader, [self.images[i] for i in idx], [self._labels[i] for i in idx], self.names,
             imgsz=self.imgsz, has_labels=self.has_labels, name=f"{self.name}[subset {len(idx)}]",

@@ -30,7 +30,7 @@ from ..eval.detection import confusion_matrix, evaluate_map, nms, nms_rows, prec
 from ..models import ModelInfo
 from ..quant.precision import LayerPrecision
 
-__all__ = ["Decoder", "parse_groups", "group_plan", "flat_outputs", "detect", "yolo_rows", "scores", "to_model_order", "evaluate_models", "torch_runner", "engine_runner", "ort_runner", "check_detector", "calibration_images", "fit_options", "calibrated", "paired_latency", "detector_metadata", "add_metadata", "decoded_files"]
+__all__ = ["Decoder", "parse_groups", "group_plan", "flat_outputs", "detect", "yolo_rows", "scores", "to_model_order", "evaluate_models", "model_detections", "torch_runner", "engine_runner", "ort_runner", "check_detector", "calibration_images", "fit_options", "calibrated", "paired_latency", "detector_metadata", "add_metadata", "decoded_files"]
 
 Decoder = Callable[[Sequence[np.ndarray]], np.ndarray]  # raw head outputs -> (N, A, 4 + nc) xyxy + scores
 
@@ -140,6 +140,14 @@ def evaluate_models(models: dict[str, Callable[[np.ndarray], list[np.ndarray]]],
                     decoder: Decoder, opts: DetectOptions, desc: str = "evaluating",
                     info: ModelInfo | None = None, detail: bool = False) -> dict[str, dict]:
     """Run each model on the same batches (decoded once) and score its detections (``detail``: per class too)."""
+    dets, targets = model_detections(models, data, decoder, opts, desc, info)
+    return {k: scores(v, targets, max(data.num_classes, 1), opts, detail) for k, v in dets.items()}
+
+
+def model_detections(models: dict[str, Callable[[np.ndarray], list[np.ndarray]]], data: DetectionDataset,
+                     decoder: Decoder, opts: DetectOptions, desc: str = "evaluating",
+                     info: ModelInfo | None = None) -> tuple[dict[str, list[np.ndarray]], list]:
+    """Each model's detections per image on the same batches (decoded once), and the images' targets."""
     dets: dict[str, list[np.ndarray]] = {k: [] for k in models}
     targets: list = []
     for x, tg, _ in data.batches(opts.batch_size, desc=desc):
@@ -147,7 +155,7 @@ def evaluate_models(models: dict[str, Callable[[np.ndarray], list[np.ndarray]]],
         x = to_model_order(x, info) if info is not None else x
         for k, fn in models.items():
             dets[k] += detect(fn(x), decoder, opts)
-    return {k: scores(v, targets, max(data.num_classes, 1), opts, detail) for k, v in dets.items()}
+    return dets, targets
 
 
 def torch_runner(model: nn.Module) -> Callable[[np.ndarray], list[np.ndarray]]:
