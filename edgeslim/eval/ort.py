@@ -3,24 +3,33 @@
 Latency is only meaningful as a ratio measured in one process: ``latency_ms`` creates one session per
 model with the same options and times them **interleaved** (one run of each in turn, many rounds), so
 machine noise hits every model alike, and reports the median.
+
+Scoring many models that differ in a few layers on the same inputs (sweeps, group tables, searches): inside
+``shared_work()`` the sessions ``session`` returns compute what the models share once (``SharedSession``, see
+"shared work across models" below); the outputs are the same bits as each model's own session gives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 __all__ = ["INTEGER_CONV_OPS", "FLOAT_CONV_OPS", "session", "predict", "predict_all", "optimized_op_counts", "QDQ_OPS",
            "MOVEMENT_OPS", "op_category", "float_ops_profile", "integer_convs", "latency_ms", "paired_ratio",
-           "fp32_int8_latency", "latency_samples"]
+           "fp32_int8_latency", "latency_samples", "tensor_signatures", "TensorCache", "SharedSession", "NodeArg", "shared_work"]
 
 
 INTEGER_CONV_OPS = ("QLinearConv", "NhwcQLinearConv")
@@ -29,6 +38,16 @@ FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv", "ConvInteger")
 
 def session(path: str | Path | bytes, *, threads: int = 1, optimized_path: str | Path | None = None,
             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    """An onnxruntime session of a file or serialized model (inside ``shared_work()``: a ``SharedSession``)."""
+    if _SHARED and optimized_path is None:
+        model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
+        return SharedSession(model, _SHARED[-1], lambda b: _plain_session(b, threads=threads, level=level))
+    return _plain_session(path, threads=threads, optimized_path=optimized_path, level=level)
+
+
+def _plain_session(path: str | Path | bytes, *, threads: int = 1, optimized_path: str | Path | None = None,
+                   level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                   ) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -155,7 +174,7 @@ def latency_samples(paths: dict[str, Path], input_shape: tuple[int, ...], batch:
 
     ``seconds``: stop early once the measured rounds took this long and at least ``min_rounds`` are done (a
     large batch on one thread needs fewer rounds for a stable paired median than a 1-ms model)."""
-    sessions = {k: session(p, threads=threads) for k, p in paths.items()}
+    sessions = {k: _plain_session(p, threads=threads) for k, p in paths.items()}  # timed: never shared
     x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -174,3 +193,201 @@ def latency_samples(paths: dict[str, Path], input_shape: tuple[int, ...], batch:
             if i >= warmup:
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+# ----------------------------------------------------------------------------- shared work across models
+
+# Many models scored on the same inputs (a sensitivity sweep: one plan per layer; a group table; a search) differ
+# in a few layers: everything upstream of the first difference is the same computation on the same data. Inside
+# ``shared_work()``, ``session`` returns a ``SharedSession`` that computes such a prefix once: each tensor gets a
+# content signature (a Merkle hash of its producer's op, attributes, constant inputs and its inputs' signatures,
+# as in common-subexpression elimination), and a run feeds the deepest *frontier* (every live tensor after some
+# node) whose values the cache already holds for this input into a session of the rest of the model.
+#
+# Only tensors a cut cannot change are cut at: integer codes (the output of QuantizeLinear, or of the Clip that
+# narrows them to fewer bits) and the model's input and outputs. onnxruntime's QDQ fusions end at codes
+# (DequantizeLinear -> op -> QuantizeLinear becomes one integer op whose output is the codes), so the rest of the
+# model runs the same integer kernels on the same values: its outputs are bit-identical to the whole model's
+# (tests/jobs/test_mixed_fast.py checks it). Float tensors are not cut at: measured here, a float ResNet-20 cut
+# after a ReLU differs in the last bits (onnxruntime picks other float kernels and fusions for a graph that starts
+# there). The cache is keyed by the input's digest and the tensor's signature, so a value is only ever reused for
+# the same computation on the same data.
+
+_CUT_PRODUCERS = ("QuantizeLinear", "Clip")
+_INTEGER_TYPES = {onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16, onnx.TensorProto.INT16}
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.digest()
+
+
+def tensor_signatures(model: onnx.ModelProto) -> dict[str, bytes]:
+    """Content signature of every tensor of ``model``: two tensors of any two models with equal signatures hold
+    the same values for the same graph inputs (graph inputs are signed by position, constants by content)."""
+    g = model.graph
+    sig = {i.name: _digest(b"input", str(k).encode()) for k, i in enumerate(g.input)}
+    for init in g.initializer:  # by content, not by name
+        a = numpy_helper.to_array(init)
+        sig[init.name] = _digest(b"const", f"{a.dtype}{a.shape}".encode(), np.ascontiguousarray(a).tobytes())
+    sig[""] = b""
+    for node in g.node:
+        attrs = b"".join(a.SerializeToString(deterministic=True) for a in sorted(node.attribute, key=lambda a: a.name))
+        base = [node.op_type.encode(), node.domain.encode(), attrs, *(sig[t] for t in node.input)]
+        for j, out in enumerate(node.output):
+            sig[out] = _digest(*base, str(j).encode())
+    return sig
+
+
+class TensorCache:
+    """Tensor values by (input digest, signature), grouped by input. A group keeps the first values put up to its
+    share (``max_bytes / shares``: a reference model scored first keeps its values while every plan after it
+    reuses them); past ``max_bytes`` in all, the least recently used input's group goes."""
+
+    def __init__(self, max_bytes: int, shares: int = 4) -> None:
+        self.max_bytes, self.share = max_bytes, max_bytes // shares
+        self.groups: OrderedDict[bytes, dict[bytes, np.ndarray]] = OrderedDict()
+        self.sizes: dict[bytes, int] = {}
+
+    def _group(self, key: bytes) -> dict[bytes, np.ndarray]:
+        if key not in self.groups:
+            self.groups[key], self.sizes[key] = {}, 0
+        self.groups.move_to_end(key)
+        return self.groups[key]
+
+    def get(self, key: tuple[bytes, bytes]) -> np.ndarray | None:
+        return self._group(key[0]).get(key[1])
+
+    def put(self, key: tuple[bytes, bytes], value: np.ndarray) -> None:
+        group = self._group(key[0])
+        if key[1] in group or self.sizes[key[0]] + value.nbytes > self.share:
+            return
+        group[key[1]] = value
+        self.sizes[key[0]] += value.nbytes
+        while sum(self.sizes.values()) > self.max_bytes and len(self.groups) > 1:
+            old, _ = self.groups.popitem(last=False)
+            del self.sizes[old]
+
+
+class _Cuts:
+    """Where ``model`` can be cut: per position (after node ``i``; -1: before the first), the live tensors."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model, self.sig = model, tensor_signatures(model)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        self.types = {v.name: v.type for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+        static = {i.name for i in g.initializer} | {""}
+        self.static_nodes, self.nodes = [], []
+        for node in g.node:  # nodes of constants only (weights' DequantizeLinear) go into every part
+            if all(t in static for t in node.input):
+                self.static_nodes.append(node)
+                static.update(node.output)
+            else:
+                self.nodes.append(node)
+        inputs, outputs = {i.name for i in g.input}, {o.name for o in g.output}
+        last_use = {t: len(self.nodes) if t in outputs else -1 for t in self.sig}
+        for i, node in enumerate(self.nodes):
+            for t in node.input:
+                if t not in static:
+                    last_use[t] = max(last_use[t], i)
+        producer = {t: n.op_type for n in self.nodes for t in n.output}
+        self.cuttable = {t for t in self.sig if t in outputs or t in inputs
+                         or (producer.get(t) in _CUT_PRODUCERS and self._cut_type(t, producer[t]))}
+        self.frontiers: list[tuple[int, tuple[str, ...]]] = []
+        live = [i.name for i in g.input]
+        for i in range(-1, len(self.nodes)):
+            if i >= 0:
+                live = [t for t in live if last_use.get(t, -1) > i] + \
+                       [t for t in self.nodes[i].output if t and last_use.get(t, -1) > i]
+            if live and all(t in self.cuttable for t in live):
+                self.frontiers.append((i, tuple(live)))
+        # the tensors a run hands the cache: one per single-tensor cut (a residual block's output), the last of
+        # consecutive ones (codes after the raw QuantizeLinear output); each more one costs onnxruntime a copy
+        single = {i for i, f in self.frontiers if len(f) == 1}
+        self.kept = single - {i - 1 for i in single}
+
+    def _cut_type(self, t: str, op: str) -> bool:
+        tt = self.types.get(t)
+        if tt is None or not tt.HasField("tensor_type"):
+            return False
+        return tt.tensor_type.elem_type in _INTEGER_TYPES
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """A model input or output as ``InferenceSession.get_inputs`` describes it (name, shape, type)."""
+
+    name: str
+    shape: list
+    type: str
+
+
+def _arg(v: onnx.ValueInfoProto) -> NodeArg:
+    t = v.type.tensor_type
+    shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+    name = {onnx.TensorProto.FLOAT: "float", onnx.TensorProto.DOUBLE: "double"}.get(t.elem_type)
+    return NodeArg(v.name, shape, f"tensor({name or helper.tensor_dtype_to_np_dtype(t.elem_type).name})")
+
+
+class SharedSession:
+    """An onnxruntime session that reuses, through ``cache``, the tensors other models of the same cache already
+    computed on the same input (see above). Behaves as ``InferenceSession`` for ``run``, ``get_inputs`` and
+    ``get_outputs``; its outputs are the whole model's."""
+
+    def __init__(self, model: onnx.ModelProto, cache: TensorCache, make_session) -> None:
+        self.cuts, self.cache, self.make = _Cuts(model), cache, make_session
+        self.parts: dict[int, tuple[ort.InferenceSession, list[str]]] = {}
+
+    def get_inputs(self) -> list[NodeArg]:
+        return [_arg(v) for v in self.cuts.model.graph.input]
+
+    def get_outputs(self) -> list[NodeArg]:
+        return [_arg(v) for v in self.cuts.model.graph.output]
+
+    def _part(self, position: int, frontier: tuple[str, ...]) -> tuple[ort.InferenceSession, list[str]]:
+        """The model after ``position``: inputs the frontier, outputs the model's and every later cut tensor."""
+        if position not in self.parts:
+            c, g = self.cuts, self.cuts.model.graph
+            nodes = c.nodes[position + 1:]
+            later = [f[0] for i, f in c.frontiers if i > position and i in c.kept and f[0] not in frontier]
+            outs = list(dict.fromkeys([o.name for o in g.output] + later))
+            used = {t for n in (*c.static_nodes, *nodes) for t in n.input}
+            graph = helper.make_graph(
+                [*c.static_nodes, *nodes], g.name, [helper.make_value_info(t, c.types[t]) for t in frontier],
+                [helper.make_value_info(t, c.types[t]) for t in outs],
+                initializer=[i for i in g.initializer if i.name in used])
+            part = helper.make_model(graph, opset_imports=c.model.opset_import, ir_version=c.model.ir_version)
+            self.parts[position] = (self.make(part.SerializeToString()), outs)
+        return self.parts[position]
+
+    def run(self, output_names, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+        g, c = self.cuts.model.graph, self.cuts
+        x = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        key = _digest(*(f"{k}{v.dtype}{v.shape}".encode() + v.tobytes() for k, v in sorted(x.items())))
+        for position, frontier in reversed(c.frontiers):  # the deepest cut whose values are known (-1: the input)
+            known = {t: x[t] if t in x else self.cache.get((key, c.sig[t])) for t in frontier}
+            if all(v is not None for v in known.values()):
+                break
+        if position < len(c.nodes) - 1:
+            sess, outs = self._part(position, tuple(known))
+            known.update(zip(outs, sess.run(outs, known, run_options)))
+            for t in outs:
+                self.cache.put((key, c.sig[t]), known[t])
+        return [known[t].copy() for t in (output_names or [o.name for o in g.output])]  # the cache keeps its own
+
+
+_SHARED: list[TensorCache] = []
+
+
+@contextmanager
+def shared_work(max_bytes: int = 3 << 30) -> Iterator[TensorCache]:
+    """Within the block, ``session`` returns ``SharedSession``s over one cache of ``max_bytes``."""
+    _SHARED.append(TensorCache(max_bytes))
+    try:
+        yield _SHARED[-1]
+    finally:
+        _SHARED.pop()

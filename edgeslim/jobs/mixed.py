@@ -16,6 +16,12 @@ every ``--data`` input is used for the final numbers. With ``holdout_from="data"
 training data the model has memorized (quantization then costs less accuracy there than on new images, so a
 budget met on it can be missed on the test set). Outputs are staged and moved in at the end (``summary.json``
 last), as ``quantize`` does.
+
+Cost: one calibration per job; each plan is re-frozen from its statistics, lowered and exported in memory. The
+plans of a sweep, a group table or a search differ in a few layers, so both jobs score inside
+``eval.ort.shared_work()``: every tensor two plans' files share on the same inputs (all of the network upstream
+of the first layer they quantize differently, up to the last integer tensor before it) is computed once in
+onnxruntime and the rest of each file runs from there, with the same bits as each whole file gives.
 """
 
 from __future__ import annotations
@@ -160,6 +166,10 @@ def run_sensitivity(model: nn.Module, info: ModelInfo, task: Task, config: PTQCo
     outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:
+        with ort_eval.shared_work():
+            return sensitivity_work(stage)
+
+    def sensitivity_work(stage: Path) -> dict:
         t0 = time.perf_counter()
         if sweep_on == "holdout":
             data, gm = _start(model, info, task, config, holdout_size, holdout_from)
@@ -283,6 +293,10 @@ def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, 
     outputs = plan_outputs(score_with, info, measure)
 
     def work(stage: Path) -> dict:
+        with ort_eval.shared_work():
+            return mixed_work(stage)
+
+    def mixed_work(stage: Path) -> dict:
         t0 = time.perf_counter()
         data, gm = _start(model, info, task, config, holdout_size, holdout_from)
         sens = mp.sensitivity(gm, config, data.holdout, data.metric, high=high, sweeps=("keep_high",), progress=True,

@@ -1,0 +1,105 @@
+"""Shared work across plans (``eval.ort.shared_work``): every plan's scores and the chosen plan are those of the
+plain path, where each plan's file is exported in full and scored in its own onnxruntime session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeslim.algorithms import mixed_precision as mp
+from edgeslim.algorithms import ptq
+from edgeslim.config import Budget, MixedPlan, PTQConfig
+from edgeslim.eval import ort as ort_eval
+from edgeslim.export.onnx_qdq import to_onnx
+from edgeslim.lower import lower
+from edgeslim.quant.precision import LayerPrecision
+
+SHAPE = (3, 16, 16)
+
+
+def _calibrated(model, calib, config):
+    gm = ptq.prepare(model, SHAPE, config)
+    ptq.calibrate(gm, lambda: [calib])
+    return ptq.freeze(gm, config)
+
+
+def _x(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _plans(gm, config: PTQConfig) -> list[MixedPlan | None]:
+    """Uniform, both sweeps at two high precisions, and every group combination."""
+    names = [r["name"] for r in mp.unit_rows(gm)]
+    plans: list[MixedPlan | None] = [None]
+    for high in (LayerPrecision.parse("int8"), LayerPrecision.parse("fp32")):
+        plans += [mp.keep_high_plan(n, high) for n in names]
+        plans += [mp.only_quantized_plan(n, high, config.default_precision) for n in names]
+    groups = mp.default_groups(gm)
+    for quantized in mp.group_combinations(list(groups)):
+        plans.append(mp.group_plan(groups, {g: config.default_precision if g in quantized else
+                                            LayerPrecision.parse("fp32") for g in groups}))
+    return plans
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits):
+    """Each plan's outputs inside ``shared_work`` equal its own file's session's, on several batches, and the
+    shared path did reuse work (some plan ran from a cut past the input)."""
+    config = PTQConfig(w_bits=bits, a_bits=bits)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    blobs = []
+    for plan in _plans(gm, config):
+        ptq.apply_plan(gm, config, plan)
+        blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
+    x = _x(40).numpy()
+    plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, 16) for b in blobs]
+    with ort_eval.shared_work():
+        sessions = [ort_eval.session(b, threads=1) for b in blobs]
+        shared = [ort_eval.predict_all(s, x, 16) for s in sessions]
+    assert all(isinstance(s, ort_eval.SharedSession) for s in sessions)
+    for p, s in zip(plain, shared):
+        assert p.keys() == s.keys()
+        for k in p:
+            np.testing.assert_array_equal(s[k], p[k])
+    assert any(position >= 0 for s in sessions for position in s.parts)
+
+
+def test_a_float_cut_would_change_the_bits_so_none_is_made(tiny_model, tiny_calib):
+    """The all-float plan has no integer tensor: its only cuts are its input and its outputs."""
+    config = PTQConfig(w_bits=4, a_bits=4)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    ptq.apply_plan(gm, config, MixedPlan((("*", LayerPrecision.parse("fp32")),)))
+    model = to_onnx(lower(gm, SHAPE))
+    with ort_eval.shared_work():
+        s = ort_eval.session(model.SerializeToString())
+    cut_tensors = {t for _, frontier in s.cuts.frontiers for t in frontier}
+    ends = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    assert cut_tensors <= ends and ends <= cut_tensors
+
+
+def test_sweeps_and_search_score_and_choose_as_the_plain_path(tiny_model, tiny_calib):
+    """``sensitivity`` rows and ``search``'s steps, candidates and chosen plan are identical with and without
+    shared work (onnxruntime scoring)."""
+    config = PTQConfig(w_bits=3, a_bits=3)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    x = _x(64)
+    y = mp.fp32_outputs(gm, x)[0].argmax(1).numpy()
+    high = LayerPrecision.parse("fp32")
+
+    def run():
+        outputs = mp.onnx_outputs(SHAPE, batch_size=24)
+        sens = mp.sensitivity(gm, config, x, y, high=high, outputs=outputs)
+        res = mp.search(gm, config, x, y, Budget(max_drop=1.0), input_shape=SHAPE, high=high,
+                        order=mp.promotion_order(sens), outputs=outputs)
+        return sens, res
+
+    plain_sens, plain = run()
+    with ort_eval.shared_work():
+        shared_sens, shared = run()
+    drop = ("total_seconds", "seconds")
+    assert {k: v for k, v in shared_sens.items() if k not in drop} == \
+        {k: v for k, v in plain_sens.items() if k not in drop}
+    assert shared.chosen.to_dict() == plain.chosen.to_dict()
+    assert [c.to_dict() for c in shared.steps] == [c.to_dict() for c in plain.steps]
+    assert [c.to_dict() for c in shared.candidates] == [c.to_dict() for c in plain.candidates]
