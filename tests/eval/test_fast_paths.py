@@ -142,3 +142,33 @@ def test_detect_other_decoders_take_the_plain_path():
     assert yolo_rows(DecodedLayout(), [p], 0.01) is None
     for g, w in zip(detect([p], DecodedLayout(), opts), nms(DecodedLayout()([p]), conf_thres=0.01, iou_thres=0.6)):
         assert g.tobytes() == w.tobytes()
+
+
+def test_conv_counts_equal_integer_convs(tmp_path):
+    """The quantize job counts integer / all convs from the op counts it already has: eval.ort.integer_convs'
+    figures (a QDQ file with one integer conv and one float conv)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeslim.eval.ort import integer_convs, optimized_op_counts
+    from edgeslim.jobs.quantize import conv_counts
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.int8), "w")
+    w2 = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w2")
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    z8 = numpy_helper.from_array(np.array(0, np.int8), "z8")
+    zu = numpy_helper.from_array(np.array(0, np.uint8), "zu")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zu"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zu"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s", "z8"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["y", "s", "zu"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "zu"], ["yd"]),
+             helper.make_node("Conv", ["yd", "w2"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [w, w2, s, z8, zu])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    got = conv_counts(optimized_op_counts(path))
+    assert got == integer_convs(path) and got[1] == 2 and got[0] == 1
