@@ -384,7 +384,7 @@ _SHARED: list[TensorCache] = []
 
 
 @contextmanager
-def shared_work(max_bytes: int = 3 << 30) -> Iterator[TensorCache]:
+def shared_work(max_bytes: int = 3 << 29) -> Iterator[TensorCache]:
     """Within the block, ``session`` returns ``SharedSession``s over one cache of ``max_bytes``."""
     _SHARED.append(TensorCache(max_bytes))
     try:
