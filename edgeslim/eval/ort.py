@@ -251,6 +251,7 @@ class TensorCache:
         self.max_bytes, self.share = max_bytes, max_bytes // shares
         self.groups: OrderedDict[bytes, dict[bytes, np.ndarray]] = OrderedDict()
         self.sizes: dict[bytes, int] = {}
+        self.closed: set[bytes] = set()  # groups past their share
 
     def _group(self, key: bytes) -> dict[bytes, np.ndarray]:
         if key not in self.groups:
@@ -261,15 +262,23 @@ class TensorCache:
     def get(self, key: tuple[bytes, bytes]) -> np.ndarray | None:
         return self._group(key[0]).get(key[1])
 
+    def full(self, key: bytes) -> bool:
+        """Whether ``key``'s group refused a value (a run then hands none: copying them out costs time)."""
+        return key in self.closed
+
     def put(self, key: tuple[bytes, bytes], value: np.ndarray) -> None:
         group = self._group(key[0])
-        if key[1] in group or self.sizes[key[0]] + value.nbytes > self.share:
+        if key[1] in group:
+            return
+        if self.sizes[key[0]] + value.nbytes > self.share:
+            self.closed.add(key[0])
             return
         group[key[1]] = value
         self.sizes[key[0]] += value.nbytes
         while sum(self.sizes.values()) > self.max_bytes and len(self.groups) > 1:
             old, _ = self.groups.popitem(last=False)
             del self.sizes[old]
+            self.closed.discard(old)
 
 
 class _Cuts:
@@ -340,7 +349,7 @@ class SharedSession:
 
     def __init__(self, model: onnx.ModelProto, cache: TensorCache, make_session) -> None:
         self.cuts, self.cache, self.make = _Cuts(model), cache, make_session
-        self.parts: dict[int, tuple[ort.InferenceSession, list[str]]] = {}
+        self.parts: dict[tuple[int, bool], tuple[ort.InferenceSession, list[str]]] = {}
 
     def get_inputs(self) -> list[NodeArg]:
         return [_arg(v) for v in self.cuts.model.graph.input]
@@ -348,12 +357,13 @@ class SharedSession:
     def get_outputs(self) -> list[NodeArg]:
         return [_arg(v) for v in self.cuts.model.graph.output]
 
-    def _part(self, position: int, frontier: tuple[str, ...]) -> tuple[ort.InferenceSession, list[str]]:
-        """The model after ``position``: inputs the frontier, outputs the model's and every later cut tensor."""
-        if position not in self.parts:
+    def _part(self, position: int, frontier: tuple[str, ...], hand: bool) -> tuple[ort.InferenceSession, list[str]]:
+        """The model after ``position``: inputs the frontier, outputs the model's and (``hand``) every later cut
+        tensor the cache keeps."""
+        if (position, hand) not in self.parts:
             c, g = self.cuts, self.cuts.model.graph
             nodes = c.nodes[position + 1:]
-            later = [f[0] for i, f in c.frontiers if i > position and i in c.kept and f[0] not in frontier]
+            later = [f[0] for i, f in c.frontiers if hand and i > position and i in c.kept and f[0] not in frontier]
             outs = list(dict.fromkeys([o.name for o in g.output] + later))
             used = {t for n in (*c.static_nodes, *nodes) for t in n.input}
             graph = helper.make_graph(
@@ -361,8 +371,8 @@ class SharedSession:
                 [helper.make_value_info(t, c.types[t]) for t in outs],
                 initializer=[i for i in g.initializer if i.name in used])
             part = helper.make_model(graph, opset_imports=c.model.opset_import, ir_version=c.model.ir_version)
-            self.parts[position] = (self.make(part.SerializeToString()), outs)
-        return self.parts[position]
+            self.parts[position, hand] = (self.make(part.SerializeToString()), outs)
+        return self.parts[position, hand]
 
     def run(self, output_names, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
         g, c = self.cuts.model.graph, self.cuts
@@ -373,7 +383,7 @@ class SharedSession:
             if all(v is not None for v in known.values()):
                 break
         if position < len(c.nodes) - 1:
-            sess, outs = self._part(position, tuple(known))
+            sess, outs = self._part(position, tuple(known), not self.cache.full(key))
             known.update(zip(outs, sess.run(outs, known, run_options)))
             for t in outs:
                 self.cache.put((key, c.sig[t]), known[t])

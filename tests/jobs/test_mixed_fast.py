@@ -62,7 +62,7 @@ def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, ti
         assert p.keys() == s.keys()
         for k in p:
             np.testing.assert_array_equal(s[k], p[k])
-    assert any(position >= 0 for s in sessions for position in s.parts)
+    assert any(position >= 0 for s in sessions for position, _ in s.parts)
 
 
 def test_a_float_cut_would_change_the_bits_so_none_is_made(tiny_model, tiny_calib):
@@ -103,3 +103,23 @@ def test_sweeps_and_search_score_and_choose_as_the_plain_path(tiny_model, tiny_c
     assert shared.chosen.to_dict() == plain.chosen.to_dict()
     assert [c.to_dict() for c in shared.steps] == [c.to_dict() for c in plain.steps]
     assert [c.to_dict() for c in shared.candidates] == [c.to_dict() for c in plain.candidates]
+
+
+def test_a_full_cache_hands_nothing_more_and_outputs_stay_the_files(tiny_model, tiny_calib):
+    """Past its share the cache takes no more values: runs then hand none out (parts without the extra outputs),
+    and every output is still the file's own."""
+    config = PTQConfig(w_bits=4, a_bits=4)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    blobs = []
+    for plan in _plans(gm, config)[:12]:
+        ptq.apply_plan(gm, config, plan)
+        blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
+    x = _x(16).numpy()
+    plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, 16) for b in blobs]
+    with ort_eval.shared_work(max_bytes=4 * 16 * 8 * 16 * 16):  # a share of one 8-channel 16x16 code tensor
+        sessions = [ort_eval.session(b, threads=1) for b in blobs]
+        shared = [ort_eval.predict_all(s, x, 16) for s in sessions]
+    for p, s in zip(plain, shared):
+        for k in p:
+            np.testing.assert_array_equal(s[k], p[k])
+    assert any(not hand for s in sessions for _, hand in s.parts)
