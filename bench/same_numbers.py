@@ -23,30 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._report import COMMIT, ROOT, machine, table, write_section
+from .toolkit_times import resnet20_args, yolov5n_args
 
 ROWS = ("ptq-r20", "lowbit-r20", "detect-y5n", "mixed-r20", "prune-r20")
 
 
-def _r20(shared: Path) -> list[str]:
-    return ["resnet20", "--weights", str(shared / "models/resnet20_cifar10jpeg.pt"),
-            "--calib-data", str(shared / "data/cifar10-jpeg-train.zip"),
-            "--data", str(shared / "data/cifar10-jpeg-test.zip")]
-
-
-def _y5(shared: Path) -> list[str]:
-    return ["yolov5n", "--weights", str(shared / "models/yolov5n.pt"), "--task", "detect",
-            "--calib-data", str(shared / "data/coco128.zip"), "--calib-split", "train2017",
-            "--data", str(shared / "data/coco128.zip"), "--data-split", "val2017", "--calib-size", "128"]
-
-
 def commands(shared: Path) -> dict[str, list[str]]:
     """Each row's command line (after ``python -m edgeslim``), without ``--out``."""
-    r20 = _r20(shared)
+    r20 = resnet20_args(shared)
     return {
         "ptq-r20": ["quantize", *r20],
         "lowbit-r20": ["quantize", *r20, "--w-bits", "4", "--a-bits", "8", "--algorithm", "cle,adaround",
                        "--iters", "100"],
-        "detect-y5n": ["quantize", *_y5(shared)],
+        "detect-y5n": ["quantize", *yolov5n_args(shared)],
         "mixed-r20": ["mixed", *r20, "--w-bits", "4", "--a-bits", "4", "--max-drop", "0.5"],
         "prune-r20": ["prune", *r20[:3], "--train-data", str(shared / "data/cifar10-jpeg-train.zip"),
                       "--data", str(shared / "data/cifar10-jpeg-test.zip"), "--method", "magnitude",

@@ -41,13 +41,13 @@ ROWS = ("quantize-r20", "quantize-y5n", "sens-mixed", "analyze16", "qat-epoch", 
 FILED = {"sens-mixed": "650 (filed)", "analyze16": "~370 (filed: 2.7 images/s)", "qat-epoch": "2.1x step (filed)"}
 
 
-def _r20(shared: Path) -> list[str]:
+def resnet20_args(shared: Path) -> list[str]:
     return ["resnet20", "--weights", str(shared / "models/resnet20_cifar10jpeg.pt"),
             "--calib-data", str(shared / "data/cifar10-jpeg-train.zip"),
             "--data", str(shared / "data/cifar10-jpeg-test.zip")]
 
 
-def _y5(shared: Path) -> list[str]:
+def yolov5n_args(shared: Path) -> list[str]:
     return ["yolov5n", "--weights", str(shared / "models/yolov5n.pt"), "--task", "detect",
             "--calib-data", str(shared / "data/coco128.zip"), "--calib-split", "train2017",
             "--data", str(shared / "data/coco128.zip"), "--data-split", "val2017", "--calib-size", "128"]
@@ -145,7 +145,7 @@ def main() -> None:
 
         try:
             if "quantize-r20" in rows_wanted:
-                cmd = [*em, "quantize", *_r20(shared)]
+                cmd = [*em, "quantize", *resnet20_args(shared)]
                 b = before([*cmd, "--out", str(tmp / "r20b")], "quantize-r20")
                 t, rc = _time([*cmd, "--out", str(tmp / "r20")], ROOT)
                 alone = ort_alone([tmp / "r20/model_fp32.onnx", tmp / "r20/model_int8.onnx"], 10_000, 250)
@@ -153,7 +153,7 @@ def main() -> None:
                 add("quantize-r20", "quantize resnet20 (10,000 test images)", b, t, rc, f"{alone:.1f}",
                     f"<= 3x alone and < 30 s: {'met' if ok else 'not met'} ({t / alone:.1f}x)")
             if "quantize-y5n" in rows_wanted:
-                cmd = [*em, "quantize", *_y5(shared)]
+                cmd = [*em, "quantize", *yolov5n_args(shared)]
                 b = before([*cmd, "--out", str(tmp / "y5b")], "quantize-y5n")
                 t, rc = _time([*cmd, "--out", str(tmp / "y5")], ROOT)
                 alone = ort_alone([tmp / "y5/model_fp32.onnx", tmp / "y5/model_int8.onnx"], 128, 8)
@@ -161,18 +161,18 @@ def main() -> None:
                     f"< 60 s: {'met' if rc == 0 and t < 60 else 'not met'}")
             if "sens-mixed" in rows_wanted:
                 w4a4 = ["--w-bits", "4", "--a-bits", "4"]
-                t1, rc1 = _time([*em, "sensitivity", *_r20(shared), *w4a4, "--out", str(tmp / "sens")], ROOT)
-                t2, rc2 = _time([*em, "mixed", *_r20(shared), *w4a4, "--max-drop", "0.5", "--out", str(tmp / "mixed")],
+                t1, rc1 = _time([*em, "sensitivity", *resnet20_args(shared), *w4a4, "--out", str(tmp / "sens")], ROOT)
+                t2, rc2 = _time([*em, "mixed", *resnet20_args(shared), *w4a4, "--max-drop", "0.5", "--out", str(tmp / "mixed")],
                                 ROOT)
                 t, rc = t1 + t2, rc1 or rc2
                 add("sens-mixed", f"sensitivity ({t1:.0f} s) + mixed --max-drop 0.5 ({t2:.0f} s), ResNet-20 W4A4", FILED["sens-mixed"],
                     t, rc, "-", f"< 120 s: {'met' if rc == 0 and t < 120 else 'not met'}")
             if "analyze16" in rows_wanted:
-                t, rc = _time([*em, "analyze", *_r20(shared), "--accumulator", "16", "--eval-size", "1000",
+                t, rc = _time([*em, "analyze", *resnet20_args(shared), "--accumulator", "16", "--eval-size", "1000",
                                "--out", str(tmp / "a16")], ROOT)
                 add("analyze16", "analyze resnet20 --accumulator 16 (1,000 test images)", FILED["analyze16"], t, rc, "-", "-")
             if "qat-epoch" in rows_wanted:
-                t, rc = _time([*em, "qat", *_r20(shared)[:3], "--train-data", str(shared / "data/cifar10-jpeg-train.zip"),
+                t, rc = _time([*em, "qat", *resnet20_args(shared)[:3], "--train-data", str(shared / "data/cifar10-jpeg-train.zip"),
                                "--data", str(shared / "data/cifar10-jpeg-test.zip"), "--w-bits", "4", "--a-bits", "4",
                                "--method", "lsq", "--epochs", "1", "--val-size", "1000", "--eval-size", "1000",
                                "--out", str(tmp / "qat")], ROOT)
