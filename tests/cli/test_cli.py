@@ -1,16 +1,15 @@
 """The CLI end to end on tiny data, and every bad input ending in one clear line (exit 2, no traceback)."""
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from edgeslim.cli import main
 
-from helpers import USER_MODEL, expect_error as _expect_error, run_cli as _run
+from helpers import expect_error as _expect_error, run_cli as _run
+
 
 def _tiny_job(capsys, verb, out, image_folder, user_model):
     """Run ``verb`` (quantize / analyze) on the tiny user model; return (summary, stdout)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from edgeslim.cli import main
 from edgeslim.models.yolo import COCO_NAMES
