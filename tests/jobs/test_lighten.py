@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from edgeslim.algorithms.finetune import finetune
@@ -23,19 +22,6 @@ from edgeslim.graph.capture import capture
 from edgeslim.jobs.plan import order_steps
 from edgeslim.targets import TARGETS, Target, load_target
 from edgeslim.train.data import TrainData
-
-
-@pytest.fixture(scope="module")
-def cifar_like(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("cifar")
-    for cls in ("a", "b", "c"):
-        (root / cls).mkdir()
-        for i in range(8):
-            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            img[:, :, "abc".index(cls)] = 250  # a learnable colour cue
-            Image.fromarray(img).save(root / cls / f"{i}.png")
-    return root
 
 
 def _common(cmd, data, out, *extra):
@@ -121,8 +107,8 @@ def test_requirement_failures_and_step_order():
         Requirement()
 
 
-def test_factorize_command(capsys, tmp_path, cifar_like):
-    assert main(_common("factorize", cifar_like, tmp_path / "f", "--share", "0.3")) == 0
+def test_factorize_command(capsys, tmp_path, three_colours):
+    assert main(_common("factorize", three_colours, tmp_path / "f", "--share", "0.3")) == 0
     s = json.loads((tmp_path / "f" / "summary.json").read_text())
     assert s["factorized"]["macs"] < s["original"]["macs"]
     assert s["record"]["model_macs_after"] == s["factorized"]["macs"]
@@ -130,10 +116,10 @@ def test_factorize_command(capsys, tmp_path, cifar_like):
     assert (tmp_path / "f" / "model_factorized.onnx").exists()
 
 
-def test_plan_stops_when_met_and_reports_every_step(capsys, tmp_path, cifar_like):
+def test_plan_stops_when_met_and_reports_every_step(capsys, tmp_path, three_colours):
     # an INT8 model is about a quarter of the FP32 one: a size budget of a third needs G3 (G1 / G2 may run first)
     out = tmp_path / "p"
-    assert main(_common("plan", cifar_like, out, "--max-size-kb", str(4 * 269_722 / 3 / 1024), "--steps", "G1,G3,G4",
+    assert main(_common("plan", three_colours, out, "--max-size-kb", str(4 * 269_722 / 3 / 1024), "--steps", "G1,G3,G4",
                         "--calib-size", "16")) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["met"] and [r["step"] for r in s["steps"]] == ["baseline", "G3"]
@@ -145,22 +131,22 @@ def test_plan_stops_when_met_and_reports_every_step(capsys, tmp_path, cifar_like
     assert s["skipped"]["G2"] == s["skipped"]["G5"] == "not allowed by --steps"
 
 
-def test_plan_that_cannot_be_met_says_so(capsys, tmp_path, cifar_like):
+def test_plan_that_cannot_be_met_says_so(capsys, tmp_path, three_colours):
     out = tmp_path / "n"
-    assert main(_common("plan", cifar_like, out, "--max-size-kb", "1", "--steps", "G3,G4", "--calib-size", "16")) == 0
+    assert main(_common("plan", three_colours, out, "--max-size-kb", "1", "--steps", "G3,G4", "--calib-size", "16")) == 0
     s = json.loads((out / "summary.json").read_text())
     assert not s["met"] and s["unmet"] and "NOT met" in s["statement"] and "Closest" in s["statement"]
     assert "NOT met" in capsys.readouterr().out
 
 
-def test_plan_errors_are_one_line(capsys, tmp_path, cifar_like):
-    assert main(_common("plan", cifar_like, tmp_path / "e")) == 2
+def test_plan_errors_are_one_line(capsys, tmp_path, three_colours):
+    assert main(_common("plan", three_colours, tmp_path / "e")) == 2
     assert "give a target" in capsys.readouterr().err
-    assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--steps", "G9")) == 2
+    assert main(_common("plan", three_colours, tmp_path / "e", "--max-drop", "1", "--steps", "G9")) == 2
     assert "invalid --steps" in capsys.readouterr().err
-    assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--lowbit-method", "gptq")) == 2
+    assert main(_common("plan", three_colours, tmp_path / "e", "--max-drop", "1", "--lowbit-method", "gptq")) == 2
     assert "invalid --lowbit-method" in capsys.readouterr().err
-    assert main(_common("plan", cifar_like, tmp_path / "e", "--max-drop", "1", "--target", "tpu")) == 2
+    assert main(_common("plan", three_colours, tmp_path / "e", "--max-drop", "1", "--target", "tpu")) == 2
     assert "unknown target" in capsys.readouterr().err
 
 
@@ -172,8 +158,8 @@ def test_factorized_model_still_traces():
     capture(m, (3, 32, 32))
 
 
-def test_prune_channels_command_makes_a_smaller_faster_dense_model(capsys, tmp_path, cifar_like):
-    assert main(_common("prune", cifar_like, tmp_path / "c", "--target-macs", "0.5")) == 0
+def test_prune_channels_command_makes_a_smaller_faster_dense_model(capsys, tmp_path, three_colours):
+    assert main(_common("prune", three_colours, tmp_path / "c", "--target-macs", "0.5")) == 0
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert s["pruned"]["macs"] <= 0.5 * s["dense"]["macs"] + 16 * 32 * 32 * 9  # within one channel's worth
     assert s["pruned"]["params"] < s["dense"]["params"]
@@ -181,8 +167,8 @@ def test_prune_channels_command_makes_a_smaller_faster_dense_model(capsys, tmp_p
     assert record["macs_after"] == s["pruned"]["macs"]
 
 
-def test_prune_magnitude_command_counts_real_sparse_bytes(capsys, tmp_path, cifar_like):
-    assert main(_common("prune", cifar_like, tmp_path / "m", "--method", "magnitude", "--sparsity", "0.8")) == 0
+def test_prune_magnitude_command_counts_real_sparse_bytes(capsys, tmp_path, three_colours):
+    assert main(_common("prune", three_colours, tmp_path / "m", "--method", "magnitude", "--sparsity", "0.8")) == 0
     s = json.loads((tmp_path / "m" / "summary.json").read_text())
     p = s["pruned"]
     assert 0.7 < p["sparsity"] < 0.8  # 80% of the prunable weights; the first conv and classifier stay dense
@@ -191,9 +177,9 @@ def test_prune_magnitude_command_counts_real_sparse_bytes(capsys, tmp_path, cifa
     assert p["int8_sparse_bytes"] < p["size_bytes"]
 
 
-def test_plan_prunes_before_ptq_when_memory_binds(capsys, tmp_path, cifar_like):
+def test_plan_prunes_before_ptq_when_memory_binds(capsys, tmp_path, three_colours):
     out = tmp_path / "mem"
-    assert main(_common("plan", cifar_like, out, "--max-size-kb", "40", "--steps", "G3,G5", "--sparsity", "0.8",
+    assert main(_common("plan", three_colours, out, "--max-size-kb", "40", "--steps", "G3,G5", "--sparsity", "0.8",
                         "--calib-size", "16", "--budget-epochs", "1")) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["memory_binds"] and s["order"] == ["G5"]
@@ -206,9 +192,9 @@ def test_plan_prunes_before_ptq_when_memory_binds(capsys, tmp_path, cifar_like):
         assert s["best"]["step"] == "G3" and "Closest: W8A8 after G5" in s["statement"]
 
 
-def test_plan_g1_swaps_in_a_lighter_backbone(capsys, tmp_path, cifar_like):
+def test_plan_g1_swaps_in_a_lighter_backbone(capsys, tmp_path, three_colours):
     out = tmp_path / "g1"
-    assert main(_common("plan", cifar_like, out, "--max-latency-ms", "0.001", "--steps", "G1",
+    assert main(_common("plan", three_colours, out, "--max-latency-ms", "0.001", "--steps", "G1",
                         "--backbone", "shufflenet_v2:0.5", "--budget-epochs", "1")) == 0
     s = json.loads((out / "summary.json").read_text())
     assert [r["step"] for r in s["steps"]] == ["baseline", "G1"] and not s["met"]
@@ -282,9 +268,9 @@ def test_auto_sparsity_is_the_smallest_that_fits():
     assert fits <= budget < too_big and nz < nz_less
 
 
-def test_plan_chooses_the_sparsity_the_size_needs(capsys, tmp_path, cifar_like):
+def test_plan_chooses_the_sparsity_the_size_needs(capsys, tmp_path, three_colours):
     out = tmp_path / "auto"
-    assert main(_common("plan", cifar_like, out, "--max-size-kb", "48", "--steps", "G3,G5", "--calib-size", "16",
+    assert main(_common("plan", three_colours, out, "--max-size-kb", "48", "--steps", "G3,G5", "--calib-size", "16",
                         "--budget-epochs", "0")) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["order"] == ["G5"] and "chosen to fit 48 KiB with 8-bit values" in s["steps"][1]["notes"][0]
