@@ -62,7 +62,7 @@ def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, ti
         assert p.keys() == s.keys()
         for k in p:
             np.testing.assert_array_equal(s[k], p[k])
-    assert any(position >= 0 for s in sessions for position, _ in s.parts)
+    assert any(position >= 0 for s in sessions for position in s.parts)
 
 
 def test_a_float_cut_would_change_the_bits_so_none_is_made(tiny_model, tiny_calib):
@@ -105,9 +105,9 @@ def test_sweeps_and_search_score_and_choose_as_the_plain_path(tiny_model, tiny_c
     assert [c.to_dict() for c in shared.candidates] == [c.to_dict() for c in plain.candidates]
 
 
-def test_a_full_cache_hands_nothing_more_and_outputs_stay_the_files(tiny_model, tiny_calib):
-    """Past its share the cache takes no more values: runs then hand none out (parts without the extra outputs),
-    and every output is still the file's own."""
+def test_a_small_cache_drops_values_and_outputs_stay_the_files(tiny_model, tiny_calib):
+    """A cache too small for the plans' values drops the least recently used ones (never holding more than its
+    size), and every output is still the file's own."""
     config = PTQConfig(w_bits=4, a_bits=4)
     gm = _calibrated(tiny_model, tiny_calib, config)
     blobs = []
@@ -116,10 +116,39 @@ def test_a_full_cache_hands_nothing_more_and_outputs_stay_the_files(tiny_model, 
         blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
     x = _x(16).numpy()
     plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, 16) for b in blobs]
-    with ort_eval.shared_work(max_bytes=4 * 16 * 8 * 16 * 16):  # a share of one 8-channel 16x16 code tensor
-        sessions = [ort_eval.session(b, threads=1) for b in blobs]
-        shared = [ort_eval.predict_all(s, x, 16) for s in sessions]
+    size = 4 * 16 * 8 * 16 * 16  # four 8-channel 16x16 code tensors of a batch of 16
+    with ort_eval.shared_work(max_bytes=size) as cache:
+        sessions, shared, held = [ort_eval.session(b, threads=1) for b in blobs], [], []
+        for s in sessions:
+            shared.append(ort_eval.predict_all(s, x, 16))
+            held.append(cache.bytes)
     for p, s in zip(plain, shared):
         for k in p:
             np.testing.assert_array_equal(s[k], p[k])
-    assert any(not hand for s in sessions for _, hand in s.parts)
+    assert max(held) <= size and held[-1] > 0
+    assert cache.bytes == sum(cache.pinned_bytes.values()) + sum(v.nbytes for v in cache.later.values())
+
+
+def _values(*sizes: int) -> dict[bytes, np.ndarray]:
+    return {bytes([i]) * 16: np.zeros(n, np.uint8) for i, n in enumerate(sizes)}
+
+
+def test_the_cache_pins_each_inputs_first_run_and_drops_the_least_recently_used():
+    cache = ort_eval.TensorCache(max_bytes=100, shares=4)  # pinned: at most 25 bytes per input
+    first = _values(10, 10, 10)                            # the third does not fit the share: kept as a later value
+    cache.put(b"a", first)
+    assert set(cache.pinned[b"a"]) == set(list(first)[:2]) and set(cache.later) == {(b"a", list(first)[2])}
+    later = {bytes([9]) * 16: np.zeros(30, np.uint8)}
+    cache.put(b"a", later)                                 # a second run on the same input: never pinned
+    assert (b"a", bytes([9]) * 16) in cache.later and cache.bytes == 60
+    cache.put(b"b", _values(20))                           # another input's first run: pinned
+    assert cache.get((b"a", list(first)[0])) is not None   # reading a's pinned values makes them recent
+    cache.put(b"b", {bytes([7]) * 16: np.zeros(30, np.uint8)})  # 110 > 100: the oldest item goes
+    assert (b"a", list(first)[2]) not in cache.later       # a's oldest later value, not its (recent) pinned ones
+    assert b"a" in cache.pinned and cache.bytes <= 100
+    cache.put(b"c", {bytes([5]) * 16: np.zeros(90, np.uint8)})  # 90 > c's share: a later value; the rest must go
+    assert cache.bytes <= 100 and cache.get((b"c", bytes([5]) * 16)) is not None
+    assert cache.get((b"b", bytes([0]) * 16)) is None      # b's pinned value went before ...
+    assert cache.bytes == sum(cache.pinned_bytes.values()) + sum(v.nbytes for v in cache.later.values())
+    cache.put(b"d", {b"x" * 16: np.zeros(101, np.uint8)})  # larger than the whole cache: not kept
+    assert cache.get((b"d", b"x" * 16)) is None
