@@ -49,3 +49,20 @@ def test_zip_reader_names_and_cached_listing(tmp_path):
     with zipfile.ZipFile(path) as zf:
         assert zip_names(path) == tuple(zf.namelist()) == ("0.jpg", "1.jpg", "2.jpg")
     assert has_labels(path) is False
+
+
+def test_listing_and_reading_share_one_parse_of_the_central_directory(tmp_path, monkeypatch):
+    path = tmp_path / "one.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(5):
+            zf.writestr(f"c{i % 2}/{i}.jpg", bytes([i]) * (i + 1))
+    parses = []
+    real = zipfile.ZipFile._RealGetContents
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda self: (parses.append(1), real(self))[1])
+    names = zip_names(path)
+    a, b = ZipReader(path), ZipReader(path)
+    assert a.names() == b.names() and len(names) == 5
+    assert [a.read(f"c{i % 2}/{i}.jpg") for i in range(5)] == [bytes([i]) * (i + 1) for i in range(5)]
+    a.close()  # one reader closing leaves the other's reads working
+    assert b.read("c1/3.jpg") == bytes([3]) * 4
+    assert len(parses) == 1
