@@ -83,3 +83,41 @@ def test_bias_quantization_int32():
 def test_nan_range_rejected():
     with pytest.raises(EdgeslimError, match="NaN"):
         P.choose_qparams(torch.tensor(float("nan")), torch.tensor(1.0), 8, symmetric=True, signed=True)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)  # compares signed zeros too
+
+
+@pytest.mark.parametrize("qmin,qmax", [(0, 255), (-128, 127), (0, 15), (-8, 7), (-32768, 32767), (0, 1)])
+def test_no_grad_fake_quant_is_torchs_kernel_bit_for_bit(qmin, qmax):
+    """Inference fake-quant (``fake_quantize`` without gradients: vectorized passes) equals torch's own kernel on
+    every float32 bit pattern class: exact ties at half steps, both signed zeros, tiny and huge values, values
+    far outside the grid, for many scales and zero points."""
+    g = torch.Generator().manual_seed(qmax - qmin)
+    for _ in range(40):
+        scale = torch.exp(torch.empty(()).uniform_(-12.0, 6.0, generator=g)).to(torch.float32)
+        zp = int(torch.randint(qmin, qmax + 1, (), generator=g))
+        steps = torch.randint(qmin - zp - 3, qmax - zp + 4, (2000,), generator=g).to(torch.float32)
+        x = torch.cat([
+            (steps + 0.5) * scale, (steps - 0.5) * scale, steps * scale,           # ties and grid points
+            torch.randn(2000, generator=g) * scale * (qmax - qmin),                  # the usual spread
+            torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, 1e20, -1e20]),      # zeros, tiny and huge
+            torch.randint(-2**31, 2**31 - 1, (2000,), generator=g).view(torch.float32),  # any bit pattern ...
+        ])
+        x = x[torch.isfinite(x)]                                                     # ... that is finite
+        ref = torch.fake_quantize_per_tensor_affine(x, float(scale), zp, qmin, qmax)
+        with torch.no_grad():
+            ours = P.fake_quantize(x, scale, torch.tensor(zp), qmin, qmax)
+        assert torch.equal(_bits(ours), _bits(ref)), (float(scale), zp)
+
+
+def test_fake_quant_with_gradients_stays_torchs_straight_through_kernel():
+    x = (torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
+    scale, zp = torch.tensor(0.05), torch.tensor(3)
+    y = P.fake_quantize(x, scale, zp, 0, 255)
+    y.sum().backward()
+    ref = torch.fake_quantize_per_tensor_affine(x.detach(), 0.05, 3, 0, 255)
+    assert torch.equal(y.detach(), ref)
+    inside = ((x.detach() / 0.05).round() + 3 >= 0) & ((x.detach() / 0.05).round() + 3 <= 255)
+    assert torch.equal(x.grad, inside.float())
