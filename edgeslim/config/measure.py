@@ -90,6 +90,9 @@ class DetectOptions(Config):
     batch_size: int = 8
     threads: int = 1
     latency_rounds: int = 30
+    # the paired FP32 / INT8 timing stops after this many seconds once 20 rounds are done (None: every round; a
+    # yolov5n round of the two files takes about 0.16 s here); the summary reports the rounds measured
+    latency_seconds: float | None = 2.0
     # the ONNX files are scored on every test image; the PyTorch float and fake-quant models (about 3 s per
     # yolov5n image for the simulation) on the first this many (None: all)
     simulation_images: int | None = 16
@@ -104,5 +107,6 @@ class DetectOptions(Config):
         check_int("batch size", self.batch_size)
         check_int("--threads", self.threads)
         check_int("latency rounds", self.latency_rounds)
+        check_number("latency seconds", self.latency_seconds, low=0, open_low=True, optional=True)
         check_int("--simulate-size", self.simulation_images, optional=True)
         check_flag("--decoded-output", self.decoded_output)

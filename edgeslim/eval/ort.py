@@ -159,38 +159,45 @@ def paired_ratio(samples: dict[str, list[float]], model: str, reference: str) ->
 
 
 def fp32_int8_latency(fp32: Path, int8: Path, input_shape: tuple[int, ...], *, threads: int = 1, rounds: int = 50,
-                      warmup: int = 10) -> dict:
-    """The FP32 and INT8 files at batch 1, interleaved: median ms of each, the paired INT8 / FP32 ratio, FPS."""
-    lat = latency_samples({"fp32": fp32, "int8": int8}, input_shape, 1, threads=threads, rounds=rounds, warmup=warmup)
+                      warmup: int = 10, seconds: float | None = None) -> dict:
+    """The FP32 and INT8 files at batch 1, interleaved: median ms of each, the paired INT8 / FP32 ratio, FPS and
+    the rounds measured (``seconds``: as ``latency_samples``)."""
+    lat = latency_samples({"fp32": fp32, "int8": int8}, input_shape, 1, threads=threads, rounds=rounds, warmup=warmup,
+                          seconds=seconds)
     fp32_ms, int8_ms = statistics.median(lat["fp32"]), statistics.median(lat["int8"])
     return {"fp32": fp32_ms, "int8": int8_ms, "int8_over_fp32": paired_ratio(lat, "int8", "fp32"),
-            "fps_fp32": 1e3 / fp32_ms, "fps_int8": 1e3 / int8_ms, "batch": 1, "threads": threads}
+            "fps_fp32": 1e3 / fp32_ms, "fps_int8": 1e3 / int8_ms, "batch": 1, "threads": threads,
+            "rounds": len(lat["int8"])}
 
 
 def latency_samples(paths: dict[str, Path], input_shape: tuple[int, ...], batch: int, *, threads: int = 1,
                     rounds: int = 100, warmup: int = 10, seed: int = 0, seconds: float | None = None,
-                    min_rounds: int = 20) -> dict[str, list[float]]:
+                    min_rounds: int = 20, warmup_seconds: float = 0.25) -> dict[str, list[float]]:
     """Per-round wall times (ms) of each model, interleaved: one run of each model per round.
 
     ``seconds``: stop early once the measured rounds took this long and at least ``min_rounds`` are done (a
-    large batch on one thread needs fewer rounds for a stable paired median than a 1-ms model)."""
+    large batch on one thread needs fewer rounds for a stable paired median than a 1-ms model). Warm-up is
+    ``warmup`` rounds or, once two are done, ``warmup_seconds`` (a batch-64 round of two models takes 0.1 s:
+    its first rounds pay for the allocations, the next ones only repeat the measurement)."""
     sessions = {k: _plain_session(p, threads=threads) for k, p in paths.items()}  # timed: never shared
     x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     keys = list(sessions)
-    start = None
+    t_warm, start, measured = time.perf_counter(), None, 0
     for i in range(warmup + rounds):
-        if i == warmup:
+        if start is None and (i >= warmup or (i >= 2 and time.perf_counter() - t_warm > warmup_seconds)):
             start = time.perf_counter()
-        elif start is not None and seconds is not None and i - warmup >= min_rounds \
-                and time.perf_counter() - start > seconds:
-            break
+        if start is not None:
+            if measured >= rounds or (seconds is not None and measured >= min_rounds
+                                      and time.perf_counter() - start > seconds):
+                break
+            measured += 1
         for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotate who goes first each round
             s = sessions[k]
             t0 = time.perf_counter()
             s.run(None, feeds[k])
-            if i >= warmup:
+            if start is not None:
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return times
 

@@ -235,6 +235,7 @@ class FileLatency(Record):
     fps_fp32: float | None = None
     fps_int8: float | None = None
     batch: int | None = None
+    rounds: int | None = None  # paired rounds measured (time-bounded measurements stop early)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -224,7 +224,7 @@ def calibrated(model: nn.Module, info: ModelInfo, calib: DetectionDataset, confi
 def paired_latency(fp32_path: Path, int8_path: Path, info: ModelInfo, opts: DetectOptions) -> dict:
     """onnxruntime latency of the two files at batch 1, interleaved: medians, FPS and the paired ratio."""
     return ort_eval.fp32_int8_latency(fp32_path, int8_path, info.input_shape, threads=opts.threads,
-                                      rounds=opts.latency_rounds, warmup=3)
+                                      rounds=opts.latency_rounds, warmup=3, seconds=opts.latency_seconds)
 
 
 def detector_metadata(info: ModelInfo) -> dict[str, str]:
