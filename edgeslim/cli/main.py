@@ -46,6 +46,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``edgeslim`` command (``argv`` None: this process's command line, and the process is the command's:
+    ``cpu.keep_freed_memory`` tunes its allocator)."""
+    if argv is None:
+        from ..cpu import keep_freed_memory
+
+        keep_freed_memory()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the reports' provenance
     import warnings
