@@ -10,8 +10,10 @@ and the integer engine evaluates with ONNX's reference implementation, so the In
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
+import weakref
 
 import torch
 from torch import fx, nn
@@ -55,10 +57,34 @@ def node_to_onnx(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], *, dy
         out = graph.create_node(node.op, node.target, args, kwargs)
     graph.output(out)
     island = fx.GraphModule(root, graph).eval()
-    examples = tuple(torch.zeros(a.meta["shape"], dtype=getattr(a.meta.get("tensor_meta"), "dtype", torch.float32))
+    examples = tuple(torch.zeros(a.meta["shape"], dtype=a.meta.get("dtype") or torch.float32)
                      for a in inputs)
     names = [a.name for a in inputs]
     axes = {n: {0: "N"} for n in [*names, node.name]} if dynamic_batch else None
+    key = _island_key(island, node, examples, names, dynamic_batch)
+    done = _EXPORTED.setdefault(gm, {})
+    if key not in done:
+        done[key] = _export(island, node, examples, names, axes)
+    return done[key]
+
+
+# what each model's islands exported to, per model (gone with it): a search lowers the same model once per
+# candidate plan, and each island is the same ONNX every time (torch.onnx.export takes ~10 ms per island)
+_EXPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _island_key(island: fx.GraphModule, node: fx.Node, examples: tuple, names: list[str], dynamic: bool) -> tuple:
+    """Everything the export of ``island`` depends on: its code, its modules (their repr: type and settings) and
+    the content of every parameter and buffer (constants, and weights a training step may have changed), the
+    input names, shapes and dtypes, and the output's name."""
+    tensors = tuple((k, str(v.dtype), tuple(v.shape),
+                     hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest())
+                    for k, v in island.state_dict().items())
+    return (node.name, island.code, repr(island), tensors, tuple(names),
+            tuple((tuple(x.shape), str(x.dtype)) for x in examples), dynamic)
+
+
+def _export(island: fx.GraphModule, node: fx.Node, examples: tuple, names: list[str], axes) -> bytes:
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():

@@ -59,3 +59,44 @@ def test_encodings_cover_every_tensor(tiny_model, tiny_calib):
     assert set(enc["activations"]) == set(q.intgraph.qparams)
     weights = [k for k in enc["parameters"] if k.endswith(".weight")]
     assert len(weights) == len(q.intgraph.layers()) == 4
+
+
+def test_float_islands_are_exported_once_per_model_and_again_when_their_weights_change(monkeypatch):
+    """A search lowers the same model once per candidate: each float island (here PReLU, which has no integer form)
+    is exported by torch.onnx once and reused; a changed weight (a training step) exports it again, and the island
+    computes the new PReLU (torch's) in onnxruntime."""
+    import onnxruntime as ort
+    from torch import nn
+
+    from edgeslim.algorithms import ptq
+    from edgeslim.lower import lower
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.PReLU(4), nn.Conv2d(4, 2, 1)).eval()
+    calib = torch.randn(8, 3, 8, 8)
+    config = PTQConfig()
+    gm = ptq.prepare(model, (3, 8, 8), config)
+    ptq.calibrate(gm, lambda: [calib])
+    gm = ptq.freeze(gm, config)
+    calls = []
+    real_export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(1) or real_export(*a, **k))
+
+    def islands():
+        return [n for n in lower(gm, (3, 8, 8)).nodes if n.op == "FloatIsland"]
+
+    first = islands()
+    assert len(first) == 1 and len(calls) == 1
+    again = islands()
+    assert len(calls) == 1 and again[0].arrays["onnx"].tobytes() == first[0].arrays["onnx"].tobytes()
+
+    prelu = next(m for m in gm.modules() if isinstance(m, nn.PReLU))
+    with torch.no_grad():
+        prelu.weight.copy_(torch.tensor([0.5, -0.25, 2.0, 0.0]))
+    changed = islands()
+    assert len(calls) == 2
+    sess = ort.InferenceSession(changed[0].arrays["onnx"].tobytes(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 4, 8, 8)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, prelu(x).numpy(), rtol=1e-6, atol=1e-6)
