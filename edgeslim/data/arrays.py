@@ -7,6 +7,7 @@ their known file names and through an unpickler that accepts nothing but numpy a
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import pickle
 import tarfile
@@ -31,7 +32,7 @@ from edgeslim.data.transforms import (
 )
 
 __all__ = ["ARCHIVE_ERRORS", "CIFAR10_TRAIN", "CIFAR_NAMES", "CIFAR_SUBDIRS", "ArraySource", "is_cifar_dir",
-           "cifar_source", "npz_source", "digits_source"]
+           "cifar_source", "npz_source", "digits_arrays", "digits_source"]
 
 
 # what reading a damaged zip / npz member raises: a bad CRC, a broken deflate stream, an unknown compression
@@ -277,15 +278,32 @@ def npz_source(path: Path, pp: Preprocess, split: str | None):
 # ---------------------------------------------------------------- scikit-learn digits
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``load_digits`` gives them: (1797 8x8 images 0..16 as float64, their labels).
+
+    Read from the CSV file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``, what ``load_digits`` reads),
+    found without importing scikit-learn: importing ``sklearn.datasets`` takes 2 s here, most of a demo command's
+    start. ``load_digits`` itself where that file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            if data.ndim == 2 and data.shape[1] == 65:
+                return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target
+
+
 def digits_source(pp: Preprocess, split: str | None):
     """1797 8x8 digits, 0..16 scaled by /16; 'train' = first 80% of a seed-0 permutation."""
     if split not in (None, "train", "test"):
         raise EdgeslimError(f"unknown split '{split}' for sklearn-digits: pass 'train', 'test' or no split")
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (d.images / 16.0).astype(np.float32)[..., None]
-    labels = d.target.astype(np.int64)
+    raw, target = digits_arrays()
+    images = (raw / 16.0).astype(np.float32)[..., None]
+    labels = target.astype(np.int64)
     if split is not None:
         perm = np.random.default_rng(0).permutation(len(images))
         n_train = int(0.8 * len(images))

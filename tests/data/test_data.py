@@ -253,6 +253,22 @@ def test_sklearn_digits():
         open_dataset("sklearn-digits", pp, split="val")
 
 
+def test_digits_read_without_scikit_learn_equal_load_digits(monkeypatch):
+    """The digits read from the CSV file scikit-learn ships, without importing it, are ``load_digits``'s exactly."""
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from edgeslim.data.arrays import digits_arrays
+
+    ref = load_digits()
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # importing it now fails: the file must be found
+    images, target = digits_arrays()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(target, ref.target)
+    assert images.dtype == ref.images.dtype
+
+
 # ------------------------------------------------------------------ batches / sampling
 
 
