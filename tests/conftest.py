@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# The suite's models are tiny: a second torch thread only adds synchronisation (measured on this 2-core machine:
+# the same wall time for tests/algorithms, 30% less CPU with one thread), and the second core is left to
+# onnxruntime and to the node-test generation beside the run (below). Set before torch is imported; the tests'
+# own commands inherit it. A value the caller set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from edgeslim.models.yolo import COCO_NAMES
-from helpers import TINY, USER_MODEL
+from helpers import TINY, USER_MODEL, detect_args
 
 
 class TinyResNet(nn.Module):
@@ -75,7 +83,7 @@ def user_model(tmp_path):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def yolo_set(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("yolo")
     rng = np.random.default_rng(0)
@@ -92,6 +100,24 @@ def yolo_set(tmp_path_factory) -> Path:
                 f"{i % 3} {(x0 + w / 6) / w:.4f} {(y0 + h / 6) / h:.4f} {1 / 3:.4f} {1 / 3:.4f}\n")
     (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(COCO_NAMES)))
     return root
+
+
+@pytest.fixture(scope="session")
+def yolo_quantized(tmp_path_factory, yolo_set) -> tuple[Path, str]:
+    """One ``quantize yolov3-tiny --task detect --decoded-output --formats tflite`` run on ``yolo_set`` (random
+    weights) shared by the tests that read what it wrote: (its out folder, what it printed). Read-only: a test that
+    changes the folder (``edgeslim export``) works on a copy."""
+    import contextlib
+    import io
+
+    from edgeslim.cli import main
+
+    out = tmp_path_factory.mktemp("yolo_run") / "r"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(detect_args("quantize", "yolov3-tiny", yolo_set, out, "--decoded-output", "--formats", "tflite"))
+    assert code == 0, printed.getvalue()
+    return out, printed.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +144,33 @@ def tiny_job(tmp_path):
     return ["quantize", f"{tmp_path / 'usermodels.py'}:tiny", "--input-shape", "3,8,8", "--calib-data",
             str(tmp_path / "images"), "--data", str(tmp_path / "images"), "--calib-size", "8",
             "--out", str(tmp_path / "run")]
+
+
+# -- the ONNX node tests, generated beside the run -----------------------------------------------------------
+
+_node_tests: tuple = ()  # (the generating process, its temporary folder) while one runs
+
+
+def pytest_collection_finish(session):
+    """When the run includes the ONNX conformance tests, onnx's reference implementation generates their cases in
+    another process while the other tests run (tests/onnx_conformance.py)."""
+    global _node_tests
+    if any(item.nodeid.startswith("tests/io/test_onnx_conformance.py") for item in session.items):
+        import tempfile
+
+        from tests import onnx_conformance  # the module the conformance tests import
+
+        folder = tempfile.TemporaryDirectory(prefix="edgeslim-node-tests-")
+        proc = onnx_conformance.generate_in_background(Path(folder.name) / "cases.pickle")
+        _node_tests = (proc, folder)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _node_tests
+    if _node_tests:
+        proc, folder = _node_tests
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        folder.cleanup()
+        _node_tests = ()

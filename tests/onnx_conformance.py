@@ -14,10 +14,15 @@ Each test ends in one status: ``pass``, ``refused`` (an ``EdgeslimError``: a cle
 
     python -m tests.onnx_conformance            # totals per status, then every wrong / crash test
     python -m tests.onnx_conformance -v         # ... and every refusal with its message
+
+Where the tests are generated, the fast suite generates them in a background process started when its run includes
+the conformance tests (``generate_in_background``, from ``conftest.py``); without one they are generated in process.
 """
 
 from __future__ import annotations
 
+import pickle
+import subprocess
 import sys
 import time
 import warnings
@@ -92,11 +97,19 @@ def _cases_from_files(root: Path) -> list[_Case]:
 
 
 _GENERATED: list[_Case] | None = None
+_BACKGROUND: tuple[subprocess.Popen, Path] | None = None
 
 
 def _cases_from_modules() -> list[_Case]:
-    """The node tests as ``onnx.backend.test.case.node`` builds them (collected once per process)."""
-    global _GENERATED
+    """The node tests as ``onnx.backend.test.case.node`` builds them (collected once per process; taken from the
+    background process of ``generate_in_background`` when one was started and succeeded)."""
+    global _GENERATED, _BACKGROUND
+    if _GENERATED is None and _BACKGROUND is not None:
+        proc, path = _BACKGROUND
+        _BACKGROUND = None
+        if proc.wait() == 0 and path.is_file():
+            _GENERATED = [_Case(name, onnx.ModelProto.FromString(model), ins, outs, rtol, atol)
+                          for name, model, ins, outs, rtol, atol in pickle.loads(path.read_bytes())]
     if _GENERATED is None:
         from onnx.backend.test.case.node import collect_testcases
 
@@ -107,6 +120,27 @@ def _cases_from_modules() -> list[_Case]:
                             [_array(a) for a in t.data_sets[0][1]], t.rtol, t.atol)
                       for t in tcs if t.kind == "node" and t.model is not None and t.data_sets]
     return _GENERATED
+
+
+def generate_in_background(path: Path) -> subprocess.Popen | None:
+    """Start generating the node tests in another process, written to ``path``, for ``load_cases`` to take: onnx's
+    reference implementation computes every expected output in Python (about 13 s here, most of it 3-D pooling),
+    which a test run with a core to spare need not wait for. None when the package ships the files instead."""
+    global _BACKGROUND
+    root = _node_dir()
+    if root.is_dir() and any(root.iterdir()):
+        return None
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--write-cases", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _BACKGROUND = (proc, path)
+    return proc
+
+
+def _write_cases(path: Path) -> None:
+    data = [(c.name, c.model.SerializeToString(), c.inputs, c.outputs, c.rtol, c.atol) for c in _cases_from_modules()]
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(pickle.dumps(data, protocol=5))
+    part.replace(path)
 
 
 def load_cases() -> list[_Case]:
@@ -216,6 +250,9 @@ def run_suite(ops=None, names=None) -> list[Result]:
 
 
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["--write-cases"]:  # generate_in_background's process
+        _write_cases(Path(argv[1]))
+        return 0
     verbose = "-v" in argv
     ops = [a for a in argv if not a.startswith("-")] or None
     start = time.perf_counter()

@@ -114,6 +114,7 @@ def test_export_matches_onnxruntime(swapped, bb, tmp_path):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # ~5 s on an idle 2-core machine: over the fast suite's budget
 def test_finetune_with_distillation_reduces_kd_loss():
     teacher = _seeded(resnet20)
     new, _ = swap_backbone(teacher, (3, 32, 32), backbone="shufflenet_v2", width=0.5)

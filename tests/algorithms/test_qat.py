@@ -296,6 +296,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_model, tiny_calib, tmp
     assert params_digest(resumed) != params_digest(fresh())
 
 
+@pytest.mark.slow  # ~7 s on an idle 2-core machine: over the fast suite's budget
 def test_qat_cli_learns_digits_and_writes_summary(capsys, tmp_path):
     out = tmp_path / "run"
     torch.manual_seed(0)  # digits_cnn starts from random weights

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
 from edgeslim.cli import main
 
@@ -181,30 +180,8 @@ def test_sensitivity_bar_counts_candidate_plans(monkeypatch, tiny_model, tiny_ca
     assert bars and bars[-1]["total"] == 3 and bars[-1]["unit"] == "plan"
 
 
-@pytest.fixture(scope="module")
-def detect_run(tmp_path_factory):
-    """``quantize yolov3-tiny --task detect`` (random weights) on six tiny YOLO-format images: the out folder."""
-    from edgeslim.models.yolo import COCO_NAMES
-
-    root = tmp_path_factory.mktemp("yolo")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(6):
-            img = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
-            img[10:30, 12:32] = 230
-            Image.fromarray(img).save(root / "images" / split / f"{i:03d}.jpg")
-            (root / "labels" / split / f"{i:03d}.txt").write_text(f"{i % 3} 0.34 0.31 0.31 0.31\n")
-    (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(COCO_NAMES)))
-    out = tmp_path_factory.mktemp("det") / "r"
-    assert main(["quantize", "yolov3-tiny", "--random-init", "--input-shape", "3,64,64", "--task", "detect",
-                 "--data", str(root), "--data-split", "val", "--calib-data", str(root), "--calib-split", "train",
-                 "--calib-size", "4", "--out", str(out)]) == 0
-    return out
-
-
-def test_detect_report_has_per_class_ap_and_confusion_matrix(detect_run):
+def test_detect_report_has_per_class_ap_and_confusion_matrix(yolo_quantized):
+    detect_run = yolo_quantized[0]  # quantize yolov3-tiny --task detect (random weights) on six tiny images
     s = json.loads((detect_run / "summary.json").read_text())
     pc = s["onnx_int8"]["per_class"]
     assert len(pc["ap50"]) == 80 and sum(pc["num_gt"]) == 6 and pc["num_gt"][:3] == [2, 2, 2]

@@ -21,9 +21,9 @@ from edgeslim.models.yolo import COCO_NAMES
 from helpers import SIZE, detect_args as _args
 
 
-def test_quantize_detect_writes_map_and_confusion_figures(capsys, tmp_path, yolo_set):
-    assert main(_args("quantize", "yolov3-tiny", yolo_set, tmp_path / "r")) == 0
-    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+def test_quantize_detect_writes_map_and_confusion_figures(yolo_quantized):
+    out, printed = yolo_quantized
+    s = json.loads((out / "summary.json").read_text())
     for key in ("fp32", "quantized", "onnx_fp32", "onnx_int8"):
         for metric in ("map50", "map50_95", "precision", "recall", "f1"):
             assert 0.0 <= s[key][metric] <= 1.0
@@ -34,10 +34,10 @@ def test_quantize_detect_writes_map_and_confusion_figures(capsys, tmp_path, yolo
     g = s["onnx_int8_graph"]
     assert g["integer_convs"] == g["total_convs"] == 13
     assert s["size_bytes"]["int8"] < s["size_bytes"]["fp32"] / 3
-    assert (tmp_path / "r" / "model_int8.onnx").exists() and "mAP@.5" in capsys.readouterr().out
+    assert (out / "model_int8.onnx").exists() and "mAP@.5" in printed
     import onnx
 
-    fp32, int8 = (onnx.load(str(tmp_path / "r" / f)) for f in ("model_fp32.onnx", "model_int8.onnx"))
+    fp32, int8 = (onnx.load(str(out / f)) for f in ("model_fp32.onnx", "model_int8.onnx"))
     assert [o.name for o in int8.graph.output] == [o.name for o in fp32.graph.output]  # the same interface
     meta = {p.key: json.loads(p.value) for p in int8.metadata_props if p.key != "edgeslim.task"}
     assert meta["edgeslim.decoder"]["name"] == "YoloV3Decoder" and len(meta["edgeslim.decoder"]["strides"]) == 2
@@ -53,6 +53,7 @@ def test_groups_leave_float_islands(capsys, tmp_path, yolo_set):
         g["total_convs"] - g["integer_convs"]
 
 
+@pytest.mark.slow  # ~5 s on an idle 2-core machine: over the fast suite's budget
 def test_analyze_detect_runs_the_engine_and_counts_overflow(capsys, tmp_path, yolo_set):
     assert main(_args("analyze", "yolov3-tiny", yolo_set, tmp_path / "a", "--overflow-images", "2")) == 0
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
@@ -119,6 +120,7 @@ def test_sensitivity_detect_one_layer_high_and_group_table(capsys, tmp_path, yol
     assert (tmp_path / "s" / "report.html").exists()
 
 
+@pytest.mark.slow  # ~10 s on an idle 2-core machine: over the fast suite's budget
 def test_sensitivity_job_detect_rows_are_the_map_of_each_plans_file(tmp_path, yolo_set):
     """The job's per-layer rows with ``tasks.Detect``: each row's figures are those of its plan's file (re-exported
     here from the same calibration) run image by image in onnxruntime and scored by ``tasks.detect_parts.scores``."""
@@ -251,7 +253,7 @@ def test_head_distillation_by_hand():
     assert float(head_distillation(b, b)) == 0.0
 
 
-def test_decoded_output_files_decode_like_the_numpy_decoder(capsys, tmp_path, yolo_set):
+def test_decoded_output_files_decode_like_the_numpy_decoder(capsys, tmp_path, yolo_set, yolo_quantized):
     """--decoded-output: both files end in the box decoding; their one output, converted by from_decoded, equals the
     numpy decoder applied to the raw files' outputs, and the mAP through it equals the raw files' mAP."""
     import onnx
@@ -260,8 +262,7 @@ def test_decoded_output_files_decode_like_the_numpy_decoder(capsys, tmp_path, yo
     from edgeslim.eval.detection import from_decoded
     from edgeslim.models import build_model
 
-    out = tmp_path / "d"
-    assert main(_args("quantize", "yolov3-tiny", yolo_set, out, "--decoded-output")) == 0
+    out = yolo_quantized[0]  # quantize ... --decoded-output
     s = json.loads((out / "summary.json").read_text())
     d = s["decoded_output"]
     assert d["files"] == {"fp32": "model_fp32_decoded.onnx", "int8": "model_int8_decoded.onnx"}

@@ -192,6 +192,7 @@ def test_plan_prunes_before_ptq_when_memory_binds(capsys, tmp_path, three_colour
         assert s["best"]["step"] == "G3" and "Closest: W8A8 after G5" in s["statement"]
 
 
+@pytest.mark.slow  # ~5 s on an idle 2-core machine: over the fast suite's budget
 def test_plan_g1_swaps_in_a_lighter_backbone(capsys, tmp_path, three_colours):
     out = tmp_path / "g1"
     assert main(_common("plan", three_colours, out, "--max-latency-ms", "0.001", "--steps", "G1",
