@@ -63,13 +63,14 @@ def node_to_onnx(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], *, dy
     axes = {n: {0: "N"} for n in [*names, node.name]} if dynamic_batch else None
     key = _island_key(island, node, examples, names, dynamic_batch)
     done = _EXPORTED.setdefault(gm, {})
-    if key not in done:
-        done[key] = _export(island, node, examples, names, axes)
-    return done[key]
+    if node.name not in done or done[node.name][0] != key:
+        done[node.name] = key, _export(island, node, examples, names, axes)
+    return done[node.name][1]
 
 
-# what each model's islands exported to, per model (gone with it): a search lowers the same model once per
-# candidate plan, and each island is the same ONNX every time (torch.onnx.export takes ~10 ms per island)
+# each model's islands as last exported, one per node (gone with the model): a search lowers the same model once
+# per candidate plan, and each island is the same ONNX every time (torch.onnx.export takes ~10 ms per island);
+# a training step that changes an island's weights replaces its entry
 _EXPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
