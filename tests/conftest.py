@@ -148,29 +148,18 @@ def tiny_job(tmp_path):
 
 # -- the ONNX node tests, generated beside the run -----------------------------------------------------------
 
-_node_tests: tuple = ()  # (the generating process, its temporary folder) while one runs
-
-
 def pytest_collection_finish(session):
     """When the run includes the ONNX conformance tests, onnx's reference implementation generates their cases in
     another process while the other tests run (tests/onnx_conformance.py)."""
-    global _node_tests
     if any(item.nodeid.startswith("tests/io/test_onnx_conformance.py") for item in session.items):
-        import tempfile
-
         from tests import onnx_conformance  # the module the conformance tests import
 
-        folder = tempfile.TemporaryDirectory(prefix="edgeslim-node-tests-")
-        proc = onnx_conformance.generate_in_background(Path(folder.name) / "cases.pickle")
-        _node_tests = (proc, folder)
+        onnx_conformance.generate_in_background()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    global _node_tests
-    if _node_tests:
-        proc, folder = _node_tests
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        folder.cleanup()
-        _node_tests = ()
+    import sys
+
+    conformance = sys.modules.get("tests.onnx_conformance")
+    if conformance is not None:
+        conformance.stop_background()

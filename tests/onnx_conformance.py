@@ -24,6 +24,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -97,7 +98,7 @@ def _cases_from_files(root: Path) -> list[_Case]:
 
 
 _GENERATED: list[_Case] | None = None
-_BACKGROUND: tuple[subprocess.Popen, Path] | None = None
+_BACKGROUND: tuple[subprocess.Popen, tempfile.TemporaryDirectory] | None = None  # generate_in_background's
 
 
 def _cases_from_modules() -> list[_Case]:
@@ -105,11 +106,12 @@ def _cases_from_modules() -> list[_Case]:
     background process of ``generate_in_background`` when one was started and succeeded)."""
     global _GENERATED, _BACKGROUND
     if _GENERATED is None and _BACKGROUND is not None:
-        proc, path = _BACKGROUND
-        _BACKGROUND = None
+        proc, folder = _BACKGROUND
+        path = _cases_file(folder)
         if proc.wait() == 0 and path.is_file():
             _GENERATED = [_Case(name, onnx.ModelProto.FromString(model), ins, outs, rtol, atol)
                           for name, model, ins, outs, rtol, atol in pickle.loads(path.read_bytes())]
+        stop_background()
     if _GENERATED is None:
         from onnx.backend.test.case.node import collect_testcases
 
@@ -122,18 +124,34 @@ def _cases_from_modules() -> list[_Case]:
     return _GENERATED
 
 
-def generate_in_background(path: Path) -> subprocess.Popen | None:
-    """Start generating the node tests in another process, written to ``path``, for ``load_cases`` to take: onnx's
-    reference implementation computes every expected output in Python (about 13 s here, most of it 3-D pooling),
-    which a test run with a core to spare need not wait for. None when the package ships the files instead."""
+def generate_in_background() -> None:
+    """Start generating the node tests in another process, for ``load_cases`` to take: onnx's reference
+    implementation computes every expected output in Python (about 13 s here, most of it 3-D pooling), which a test
+    run with a core to spare need not wait for. Nothing to do when the package ships the files instead."""
     global _BACKGROUND
     root = _node_dir()
-    if root.is_dir() and any(root.iterdir()):
-        return None
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--write-cases", str(path)],
+    if _BACKGROUND is not None or (root.is_dir() and any(root.iterdir())):
+        return
+    folder = tempfile.TemporaryDirectory(prefix="edgeslim-node-tests-")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--write-cases", str(_cases_file(folder))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _BACKGROUND = (proc, path)
-    return proc
+    _BACKGROUND = (proc, folder)
+
+
+def stop_background() -> None:
+    """End the background generation, if one is running, and remove what it wrote."""
+    global _BACKGROUND
+    if _BACKGROUND is not None:
+        proc, folder = _BACKGROUND
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        folder.cleanup()
+        _BACKGROUND = None
+
+
+def _cases_file(folder: tempfile.TemporaryDirectory) -> Path:
+    return Path(folder.name) / "cases.pickle"
 
 
 def _write_cases(path: Path) -> None:

@@ -285,7 +285,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     found without importing scikit-learn: importing ``sklearn.datasets`` takes 2 s here, most of a demo command's
     start. ``load_digits`` itself where that file is not found."""
     spec = importlib.util.find_spec("sklearn")
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
         path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
         if path.is_file():
             data = np.loadtxt(path, delimiter=",")

@@ -61,7 +61,7 @@ def node_to_onnx(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], *, dy
                      for a in inputs)
     names = [a.name for a in inputs]
     axes = {n: {0: "N"} for n in [*names, node.name]} if dynamic_batch else None
-    key = _island_key(island, node, examples, names, dynamic_batch)
+    key = _island_key(island, examples, names, dynamic_batch)
     done = _EXPORTED.setdefault(gm, {})
     if node.name not in done or done[node.name][0] != key:
         done[node.name] = key, _export(island, node, examples, names, axes)
@@ -74,14 +74,14 @@ def node_to_onnx(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], *, dy
 _EXPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _island_key(island: fx.GraphModule, node: fx.Node, examples: tuple, names: list[str], dynamic: bool) -> tuple:
-    """Everything the export of ``island`` depends on: its code, its modules (their repr: type and settings) and
-    the content of every parameter and buffer (constants, and weights a training step may have changed), the
-    input names, shapes and dtypes, and the output's name."""
+def _island_key(island: fx.GraphModule, examples: tuple, names: list[str], dynamic: bool) -> tuple:
+    """Everything the export of one node's ``island`` depends on besides the node: its code, its modules (their
+    repr: type and settings), the content of every parameter and buffer (constants, and weights a training step may
+    have changed), the input names, shapes and dtypes."""
     tensors = tuple((k, str(v.dtype), tuple(v.shape),
                      hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest())
                     for k, v in island.state_dict().items())
-    return (node.name, island.code, repr(island), tensors, tuple(names),
+    return (island.code, repr(island), tensors, tuple(names),
             tuple((tuple(x.shape), str(x.dtype)) for x in examples), dynamic)
 
 
