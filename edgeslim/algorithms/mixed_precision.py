@@ -49,7 +49,7 @@ __all__ = ["Metric", "top1_metric", "worst_sqnr", "sqnr_metric", "as_metric", "S
            "evaluate_plan", "evaluate_plans", "LayerCost", "layer_costs", "unit_rows", "high_fractions",
            "plan_size_bytes", "keep_high_plan", "only_quantized_plan", "sensitivity", "promotion_order",
            "default_groups", "parse_group", "check_groups", "group_plan", "group_combinations", "Candidate",
-           "SearchResult", "LatencyFn", "search", "measure_latency", "pareto"]
+           "SearchResult", "LatencyFn", "PlansLatencyFn", "search", "measure_latency", "pareto"]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -469,6 +469,7 @@ class SearchResult:
 
 
 LatencyFn = Callable[[fx.GraphModule], tuple[float, float]]  # frozen model -> (ms, ratio vs FP32)
+PlansLatencyFn = Callable[[list[MixedPlan]], list[tuple[float, float]]]  # plans -> (ms, ratio vs FP32) of each
 
 
 def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metric | np.ndarray, budget: Budget, *,
@@ -564,14 +565,13 @@ def search(gm: fx.GraphModule, config: PTQConfig, x: torch.Tensor, metric: Metri
                         time.perf_counter() - t0, se)
 
 
-def measure_latency(gm: fx.GraphModule, config: PTQConfig, cands: list[Candidate], latency_of: LatencyFn,
-                    *, progress: bool = False) -> list[Candidate]:
-    """Fill in the onnxruntime latency of every candidate (each plan exported and timed), then return
-    the Pareto frontier over accuracy, size and latency. The model is left frozen as it was."""
-    for c in tqdm(cands, desc="latency of candidates", unit="plan", disable=not progress, leave=False):
-        if c.latency_ms is None:
-            ptq.apply_plan(gm, config, c.plan)
-            c.latency_ms, c.latency_ratio = latency_of(gm)
+def measure_latency(cands: list[Candidate], latencies_of: PlansLatencyFn) -> list[Candidate]:
+    """Fill in the onnxruntime latency of every candidate that has none (``latencies_of``: all their plans at
+    once, so they are timed side by side), then return the Pareto frontier over accuracy, size and latency."""
+    todo = [c for c in cands if c.latency_ms is None]
+    if todo:
+        for c, (ms, ratio) in zip(todo, latencies_of([c.plan for c in todo]), strict=True):
+            c.latency_ms, c.latency_ratio = ms, ratio
     return pareto(cands)
 
 

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +26,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from tqdm import tqdm
 
 __all__ = ["INTEGER_CONV_OPS", "FLOAT_CONV_OPS", "session", "predict", "predict_all", "optimized_op_counts", "QDQ_OPS",
            "MOVEMENT_OPS", "op_category", "float_ops_profile", "integer_convs", "latency_ms", "paired_ratio",
-           "fp32_int8_latency", "latency_samples", "tensor_signatures", "TensorCache", "SharedSession", "NodeArg", "shared_work"]
+           "fp32_int8_latency", "latency_samples", "paired_latencies", "tensor_signatures", "TensorCache", "SharedSession", "NodeArg", "shared_work"]
 
 
 INTEGER_CONV_OPS = ("QLinearConv", "NhwcQLinearConv")
@@ -200,6 +201,34 @@ def latency_samples(paths: dict[str, Path], input_shape: tuple[int, ...], batch:
             if start is not None:
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def paired_latencies(paths: Mapping[str, Path], reference: Path, input_shape: tuple[int, ...], batch: int, *,
+                     threads: int = 1, rounds: int = 100, seconds: float | None = None, group: int = 8,
+                     desc: str | None = None) -> tuple[float, dict[str, tuple[float, float]]]:
+    """Many models timed against one ``reference`` (the FP32 file): ``(reference median ms, {key: (median ms,
+    paired ratio to the reference)})``.
+
+    The models are timed interleaved in groups of at most ``group`` (sessions held at once), the reference in
+    every group, so each ratio is paired within a round and every model of a group sees the same machine. A
+    round runs each model of its group once, so ``seconds`` (the time bound of ``latency_samples``) is scaled by
+    the group's size over two: each model is measured about as long as it would be timed alone beside the
+    reference, and the reference is run once per round of the group rather than once per model."""
+    keys = list(paths)
+    ref_key = "\0reference"  # no user key can collide with it
+    ref_samples: list[float] = []
+    out: dict[str, tuple[float, float]] = {}
+    chunks = [keys[i:i + group] for i in range(0, len(keys), max(1, group))]
+    for chunk in tqdm(chunks, desc=desc, unit="group", disable=desc is None or len(chunks) < 2, leave=False):
+        budget = None if seconds is None else seconds * (len(chunk) + 1) / 2
+        s = latency_samples({ref_key: reference, **{k: paths[k] for k in chunk}}, input_shape, batch, threads=threads,
+                            rounds=rounds, seconds=budget)
+        ref_samples += s[ref_key]
+        out.update({k: (statistics.median(s[k]), paired_ratio(s, k, ref_key)) for k in chunk})
+    if not ref_samples:  # no models: the reference alone
+        ref_samples = latency_samples({ref_key: reference}, input_shape, batch, threads=threads, rounds=rounds,
+                                      seconds=seconds)[ref_key]
+    return statistics.median(ref_samples), out
 
 
 # ----------------------------------------------------------------------------- shared work across models

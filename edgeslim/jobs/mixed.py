@@ -118,15 +118,31 @@ class OnnxBench:
         path = self.work / (name or f"candidate_{self.counter}.onnx")
         return save_onnx(to_onnx(lower(gm, self.info.input_shape)), path)
 
+    def latencies(self, paths: Mapping[str, Path], batch: int = 1, desc: str | None = None
+                  ) -> tuple[float, dict[str, tuple[float, float]]]:
+        """``(FP32 median ms, {key: (median ms, paired ratio to FP32)})`` of many files, timed interleaved in
+        groups beside the FP32 file (``eval.ort.paired_latencies``)."""
+        return ort_eval.paired_latencies(paths, self.fp32, self.info.input_shape, batch, threads=self.measure.threads,
+                                         rounds=self.rounds, seconds=self.measure.latency_seconds, desc=desc)
+
     def latency(self, path: Path, batch: int = 1) -> tuple[float, float]:
-        s = ort_eval.latency_samples({"fp32": self.fp32, "m": path}, self.info.input_shape, batch,
-                                     threads=self.measure.threads, rounds=self.rounds,
-                                     seconds=self.measure.latency_seconds)
-        return statistics.median(s["m"]), ort_eval.paired_ratio(s, "m", "fp32")
+        return self.latencies({"m": path}, batch)[1]["m"]
 
     def latency_of(self, gm: fx.GraphModule) -> tuple[float, float]:
         path = self.export(gm, "candidate.onnx")
         return self.latency(path)
+
+    def plan_latencies(self, gm: fx.GraphModule, config: PTQConfig, plans: list) -> list[tuple[float, float]]:
+        """Each plan re-frozen, exported and then all timed together (``latencies``); ``gm`` is left frozen at the
+        last plan."""
+        paths = {}
+        for i, plan in enumerate(plans):
+            ptq.apply_plan(gm, config, plan)
+            paths[str(i)] = self.export(gm, f"latency_{i}.onnx")
+        lat = self.latencies(paths, desc="latency of candidates")[1]
+        for p in paths.values():
+            p.unlink()
+        return [lat[str(i)] for i in range(len(plans))]
 
 
 # ----------------------------------------------------------------------------- sensitivity job
@@ -270,11 +286,11 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
                          "weight_bytes": ir.weight_bytes(),
                          "onnx_bytes": paths[key].stat().st_size, "key": key})
         fields = task.score_fields(paths, f"evaluating {len(paths)} group combinations", indices)
+        fp32_ms, lat = bench.latencies({row["key"]: paths[row["key"]] for row in rows}, desc="latency of combinations")
         for row in rows:
-            row.update(score=fields[row["key"]][task.metric_key], scores=fields[row["key"]])
-            ms, ratio = bench.latency(paths[row["key"]])
-            row.update(latency_ms=ms, latency_over_fp32=ratio, fps=1000.0 / ms)
-        fp32_ms = bench.latency(bench.fp32)[0]  # the FP32 file against itself: its own median, ratio 1
+            ms, ratio = lat[row["key"]]
+            row.update(score=fields[row["key"]][task.metric_key], scores=fields[row["key"]],
+                       latency_ms=ms, latency_over_fp32=ratio, fps=1000.0 / ms)
     ptq.apply_plan(gm, config, None)
     return {"groups": {g: list(p) for g, p in groups.items()}, "high": str(high), "low": str(default),
             "fp32_score": fields["fp32"][task.metric_key], "fp32_scores": fields["fp32"],
@@ -307,24 +323,23 @@ def run_mixed(model: nn.Module, info: ModelInfo, task: Task, config: PTQConfig, 
             res = mp.search(gm, config, data.holdout, data.metric, budget, input_shape=info.input_shape,
                             high=high, order=order, latency_of=bench.latency_of, progress=True, outputs=outputs,
                             on_step=on_step)
-            frontier = mp.measure_latency(gm, config, res.candidates, bench.latency_of, progress=True)
+            frontier = mp.measure_latency(res.candidates, lambda plans: bench.plan_latencies(gm, config, plans))
             chosen = res.chosen
             ptq.apply_plan(gm, config, chosen.plan)
             mixed_path = bench.export(gm, "model_mixed.onnx")
             ptq.apply_plan(gm, config, None)
             uniform_path = bench.export(gm, "model_uniform.onnx")
-            fixed_batch = mp.fixed_batch(model)
-            lat = {}  # model -> (ms b1, ratio b1, ms b64, ratio b64); batch 64 where the model takes it and asked
-            for key, path in (("uniform", uniform_path), ("mixed", mixed_path)):
-                big = not fixed_batch and 64 in measure.latency_batches
-                lat[key] = bench.latency(path, 1) + (bench.latency(path, 64) if big else (None, None))
+            files = {"uniform": uniform_path, "mixed": mixed_path}
+            fp32_ms, b1 = bench.latencies(files, 1)
+            big = not mp.fixed_batch(model) and 64 in measure.latency_batches  # batch 64 where the model takes it
+            b64 = bench.latencies(files, 64)[1] if big else {k: (None, None) for k in files}
+            lat = {k: b1[k] + b64[k] for k in files}  # model -> (ms b1, ratio b1, ms b64, ratio b64)
             sim_idx = simulation_subset(data.eval_idx, measure.simulation_images, config.seed)
             sim = task.score_torch(gm, config, {"uniform": None, "mixed": chosen.plan}, model, sim_idx)
             onnx = task.score_onnx({"fp32": bench.fp32, "uniform": uniform_path, "mixed": mixed_path},
                                    "evaluating the ONNX models", data.eval_idx)
             sizes = {"fp32": bench.fp32.stat().st_size, "uniform": uniform_path.stat().st_size,
                      "mixed": mixed_path.stat().st_size}
-            fp32_ms = bench.latency(bench.fp32, 1)[0]
             for p in (bench.fp32, mixed_path):
                 shutil.copy(p, stage / p.name)
         ptq.apply_plan(gm, config, chosen.plan)
