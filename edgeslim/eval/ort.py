@@ -42,7 +42,11 @@ def session(path: str | Path | bytes, *, threads: int = 1, optimized_path: str |
     """An onnxruntime session of a file or serialized model (inside ``shared_work()``: a ``SharedSession``)."""
     if _SHARED and optimized_path is None:
         model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
-        return SharedSession(model, _SHARED[-1], lambda b: _plain_session(b, threads=threads, level=level))
+        runtime = _runtime_graph(path, threads, level)
+        if runtime is None:  # onnxruntime could not save its graph: cut the file's own graph at integer codes
+            return SharedSession(model, _SHARED[-1], lambda b: _plain_session(b, threads=threads, level=level))
+        return SharedSession(runtime, _SHARED[-1], lambda b: _plain_session(b, threads=threads, level=_AS_SAVED),
+                             types_from=model)
     return _plain_session(path, threads=threads, optimized_path=optimized_path, level=level)
 
 
@@ -60,6 +64,23 @@ def _plain_session(path: str | Path | bytes, *, threads: int = 1, optimized_path
         opts.optimized_model_filepath = str(optimized_path)
     source = path if isinstance(path, bytes) else str(path)  # a file, or a serialized model
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+_AS_SAVED = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a graph onnxruntime already optimized runs as it is
+
+
+def _runtime_graph(source: str | Path | bytes, threads: int, level: ort.GraphOptimizationLevel
+                   ) -> onnx.ModelProto | None:
+    """The graph onnxruntime runs for ``source`` (its fusions and layout changes applied, as it saves them), or
+    None where it cannot save it. Run as saved (no further optimization), it gives the file's own bits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "runtime.onnx")
+        try:
+            _plain_session(source, threads=threads, optimized_path=out, level=level)
+            return onnx.load(out)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, OSError, onnx.onnx_cpp2py_export.checker.ValidationError,
+                onnx.onnx_cpp2py_export.shape_inference.InferenceError):
+            return None
 
 
 def predict(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -240,16 +261,25 @@ def paired_latencies(paths: Mapping[str, Path], reference: Path, input_shape: tu
 # as in common-subexpression elimination), and a run feeds the deepest *frontier* (every live tensor after some
 # node) whose values the cache already holds for this input into a session of the rest of the model.
 #
-# Only tensors a cut cannot change are cut at: integer codes (the output of QuantizeLinear, or of the Clip that
-# narrows them to fewer bits) and the model's input and outputs. onnxruntime's QDQ fusions end at codes
-# (DequantizeLinear -> op -> QuantizeLinear becomes one integer op whose output is the codes), so the rest of the
-# model runs the same integer kernels on the same values: its outputs are bit-identical to the whole model's
-# (tests/jobs/test_mixed_fast.py checks it). Float tensors are not cut at: measured here, a float ResNet-20 cut
-# after a ReLU differs in the last bits (onnxruntime picks other float kernels and fusions for a graph that starts
-# there). The cache is keyed by the input's digest and the tensor's signature, so a value is only ever reused for
-# the same computation on the same data.
+# A cut must not change a bit. The graph cut is the one onnxruntime runs: ``session`` has onnxruntime optimize the
+# file and save the result (its QDQ fusions, Conv + Add + ReLU fusions, NCHWc layout), and every part is a piece of
+# that graph run as saved, with no further optimization, so each node runs the same kernel on the same values as in
+# the whole model and any tensor can be cut at, float ones included (a float prefix shared by the rows of a group
+# table). Cutting the file's own graph instead, a float ResNet-20 cut after a ReLU differs in the last bits
+# (onnxruntime picks other float kernels and fusions for a graph that starts there); so where onnxruntime cannot
+# save its graph the file's graph is cut only at integer codes (the output of QuantizeLinear, or of the Clip that
+# narrows them to fewer bits), where its QDQ fusions end. tests/jobs/test_mixed_fast.py checks the outputs are the
+# whole model's bits. The cache is keyed by the input's digest and the tensor's signature, so a value is only ever
+# reused for the same computation on the same data.
 
 _CUT_PRODUCERS = ("QuantizeLinear", "Clip")
+# ops whose output has their first input's element type (to type the tensors onnxruntime's saved graph adds)
+_SAME_TYPE_OPS = ("Relu", "Clip", "Add", "Sum", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "FusedConv",
+                  "Conv", "Sigmoid", "HardSigmoid", "Flatten", "Reshape", "Transpose", "Slice", "Pad", "Concat")
+# integer ops whose output has the element type of their output zero point (the input at this index)
+_ZERO_POINT_INPUT = {"QuantizeLinear": 2, "QLinearConv": 7, "NhwcQLinearConv": 7, "QLinearAdd": 7, "QLinearMul": 7,
+                     "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QLinearLeakyRelu": 4,
+                     "QLinearSigmoid": 4, "QLinearSoftmax": 4, "QLinearConcat": 1, "QGemm": 8, "QLinearMatMul": 7}
 _INTEGER_TYPES = {onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16, onnx.TensorProto.INT16}
 
 
@@ -338,10 +368,13 @@ class TensorCache:
 class _Cuts:
     """Where ``model`` can be cut: per position (after node ``i``; -1: before the first), the live tensors."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, types_from: onnx.ModelProto | None = None) -> None:
+        """``types_from``: ``model`` is onnxruntime's saved graph of this file: every tensor whose element type is
+        known can be cut at (element types from the file's shape inference, by name, and the ops in between)."""
         g = model.graph
         self.model, self.sig = model, tensor_signatures(model)
-        inferred = onnx.shape_inference.infer_shapes(model)
+        self.runtime = types_from is not None
+        inferred = onnx.shape_inference.infer_shapes(types_from if self.runtime else model)
         self.types = {v.name: v.type for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
         static = {i.name for i in g.initializer} | {""}
         self.static_nodes, self.nodes = [], []
@@ -357,9 +390,13 @@ class _Cuts:
             for t in node.input:
                 if t not in static:
                     last_use[t] = max(last_use[t], i)
-        producer = {t: n.op_type for n in self.nodes for t in n.output}
-        self.cuttable = {t for t in self.sig if t in outputs or t in inputs
-                         or (producer.get(t) in _CUT_PRODUCERS and self._cut_type(t, producer[t]))}
+        if self.runtime:
+            self._type_runtime_tensors(g)
+            self.cuttable = {t for t in self.sig if t in self.types} | inputs | outputs
+        else:
+            producer = {t: n.op_type for n in self.nodes for t in n.output}
+            self.cuttable = {t for t in self.sig if t in outputs or t in inputs
+                             or (producer.get(t) in _CUT_PRODUCERS and self._cut_type(t, producer[t]))}
         self.frontiers: list[tuple[int, tuple[str, ...]]] = []
         live = [i.name for i in g.input]
         for i in range(-1, len(self.nodes)):
@@ -368,10 +405,35 @@ class _Cuts:
                        [t for t in self.nodes[i].output if t and last_use.get(t, -1) > i]
             if live and all(t in self.cuttable for t in live):
                 self.frontiers.append((i, tuple(live)))
-        # the tensors a run hands the cache: one per single-tensor cut (a residual block's output), the last of
-        # consecutive ones (codes after the raw QuantizeLinear output); each more one costs onnxruntime a copy
+        # the tensors a run hands the cache: one per single-tensor cut that ends a run of such cuts (a residual
+        # block's output; codes after the raw QuantizeLinear output) and, in onnxruntime's graph, every single
+        # tensor of integer codes (where quantized plans start to differ: a byte per value, where float tensors
+        # would fill the cache four times as fast); each more one costs onnxruntime a copy
         single = {i for i, f in self.frontiers if len(f) == 1}
-        self.kept = single - {i - 1 for i in single}
+        by_position = dict(self.frontiers)
+        self.kept = (single - {i - 1 for i in single}) | (
+            {i for i in single if self._cut_type(by_position[i][0], "")} if self.runtime else set())
+
+    def _type_runtime_tensors(self, g: onnx.GraphProto) -> None:
+        """Element types (no shapes: onnxruntime's NCHWc tensors are blocked) of the saved graph's tensors: by name
+        from the file's inference, else from the op (NCHWc ops and ``_SAME_TYPE_OPS`` keep their input's)."""
+        elem = {t: v.tensor_type.elem_type for t, v in self.types.items()
+                if v.HasField("tensor_type") and v.tensor_type.elem_type}
+        elem.update({i.name: i.data_type for i in g.initializer})
+        for node in g.node:
+            first = elem.get(node.input[0]) if node.input else None
+            zp = _ZERO_POINT_INPUT.get(node.op_type)
+            if zp is not None:  # an absent output zero point: uint8 (QuantizeLinear), float (QGemm)
+                present = zp < len(node.input) and node.input[zp]
+                first = elem.get(node.input[zp]) if present else (
+                    onnx.TensorProto.UINT8 if node.op_type == "QuantizeLinear" else
+                    onnx.TensorProto.FLOAT if node.op_type == "QGemm" else None)
+            elif not (node.domain == "com.microsoft.nchwc" or node.op_type in _SAME_TYPE_OPS):
+                first = None
+            for out in node.output[:1]:
+                if out and out not in elem and first is not None:
+                    elem[out] = first
+        self.types = {t: helper.make_tensor_type_proto(e, None) for t, e in elem.items()}
 
     def _cut_type(self, t: str, op: str) -> bool:
         tt = self.types.get(t)
@@ -401,15 +463,17 @@ class SharedSession:
     computed on the same input (see above). Behaves as ``InferenceSession`` for ``run``, ``get_inputs`` and
     ``get_outputs``; its outputs are the whole model's."""
 
-    def __init__(self, model: onnx.ModelProto, cache: TensorCache, make_session) -> None:
-        self.cuts, self.cache, self.make = _Cuts(model), cache, make_session
+    def __init__(self, model: onnx.ModelProto, cache: TensorCache, make_session,
+                 types_from: onnx.ModelProto | None = None) -> None:
+        self.cuts, self.cache, self.make = _Cuts(model, types_from), cache, make_session
+        self.file = types_from or model  # inputs and outputs as the file declares them
         self.parts: dict[int, tuple[ort.InferenceSession, list[str]]] = {}
 
     def get_inputs(self) -> list[NodeArg]:
-        return [_arg(v) for v in self.cuts.model.graph.input]
+        return [_arg(v) for v in self.file.graph.input]
 
     def get_outputs(self) -> list[NodeArg]:
-        return [_arg(v) for v in self.cuts.model.graph.output]
+        return [_arg(v) for v in self.file.graph.output]
 
     def _part(self, position: int, frontier: tuple[str, ...]) -> tuple[ort.InferenceSession, list[str]]:
         """The model after ``position``: inputs the frontier, outputs the model's and every later cut tensor the

@@ -4,6 +4,7 @@ plain path, where each plan's file is exported in full and scored in its own onn
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -42,10 +43,14 @@ def _plans(gm, config: PTQConfig) -> list[MixedPlan | None]:
     return plans
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits):
+@pytest.mark.parametrize("bits,runtime_graph", [(4, True), (8, True), (4, False)])
+def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits, runtime_graph,
+                                                                  monkeypatch):
     """Each plan's outputs inside ``shared_work`` equal its own file's session's, on several batches, and the
-    shared path did reuse work (some plan ran from a cut past the input)."""
+    shared path did reuse work (some plan ran from a cut past the input); cutting onnxruntime's saved graph and,
+    where it cannot save one, the file's own."""
+    if not runtime_graph:
+        monkeypatch.setattr(ort_eval, "_runtime_graph", lambda *a: None)
     config = PTQConfig(w_bits=bits, a_bits=bits)
     gm = _calibrated(tiny_model, tiny_calib, config)
     blobs = []
@@ -57,7 +62,7 @@ def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, ti
     with ort_eval.shared_work():
         sessions = [ort_eval.session(b, threads=1) for b in blobs]
         shared = [ort_eval.predict_all(s, x, 16) for s in sessions]
-    assert all(isinstance(s, ort_eval.SharedSession) for s in sessions)
+    assert all(isinstance(s, ort_eval.SharedSession) and s.cuts.runtime == runtime_graph for s in sessions)
     for p, s in zip(plain, shared):
         assert p.keys() == s.keys()
         for k in p:
@@ -65,14 +70,43 @@ def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, ti
     assert any(position >= 0 for s in sessions for position in s.parts)
 
 
-def test_a_float_cut_would_change_the_bits_so_none_is_made(tiny_model, tiny_calib):
-    """The all-float plan has no integer tensor: its only cuts are its input and its outputs."""
+def test_a_float_prefix_is_cut_in_the_graph_onnxruntime_runs(tiny_model, tiny_calib):
+    """Two plans with the same float (FP32) layers up to the last one: the second runs from a float tensor of
+    onnxruntime's own saved graph computed by the first, and both give their files' bits."""
+    config = PTQConfig(w_bits=4, a_bits=4)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    fp32 = LayerPrecision.parse("fp32")
+    last = mp.unit_rows(gm)[-1]["name"]
+    blobs = []
+    for plan in (MixedPlan((("*", fp32),)), mp.only_quantized_plan(last, fp32, config.default_precision)):
+        ptq.apply_plan(gm, config, plan)
+        blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
+    x = _x(24).numpy()
+    plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, 8) for b in blobs]
+    with ort_eval.shared_work():
+        sessions = [ort_eval.session(b, threads=1) for b in blobs]
+        shared = [ort_eval.predict_all(s, x, 8) for s in sessions]
+    for p, s in zip(plain, shared):
+        for k in p:
+            np.testing.assert_array_equal(s[k], p[k])
+    second = sessions[1]
+    assert second.cuts.runtime and second.parts and min(second.parts) >= 0  # never from the input
+    types = second.cuts.types
+    starts = {t for position in second.parts for t in dict(second.cuts.frontiers)[position]}
+    assert starts and all(types[t].tensor_type.elem_type == onnx.TensorProto.FLOAT for t in starts)
+
+
+def test_without_onnxruntimes_graph_only_integer_codes_are_cut_at(tiny_model, tiny_calib, monkeypatch):
+    """Where onnxruntime cannot save its graph, the file's own graph is cut: a float cut there would change the
+    bits, so the all-float plan's only cuts are its input and its outputs."""
+    monkeypatch.setattr(ort_eval, "_runtime_graph", lambda *a: None)
     config = PTQConfig(w_bits=4, a_bits=4)
     gm = _calibrated(tiny_model, tiny_calib, config)
     ptq.apply_plan(gm, config, MixedPlan((("*", LayerPrecision.parse("fp32")),)))
     model = to_onnx(lower(gm, SHAPE))
     with ort_eval.shared_work():
         s = ort_eval.session(model.SerializeToString())
+    assert not s.cuts.runtime
     cut_tensors = {t for _, frontier in s.cuts.frontiers for t in frontier}
     ends = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
     assert cut_tensors <= ends and ends <= cut_tensors
