@@ -43,6 +43,28 @@ def _plans(gm, config: PTQConfig) -> list[MixedPlan | None]:
     return plans
 
 
+def _files(gm, config: PTQConfig, plans) -> list[bytes]:
+    """Each plan re-frozen and exported (serialized ONNX)."""
+    blobs = []
+    for plan in plans:
+        ptq.apply_plan(gm, config, plan)
+        blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
+    return blobs
+
+
+def _shared_runs(blobs: list[bytes], x: np.ndarray, batch: int) -> list:
+    """Every file scored inside ``shared_work``; asserts each gives its own session's bits; the shared sessions."""
+    plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, batch) for b in blobs]
+    with ort_eval.shared_work():
+        sessions = [ort_eval.session(b, threads=1) for b in blobs]
+        shared = [ort_eval.predict_all(s, x, batch) for s in sessions]
+    for p, s in zip(plain, shared):
+        assert p.keys() == s.keys()
+        for k in p:
+            np.testing.assert_array_equal(s[k], p[k])
+    return sessions
+
+
 @pytest.mark.parametrize("bits,runtime_graph", [(4, True), (8, True), (4, False)])
 def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits, runtime_graph,
                                                                   monkeypatch):
@@ -53,20 +75,8 @@ def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, ti
         monkeypatch.setattr(ort_eval, "_runtime_graph", lambda *a: None)
     config = PTQConfig(w_bits=bits, a_bits=bits)
     gm = _calibrated(tiny_model, tiny_calib, config)
-    blobs = []
-    for plan in _plans(gm, config):
-        ptq.apply_plan(gm, config, plan)
-        blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
-    x = _x(40).numpy()
-    plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, 16) for b in blobs]
-    with ort_eval.shared_work():
-        sessions = [ort_eval.session(b, threads=1) for b in blobs]
-        shared = [ort_eval.predict_all(s, x, 16) for s in sessions]
+    sessions = _shared_runs(_files(gm, config, _plans(gm, config)), _x(40).numpy(), 16)
     assert all(isinstance(s, ort_eval.SharedSession) and s.cuts.runtime == runtime_graph for s in sessions)
-    for p, s in zip(plain, shared):
-        assert p.keys() == s.keys()
-        for k in p:
-            np.testing.assert_array_equal(s[k], p[k])
     assert any(position >= 0 for s in sessions for position in s.parts)
 
 
@@ -77,18 +87,8 @@ def test_a_float_prefix_is_cut_in_the_graph_onnxruntime_runs(tiny_model, tiny_ca
     gm = _calibrated(tiny_model, tiny_calib, config)
     fp32 = LayerPrecision.parse("fp32")
     last = mp.unit_rows(gm)[-1]["name"]
-    blobs = []
-    for plan in (MixedPlan((("*", fp32),)), mp.only_quantized_plan(last, fp32, config.default_precision)):
-        ptq.apply_plan(gm, config, plan)
-        blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
-    x = _x(24).numpy()
-    plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, 8) for b in blobs]
-    with ort_eval.shared_work():
-        sessions = [ort_eval.session(b, threads=1) for b in blobs]
-        shared = [ort_eval.predict_all(s, x, 8) for s in sessions]
-    for p, s in zip(plain, shared):
-        for k in p:
-            np.testing.assert_array_equal(s[k], p[k])
+    plans = (MixedPlan((("*", fp32),)), mp.only_quantized_plan(last, fp32, config.default_precision))
+    sessions = _shared_runs(_files(gm, config, plans), _x(24).numpy(), 8)
     second = sessions[1]
     assert second.cuts.runtime and second.parts and min(second.parts) >= 0  # never from the input
     types = second.cuts.types
@@ -144,10 +144,7 @@ def test_a_small_cache_drops_values_and_outputs_stay_the_files(tiny_model, tiny_
     size), and every output is still the file's own."""
     config = PTQConfig(w_bits=4, a_bits=4)
     gm = _calibrated(tiny_model, tiny_calib, config)
-    blobs = []
-    for plan in _plans(gm, config)[:12]:
-        ptq.apply_plan(gm, config, plan)
-        blobs.append(to_onnx(lower(gm, SHAPE)).SerializeToString())
+    blobs = _files(gm, config, _plans(gm, config)[:12])
     x = _x(16).numpy()
     plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, 16) for b in blobs]
     size = 4 * 16 * 8 * 16 * 16  # four 8-channel 16x16 code tensors of a batch of 16
