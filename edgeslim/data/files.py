@@ -20,11 +20,17 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+try:  # a dependency; without it (a platform with no wheel) PIL decodes every image
+    import simplejpeg
+except ImportError:  # pragma: no cover
+    simplejpeg = None
+
 from edgeslim.errors import EdgeslimError
 from edgeslim.data.transforms import (
     HIGH_DEPTH_MODES,
     Preprocess,
     high_depth_to_unit,
+    needs_resize,
     normalize_uint8,
     normalize_unit,
     pil_to_uint8,
@@ -232,6 +238,9 @@ def read_file(path: Path) -> bytes:
 def decode_image(data: bytes, pp: Preprocess, shown: str) -> np.ndarray:
     """Encoded bytes -> ``H,W,C`` at the model's size: uint8, or float32 in [0, 1] for 16-bit grayscale images
     (kept at full precision instead of saturating at 255); a bad file raises naming it."""
+    fast = _jpeg_at_size(data, pp)
+    if fast is not None:
+        return fast
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width == 0 or img.height == 0:
@@ -243,6 +252,28 @@ def decode_image(data: bytes, pp: Preprocess, shown: str) -> np.ndarray:
         raise EdgeslimError(
             f"image '{shown}' is unreadable or corrupt ({exc}): re-encode it or remove it from the data set"
         ) from None
+
+
+# JPEG components -> the channels a model takes, for the fast path: colour JPEGs (YCbCr) to RGB, gray to gray
+_JPEG_FAST = {("YCbCr", 3): "RGB", ("Gray", 1): "Gray"}
+
+
+def _jpeg_at_size(data: bytes, pp: Preprocess) -> np.ndarray | None:
+    """A JPEG that is already the model's size, decoded by libjpeg-turbo straight into an array (simplejpeg), or
+    None for everything else (PIL decodes it). PIL decodes with the same library and settings (accurate integer
+    IDCT, fancy upsampling), so the pixels are the same bits (tests/data/test_data.py checks the subsamplings,
+    gray, progressive and restart-marker JPEGs); this skips PIL's per-image Python work, most of a 32x32 decode."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+        target = _JPEG_FAST.get((space, pp.channels))
+        if target is None or needs_resize(w, h, pp):
+            return None
+        arr = simplejpeg.decode_jpeg(data, colorspace=target, fastdct=False, fastupsample=False)
+    except ValueError:  # simplejpeg's error for anything libjpeg-turbo refuses: PIL names the problem
+        return None
+    return arr if arr.ndim == 3 else arr[:, :, None]
 
 
 def default_workers() -> int:

@@ -382,3 +382,51 @@ def test_cifar10_jpeg_zip():
     ]
     assert np.bincount(ds.labels).tolist() == [1000] * 10
     assert np.isfinite(x).all() and abs(float(x.mean())) < 0.2
+
+
+@pytest.mark.parametrize("mode,channels,options", [
+    ("RGB", 3, {"subsampling": 0}), ("RGB", 3, {"subsampling": 1}), ("RGB", 3, {"subsampling": 2}),
+    ("RGB", 3, {"subsampling": 2, "progressive": True, "quality": 50}),
+    ("RGB", 3, {"subsampling": 2, "restart_marker_blocks": 1}), ("L", 1, {"quality": 90}),
+])
+def test_jpegs_at_the_model_size_decode_to_pils_bits(mode, channels, options):
+    """The simplejpeg path gives PIL's pixels bit for bit (the same libjpeg-turbo settings), for odd sizes too."""
+    import io
+
+    from edgeslim.data import files
+
+    rng = np.random.default_rng(0)
+    for h, w in ((32, 32), (17, 23)):
+        pix = rng.integers(0, 256, (h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pix, mode).save(buf, "JPEG", **options)
+        data = buf.getvalue()
+        pp = Preprocess((channels, h, w), (0.5,) * channels, (0.5,) * channels)
+        fast = files._jpeg_at_size(data, pp)
+        assert fast is not None
+        with Image.open(io.BytesIO(data)) as img:
+            np.testing.assert_array_equal(fast, files.pil_to_uint8(img, pp))
+
+
+def test_other_jpegs_are_left_to_pil():
+    """Another size, a CMYK JPEG, a gray JPEG for a colour model and damaged or truncated files take PIL's path
+    (which resizes, converts or names the bad file)."""
+    import io
+
+    from edgeslim.data import files
+
+    def jpeg(mode: str, shape) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros(shape, np.uint8) if mode != "CMYK" else np.zeros((*shape[:2], 4), np.uint8),
+                        mode).save(buf, "JPEG")
+        return buf.getvalue()
+
+    pp = Preprocess((3, 32, 32), (0.5,) * 3, (0.5,) * 3)
+    assert files._jpeg_at_size(jpeg("RGB", (40, 40, 3)), pp) is None
+    assert files._jpeg_at_size(jpeg("CMYK", (32, 32)), pp) is None
+    assert files._jpeg_at_size(jpeg("L", (32, 32)), pp) is None
+    whole = jpeg("RGB", (32, 32, 3))
+    for bad in (whole[:60], whole[:len(whole) // 2], whole[:-2]):  # header only, half the scan, no end marker
+        assert files._jpeg_at_size(bad, pp) is None
+        with pytest.raises(EdgeslimError, match="unreadable or corrupt"):
+            files.decode_image(bad, pp, "bad.jpg")
