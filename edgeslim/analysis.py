@@ -32,25 +32,42 @@ def output_lsb(g: IntGraph) -> np.ndarray:
 
 def analyze(g: IntGraph, test_ds: ImageDataset, onnx_logits: np.ndarray, options: AnalyzeOptions,
             batch_size: int = 256) -> dict:
-    """Engine accuracy and agreement with onnxruntime on ``test_ds``; overflow on its first images."""
+    """Engine accuracy and agreement with onnxruntime on ``test_ds``; overflow on its first images (counted in
+    the same engine pass where it runs: the engine is exact per image, so splitting a batch changes nothing)."""
     check_requant(g, options.requant)
     result: dict = {"engine_options": options.to_dict()}
     y = test_ds.labels
+    n_over = min(options.overflow_images, len(test_ds)) if options.overflow else 0
+    stats = OverflowStats()
     if options.engine:
-        logits = np.concatenate([
-            run(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
-                overflow=options.overflow_mode)[g.output_names[0]]
-            for x, _ in batches(test_ds, batch_size, desc="integer engine")])
+        chunks, start = [], 0
+        for x, _ in batches(test_ds, batch_size, desc="integer engine"):
+            chunks.append(_run_counting(g, x, options, stats, n_over - start)[g.output_names[0]])
+            start += len(x)
+        logits = np.concatenate(chunks)
         lsb_diff = np.abs(logits.astype(np.float64) - onnx_logits.astype(np.float64)) / output_lsb(g)
         steps = np.rint(lsb_diff)
         result["engine"] = {"top1": metrics.top1(logits, y), "flips_vs_onnx": metrics.flips(logits, onnx_logits)}
         result["engine_vs_onnx"] = {"mismatch_fraction": float((steps >= 1).mean()),
                                     "max_abs_diff": float(steps.max()), "elements": int(steps.size)}
-    if options.overflow:
-        idx = np.arange(min(options.overflow_images, len(test_ds)))
+        if options.overflow:
+            result["overflow"] = _overflow_fields(g, stats, n_over, options)
+    elif options.overflow:
+        idx = np.arange(n_over)
         result["overflow"] = overflow_summary(g, (x for x, _ in batches(test_ds, batch_size, idx,
                                                                          desc="overflow statistics")), options)
     return result
+
+
+def _run_counting(g: IntGraph, x: np.ndarray, options: AnalyzeOptions, stats: OverflowStats,
+                  counted: int) -> dict[str, np.ndarray]:
+    """The engine's outputs on ``x``, overflow counted in ``stats`` on its first ``counted`` inputs only."""
+    counted = max(0, min(counted, len(x)))
+    kw = dict(requant=options.requant, accumulator_bits=options.accumulator_bits, overflow=options.overflow_mode)
+    if counted in (0, len(x)):
+        return run(g, x, stats=stats if counted else None, **kw)
+    head, tail = run(g, x[:counted], stats=stats, **kw), run(g, x[counted:], **kw)
+    return {k: np.concatenate([head[k], tail[k]]) for k in head}
 
 
 def overflow_summary(g: IntGraph, images, options: AnalyzeOptions) -> dict:
@@ -60,6 +77,10 @@ def overflow_summary(g: IntGraph, images, options: AnalyzeOptions) -> dict:
         run(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
             overflow=options.overflow_mode, stats=stats)
         seen += len(x)
+    return _overflow_fields(g, stats, seen, options)
+
+
+def _overflow_fields(g: IntGraph, stats: OverflowStats, seen: int, options: AnalyzeOptions) -> dict:
     layer_name = {n.name: n.attrs.get("module", n.name) for n in g.layers()}
     rows = [{**r, "name": layer_name.get(r["name"], r["name"])} for r in stats.layers()]
     per_filter = {layer_name.get(r["name"], r["name"]): {k: v.tolist() for k, v in stats.per_filter(r["name"]).items()}
@@ -88,9 +109,10 @@ def analyze_outputs(g: IntGraph, x: np.ndarray, onnx_outputs: dict[str, np.ndarr
 
     check_requant(g, options.requant)
     result: dict = {"engine_options": options.to_dict()}
-    if options.engine:
-        chunks = [run(g, x[i:i + batch_size], requant=options.requant, accumulator_bits=options.accumulator_bits,
-                      overflow=options.overflow_mode) for i in range(0, len(x), batch_size)]
+    n_over = min(options.overflow_images, len(x)) if options.overflow else 0
+    stats = OverflowStats()
+    if options.engine:  # overflow counted in the same pass, on the first inputs
+        chunks = [_run_counting(g, x[i:i + batch_size], options, stats, n_over - i) for i in range(0, len(x), batch_size)]
         names = list(onnx_outputs)
         engine = {n: np.concatenate([c[k] for c in chunks]) for n, k in zip(names, g.output_names)}
         steps = dict(zip(names, output_steps(g).values()))
@@ -104,7 +126,9 @@ def analyze_outputs(g: IntGraph, x: np.ndarray, onnx_outputs: dict[str, np.ndarr
                                  float((in_steps >= 1).mean())} if in_steps is not None else {})}
         result["engine_vs_onnx"] = per_output
         result["engine"] = {"fidelity_vs_fp32": fidelity(fp32_outputs, engine)}
-    if options.overflow:
-        n = min(options.overflow_images, len(x))
-        result["overflow"] = overflow_summary(g, (x[i:min(i + batch_size, n)] for i in range(0, n, batch_size)), options)
+        if options.overflow:
+            result["overflow"] = _overflow_fields(g, stats, n_over, options)
+    elif options.overflow:
+        result["overflow"] = overflow_summary(g, (x[i:min(i + batch_size, n_over)] for i in range(0, n_over, batch_size)),
+                                              options)
     return result

@@ -225,3 +225,23 @@ def test_engine_and_overflow_stats_identical_to_the_tap_by_tap_path(tiny_graph, 
                 np.testing.assert_array_equal(pf_n[name][stat], pf_o[name][stat], err_msg=f"{key} {name} {stat}")
             events += int(pf_n[name]["accumulator_overflows"].sum())
     assert events > 1000  # the registers did overflow
+
+
+def test_analyze_counts_overflow_in_its_engine_pass_as_a_separate_pass_does(tiny_graph):
+    """``analysis.analyze_outputs`` with overflow on the first 7 of 12 inputs in batches of 5 (a batch split at the
+    boundary): the engine outputs equal a plain run and the overflow summary equals ``overflow_summary`` run
+    separately on those 7 inputs."""
+    from edgeslim.analysis import analyze_outputs, overflow_summary
+    from edgeslim.config import AnalyzeOptions
+
+    g = tiny_graph
+    x = 3 * np.random.default_rng(6).standard_normal((12, 3, 16, 16)).astype(np.float32)
+    opts = AnalyzeOptions(accumulator_bits=16, overflow_mode="wrap", overflow_images=7)
+    plain = run(g, x, accumulator_bits=16, overflow="wrap")
+    names = list(plain)
+    outs = {n: plain[n] for n in names}
+    res = analyze_outputs(g, x, outs, outs, opts, batch_size=5)
+    assert all(r.get("max_abs_diff") == 0.0 for r in res["engine_vs_onnx"].values())  # the engine gave plain's bits
+    separate = overflow_summary(g, (x[i:min(i + 5, 7)] for i in range(0, 7, 5)), opts)
+    assert res["overflow"] == separate and separate["images"] == 7
+    assert sum(r["accumulator_overflows"] for r in separate["layers"]) > 0
