@@ -78,8 +78,7 @@ def _runtime_graph(source: str | Path | bytes, threads: int, level: ort.GraphOpt
         try:
             _plain_session(source, threads=threads, optimized_path=out, level=level)
             return onnx.load(out)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, OSError, onnx.onnx_cpp2py_export.checker.ValidationError,
-                onnx.onnx_cpp2py_export.shape_inference.InferenceError):
+        except (ort.capi.onnxruntime_pybind11_state.Fail, OSError):  # onnxruntime refused to save it
             return None
 
 
@@ -396,7 +395,7 @@ class _Cuts:
         else:
             producer = {t: n.op_type for n in self.nodes for t in n.output}
             self.cuttable = {t for t in self.sig if t in outputs or t in inputs
-                             or (producer.get(t) in _CUT_PRODUCERS and self._cut_type(t, producer[t]))}
+                             or (producer.get(t) in _CUT_PRODUCERS and self._integer(t))}
         self.frontiers: list[tuple[int, tuple[str, ...]]] = []
         live = [i.name for i in g.input]
         for i in range(-1, len(self.nodes)):
@@ -412,7 +411,7 @@ class _Cuts:
         single = {i for i, f in self.frontiers if len(f) == 1}
         by_position = dict(self.frontiers)
         self.kept = (single - {i - 1 for i in single}) | (
-            {i for i in single if self._cut_type(by_position[i][0], "")} if self.runtime else set())
+            {i for i in single if self._integer(by_position[i][0])} if self.runtime else set())
 
     def _type_runtime_tensors(self, g: onnx.GraphProto) -> None:
         """Element types (no shapes: onnxruntime's NCHWc tensors are blocked) of the saved graph's tensors: by name
@@ -435,7 +434,8 @@ class _Cuts:
                     elem[out] = first
         self.types = {t: helper.make_tensor_type_proto(e, None) for t, e in elem.items()}
 
-    def _cut_type(self, t: str, op: str) -> bool:
+    def _integer(self, t: str) -> bool:
+        """Whether tensor ``t`` holds integer codes (8- or 16-bit)."""
         tt = self.types.get(t)
         if tt is None or not tt.HasField("tensor_type"):
             return False
@@ -466,7 +466,7 @@ class SharedSession:
     def __init__(self, model: onnx.ModelProto, cache: TensorCache, make_session,
                  types_from: onnx.ModelProto | None = None) -> None:
         self.cuts, self.cache, self.make = _Cuts(model, types_from), cache, make_session
-        self.file = types_from or model  # inputs and outputs as the file declares them
+        self.file = model if types_from is None else types_from  # inputs and outputs as the file declares them
         self.parts: dict[int, tuple[ort.InferenceSession, list[str]]] = {}
 
     def get_inputs(self) -> list[NodeArg]:

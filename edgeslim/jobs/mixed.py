@@ -41,7 +41,7 @@ from torch import fx, nn
 from .. import api
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
-from ..config import Budget, MeasureOptions, PTQConfig
+from ..config import Budget, MeasureOptions, MixedPlan, PTQConfig
 from ..errors import EdgeslimError
 from ..eval import ort as ort_eval
 from ..export.onnx_qdq import save_onnx, to_onnx
@@ -132,7 +132,8 @@ class OnnxBench:
         path = self.export(gm, "candidate.onnx")
         return self.latency(path)
 
-    def plan_latencies(self, gm: fx.GraphModule, config: PTQConfig, plans: list) -> list[tuple[float, float]]:
+    def plan_latencies(self, gm: fx.GraphModule, config: PTQConfig, plans: list[MixedPlan | None]
+                       ) -> list[tuple[float, float]]:
         """Each plan re-frozen, exported and then all timed together (``latencies``); ``gm`` is left frozen at the
         last plan."""
         paths = {}
