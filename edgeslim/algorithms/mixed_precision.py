@@ -23,6 +23,7 @@ The score is a ``Metric``, so the same sweeps and search serve every task: top-1
 from __future__ import annotations
 
 import fnmatch
+import glob
 import math
 import time
 from collections.abc import Callable
@@ -162,7 +163,7 @@ def onnx_outputs(input_shape: tuple[int, ...], *, threads: int = 0, batch_size: 
     (all cores by default; one input at a time for fixed-batch models). About 10x faster than the PyTorch
     simulation on ResNet-20 (1 s per plan on 2,000 images here), and it scores the file, not a simulation of it."""
     def run(gm: fx.GraphModule, x: torch.Tensor) -> list[torch.Tensor]:
-        sess = ort_eval.session(to_onnx(lower(gm, input_shape)).SerializeToString(), threads=threads)
+        sess = ort_eval.session(to_onnx(lower(gm, input_shape)).SerializeToString(), threads=threads, inputs=len(x))
         outs = ort_eval.predict_all(sess, x.numpy(), 1 if fixed_batch(gm) else batch_size)
         return [torch.from_numpy(v) for v in outs.values()]
     return run
@@ -384,12 +385,34 @@ def promotion_order(sens: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- groups
 
-def default_groups(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
-    """One group per top-level child module that holds weighted layers (``conv1``, ``layer1``, ..., ``linear``)."""
-    groups: dict[str, tuple[str, ...]] = {}
-    for name in ptq.layer_names(gm):
-        top = name.split(".", 1)[0]
-        groups.setdefault(top, (top, f"{top}.*"))
+def default_groups(gm: fx.GraphModule, max_groups: int = 6, folds: int = 4) -> dict[str, tuple[str, ...]]:
+    """One group per top-level child module that holds weighted layers (``conv1``, ``layer1``, ..., ``linear``).
+
+    A model with more than ``max_groups`` of them (a flat graph: an imported ONNX file, an ``nn.Sequential``)
+    would get one group per layer and a table of two rows per layer; its top-level names (layers and the ops
+    between them, in graph order) are folded instead into at most ``folds`` contiguous groups of about equal
+    MACs, named ``first..last``, so the table keeps every combination of them (2 ** folds rows)."""
+    macs: dict[str, int] = {}
+    for c in layer_costs(gm):
+        top = c.name.split(".", 1)[0]
+        macs[top] = macs.get(top, 0) + c.macs + 1  # + 1: a layer without MACs still counts
+    if len(macs) <= max_groups:
+        return {top: (top, f"{top}.*") for top in macs}
+    plan = set(ptq.plan_names(gm))
+    tops = list(dict.fromkeys(name.split(".", 1)[0] for name in (ptq.op_name(gm, n) for n in gm.graph.nodes)
+                              if name in plan))
+    total, done, fold = sum(macs.values()), 0, 0
+    members: list[list[str]] = [[] for _ in range(folds)]
+    for top in tops:  # a weighted top goes where the middle of its MACs falls; the ops between follow it
+        if top in macs:
+            fold = max(fold, min(folds - 1, int((done + macs[top] / 2) * folds / total)))
+            done += macs[top]
+        members[fold].append(top)
+    groups = {}
+    for m in (m for m in members if any(t in macs for t in m)):
+        weighted = [t for t in m if t in macs]
+        name = weighted[0] if len(weighted) == 1 else f"{weighted[0]}..{weighted[-1]}"
+        groups[name] = tuple(p for t in m for p in (glob.escape(t), f"{glob.escape(t)}.*"))
     return groups
 
 

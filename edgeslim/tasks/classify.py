@@ -31,7 +31,8 @@ __all__ = ["Classify", "onnx_top1"]
 def onnx_top1(paths: dict[str, Path], test: ImageDataset, batch_size: int, desc: str,
               indices: np.ndarray | None = None) -> dict[str, float]:
     """Top-1 of several ONNX models on ``test`` (or its ``indices``) in onnxruntime, decoding each batch once."""
-    sessions = {k: ort_eval.session(p, threads=0) for k, p in paths.items()}
+    n = len(test) if indices is None else len(indices)
+    sessions = {k: ort_eval.session(p, threads=0, inputs=n) for k, p in paths.items()}
     outs: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
     for x, _ in batches(test, batch_size, indices, desc=desc):
         for k, s in sessions.items():

@@ -179,7 +179,8 @@ class Fidelity:
         if "fp32" not in paths:
             raise ValueError("fidelity scoring needs the FP32 model under the key 'fp32'")
         x = self._test(indices)
-        outs = {k: ort_eval.predict_all(ort_eval.session(p, threads=0), x, self.batch_size) for k, p in paths.items()}
+        outs = {k: ort_eval.predict_all(ort_eval.session(p, threads=0, inputs=len(x)), x, self.batch_size)
+                for k, p in paths.items()}
         ref = [torch.from_numpy(v) for v in outs["fp32"].values()]
         return {k: mp.worst_sqnr([torch.from_numpy(v) for v in o.values()], ref) for k, o in outs.items()}
 

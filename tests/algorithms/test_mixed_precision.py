@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import pytest
 import torch
@@ -262,6 +264,34 @@ def test_groups_default_to_top_level_modules_and_build_plans(tiny_model, tiny_ca
         mp.check_groups(gm, {"neck": ("neck.*",)})
     with pytest.raises(EdgeslimError, match="invalid group"):
         mp.parse_group("head")
+
+
+def test_flat_models_fold_into_contiguous_groups_of_about_equal_macs():
+    """An ``nn.Sequential`` of 12 convs (one top-level name per layer and per activation) gets 4 contiguous groups,
+    each of about a quarter of the MACs (by hand: C_out * C_in * k * k * H * W), covering every plan name once."""
+    widths = [3, 4, 4, 8, 8, 8, 16, 16, 16, 16, 8, 8, 4]
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers).eval()
+    gm = _calibrated(model, _x(8), PTQConfig())
+    groups = mp.default_groups(gm)
+    assert 2 <= len(groups) <= 4 and len(mp.group_combinations(list(groups))) == 2 ** len(groups)
+    macs = [b * a * 9 * SHAPE[1] * SHAPE[2] for a, b in zip(widths, widths[1:])]
+    names, layer_names = ptq.plan_names(gm), ptq.layer_names(gm)
+    owner = {}
+    for g, pats in groups.items():
+        for n in names:
+            if any(fnmatch.fnmatchcase(n, p) for p in pats):
+                assert n not in owner, f"{n} in two groups"
+                owner[n] = g
+    assert set(owner) == set(names)
+    order = [owner[n] for n in layer_names]
+    assert order == sorted(order, key=list(groups).index)  # contiguous, in graph order
+    for g in groups:
+        share = sum(m for m, o in zip(macs, order) if o == g) / sum(macs)
+        assert 0.1 < share < 0.45, (g, share)
+    assert list(groups)[0].startswith(layer_names[0]) and list(groups)[-1].endswith(layer_names[-1])
 
 
 def test_fp16_whole_model_export_is_close_to_fp32(tiny_model, tmp_path):

@@ -52,11 +52,11 @@ def _files(gm, config: PTQConfig, plans) -> list[bytes]:
     return blobs
 
 
-def _shared_runs(blobs: list[bytes], x: np.ndarray, batch: int) -> list:
+def _shared_runs(blobs: list[bytes], x: np.ndarray, batch: int, inputs: int | None = None) -> list:
     """Every file scored inside ``shared_work``; asserts each gives its own session's bits; the shared sessions."""
     plain = [ort_eval.predict_all(ort_eval.session(b, threads=1), x, batch) for b in blobs]
     with ort_eval.shared_work():
-        sessions = [ort_eval.session(b, threads=1) for b in blobs]
+        sessions = [ort_eval.session(b, threads=1, inputs=inputs) for b in blobs]
         shared = [ort_eval.predict_all(s, x, batch) for s in sessions]
     for p, s in zip(plain, shared):
         assert p.keys() == s.keys()
@@ -65,18 +65,20 @@ def _shared_runs(blobs: list[bytes], x: np.ndarray, batch: int) -> list:
     return sessions
 
 
-@pytest.mark.parametrize("bits,runtime_graph", [(4, True), (8, True), (4, False)])
-def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits, runtime_graph,
-                                                                  monkeypatch):
+@pytest.mark.parametrize("bits,graph", [(4, "runtime"), (8, "runtime"), (4, "unsaved"), (4, "few inputs")])
+def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits, graph, monkeypatch):
     """Each plan's outputs inside ``shared_work`` equal its own file's session's, on several batches, and the
-    shared path did reuse work (some plan ran from a cut past the input); cutting onnxruntime's saved graph and,
-    where it cannot save one, the file's own."""
-    if not runtime_graph:
+    shared path did reuse work (some plan ran from a cut past the input); cutting onnxruntime's saved graph and
+    the file's own: where onnxruntime cannot save its graph, and where the caller runs fewer inputs than
+    ``RUNTIME_GRAPH_INPUTS`` (saving it would cost more than it shares)."""
+    if graph == "unsaved":
         monkeypatch.setattr(ort_eval, "_runtime_graph", lambda *a: None)
     config = PTQConfig(w_bits=bits, a_bits=bits)
     gm = _calibrated(tiny_model, tiny_calib, config)
-    sessions = _shared_runs(_files(gm, config, _plans(gm, config)), _x(40).numpy(), 16)
-    assert all(isinstance(s, ort_eval.SharedSession) and s.cuts.runtime == runtime_graph for s in sessions)
+    x = _x(40).numpy()
+    inputs = ort_eval.RUNTIME_GRAPH_INPUTS - 1 if graph == "few inputs" else ort_eval.RUNTIME_GRAPH_INPUTS
+    sessions = _shared_runs(_files(gm, config, _plans(gm, config)), x, 16, inputs)
+    assert all(isinstance(s, ort_eval.SharedSession) and s.cuts.runtime == (graph == "runtime") for s in sessions)
     assert any(position >= 0 for s in sessions for position in s.parts)
 
 
