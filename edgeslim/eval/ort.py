@@ -28,7 +28,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
-__all__ = ["RUNTIME_GRAPH_INPUTS", "INTEGER_CONV_OPS", "FLOAT_CONV_OPS", "session", "predict", "predict_all", "optimized_op_counts", "QDQ_OPS",
+__all__ = ["SHARED_MIN_INPUTS", "INTEGER_CONV_OPS", "FLOAT_CONV_OPS", "session", "predict", "predict_all", "optimized_op_counts", "QDQ_OPS",
            "MOVEMENT_OPS", "op_category", "float_ops_profile", "integer_convs", "latency_ms", "paired_ratio",
            "fp32_int8_latency", "latency_samples", "paired_latencies", "tensor_signatures", "TensorCache", "SharedSession", "NodeArg", "shared_work"]
 
@@ -37,7 +37,7 @@ INTEGER_CONV_OPS = ("QLinearConv", "NhwcQLinearConv")
 FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv", "ConvInteger")
 
 
-RUNTIME_GRAPH_INPUTS = 256  # inside shared_work(), a model run on fewer inputs is cut in its own graph (below)
+SHARED_MIN_INPUTS = 256  # inside shared_work(), a model run on fewer inputs gets a session of its own (below)
 
 
 def session(path: str | Path | bytes, *, threads: int = 1, optimized_path: str | Path | None = None,
@@ -45,15 +45,15 @@ def session(path: str | Path | bytes, *, threads: int = 1, optimized_path: str |
             inputs: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session of a file or serialized model (inside ``shared_work()``: a ``SharedSession``).
 
-    ``inputs``: how many inputs the caller will run, where it knows. Inside ``shared_work()`` the session is cut in
-    onnxruntime's saved graph, which shares more, but saving it is one more optimization of the whole model per
-    file; a file run on fewer than ``RUNTIME_GRAPH_INPUTS`` inputs (a detector's 32 held-out images) does not earn
-    it back, and is cut in its own graph. Both give the file's own bits."""
-    if _SHARED and optimized_path is None:
+    ``inputs``: how many inputs the caller will run, where it knows. Sharing costs each file a second optimization
+    (onnxruntime's saved graph), an analysis of its cuts and a session per part, and each run a digest and copies
+    of the tensors it keeps: a file run on fewer than ``SHARED_MIN_INPUTS`` inputs does not earn that back (a
+    detector's keep-high sweep on 32 held-out images, one image per run: 59-63 s alone vs 67-72 s shared), and
+    gets a session of its own inside ``shared_work()`` too. Every path gives the file's own bits."""
+    if _SHARED and optimized_path is None and (inputs is None or inputs >= SHARED_MIN_INPUTS):
         model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
-        few = inputs is not None and inputs < RUNTIME_GRAPH_INPUTS
-        runtime = None if few else _runtime_graph(path, threads, level)
-        if runtime is None:  # few inputs, or onnxruntime could not save its graph: cut the file's own graph
+        runtime = _runtime_graph(path, threads, level)
+        if runtime is None:  # onnxruntime could not save its graph: cut the file's own graph at integer codes
             return SharedSession(model, _SHARED[-1], lambda b: _plain_session(b, threads=threads, level=level))
         return SharedSession(runtime, _SHARED[-1], lambda b: _plain_session(b, threads=threads, level=_AS_SAVED),
                              types_from=model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -65,21 +66,32 @@ def _shared_runs(blobs: list[bytes], x: np.ndarray, batch: int, inputs: int | No
     return sessions
 
 
-@pytest.mark.parametrize("bits,graph", [(4, "runtime"), (8, "runtime"), (4, "unsaved"), (4, "few inputs")])
-def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits, graph, monkeypatch):
+@pytest.mark.parametrize("bits,runtime_graph", [(4, True), (8, True), (4, False)])
+def test_shared_sessions_give_every_files_own_outputs_bit_for_bit(tiny_model, tiny_calib, bits, runtime_graph,
+                                                                  monkeypatch):
     """Each plan's outputs inside ``shared_work`` equal its own file's session's, on several batches, and the
-    shared path did reuse work (some plan ran from a cut past the input); cutting onnxruntime's saved graph and
-    the file's own: where onnxruntime cannot save its graph, and where the caller runs fewer inputs than
-    ``RUNTIME_GRAPH_INPUTS`` (saving it would cost more than it shares)."""
-    if graph == "unsaved":
+    shared path did reuse work (some plan ran from a cut past the input); cutting onnxruntime's saved graph and,
+    where it cannot save one, the file's own."""
+    if not runtime_graph:
         monkeypatch.setattr(ort_eval, "_runtime_graph", lambda *a: None)
     config = PTQConfig(w_bits=bits, a_bits=bits)
     gm = _calibrated(tiny_model, tiny_calib, config)
-    x = _x(40).numpy()
-    inputs = ort_eval.RUNTIME_GRAPH_INPUTS - 1 if graph == "few inputs" else ort_eval.RUNTIME_GRAPH_INPUTS
-    sessions = _shared_runs(_files(gm, config, _plans(gm, config)), x, 16, inputs)
-    assert all(isinstance(s, ort_eval.SharedSession) and s.cuts.runtime == (graph == "runtime") for s in sessions)
+    sessions = _shared_runs(_files(gm, config, _plans(gm, config)), _x(40).numpy(), 16, ort_eval.SHARED_MIN_INPUTS)
+    assert all(isinstance(s, ort_eval.SharedSession) and s.cuts.runtime == runtime_graph for s in sessions)
     assert any(position >= 0 for s in sessions for position in s.parts)
+
+
+def test_a_file_run_on_few_inputs_gets_a_session_of_its_own(tiny_model, tiny_calib):
+    """Inside ``shared_work``, a caller that runs fewer than ``SHARED_MIN_INPUTS`` inputs gets a plain onnxruntime
+    session (its outputs are its file's, as ``_shared_runs`` checks); at the threshold, or not saying, a shared one."""
+    config = PTQConfig(w_bits=4, a_bits=4)
+    gm = _calibrated(tiny_model, tiny_calib, config)
+    blob = _files(gm, config, [None])[0]
+    few = _shared_runs([blob], _x(8).numpy(), 4, ort_eval.SHARED_MIN_INPUTS - 1)[0]
+    assert isinstance(few, onnxruntime.InferenceSession)
+    with ort_eval.shared_work():
+        assert isinstance(ort_eval.session(blob), ort_eval.SharedSession)
+        assert isinstance(ort_eval.session(blob, inputs=ort_eval.SHARED_MIN_INPUTS), ort_eval.SharedSession)
 
 
 def test_a_float_prefix_is_cut_in_the_graph_onnxruntime_runs(tiny_model, tiny_calib):
@@ -114,9 +126,17 @@ def test_without_onnxruntimes_graph_only_integer_codes_are_cut_at(tiny_model, ti
     assert cut_tensors <= ends and ends <= cut_tensors
 
 
-def test_sweeps_and_search_score_and_choose_as_the_plain_path(tiny_model, tiny_calib):
+def test_sweeps_and_search_score_and_choose_as_the_plain_path(tiny_model, tiny_calib, monkeypatch):
     """``sensitivity`` rows and ``search``'s steps, candidates and chosen plan are identical with and without
-    shared work (onnxruntime scoring)."""
+    shared work (onnxruntime scoring; 64 held-out inputs, shared as if they were many)."""
+    monkeypatch.setattr(ort_eval, "SHARED_MIN_INPUTS", 64)
+    made, shared_session = [], ort_eval.SharedSession
+
+    class Counted(shared_session):
+        def __init__(self, *a, **k):
+            made.append(1)
+            shared_session.__init__(self, *a, **k)
+    monkeypatch.setattr(ort_eval, "SharedSession", Counted)
     config = PTQConfig(w_bits=3, a_bits=3)
     gm = _calibrated(tiny_model, tiny_calib, config)
     x = _x(64)
@@ -139,6 +159,7 @@ def test_sweeps_and_search_score_and_choose_as_the_plain_path(tiny_model, tiny_c
     assert shared.chosen.to_dict() == plain.chosen.to_dict()
     assert [c.to_dict() for c in shared.steps] == [c.to_dict() for c in plain.steps]
     assert [c.to_dict() for c in shared.candidates] == [c.to_dict() for c in plain.candidates]
+    assert len(made) > len(shared.candidates)  # every plan of the sweep and the search ran shared
 
 
 def test_a_small_cache_drops_values_and_outputs_stay_the_files(tiny_model, tiny_calib):
