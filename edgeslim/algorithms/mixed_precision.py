@@ -401,13 +401,18 @@ def default_groups(gm: fx.GraphModule, max_groups: int = 6, folds: int = 4) -> d
     plan = set(ptq.plan_names(gm))
     tops = list(dict.fromkeys(name.split(".", 1)[0] for name in (ptq.op_name(gm, n) for n in gm.graph.nodes)
                               if name in plan))
-    total, done, fold = sum(macs.values()), 0, 0
+    total, done, fold, lead = sum(macs.values()), 0, 0, []
     members: list[list[str]] = [[] for _ in range(folds)]
-    for top in tops:  # a weighted top goes where the middle of its MACs falls; the ops between follow it
+    for top in tops:  # a weighted top goes where the middle of its MACs falls; the ops after it follow it
         if top in macs:
             fold = max(fold, min(folds - 1, int((done + macs[top] / 2) * folds / total)))
             done += macs[top]
-        members[fold].append(top)
+            members[fold] += lead + [top]
+            lead = []
+        elif done:
+            members[fold].append(top)
+        else:  # ops before the first layer go with it
+            lead.append(top)
     groups = {}
     for m in (m for m in members if any(t in macs for t in m)):
         weighted = [t for t in m if t in macs]

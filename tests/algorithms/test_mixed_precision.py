@@ -267,10 +267,11 @@ def test_groups_default_to_top_level_modules_and_build_plans(tiny_model, tiny_ca
 
 
 def test_flat_models_fold_into_contiguous_groups_of_about_equal_macs():
-    """An ``nn.Sequential`` of 12 convs (one top-level name per layer and per activation) gets 4 contiguous groups,
-    each of about a quarter of the MACs (by hand: C_out * C_in * k * k * H * W), covering every plan name once."""
+    """An ``nn.Sequential`` of a pooling op and 12 convs (one top-level name per layer and per activation) gets 4
+    contiguous groups, each of about a quarter of the MACs (by hand: C_out * C_in * k * k * H * W), covering every
+    plan name once (the pooling op, before any layer, with the first)."""
     widths = [3, 4, 4, 8, 8, 8, 16, 16, 16, 16, 8, 8, 4]
-    layers = []
+    layers = [torch.nn.AvgPool2d(3, 1, 1)]
     for a, b in zip(widths, widths[1:]):
         layers += [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers).eval()
@@ -285,7 +286,7 @@ def test_flat_models_fold_into_contiguous_groups_of_about_equal_macs():
             if any(fnmatch.fnmatchcase(n, p) for p in pats):
                 assert n not in owner, f"{n} in two groups"
                 owner[n] = g
-    assert set(owner) == set(names)
+    assert set(owner) == set(names) and owner["0"] == owner[layer_names[0]]
     order = [owner[n] for n in layer_names]
     assert order == sorted(order, key=list(groups).index)  # contiguous, in graph order
     for g in groups:
