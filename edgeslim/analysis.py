@@ -9,7 +9,7 @@ import numpy as np
 from .config import AnalyzeOptions
 from .data import ImageDataset, batches
 from .engine.overflow import OverflowStats
-from .engine.run import run
+from .engine.run import run_narrow_threads
 from .errors import EdgeslimError
 from .eval import metrics
 from .intgraph import IntGraph
@@ -65,8 +65,8 @@ def _run_counting(g: IntGraph, x: np.ndarray, options: AnalyzeOptions, stats: Ov
     counted = max(0, min(counted, len(x)))
     kw = dict(requant=options.requant, accumulator_bits=options.accumulator_bits, overflow=options.overflow_mode)
     if counted in (0, len(x)):
-        return run(g, x, stats=stats if counted else None, **kw)
-    head, tail = run(g, x[:counted], stats=stats, **kw), run(g, x[counted:], **kw)
+        return run_narrow_threads(g, x, stats=stats if counted else None, **kw)
+    head, tail = run_narrow_threads(g, x[:counted], stats=stats, **kw), run_narrow_threads(g, x[counted:], **kw)
     return {k: np.concatenate([head[k], tail[k]]) for k in head}
 
 
@@ -74,8 +74,8 @@ def overflow_summary(g: IntGraph, images, options: AnalyzeOptions) -> dict:
     """Per-layer and per-filter overflow counts of the engine over the batches ``images`` yields."""
     stats, seen = OverflowStats(), 0
     for x in images:
-        run(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
-            overflow=options.overflow_mode, stats=stats)
+        run_narrow_threads(g, x, requant=options.requant, accumulator_bits=options.accumulator_bits,
+                           overflow=options.overflow_mode, stats=stats)
         seen += len(x)
     return _overflow_fields(g, stats, seen, options)
 

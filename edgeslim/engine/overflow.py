@@ -89,6 +89,14 @@ class OverflowStats:
 
         return observe
 
+    def merge(self, other: OverflowStats) -> None:
+        """Add ``other``'s counts (the same graph run on other inputs) to these, layer by layer."""
+        for name, layer in other._layers.items():
+            mine = self._layers.setdefault(name, _Layer(len(layer.events)))
+            for field in ("prod_out", "prod_total", "sum_out", "sum_total", "events"):
+                getattr(mine, field).__iadd__(getattr(layer, field))
+        self.accumulator_bits = other.accumulator_bits if self.accumulator_bits is None else self.accumulator_bits
+
     def per_filter(self, name: str) -> dict[str, np.ndarray]:
         """Per output filter: fractions ``product_int8`` and ``sum_int16``, counts ``accumulator_overflows``."""
         layer = self._layers[name]

@@ -12,7 +12,7 @@ import pytest
 
 from edgeslim.engine import narrow
 from edgeslim.engine.overflow import OverflowStats
-from edgeslim.engine.run import run
+from edgeslim.engine.run import run, run_narrow_threads
 
 
 def tap_by_tap(cols, wk, bias=None, *, accumulator_bits=16, overflow="saturate"):
@@ -245,3 +245,21 @@ def test_analyze_counts_overflow_in_its_engine_pass_as_a_separate_pass_does(tiny
     separate = overflow_summary(g, (x[i:min(i + 5, 7)] for i in range(0, 7, 5)), opts)
     assert res["overflow"] == separate and separate["images"] == 7
     assert sum(r["accumulator_overflows"] for r in separate["layers"]) > 0
+
+
+@pytest.mark.parametrize("bits,mode", [(16, "saturate"), (12, "wrap"), (32, "saturate")])
+def test_narrow_threads_give_runs_outputs_and_overflow_counts(tiny_graph, bits, mode):
+    """``run_narrow_threads`` on 3 uneven slices of 13 inputs: the same outputs as one ``run`` over all of them, and
+    the same overflow statistics (per layer and per filter) merged from the slices."""
+    x = 3 * np.random.default_rng(7).standard_normal((13, 3, 16, 16)).astype(np.float32)
+    one, split = OverflowStats(), OverflowStats()
+    a = run(tiny_graph, x, accumulator_bits=bits, overflow=mode, stats=one, batch_size=4)
+    b = run_narrow_threads(tiny_graph, x, accumulator_bits=bits, overflow=mode, stats=split, batch_size=4, workers=3)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert one.layers() == split.layers() and one.layers()
+    for r in one.layers():
+        for stat, v in one.per_filter(r["name"]).items():
+            np.testing.assert_array_equal(v, split.per_filter(r["name"])[stat])
+    assert bits == 32 or sum(r["accumulator_overflows"] for r in one.layers()) > 0
