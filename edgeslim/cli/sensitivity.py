@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
     quant_args(p)
     mixed_args(p, high_default="fp32")
     p.add_argument("--group", action="append", default=[], metavar="NAME=PATTERN[|PATTERN]",
-                   help="a named group of layers by module-name pattern (repeat); default: top-level modules, folded into 4 contiguous groups of about equal MACs where there are more than 6")
+                   help="a named group of layers by module-name pattern (repeat); default: top-level modules, "
+                        "folded into 4 contiguous groups of about equal MACs where there are more than 6")
     p.add_argument("--no-groups", action="store_true", help="skip the group table")
     p.add_argument("--sweep", choices=("both", "keep_high", "only_quantized"), default="both",
                    help="which per-layer sweep: each layer kept high, each quantized alone, or both (default)")

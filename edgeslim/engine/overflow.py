@@ -94,7 +94,8 @@ class OverflowStats:
         for name, layer in other._layers.items():
             mine = self._layers.setdefault(name, _Layer(len(layer.events)))
             for field in ("prod_out", "prod_total", "sum_out", "sum_total", "events"):
-                getattr(mine, field).__iadd__(getattr(layer, field))
+                total = getattr(mine, field)
+                np.add(total, getattr(layer, field), out=total)
         self.accumulator_bits = other.accumulator_bits if self.accumulator_bits is None else self.accumulator_bits
 
     def per_filter(self, name: str) -> dict[str, np.ndarray]:

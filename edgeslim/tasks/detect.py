@@ -204,9 +204,9 @@ class Detect:
                      indices: np.ndarray | None = None) -> dict[str, dict[str, float]]:
         """mAP@0.5, mAP@0.5:0.95 and the confusion-matrix precision / recall / F1 of each ONNX file on the test
         images, in onnxruntime."""
-        runs, n = {}, self.test_size if indices is None else len(indices)
+        runs, count = {}, self.test_size if indices is None else len(indices)
         for k, p in paths.items():
-            sess = ort_eval.session(p, threads=0, inputs=n)
+            sess = ort_eval.session(p, threads=0, inputs=count)
             name = sess.get_inputs()[0].name
             runs[k] = (lambda s, n: lambda x: _run_fixed(s, n, x))(sess, name)
         return self._score(runs, indices, desc)
