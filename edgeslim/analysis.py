@@ -4,17 +4,21 @@ per-layer / per-filter overflow statistics (Jang et al.'s Tables 1 and 2). Used 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .config import AnalyzeOptions
 from .data import ImageDataset, batches
 from .engine.overflow import OverflowStats
-from .engine.run import run_narrow_threads
+from .engine.run import run
 from .errors import EdgeslimError
 from .eval import metrics
 from .intgraph import IntGraph
 
-__all__ = ["check_requant", "output_lsb", "analyze", "overflow_summary", "output_steps", "analyze_outputs"]
+__all__ = ["check_requant", "output_lsb", "analyze", "overflow_summary", "output_steps", "analyze_outputs",
+           "run_narrow_threads"]
 
 
 def check_requant(g: IntGraph, requant: str) -> None:
@@ -68,6 +72,29 @@ def _run_counting(g: IntGraph, x: np.ndarray, options: AnalyzeOptions, stats: Ov
         return run_narrow_threads(g, x, stats=stats if counted else None, **kw)
     head, tail = run_narrow_threads(g, x[:counted], stats=stats, **kw), run_narrow_threads(g, x[counted:], **kw)
     return {k: np.concatenate([head[k], tail[k]]) for k in head}
+
+
+def run_narrow_threads(g: IntGraph, x: np.ndarray, *, accumulator_bits: int, stats: OverflowStats | None = None,
+                       workers: int | None = None, **kw) -> dict[str, np.ndarray]:
+    """``run``, with a narrow accumulator (under 32 bits) on up to ``workers`` contiguous slices of ``x`` at once in
+    threads (default: the usable cores). The narrow register's GEMMs are kept small and single-threaded on purpose
+    (``narrow.NARROW_GEMM``), and numpy releases the GIL in its array work: ResNet-20 at 16 bits runs 1.6-1.8x
+    faster on two cores. The engine is exact per input, so the outputs (concatenated in order) are ``run``'s; each
+    slice counts overflow into its own ``OverflowStats``, merged into ``stats`` in slice order. A 32-bit
+    accumulator runs as ``run`` (its large GEMMs already use every core)."""
+    x = np.asarray(x, dtype=np.float32)
+    workers = min(workers or len(os.sched_getaffinity(0)), len(x)) if accumulator_bits < 32 else 1
+    if workers <= 1:
+        return run(g, x, accumulator_bits=accumulator_bits, stats=stats, **kw)
+    bounds = np.linspace(0, len(x), workers + 1).round().astype(int)
+    parts = [OverflowStats() if stats is not None else None for _ in range(workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        outs = list(pool.map(lambda i: run(g, x[bounds[i]:bounds[i + 1]], accumulator_bits=accumulator_bits,
+                                           stats=parts[i], **kw), range(workers)))
+    for part in parts:
+        if part is not None:
+            stats.merge(part)
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def overflow_summary(g: IntGraph, images, options: AnalyzeOptions) -> dict:

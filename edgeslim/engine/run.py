@@ -15,16 +15,13 @@ One kernel per IntGraph op (``intgraph.OP_CATEGORIES``): ``OPS`` here for ops on
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from ..intgraph import DATA_MOVEMENT, FLOAT_OPS, IntGraph, IntNode, QParams
 from . import float_ops, ops, tflite_run
 from .overflow import OverflowStats
 
-__all__ = ["run", "run_narrow_threads", "OPS"]
+__all__ = ["run", "OPS"]
 
 
 def _clamp(node: IntNode, q: QParams) -> tuple[int, int]:
@@ -224,26 +221,3 @@ def run(g: IntGraph, x: np.ndarray, *, requant: str = "float", accumulator_bits:
     if keep is None:
         return {}
     return {name: np.concatenate(chunks[name]) for name in keep if name != g.input_name or return_codes}
-
-
-def run_narrow_threads(g: IntGraph, x: np.ndarray, *, accumulator_bits: int, stats: OverflowStats | None = None,
-                       workers: int | None = None, **kw) -> dict[str, np.ndarray]:
-    """``run``, with a narrow accumulator (under 32 bits) on up to ``workers`` contiguous slices of ``x`` at once in
-    threads (default: the usable cores). The narrow register's GEMMs are kept small and single-threaded on purpose
-    (``narrow.NARROW_GEMM``), and numpy releases the GIL in its array work: ResNet-20 at 16 bits runs 1.6-1.8x
-    faster on two cores. The engine is exact per input, so the outputs (concatenated in order) are ``run``'s; each
-    slice counts overflow into its own ``OverflowStats``, merged into ``stats`` in slice order. A 32-bit
-    accumulator runs as ``run`` (its large GEMMs already use every core)."""
-    x = np.asarray(x, dtype=np.float32)
-    workers = min(workers or len(os.sched_getaffinity(0)), len(x)) if accumulator_bits < 32 else 1
-    if workers <= 1:
-        return run(g, x, accumulator_bits=accumulator_bits, stats=stats, **kw)
-    bounds = np.linspace(0, len(x), workers + 1).round().astype(int)
-    parts = [OverflowStats() if stats is not None else None for _ in range(workers)]
-    with ThreadPoolExecutor(workers) as pool:
-        outs = list(pool.map(lambda i: run(g, x[bounds[i]:bounds[i + 1]], accumulator_bits=accumulator_bits,
-                                           stats=parts[i], **kw), range(workers)))
-    for part in parts:
-        if part is not None:
-            stats.merge(part)
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

@@ -12,7 +12,8 @@ import pytest
 
 from edgeslim.engine import narrow
 from edgeslim.engine.overflow import OverflowStats
-from edgeslim.engine.run import run, run_narrow_threads
+from edgeslim.analysis import run_narrow_threads
+from edgeslim.engine.run import run
 
 
 def tap_by_tap(cols, wk, bias=None, *, accumulator_bits=16, overflow="saturate"):
