@@ -401,11 +401,11 @@ def default_groups(gm: fx.GraphModule, max_groups: int = 6, folds: int = 4) -> d
     plan = set(ptq.plan_names(gm))
     tops = list(dict.fromkeys(name.split(".", 1)[0] for name in (ptq.op_name(gm, n) for n in gm.graph.nodes)
                               if name in plan))
-    total, done, fold, lead = sum(macs.values()), 0, 0, []
+    total, done, fold, lead = sum(macs.values()), 0, 0, []  # fold: where the last weighted top went
     members: list[list[str]] = [[] for _ in range(folds)]
     for top in tops:  # a weighted top goes where the middle of its MACs falls; the ops after it follow it
         if top in macs:
-            fold = max(fold, min(folds - 1, int((done + macs[top] / 2) * folds / total)))
+            fold = min(folds - 1, int((done + macs[top] / 2) * folds / total))  # midpoints only grow
             done += macs[top]
             members[fold] += lead + [top]
             lead = []

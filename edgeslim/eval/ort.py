@@ -29,9 +29,9 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 __all__ = ["SHARED_MIN_INPUTS", "INTEGER_CONV_OPS", "FLOAT_CONV_OPS", "session", "predict", "predict_all",
-           "optimized_op_counts", "QDQ_OPS",
-           "MOVEMENT_OPS", "op_category", "float_ops_profile", "integer_convs", "latency_ms", "paired_ratio",
-           "fp32_int8_latency", "latency_samples", "paired_latencies", "tensor_signatures", "TensorCache", "SharedSession", "NodeArg", "shared_work"]
+           "optimized_op_counts", "QDQ_OPS", "MOVEMENT_OPS", "op_category", "float_ops_profile", "integer_convs",
+           "latency_ms", "paired_ratio", "fp32_int8_latency", "latency_samples", "paired_latencies",
+           "tensor_signatures", "TensorCache", "SharedSession", "NodeArg", "shared_work"]
 
 
 INTEGER_CONV_OPS = ("QLinearConv", "NhwcQLinearConv")
