@@ -122,7 +122,7 @@ def relatency(shared: Path, work: Path, rounds: int = 30) -> None:
     import os
     import tempfile
 
-    from edgeslim.algorithms import mixed_precision as mp
+    from edgeslim.algorithms import layer_groups as lg
     from edgeslim.eval import ort as ort_eval
     from edgeslim.export.onnx_qdq import save_onnx, to_onnx
     from edgeslim.tasks.detect_parts import calibrated, fit_options
@@ -156,7 +156,7 @@ def relatency(shared: Path, work: Path, rounds: int = 30) -> None:
             fp32 = api.export_fp32_onnx(model, info.input_shape, Path(tmp) / "fp32.onnx")
             for i, r in enumerate(s["groups"]["rows"]):
                 precisions = {g: LayerPrecision.parse(v) for g, v in r["precision"].items()}
-                ptq.apply_plan(gm, cfg, mp.group_plan(groups, precisions))
+                ptq.apply_plan(gm, cfg, lg.group_plan(groups, precisions))
                 path = save_onnx(to_onnx(lower(gm, info.input_shape)), Path(tmp) / f"g{i}.onnx")
                 med, lat = paired({"fp32": fp32, "m": path}, info.input_shape)
                 r.update(latency_ms=med["m"], fps=1e3 / med["m"], latency_over_fp32=ort_eval.paired_ratio(lat, "m", "fp32"))

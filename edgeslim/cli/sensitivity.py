@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..algorithms.mixed_precision import parse_group
+    from ..algorithms.layer_groups import parse_group
     from ..config import MeasureOptions
     from ..jobs.mixed import run_sensitivity
 

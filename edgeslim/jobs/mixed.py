@@ -41,6 +41,7 @@ import torch
 from torch import fx, nn
 
 from .. import api
+from ..algorithms import layer_groups as lg
 from ..algorithms import mixed_precision as mp
 from ..algorithms import ptq
 from ..config import Budget, MeasureOptions, MixedPlan, PTQConfig
@@ -263,7 +264,7 @@ def sweeps_on_test(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, task: 
 def layer_groups(model: nn.Module, info: ModelInfo, gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     """The groups a model declares (a detector's backbone / neck / head), else one per top-level module."""
     declared = isinstance(getattr(model, "groups", None), Mapping)  # not a Conv2d's int ``groups``
-    return model_groups(model, info) if declared else mp.default_groups(gm)
+    return model_groups(model, info) if declared else lg.default_groups(gm)
 
 
 def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, config: PTQConfig, task: Task,
@@ -273,15 +274,15 @@ def run_group_table(gm: fx.GraphModule, model: nn.Module, info: ModelInfo, confi
     quantized) exported to ONNX, with the task's test score (onnxruntime; ``scores``: all of its score fields),
     stored size and paired latency vs FP32."""
     groups = groups or layer_groups(model, info, gm)
-    mp.check_groups(gm, groups)
+    lg.check_groups(gm, groups)
     names = list(groups)
     default = config.default_precision
     with tempfile.TemporaryDirectory(dir=stage) as tmp:
         bench = OnnxBench(model, info, Path(tmp), measure)
         rows, paths = [], {"fp32": bench.fp32}
-        for quantized in mp.group_combinations(names):
+        for quantized in lg.group_combinations(names):
             precisions = {g: (default if g in quantized else high) for g in names}
-            ptq.apply_plan(gm, config, mp.group_plan(groups, precisions))
+            ptq.apply_plan(gm, config, lg.group_plan(groups, precisions))
             key, ir = "q:" + ",".join(quantized), lower(gm, info.input_shape)
             paths[key] = save_onnx(to_onnx(ir), Path(tmp) / f"groups_{len(rows)}.onnx")
             rows.append({"quantized": list(quantized),

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..algorithms import mixed_precision as mp, ptq
+from ..algorithms import layer_groups as lg
+from ..algorithms import ptq
 from ..config import AnalyzeOptions, DetectOptions, MixedPlan, PTQConfig
 from ..data.detection import DetectionDataset
 from ..engine.run import run as run_engine
@@ -50,7 +51,7 @@ def parse_groups(groups: dict[str, tuple[str, ...]], spec: str) -> dict[str, Lay
 
 def group_plan(groups: dict[str, tuple[str, ...]], spec: str) -> MixedPlan:
     """The plan of a ``--groups`` option (groups not named keep the default bits)."""
-    return mp.group_plan(groups, parse_groups(groups, spec))
+    return lg.group_plan(groups, parse_groups(groups, spec))
 
 
 def flat_outputs(y) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgeslim import api
+from edgeslim.algorithms import layer_groups as lg
 from edgeslim.algorithms import mixed_precision as mp
 from edgeslim.algorithms import ptq
 from edgeslim.config import Budget, MixedPlan, PTQConfig
@@ -251,19 +252,19 @@ def test_budget_needs_a_target():
 
 def test_groups_default_to_top_level_modules_and_build_plans(tiny_model, tiny_calib):
     gm = _calibrated(tiny_model, tiny_calib, PTQConfig())
-    groups = mp.default_groups(gm)
+    groups = lg.default_groups(gm)
     assert list(groups) == ["c1", "c2", "c3", "fc"]
-    combos = mp.group_combinations(list(groups))
+    combos = lg.group_combinations(list(groups))
     assert len(combos) == 16 and () in combos and tuple(groups) in combos
-    name, pats = mp.parse_group("head=fc|c3")
+    name, pats = lg.parse_group("head=fc|c3")
     assert (name, pats) == ("head", ("fc", "c3"))
-    plan = mp.group_plan({"head": pats}, {"head": LayerPrecision.parse("fp32")})
+    plan = lg.group_plan({"head": pats}, {"head": LayerPrecision.parse("fp32")})
     default = LayerPrecision.parse("int8")
     assert plan.precision_of("c3", default).w.is_float and not plan.precision_of("c1", default).w.is_float
     with pytest.raises(EdgeslimError, match="matches no weighted layer"):
-        mp.check_groups(gm, {"neck": ("neck.*",)})
+        lg.check_groups(gm, {"neck": ("neck.*",)})
     with pytest.raises(EdgeslimError, match="invalid group"):
-        mp.parse_group("head")
+        lg.parse_group("head")
 
 
 def test_flat_models_fold_into_contiguous_groups_of_about_equal_macs():
@@ -276,8 +277,8 @@ def test_flat_models_fold_into_contiguous_groups_of_about_equal_macs():
         layers += [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers).eval()
     gm = _calibrated(model, _x(8), PTQConfig())
-    groups = mp.default_groups(gm)
-    assert 2 <= len(groups) <= 4 and len(mp.group_combinations(list(groups))) == 2 ** len(groups)
+    groups = lg.default_groups(gm)
+    assert 2 <= len(groups) <= 4 and len(lg.group_combinations(list(groups))) == 2 ** len(groups)
     macs = [b * a * 9 * SHAPE[1] * SHAPE[2] for a, b in zip(widths, widths[1:])]
     names, layer_names = ptq.plan_names(gm), ptq.layer_names(gm)
     owner = {}

@@ -9,6 +9,7 @@ import onnxruntime
 import pytest
 import torch
 
+from edgeslim.algorithms import layer_groups as lg
 from edgeslim.algorithms import mixed_precision as mp
 from edgeslim.algorithms import ptq
 from edgeslim.config import Budget, MixedPlan, PTQConfig
@@ -37,9 +38,9 @@ def _plans(gm, config: PTQConfig) -> list[MixedPlan | None]:
     for high in (LayerPrecision.parse("int8"), LayerPrecision.parse("fp32")):
         plans += [mp.keep_high_plan(n, high) for n in names]
         plans += [mp.only_quantized_plan(n, high, config.default_precision) for n in names]
-    groups = mp.default_groups(gm)
-    for quantized in mp.group_combinations(list(groups)):
-        plans.append(mp.group_plan(groups, {g: config.default_precision if g in quantized else
+    groups = lg.default_groups(gm)
+    for quantized in lg.group_combinations(list(groups)):
+        plans.append(lg.group_plan(groups, {g: config.default_precision if g in quantized else
                                             LayerPrecision.parse("fp32") for g in groups}))
     return plans
 

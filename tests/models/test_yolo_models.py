@@ -22,7 +22,7 @@ from torch import nn
 
 from edgeslim import api
 from edgeslim.algorithms import ptq
-from edgeslim.algorithms.mixed_precision import group_plan
+from edgeslim.algorithms.layer_groups import group_plan
 from edgeslim.algorithms.ptq import op_name
 from edgeslim.config import PTQConfig
 from edgeslim.errors import EdgeslimError
