@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import narrow_jit
+
 __all__ = ["gemm_type", "register", "gemm_acc", "narrow_acc", "NARROW_BLOCK", "NARROW_SEGMENTS", "NARROW_SPLIT",
-           "NARROW_GEMM", "NARROW_CHUNK", "NARROW_WALK"]
+           "NARROW_GEMM", "NARROW_CHUNK", "NARROW_WALK", "NARROW_JIT"]
 
 
 def gemm_type(bound: int):
@@ -79,6 +81,7 @@ NARROW_SPLIT = 8  # taps per sub-block when a block that may overflow is re-test
 NARROW_GEMM = (1 << 18) - 1
 NARROW_CHUNK = 1 << 15  # outputs per vectorized step of the GEMM stage (its arrays stay in cache)
 NARROW_WALK = 1 << 17  # unsettled outputs taken through their blocks at once (bounds the memory of that step)
+NARROW_JIT = True  # stages 2 and 3 as one compiled loop where numba imports (narrow_jit); False: the numpy stages
 
 
 def narrow_acc(cols: np.ndarray, w: np.ndarray, bits: int, overflow: str) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +102,10 @@ def narrow_acc(cols: np.ndarray, w: np.ndarray, bits: int, overflow: str) -> tup
     3. the remaining ones go through their blocks in order, register in hand; a block that fails the test is
        re-tested by sub-blocks of ``NARROW_SPLIT`` taps (``u`` and ``l`` from its terms), and only the sub-blocks
        that fail are walked tap by tap, vectorized over the outputs concerned.
+
+    Where numba imports (and ``NARROW_JIT``), stages 2 and 3 are one compiled loop over the outputs instead
+    (``narrow_jit.settle_rows``: each unsettled output through its blocks, a block added whole when it passes the
+    test, walked tap by tap when not): same tests, same exact results, without the gathers of the numpy stages.
 
     The GEMMs run in float32 when every product, plus a register, is below 2**24 (float64 otherwise): ``u`` and
     ``l`` are sums of non-negative integers, so a computed sum small enough to pass a test was exact, and one that
@@ -230,6 +237,7 @@ def _narrow_rows(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, signed: b
     ul = np.empty((nb, rows, 2 * O), dtype=c.dtype)
     nseg = max(1, min(nb, NARROW_SEGMENTS))
     bounds = np.linspace(0, nb, nseg + 1).round().astype(int)
+    jit = narrow_jit.kernel() if NARROW_JIT else None
     c_rows = c.reshape(M * nb, B)                  # row m * nb + j: the taps of block j of output row m
     w_rows = w.reshape(O * nb, B)
     pending: list[tuple] = []                      # (flat output indices, their blocks' u and l (nb, n))
@@ -264,6 +272,9 @@ def _narrow_rows(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, signed: b
             lhs[:, n:ns] = 0
             cv = lhs[:, :ns]
         np.matmul(cv.reshape(nb, ns // sub, sub, kB), wb, out=ul[:, :ns].reshape(nb, ns // sub, sub, 2 * O))
+        if jit is not None:
+            jit(ul[:, :n], c[m0:m0 + n], w, B, fit.lo, fit.hi, fit.overflow == "wrap", reg[m0:m0 + n], events)
+            continue
         seg = _sum_runs(ul[:, :n], bounds)         # (nseg, n, 2O)
         tot = _sum_runs(seg, [0, nseg])[0]
         U, L = tot[:, :O], tot[:, O:]

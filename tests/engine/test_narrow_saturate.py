@@ -2,7 +2,8 @@
 random and adversarial operands: registers pinned at either end of the range for long runs, swinging from one
 end to the other inside a block, partial sums landing exactly on the ends, signed and unsigned columns, K not a
 multiple of the block, groups; with the block, segment and sub-block sizes varied so that every level of its
-tests (whole receptive field, runs of blocks, blocks, sub-blocks, single taps) decides some outputs.
+tests (whole receptive field, runs of blocks, blocks, sub-blocks, single taps) decides some outputs; each case
+twice, with stages 2 and 3 in numpy and as the compiled loop (``narrow_jit``, where numba imports).
 Register values and per-filter overflow event counts must be identical.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeslim.engine import narrow
+from edgeslim.engine import narrow, narrow_jit
 
 
 def tap_loop(cols, w, bits, overflow, ends=None):
@@ -87,6 +88,23 @@ LEVELS = [  # NARROW_BLOCK, NARROW_SEGMENTS, NARROW_SPLIT
     (16, 1, 4),    # no segment level
     (5, 6, 8),     # blocks shorter than a sub-block
 ]
+
+
+@pytest.fixture(autouse=True, params=["numpy", "jit"])
+def stages(request, monkeypatch):
+    """Stages 2 and 3 in numpy, or compiled (skipped where numba is missing)."""
+    if request.param == "jit" and narrow_jit.kernel() is None:
+        pytest.skip("numba is not installed: the compiled stages are not used")
+    monkeypatch.setattr(narrow, "NARROW_JIT", request.param == "jit")
+    return request.param
+
+
+DEFAULT_JIT = narrow.NARROW_JIT  # before any fixture sets it
+
+
+def test_numba_is_used_by_default_where_it_imports(stages):
+    pytest.importorskip("numba")
+    assert DEFAULT_JIT and narrow_jit.kernel() is not None
 
 
 @pytest.fixture(params=LEVELS, ids=lambda p: "block%d-seg%d-split%d" % p)
