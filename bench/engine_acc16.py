@@ -2,15 +2,16 @@
 checkout against an earlier commit (issue 19, "faster engine paths"). Writes the ``engine-acc16`` section of
 BENCHMARKS.md.
 
-* images/s of the engine of ``--before`` (a git worktree, imported as package ``edgeslim_before``) and of this
-  checkout, alternated in one process on the same test images (wall and CPU seconds), outputs identical; the
-  tap-by-tap loop of commit eca52cd (the original narrow accumulator, copied below) patched into this engine on
-  the first ``--old-images``; this checkout on ``--images`` test images (top-1);
+* images/s of the engine as ``analyze`` runs it (``analysis.run_narrow_threads``: a narrow accumulator on slices
+  of the batch in threads, one per core) of ``--before`` (a git worktree, imported as package ``edgeslim_before``)
+  and of this checkout, alternated in one process on the same test images (wall and CPU seconds), outputs
+  identical; the tap-by-tap loop of commit eca52cd (the original narrow accumulator, copied below) patched into
+  this engine on the first ``--old-images``; this checkout on ``--images`` test images (top-1);
 * per-filter overflow events (``OverflowStats``) of the tap-by-tap loop and this engine on the first images:
   identical;
 * wall seconds of ``edgeslim analyze resnet20 ... --accumulator 16`` with ``--before`` and this checkout.
 
-    python -m bench.engine_acc16 [--shared ../shared] [--images 1000] [--paired-images 256] [--rounds 2]
+    python -m bench.engine_acc16 [--shared ../shared] [--images 1000] [--paired-images 256] [--rounds 3]
                                  [--old-images 64] [--before COMMIT] [--before-images 200] [--skip-cli]
 """
 
@@ -36,7 +37,7 @@ from edgeslim.config import PTQConfig
 from edgeslim.data import calibration_indices
 from edgeslim.engine import narrow, ops
 from edgeslim.engine.overflow import OverflowStats
-from edgeslim.engine.run import run
+from edgeslim.analysis import run_narrow_threads
 from edgeslim.eval import metrics
 
 
@@ -74,7 +75,7 @@ def _engine(g, x, gemm, **kw):
     ops.conv_acc = lambda *a, **k: conv(*a, **{**k, "count_events": True})  # every conv through gemm (wrap too)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        y = run(g, x, **kw)
+        y = run_narrow_threads(g, x, **kw)
         return y, time.perf_counter() - t0, time.process_time() - c0
     finally:
         narrow.gemm_acc, ops.conv_acc = new, conv
@@ -120,13 +121,14 @@ def _worktree(commit: str):
 
 
 def _before_run(tree: Path, tmp: Path):
-    """``engine.run.run`` of the worktree ``tree``, imported as package ``edgeslim_before`` (the engine's modules
-    import each other relatively, so they all come from the worktree)."""
+    """``analysis.run_narrow_threads`` of the worktree ``tree`` (the engine as ``analyze`` runs it: a narrow
+    accumulator on contiguous slices of the batch in threads, a 32-bit one as ``run``), imported as package
+    ``edgeslim_before`` (its modules import each other relatively, so they all come from the worktree)."""
     alias = tmp / "alias"
     alias.mkdir()
     (alias / "edgeslim_before").symlink_to(tree / "edgeslim")
     sys.path.insert(0, str(alias))
-    return importlib.import_module("edgeslim_before.engine.run").run
+    return importlib.import_module("edgeslim_before.analysis").run_narrow_threads
 
 
 def _cli_rows(shared: Path, images: int, tree: Path, before_images: int, tmp: Path) -> list[list]:
@@ -154,7 +156,7 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--images", type=int, default=1000, help="test images for this checkout alone (top-1)")
     ap.add_argument("--paired-images", type=int, default=256, help="test images run by --before and this checkout")
-    ap.add_argument("--rounds", type=int, default=2, help="alternations of --before and this checkout (best kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of --before and this checkout (best kept)")
     ap.add_argument("--old-images", type=int, default=64, help="test images for the tap-by-tap loop of eca52cd")
     ap.add_argument("--stats-images", type=int, default=16, help="images for the overflow-statistics comparison")
     ap.add_argument("--before", default="HEAD", help="the commit to compare with")
@@ -180,11 +182,11 @@ def main() -> None:
             best = {"before": (np.inf, np.inf), "after": (np.inf, np.inf)}
             ys = {}
             for _ in range(args.rounds):
-                for name, fn in (("before", run_before), ("after", run)):
+                for name, fn in (("before", run_before), ("after", run_narrow_threads)):
                     ys[name], wall, cpu = _timed(fn, g, xp, **kw)
                     best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
             same = np.array_equal(ys["before"][out], ys["after"][out])
-            y_all, t_all, _ = _timed(run, g, x, **kw)
+            y_all, t_all, _ = _timed(run_narrow_threads, g, x, **kw)
             old = ["", ""]
             if kw["accumulator_bits"] < 32:
                 y_old, t_old, _ = _engine(g, x[:n_old], gemm_acc_tap_by_tap, **kw)
@@ -205,20 +207,24 @@ def main() -> None:
     body = [
         "## Integer engine on ResNet-20: 32-bit and 16-bit (saturate / wrap) accumulators\n",
         f"ResNet-20 W8A8 (default PTQ: weight range `{config.weight_range}` on this CPU; 512 calibration images), "
-        f"the integer engine (`engine.run`, batch 256). Before: commit {before}, imported from a git worktree into "
-        f"the same process; after: this commit. Before and after alternate {args.rounds} times on the first "
+        "the integer engine as `analyze` runs it (`analysis.run_narrow_threads`: with a 16-bit accumulator, "
+        "contiguous slices of each batch of 256 in threads, one per core; 32-bit: one `engine.run`, whose GEMMs use "
+        "every core; the 32-bit engine is unchanged since the commit before, so its ratio shows the noise). Before: "
+        f"commit {before}, imported from a git worktree into the same process; after: this commit. Before and "
+        f"after alternate {args.rounds} times on the first "
         f"{len(xp)} test images (best of each: images/s wall, speed-up in wall and in CPU seconds, and images/s "
         "per CPU second, which a busy machine disturbs less). Conv / QGemm are one im2col GEMM per chunk of "
         "images in the narrowest exact float type (float32 where every partial sum is below 2^24, float64 below "
         f"2^53, else int64). A saturating 16-bit register is simulated by levels of tests (one GEMM per block of "
         f"about {narrow.NARROW_BLOCK} taps gives each output the sums of the positive and of the negative terms of "
-        "each block; their totals settle the outputs whose partial sums cannot leave the register, then runs of "
-        f"blocks, blocks and {narrow.NARROW_SPLIT}-tap sub-blocks are tested in order for the rest, and only the "
-        "sub-blocks that fail are walked tap by tap); a wrapping one, when no overflow statistics are asked for (these "
-        "runs), is the exact sum wrapped once (addition modulo 2^16), with statistics it takes the blocks too (the "
-        "statistics comparison below). The original "
+        "each block; their totals settle the outputs whose partial sums cannot leave the register; the others go "
+        "through their blocks in order in one compiled loop (numba, `engine/narrow_jit.py`): a block whose sums "
+        "keep the register in range is added whole, the others are walked tap by tap); a wrapping one, when no "
+        "overflow statistics are asked for (these runs), is the exact sum wrapped once (addition modulo 2^16), "
+        "with statistics it takes the blocks too (the statistics comparison below). The original "
         "narrow accumulator (the tap-by-tap loop of commit eca52cd, every tap a full (G, M, O) int64 update) is "
-        f"patched into this engine on the first {n_old} images; the last columns are this commit alone on "
+        f"patched into this engine (same threads) on the first {n_old} images; the last columns are this commit "
+        "alone on "
         f"{args.images} images.\n",
         table(["accumulator", f"eca52cd tap loop images/s ({n_old})", f"before images/s ({len(xp)})",
                f"after images/s ({len(xp)})", "speed-up (wall)", "speed-up (CPU)", "images per CPU s before / after",
