@@ -163,3 +163,16 @@ def pytest_sessionfinish(session, exitstatus):
     conformance = sys.modules.get("tests.onnx_conformance")
     if conformance is not None:
         conformance.stop_background()
+
+
+@pytest.fixture(params=["numpy", "jit"])
+def narrow_stages(request, monkeypatch):
+    """Stages 2 and 3 of the engine's narrow accumulator (``engine.narrow.narrow_acc``) in numpy, or compiled
+    (``engine.narrow_jit``; skipped where numba is missing). A module takes it for every test with
+    ``pytestmark = pytest.mark.usefixtures("narrow_stages")``."""
+    from edgeslim.engine import narrow, narrow_jit
+
+    if request.param == "jit" and narrow_jit.kernel() is None:
+        pytest.skip("numba is not installed: the compiled stages are not used")
+    monkeypatch.setattr(narrow, "NARROW_JIT", request.param == "jit")
+    return request.param

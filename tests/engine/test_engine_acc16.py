@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeslim.engine import narrow, narrow_jit
+from edgeslim.engine import narrow
 from edgeslim.engine.overflow import OverflowStats
 from edgeslim.analysis import run_narrow_threads
 from edgeslim.engine.run import run
@@ -64,13 +64,7 @@ SHAPES = [  # G, M, O, K
 ]
 
 
-@pytest.fixture(autouse=True, params=["numpy", "jit"])
-def stages(request, monkeypatch):
-    """Stages 2 and 3 of ``narrow_acc`` in numpy, or compiled (``narrow_jit``; skipped where numba is missing)."""
-    if request.param == "jit" and narrow_jit.kernel() is None:
-        pytest.skip("numba is not installed: the compiled stages are not used")
-    monkeypatch.setattr(narrow, "NARROW_JIT", request.param == "jit")
-    return request.param
+pytestmark = pytest.mark.usefixtures("narrow_stages")  # every test with both stages (conftest.py)
 
 
 @pytest.mark.parametrize("overflow", ["saturate", "wrap"])

@@ -90,19 +90,13 @@ LEVELS = [  # NARROW_BLOCK, NARROW_SEGMENTS, NARROW_SPLIT
 ]
 
 
-@pytest.fixture(autouse=True, params=["numpy", "jit"])
-def stages(request, monkeypatch):
-    """Stages 2 and 3 in numpy, or compiled (skipped where numba is missing)."""
-    if request.param == "jit" and narrow_jit.kernel() is None:
-        pytest.skip("numba is not installed: the compiled stages are not used")
-    monkeypatch.setattr(narrow, "NARROW_JIT", request.param == "jit")
-    return request.param
+pytestmark = pytest.mark.usefixtures("narrow_stages")  # every test with both stages (conftest.py)
 
 
 DEFAULT_JIT = narrow.NARROW_JIT  # before any fixture sets it
 
 
-def test_numba_is_used_by_default_where_it_imports(stages):
+def test_numba_is_used_by_default_where_it_imports():
     pytest.importorskip("numba")
     assert DEFAULT_JIT and narrow_jit.kernel() is not None
 
