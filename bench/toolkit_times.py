@@ -229,7 +229,9 @@ def main() -> None:
                      if args.keep_before else "") + "). "
                   "after: this commit; ONNX files scored on every image in onnxruntime (all cores), the PyTorch "
                   "float / fake-quant models on a subset (`--simulate-size`). onnxruntime alone: the run's FP32 + "
-                  "INT8 files on as many inputs, all cores (see the script's docstring).\n\n"
+                  "INT8 files on as many inputs, all cores; for sensitivity + mixed, every (file, input) evaluation "
+                  "the two commands ran (from their summaries) at the rate of the mixed file, i.e. scoring them one "
+                  "file at a time (see the script's docstring).\n\n"
                   + table(["command", "before s", "after s", "onnxruntime alone s", "goal", "after: commit",
                            "load average (1 / 5 / 15 min)"], rows))
 
