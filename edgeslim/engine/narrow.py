@@ -273,7 +273,9 @@ def _narrow_rows(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, signed: b
             cv = lhs[:, :ns]
         np.matmul(cv.reshape(nb, ns // sub, sub, kB), wb, out=ul[:, :ns].reshape(nb, ns // sub, sub, 2 * O))
         if jit is not None:
-            jit(ul[:, :n], c[m0:m0 + n], w, B, fit.lo, fit.hi, fit.overflow == "wrap", reg[m0:m0 + n], events)
+            # contiguous operands (a copy of the last, shorter step's bounds): one compiled signature per float type
+            jit(np.ascontiguousarray(ul[:, :n]), c[m0:m0 + n], w, B, fit.lo, fit.hi, fit.overflow == "wrap",
+                reg[m0:m0 + n], events)
             continue
         seg = _sum_runs(ul[:, :n], bounds)         # (nseg, n, 2O)
         tot = _sum_runs(seg, [0, nseg])[0]
