@@ -65,7 +65,7 @@ def kernel():
         if not _COMPILED:
             try:
                 import numba
-            except ImportError:
+            except Exception:  # missing, or broken (e.g. built for another numpy): the numpy stages
                 _COMPILED.append(None)
             else:
                 try:
