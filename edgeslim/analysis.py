@@ -4,12 +4,12 @@ per-layer / per-filter overflow statistics (Jang et al.'s Tables 1 and 2). Used 
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .config import AnalyzeOptions
+from .cpu import usable_cores
 from .data import ImageDataset, batches
 from .engine.overflow import OverflowStats
 from .engine.run import run
@@ -83,7 +83,7 @@ def run_narrow_threads(g: IntGraph, x: np.ndarray, *, accumulator_bits: int, sta
     slice counts overflow into its own ``OverflowStats``, merged into ``stats`` in slice order. A 32-bit
     accumulator runs as ``run`` (its large GEMMs already use every core)."""
     x = np.asarray(x, dtype=np.float32)
-    workers = min(workers or len(os.sched_getaffinity(0)), len(x)) if accumulator_bits < 32 else 1
+    workers = min(workers or usable_cores(), len(x)) if accumulator_bits < 32 else 1
     if workers <= 1:
         return run(g, x, accumulator_bits=accumulator_bits, stats=stats, **kw)
     bounds = np.linspace(0, len(x), workers + 1).round().astype(int)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cpu_flags", "cpu_name", "int8_weights_saturate", "keep_freed_memory"]
+__all__ = ["cpu_flags", "cpu_name", "int8_weights_saturate", "keep_freed_memory", "usable_cores"]
 
 _VNNI = ("avx512_vnni", "avx_vnni", "avx512vnni")
 
@@ -76,3 +77,8 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from ..cpu import cpu_flags, cpu_name
+from ..cpu import cpu_flags, cpu_name, usable_cores
 
 __all__ = ["PACKAGES", "UNITS", "DIGITS_UNITS", "preprocessing", "preprocessing_line", "sha256", "versions",
            "provenance"]
@@ -83,11 +83,7 @@ def provenance(args, argv: list[str] | None = None) -> dict:
             "calib_size": getattr(args, "calib_size", None),
             "seed": getattr(args, "seed", None),
             "versions": versions(),
-            "cpu": {"name": cpu_name(), "int8_flags": cpu_flags(), "cores": _cores()},
+            "cpu": {"name": cpu_name(), "int8_flags": cpu_flags(), "cores": usable_cores()},
             "command": " ".join(["edgeslim", *(sys.argv[1:] if argv is None else argv)])}
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
