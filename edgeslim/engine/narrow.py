@@ -224,20 +224,60 @@ def _block_weights(w: np.ndarray, nb: int, B: int, signed: bool) -> np.ndarray:
 def _narrow_rows(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, signed: bool, out: np.ndarray) -> np.ndarray:
     """``narrow_acc`` for one group: c (M, K), K a multiple of ``B``; w (O, K), both in the GEMM's float type.
     Writes the registers into ``out`` (M, O) and returns the events (O,)."""
+    M, O = c.shape[0], w.shape[0]
+    events = np.zeros(O, dtype=np.int64)
+    reg = np.empty((M, O), dtype=c.dtype)
+    chunks = _block_bounds(c, w, B, signed)
+    jit = narrow_jit.kernel() if NARROW_JIT else None
+    if jit is None:
+        _numpy_stages(c, w, fit, B, chunks, reg, events)
+    else:
+        for m0, n, ul in chunks:
+            # contiguous operands (a copy of the last, shorter step's bounds): one compiled signature per float type
+            jit(np.ascontiguousarray(ul[:, :n]), c[m0:m0 + n], w, B, fit.lo, fit.hi, fit.overflow == "wrap",
+                reg[m0:m0 + n], events)
+    np.copyto(out, reg, casting="unsafe")          # exact integers
+    return events
+
+
+def _block_bounds(c: np.ndarray, w: np.ndarray, B: int, signed: bool):
+    """Stage 1's GEMMs, a step of rows at a time: yields ``(m0, n, ul)``, ``ul[:, :n]`` (nb, n, 2O) the sums ``u``
+    (columns < O) and ``l`` of each block of taps of rows ``m0 .. m0 + n`` (``ul`` is reused by the next step)."""
     M, K = c.shape
     O = w.shape[0]
     nb = K // B
-    events = np.zeros(O, dtype=np.int64)
-    reg = np.empty((M, O), dtype=c.dtype)
     wb = _block_weights(w, nb, B, signed)[:, None]  # (nb, 1, kB, 2O): broadcast over the BLAS calls
     kB = wb.shape[2]
     sub = max(1, NARROW_GEMM // (2 * O * kB))     # rows per BLAS call
     rows = sub * max(1, NARROW_CHUNK // (sub * O))  # rows per vectorized step
     lhs = np.zeros((nb, rows, kB), dtype=c.dtype)  # signed inputs, and a last step of fewer rows
     ul = np.empty((nb, rows, 2 * O), dtype=c.dtype)
+    for m0 in range(0, M, rows):
+        n = min(M, m0 + rows) - m0
+        ns = -(-n // sub) * sub                    # rows of whole BLAS calls
+        cv = c[m0:m0 + n].reshape(n, nb, B).transpose(1, 0, 2)  # (nb, n, B), a view
+        if signed or ns != n:
+            if signed:
+                np.maximum(cv, 0, out=lhs[:, :n, :B])
+                np.minimum(cv, 0, out=lhs[:, :n, B:])
+                np.negative(lhs[:, :n, B:], out=lhs[:, :n, B:])
+            else:
+                lhs[:, :n] = cv
+            lhs[:, n:ns] = 0
+            cv = lhs[:, :ns]
+        np.matmul(cv.reshape(nb, ns // sub, sub, kB), wb, out=ul[:, :ns].reshape(nb, ns // sub, sub, 2 * O))
+        yield m0, n, ul
+
+
+def _numpy_stages(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, chunks, reg: np.ndarray,
+                  events: np.ndarray) -> None:
+    """Stages 1-3 of ``narrow_acc`` in numpy over the steps ``chunks`` (``_block_bounds``) yields: writes the
+    registers into ``reg`` (M, O) and adds the events to ``events`` (O,)."""
+    M, K = c.shape
+    O = w.shape[0]
+    nb = K // B
     nseg = max(1, min(nb, NARROW_SEGMENTS))
     bounds = np.linspace(0, nb, nseg + 1).round().astype(int)
-    jit = narrow_jit.kernel() if NARROW_JIT else None
     c_rows = c.reshape(M * nb, B)                  # row m * nb + j: the taps of block j of output row m
     w_rows = w.reshape(O * nb, B)
     pending: list[tuple] = []                      # (flat output indices, their blocks' u and l (nb, n))
@@ -258,25 +298,7 @@ def _narrow_rows(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, signed: b
         pending.clear()
 
     n_pending = 0
-    for m0 in range(0, M, rows):
-        n = min(M, m0 + rows) - m0
-        ns = -(-n // sub) * sub                    # rows of whole BLAS calls
-        cv = c[m0:m0 + n].reshape(n, nb, B).transpose(1, 0, 2)  # (nb, n, B), a view
-        if signed or ns != n:
-            if signed:
-                np.maximum(cv, 0, out=lhs[:, :n, :B])
-                np.minimum(cv, 0, out=lhs[:, :n, B:])
-                np.negative(lhs[:, :n, B:], out=lhs[:, :n, B:])
-            else:
-                lhs[:, :n] = cv
-            lhs[:, n:ns] = 0
-            cv = lhs[:, :ns]
-        np.matmul(cv.reshape(nb, ns // sub, sub, kB), wb, out=ul[:, :ns].reshape(nb, ns // sub, sub, 2 * O))
-        if jit is not None:
-            # contiguous operands (a copy of the last, shorter step's bounds): one compiled signature per float type
-            jit(np.ascontiguousarray(ul[:, :n]), c[m0:m0 + n], w, B, fit.lo, fit.hi, fit.overflow == "wrap",
-                reg[m0:m0 + n], events)
-            continue
+    for m0, n, ul in chunks:
         seg = _sum_runs(ul[:, :n], bounds)         # (nseg, n, 2O)
         tot = _sum_runs(seg, [0, nseg])[0]
         U, L = tot[:, :O], tot[:, O:]
@@ -287,7 +309,7 @@ def _narrow_rows(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, signed: b
         if len(f):
             mi, oi = np.divmod(f, O)
             pos = mi * (2 * O) + oi
-            flat = ul.reshape(nb, rows * 2 * O)
+            flat = ul.reshape(nb, -1)
             pending.append((f + m0 * O, np.take(flat, pos, axis=1), np.take(flat, pos + O, axis=1)))
             n_pending += len(f)
             if n_pending >= NARROW_WALK:
@@ -295,8 +317,6 @@ def _narrow_rows(c: np.ndarray, w: np.ndarray, fit: _Register, B: int, signed: b
                 n_pending = 0
     if pending:
         settle()
-    np.copyto(out, reg, casting="unsafe")          # exact integers
-    return events
 
 
 def _sum_runs(a: np.ndarray, bounds) -> np.ndarray:
